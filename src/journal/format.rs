@@ -1,0 +1,625 @@
+//! The journal's byte layout: segment headers, frames and record payloads. Pure functions, no
+//! I/O. docs/journal-format.md documents every byte; keep the two in step.
+//!
+//! All integers are little-endian. Strings are a u16 byte length then UTF-8 bytes.
+
+use crate::event::{Change, CopySource, FlagSet, Guid128, Kind, Record, Stamp};
+
+/// First 8 bytes of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"TNDMJRNL";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 48;
+
+/// First 4 bytes of every frame: lets recovery tell a torn tail (nothing valid follows) from a
+/// bad record in the middle (a valid frame follows it).
+pub const FRAME_MAGIC: [u8; 4] = *b"TNDR";
+/// magic + length + crc.
+pub const FRAME_HEADER_LEN: usize = 12;
+/// Checked before anything is allocated, so a corrupt length can never ask for gigabytes.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Payload type of the frame that closes a segment when the writer moves to the next one.
+pub const SEAL_TYPE: u8 = 0x7f;
+
+/// A segment file's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// LSN of the first record in this segment.
+    pub base_lsn: u64,
+    /// Random, fixed when the journal is created; a new id means a new journal (for example one
+    /// that was lost and recreated), so LSNs from the old one no longer apply.
+    pub journal_id: [u8; 16],
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        // 12..16 reserved, zero.
+        h[16..24].copy_from_slice(&self.base_lsn.to_le_bytes());
+        h[24..40].copy_from_slice(&self.journal_id);
+        // 40..44 reserved, zero.
+        let crc = crc32c::crc32c(&h[0..44]);
+        h[44..48].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<SegmentHeader, String> {
+        if buf.len() < HEADER_LEN {
+            return Err(format!(
+                "segment header is {} bytes, expected {HEADER_LEN}",
+                buf.len()
+            ));
+        }
+        if buf[0..8] != SEGMENT_MAGIC {
+            return Err("not a Tandem journal segment (bad magic)".into());
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        if version != FORMAT_VERSION {
+            return Err(format!("unsupported journal format version {version}"));
+        }
+        let crc = u32::from_le_bytes(buf[44..48].try_into().unwrap());
+        if crc != crc32c::crc32c(&buf[0..44]) {
+            return Err("segment header CRC mismatch".into());
+        }
+        Ok(SegmentHeader {
+            base_lsn: u64::from_le_bytes(buf[16..24].try_into().unwrap()),
+            journal_id: buf[24..40].try_into().unwrap(),
+        })
+    }
+}
+
+/// Appends one frame around `payload` to `out`.
+pub fn write_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut crc = crc32c::crc32c(&len);
+    crc = crc32c::crc32c_append(crc, payload);
+    out.extend_from_slice(&FRAME_MAGIC);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The result of looking for a frame at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRead<'a> {
+    /// A complete, CRC-checked frame and its total length.
+    Frame { payload: &'a [u8], len: usize },
+    /// The buffer ends inside the frame: a writer is mid-append, or a crash tore it.
+    Incomplete,
+    /// The bytes here are not a valid frame.
+    Bad(String),
+}
+
+pub fn read_frame(buf: &[u8]) -> FrameRead<'_> {
+    if buf.len() < FRAME_HEADER_LEN {
+        // A short tail is incomplete only if what is there could still become a frame.
+        return if FRAME_MAGIC.starts_with(&buf[..buf.len().min(4)]) {
+            FrameRead::Incomplete
+        } else {
+            FrameRead::Bad("bad frame magic".into())
+        };
+    }
+    if buf[0..4] != FRAME_MAGIC {
+        return FrameRead::Bad("bad frame magic".into());
+    }
+    let len = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
+    if len > MAX_PAYLOAD {
+        return FrameRead::Bad(format!(
+            "frame length {len} exceeds the maximum {MAX_PAYLOAD}"
+        ));
+    }
+    if buf.len() < FRAME_HEADER_LEN + len {
+        return FrameRead::Incomplete;
+    }
+    let stored = u32::from_le_bytes(buf[8..12].try_into().unwrap());
+    let payload = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[4..8]), payload);
+    if crc != stored {
+        return FrameRead::Bad("frame CRC mismatch".into());
+    }
+    FrameRead::Frame {
+        payload,
+        len: FRAME_HEADER_LEN + len,
+    }
+}
+
+/// Whether some complete, valid frame starts anywhere in `buf` after offset 0. Recovery uses it
+/// to tell a torn tail from damage in the middle.
+pub fn valid_frame_after(buf: &[u8]) -> Option<usize> {
+    let mut from = 1;
+    while from + FRAME_HEADER_LEN <= buf.len() {
+        let pos = buf[from..]
+            .windows(4)
+            .position(|w| w == FRAME_MAGIC)
+            .map(|p| p + from)?;
+        if let FrameRead::Frame { .. } = read_frame(&buf[pos..]) {
+            return Some(pos);
+        }
+        from = pos + 1;
+    }
+    None
+}
+
+/// A decoded frame payload.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Entry {
+    Record(Record),
+    /// The segment ends here; the next segment starts at this LSN.
+    Seal {
+        next_lsn: u64,
+    },
+}
+
+pub fn encode_seal(next_lsn: u64) -> Vec<u8> {
+    let mut p = Vec::with_capacity(9);
+    p.push(SEAL_TYPE);
+    p.extend_from_slice(&next_lsn.to_le_bytes());
+    p
+}
+
+/// Why a record could not be encoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooLong(pub &'static str);
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str, what: &'static str) -> Result<(), TooLong> {
+        let len = u16::try_from(s.len()).map_err(|_| TooLong(what))?;
+        self.0.extend_from_slice(&len.to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+    fn guid(&mut self, g: &Guid128) {
+        self.0.extend_from_slice(&g.0);
+    }
+    fn flags(&mut self, f: &FlagSet) -> Result<(), TooLong> {
+        self.u8(f.system);
+        let n = u16::try_from(f.keywords.len()).map_err(|_| TooLong("keyword list"))?;
+        self.0.extend_from_slice(&n.to_le_bytes());
+        for k in &f.keywords {
+            self.str(k, "keyword")?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a record's payload (the bytes inside its frame).
+pub fn encode_record(r: &Record) -> Result<Vec<u8>, TooLong> {
+    let mut e = Enc(Vec::with_capacity(96 + r.mailbox.len()));
+    e.u8(r.change.kind() as u8);
+    e.u64(r.lsn);
+    e.u64(r.stamp.0);
+    e.u64(r.modseq);
+    e.str(&r.origin, "origin")?;
+    e.str(&r.user, "user")?;
+    e.str(&r.mailbox, "mailbox name")?;
+    e.guid(&r.mailbox_guid);
+    match &r.change {
+        Change::New {
+            uidvalidity,
+            uid,
+            guid,
+            flags,
+            from,
+        } => {
+            e.u32(*uidvalidity);
+            e.u32(*uid);
+            e.str(guid, "message guid")?;
+            e.flags(flags)?;
+            match from {
+                None => e.u8(0),
+                Some(src) => {
+                    e.u8(1);
+                    e.str(&src.mailbox, "source mailbox name")?;
+                    e.guid(&src.mailbox_guid);
+                    e.u32(src.uid);
+                }
+            }
+        }
+        Change::Flags {
+            uidvalidity,
+            uid,
+            guid,
+            added,
+            removed,
+        } => {
+            e.u32(*uidvalidity);
+            e.u32(*uid);
+            e.str(guid, "message guid")?;
+            e.flags(added)?;
+            e.flags(removed)?;
+        }
+        Change::Expunge {
+            uidvalidity,
+            uid,
+            guid,
+        } => {
+            e.u32(*uidvalidity);
+            e.u32(*uid);
+            e.str(guid, "message guid")?;
+        }
+        Change::MailboxCreate { uidvalidity } | Change::MailboxDelete { uidvalidity } => {
+            e.u32(*uidvalidity);
+        }
+        Change::MailboxRename {
+            old_name,
+            uidvalidity,
+        } => {
+            e.str(old_name, "old mailbox name")?;
+            e.u32(*uidvalidity);
+        }
+        Change::Subscribe | Change::Unsubscribe => {}
+    }
+    Ok(e.0)
+}
+
+struct Dec<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Dec<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.buf.len() - self.pos < n {
+            return Err(format!("record truncated at payload byte {}", self.pos));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8".to_string())
+    }
+    fn guid(&mut self) -> Result<Guid128, String> {
+        Ok(Guid128(self.take(16)?.try_into().unwrap()))
+    }
+    fn flags(&mut self) -> Result<FlagSet, String> {
+        let system = self.u8()?;
+        if system & !crate::event::sysflag::MASK != 0 {
+            return Err(format!("unknown system flag bits {system:#04x}"));
+        }
+        let n = self.u16()? as usize;
+        let mut keywords = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            keywords.push(self.str()?);
+        }
+        Ok(FlagSet { system, keywords })
+    }
+}
+
+/// Decodes a frame payload.
+pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
+    let mut d = Dec {
+        buf: payload,
+        pos: 0,
+    };
+    let ty = d.u8()?;
+    if ty == SEAL_TYPE {
+        let next_lsn = d.u64()?;
+        return finish(d, Entry::Seal { next_lsn });
+    }
+    let kind = Kind::from_u8(ty).ok_or_else(|| format!("unknown record kind {ty}"))?;
+    let lsn = d.u64()?;
+    let stamp = Stamp(d.u64()?);
+    let modseq = d.u64()?;
+    let origin = d.str()?;
+    let user = d.str()?;
+    let mailbox = d.str()?;
+    let mailbox_guid = d.guid()?;
+    let change = match kind {
+        Kind::New => {
+            let uidvalidity = d.u32()?;
+            let uid = d.u32()?;
+            let guid = d.str()?;
+            let flags = d.flags()?;
+            let from = match d.u8()? {
+                0 => None,
+                1 => Some(CopySource {
+                    mailbox: d.str()?,
+                    mailbox_guid: d.guid()?,
+                    uid: d.u32()?,
+                }),
+                other => return Err(format!("bad copy-source marker {other}")),
+            };
+            Change::New {
+                uidvalidity,
+                uid,
+                guid,
+                flags,
+                from,
+            }
+        }
+        Kind::Flags => Change::Flags {
+            uidvalidity: d.u32()?,
+            uid: d.u32()?,
+            guid: d.str()?,
+            added: d.flags()?,
+            removed: d.flags()?,
+        },
+        Kind::Expunge => Change::Expunge {
+            uidvalidity: d.u32()?,
+            uid: d.u32()?,
+            guid: d.str()?,
+        },
+        Kind::MailboxCreate => Change::MailboxCreate {
+            uidvalidity: d.u32()?,
+        },
+        Kind::MailboxDelete => Change::MailboxDelete {
+            uidvalidity: d.u32()?,
+        },
+        Kind::MailboxRename => Change::MailboxRename {
+            old_name: d.str()?,
+            uidvalidity: d.u32()?,
+        },
+        Kind::Subscribe => Change::Subscribe,
+        Kind::Unsubscribe => Change::Unsubscribe,
+    };
+    finish(
+        d,
+        Entry::Record(Record {
+            lsn,
+            stamp,
+            origin,
+            user,
+            mailbox,
+            mailbox_guid,
+            modseq,
+            change,
+        }),
+    )
+}
+
+fn finish(d: Dec<'_>, e: Entry) -> Result<Entry, String> {
+    if d.pos != d.buf.len() {
+        return Err(format!(
+            "{} unexpected bytes after the record",
+            d.buf.len() - d.pos
+        ));
+    }
+    Ok(e)
+}
+
+/// The file name of the segment whose first record has `base_lsn`: zero-padded so that name
+/// order is LSN order.
+pub fn segment_name(base_lsn: u64) -> String {
+    format!("{base_lsn:020}.seg")
+}
+
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::event::sysflag;
+    use proptest::prelude::*;
+
+    pub fn arb_flags() -> impl Strategy<Value = FlagSet> {
+        (0u8..32, proptest::collection::vec("[a-zA-Z$]{1,12}", 0..4))
+            .prop_map(|(s, k)| FlagSet::new(s, k))
+    }
+
+    pub fn arb_change() -> impl Strategy<Value = Change> {
+        let msg = (any::<u32>(), any::<u32>(), "[0-9a-f]{0,32}");
+        prop_oneof![
+            (
+                msg.clone(),
+                arb_flags(),
+                proptest::option::of((".{0,20}", any::<[u8; 16]>(), any::<u32>()))
+            )
+                .prop_map(|((uidvalidity, uid, guid), flags, from)| Change::New {
+                    uidvalidity,
+                    uid,
+                    guid,
+                    flags,
+                    from: from.map(|(mailbox, g, uid)| CopySource {
+                        mailbox,
+                        mailbox_guid: Guid128(g),
+                        uid
+                    }),
+                }),
+            (msg.clone(), arb_flags(), arb_flags()).prop_map(
+                |((uidvalidity, uid, guid), added, removed)| Change::Flags {
+                    uidvalidity,
+                    uid,
+                    guid,
+                    added,
+                    removed
+                }
+            ),
+            msg.prop_map(|(uidvalidity, uid, guid)| Change::Expunge {
+                uidvalidity,
+                uid,
+                guid
+            }),
+            any::<u32>().prop_map(|uidvalidity| Change::MailboxCreate { uidvalidity }),
+            any::<u32>().prop_map(|uidvalidity| Change::MailboxDelete { uidvalidity }),
+            (".{0,30}", any::<u32>()).prop_map(|(old_name, uidvalidity)| {
+                Change::MailboxRename {
+                    old_name,
+                    uidvalidity,
+                }
+            }),
+            Just(Change::Subscribe),
+            Just(Change::Unsubscribe),
+        ]
+    }
+
+    pub fn arb_record() -> impl Strategy<Value = Record> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            "[a-z]{1,4}",
+            "[a-z@.]{1,12}",
+            ".{0,30}",
+            any::<[u8; 16]>(),
+            arb_change(),
+        )
+            .prop_map(
+                |(lsn, stamp, modseq, origin, user, mailbox, g, change)| Record {
+                    lsn,
+                    stamp: Stamp(stamp),
+                    origin,
+                    user,
+                    mailbox,
+                    mailbox_guid: Guid128(g),
+                    modseq,
+                    change,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn every_record_round_trips(r in arb_record()) {
+            let payload = encode_record(&r).unwrap();
+            prop_assert_eq!(decode_entry(&payload).unwrap(), Entry::Record(r));
+        }
+
+        #[test]
+        fn frames_round_trip_and_detect_any_flipped_bit(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            bit in any::<usize>(),
+        ) {
+            let mut buf = Vec::new();
+            write_frame(&mut buf, &payload);
+            prop_assert_eq!(
+                read_frame(&buf),
+                FrameRead::Frame { payload: &payload, len: buf.len() }
+            );
+            let bit = bit % (buf.len() * 8);
+            buf[bit / 8] ^= 1 << (bit % 8);
+            let detected = !matches!(read_frame(&buf), FrameRead::Frame { .. });
+            prop_assert!(detected);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_entry(&bytes);
+            let _ = read_frame(&bytes);
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let base = Record {
+            lsn: 7,
+            stamp: Stamp::from_parts(1_700_000_000_000, 3),
+            origin: "a".into(),
+            user: "alice".into(),
+            mailbox: "Sent/2024".into(),
+            mailbox_guid: Guid128([0x11; 16]),
+            modseq: 99,
+            change: Change::Subscribe,
+        };
+        let flags = FlagSet::new(sysflag::SEEN | sysflag::FLAGGED, ["$Junk".to_string()]);
+        let changes = vec![
+            Change::New {
+                uidvalidity: 1,
+                uid: 2,
+                guid: "f00d".into(),
+                flags: flags.clone(),
+                from: None,
+            },
+            Change::New {
+                uidvalidity: 1,
+                uid: 3,
+                guid: "f00d".into(),
+                flags: FlagSet::default(),
+                from: Some(CopySource {
+                    mailbox: "INBOX".into(),
+                    mailbox_guid: Guid128([2; 16]),
+                    uid: 9,
+                }),
+            },
+            Change::Flags {
+                uidvalidity: 1,
+                uid: 2,
+                guid: "f00d".into(),
+                added: flags.clone(),
+                removed: FlagSet::new(sysflag::DRAFT, []),
+            },
+            Change::Expunge {
+                uidvalidity: 1,
+                uid: 2,
+                guid: "f00d".into(),
+            },
+            Change::MailboxCreate { uidvalidity: 5 },
+            Change::MailboxDelete { uidvalidity: 5 },
+            Change::MailboxRename {
+                old_name: "Old".into(),
+                uidvalidity: 5,
+            },
+            Change::Subscribe,
+            Change::Unsubscribe,
+        ];
+        for change in changes {
+            let r = Record {
+                change,
+                ..base.clone()
+            };
+            let payload = encode_record(&r).unwrap();
+            assert_eq!(decode_entry(&payload).unwrap(), Entry::Record(r));
+        }
+        assert_eq!(
+            decode_entry(&encode_seal(42)).unwrap(),
+            Entry::Seal { next_lsn: 42 }
+        );
+    }
+
+    #[test]
+    fn oversized_lengths_are_refused_before_allocation() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&FRAME_MAGIC);
+        buf.extend_from_slice(&u32::MAX.to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        assert!(matches!(read_frame(&buf), FrameRead::Bad(_)));
+    }
+
+    #[test]
+    fn header_round_trip_and_names() {
+        let h = SegmentHeader {
+            base_lsn: 1234,
+            journal_id: [9; 16],
+        };
+        assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[20] ^= 1;
+        assert!(SegmentHeader::decode(&bad).is_err());
+        assert_eq!(parse_segment_name(&segment_name(1234)), Some(1234));
+        assert_eq!(parse_segment_name("1234.seg"), None);
+    }
+}

@@ -1,0 +1,26 @@
+//! Tandem: real-time master-master replication for Dovecot 2.3.
+//!
+//! ```text
+//!  mail process (imap, lmtp, pop3, doveadm): single-threaded, runs as the user
+//!    notify callbacks -> dovecot-glue (C) -> ffi -> capture: buffer per transaction
+//!    on commit: journal::Writer appends CRC-framed records to the user's journal
+//!                                   |
+//!  tandem service (one per server): streams journals to the peer, applies the peer's
+//!                                   |
+//!  tandem CLI: log show / tail / verify / stats
+//! ```
+//!
+//! Modules:
+//! - [`event`]: the change records, pure data.
+//! - [`journal`]: the durable per-user change journal: format, writer, reader, recovery.
+//! - [`capture`]: turns notify events into records, per transaction; no Dovecot calls.
+//! - [`settings`]: the plugin settings and their validation.
+//! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger.
+
+pub mod capture;
+pub mod event;
+pub mod journal;
+pub mod settings;
+
+#[cfg(feature = "plugin")]
+pub mod ffi;
