@@ -20,6 +20,7 @@
 pub mod capture;
 pub mod event;
 pub mod journal;
+pub mod locate;
 pub mod settings;
 
 #[cfg(feature = "plugin")]

@@ -1,0 +1,315 @@
+//! The `tandem` command: inspect a user's change journal.
+
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tandem::event::Record;
+use tandem::journal::{Cursor, JournalError, Reader};
+use tandem::locate;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (for `log verify`: the journal is intact)
+  1  `log verify` found damage; each problem is printed with its file, offset and reason
+  2  usage error
+  3  no journal: unknown user, missing journal, or a path that is not a journal
+  4  an I/O or other error while reading";
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: real-time master-master replication for Dovecot",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect a user's change journal.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Log(LogCmd),
+}
+
+/// Which journal: a user (found through Dovecot's userdb) or a directory.
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The mail user; the journal is found the way Dovecot finds it (home from the userdb,
+    /// then tandem_journal_dir).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// A journal directory, read directly.
+    #[arg(long = "dir")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct Locator {
+    #[command(flatten)]
+    target: Target,
+    /// The Dovecot configuration used with -u.
+    #[arg(short = 'c', long = "config", default_value = "/etc/dovecot/dovecot.conf")]
+    config: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct Filter {
+    /// Only records with an LSN at or above this one.
+    #[arg(long)]
+    since: Option<u64>,
+    /// Only records of this mailbox (by its name at the time of the record).
+    #[arg(long)]
+    mailbox: Option<String>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// Print the journal, one line per record.
+    #[command(after_help = EXIT_CODES)]
+    Show {
+        #[command(flatten)]
+        loc: Locator,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Print the last records, and with -f follow new ones as they are committed.
+    #[command(after_help = EXIT_CODES)]
+    Tail {
+        #[command(flatten)]
+        loc: Locator,
+        #[command(flatten)]
+        filter: Filter,
+        /// Keep running and print records as they are committed.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many of the existing records to print first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: u64,
+    },
+    /// Check every record's CRC and the LSN sequence; exit 1 on damage.
+    #[command(after_help = EXIT_CODES)]
+    Verify {
+        #[command(flatten)]
+        loc: Locator,
+    },
+    /// Records, bytes, segments, first and last LSN, and the resync mark.
+    #[command(after_help = EXIT_CODES)]
+    Stats {
+        #[command(flatten)]
+        loc: Locator,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error with the exit code it maps to.
+struct Failure(u8, String);
+
+impl From<JournalError> for Failure {
+    fn from(e: JournalError) -> Self {
+        let code = match e {
+            JournalError::Missing(_) => 3,
+            _ => 4,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+fn open(loc: &Locator) -> Result<Reader, Failure> {
+    let dir = match (&loc.target.user, &loc.target.dir) {
+        (_, Some(d)) => d.clone(),
+        (Some(u), None) => locate::journal_dir(u, &loc.config).map_err(|e| {
+            let code = match e {
+                locate::LocateError::UnknownUser(..) | locate::LocateError::NoHome(_) => 3,
+                _ => 4,
+            };
+            Failure(code, e.to_string())
+        })?,
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(Failure(
+            3,
+            format!("{}: not a directory", dir.display()),
+        ));
+    }
+    Reader::open(&dir).map_err(|e| match e {
+        JournalError::Missing(p) => Failure(
+            3,
+            format!(
+                "{}: no journal here (no segment files; nothing was journaled yet, or the path \
+                 is wrong)",
+                p.display()
+            ),
+        ),
+        other => other.into(),
+    })
+}
+
+struct Printer {
+    filter: Filter,
+    out: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl Printer {
+    fn wants(&self, r: &Record) -> bool {
+        self.filter.since.is_none_or(|s| r.lsn >= s)
+            && self.filter.mailbox.as_ref().is_none_or(|m| &r.mailbox == m)
+    }
+    fn print(&mut self, r: &Record) {
+        if !self.wants(r) {
+            return;
+        }
+        let line = if self.filter.json {
+            serde_json::to_string(&r.to_json()).expect("records serialize")
+        } else {
+            r.to_string()
+        };
+        // A closed pipe (`| head`) just ends the output.
+        if writeln!(self.out, "{line}").is_err() {
+            std::process::exit(0);
+        }
+    }
+    fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+}
+
+fn show(loc: Locator, filter: Filter) -> Result<(), Failure> {
+    let reader = open(&loc)?;
+    let mut p = Printer {
+        out: std::io::BufWriter::new(std::io::stdout()),
+        filter,
+    };
+    let mut cursor = Cursor::from_lsn(p.filter.since.unwrap_or(1));
+    let res = reader.read(&mut cursor, |r| p.print(&r));
+    p.flush();
+    Ok(res?)
+}
+
+fn tail(loc: Locator, filter: Filter, follow: bool, lines: u64) -> Result<(), Failure> {
+    let reader = open(&loc)?;
+    let last = reader.verify()?.last_lsn.unwrap_or(0);
+    let from = filter
+        .since
+        .unwrap_or(1)
+        .max(last.saturating_sub(lines) + 1);
+    let mut p = Printer {
+        out: std::io::BufWriter::new(std::io::stdout()),
+        filter,
+    };
+    let mut cursor = Cursor::from_lsn(from);
+    loop {
+        reader.read(&mut cursor, |r| p.print(&r))?;
+        p.flush();
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn verify(loc: Locator) -> Result<ExitCode, Failure> {
+    let reader = open(&loc)?;
+    let rep = reader.verify()?;
+    for p in &rep.problems {
+        println!("{p}");
+    }
+    let lsns = match (rep.first_lsn, rep.last_lsn) {
+        (Some(a), Some(b)) => format!("LSN {a}..{b}"),
+        _ => "no records".to_string(),
+    };
+    if rep.problems.is_empty() {
+        println!(
+            "{}: intact: {} record(s) in {} segment(s), {lsns}",
+            reader.dir().display(),
+            rep.records,
+            rep.segments
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "{}: DAMAGED: {} problem(s); {} good record(s) in {} segment(s), {lsns}",
+            reader.dir().display(),
+            rep.problems.len(),
+            rep.records,
+            rep.segments
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
+    let reader = open(&loc)?;
+    let s = reader.stats()?;
+    let r = &s.report;
+    let hex = |id: &[u8; 16]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    if json {
+        let v = serde_json::json!({
+            "dir": reader.dir(),
+            "journal_id": r.journal_id.as_ref().map(hex),
+            "segments": r.segments,
+            "records": r.records,
+            "bytes": r.bytes,
+            "first_lsn": r.first_lsn,
+            "last_lsn": r.last_lsn,
+            "problems": r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "resync_needed": s.resync.is_some(),
+            "resync_reasons": s.resync.as_ref().map(|m| m.reasons.clone()).unwrap_or_default(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    println!("journal:     {}", reader.dir().display());
+    if let Some(id) = &r.journal_id {
+        println!("journal id:  {}", hex(id));
+    }
+    println!("segments:    {}", r.segments);
+    println!("records:     {}", r.records);
+    println!("bytes:       {}", r.bytes);
+    println!("first lsn:   {}", opt(r.first_lsn));
+    println!("last lsn:    {}", opt(r.last_lsn));
+    println!("problems:    {}", r.problems.len());
+    match &s.resync {
+        None => println!("resync:      not needed"),
+        Some(m) => {
+            println!("resync:      NEEDED (mark: {})", m.path.display());
+            for reason in &m.reasons {
+                println!("  {reason}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Log(LogCmd::Show { loc, filter }) => show(loc, filter).map(|_| ExitCode::SUCCESS),
+        Cmd::Log(LogCmd::Tail {
+            loc,
+            filter,
+            follow,
+            lines,
+        }) => tail(loc, filter, follow, lines).map(|_| ExitCode::SUCCESS),
+        Cmd::Log(LogCmd::Verify { loc }) => verify(loc),
+        Cmd::Log(LogCmd::Stats { loc, json }) => stats(loc, json).map(|_| ExitCode::SUCCESS),
+    };
+    match res {
+        Ok(code) => code,
+        Err(Failure(code, msg)) => {
+            eprintln!("tandem: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
