@@ -195,18 +195,27 @@ fn damage_in_the_middle_is_reported_never_skipped() {
     let err = reader.records_from(1).unwrap_err();
     assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
 
-    // The writer leaves the damaged segment for inspection, marks the user for resync and
-    // goes on after the highest LSN it found, so no LSN is reused.
+    // A writer opening the journal looks only at its tail, which is clean: it goes on, and
+    // the damage stays visible to every reader until a resync repairs the user.
     let mut w = Writer::open(t.path(), FsyncPolicy::Never).unwrap();
-    assert!(read_resync(t.path()).is_some());
-    let mut batch = [flag_record("u", 7)];
+    let mut batch = [flag_record("u", 6)];
     w.append(&mut batch).unwrap();
     assert_eq!(batch[0].lsn, 6);
-    assert_eq!(
-        std::fs::read(&seg).unwrap(),
-        bytes,
-        "damaged segment left as it was"
-    );
+    assert_eq!(reader.verify().unwrap().problems.len(), 1);
+
+    // With a torn tail as well, the writer scans the whole segment, sees the damage, leaves
+    // the segment for inspection, marks the user for resync, and goes on in a new segment
+    // after the highest LSN it found, so that no LSN is reused.
+    let mut torn = std::fs::read(&seg).unwrap();
+    torn.extend_from_slice(b"TNDR\x10");
+    std::fs::write(&seg, &torn).unwrap();
+    let mut w = Writer::open(t.path(), FsyncPolicy::Never).unwrap();
+    assert!(read_resync(t.path()).is_some());
+    let mut batch = [flag_record("u", 8)];
+    w.append(&mut batch).unwrap();
+    assert_eq!(batch[0].lsn, 7);
+    assert_eq!(std::fs::read(&seg).unwrap(), torn, "damaged segment left as it was");
+    assert_eq!(writer::segment_paths(t.path()).unwrap().len(), 2);
 }
 
 #[test]

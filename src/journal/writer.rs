@@ -177,6 +177,17 @@ impl Writer {
             .append(true)
             .open(&path)
             .map_err(|e| JournalError::io(&path, e))?;
+        if let Some((len, next_lsn, last_stamp, journal_id)) = clean_tail(&file) {
+            self.active = Some(Active {
+                file,
+                path,
+                len,
+                next_lsn,
+                last_stamp,
+                journal_id,
+            });
+            return Ok(());
+        }
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .map_err(|e| JournalError::io(&path, e))?;
@@ -446,6 +457,50 @@ impl Writer {
     pub fn next_lsn(&self) -> u64 {
         self.active.as_ref().map_or(1, |a| a.next_lsn)
     }
+}
+
+/// How far back from the end [`clean_tail`] looks for the last record.
+const TAIL_WINDOW: u64 = 64 << 10;
+
+/// The fast path of opening a journal: every new mail process (and every LMTP delivery) opens
+/// the writer, and reading a whole segment each time would cost milliseconds. When the last
+/// frame is a valid record that ends exactly at the end of the file, there is no torn tail to
+/// repair, and that record gives the next LSN and the last stamp. Anything else (a seal, a torn
+/// tail, a record larger than the window) returns `None` and the full scan decides.
+///
+/// A frame found by searching backwards could in theory sit inside another frame's payload;
+/// it would need a NUL in its length field, which no string from Dovecot (all C strings) can
+/// hold, and a matching CRC.
+fn clean_tail(file: &File) -> Option<(u64, u64, Stamp, [u8; 16])> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().ok()?.len();
+    let mut h = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut h, 0).ok()?;
+    let header = SegmentHeader::decode(&h).ok()?;
+    if len == HEADER_LEN as u64 {
+        return Some((len, header.base_lsn, Stamp::default(), header.journal_id));
+    }
+    let window = (len.checked_sub(HEADER_LEN as u64)?).min(TAIL_WINDOW);
+    let mut tail = vec![0u8; window as usize];
+    file.read_exact_at(&mut tail, len - window).ok()?;
+    let mut end = tail.len();
+    while let Some(p) = tail[..end].windows(4).rposition(|w| w == format::FRAME_MAGIC) {
+        if let format::FrameRead::Frame { payload, len: flen } = format::read_frame(&tail[p..]) {
+            if p + flen == tail.len() {
+                return match format::decode_entry(payload).ok()? {
+                    format::Entry::Record(r) if r.lsn >= header.base_lsn => {
+                        Some((len, r.lsn + 1, r.stamp, header.journal_id))
+                    }
+                    _ => None,
+                };
+            }
+        }
+        end = p + 3;
+        if end < 4 {
+            break;
+        }
+    }
+    None
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JournalError> {
