@@ -262,6 +262,12 @@ impl UserCapture {
         !self.deleting.contains(box_guid)
     }
 
+    /// Whether a mailbox delete is in progress. Only then does a transaction need its mailbox's
+    /// GUID at begin (for [`UserCapture::wants_txn`]), which keeps SELECT/FETCH cheap.
+    pub fn deleting_any(&self) -> bool {
+        !self.deleting.is_empty()
+    }
+
     pub fn delete_begin(&mut self, guid: Guid128) {
         self.deleting.push(guid);
     }

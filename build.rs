@@ -1,0 +1,155 @@
+//! Build script: with feature `plugin` only, compiles the C shim (dovecot-glue/) with Dovecot's
+//! own flags from `dovecot-config`, runs bindgen on the shim's header, and writes the plugin ABI
+//! version string. Without the feature it does nothing, so the CLI and the tests build on
+//! machines without Dovecot headers.
+
+use std::collections::HashMap;
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const DEFAULT_DOVECOT_CONFIG: &str = "/usr/lib/dovecot/dovecot-config";
+const GLUE_HEADER: &str = "dovecot-glue/tandem-glue.h";
+const GLUE_SOURCE: &str = "dovecot-glue/tandem-glue.c";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=DOVECOT_CONFIG");
+    if env::var_os("CARGO_FEATURE_PLUGIN").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-changed={GLUE_HEADER}");
+    println!("cargo:rerun-if-changed={GLUE_SOURCE}");
+
+    let config_path =
+        env::var("DOVECOT_CONFIG").unwrap_or_else(|_| DEFAULT_DOVECOT_CONFIG.to_string());
+    println!("cargo:rerun-if-changed={config_path}");
+    let config = read_dovecot_config(Path::new(&config_path));
+    let include_dir = config
+        .get("dovecot_pkgincludedir")
+        .cloned()
+        .or_else(|| {
+            config
+                .get("LIBDOVECOT_INCLUDE")
+                .and_then(|s| s.strip_prefix("-I").map(str::to_string))
+        })
+        .unwrap_or_else(|| {
+            panic!("{config_path}: neither dovecot_pkgincludedir nor LIBDOVECOT_INCLUDE is set")
+        });
+    let config_h = Path::new(&include_dir).join("config.h");
+    println!("cargo:rerun-if-changed={}", config_h.display());
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    write_abi_version(&config_h, &out_dir.join("abi_version.rs"));
+    compile_shim(&config, &include_dir);
+    generate_bindings(&out_dir.join("tandem_glue.rs"));
+}
+
+/// Reads the shell-style `NAME=value`, `NAME="value"` and `NAME='value'` lines of
+/// `dovecot-config`.
+fn read_dovecot_config(path: &Path) -> HashMap<String, String> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}. Install dovecot-dev, or point DOVECOT_CONFIG at \
+             dovecot-config",
+            path.display()
+        )
+    });
+    text.lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once('=')?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return None;
+            }
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(value);
+            Some((name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The exported `tandem_plugin_version` is the whole `DOVECOT_ABI_VERSION`, as C plugins do with
+/// the macro. Dovecot's loader (module-dir.c, versions_equal) compares character by character and
+/// stops with "equal" only where *both* strings reach '(' or the end: "2.3.ABIv19(2.3.19.1)"
+/// matches its "2.3.ABIv19(2.3.19.x)", but the bare prefix "2.3.ABIv19" is refused ("Module is
+/// for different ABI version"), verified against Dovecot 2.3.19.1.
+fn write_abi_version(config_h: &Path, out: &Path) {
+    let text = fs::read_to_string(config_h)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", config_h.display()));
+    let version = text
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("#define")?.trim_start();
+            let rest = rest.strip_prefix("DOVECOT_ABI_VERSION")?.trim();
+            rest.strip_prefix('"')?.strip_suffix('"')
+        })
+        .unwrap_or_else(|| panic!("{}: no DOVECOT_ABI_VERSION", config_h.display()));
+    // Checked so that it can go into a Rust c"..." literal as it is.
+    assert!(
+        !version.is_empty()
+            && version.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'.' | b'-' | b'_' | b'(' | b')' | b'+' | b'~')
+            }),
+        "unexpected DOVECOT_ABI_VERSION {version:?}"
+    );
+    let code = format!(
+        "/// `DOVECOT_ABI_VERSION`, from {}.\n\
+         pub const ABI_VERSION: &::std::ffi::CStr = c\"{version}\";\n",
+        config_h.display()
+    );
+    fs::write(out, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+}
+
+fn compile_shim(config: &HashMap<String, String>, include_dir: &str) {
+    let mut build = cc::Build::new();
+    build
+        .file(GLUE_SOURCE)
+        .include("dovecot-glue")
+        .include(include_dir)
+        .define("HAVE_CONFIG_H", None)
+        .pic(true);
+    // Dovecot's own warning and hardening flags. Optimisation, debug info and LTO are left to
+    // cargo's profile: rustc's linker does not run GCC's LTO.
+    for flag in config
+        .get("DOVECOT_CFLAGS")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split_whitespace()
+    {
+        let skip = flag.starts_with("-O")
+            || flag.starts_with("-g")
+            || flag.starts_with("-flto")
+            || flag == "-ffat-lto-objects"
+            || flag.contains("_FORTIFY_SOURCE");
+        if !skip {
+            build.flag(flag);
+        }
+    }
+    // DOVECOT_CFLAGS has it too; be sure even when a custom dovecot-config lacks it.
+    build.flag("-std=gnu99");
+    build.compile("tandem_glue");
+}
+
+fn generate_bindings(out: &Path) {
+    let bindings = bindgen::Builder::default()
+        .header(GLUE_HEADER)
+        // The crate's MSRV (Cargo.toml rust-version), so the output compiles wherever the crate does.
+        .rust_target(bindgen::RustTarget::stable(80, 0).expect("a Rust target bindgen knows"))
+        .allowlist_function("tandem_.*")
+        .allowlist_type("tandem_.*")
+        .allowlist_var("TANDEM_.*")
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .layout_tests(true)
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
+        .generate()
+        .unwrap_or_else(|e| panic!("bindgen on {GLUE_HEADER} failed: {e}"));
+    bindings
+        .write_to_file(out)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+}

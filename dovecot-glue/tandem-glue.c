@@ -1,0 +1,475 @@
+/* tandem-glue.c: the C side of the Tandem plugin.
+
+   Only what must be C lives here: registering the notify callbacks and the
+   mail_user_created hook, chaining the mail user's deinit, and reading plain
+   values out of Dovecot structs (through lib-storage calls and macros). Every
+   decision, all buffering and all I/O are in Rust (src/ffi/, src/capture.rs).
+
+   The plugin's exported symbols (tandem_plugin_init, _deinit, _version,
+   _dependencies) are defined in Rust (src/ffi/mod.rs), because a cdylib does
+   not export symbols of C objects linked into it; they forward here.
+
+   Dovecot 2.3 specific: notify_unregister(ctx) takes a pointer (2.4 takes
+   **), and settings come from mail_user_plugin_getenv() (gone in 2.4). */
+
+#include "lib.h"
+#include "array.h"
+#include "guid.h"
+#include "seq-range-array.h"
+#include "mail-user.h"
+#include "mail-storage-private.h"
+#include "mail-storage-hooks.h"
+#include "notify-plugin.h"
+#include "tandem-glue.h"
+
+#include <string.h>
+
+/* tandem_mail_info.flags and event.rs's sysflag use Dovecot's own bits. */
+_Static_assert(MAIL_ANSWERED == 0x01 && MAIL_FLAGGED == 0x02 &&
+	       MAIL_DELETED == 0x04 && MAIL_SEEN == 0x08 &&
+	       MAIL_DRAFT == 0x10 && MAIL_RECENT == 0x20,
+	       "enum mail_flags bits differ from src/event.rs sysflag");
+_Static_assert(MAIL_FLAGS_NONRECENT == 0x1f, "MAIL_FLAGS_NONRECENT changed");
+_Static_assert(sizeof(guid_128_t) == TANDEM_GUID_128_SIZE,
+	       "guid_128_t size differs from TANDEM_GUID_128_SIZE");
+
+#define TANDEM_USER_CONTEXT(obj) \
+	MODULE_CONTEXT(obj, tandem_user_module)
+
+struct tandem_user {
+	union mail_user_module_context module_ctx;
+
+	/* Rust's per-user state, or NULL when the plugin is inert for this
+	   user. Owned here; freed with tandem_rs_user_deinit(). */
+	void *rs;
+};
+
+/* What tandem_mail_info_read() reads besides the UID. */
+enum tandem_mail_read {
+	TANDEM_MAIL_READ_FLAGS = 0x01,
+	TANDEM_MAIL_READ_GUID = 0x02,
+};
+
+static MODULE_CONTEXT_DEFINE_INIT(tandem_user_module,
+				  &mail_user_module_register);
+
+static const char *const tandem_no_keywords[] = { NULL };
+
+static struct notify_context *tandem_notify_ctx;
+
+/* ---- Values read out of Dovecot ---- */
+
+void tandem_glue_log(enum tandem_log_level level, const char *msg)
+{
+	if (msg == NULL)
+		msg = "(null)";
+	switch (level) {
+	case TANDEM_LOG_ERROR:
+		i_error("tandem: %s", msg);
+		break;
+	case TANDEM_LOG_WARNING:
+		i_warning("tandem: %s", msg);
+		break;
+	case TANDEM_LOG_INFO:
+		i_info("tandem: %s", msg);
+		break;
+	case TANDEM_LOG_DEBUG:
+	default:
+		i_debug("tandem: %s", msg);
+		break;
+	}
+}
+
+const char *tandem_glue_user_getenv(struct mail_user *user, const char *name)
+{
+	return mail_user_plugin_getenv(user, name);
+}
+
+const char *tandem_glue_user_home(struct mail_user *user)
+{
+	const char *home;
+
+	if (mail_user_get_home(user, &home) <= 0)
+		return NULL;
+	return home;
+}
+
+int tandem_glue_box_guid(struct mailbox *box,
+			 uint8_t guid_r[TANDEM_GUID_128_SIZE])
+{
+	struct mailbox_metadata metadata;
+
+	if (mailbox_get_metadata(box, MAILBOX_METADATA_GUID, &metadata) < 0) {
+		memset(guid_r, 0, TANDEM_GUID_128_SIZE);
+		return -1;
+	}
+	memcpy(guid_r, metadata.guid, TANDEM_GUID_128_SIZE);
+	return 0;
+}
+
+int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r)
+{
+	struct mailbox_status status;
+	int ret = 0;
+
+	i_zero(info_r);
+	info_r->vname = mailbox_get_vname(box);
+	if (tandem_glue_box_guid(box, info_r->guid) < 0)
+		ret = -1;
+	if (mailbox_get_status(box, STATUS_UIDVALIDITY | STATUS_HIGHESTMODSEQ,
+			       &status) < 0)
+		ret = -1;
+	else {
+		info_r->uidvalidity = status.uidvalidity;
+		info_r->highest_modseq = status.highest_modseq;
+	}
+	return ret;
+}
+
+/* Asking for the GUID of a mail that is still being saved trips an assertion
+   on maildir; sdbox and mdbox assign it before the save finishes. */
+static bool tandem_mail_guid_is_safe(struct mail *mail)
+{
+	const char *storage = mail->box->storage->name;
+
+	return !mail->saving || strcmp(storage, "sdbox") == 0 ||
+		strcmp(storage, "mdbox") == 0;
+}
+
+static void tandem_mail_info_read(struct mail *mail, enum tandem_mail_read read,
+				  struct tandem_mail_info *info_r)
+{
+	const char *guid;
+
+	i_zero(info_r);
+	info_r->uid = mail->uid;
+	info_r->keywords = tandem_no_keywords;
+	info_r->guid = "";
+	if ((read & TANDEM_MAIL_READ_FLAGS) != 0) {
+		info_r->flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+		info_r->keywords = mail_get_keywords(mail);
+	}
+	if ((read & TANDEM_MAIL_READ_GUID) != 0 &&
+	    tandem_mail_guid_is_safe(mail) &&
+	    mail_get_special(mail, MAIL_FETCH_GUID, &guid) == 0 &&
+	    guid != NULL)
+		info_r->guid = guid;
+}
+
+/* The Rust state of the user owning the mailbox, or NULL when events of this
+   user must not be captured: the plugin is inert for the user, or dsync is
+   replaying changes (dsyncing is set only after mail_user_created, so it is
+   checked at every event). */
+static void *tandem_user_state(struct mail_user *user)
+{
+	struct tandem_user *tuser = TANDEM_USER_CONTEXT(user);
+
+	if (tuser == NULL || user->dsyncing)
+		return NULL;
+	return tuser->rs;
+}
+
+static bool tandem_mail_skip(struct mail *mail)
+{
+	return (mail->transaction->flags & MAILBOX_TRANSACTION_FLAG_SYNC) != 0 ||
+		mail->box->storage->user->dsyncing;
+}
+
+/* ---- Mail user ---- */
+
+static void tandem_mail_user_deinit(struct mail_user *user)
+{
+	struct tandem_user *tuser = TANDEM_USER_CONTEXT(user);
+	void *rs;
+
+	i_assert(tuser != NULL);
+	rs = tuser->rs;
+	/* Dovecot's deinit closes the namespaces, which ends any leftover
+	   transaction (those hold a pointer to the user state): free the state
+	   only after it. */
+	tuser->rs = NULL;
+	tuser->module_ctx.super.deinit(user);
+	if (rs != NULL)
+		tandem_rs_user_deinit(rs);
+}
+
+static void tandem_mail_user_created(struct mail_user *user)
+{
+	struct mail_user_vfuncs *v = user->vlast;
+	struct tandem_user *tuser;
+
+	tuser = p_new(user->pool, struct tandem_user, 1);
+	tuser->module_ctx.super = *v;
+	user->vlast = &tuser->module_ctx.super;
+	v->deinit = tandem_mail_user_deinit;
+	MODULE_CONTEXT_SET(user, tandem_user_module, tuser);
+
+	T_BEGIN {
+		tuser->rs = tandem_rs_user_created(user, user->username);
+	} T_END;
+}
+
+/* ---- Notify callbacks: messages ---- */
+
+static void *
+tandem_mail_transaction_begin(struct mailbox_transaction_context *t)
+{
+	void *rs = tandem_user_state(t->box->storage->user);
+	void *txn;
+
+	if (rs == NULL || (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) != 0)
+		return NULL;
+	/* The transaction is freed by the time of the commit callback, the
+	   mailbox is not: Rust keeps the box pointer. */
+	T_BEGIN {
+		txn = tandem_rs_txn_begin(rs, t->box);
+	} T_END;
+	return txn;
+}
+
+static void tandem_mail_save(void *txn, struct mail *mail)
+{
+	struct tandem_mail_info info;
+
+	if (txn == NULL || tandem_mail_skip(mail))
+		return;
+	/* Make sure the commit reports the UID (maildir assigns them only on
+	   request, e.g. for LMTP), as mail-log does. */
+	mail->transaction->flags |= MAILBOX_TRANSACTION_FLAG_ASSIGN_UIDS;
+	T_BEGIN {
+		tandem_mail_info_read(mail, TANDEM_MAIL_READ_FLAGS |
+				      TANDEM_MAIL_READ_GUID, &info);
+		tandem_rs_mail_save(txn, &info);
+	} T_END;
+}
+
+static void tandem_mail_copy(void *txn, struct mail *src, struct mail *dst)
+{
+	struct tandem_mail_info info, src_info;
+	struct tandem_copy_source source;
+
+	if (txn == NULL || tandem_mail_skip(dst))
+		return;
+	dst->transaction->flags |= MAILBOX_TRANSACTION_FLAG_ASSIGN_UIDS;
+	T_BEGIN {
+		/* The new message's flags are the destination's; its GUID is
+		   the source's (a copy keeps it, and the destination is still
+		   being saved). */
+		tandem_mail_info_read(dst, TANDEM_MAIL_READ_FLAGS, &info);
+		tandem_mail_info_read(src, TANDEM_MAIL_READ_GUID, &src_info);
+		info.guid = src_info.guid;
+
+		i_zero(&source);
+		source.mailbox_vname = mailbox_get_vname(src->box);
+		(void)tandem_glue_box_guid(src->box, source.mailbox_guid);
+		source.uid = src->uid;
+		tandem_rs_mail_copy(txn, &info, &source);
+	} T_END;
+}
+
+static void tandem_mail_expunge(void *txn, struct mail *mail)
+{
+	struct tandem_mail_info info;
+
+	if (txn == NULL || tandem_mail_skip(mail))
+		return;
+	T_BEGIN {
+		tandem_mail_info_read(mail, TANDEM_MAIL_READ_GUID, &info);
+		tandem_rs_mail_expunge(txn, &info);
+	} T_END;
+}
+
+static void tandem_mail_update_flags(void *txn, struct mail *mail,
+				     enum mail_flags old_flags)
+{
+	struct tandem_mail_info info;
+
+	if (txn == NULL || tandem_mail_skip(mail))
+		return;
+	T_BEGIN {
+		tandem_mail_info_read(mail, TANDEM_MAIL_READ_FLAGS |
+				      TANDEM_MAIL_READ_GUID, &info);
+		tandem_rs_mail_update_flags(txn, &info,
+					    old_flags & MAIL_FLAGS_NONRECENT);
+	} T_END;
+}
+
+static void tandem_mail_update_keywords(void *txn, struct mail *mail,
+					const char *const *old_keywords)
+{
+	struct tandem_mail_info info;
+
+	if (txn == NULL || tandem_mail_skip(mail))
+		return;
+	T_BEGIN {
+		tandem_mail_info_read(mail, TANDEM_MAIL_READ_FLAGS |
+				      TANDEM_MAIL_READ_GUID, &info);
+		tandem_rs_mail_update_keywords(txn, &info,
+			old_keywords != NULL ? old_keywords : tandem_no_keywords);
+	} T_END;
+}
+
+/* Flattens a seq_range array into data-stack memory, in array order. */
+static const uint32_t *
+tandem_uids_flatten(const ARRAY_TYPE(seq_range) *ranges, size_t *count_r)
+{
+	const struct seq_range *range;
+	uint32_t *uids, uid;
+	size_t n = 0;
+
+	*count_r = 0;
+	if (!array_is_created(ranges) || array_count(ranges) == 0)
+		return NULL;
+	uids = t_new(uint32_t, seq_range_count(ranges));
+	array_foreach(ranges, range) {
+		for (uid = range->seq1; uid <= range->seq2; uid++) {
+			uids[n++] = uid;
+			if (uid == (uint32_t)-1)
+				break;
+		}
+	}
+	*count_r = n;
+	return uids;
+}
+
+static void
+tandem_mail_transaction_commit(void *txn,
+			       struct mail_transaction_commit_changes *changes)
+{
+	if (txn == NULL)
+		return;
+	T_BEGIN {
+		const uint32_t *uids = NULL;
+		size_t count = 0;
+		uint32_t uid_validity = 0;
+
+		if (changes != NULL) {
+			uid_validity = changes->uid_validity;
+			uids = tandem_uids_flatten(&changes->saved_uids,
+						   &count);
+		}
+		tandem_rs_txn_commit(txn, uids, count, uid_validity);
+	} T_END;
+}
+
+static void tandem_mail_transaction_rollback(void *txn)
+{
+	if (txn != NULL)
+		tandem_rs_txn_rollback(txn);
+}
+
+/* ---- Notify callbacks: mailboxes ---- */
+
+static void tandem_mailbox_create(struct mailbox *box)
+{
+	void *rs = tandem_user_state(box->storage->user);
+	struct tandem_box_info info;
+
+	if (rs == NULL)
+		return;
+	/* Sync first. The mailbox's view still shows the header from before
+	   the create (UIDVALIDITY 0) until a sync. And on maildir, asking for
+	   the GUID of an unsynced new mailbox writes dovecot-uidlist with a
+	   UIDVALIDITY of its own, which the first sync then finds different
+	   from the index's ("UIDVALIDITY changed"). A directory-only create
+	   fails to sync and reads zeroes, which is right. */
+	T_BEGIN {
+		(void)mailbox_sync(box, 0);
+		(void)tandem_glue_box_info(box, &info);
+		tandem_rs_mailbox_create(rs, &info);
+	} T_END;
+}
+
+static void *tandem_mailbox_delete_begin(struct mailbox *box)
+{
+	void *rs = tandem_user_state(box->storage->user);
+	struct tandem_box_info info;
+	void *state;
+
+	if (rs == NULL)
+		return NULL;
+	/* The GUID is readable only now: the mailbox is gone at commit. */
+	T_BEGIN {
+		(void)tandem_glue_box_info(box, &info);
+		state = tandem_rs_mailbox_delete_begin(rs, &info);
+	} T_END;
+	return state;
+}
+
+static void tandem_mailbox_delete_commit(void *txn,
+					 struct mailbox *box ATTR_UNUSED)
+{
+	if (txn != NULL)
+		tandem_rs_mailbox_delete_commit(txn);
+}
+
+static void tandem_mailbox_delete_rollback(void *txn)
+{
+	if (txn != NULL)
+		tandem_rs_mailbox_delete_rollback(txn);
+}
+
+static void tandem_mailbox_rename(struct mailbox *src, struct mailbox *dest)
+{
+	void *rs = tandem_user_state(src->storage->user);
+	struct tandem_box_info info;
+
+	if (rs == NULL)
+		return;
+	/* src's GUID is unreadable now; dest has the same GUID. */
+	T_BEGIN {
+		(void)tandem_glue_box_info(dest, &info);
+		tandem_rs_mailbox_rename(rs, mailbox_get_vname(src), &info);
+	} T_END;
+}
+
+static void tandem_mailbox_set_subscribed(struct mailbox *box, bool subscribed)
+{
+	void *rs = tandem_user_state(box->storage->user);
+	struct tandem_box_info info;
+
+	if (rs == NULL)
+		return;
+	/* One can subscribe to a mailbox that does not exist: the GUID and
+	   UIDVALIDITY stay zero then. */
+	T_BEGIN {
+		(void)tandem_glue_box_info(box, &info);
+		tandem_rs_mailbox_set_subscribed(rs, &info, subscribed);
+	} T_END;
+}
+
+/* ---- Registration ---- */
+
+static const struct notify_vfuncs tandem_notify_vfuncs = {
+	.mail_transaction_begin = tandem_mail_transaction_begin,
+	.mail_save = tandem_mail_save,
+	.mail_copy = tandem_mail_copy,
+	.mail_expunge = tandem_mail_expunge,
+	.mail_update_flags = tandem_mail_update_flags,
+	.mail_update_keywords = tandem_mail_update_keywords,
+	.mail_transaction_commit = tandem_mail_transaction_commit,
+	.mail_transaction_rollback = tandem_mail_transaction_rollback,
+	.mailbox_create = tandem_mailbox_create,
+	.mailbox_delete_begin = tandem_mailbox_delete_begin,
+	.mailbox_delete_commit = tandem_mailbox_delete_commit,
+	.mailbox_delete_rollback = tandem_mailbox_delete_rollback,
+	.mailbox_rename = tandem_mailbox_rename,
+	.mailbox_set_subscribed = tandem_mailbox_set_subscribed,
+};
+
+static struct mail_storage_hooks tandem_mail_storage_hooks = {
+	.mail_user_created = tandem_mail_user_created,
+};
+
+void tandem_glue_init(struct module *module)
+{
+	tandem_notify_ctx = notify_register(&tandem_notify_vfuncs);
+	mail_storage_hooks_add(module, &tandem_mail_storage_hooks);
+}
+
+void tandem_glue_deinit(void)
+{
+	mail_storage_hooks_remove(&tandem_mail_storage_hooks);
+	notify_unregister(tandem_notify_ctx);
+	tandem_notify_ctx = NULL;
+}

@@ -1,0 +1,652 @@
+//! The `tandem_rs_*` callbacks the C shim calls: convert plain C values into Rust values and
+//! hand them to [`crate::capture`].
+//!
+//! State handed to C:
+//! - per user: a `Box<UserCapture>`, owned by the shim's user context from
+//!   [`tandem_rs_user_created`] to [`tandem_rs_user_deinit`], which the shim calls only after
+//!   Dovecot's own deinit of the user has closed every mailbox;
+//! - per transaction: a `Box<TxnState>`, returned as notify's `txn` pointer and freed at
+//!   commit or rollback;
+//! - per mailbox delete: a `Box<DeleteState>`, freed at delete commit or rollback.
+//!
+//! Transaction and delete states point at their user's `UserCapture`; that is sound because
+//! transactions and deletes end before their mailbox is freed, which is before the user's
+//! deinit (Dovecot asserts it).
+
+use super::{guard, raw};
+use crate::capture::{BoxInfo, Txn, UserCapture};
+use crate::event::{Change, CopySource, FlagSet, Guid128};
+use crate::journal;
+use crate::settings::Settings;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::ptr::{self, NonNull};
+use std::slice;
+
+/// One mailbox transaction being captured.
+struct TxnState {
+    user: NonNull<UserCapture>,
+    /// The transaction's mailbox, alive until after the commit callback (the transaction
+    /// itself is not).
+    mailbox: *mut raw::mailbox,
+    txn: Txn,
+}
+
+/// One mailbox delete in progress: what was readable at its begin.
+struct DeleteState {
+    user: NonNull<UserCapture>,
+    info: BoxInfo,
+}
+
+/// A message as the shim read it.
+struct MailInfo {
+    uid: u32,
+    flags: u8,
+    keywords: Vec<String>,
+    guid: String,
+}
+
+// ---- Conversions (the only place C values become Rust values) ----
+
+/// # Safety
+///
+/// `p` is NULL or a NUL-terminated string valid for the duration of the call.
+unsafe fn string(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null and NUL-terminated per this function's contract.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// # Safety
+///
+/// `list` is NULL or a NULL-terminated array of strings, all valid for the call.
+unsafe fn string_list(list: *const *const c_char) -> Vec<String> {
+    let mut out = Vec::new();
+    if list.is_null() {
+        return out;
+    }
+    for i in 0.. {
+        // SAFETY: the array is NULL-terminated, and we stop at the terminator.
+        let item = unsafe { *list.add(i) };
+        if item.is_null() {
+            break;
+        }
+        // SAFETY: each element is a valid NUL-terminated string.
+        out.push(unsafe { string(item) });
+    }
+    out
+}
+
+/// # Safety
+///
+/// `info` points to a `tandem_box_info` filled by the shim, valid for the call.
+unsafe fn box_info(info: *const raw::tandem_box_info) -> BoxInfo {
+    // SAFETY: valid and initialised per this function's contract.
+    let info = unsafe { &*info };
+    BoxInfo {
+        // SAFETY: vname is a NUL-terminated string (or NULL) valid for the call.
+        name: unsafe { string(info.vname) },
+        guid: Guid128(info.guid),
+        uidvalidity: info.uidvalidity,
+        highest_modseq: info.highest_modseq,
+    }
+}
+
+/// # Safety
+///
+/// `mail` points to a `tandem_mail_info` filled by the shim, valid for the call.
+unsafe fn mail_info(mail: *const raw::tandem_mail_info) -> MailInfo {
+    // SAFETY: valid and initialised per this function's contract.
+    let mail = unsafe { &*mail };
+    MailInfo {
+        uid: mail.uid,
+        flags: mail.flags,
+        // SAFETY: keywords is a NULL-terminated array valid for the call.
+        keywords: unsafe { string_list(mail.keywords) },
+        // SAFETY: guid is a NUL-terminated string valid for the call.
+        guid: unsafe { string(mail.guid) },
+    }
+}
+
+/// Reads a mailbox's name, GUID, UIDVALIDITY and HIGHESTMODSEQ through the shim.
+///
+/// # Safety
+///
+/// `mailbox` is a live `struct mailbox`, and no Rust reference to a `UserCapture` is held
+/// (the shim may fire nested notify events).
+unsafe fn read_box_info(mailbox: *mut raw::mailbox) -> (BoxInfo, bool) {
+    let mut info = raw::tandem_box_info {
+        vname: ptr::null(),
+        guid: [0; 16],
+        uidvalidity: 0,
+        highest_modseq: 0,
+    };
+    // SAFETY: mailbox is live per this function's contract; info is a valid out-parameter.
+    let ret = unsafe { raw::tandem_glue_box_info(mailbox, &mut info) };
+    // SAFETY: the shim filled info; vname points into the mailbox, alive during this call.
+    (unsafe { box_info(&info) }, ret == 0)
+}
+
+// ---- Helpers ----
+
+/// The user state behind a pointer from C.
+///
+/// # Safety
+///
+/// `p` is a live state from [`tandem_rs_user_created`], and no other reference to it exists
+/// while the returned one is used.
+unsafe fn user_mut<'a>(p: NonNull<UserCapture>) -> &'a mut UserCapture {
+    // SAFETY: per this function's contract.
+    unsafe { &mut *p.as_ptr() }
+}
+
+/// Test-only (feature `test-hooks`): panics when `tandem_test_panic` names `entry`, one of
+/// user_created, user_deinit, txn_begin, save, copy, expunge, update_flags, update_keywords,
+/// commit, rollback, mailbox_create, mailbox_delete_begin, mailbox_delete_commit,
+/// mailbox_delete_rollback, mailbox_rename, mailbox_set_subscribed. Without the feature the
+/// setting is ignored.
+#[cfg(feature = "test-hooks")]
+fn test_hook(user: &UserCapture, entry: &str) {
+    if user.settings.test_panic.as_deref() == Some(entry) {
+        panic!("tandem_test_panic = {entry}: panicking on purpose");
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn test_hook(_user: &UserCapture, _entry: &str) {}
+
+/// After a contained panic in a per-user entry point: the changes of that call were not
+/// journaled, so mark the user for a resync.
+fn after_panic(user: NonNull<UserCapture>, entry: &'static str) {
+    guard::guard(entry, (), || {
+        // SAFETY: user is live (see the module docs) and the panicked body's borrow is over.
+        let user = unsafe { user.as_ref() };
+        let reason = format!("panic in entry point {entry}; its changes were not journaled");
+        match journal::mark_resync(&user.settings.journal_dir, &reason) {
+            Ok(path) => log::error!(
+                "user {}: {reason}; marked for resync ({})",
+                user.user,
+                path.display()
+            ),
+            Err(e) => log::error!(
+                "user {}: {reason}; the resync mark could not be written either: {e}",
+                user.user
+            ),
+        }
+    });
+}
+
+/// Runs the body of a per-user entry point under the panic guard; on a panic, marks the user
+/// for resync.
+fn per_user(user: NonNull<UserCapture>, entry: &'static str, body: impl FnOnce()) {
+    if guard::contain(entry, body).is_none() {
+        after_panic(user, entry);
+    }
+}
+
+/// Runs a per-message event on a transaction's state.
+///
+/// # Safety
+///
+/// `txn` is a live state from [`tandem_rs_txn_begin`], not yet committed or rolled back.
+unsafe fn on_txn(txn: *mut c_void, entry: &'static str, body: impl FnOnce(&mut Txn)) {
+    let Some(state) = NonNull::new(txn.cast::<TxnState>()) else {
+        return;
+    };
+    // SAFETY: live per this function's contract; the user pointer lives longer (module docs).
+    let user = unsafe { state.as_ref() }.user;
+    per_user(user, entry, || {
+        // SAFETY: as above; nothing else refers to the state or the user during this call.
+        let state = unsafe { &mut *state.as_ptr() };
+        // SAFETY: see above.
+        test_hook(unsafe { user.as_ref() }, entry);
+        body(&mut state.txn);
+    });
+}
+
+// ---- Mail user ----
+
+/// # Safety
+///
+/// Called by the shim with a live `struct mail_user` and its name (or NULL).
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_user_created(
+    user: *mut raw::mail_user,
+    username: *const c_char,
+) -> *mut c_void {
+    guard::guard("user_created", ptr::null_mut(), || {
+        // SAFETY: username is NUL-terminated (or NULL) and valid for the call.
+        let name = unsafe { string(username) };
+        let getenv = |key: &str| -> Option<String> {
+            let key = CString::new(key).ok()?;
+            // SAFETY: user is live for the call; key is NUL-terminated.
+            let value = unsafe { raw::tandem_glue_user_getenv(user, key.as_ptr()) };
+            // SAFETY: the shim returns NULL or a settings string that outlives the call.
+            (!value.is_null()).then(|| unsafe { string(value) })
+        };
+        // The parsed settings can't name this entry point: they are being parsed.
+        #[cfg(feature = "test-hooks")]
+        if getenv("tandem_test_panic").as_deref() == Some("user_created") {
+            panic!("tandem_test_panic = user_created: panicking on purpose");
+        }
+        // SAFETY: user is live for the call.
+        let home = unsafe { raw::tandem_glue_user_home(user) };
+        // SAFETY: NULL or a NUL-terminated string that outlives the call.
+        let home = (!home.is_null()).then(|| unsafe { string(home) });
+        match Settings::parse(getenv, home.as_deref()) {
+            Ok(settings) => Box::into_raw(Box::new(UserCapture::new(name, settings))).cast(),
+            Err(e) => {
+                log::error!("user {name}: {e}");
+                ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// # Safety
+///
+/// `user_state` comes from [`tandem_rs_user_created`] and is given back exactly once.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_user_deinit(user_state: *mut c_void) {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return;
+    };
+    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
+    let user = unsafe { Box::from_raw(user.as_ptr()) };
+    guard::guard("user_deinit", (), move || {
+        test_hook(&user, "user_deinit");
+        drop(user);
+    });
+}
+
+// ---- Mail transactions ----
+
+/// # Safety
+///
+/// `user_state` is a live state from [`tandem_rs_user_created`]; `mailbox` is the
+/// transaction's live mailbox.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_txn_begin(
+    user_state: *mut c_void,
+    mailbox: *mut raw::mailbox,
+) -> *mut c_void {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return ptr::null_mut();
+    };
+    let txn = guard::contain("txn_begin", || {
+        // SAFETY (both borrows): user is live; each borrow ends before the shim is called.
+        test_hook(unsafe { user.as_ref() }, "txn_begin");
+        if unsafe { user.as_ref() }.deleting_any() {
+            let mut guid = [0u8; 16];
+            // SAFETY: mailbox is live; guid is 16 writable bytes. No user borrow is held.
+            unsafe { raw::tandem_glue_box_guid(mailbox, guid.as_mut_ptr()) };
+            // SAFETY: user is live; the shim call is over.
+            if !unsafe { user.as_ref() }.wants_txn(&Guid128(guid)) {
+                // A mailbox being deleted: its expunges fold into the delete record.
+                return ptr::null_mut();
+            }
+        }
+        let state = TxnState {
+            user,
+            mailbox,
+            txn: Txn::default(),
+        };
+        Box::into_raw(Box::new(state)).cast::<c_void>()
+    });
+    txn.unwrap_or_else(|| {
+        after_panic(user, "txn_begin");
+        ptr::null_mut()
+    })
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state; `mail` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mail_save(txn: *mut c_void, mail: *const raw::tandem_mail_info) {
+    // SAFETY: per this function's contract.
+    let mail = unsafe { mail_info(mail) };
+    // SAFETY: per this function's contract.
+    unsafe {
+        on_txn(txn, "save", |t| {
+            t.save(mail.guid, FlagSet::new(mail.flags, mail.keywords))
+        })
+    };
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state; `dst` and `src` were filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mail_copy(
+    txn: *mut c_void,
+    dst: *const raw::tandem_mail_info,
+    src: *const raw::tandem_copy_source,
+) {
+    // SAFETY: per this function's contract.
+    let mail = unsafe { mail_info(dst) };
+    // SAFETY: per this function's contract.
+    let src = unsafe { &*src };
+    let from = CopySource {
+        // SAFETY: a NUL-terminated string valid for the call.
+        mailbox: unsafe { string(src.mailbox_vname) },
+        mailbox_guid: Guid128(src.mailbox_guid),
+        uid: src.uid,
+    };
+    // SAFETY: per this function's contract.
+    unsafe {
+        on_txn(txn, "copy", |t| {
+            t.copy(mail.guid, FlagSet::new(mail.flags, mail.keywords), from)
+        })
+    };
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state; `mail` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mail_expunge(
+    txn: *mut c_void,
+    mail: *const raw::tandem_mail_info,
+) {
+    // SAFETY: per this function's contract.
+    let mail = unsafe { mail_info(mail) };
+    // SAFETY: per this function's contract.
+    unsafe { on_txn(txn, "expunge", |t| t.expunge(mail.uid, mail.guid)) };
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state; `mail` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mail_update_flags(
+    txn: *mut c_void,
+    mail: *const raw::tandem_mail_info,
+    old_flags: u8,
+) {
+    // SAFETY: per this function's contract.
+    let mail = unsafe { mail_info(mail) };
+    // SAFETY: per this function's contract.
+    unsafe {
+        on_txn(txn, "update_flags", |t| {
+            t.update_flags(mail.uid, mail.guid, old_flags, mail.flags)
+        })
+    };
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state; `mail` and `old_keywords` (NULL-terminated) were filled
+/// by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mail_update_keywords(
+    txn: *mut c_void,
+    mail: *const raw::tandem_mail_info,
+    old_keywords: *const *const c_char,
+) {
+    // SAFETY: per this function's contract.
+    let mail = unsafe { mail_info(mail) };
+    // SAFETY: per this function's contract.
+    let old = unsafe { string_list(old_keywords) };
+    // SAFETY: per this function's contract.
+    unsafe {
+        on_txn(txn, "update_keywords", |t| {
+            t.update_keywords(mail.uid, mail.guid, old, mail.keywords)
+        })
+    };
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state, given back exactly once (here or at rollback);
+/// `saved_uids` holds `saved_count` UIDs (or is NULL when 0), valid for the call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_txn_commit(
+    txn: *mut c_void,
+    saved_uids: *const u32,
+    saved_count: usize,
+    uid_validity: u32,
+) {
+    let Some(state) = NonNull::new(txn.cast::<TxnState>()) else {
+        return;
+    };
+    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
+    let state = unsafe { Box::from_raw(state.as_ptr()) };
+    let user = state.user;
+    let uids: &[u32] = if saved_uids.is_null() || saved_count == 0 {
+        &[]
+    } else {
+        // SAFETY: saved_count initialised u32s at saved_uids, valid for the call.
+        unsafe { slice::from_raw_parts(saved_uids, saved_count) }
+    };
+    per_user(user, "commit", move || {
+        let TxnState { mailbox, txn, .. } = *state;
+        // SAFETY: user is live; the borrow ends at once.
+        test_hook(unsafe { user.as_ref() }, "commit");
+        if txn.is_empty() {
+            // SELECT, FETCH, ...: nothing to read from Dovecot, nothing to write.
+            return;
+        }
+        // SAFETY: the mailbox outlives its transaction's commit callback; no user borrow held.
+        let (info, complete) = unsafe { read_box_info(mailbox) };
+        // SAFETY: user is live, and the shim call that could re-enter is over.
+        let user = unsafe { user_mut(user) };
+        if !complete {
+            log::warn!(
+                "user {}: mailbox {:?}: GUID or status unreadable at commit \
+                 (guid {}, uidvalidity {}); journaling what is known",
+                user.user,
+                info.name,
+                info.guid,
+                info.uidvalidity
+            );
+        }
+        user.commit(txn, &info, uid_validity, uids);
+    });
+}
+
+/// # Safety
+///
+/// `txn` is a live transaction state, given back exactly once (here or at commit).
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_txn_rollback(txn: *mut c_void) {
+    let Some(state) = NonNull::new(txn.cast::<TxnState>()) else {
+        return;
+    };
+    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
+    let state = unsafe { Box::from_raw(state.as_ptr()) };
+    guard::guard("rollback", (), move || {
+        // SAFETY: user is live; the borrow ends at once.
+        test_hook(unsafe { state.user.as_ref() }, "rollback");
+        drop(state);
+    });
+}
+
+// ---- Mailboxes ----
+
+/// Journals one mailbox-level change for a user.
+///
+/// # Safety
+///
+/// `user_state` is a live state from [`tandem_rs_user_created`] (NULL is ignored).
+unsafe fn mailbox_change(
+    user_state: *mut c_void,
+    entry: &'static str,
+    make: impl FnOnce() -> (BoxInfo, Change),
+) {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return;
+    };
+    per_user(user, entry, || {
+        let (info, change) = make();
+        // SAFETY: user is live and no other reference to it exists during this call.
+        let user = unsafe { user_mut(user) };
+        test_hook(user, entry);
+        user.mailbox_change(&info, change);
+    });
+}
+
+/// # Safety
+///
+/// `user_state` is a live user state; `info` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_create(
+    user_state: *mut c_void,
+    info: *const raw::tandem_box_info,
+) {
+    // SAFETY: per this function's contract.
+    let info = unsafe { box_info(info) };
+    // SAFETY: per this function's contract.
+    unsafe {
+        mailbox_change(user_state, "mailbox_create", || {
+            let uidvalidity = info.uidvalidity;
+            (info, Change::MailboxCreate { uidvalidity })
+        })
+    };
+}
+
+/// # Safety
+///
+/// `user_state` is a live user state; `info` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_delete_begin(
+    user_state: *mut c_void,
+    info: *const raw::tandem_box_info,
+) -> *mut c_void {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return ptr::null_mut();
+    };
+    // SAFETY: per this function's contract.
+    let info = unsafe { box_info(info) };
+    let state = guard::contain("mailbox_delete_begin", || {
+        // SAFETY: user is live and no other reference to it exists during this call.
+        let capture = unsafe { user_mut(user) };
+        test_hook(capture, "mailbox_delete_begin");
+        capture.delete_begin(info.guid);
+        Box::into_raw(Box::new(DeleteState { user, info })).cast::<c_void>()
+    });
+    state.unwrap_or_else(|| {
+        after_panic(user, "mailbox_delete_begin");
+        ptr::null_mut()
+    })
+}
+
+/// # Safety
+///
+/// `delete_state` comes from [`tandem_rs_mailbox_delete_begin`], given back exactly once.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_delete_commit(delete_state: *mut c_void) {
+    let Some(state) = NonNull::new(delete_state.cast::<DeleteState>()) else {
+        return;
+    };
+    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
+    let DeleteState { user, info } = *unsafe { Box::from_raw(state.as_ptr()) };
+    per_user(user, "mailbox_delete_commit", move || {
+        // SAFETY: user is live and no other reference to it exists during this call.
+        let capture = unsafe { user_mut(user) };
+        test_hook(capture, "mailbox_delete_commit");
+        capture.delete_end(&info.guid);
+        let uidvalidity = info.uidvalidity;
+        capture.mailbox_change(&info, Change::MailboxDelete { uidvalidity });
+    });
+}
+
+/// # Safety
+///
+/// `delete_state` comes from [`tandem_rs_mailbox_delete_begin`], given back exactly once.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_delete_rollback(delete_state: *mut c_void) {
+    let Some(state) = NonNull::new(delete_state.cast::<DeleteState>()) else {
+        return;
+    };
+    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
+    let DeleteState { user, info } = *unsafe { Box::from_raw(state.as_ptr()) };
+    guard::guard("mailbox_delete_rollback", (), move || {
+        // SAFETY: user is live and no other reference to it exists during this call.
+        let capture = unsafe { user_mut(user) };
+        test_hook(capture, "mailbox_delete_rollback");
+        capture.delete_end(&info.guid);
+    });
+}
+
+/// # Safety
+///
+/// `user_state` is a live user state; `old_vname` and `dst` were filled by the shim for this
+/// call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_rename(
+    user_state: *mut c_void,
+    old_vname: *const c_char,
+    dst: *const raw::tandem_box_info,
+) {
+    // SAFETY: per this function's contract.
+    let old_name = unsafe { string(old_vname) };
+    // SAFETY: per this function's contract.
+    let info = unsafe { box_info(dst) };
+    // SAFETY: per this function's contract.
+    unsafe {
+        mailbox_change(user_state, "mailbox_rename", || {
+            let uidvalidity = info.uidvalidity;
+            (
+                info,
+                Change::MailboxRename {
+                    old_name,
+                    uidvalidity,
+                },
+            )
+        })
+    };
+}
+
+/// # Safety
+///
+/// `user_state` is a live user state; `info` was filled by the shim for this call.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_mailbox_set_subscribed(
+    user_state: *mut c_void,
+    info: *const raw::tandem_box_info,
+    subscribed: bool,
+) {
+    // SAFETY: per this function's contract.
+    let info = unsafe { box_info(info) };
+    let change = if subscribed {
+        Change::Subscribe
+    } else {
+        Change::Unsubscribe
+    };
+    // SAFETY: per this function's contract.
+    unsafe { mailbox_change(user_state, "mailbox_set_subscribed", || (info, change)) };
+}
+
+/// Compile-time check that each callback matches its declaration in tandem-glue.h, as bindgen
+/// read it: both must coerce to one function pointer type.
+macro_rules! same_signature {
+    ($($name:ident($($arg:tt),*);)*) => {
+        const _: () = {
+            $(
+                let _: [unsafe extern "C" fn($($arg),*) -> _; 2] =
+                    [raw::$name, $name];
+            )*
+        };
+    };
+}
+
+same_signature! {
+    tandem_rs_user_created(_, _);
+    tandem_rs_user_deinit(_);
+    tandem_rs_txn_begin(_, _);
+    tandem_rs_mail_save(_, _);
+    tandem_rs_mail_copy(_, _, _);
+    tandem_rs_mail_expunge(_, _);
+    tandem_rs_mail_update_flags(_, _, _);
+    tandem_rs_mail_update_keywords(_, _, _);
+    tandem_rs_txn_commit(_, _, _, _);
+    tandem_rs_txn_rollback(_);
+    tandem_rs_mailbox_create(_, _);
+    tandem_rs_mailbox_delete_begin(_, _);
+    tandem_rs_mailbox_delete_commit(_);
+    tandem_rs_mailbox_delete_rollback(_);
+    tandem_rs_mailbox_rename(_, _, _);
+    tandem_rs_mailbox_set_subscribed(_, _, _);
+}
