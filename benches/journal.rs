@@ -44,8 +44,10 @@ fn new_mail(n: u32) -> tandem::event::Record {
 fn measure(policy: FsyncPolicy, n: u32, make: fn(u32) -> tandem::event::Record) -> f64 {
     let mut runs: Vec<f64> = (0..3)
         .map(|_| {
-            let dir = tempfile::tempdir_in(std::env::var("TANDEM_BENCH_DIR").unwrap_or("/var/tmp".into()))
-                .expect("tempdir");
+            let dir = tempfile::tempdir_in(
+                std::env::var("TANDEM_BENCH_DIR").unwrap_or("/var/tmp".into()),
+            )
+            .expect("tempdir");
             let mut w = Writer::open(dir.path(), policy).expect("open");
             let start = Instant::now();
             for i in 0..n {
@@ -64,12 +66,43 @@ fn main() {
     }
     println!("journal append, one record per transaction (median of 3 runs)");
     println!("{:<38} {:>12}", "case", "us/record");
-    let cases: [(&str, FsyncPolicy, u32, fn(u32) -> tandem::event::Record); 5] = [
-        ("flag change, tandem_fsync=never", FsyncPolicy::Never, 20_000, flag_change),
-        ("flag change, tandem_fsync=optimized", FsyncPolicy::Optimized, 20_000, flag_change),
-        ("new mail, tandem_fsync=never", FsyncPolicy::Never, 20_000, new_mail),
-        ("new mail, tandem_fsync=optimized", FsyncPolicy::Optimized, 500, new_mail),
-        ("flag change, tandem_fsync=always", FsyncPolicy::Always, 500, flag_change),
+    type Case = (
+        &'static str,
+        FsyncPolicy,
+        u32,
+        fn(u32) -> tandem::event::Record,
+    );
+    let cases: [Case; 5] = [
+        (
+            "flag change, tandem_fsync=never",
+            FsyncPolicy::Never,
+            20_000,
+            flag_change,
+        ),
+        (
+            "flag change, tandem_fsync=optimized",
+            FsyncPolicy::Optimized,
+            20_000,
+            flag_change,
+        ),
+        (
+            "new mail, tandem_fsync=never",
+            FsyncPolicy::Never,
+            20_000,
+            new_mail,
+        ),
+        (
+            "new mail, tandem_fsync=optimized",
+            FsyncPolicy::Optimized,
+            500,
+            new_mail,
+        ),
+        (
+            "flag change, tandem_fsync=always",
+            FsyncPolicy::Always,
+            500,
+            flag_change,
+        ),
     ];
     for (name, policy, n, make) in cases {
         println!("{name:<38} {:>12.2}", measure(policy, n, make));

@@ -77,7 +77,10 @@ pub fn journal_dir(user: &str, conf: &Path) -> Result<PathBuf, LocateError> {
     let mut dir = None;
     for line in out.lines() {
         let mut parts = line.trim_start().splitn(2, char::is_whitespace);
-        let (key, value) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").trim());
+        let (key, value) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("").trim(),
+        );
         match key {
             "home" => home = Some(value.to_string()),
             "tandem_journal_dir" | "plugin/tandem_journal_dir" => dir = Some(value.to_string()),

@@ -54,7 +54,11 @@ struct Locator {
     #[command(flatten)]
     target: Target,
     /// The Dovecot configuration used with -u.
-    #[arg(short = 'c', long = "config", default_value = "/etc/dovecot/dovecot.conf")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/dovecot/dovecot.conf"
+    )]
     config: PathBuf,
 }
 
@@ -137,10 +141,7 @@ fn open(loc: &Locator) -> Result<Reader, Failure> {
         (None, None) => unreachable!("clap requires one of them"),
     };
     if dir.exists() && !dir.is_dir() {
-        return Err(Failure(
-            3,
-            format!("{}: not a directory", dir.display()),
-        ));
+        return Err(Failure(3, format!("{}: not a directory", dir.display())));
     }
     Reader::open(&dir).map_err(|e| match e {
         JournalError::Missing(p) => Failure(

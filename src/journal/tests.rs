@@ -214,7 +214,11 @@ fn damage_in_the_middle_is_reported_never_skipped() {
     let mut batch = [flag_record("u", 8)];
     w.append(&mut batch).unwrap();
     assert_eq!(batch[0].lsn, 7);
-    assert_eq!(std::fs::read(&seg).unwrap(), torn, "damaged segment left as it was");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        torn,
+        "damaged segment left as it was"
+    );
     assert_eq!(writer::segment_paths(t.path()).unwrap().len(), 2);
 }
 
@@ -273,6 +277,7 @@ fn processes_appending_at_once_never_interleave_or_lose_records() {
                     "--test-threads=1",
                 ])
                 .env(CHILD_ENV, format!("w{id}:300:{}", t.path().display()))
+                .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap()
         })

@@ -1,0 +1,95 @@
+# Tandem: Dovecot 2.3 plugin (libtandem.so) and the `tandem` CLI.
+#
+#   make           build the plugin and the CLI (release)
+#   make deps      install the Debian packages the build and the tests need (only if missing)
+#   make test      deps + build + every test, end-to-end ones against real Dovecot (as root)
+#   make verify    fmt, clippy (plain and plugin builds), then make test
+#   make install   plugin into dovecot_moduledir, CLI into $(PREFIX)/bin; DESTDIR supported
+#   make demo | bench | clean
+
+# Prefer a cargo already on PATH; otherwise the rustup one (non-login shells, sudo, CI).
+ifeq ($(shell command -v cargo 2>/dev/null),)
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+endif
+CARGO ?= cargo
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+DOVECOT_CONFIG ?= /usr/lib/dovecot/dovecot-config
+dovecot_moduledir = $(shell sed -n 's/^dovecot_moduledir=//p' $(DOVECOT_CONFIG) 2>/dev/null | tr -d '"')
+
+PLUGIN_SO := target/release/libtandem.so
+# A build with the `test-hooks` feature (`tandem_test_panic`), for the panic-containment test only;
+# never installed.
+TEST_HOOKS_SO := target/release/libtandem-test-hooks.so
+CLI_BIN := target/release/tandem
+# The module file name: lib90 sorts after lib15_notify, which the plugin depends on.
+PLUGIN_NAME := lib90_tandem_plugin.so
+
+DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
+	libclang-dev clang pkg-config python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all plugin cli test-hooks-plugin deps test verify install demo bench clean
+
+all: plugin cli
+
+# Only the plugin build enables the `plugin` feature (the C shim and the exported entry points).
+# Build the lib and the bin separately: a plain `cargo build` would overwrite
+# target/release/libtandem.so with a build without the feature. (`cargo test` does not: it
+# builds its own copy of the lib under target/release/deps.)
+plugin:
+	$(CARGO) build --release --lib --features plugin
+
+cli:
+	$(CARGO) build --release --bin tandem
+
+# Built before `plugin` in `make test`, so that target/release/libtandem.so ends up the real one
+# (only the tandem crate itself is compiled twice; the dependencies are shared).
+test-hooks-plugin:
+	$(CARGO) build --release --lib --features plugin,test-hooks
+	cp $(PLUGIN_SO) $(TEST_HOOKS_SO).tmp && mv $(TEST_HOOKS_SO).tmp $(TEST_HOOKS_SO)
+
+deps:
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "deps: installing$$missing"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends $$missing; \
+	else \
+		echo "deps: all Debian packages present"; \
+	fi
+# A system Dovecot that the package scripts may start is left alone: the tests run their own
+# instances with their own base_dir and free 127.0.0.1 ports, and always pass -c to doveadm.
+
+test: deps test-hooks-plugin all
+	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
+		$(CARGO) test --release
+
+verify:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --lib --features plugin -- -D warnings
+	$(CARGO) clippy --lib --features plugin,test-hooks -- -D warnings
+	$(MAKE) test
+
+install: all
+	@test -n "$(dovecot_moduledir)" || \
+		{ echo "install: no dovecot_moduledir in $(DOVECOT_CONFIG) (install dovecot-dev)"; exit 1; }
+	install -d $(DESTDIR)$(dovecot_moduledir) $(DESTDIR)$(PREFIX)/bin
+	install -m 0644 $(PLUGIN_SO) $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME)
+	install -m 0755 $(CLI_BIN) $(DESTDIR)$(PREFIX)/bin/tandem
+
+demo: all
+	scripts/demo.sh
+
+bench:
+	$(CARGO) bench
+
+clean:
+	$(CARGO) clean

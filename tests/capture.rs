@@ -1,0 +1,615 @@
+//! End to end: a real Dovecot 2.3 with the plugin loaded; real IMAP, LMTP, POP3 and doveadm
+//! clients make changes, and the journal is checked record by record against what the server
+//! itself reports (APPENDUID, COPYUID, `doveadm fetch`).
+
+mod common;
+
+use common::{message, Dovecot, Options};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// `tandem log show --json -u USER -c CONF`, parsed.
+fn journal(dc: &Dovecot, user: &str) -> Vec<Value> {
+    let conf = dc.conf().to_str().unwrap();
+    let out = dc.tandem(&["log", "show", "--json", "-u", user, "-c", conf]);
+    assert!(
+        out.status.success(),
+        "tandem log show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+        .collect()
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// A record reduced to what a test states: kind, mailbox, uid, added, removed.
+fn summary(r: &Value) -> String {
+    let mut s = format!(
+        "{} {}",
+        r["kind"].as_str().unwrap(),
+        r["mailbox"].as_str().unwrap()
+    );
+    if let Some(uid) = r["uid"].as_u64() {
+        s += &format!(" uid={uid}");
+    }
+    for f in strs(&r["added"]) {
+        s += &format!(" +{f}");
+    }
+    for f in strs(&r["removed"]) {
+        s += &format!(" -{f}");
+    }
+    if let Some(old) = r["old_name"].as_str() {
+        s += &format!(" old={old}");
+    }
+    if let (Some(m), Some(u)) = (r["from_mailbox"].as_str(), r["from_uid"].as_u64()) {
+        s += &format!(" from={m}:{u}");
+    }
+    s
+}
+
+fn uid_of(r: &Value) -> u32 {
+    r["uid"].as_u64().unwrap() as u32
+}
+
+fn tandem_ok(dc: &Dovecot, args: &[&str]) -> String {
+    let out = dc.tandem(args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn every_operation_is_journaled_with_the_servers_uids_and_guids() {
+    let dc = Dovecot::start(Options::new("capture-ops"));
+    let conf = dc.conf().to_str().unwrap().to_string();
+    let mut imap = dc.login("alice");
+    let mut want: Vec<String> = Vec::new();
+
+    // Mailboxes and subscriptions.
+    imap.create("Work");
+    want.push("mailbox_create Work".into());
+    imap.subscribe("Work");
+    want.push("subscribe Work".into());
+
+    // APPEND and MULTIAPPEND, with initial flags.
+    let (uv, u1) = imap.append("INBOX", &["\\Seen", "$Label1"], &message("one", 1500));
+    want.push(format!("new INBOX uid={u1} +\\Seen +$Label1"));
+    let (_, u23) = imap.multiappend(
+        "INBOX",
+        &[
+            (&[], &message("two", 300)),
+            (&["\\Flagged"], &message("three", 40_000)),
+        ],
+    );
+    let (u2, u3) = (u23[0], u23[1]);
+    want.push(format!("new INBOX uid={u2}"));
+    want.push(format!("new INBOX uid={u3} +\\Flagged"));
+
+    // Flag transitions: exactly what was added and what was removed; \Recent never.
+    imap.select("INBOX");
+    imap.uid_store(&u1.to_string(), "+FLAGS (\\Flagged $Important)");
+    want.push(format!("flags INBOX uid={u1} +\\Flagged +$Important"));
+    imap.uid_store(&u1.to_string(), "-FLAGS (\\Seen $Label1)");
+    want.push(format!("flags INBOX uid={u1} -\\Seen -$Label1"));
+    imap.uid_store(&u2.to_string(), "FLAGS (\\Answered \\Draft)");
+    want.push(format!("flags INBOX uid={u2} +\\Answered +\\Draft"));
+    // A STORE that changes nothing journals nothing.
+    imap.uid_store(&u2.to_string(), "+FLAGS (\\Answered)");
+
+    // COPY and MOVE: the destination UIDs are the ones in COPYUID; MOVE is a copy plus an
+    // expunge in the source.
+    let cp = imap.uid_copy(&u1.to_string(), "Work");
+    want.push(format!(
+        "new Work uid={} +\\Flagged +$Important from=INBOX:{u1}",
+        cp.dst[0]
+    ));
+    let guids_before: BTreeMap<(String, u32), String> = dc
+        .fetch("alice")
+        .into_iter()
+        .map(|m| ((m.mailbox, m.uid), m.guid))
+        .collect();
+    let mv = imap.uid_move(&u3.to_string(), "Work");
+    want.push(format!(
+        "new Work uid={} +\\Flagged from=INBOX:{u3}",
+        mv.dst[0]
+    ));
+    want.push(format!("expunge INBOX uid={u3}"));
+
+    // Expunge.
+    imap.uid_store(&u2.to_string(), "+FLAGS (\\Deleted)");
+    want.push(format!("flags INBOX uid={u2} +\\Deleted"));
+    imap.uid_expunge(&u2.to_string());
+    want.push(format!("expunge INBOX uid={u2}"));
+
+    // Deleting a mailbox with mail in it is one record, not one per message.
+    imap.create("Old");
+    want.push("mailbox_create Old".into());
+    let (_, o1) = imap.append("Old", &[], &message("old one", 100));
+    let (_, o2) = imap.append("Old", &["\\Seen"], &message("old two", 100));
+    want.push(format!("new Old uid={o1}"));
+    want.push(format!("new Old uid={o2} +\\Seen"));
+    let old_guid = dc.mailbox_guid("alice", "Old");
+    imap.select("INBOX");
+    imap.delete("Old");
+    want.push("mailbox_delete Old".into());
+
+    // Rename keeps the GUID; subscriptions come and go.
+    let work_guid = dc.mailbox_guid("alice", "Work");
+    imap.rename("Work", "Archive");
+    want.push("mailbox_rename Archive old=Work".into());
+    imap.subscribe("Archive");
+    want.push("subscribe Archive".into());
+    imap.unsubscribe("Archive");
+    want.push("unsubscribe Archive".into());
+    imap.logout();
+
+    // LMTP delivery and doveadm, each in their own processes.
+    let replies = dc.deliver("sender@example.org", &["alice"], &message("by lmtp", 2000));
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+    dc.save("alice", "INBOX", &message("by doveadm", 500));
+    let inbox_after: Vec<_> = dc
+        .fetch("alice")
+        .into_iter()
+        .filter(|m| m.mailbox == "INBOX")
+        .collect();
+    let (lmtp_uid, save_uid) = (inbox_after[1].uid, inbox_after[2].uid);
+    assert_eq!(inbox_after[0].uid, u1);
+    want.push(format!("new INBOX uid={lmtp_uid}"));
+    want.push(format!("new INBOX uid={save_uid}"));
+    dc.doveadm(&[
+        "flags",
+        "add",
+        "-u",
+        "alice",
+        "\\Seen",
+        "mailbox",
+        "INBOX",
+        "uid",
+        &save_uid.to_string(),
+    ]);
+    want.push(format!("flags INBOX uid={save_uid} +\\Seen"));
+
+    // POP3: DELE + QUIT expunges.
+    pop3_delete_first(&dc, "alice");
+    want.push(format!("expunge INBOX uid={u1}"));
+
+    let records = journal(&dc, "alice");
+    let got: Vec<String> = records
+        .iter()
+        .map(summary)
+        // Dovecot creates INBOX on first use; that creation is replicated like any other.
+        .filter(|s| s != "mailbox_create INBOX")
+        .collect();
+    assert_eq!(got, want, "journal:\n{}", got.join("\n"));
+    let inbox_creates = records.len() - got.len();
+    assert!(inbox_creates <= 1);
+
+    // Every record: gapless LSNs, this server's id, the user, increasing stamps.
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["lsn"].as_u64(), Some(i as u64 + 1));
+        assert_eq!(r["origin"], "a");
+        assert_eq!(r["user"], "alice");
+        if i > 0 {
+            assert!(r["stamp"].as_u64() > records[i - 1]["stamp"].as_u64());
+        }
+        let s = summary(r);
+        assert!(!s.contains("Recent"), "{s}");
+    }
+
+    // UIDVALIDITY, mailbox GUIDs and message GUIDs are the server's.
+    let final_state = dc.fetch("alice");
+    let guid_now: BTreeMap<(String, u32), String> = final_state
+        .iter()
+        .map(|m| ((m.mailbox.clone(), m.uid), m.guid.clone()))
+        .collect();
+    let inbox_guid = dc.mailbox_guid("alice", "INBOX");
+    let archive_guid = dc.mailbox_guid("alice", "Archive");
+    assert_eq!(archive_guid, work_guid, "rename keeps the GUID");
+    let mut msg_records = 0;
+    for r in &records {
+        let mailbox = r["mailbox"].as_str().unwrap();
+        let expected_box_guid = match mailbox {
+            "INBOX" => &inbox_guid,
+            "Work" | "Archive" => &archive_guid,
+            "Old" => &old_guid,
+            other => panic!("unexpected mailbox {other}"),
+        };
+        if r["kind"] != "subscribe" && r["kind"] != "unsubscribe" {
+            assert_eq!(
+                &r["mailbox_guid"],
+                expected_box_guid.as_str(),
+                "{}",
+                summary(r)
+            );
+        }
+        let Some(uid) = r["uid"].as_u64() else {
+            continue;
+        };
+        msg_records += 1;
+        if mailbox == "INBOX" {
+            assert_eq!(r["uidvalidity"].as_u64(), Some(uv as u64));
+        }
+        assert!(r["modseq"].as_u64().unwrap() > 0, "{}", summary(r));
+        let key = (
+            if mailbox == "Work" {
+                "Archive".to_string()
+            } else {
+                mailbox.to_string()
+            },
+            uid as u32,
+        );
+        let expected = guid_now
+            .get(&key)
+            .or_else(|| guids_before.get(&(mailbox.to_string(), uid as u32)));
+        if let Some(g) = expected {
+            assert_eq!(r["guid"].as_str(), Some(g.as_str()), "{}", summary(r));
+        } else {
+            // Mail of the deleted mailbox and mail expunged before the snapshot: its GUID
+            // must at least be the one its `new` record had.
+            let new_guid = records
+                .iter()
+                .find(|n| {
+                    n["kind"] == "new" && n["mailbox"] == r["mailbox"] && n["uid"] == r["uid"]
+                })
+                .map(|n| n["guid"].clone());
+            assert_eq!(new_guid.as_ref(), Some(&r["guid"]), "{}", summary(r));
+        }
+    }
+    assert!(msg_records > 15);
+    // A copy keeps the message GUID.
+    let copied = records
+        .iter()
+        .find(|r| r["from_uid"].as_u64() == Some(u1 as u64))
+        .unwrap();
+    let original = records
+        .iter()
+        .find(|r| r["kind"] == "new" && uid_of(r) == u1)
+        .unwrap();
+    assert_eq!(copied["guid"], original["guid"]);
+    assert_eq!(copied["from_mailbox_guid"], inbox_guid.as_str());
+
+    // The text form and the filters work on the same journal.
+    let text = tandem_ok(
+        &dc,
+        &[
+            "log",
+            "show",
+            "-u",
+            "alice",
+            "-c",
+            &conf,
+            "--mailbox",
+            "Old",
+        ],
+    );
+    assert_eq!(text.lines().count(), 4, "{text}");
+    let since = tandem_ok(
+        &dc,
+        &[
+            "log", "show", "--json", "-u", "alice", "-c", &conf, "--since", "5",
+        ],
+    );
+    assert_eq!(since.lines().count(), records.len() - 4);
+    let verify = tandem_ok(&dc, &["log", "verify", "-u", "alice", "-c", &conf]);
+    assert!(verify.contains("intact"), "{verify}");
+    let stats = tandem_ok(&dc, &["log", "stats", "--json", "-u", "alice", "-c", &conf]);
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["records"].as_u64(), Some(records.len() as u64));
+    assert_eq!(stats["resync_needed"], false);
+    dc.assert_log_clean();
+}
+
+/// Logs in over POP3 and deletes the first message.
+fn pop3_delete_first(dc: &Dovecot, user: &str) {
+    let s = TcpStream::connect(("127.0.0.1", dc.ports().pop3)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    let mut cmd = |w: &mut TcpStream, c: &str| {
+        if !c.is_empty() {
+            write!(w, "{c}\r\n").unwrap();
+        }
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("+OK"), "POP3 {c}: {line}");
+    };
+    cmd(&mut w, "");
+    cmd(&mut w, &format!("USER {user}"));
+    cmd(&mut w, &format!("PASS {}", dc.password(user)));
+    cmd(&mut w, "DELE 1");
+    cmd(&mut w, "QUIT");
+}
+
+#[test]
+fn no_journal_for_reads_rollbacks_or_dsync() {
+    let a = Dovecot::start(Options::new("capture-quiet-a"));
+    let b = Dovecot::start(Options::without_plugin("capture-quiet-b"));
+    // Mail on B, brought over to A by dsync: dsync's transactions are its own and must not be
+    // journaled (they would be replicated twice).
+    let mut imap_b = b.login("alice");
+    imap_b.create("Synced");
+    imap_b.append("Synced", &["\\Seen"], &message("from b", 500));
+    imap_b.logout();
+    let mut imap = a.login("alice");
+    imap.append("INBOX", &[], &message("local", 500));
+    let before = journal(&a, "alice").len();
+    // Reads leave nothing behind.
+    imap.select("INBOX");
+    imap.uid_fetch("1:*", "(FLAGS BODY.PEEK[])");
+    imap.command("STATUS INBOX (MESSAGES UIDNEXT)");
+    imap.command("SEARCH ALL");
+    imap.command("EXAMINE INBOX");
+    imap.logout();
+    assert_eq!(journal(&a, "alice").len(), before, "reads were journaled");
+    a.doveadm(&[
+        "sync",
+        "-u",
+        "alice",
+        &format!("tcp:127.0.0.1:{}", b.ports().doveadm),
+    ]);
+    let synced: Vec<_> = a
+        .fetch("alice")
+        .into_iter()
+        .filter(|m| m.mailbox == "Synced")
+        .collect();
+    assert_eq!(synced.len(), 1, "dsync brought the mail over");
+    let after = journal(&a, "alice");
+    assert_eq!(
+        after.len(),
+        before,
+        "dsync's changes were journaled: {:?}",
+        after.iter().map(summary).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_panic_inside_the_plugin_leaves_the_session_working() {
+    let mut opts = Options::new("capture-panic").setting("tandem_test_panic", "commit");
+    opts.plugin_so = Some(common::test_hooks_plugin_so());
+    let dc = Dovecot::start(opts);
+    let mut imap = dc.login("alice");
+    let (_, uid) = imap.append("INBOX", &["\\Seen"], &message("still saved", 300));
+    imap.select("INBOX");
+    imap.uid_store(&uid.to_string(), "+FLAGS (\\Flagged)");
+    imap.noop();
+    let mails = dc.fetch("alice");
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0].flags, vec!["\\Flagged", "\\Seen"]);
+    imap.logout();
+    let log = dc.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tandem") && l.contains("panic")),
+        "no panic report in the log:\n{log}"
+    );
+    assert!(!log.contains("Fatal"), "the process died:\n{log}");
+}
+
+#[test]
+fn missing_or_invalid_settings_leave_the_plugin_inert_with_one_clear_error() {
+    let mut opts = Options::new("capture-nosettings");
+    opts.plugin_settings.clear();
+    let dc = Dovecot::start(opts);
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("fine", 100));
+    imap.logout();
+    assert_eq!(dc.fetch("alice").len(), 1);
+    let errors: Vec<String> = dc.log_errors();
+    let ours: Vec<&String> = errors
+        .iter()
+        .filter(|l| l.contains("tandem_server_id"))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "no error about tandem_server_id: {errors:?}"
+    );
+    assert!(ours.iter().all(|l| l.contains("alice")), "{ours:?}");
+    assert!(!dc.home("alice").join(".tandem").exists());
+
+    let dc = Dovecot::start(Options::new("capture-badfsync").setting("tandem_fsync", "sometimes"));
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("fine", 100));
+    imap.logout();
+    assert!(dc.log_errors().iter().any(|l| l.contains("tandem_fsync")));
+}
+
+#[test]
+fn an_unwritable_journal_never_fails_mail_and_marks_the_user_for_resync() {
+    let dc = Dovecot::start(Options::new("capture-readonly"));
+    let home = dc.home("alice");
+    let jdir = home.join(".tandem");
+    // The journal directory exists but belongs to root and is read-only: the mail process
+    // (uid 5000) cannot write it.
+    std::fs::create_dir_all(&jdir).unwrap();
+    std::fs::set_permissions(&jdir, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    let mut imap = dc.login("alice");
+    let (_, uid) = imap.append("INBOX", &[], &message("must arrive", 300));
+    imap.select("INBOX");
+    imap.uid_store(&uid.to_string(), "+FLAGS (\\Seen)");
+    imap.logout();
+    assert_eq!(dc.fetch("alice").len(), 1);
+    let errors = dc.log_errors();
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("alice") && l.contains("journal") && l.contains("resync")),
+        "{errors:?}"
+    );
+    // The mark went beside the unwritable directory, and stats shows it.
+    let conf = dc.conf().to_str().unwrap();
+    // There is no journal to show, but the mark is there to find.
+    assert!(home.join(".tandem.resync-needed").exists());
+    // Once the directory is writable again, journaling resumes and stats shows the mark.
+    std::fs::set_permissions(&jdir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&jdir, Some(5000), Some(5000)).unwrap();
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("journaled again", 300));
+    imap.logout();
+    let stats = tandem_ok(&dc, &["log", "stats", "-u", "alice", "-c", conf]);
+    assert!(stats.contains("resync:      NEEDED"), "{stats}");
+    assert_eq!(journal(&dc, "alice").len(), 1);
+}
+
+/// The PIDs of the `imap` processes of this instance (children of its master).
+fn imap_pids(dc: &Dovecot) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = &stat[stat.find('(').unwrap() + 1..close];
+        let ppid: u32 = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if ppid == dc.pid() && comm == "imap" {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_mail_process_killed_mid_append_loses_at_most_its_unfinished_record() {
+    let dc = Dovecot::start(Options::new("capture-crash").setting("tandem_fsync", "never"));
+    let port = dc.ports().imap;
+    let password = dc.password("alice").to_string();
+    let appender = std::thread::spawn(move || {
+        let mut imap = common::Imap::connect(port);
+        imap.login("alice", &password);
+        let mut acked = Vec::new();
+        let msg = message("crash", 2000);
+        for _ in 0..5000 {
+            // The kill ends the connection mid-command: an error or a panic of the client.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                imap.try_append("INBOX", &["\\Seen"], &msg)
+            }));
+            match r {
+                Ok(Ok((_, uid))) => acked.push(uid),
+                _ => break,
+            }
+        }
+        acked
+    });
+    common::wait_for(Duration::from_secs(30), "appends under way", || {
+        dc.fetch("alice").len() > 50
+    });
+    let pids = imap_pids(&dc);
+    assert_eq!(pids.len(), 1, "one imap process expected: {pids:?}");
+    // SAFETY: a process this test's own Dovecot started, found by its parent PID.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    let acked: Vec<u32> = appender.join().unwrap();
+    assert!(acked.len() > 50);
+
+    // The next session's first append recovers the journal.
+    let mut imap = dc.login("alice");
+    let (_, last) = imap.append("INBOX", &[], &message("after", 100));
+    imap.logout();
+    let conf = dc.conf().to_str().unwrap();
+    let verify = dc.tandem(&["log", "verify", "-u", "alice", "-c", conf]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let journaled: BTreeSet<u32> = journal(&dc, "alice")
+        .iter()
+        .filter(|r| r["kind"] == "new")
+        .map(uid_of)
+        .collect();
+    let stored: BTreeSet<u32> = dc.fetch("alice").iter().map(|m| m.uid).collect();
+    // Every APPEND the client heard OK for is journaled.
+    for uid in &acked {
+        assert!(
+            journaled.contains(uid),
+            "acknowledged uid {uid} missing from the journal"
+        );
+    }
+    assert!(journaled.contains(&last));
+    // Nothing journaled that is not stored, and at most the one mail being committed at the
+    // kill is stored without its record.
+    assert!(journaled.is_subset(&stored));
+    let missing: Vec<_> = stored.difference(&journaled).collect();
+    assert!(missing.len() <= 1, "lost records for {missing:?}");
+}
+
+#[test]
+fn sessions_and_deliveries_at_once_lose_nothing() {
+    let dc = Dovecot::start(Options::new("capture-concurrent").setting("tandem_fsync", "never"));
+    let port = dc.ports().imap;
+    let lmtp = dc.ports().lmtp;
+    let password = dc.password("alice").to_string();
+    let mut workers = Vec::new();
+    for w in 0..3 {
+        let password = password.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut imap = common::Imap::connect(port);
+            imap.login("alice", &password);
+            let mut uids = Vec::new();
+            for i in 0..40 {
+                let (_, uid) = imap.append("INBOX", &[], &message(&format!("w{w} {i}"), 800));
+                uids.push(uid);
+            }
+            imap.select("INBOX");
+            for uid in &uids {
+                imap.uid_store(&uid.to_string(), "+FLAGS (\\Seen)");
+            }
+            imap.logout();
+        }));
+    }
+    workers.push(std::thread::spawn(move || {
+        let mut l = common::Lmtp::connect(lmtp);
+        let msgs: Vec<Vec<u8>> = (0..40)
+            .map(|i| message(&format!("lmtp {i}"), 800))
+            .collect();
+        l.deliver_many("s@example.org", &["alice"], &msgs);
+        l.quit();
+    }));
+    for w in workers {
+        w.join().unwrap();
+    }
+    let records = journal(&dc, "alice");
+    let news: BTreeSet<u32> = records
+        .iter()
+        .filter(|r| r["kind"] == "new")
+        .map(uid_of)
+        .collect();
+    let seen: Vec<u32> = records
+        .iter()
+        .filter(|r| r["kind"] == "flags")
+        .map(uid_of)
+        .collect();
+    let stored: BTreeSet<u32> = dc.fetch("alice").iter().map(|m| m.uid).collect();
+    assert_eq!(stored.len(), 160);
+    assert_eq!(news, stored, "every stored mail has exactly one new record");
+    assert_eq!(records.iter().filter(|r| r["kind"] == "new").count(), 160);
+    assert_eq!(seen.len(), 120);
+    let lsns: Vec<u64> = records.iter().map(|r| r["lsn"].as_u64().unwrap()).collect();
+    assert_eq!(lsns, (1..=records.len() as u64).collect::<Vec<_>>());
+    dc.assert_log_clean();
+}

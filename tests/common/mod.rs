@@ -1,0 +1,1551 @@
+//! End-to-end test harness: real Dovecot instances (no mocks), plus minimal IMAP and LMTP clients.
+//!
+//! Every [`Dovecot`] is a self-contained instance (DOVECOT.md §6) in its own temporary directory,
+//! with its own `base_dir`, `state_dir`, `log_path` and 127.0.0.1 ports, so tests can run in
+//! parallel and two instances can stand side by side. Tests must run as root, like Dovecot's
+//! master. Dropping a [`Dovecot`] sends SIGTERM to the master it started (by PID, never by name)
+//! and waits for it.
+//!
+//! Environment:
+//! - `TANDEM_PLUGIN`: the plugin `.so` to load (default: the newest `target/{release,debug}/
+//!   libtandem.so` that exports `tandem_plugin_init`).
+//! - `TANDEM_KEEP_TEST_DIRS=1`: keep every instance directory after the test, for post-mortems.
+//!   A failing (panicking) test always keeps it, and prints its path, the master's output and
+//!   the tail of its Dovecot log.
+//!
+//! Gotchas: `doveadm` here needs the instance running (with `doveadm_port` set it asks auth
+//! whether the user is proxied), and an open IMAP session only sees mail delivered by others
+//! after a command such as NOOP (`UID FETCH 1:*` is evaluated on the old view).
+
+// Each test crate uses a different subset of the harness.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{chown, symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The uid and gid that own all mail (`first_valid_uid` .. `last_valid_uid`).
+pub const MAIL_UID: u32 = 5000;
+/// The users every instance knows, with their passwords.
+pub const USERS: [(&str, &str); 2] = [("alice", "alice-pass"), ("bob", "bob-pass")];
+/// The system notify plugin, symlinked into each instance's private module dir.
+pub const NOTIFY_PLUGIN: &str = "/usr/lib/dovecot/modules/lib15_notify_plugin.so";
+/// The name the plugin must have in the module dir (loads after notify, DOVECOT.md §1).
+pub const PLUGIN_FILE_NAME: &str = "lib90_tandem_plugin.so";
+/// How long socket reads and server start-up may take before the test fails.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Dovecot instance
+// ---------------------------------------------------------------------------------------------
+
+/// How to start a [`Dovecot`] instance.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A label for the instance: it goes into `instance_name` and the directory name.
+    pub name: String,
+    /// Load tandem: `mail_plugins = $mail_plugins notify tandem`. Without it, no `mail_plugins`.
+    pub plugin: bool,
+    /// `key = value` lines of the `plugin {}` block. Default: `tandem_server_id = a`.
+    pub plugin_settings: Vec<(String, String)>,
+    /// Extra userdb fields per user, appended to the user's passwd-file line, e.g.
+    /// `("alice", "userdb_tandem_x=1")` (DOVECOT.md §1: overrides `plugin {}` per user).
+    pub user_fields: Vec<(String, String)>,
+    /// Raw configuration appended at the end of dovecot.conf (e.g. `service imap { ... }`).
+    pub extra_conf: String,
+    /// A specific plugin build instead of [`plugin_so`] (e.g. the test-hooks build).
+    pub plugin_so: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            name: "t".into(),
+            plugin: true,
+            plugin_settings: vec![("tandem_server_id".into(), "a".into())],
+            user_fields: Vec::new(),
+            extra_conf: String::new(),
+            plugin_so: None,
+        }
+    }
+}
+
+impl Options {
+    /// An instance with the plugin loaded and the default settings.
+    pub fn new(name: &str) -> Self {
+        Options {
+            name: name.into(),
+            ..Options::default()
+        }
+    }
+
+    /// An instance without the plugin: stock Dovecot.
+    pub fn without_plugin(name: &str) -> Self {
+        Options {
+            name: name.into(),
+            plugin: false,
+            ..Options::default()
+        }
+    }
+
+    /// Sets (or replaces) one `plugin {}` setting.
+    pub fn setting(mut self, key: &str, value: &str) -> Self {
+        self.plugin_settings.retain(|(k, _)| k != key);
+        self.plugin_settings.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// The 127.0.0.1 ports of one instance.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub imap: u16,
+    pub lmtp: u16,
+    pub pop3: u16,
+    pub doveadm: u16,
+}
+
+/// A running Dovecot master started by this test. Dropping it stops it.
+pub struct Dovecot {
+    child: Child,
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    conf: PathBuf,
+    ports: Ports,
+    opts: Options,
+    plugin_path: Option<PathBuf>,
+}
+
+static INSTANCE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Dovecot {
+    /// Writes a fresh instance directory and starts `dovecot -F` on it; returns once the IMAP,
+    /// LMTP and doveadm ports accept connections. Panics (with the logs) if it doesn't start.
+    pub fn start(opts: Options) -> Dovecot {
+        let plugin_path = opts
+            .plugin
+            .then(|| opts.plugin_so.clone().unwrap_or_else(plugin_so));
+        let label: String = opts
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tandem-{label}-"))
+            .tempdir_in("/tmp") // short paths: unix socket names are limited to 108 bytes
+            .expect("create instance tempdir");
+        let path = dir.path().to_path_buf();
+        // The mail (uid 5000), auth (dovecot) and login (dovenull) processes all read below it.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+
+        let ports = pick_ports();
+        let instance = format!(
+            "tandem-{label}-{}-{}",
+            std::process::id(),
+            INSTANCE_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+
+        fs::create_dir(path.join("state")).unwrap();
+        let home = path.join("home");
+        fs::create_dir(&home).unwrap();
+        chown(&home, Some(MAIL_UID), Some(MAIL_UID)).expect("chown DIR/home (are we root?)");
+        for (user, _) in USERS {
+            let h = home.join(user);
+            fs::create_dir(&h).unwrap();
+            chown(&h, Some(MAIL_UID), Some(MAIL_UID)).unwrap();
+            fs::set_permissions(&h, fs::Permissions::from_mode(0o700)).unwrap();
+        }
+
+        let modules = path.join("modules");
+        fs::create_dir(&modules).unwrap();
+        symlink(NOTIFY_PLUGIN, modules.join("lib15_notify_plugin.so")).unwrap();
+        if let Some(so) = &plugin_path {
+            let dst = modules.join(PLUGIN_FILE_NAME);
+            fs::copy(so, &dst).unwrap_or_else(|e| panic!("copy {} failed: {e}", so.display()));
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+
+        let mut users = String::new();
+        for (user, pass) in USERS {
+            let extra: Vec<&str> = opts
+                .user_fields
+                .iter()
+                .filter(|(u, _)| u == user)
+                .map(|(_, f)| f.as_str())
+                .collect();
+            users.push_str(&format!(
+                "{user}:{{PLAIN}}{pass}:{MAIL_UID}:{MAIL_UID}::{}::{}\n",
+                home.join(user).display(),
+                extra.join(" ")
+            ));
+        }
+        let users_file = path.join("users");
+        fs::write(&users_file, users).unwrap();
+        fs::set_permissions(&users_file, fs::Permissions::from_mode(0o644)).unwrap();
+
+        let conf = path.join("dovecot.conf");
+        fs::write(&conf, config_text(&path, &instance, ports, &opts)).unwrap();
+
+        let out = fs::File::create(path.join("master.out")).unwrap();
+        let child = Command::new("dovecot")
+            .arg("-F")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn dovecot (is dovecot-core installed?)");
+
+        let mut dovecot = Dovecot {
+            child,
+            dir: Some(dir),
+            path,
+            conf,
+            ports,
+            opts,
+            plugin_path,
+        };
+        dovecot.wait_ready();
+        dovecot
+    }
+
+    fn wait_ready(&mut self) {
+        // The master binds every listener before it forks any service, so once IMAP answers,
+        // LMTP and doveadm accept connections too. (Probing doveadm with a bare connect would
+        // log an Error: "client disconnected before handshake".)
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "dovecot {} exited during start-up ({status})\n{}",
+                    self.opts.name,
+                    self.diagnostics()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "dovecot {} did not answer on IMAP port {} within {IO_TIMEOUT:?}\n{}",
+                    self.opts.name,
+                    self.ports.imap,
+                    self.diagnostics()
+                );
+            }
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.ports.imap)) {
+                // Wait for the greeting and log out politely, so the log stays quiet.
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let mut reader = BufReader::new(&stream);
+                let mut greeting = String::new();
+                if reader.read_line(&mut greeting).is_ok() && greeting.starts_with("* OK") {
+                    let _ = (&stream).write_all(b"r LOGOUT\r\n");
+                    let mut rest = String::new();
+                    let _ = reader.read_to_string(&mut rest);
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The instance directory.
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// DIR/dovecot.conf: pass it as `-c` to doveadm, doveconf and the tandem CLI.
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    pub fn ports(&self) -> Ports {
+        self.ports
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The plugin .so this instance loaded (a copy of it is in DIR/modules).
+    pub fn plugin_path(&self) -> Option<&Path> {
+        self.plugin_path.as_deref()
+    }
+
+    /// The master's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A user's home directory (DIR/home/USER). The journal lives at `home(user)/.tandem`.
+    pub fn home(&self, user: &str) -> PathBuf {
+        self.path.join("home").join(user)
+    }
+
+    /// A user's password.
+    pub fn password(&self, user: &str) -> &'static str {
+        USERS
+            .iter()
+            .find(|(u, _)| *u == user)
+            .unwrap_or_else(|| panic!("unknown test user {user}"))
+            .1
+    }
+
+    /// The contents of `log_path` (mail processes and the master log here; doveadm does not).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.path.join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// What the master printed on stdout and stderr (config errors before logging starts).
+    pub fn master_output(&self) -> String {
+        fs::read_to_string(self.path.join("master.out")).unwrap_or_default()
+    }
+
+    /// Log lines that report errors, fatals or panics.
+    pub fn log_errors(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("Error:") || l.contains("Fatal:") || l.contains("Panic:"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Panics if the log reports any error, fatal or panic.
+    pub fn assert_log_clean(&self) {
+        let errors = self.log_errors();
+        assert!(
+            errors.is_empty(),
+            "dovecot {} logged errors:\n{}",
+            self.opts.name,
+            errors.join("\n")
+        );
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- instance dir: {}\n--- master output:\n{}\n--- dovecot.log (tail):\n{}",
+            self.path.display(),
+            self.master_output(),
+            tail(&self.log(), 100)
+        )
+    }
+
+    // --- doveadm -------------------------------------------------------------------------------
+
+    /// Runs `doveadm -c CONF ARGS...` and returns its output, whatever the exit status.
+    pub fn try_doveadm(&self, args: &[&str]) -> Output {
+        self.doveadm_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run doveadm")
+    }
+
+    /// Runs `doveadm -c CONF ARGS...`; returns stdout, panics with stderr on failure.
+    pub fn doveadm(&self, args: &[&str]) -> String {
+        let out = self.try_doveadm(args);
+        check_output("doveadm", args, &out)
+    }
+
+    /// Runs `doveadm -c CONF ARGS...` with `input` on stdin (e.g. `save`).
+    pub fn doveadm_stdin(&self, args: &[&str], input: &[u8]) -> String {
+        let mut child = self
+            .doveadm_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run doveadm");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        check_output("doveadm", args, &out)
+    }
+
+    fn doveadm_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("doveadm");
+        cmd.arg("-c").arg(&self.conf).args(args);
+        cmd
+    }
+
+    /// `doveadm save`: stores a message without IMAP or LMTP.
+    pub fn save(&self, user: &str, mailbox: &str, message: &[u8]) {
+        self.doveadm_stdin(&["save", "-u", user, "-m", mailbox], message);
+    }
+
+    /// Every mail of every mailbox of `user`, sorted by mailbox name then UID, flags sorted and
+    /// without `\Recent`: the exact state to compare between servers (DOVECOT.md §6).
+    pub fn fetch(&self, user: &str) -> Vec<Mail> {
+        let out = self.doveadm(&[
+            "-f",
+            "tab",
+            "fetch",
+            "-u",
+            user,
+            "mailbox mailbox-guid uid guid flags",
+            "mailbox",
+            "*",
+            "all",
+        ]);
+        let mut mails: Vec<Mail> = parse_tab(&out, &["mailbox", "mailbox-guid", "uid", "guid"])
+            .into_iter()
+            .map(|row| {
+                let mut flags: Vec<String> = row["flags"]
+                    .split_whitespace()
+                    .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
+                    .map(str::to_owned)
+                    .collect();
+                flags.sort();
+                Mail {
+                    mailbox: row["mailbox"].clone(),
+                    mailbox_guid: row["mailbox-guid"].clone(),
+                    uid: row["uid"].parse().expect("uid"),
+                    guid: row["guid"].clone(),
+                    flags,
+                }
+            })
+            .collect();
+        mails.sort_by(|a, b| (&a.mailbox, a.uid).cmp(&(&b.mailbox, b.uid)));
+        mails
+    }
+
+    /// The GUID of one mailbox.
+    pub fn mailbox_guid(&self, user: &str, mailbox: &str) -> String {
+        let out = self.doveadm(&[
+            "-f", "tab", "mailbox", "status", "-u", user, "guid", mailbox,
+        ]);
+        let rows = parse_tab(&out, &["guid"]);
+        assert_eq!(rows.len(), 1, "mailbox status {mailbox}: {out}");
+        rows[0]["guid"].clone()
+    }
+
+    /// The status of every mailbox of `user`, sorted by name.
+    pub fn mailbox_status(&self, user: &str) -> Vec<MailboxStatus> {
+        let out = self.doveadm(&[
+            "-f",
+            "tab",
+            "mailbox",
+            "status",
+            "-u",
+            user,
+            "guid uidvalidity uidnext messages highestmodseq",
+            "*",
+        ]);
+        let mut status: Vec<MailboxStatus> = parse_tab(
+            &out,
+            &[
+                "mailbox",
+                "guid",
+                "uidvalidity",
+                "uidnext",
+                "messages",
+                "highestmodseq",
+            ],
+        )
+        .into_iter()
+        .map(|row| MailboxStatus {
+            mailbox: row["mailbox"].clone(),
+            guid: row["guid"].clone(),
+            uidvalidity: row["uidvalidity"].parse().expect("uidvalidity"),
+            uidnext: row["uidnext"].parse().expect("uidnext"),
+            messages: row["messages"].parse().expect("messages"),
+            highestmodseq: row["highestmodseq"].parse().expect("highestmodseq"),
+        })
+        .collect();
+        status.sort_by(|a, b| a.mailbox.cmp(&b.mailbox));
+        status
+    }
+
+    /// All mailbox names of `user`, sorted.
+    pub fn mailboxes(&self, user: &str) -> Vec<String> {
+        let out = self.doveadm(&["mailbox", "list", "-u", user]);
+        let mut names: Vec<String> = out.lines().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
+    /// The subscribed mailbox names of `user`, sorted.
+    pub fn subscriptions(&self, user: &str) -> Vec<String> {
+        let out = self.doveadm(&["mailbox", "list", "-u", user, "-s"]);
+        let mut names: Vec<String> = out.lines().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
+    // --- clients -------------------------------------------------------------------------------
+
+    /// A fresh IMAP connection (greeting read, not logged in).
+    pub fn imap(&self) -> Imap {
+        Imap::connect(self.ports.imap)
+    }
+
+    /// A fresh IMAP connection logged in as `user`.
+    pub fn login(&self, user: &str) -> Imap {
+        let mut imap = self.imap();
+        imap.login(user, self.password(user));
+        imap
+    }
+
+    /// A fresh LMTP connection (greeting read, LHLO sent).
+    pub fn lmtp(&self) -> Lmtp {
+        Lmtp::connect(self.ports.lmtp)
+    }
+
+    /// Delivers one message over a fresh LMTP connection; panics unless every recipient got 2xx.
+    pub fn deliver(&self, from: &str, rcpts: &[&str], message: &[u8]) -> Vec<Reply> {
+        let mut lmtp = self.lmtp();
+        let replies = lmtp.deliver(from, rcpts, message);
+        lmtp.quit();
+        replies
+    }
+
+    /// Runs the tandem CLI with exactly `args` (add `-c CONF` yourself where the command wants it).
+    pub fn tandem(&self, args: &[&str]) -> Output {
+        tandem(args)
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        if failing {
+            eprintln!(
+                "dovecot {} at failure:\n{}",
+                self.opts.name,
+                self.diagnostics()
+            );
+        }
+        stop_child(&mut self.child, Duration::from_secs(10));
+        if failing || std::env::var_os("TANDEM_KEEP_TEST_DIRS").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("kept instance dir {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// SIGTERM to `child` (by PID), then wait up to `grace`, then SIGKILL and reap.
+fn stop_child(child: &mut Child, grace: Duration) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a PID we spawned and have not reaped yet, so it cannot be reused.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    eprintln!("dovecot master {pid} ignored SIGTERM for {grace:?}: SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn config_text(dir: &Path, instance: &str, ports: Ports, opts: &Options) -> String {
+    let d = dir.display();
+    let mut c = format!(
+        "# Written by tests/common/mod.rs (DOVECOT.md section 6).
+instance_name = {instance}
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = imap lmtp pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = {MAIL_UID}
+last_valid_uid = {MAIL_UID}
+first_valid_gid = {MAIL_UID}
+last_valid_gid = {MAIL_UID}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/users
+  default_fields = uid={MAIL_UID} gid={MAIL_UID} home={d}/home/%u
+}}
+mail_location = sdbox:~/mail
+mail_plugin_dir = {d}/modules
+"
+    );
+    // Before any protocol block, or the protocol won't inherit it (DOVECOT.md §1).
+    if opts.plugin {
+        c.push_str("mail_plugins = $mail_plugins notify tandem\n");
+    }
+    c.push_str("plugin {\n");
+    for (k, v) in &opts.plugin_settings {
+        c.push_str(&format!("  {k} = {v}\n"));
+    }
+    c.push_str("}\n");
+    c.push_str(&format!(
+        "namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {lmtp}
+  }}
+}}
+service doveadm {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {doveadm}
+  }}
+}}
+doveadm_password = secret
+doveadm_port = {doveadm}
+",
+        imap = ports.imap,
+        pop3 = ports.pop3,
+        lmtp = ports.lmtp,
+        doveadm = ports.doveadm,
+    ));
+    c.push_str(&opts.extra_conf);
+    c.push('\n');
+    c
+}
+
+/// Four distinct free 127.0.0.1 ports: bind port 0 (all at once, so they differ), then release.
+fn pick_ports() -> Ports {
+    let listeners: Vec<TcpListener> = (0..4)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    let p: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    Ports {
+        imap: p[0],
+        lmtp: p[1],
+        pop3: p[2],
+        doveadm: p[3],
+    }
+}
+
+/// The plugin .so: `$TANDEM_PLUGIN`, else the newest of target/{release,debug}/libtandem.so that
+/// really is a plugin build. (A plain `cargo build` also writes a libtandem.so, without the
+/// `plugin` feature and so without the entry points; Dovecot would refuse it.)
+/// The plugin built with the `test-hooks` feature (`tandem_test_panic` works only there), from
+/// `TANDEM_PLUGIN_TEST_HOOKS`, as `make test` builds it.
+pub fn test_hooks_plugin_so() -> PathBuf {
+    let p = std::env::var_os("TANDEM_PLUGIN_TEST_HOOKS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/libtandem-test-hooks.so")
+        });
+    assert!(
+        p.is_file() && exports_plugin_init(&p),
+        "no test-hooks plugin build at {}: run `make test`, or build it with \
+         `cargo build --release --lib --features plugin,test-hooks` and copy \
+         target/release/libtandem.so there",
+        p.display()
+    );
+    p
+}
+
+pub fn plugin_so() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANDEM_PLUGIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "TANDEM_PLUGIN={} does not exist", p.display());
+        assert!(
+            exports_plugin_init(&p),
+            "TANDEM_PLUGIN={} has no tandem_plugin_init: build it with \
+             `cargo build --release --lib --features plugin`",
+            p.display()
+        );
+        return p;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let candidates: Vec<PathBuf> = ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("libtandem.so"))
+        .filter(|p| p.is_file())
+        .collect();
+    let newest = candidates
+        .iter()
+        .filter(|p| exports_plugin_init(p))
+        .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok());
+    match newest {
+        Some(p) => p.clone(),
+        None if candidates.is_empty() => panic!(
+            "no plugin build found: run `cargo build --release --lib --features plugin` \
+             (or `make`), or set TANDEM_PLUGIN=/path/to/libtandem.so"
+        ),
+        None => panic!(
+            "{candidates:?} were built without the `plugin` feature (no tandem_plugin_init): run \
+             `cargo build --release --lib --features plugin` (or `make`), or set TANDEM_PLUGIN"
+        ),
+    }
+}
+
+/// Whether the file's dynamic string table names `tandem_plugin_init` (a cheap symbol check).
+fn exports_plugin_init(path: &Path) -> bool {
+    let needle = b"\0tandem_plugin_init\0";
+    fs::read(path)
+        .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        .unwrap_or(false)
+}
+
+fn check_output(program: &str, args: &[&str], out: &Output) -> String {
+    if !out.status.success() {
+        panic!(
+            "{program} {args:?} failed ({}):\nstderr: {}\nstdout: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+}
+
+/// Parses `doveadm -f tab` output: a header line, then one tab-separated row per record.
+fn parse_tab(out: &str, required: &[&str]) -> Vec<std::collections::HashMap<String, String>> {
+    let mut lines = out.lines();
+    let Some(header) = lines.next() else {
+        return Vec::new(); // no rows: doveadm prints nothing at all
+    };
+    let cols: Vec<&str> = header.split('\t').collect();
+    for r in required {
+        assert!(cols.contains(r), "doveadm output lacks column {r}: {out}");
+    }
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let vals: Vec<&str> = l.split('\t').collect();
+            assert_eq!(
+                vals.len(),
+                cols.len(),
+                "bad doveadm row {l:?} for {header:?}"
+            );
+            cols.iter()
+                .zip(vals)
+                .map(|(c, v)| (c.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One mail as `doveadm fetch` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mail {
+    pub mailbox: String,
+    pub mailbox_guid: String,
+    pub uid: u32,
+    pub guid: String,
+    /// Sorted, without `\Recent`; keywords included.
+    pub flags: Vec<String>,
+}
+
+/// One mailbox as `doveadm mailbox status` reports it. Never compare `highestmodseq` between
+/// servers: it is a per-server counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailboxStatus {
+    pub mailbox: String,
+    pub guid: String,
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub messages: u32,
+    pub highestmodseq: u64,
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `timeout`, naming `what`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tandem CLI
+// ---------------------------------------------------------------------------------------------
+
+/// The CLI binary cargo built for this test run.
+pub fn tandem_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
+}
+
+/// Runs the tandem CLI with exactly `args`.
+pub fn tandem(args: &[&str]) -> Output {
+    Command::new(tandem_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tandem CLI")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------------------------
+
+static MESSAGE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A valid RFC 5322 message with CRLF line endings, a unique Message-ID, and a plain-text body
+/// padding it to exactly `size_bytes` (or a little over when the headers alone are larger).
+pub fn message(subject: &str, size_bytes: usize) -> Vec<u8> {
+    let n = MESSAGE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let subject: String = subject
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut m = format!(
+        "From: Tandem Test <sender@example.com>\r\n\
+         To: alice@example.com\r\n\
+         Subject: {subject}\r\n\
+         Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n\
+         Message-ID: <{n}.{}.{nanos}@tandem.test>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n",
+        std::process::id()
+    )
+    .into_bytes();
+    const WORDS: [&str; 8] = [
+        "replication",
+        "journal",
+        "mailbox",
+        "dovecot",
+        "tandem",
+        "flags",
+        "expunge",
+        "message",
+    ];
+    // Deterministic filler words, different for every message (a 64-bit LCG, high bits).
+    let mut state = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next_word = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        WORDS[(state >> 59) as usize % WORDS.len()]
+    };
+    let mut remaining = size_bytes.saturating_sub(m.len()).max(2);
+    while remaining > 0 {
+        // Each line is `len` text bytes + CRLF; never leave a 1-byte remainder.
+        let len = if remaining <= 78 {
+            remaining.saturating_sub(2)
+        } else if remaining - 78 < 2 {
+            70
+        } else {
+            76
+        };
+        let mut line = String::with_capacity(len);
+        while line.len() < len {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(next_word());
+        }
+        line.truncate(len);
+        m.extend_from_slice(line.as_bytes());
+        m.extend_from_slice(b"\r\n");
+        remaining = remaining.saturating_sub(len + 2);
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// IMAP client
+// ---------------------------------------------------------------------------------------------
+
+/// A minimal IMAP4rev1 client: tagged commands, literals, UIDPLUS and MOVE response codes.
+///
+/// Untagged responses are returned without their `* ` prefix, with any literal inlined (lossy
+/// UTF-8). Methods panic with the server's text on NO or BAD; the `try_` variants return it as
+/// `Err(tagged status line)`. Mailbox names are quoted and encoded in modified UTF-7 here.
+pub struct Imap {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    next_tag: u32,
+    /// The greeting line.
+    pub greeting: String,
+}
+
+/// What SELECT reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selected {
+    pub exists: u32,
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub highestmodseq: Option<u64>,
+}
+
+impl Imap {
+    pub fn connect(port: u16) -> Imap {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to IMAP");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut imap = Imap {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            next_tag: 1,
+            greeting: String::new(),
+        };
+        let greeting = imap.read_line();
+        assert!(greeting.starts_with("* OK"), "IMAP greeting: {greeting}");
+        imap.greeting = greeting;
+        imap
+    }
+
+    fn tag(&mut self) -> String {
+        let t = format!("a{}", self.next_tag);
+        self.next_tag += 1;
+        t
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("IMAP write failed: {e}"));
+    }
+
+    /// One CRLF-terminated line, without the CRLF.
+    fn read_line(&mut self) -> String {
+        String::from_utf8_lossy(&self.read_raw_line()).into_owned()
+    }
+
+    fn read_raw_line(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        match self.reader.read_until(b'\n', &mut buf) {
+            Ok(0) => panic!("IMAP server closed the connection"),
+            Ok(_) => {}
+            Err(e) => panic!("IMAP read failed: {e}"),
+        }
+        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+            buf.pop();
+        }
+        buf
+    }
+
+    /// One whole response: a line plus every literal it announces, inlined.
+    fn read_response(&mut self) -> Vec<u8> {
+        let mut resp = self.read_raw_line();
+        while let Some(n) = literal_len(&resp) {
+            resp.extend_from_slice(b"\r\n");
+            let mut lit = vec![0u8; n];
+            self.reader
+                .read_exact(&mut lit)
+                .unwrap_or_else(|e| panic!("IMAP literal read failed: {e}"));
+            resp.extend_from_slice(&lit);
+            resp.extend(self.read_raw_line());
+        }
+        resp
+    }
+
+    /// Reads until the tagged response for `tag`. Returns (raw untagged responses, tagged status
+    /// line without the tag).
+    fn read_until_tagged(&mut self, tag: &str) -> (Vec<Vec<u8>>, String) {
+        let mut untagged = Vec::new();
+        let prefix = format!("{tag} ");
+        loop {
+            let resp = self.read_response();
+            if let Some(rest) = resp.strip_prefix(b"* ") {
+                untagged.push(rest.to_vec());
+            } else if let Some(rest) = resp.strip_prefix(prefix.as_bytes()) {
+                return (untagged, String::from_utf8_lossy(rest).into_owned());
+            } else if resp.starts_with(b"+") {
+                panic!(
+                    "unexpected IMAP continuation: {}",
+                    String::from_utf8_lossy(&resp)
+                );
+            } else {
+                panic!(
+                    "unexpected IMAP response: {}",
+                    String::from_utf8_lossy(&resp)
+                );
+            }
+        }
+    }
+
+    /// Waits for a `+` continuation; returns Err(tagged line) if the command fails instead.
+    fn wait_continuation(&mut self, tag: &str, untagged: &mut Vec<Vec<u8>>) -> Result<(), String> {
+        let prefix = format!("{tag} ");
+        loop {
+            let resp = self.read_response();
+            if resp.starts_with(b"+") {
+                return Ok(());
+            } else if let Some(rest) = resp.strip_prefix(b"* ") {
+                untagged.push(rest.to_vec());
+            } else if let Some(rest) = resp.strip_prefix(prefix.as_bytes()) {
+                return Err(String::from_utf8_lossy(rest).into_owned());
+            } else {
+                panic!(
+                    "unexpected IMAP response: {}",
+                    String::from_utf8_lossy(&resp)
+                );
+            }
+        }
+    }
+
+    fn raw(&mut self, cmd: &str) -> Result<(Vec<Vec<u8>>, String), String> {
+        let tag = self.tag();
+        self.send(format!("{tag} {cmd}\r\n").as_bytes());
+        let (untagged, status) = self.read_until_tagged(&tag);
+        if status.starts_with("OK") {
+            Ok((untagged, status))
+        } else {
+            Err(status)
+        }
+    }
+
+    fn run(&mut self, cmd: &str) -> (Vec<String>, String) {
+        match self.raw(cmd) {
+            Ok((u, s)) => (lossy(u), s),
+            Err(s) => panic!("IMAP `{}` failed: {s}", redact(cmd)),
+        }
+    }
+
+    /// Sends `raw` (without tag or CRLF). Returns (untagged responses, tagged status line without
+    /// the tag). Panics on NO/BAD.
+    pub fn command(&mut self, raw: &str) -> (Vec<String>, String) {
+        self.run(raw)
+    }
+
+    /// Like [`Imap::command`], but returns NO/BAD too; check `status.starts_with("OK")`.
+    pub fn try_command(&mut self, raw: &str) -> (Vec<String>, String) {
+        let tag = self.tag();
+        self.send(format!("{tag} {raw}\r\n").as_bytes());
+        let (u, s) = self.read_until_tagged(&tag);
+        (lossy(u), s)
+    }
+
+    pub fn try_login(&mut self, user: &str, password: &str) -> Result<(), String> {
+        self.raw(&format!("LOGIN {} {}", quote(user), quote(password)))
+            .map(|_| ())
+    }
+
+    pub fn login(&mut self, user: &str, password: &str) {
+        if let Err(s) = self.try_login(user, password) {
+            panic!("IMAP LOGIN {user} failed: {s}");
+        }
+    }
+
+    pub fn try_select(&mut self, mailbox: &str) -> Result<Selected, String> {
+        let (untagged, _) = self.raw(&format!("SELECT {}", quote_mailbox(mailbox)))?;
+        let mut sel = Selected::default();
+        for line in lossy(untagged) {
+            if let Some(n) = line.strip_suffix(" EXISTS") {
+                sel.exists = n.parse().unwrap_or(0);
+            } else if let Some(v) = resp_code(&line, "UIDVALIDITY") {
+                sel.uidvalidity = v.parse().expect("UIDVALIDITY");
+            } else if let Some(v) = resp_code(&line, "UIDNEXT") {
+                sel.uidnext = v.parse().expect("UIDNEXT");
+            } else if let Some(v) = resp_code(&line, "HIGHESTMODSEQ") {
+                sel.highestmodseq = Some(v.parse().expect("HIGHESTMODSEQ"));
+            }
+        }
+        Ok(sel)
+    }
+
+    pub fn select(&mut self, mailbox: &str) -> Selected {
+        self.try_select(mailbox)
+            .unwrap_or_else(|s| panic!("IMAP SELECT {mailbox} failed: {s}"))
+    }
+
+    /// APPEND one message. `flags` like `&["\\Seen", "$Label1"]`. Returns (uidvalidity, uid).
+    pub fn try_append(
+        &mut self,
+        mailbox: &str,
+        flags: &[&str],
+        message: &[u8],
+    ) -> Result<(u32, u32), String> {
+        let (uidvalidity, uids) = self.try_multiappend(mailbox, &[(flags, message)])?;
+        assert_eq!(uids.len(), 1, "APPENDUID for one message: {uids:?}");
+        Ok((uidvalidity, uids[0]))
+    }
+
+    pub fn append(&mut self, mailbox: &str, flags: &[&str], message: &[u8]) -> (u32, u32) {
+        self.try_append(mailbox, flags, message)
+            .unwrap_or_else(|s| panic!("IMAP APPEND to {mailbox} failed: {s}"))
+    }
+
+    /// MULTIAPPEND (RFC 3502): several messages in one command, each a synchronizing literal.
+    /// Returns (uidvalidity, uids in order).
+    pub fn try_multiappend(
+        &mut self,
+        mailbox: &str,
+        messages: &[(&[&str], &[u8])],
+    ) -> Result<(u32, Vec<u32>), String> {
+        assert!(!messages.is_empty(), "MULTIAPPEND needs a message");
+        let tag = self.tag();
+        let mut untagged = Vec::new();
+        let mut line = format!("{tag} APPEND {}", quote_mailbox(mailbox));
+        for (flags, msg) in messages {
+            line.push_str(&format!(" ({}) {{{}}}\r\n", flags.join(" "), msg.len()));
+            self.send(line.as_bytes());
+            self.wait_continuation(&tag, &mut untagged)?;
+            self.send(msg);
+            line = String::new();
+        }
+        self.send(b"\r\n");
+        let (_, status) = self.read_until_tagged(&tag);
+        if !status.starts_with("OK") {
+            return Err(status);
+        }
+        let code =
+            resp_code(&status, "APPENDUID").unwrap_or_else(|| panic!("no APPENDUID in {status}"));
+        let (v, set) = code.split_once(' ').expect("APPENDUID uidvalidity uid-set");
+        let uids = parse_uid_set(set);
+        assert_eq!(uids.len(), messages.len(), "APPENDUID {code}");
+        Ok((v.parse().expect("uidvalidity"), uids))
+    }
+
+    pub fn multiappend(&mut self, mailbox: &str, messages: &[(&[&str], &[u8])]) -> (u32, Vec<u32>) {
+        self.try_multiappend(mailbox, messages)
+            .unwrap_or_else(|s| panic!("IMAP MULTIAPPEND to {mailbox} failed: {s}"))
+    }
+
+    /// `UID STORE set what`, e.g. `uid_store("1:3", "+FLAGS (\\Seen)")`. Returns the untagged
+    /// FETCH responses.
+    pub fn try_uid_store(&mut self, set: &str, what: &str) -> Result<Vec<String>, String> {
+        self.raw(&format!("UID STORE {set} {what}"))
+            .map(|(u, _)| lossy(u))
+    }
+
+    pub fn uid_store(&mut self, set: &str, what: &str) -> Vec<String> {
+        self.try_uid_store(set, what)
+            .unwrap_or_else(|s| panic!("IMAP UID STORE {set} {what} failed: {s}"))
+    }
+
+    /// `UID COPY`; returns COPYUID (dest uidvalidity, source uids, dest uids).
+    pub fn try_uid_copy(&mut self, set: &str, mailbox: &str) -> Result<CopyUid, String> {
+        let (_, status) = self.raw(&format!("UID COPY {set} {}", quote_mailbox(mailbox)))?;
+        Ok(parse_copyuid(&status).unwrap_or_else(|| panic!("no COPYUID in {status}")))
+    }
+
+    pub fn uid_copy(&mut self, set: &str, mailbox: &str) -> CopyUid {
+        self.try_uid_copy(set, mailbox)
+            .unwrap_or_else(|s| panic!("IMAP UID COPY {set} {mailbox} failed: {s}"))
+    }
+
+    /// `UID MOVE` (RFC 6851); COPYUID comes in an untagged OK.
+    pub fn try_uid_move(&mut self, set: &str, mailbox: &str) -> Result<CopyUid, String> {
+        let (untagged, status) = self.raw(&format!("UID MOVE {set} {}", quote_mailbox(mailbox)))?;
+        let untagged = lossy(untagged);
+        let copyuid = untagged
+            .iter()
+            .chain(std::iter::once(&status))
+            .find_map(|l| parse_copyuid(l));
+        Ok(copyuid.unwrap_or_else(|| panic!("no COPYUID after MOVE: {untagged:?} {status}")))
+    }
+
+    pub fn uid_move(&mut self, set: &str, mailbox: &str) -> CopyUid {
+        self.try_uid_move(set, mailbox)
+            .unwrap_or_else(|s| panic!("IMAP UID MOVE {set} {mailbox} failed: {s}"))
+    }
+
+    /// EXPUNGE; returns the expunged sequence numbers, in the server's order.
+    pub fn expunge(&mut self) -> Vec<u32> {
+        let (untagged, _) = self.run("EXPUNGE");
+        expunged_seqs(&untagged)
+    }
+
+    /// `UID EXPUNGE set` (UIDPLUS); returns the expunged sequence numbers.
+    pub fn uid_expunge(&mut self, set: &str) -> Vec<u32> {
+        let (untagged, _) = self.run(&format!("UID EXPUNGE {set}"));
+        expunged_seqs(&untagged)
+    }
+
+    /// `UID FETCH set items`; returns the untagged responses.
+    pub fn uid_fetch(&mut self, set: &str, items: &str) -> Vec<String> {
+        self.run(&format!("UID FETCH {set} {items}")).0
+    }
+
+    /// The full raw message with this UID (`BODY.PEEK[]`, so `\Seen` is not set).
+    pub fn fetch_message(&mut self, uid: u32) -> Vec<u8> {
+        let (untagged, status) = self
+            .raw(&format!("UID FETCH {uid} BODY.PEEK[]"))
+            .unwrap_or_else(|s| panic!("IMAP UID FETCH {uid} failed: {s}"));
+        for resp in untagged {
+            if let Some(pos) = find(&resp, b"BODY[] {") {
+                let start = pos + b"BODY[] {".len();
+                let end = start + resp[start..].iter().position(|&b| b == b'}').unwrap();
+                let n: usize = std::str::from_utf8(&resp[start..end])
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let body = end + 3; // "}\r\n"
+                return resp[body..body + n].to_vec();
+            }
+        }
+        panic!("UID FETCH {uid}: no BODY[] literal ({status})");
+    }
+
+    pub fn try_create(&mut self, mailbox: &str) -> Result<(), String> {
+        self.raw(&format!("CREATE {}", quote_mailbox(mailbox)))
+            .map(|_| ())
+    }
+
+    pub fn create(&mut self, mailbox: &str) {
+        self.try_create(mailbox)
+            .unwrap_or_else(|s| panic!("IMAP CREATE {mailbox} failed: {s}"))
+    }
+
+    pub fn try_delete(&mut self, mailbox: &str) -> Result<(), String> {
+        self.raw(&format!("DELETE {}", quote_mailbox(mailbox)))
+            .map(|_| ())
+    }
+
+    pub fn delete(&mut self, mailbox: &str) {
+        self.try_delete(mailbox)
+            .unwrap_or_else(|s| panic!("IMAP DELETE {mailbox} failed: {s}"))
+    }
+
+    pub fn try_rename(&mut self, from: &str, to: &str) -> Result<(), String> {
+        self.raw(&format!(
+            "RENAME {} {}",
+            quote_mailbox(from),
+            quote_mailbox(to)
+        ))
+        .map(|_| ())
+    }
+
+    pub fn rename(&mut self, from: &str, to: &str) {
+        self.try_rename(from, to)
+            .unwrap_or_else(|s| panic!("IMAP RENAME {from} {to} failed: {s}"))
+    }
+
+    pub fn subscribe(&mut self, mailbox: &str) {
+        self.run(&format!("SUBSCRIBE {}", quote_mailbox(mailbox)));
+    }
+
+    pub fn unsubscribe(&mut self, mailbox: &str) {
+        self.run(&format!("UNSUBSCRIBE {}", quote_mailbox(mailbox)));
+    }
+
+    /// NOOP; returns the untagged responses (pending EXISTS, EXPUNGE, FETCH ...).
+    pub fn noop(&mut self) -> Vec<String> {
+        self.run("NOOP").0
+    }
+
+    /// LOGOUT and wait for the server's answer.
+    pub fn logout(mut self) {
+        self.run("LOGOUT");
+    }
+}
+
+/// COPYUID (RFC 4315): the destination's UIDVALIDITY and the UIDs, pairwise in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyUid {
+    pub uidvalidity: u32,
+    pub src: Vec<u32>,
+    pub dst: Vec<u32>,
+}
+
+fn lossy(raw: Vec<Vec<u8>>) -> Vec<String> {
+    raw.into_iter()
+        .map(|r| String::from_utf8_lossy(&r).into_owned())
+        .collect()
+}
+
+fn redact(cmd: &str) -> &str {
+    if cmd.starts_with("LOGIN ") {
+        "LOGIN ..."
+    } else {
+        cmd
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `{n}` or `{n+}` at the end of a line: a literal of n bytes follows.
+fn literal_len(line: &[u8]) -> Option<usize> {
+    let line = line.strip_suffix(b"}")?;
+    let open = line.iter().rposition(|&b| b == b'{')?;
+    let digits = &line[open + 1..];
+    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The argument of a `[NAME args]` response code, e.g. `resp_code(l, "UIDNEXT")`.
+pub fn resp_code<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("[{name} ");
+    let start = line.find(&open)? + open.len();
+    let end = start + line[start..].find(']')?;
+    Some(&line[start..end])
+}
+
+fn parse_copyuid(line: &str) -> Option<CopyUid> {
+    let code = resp_code(line, "COPYUID")?;
+    let mut parts = code.split(' ');
+    let uidvalidity = parts.next()?.parse().ok()?;
+    let src = parse_uid_set(parts.next()?);
+    let dst = parse_uid_set(parts.next()?);
+    assert_eq!(src.len(), dst.len(), "COPYUID {code}");
+    Some(CopyUid {
+        uidvalidity,
+        src,
+        dst,
+    })
+}
+
+/// Expands a UID set such as `1:3,7` into `[1, 2, 3, 7]`, in the order given.
+pub fn parse_uid_set(set: &str) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for part in set.split(',') {
+        match part.split_once(':') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().expect("uid"), b.parse().expect("uid"));
+                uids.extend(a.min(b)..=a.max(b));
+            }
+            None => uids.push(part.parse().expect("uid")),
+        }
+    }
+    uids
+}
+
+fn expunged_seqs(untagged: &[String]) -> Vec<u32> {
+    untagged
+        .iter()
+        .filter_map(|l| l.strip_suffix(" EXPUNGE")?.parse().ok())
+        .collect()
+}
+
+/// An IMAP quoted string.
+pub fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
+/// A mailbox name as IMAP wants it: modified UTF-7 (RFC 3501 §5.1.3), quoted.
+pub fn quote_mailbox(name: &str) -> String {
+    quote(&utf7_encode(name))
+}
+
+/// Modified UTF-7 (RFC 3501 §5.1.3).
+pub fn utf7_encode(name: &str) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,";
+    fn flush(out: &mut String, pending: &mut Vec<u16>) {
+        if pending.is_empty() {
+            return;
+        }
+        let bytes: Vec<u8> = pending.iter().flat_map(|u| u.to_be_bytes()).collect();
+        out.push('&');
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out.push('-');
+        pending.clear();
+    }
+    let mut out = String::new();
+    let mut pending: Vec<u16> = Vec::new();
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut out, &mut pending);
+            if c == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(c);
+            }
+        } else {
+            pending.extend(c.encode_utf16(&mut [0; 2]).iter());
+        }
+    }
+    flush(&mut out, &mut pending);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// LMTP client
+// ---------------------------------------------------------------------------------------------
+
+/// One SMTP/LMTP reply (multi-line replies joined with `\n`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is_ok(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+}
+
+/// A minimal LMTP client (RFC 2033) on one connection.
+pub struct Lmtp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Lmtp {
+    /// Connects, reads the greeting and sends LHLO.
+    pub fn connect(port: u16) -> Lmtp {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to LMTP");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut lmtp = Lmtp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let greeting = lmtp.reply();
+        assert_eq!(greeting.code, 220, "LMTP greeting: {greeting:?}");
+        lmtp.expect("LHLO tandem.test", 250);
+        lmtp
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("LMTP write failed: {e}"));
+    }
+
+    fn reply(&mut self) -> Reply {
+        let mut text = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => panic!("LMTP server closed the connection"),
+                Ok(_) => {}
+                Err(e) => panic!("LMTP read failed: {e}"),
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            assert!(line.len() >= 3, "bad LMTP reply line {line:?}");
+            let code: u16 = line[..3]
+                .parse()
+                .unwrap_or_else(|_| panic!("bad LMTP reply line {line:?}"));
+            text.push(line.get(4..).unwrap_or("").to_owned());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Reply {
+                    code,
+                    text: text.join("\n"),
+                };
+            }
+        }
+    }
+
+    fn expect(&mut self, cmd: &str, code: u16) -> Reply {
+        self.send(format!("{cmd}\r\n").as_bytes());
+        let r = self.reply();
+        assert_eq!(r.code, code, "LMTP `{cmd}`: {r:?}");
+        r
+    }
+
+    /// One transaction: MAIL FROM, RCPT TO each, DATA. Returns one reply per recipient, in order:
+    /// the RCPT reply if it was refused, else its reply after the data. Never panics on a refusal.
+    pub fn try_deliver(&mut self, from: &str, rcpts: &[&str], message: &[u8]) -> Vec<Reply> {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250);
+        let mut replies: Vec<Option<Reply>> = Vec::new();
+        for rcpt in rcpts {
+            self.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+            let r = self.reply();
+            replies.push(if r.is_ok() { None } else { Some(r) });
+        }
+        if replies.iter().all(Option::is_some) {
+            self.expect("RSET", 250);
+            return replies.into_iter().map(Option::unwrap).collect();
+        }
+        self.expect("DATA", 354);
+        self.send(&dot_stuff(message));
+        replies
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| self.reply()))
+            .collect()
+    }
+
+    /// Like [`Lmtp::try_deliver`], but panics unless every recipient got a 2xx.
+    pub fn deliver(&mut self, from: &str, rcpts: &[&str], message: &[u8]) -> Vec<Reply> {
+        let replies = self.try_deliver(from, rcpts, message);
+        for (rcpt, r) in rcpts.iter().zip(&replies) {
+            assert!(r.is_ok(), "LMTP delivery to {rcpt} failed: {r:?}");
+        }
+        replies
+    }
+
+    /// Many messages over this one connection, one transaction each; panics on any refusal.
+    pub fn deliver_many(&mut self, from: &str, rcpts: &[&str], messages: &[Vec<u8>]) {
+        for m in messages {
+            self.deliver(from, rcpts, m);
+        }
+    }
+
+    pub fn quit(mut self) {
+        self.expect("QUIT", 221);
+    }
+}
+
+/// The DATA payload: CRLF line endings, leading dots doubled, ending in CRLF.CRLF.
+pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut at_line_start = true;
+    let mut prev = 0u8;
+    for &b in message {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r'); // bare LF: SMTP wants CRLF
+        }
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+        prev = b;
+    }
+    if !message.is_empty() && !message.ends_with(b"\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
