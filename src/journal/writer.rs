@@ -405,8 +405,9 @@ impl Writer {
             r.lsn = a.next_lsn + i as u64;
             stamp = Stamp::next(stamp, now);
             r.stamp = stamp;
-            let payload = format::encode_record(r)
-                .map_err(|format::TooLong(what)| JournalError::TooLarge(format!("{what} too long")))?;
+            let payload = format::encode_record(r).map_err(|format::TooLong(what)| {
+                JournalError::TooLarge(format!("{what} too long"))
+            })?;
             if payload.len() > format::MAX_PAYLOAD {
                 return Err(JournalError::TooLarge(format!("{} bytes", payload.len())));
             }
@@ -484,7 +485,10 @@ fn clean_tail(file: &File) -> Option<(u64, u64, Stamp, [u8; 16])> {
     let mut tail = vec![0u8; window as usize];
     file.read_exact_at(&mut tail, len - window).ok()?;
     let mut end = tail.len();
-    while let Some(p) = tail[..end].windows(4).rposition(|w| w == format::FRAME_MAGIC) {
+    while let Some(p) = tail[..end]
+        .windows(4)
+        .rposition(|w| w == format::FRAME_MAGIC)
+    {
         if let format::FrameRead::Frame { payload, len: flen } = format::read_frame(&tail[p..]) {
             if p + flen == tail.len() {
                 return match format::decode_entry(payload).ok()? {
