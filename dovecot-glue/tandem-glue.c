@@ -94,6 +94,13 @@ const char *tandem_glue_user_home(struct mail_user *user)
 	return home;
 }
 
+const char *tandem_glue_user_base_dir(struct mail_user *user)
+{
+	const char *dir = user->set->base_dir;
+
+	return dir == NULL || *dir == '\0' ? NULL : dir;
+}
+
 int tandem_glue_box_guid(struct mailbox *box,
 			 uint8_t guid_r[TANDEM_GUID_128_SIZE])
 {

@@ -83,6 +83,8 @@ void tandem_glue_log(enum tandem_log_level level, const char *msg);
 const char *tandem_glue_user_getenv(struct mail_user *user, const char *name);
 /* The user's home directory, NULL when the user has none or on error. */
 const char *tandem_glue_user_home(struct mail_user *user);
+/* Dovecot's base_dir as this user's settings have it, NULL if unset. */
+const char *tandem_glue_user_base_dir(struct mail_user *user);
 
 /* Reads only the mailbox GUID. Returns 0, or -1 (guid_r zeroed) when it is
    unreadable. */

@@ -11,6 +11,7 @@
 
 use crate::event::{Change, CopySource, FlagSet, Guid128, Record, Stamp};
 use crate::journal::{self, Writer};
+use crate::registry::{self, Doorbell};
 use crate::settings::Settings;
 use std::collections::HashMap;
 
@@ -245,6 +246,9 @@ pub struct UserCapture {
     /// Mailboxes being deleted: their per-message expunges are folded into the one delete
     /// record, so transactions on them are not journaled.
     deleting: Vec<Guid128>,
+    /// Whether this process already made sure the user is in the service's registry.
+    registered: bool,
+    doorbell: Option<Doorbell>,
 }
 
 impl UserCapture {
@@ -254,6 +258,8 @@ impl UserCapture {
             settings,
             writer: None,
             deleting: Vec::new(),
+            registered: false,
+            doorbell: None,
         }
     }
 
@@ -338,6 +344,35 @@ impl UserCapture {
             // Reopen next time: the writer's view of the files may be stale after an error.
             self.writer = None;
             self.fail(&msg);
+            return;
+        }
+        self.tell_service();
+    }
+
+    /// After an append: makes sure the service knows this user (once per process), and rings
+    /// its doorbell. Both are best effort and never block: the service also finds the records
+    /// by itself, the doorbell only makes it prompt.
+    fn tell_service(&mut self) {
+        if !self.registered {
+            self.registered = true;
+            if let Err(e) = registry::register(&self.settings.state_dir, &self.user) {
+                log::warn!(
+                    "user {}: cannot register in {} ({e}); the tandem service finds this user \
+                     only through the doorbell until it is running",
+                    self.user,
+                    registry::users_dir(&self.settings.state_dir).display()
+                );
+            }
+        }
+        if self.doorbell.is_none() {
+            self.doorbell = self
+                .settings
+                .doorbell
+                .clone()
+                .and_then(|p| Doorbell::new(p).ok());
+        }
+        if let Some(bell) = &self.doorbell {
+            let _ = bell.ring(&self.user);
         }
     }
 

@@ -15,12 +15,14 @@
 //! - [`journal`]: the durable per-user change journal: format, writer, reader, recovery.
 //! - [`capture`]: turns notify events into records, per transaction; no Dovecot calls.
 //! - [`settings`]: the plugin settings and their validation.
+//! - [`registry`]: how the service learns which users have records (doorbell, user registry).
 //! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger.
 
 pub mod capture;
 pub mod event;
 pub mod journal;
 pub mod locate;
+pub mod registry;
 pub mod settings;
 
 #[cfg(feature = "plugin")]

@@ -56,6 +56,10 @@ pub struct Settings {
     pub fsync: FsyncPolicy,
     /// Test-only: the name of an entry point that must panic (`tandem_test_panic`).
     pub test_panic: Option<String>,
+    /// `tandem_state_dir`: the service's state, and the registry of users with journals.
+    pub state_dir: PathBuf,
+    /// The service's doorbell socket, `<base_dir>/tandem-doorbell`; None without a base_dir.
+    pub doorbell: Option<PathBuf>,
 }
 
 /// The default journal directory, relative to the user's home.
@@ -73,10 +77,11 @@ fn valid_server_id(id: &str) -> bool {
 
 impl Settings {
     /// Reads the settings through `get` (Dovecot's `mail_user_plugin_getenv`). `home` is the
-    /// user's home directory, if the userdb has one.
+    /// user's home directory, if the userdb has one; `base_dir` is Dovecot's `base_dir`.
     pub fn parse(
         get: impl Fn(&str) -> Option<String>,
         home: Option<&str>,
+        base_dir: Option<&str>,
     ) -> Result<Settings, SettingsError> {
         let server_id =
             get("tandem_server_id")
@@ -111,11 +116,26 @@ impl Settings {
             Some(v) => v.parse()?,
             None => FsyncPolicy::default(),
         };
+        let state_dir = match get("tandem_state_dir").filter(|s| !s.is_empty()) {
+            Some(d) if d.starts_with('/') => PathBuf::from(d),
+            Some(d) => {
+                return Err(SettingsError::Invalid {
+                    name: "tandem_state_dir",
+                    value: d,
+                    why: "must be an absolute path",
+                })
+            }
+            None => PathBuf::from(crate::registry::DEFAULT_STATE_DIR),
+        };
         Ok(Settings {
             server_id,
             journal_dir,
             fsync,
             test_panic: get("tandem_test_panic").filter(|s| !s.is_empty()),
+            state_dir,
+            doorbell: base_dir
+                .filter(|b| b.starts_with('/'))
+                .map(|b| PathBuf::from(b).join(crate::registry::DOORBELL_NAME)),
         })
     }
 }
@@ -145,7 +165,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Settings::parse(|k| map.get(k).cloned(), home)
+        Settings::parse(|k| map.get(k).cloned(), home, Some("/run/dovecot"))
     }
 
     #[test]
@@ -153,6 +173,11 @@ mod tests {
         let s = parse(&[("tandem_server_id", "a")], Some("/home/u")).unwrap();
         assert_eq!(s.journal_dir, PathBuf::from("/home/u/.tandem"));
         assert_eq!(s.fsync, FsyncPolicy::Optimized);
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/dovecot/tandem"));
+        assert_eq!(
+            s.doorbell,
+            Some(PathBuf::from("/run/dovecot/tandem-doorbell"))
+        );
     }
 
     #[test]

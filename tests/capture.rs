@@ -613,3 +613,29 @@ fn sessions_and_deliveries_at_once_lose_nothing() {
     assert_eq!(lsns, (1..=records.len() as u64).collect::<Vec<_>>());
     dc.assert_log_clean();
 }
+
+#[test]
+fn commits_ring_the_service_doorbell_and_register_the_user() {
+    let dc = Dovecot::start(Options::new("capture-doorbell"));
+    // Stand in for the service: bind its doorbell socket in base_dir, writable by mail uids.
+    let bell_path = dc.dir().join("run").join(tandem::registry::DOORBELL_NAME);
+    let bell = std::os::unix::net::UnixDatagram::bind(&bell_path).unwrap();
+    std::fs::set_permissions(
+        &bell_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    bell.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("ring", 100));
+    let mut buf = [0u8; 256];
+    let n = bell
+        .recv(&mut buf)
+        .expect("a doorbell datagram after the commit");
+    assert_eq!(&buf[..n], b"alice");
+    imap.logout();
+    let users = tandem::registry::registered(&dc.dir().join("tandem-state")).unwrap();
+    assert_eq!(users, vec!["alice".to_string()]);
+    dc.assert_log_clean();
+}

@@ -234,7 +234,11 @@ pub unsafe extern "C" fn tandem_rs_user_created(
         let home = unsafe { raw::tandem_glue_user_home(user) };
         // SAFETY: NULL or a NUL-terminated string that outlives the call.
         let home = (!home.is_null()).then(|| unsafe { string(home) });
-        match Settings::parse(getenv, home.as_deref()) {
+        // SAFETY: user is live for the call.
+        let base_dir = unsafe { raw::tandem_glue_user_base_dir(user) };
+        // SAFETY: NULL or a NUL-terminated settings string that outlives the call.
+        let base_dir = (!base_dir.is_null()).then(|| unsafe { string(base_dir) });
+        match Settings::parse(getenv, home.as_deref(), base_dir.as_deref()) {
             Ok(settings) => Box::into_raw(Box::new(UserCapture::new(name, settings))).cast(),
             Err(e) => {
                 log::error!("user {name}: {e}");

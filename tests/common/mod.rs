@@ -151,6 +151,8 @@ impl Dovecot {
         );
 
         fs::create_dir(path.join("state")).unwrap();
+        // The user registry, as the tandem service prepares it (mail processes add themselves).
+        tandem::registry::prepare(&path.join("tandem-state")).unwrap();
         let home = path.join("home");
         fs::create_dir(&home).unwrap();
         chown(&home, Some(MAIL_UID), Some(MAIL_UID)).expect("chown DIR/home (are we root?)");
@@ -584,6 +586,13 @@ mail_plugin_dir = {d}/modules
         c.push_str("mail_plugins = $mail_plugins notify tandem\n");
     }
     c.push_str("plugin {\n");
+    if !opts
+        .plugin_settings
+        .iter()
+        .any(|(k, _)| k == "tandem_state_dir")
+    {
+        c.push_str(&format!("  tandem_state_dir = {d}/tandem-state\n"));
+    }
     for (k, v) in &opts.plugin_settings {
         c.push_str(&format!("  {k} = {v}\n"));
     }

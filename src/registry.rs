@@ -1,0 +1,158 @@
+//! How the service learns which users have journal records to send, without walking every home
+//! directory of a large install:
+//!
+//! - the **doorbell**: after each journal append a mail process sends the user's name in one
+//!   datagram to `<base_dir>/tandem-doorbell`. Non-blocking and fire-and-forget: if the service
+//!   is down or busy the datagram is simply dropped. It only makes replication prompt; nothing
+//!   depends on it arriving (the journal is the truth, DESIGN.md, litestream's lesson).
+//! - the **registry**: `<tandem_state_dir>/users/` holds one empty file per user that has a
+//!   journal, created by the first mail process that journals for the user. After a restart the
+//!   service lists it and looks at those users' journals only.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+
+pub const DOORBELL_NAME: &str = "tandem-doorbell";
+pub const USERS_SUBDIR: &str = "users";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/dovecot/tandem";
+/// Longest user name sent in a doorbell datagram; longer ones are sent anyway (the datagram
+/// limit is far above), but the service ignores names above it.
+pub const MAX_USER_LEN: usize = 1024;
+
+/// A user name as a file name: bytes outside `[A-Za-z0-9._@+-]`, and a leading `.`, become
+/// `%XX`, so any name (with `/`, with spaces) maps to exactly one file and back.
+pub fn encode_user(user: &str) -> String {
+    let mut out = String::with_capacity(user.len());
+    for (i, b) in user.bytes().enumerate() {
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(b, b'_' | b'@' | b'+' | b'-')
+            || (b == b'.' && i > 0);
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn decode_user(name: &str) -> Option<String> {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = name.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The registry directory under a state dir.
+pub fn users_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(USERS_SUBDIR)
+}
+
+/// Creates the registry so that mail processes of any uid can add themselves but not list or
+/// remove others (a sticky drop box, mode 1733). Run by the service, as root.
+pub fn prepare(state_dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(state_dir)?;
+    let users = users_dir(state_dir);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o1733)
+        .create(&users)?;
+    fs::set_permissions(&users, fs::Permissions::from_mode(0o1733))
+}
+
+/// Adds `user` to the registry (idempotent).
+pub fn register(state_dir: &Path, user: &str) -> io::Result<()> {
+    let path = users_dir(state_dir).join(encode_user(user));
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every registered user.
+pub fn registered(state_dir: &Path) -> io::Result<Vec<String>> {
+    let mut users = Vec::new();
+    for entry in fs::read_dir(users_dir(state_dir))? {
+        if let Some(u) = entry?.file_name().to_str().and_then(decode_user) {
+            users.push(u);
+        }
+    }
+    users.sort();
+    Ok(users)
+}
+
+/// Rings the service's doorbell for `user`. Never blocks; errors are the caller's to ignore.
+pub struct Doorbell {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Doorbell {
+    pub fn new(path: PathBuf) -> io::Result<Doorbell> {
+        let sock = UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        Ok(Doorbell { sock, path })
+    }
+
+    pub fn ring(&self, user: &str) -> io::Result<()> {
+        self.sock.send_to(user.as_bytes(), &self.path).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn user_names_round_trip_as_file_names(user in "\\PC{0,40}") {
+            let enc = encode_user(&user);
+            prop_assert!(!enc.contains('/') && !enc.starts_with('.'));
+            prop_assert_eq!(decode_user(&enc), Some(user));
+        }
+    }
+
+    #[test]
+    fn registry_and_doorbell() {
+        let t = tempfile::tempdir().unwrap();
+        prepare(t.path()).unwrap();
+        register(t.path(), "bob@example.org").unwrap();
+        register(t.path(), "../alice").unwrap();
+        register(t.path(), "bob@example.org").unwrap();
+        assert_eq!(
+            registered(t.path()).unwrap(),
+            vec!["../alice".to_string(), "bob@example.org".to_string()]
+        );
+        let bell_path = t.path().join(DOORBELL_NAME);
+        let bell = Doorbell::new(bell_path.clone()).unwrap();
+        assert!(bell.ring("nobody listening").is_err());
+        let server = UnixDatagram::bind(&bell_path).unwrap();
+        bell.ring("alice").unwrap();
+        let mut buf = [0u8; 64];
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"alice");
+    }
+}
