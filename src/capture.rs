@@ -355,13 +355,19 @@ impl UserCapture {
     fn tell_service(&mut self) {
         if !self.registered {
             self.registered = true;
+            // An LMTP process creates a mail user per delivery: warn once per process, not
+            // once per mail.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
             if let Err(e) = registry::register(&self.settings.state_dir, &self.user) {
-                log::warn!(
-                    "user {}: cannot register in {} ({e}); the tandem service finds this user \
-                     only through the doorbell until it is running",
-                    self.user,
-                    registry::users_dir(&self.settings.state_dir).display()
-                );
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    log::warn!(
+                        "user {}: cannot register in {} ({e}); the tandem service finds this \
+                         user only through the doorbell until it is running",
+                        self.user,
+                        registry::users_dir(&self.settings.state_dir).display()
+                    );
+                }
             }
         }
         if self.doorbell.is_none() {

@@ -107,9 +107,19 @@ impl Stamp {
     }
 }
 
+impl Stamp {
+    /// The wall-clock part as RFC 3339 UTC with milliseconds, for people.
+    pub fn time(self) -> String {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.millis());
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+}
+
 impl fmt::Display for Stamp {
+    /// `2026-11-29T17:08:19.123Z#0`: the time, and the counter that orders changes made within
+    /// one millisecond.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.millis(), self.counter())
+        write!(f, "{}#{}", self.time(), self.counter())
     }
 }
 
@@ -282,6 +292,8 @@ pub struct Record {
 pub struct RecordJson<'a> {
     pub lsn: u64,
     pub stamp: Stamp,
+    /// The stamp's wall-clock part, RFC 3339 UTC.
+    pub time: String,
     pub origin: &'a str,
     pub user: &'a str,
     pub kind: &'static str,
@@ -308,6 +320,7 @@ impl Record {
         let mut j = RecordJson {
             lsn: self.lsn,
             stamp: self.stamp,
+            time: self.stamp.time(),
             origin: &self.origin,
             user: &self.user,
             kind: self.change.kind().name(),
@@ -451,6 +464,12 @@ mod tests {
         assert_eq!(Stamp::next(a, 999), Stamp::from_parts(1000, 1));
         let full = Stamp::from_parts(1000, u16::MAX);
         assert!(Stamp::next(full, 1000) > full);
+    }
+
+    #[test]
+    fn stamps_read_as_times() {
+        let s = Stamp::from_parts(1_700_000_000_123, 4);
+        assert_eq!(s.to_string(), "2023-11-14T22:13:20.123Z#4");
     }
 
     #[test]

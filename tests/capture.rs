@@ -639,3 +639,70 @@ fn commits_ring_the_service_doorbell_and_register_the_user() {
     assert_eq!(users, vec!["alice".to_string()]);
     dc.assert_log_clean();
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},uid=5000,gid=5000,mode=0700"))
+            .arg("tmpfs")
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "mounting a small tmpfs needs root with CAP_SYS_ADMIN, as CI has");
+        SmallFs(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_never_fails_mail_and_journaling_resumes_when_space_returns() {
+    let small = SmallFs::mount("256k");
+    let jdir = small.0.path().join("alice");
+    let mut opts = Options::new("capture-fulldisk");
+    opts.user_fields = vec![(
+        "alice".into(),
+        format!("userdb_tandem_journal_dir={}", jdir.display()),
+    )];
+    let dc = Dovecot::start(opts);
+    // Fill the file system.
+    let filler = small.0.path().join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+    let mut imap = dc.login("alice");
+    let (_, uid) = imap.append("INBOX", &[], &message("disk is full", 300));
+    imap.select("INBOX");
+    imap.uid_store(&uid.to_string(), "+FLAGS (\\Seen)");
+    imap.logout();
+    assert_eq!(dc.fetch("alice").len(), 1, "the mail was stored all the same");
+    let errors = dc.log_errors();
+    assert!(
+        errors.iter().any(|l| l.contains("user alice") && l.contains("resync")),
+        "{errors:?}"
+    );
+    // Space comes back: journaling resumes, and the mark stays until a resync clears it.
+    std::fs::remove_file(&filler).unwrap();
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("space again", 300));
+    imap.logout();
+    let conf = dc.conf().to_str().unwrap();
+    let stats = tandem_ok(&dc, &["log", "stats", "-u", "alice", "-c", conf]);
+    assert!(stats.contains("resync:      NEEDED"), "{stats}");
+    let records = journal(&dc, "alice");
+    assert_eq!(records.last().map(|r| r["kind"].clone()), Some("new".into()));
+    let verify = dc.tandem(&["log", "verify", "-u", "alice", "-c", conf]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    drop(dc);
+}
