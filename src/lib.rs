@@ -15,10 +15,14 @@
 //! - [`journal`]: the durable per-user change journal: format, writer, reader, recovery.
 //! - [`capture`]: turns notify events into records, per transaction; no Dovecot calls.
 //! - [`settings`]: the plugin settings and their validation.
+//! - [`codec`]: the replication wire format: frames, LZ4, messages; pure, no sockets.
+//! - [`auth`]: the peers' HMAC challenge-response handshake, sans-IO, and the secret file.
 //! - [`registry`]: how the service learns which users have records (doorbell, user registry).
 //! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger.
 
+pub mod auth;
 pub mod capture;
+pub mod codec;
 pub mod event;
 pub mod journal;
 pub mod locate;
