@@ -18,6 +18,10 @@ pub const FRAME_HEADER_LEN: usize = 12;
 /// Checked before anything is allocated, so a corrupt length can never ask for gigabytes.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
+/// The highest LSN a journal may hold. Far beyond any real journal; bounding it means every
+/// `lsn + 1` in readers and writers is safe even on crafted input.
+pub const MAX_LSN: u64 = 1 << 62;
+
 /// Payload type of the frame that closes a segment when the writer moves to the next one.
 pub const SEAL_TYPE: u8 = 0x7f;
 
@@ -64,8 +68,12 @@ impl SegmentHeader {
         if crc != crc32c::crc32c(&buf[0..44]) {
             return Err("segment header CRC mismatch".into());
         }
+        let base_lsn = u64::from_le_bytes(buf[16..24].try_into().unwrap());
+        if base_lsn == 0 || base_lsn > MAX_LSN {
+            return Err(format!("segment base LSN {base_lsn} out of range"));
+        }
         Ok(SegmentHeader {
-            base_lsn: u64::from_le_bytes(buf[16..24].try_into().unwrap()),
+            base_lsn,
             journal_id: buf[24..40].try_into().unwrap(),
         })
     }
@@ -324,12 +332,19 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
         pos: 0,
     };
     let ty = d.u8()?;
+    let lsn_in_range = |lsn: u64| {
+        if lsn == 0 || lsn > MAX_LSN {
+            Err(format!("LSN {lsn} out of range"))
+        } else {
+            Ok(lsn)
+        }
+    };
     if ty == SEAL_TYPE {
-        let next_lsn = d.u64()?;
+        let next_lsn = lsn_in_range(d.u64()?)?;
         return finish(d, Entry::Seal { next_lsn });
     }
     let kind = Kind::from_u8(ty).ok_or_else(|| format!("unknown record kind {ty}"))?;
-    let lsn = d.u64()?;
+    let lsn = lsn_in_range(d.u64()?)?;
     let stamp = Stamp(d.u64()?);
     let modseq = d.u64()?;
     let origin = d.str()?;
@@ -482,7 +497,7 @@ pub mod tests {
 
     pub fn arb_record() -> impl Strategy<Value = Record> {
         (
-            any::<u64>(),
+            1..=MAX_LSN,
             any::<u64>(),
             any::<u64>(),
             "[a-z]{1,4}",
@@ -601,6 +616,30 @@ pub mod tests {
             decode_entry(&encode_seal(42)).unwrap(),
             Entry::Seal { next_lsn: 42 }
         );
+    }
+
+    #[test]
+    fn lsns_out_of_range_are_damage() {
+        // Found by fuzzing: LSN u64::MAX made `lsn + 1` overflow in the readers.
+        let mut r = Record {
+            lsn: u64::MAX,
+            stamp: Stamp(0),
+            origin: "a".into(),
+            user: "u".into(),
+            mailbox: "INBOX".into(),
+            mailbox_guid: Guid128::default(),
+            modseq: 0,
+            change: Change::Subscribe,
+        };
+        assert!(decode_entry(&encode_record(&r).unwrap()).is_err());
+        r.lsn = 0;
+        assert!(decode_entry(&encode_record(&r).unwrap()).is_err());
+        assert!(decode_entry(&encode_seal(u64::MAX)).is_err());
+        let h = SegmentHeader {
+            base_lsn: u64::MAX,
+            journal_id: [0; 16],
+        };
+        assert!(SegmentHeader::decode(&h.encode()).is_err());
     }
 
     #[test]
