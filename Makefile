@@ -88,8 +88,10 @@ install: all
 demo: all
 	scripts/demo.sh
 
-bench:
-	$(CARGO) bench
+# benches/journal.rs needs nothing prebuilt; benches/imap.rs loads the plugin build into private
+# Dovecot instances (as root), so build it (and the CLI) first and point the harness at it.
+bench: all
+	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) $(CARGO) bench
 
 clean:
 	$(CARGO) clean
