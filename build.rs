@@ -1,7 +1,11 @@
-//! Build script: with feature `plugin` only, compiles the C shim (dovecot-glue/) with Dovecot's
-//! own flags from `dovecot-config`, runs bindgen on the shim's header, and writes the plugin ABI
-//! version string. Without the feature it does nothing, so the CLI and the tests build on
-//! machines without Dovecot headers.
+//! Build script. Without features it does nothing, so the CLI and the tests build on machines
+//! without Dovecot headers. With Dovecot's own flags from `dovecot-config`:
+//! - feature `plugin`: compiles the mail-plugin shim (dovecot-glue/tandem-glue.c), runs bindgen
+//!   on its header, and writes the plugin ABI version string;
+//! - feature `service`: compiles the service's C side (dovecot-glue/tandem-service.c), runs
+//!   bindgen on its header, and links libdovecot-storage and libdovecot (with an rpath to their
+//!   directory), for the `tandem-service` executable;
+//! - either: the shared log function (dovecot-glue/tandem-log.c) and its bindings.
 
 use std::collections::HashMap;
 use std::env;
@@ -11,15 +15,29 @@ use std::path::{Path, PathBuf};
 const DEFAULT_DOVECOT_CONFIG: &str = "/usr/lib/dovecot/dovecot-config";
 const GLUE_HEADER: &str = "dovecot-glue/tandem-glue.h";
 const GLUE_SOURCE: &str = "dovecot-glue/tandem-glue.c";
+const SERVICE_HEADER: &str = "dovecot-glue/tandem-service.h";
+const SERVICE_SOURCE: &str = "dovecot-glue/tandem-service.c";
+const LOG_HEADER: &str = "dovecot-glue/tandem-log.h";
+const LOG_SOURCE: &str = "dovecot-glue/tandem-log.c";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DOVECOT_CONFIG");
-    if env::var_os("CARGO_FEATURE_PLUGIN").is_none() {
+    let plugin = env::var_os("CARGO_FEATURE_PLUGIN").is_some();
+    let service = env::var_os("CARGO_FEATURE_SERVICE").is_some();
+    if !plugin && !service {
         return;
     }
-    println!("cargo:rerun-if-changed={GLUE_HEADER}");
-    println!("cargo:rerun-if-changed={GLUE_SOURCE}");
+    for file in [
+        GLUE_HEADER,
+        GLUE_SOURCE,
+        SERVICE_HEADER,
+        SERVICE_SOURCE,
+        LOG_HEADER,
+        LOG_SOURCE,
+    ] {
+        println!("cargo:rerun-if-changed={file}");
+    }
 
     let config_path =
         env::var("DOVECOT_CONFIG").unwrap_or_else(|_| DEFAULT_DOVECOT_CONFIG.to_string());
@@ -40,9 +58,21 @@ fn main() {
     println!("cargo:rerun-if-changed={}", config_h.display());
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    write_abi_version(&config_h, &out_dir.join("abi_version.rs"));
-    compile_shim(&config, &include_dir);
-    generate_bindings(&out_dir.join("tandem_glue.rs"));
+    // Static libraries are linked in the order they are compiled: users before tandem_log.
+    if plugin {
+        write_abi_version(&config_h, &out_dir.join("abi_version.rs"));
+        compile_c(&config, &include_dir, GLUE_SOURCE, "tandem_glue");
+        generate_bindings(GLUE_HEADER, &out_dir.join("tandem_glue.rs"));
+    }
+    if service {
+        compile_c(&config, &include_dir, SERVICE_SOURCE, "tandem_service");
+        generate_bindings(SERVICE_HEADER, &out_dir.join("tandem_service.rs"));
+    }
+    compile_c(&config, &include_dir, LOG_SOURCE, "tandem_log");
+    generate_bindings(LOG_HEADER, &out_dir.join("tandem_log.rs"));
+    if service {
+        link_dovecot(&config, &config_path);
+    }
 }
 
 /// Reads the shell-style `NAME=value`, `NAME="value"` and `NAME='value'` lines of
@@ -105,10 +135,10 @@ fn write_abi_version(config_h: &Path, out: &Path) {
     fs::write(out, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
 }
 
-fn compile_shim(config: &HashMap<String, String>, include_dir: &str) {
+fn compile_c(config: &HashMap<String, String>, include_dir: &str, source: &str, lib: &str) {
     let mut build = cc::Build::new();
     build
-        .file(GLUE_SOURCE)
+        .file(source)
         .include("dovecot-glue")
         .include(include_dir)
         .define("HAVE_CONFIG_H", None)
@@ -132,12 +162,44 @@ fn compile_shim(config: &HashMap<String, String>, include_dir: &str) {
     }
     // DOVECOT_CFLAGS has it too; be sure even when a custom dovecot-config lacks it.
     build.flag("-std=gnu99");
-    build.compile("tandem_glue");
+    build.compile(lib);
 }
 
-fn generate_bindings(out: &Path) {
+/// The service is an executable, so unlike the plugin it must link Dovecot's libraries
+/// (`LIBDOVECOT_STORAGE`, then `LIBDOVECOT`, as Dovecot's own services do). They live in a
+/// private directory (/usr/lib/dovecot), found at run time through an rpath.
+fn link_dovecot(config: &HashMap<String, String>, config_path: &str) {
+    let mut dirs: Vec<String> = Vec::new();
+    let mut libs: Vec<String> = Vec::new();
+    for var in ["LIBDOVECOT_STORAGE", "LIBDOVECOT"] {
+        let value = config
+            .get(var)
+            .unwrap_or_else(|| panic!("{config_path}: {var} is not set"));
+        for word in value.split_whitespace() {
+            if let Some(dir) = word.strip_prefix("-L") {
+                dirs.push(dir.to_string());
+            } else if let Some(lib) = word.strip_prefix("-l") {
+                libs.push(lib.to_string());
+            }
+        }
+    }
+    if dirs.is_empty() {
+        // LIBDOVECOT normally carries -L; fall back to the package library directory.
+        dirs.extend(config.get("dovecot_pkglibdir").cloned());
+    }
+    for dir in &dirs {
+        println!("cargo:rustc-link-search=native={dir}");
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    }
+    for lib in &libs {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
+}
+
+fn generate_bindings(header: &str, out: &Path) {
     let bindings = bindgen::Builder::default()
-        .header(GLUE_HEADER)
+        .header(header)
+        .clang_arg("-Idovecot-glue")
         // The crate's MSRV (Cargo.toml rust-version), so the output compiles wherever the crate does.
         .rust_target(bindgen::RustTarget::stable(80, 0).expect("a Rust target bindgen knows"))
         .allowlist_function("tandem_.*")
@@ -148,7 +210,7 @@ fn generate_bindings(out: &Path) {
         .layout_tests(true)
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
-        .unwrap_or_else(|e| panic!("bindgen on {GLUE_HEADER} failed: {e}"));
+        .unwrap_or_else(|e| panic!("bindgen on {header} failed: {e}"));
     bindings
         .write_to_file(out)
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));

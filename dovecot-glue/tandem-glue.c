@@ -59,27 +59,6 @@ static struct notify_context *tandem_notify_ctx;
 
 /* ---- Values read out of Dovecot ---- */
 
-void tandem_glue_log(enum tandem_log_level level, const char *msg)
-{
-	if (msg == NULL)
-		msg = "(null)";
-	switch (level) {
-	case TANDEM_LOG_ERROR:
-		i_error("tandem: %s", msg);
-		break;
-	case TANDEM_LOG_WARNING:
-		i_warning("tandem: %s", msg);
-		break;
-	case TANDEM_LOG_INFO:
-		i_info("tandem: %s", msg);
-		break;
-	case TANDEM_LOG_DEBUG:
-	default:
-		i_debug("tandem: %s", msg);
-		break;
-	}
-}
-
 const char *tandem_glue_user_getenv(struct mail_user *user, const char *name)
 {
 	return mail_user_plugin_getenv(user, name);

@@ -20,18 +20,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tandem-log.h"
+
 struct module;
 struct mail_user;
 struct mailbox;
 
 #define TANDEM_GUID_128_SIZE 16
-
-enum tandem_log_level {
-	TANDEM_LOG_ERROR = 1,
-	TANDEM_LOG_WARNING = 2,
-	TANDEM_LOG_INFO = 3,
-	TANDEM_LOG_DEBUG = 4,
-};
 
 /* One message, as read by the shim when an event fires. */
 struct tandem_mail_info {
@@ -76,8 +71,7 @@ void tandem_glue_init(struct module *module);
 /* Undoes tandem_glue_init(). */
 void tandem_glue_deinit(void);
 
-/* Logs one line through Dovecot's log (never used as a format string). */
-void tandem_glue_log(enum tandem_log_level level, const char *msg);
+/* tandem_glue_log() (tandem-log.h) logs one line through Dovecot's log. */
 
 /* A plugin setting (mail_user_plugin_getenv()), NULL when unset. */
 const char *tandem_glue_user_getenv(struct mail_user *user, const char *name);

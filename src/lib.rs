@@ -18,7 +18,10 @@
 //! - [`codec`]: the replication wire format: frames, LZ4, messages; pure, no sockets.
 //! - [`auth`]: the peers' HMAC challenge-response handshake, sans-IO, and the secret file.
 //! - [`registry`]: how the service learns which users have records (doorbell, user registry).
-//! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger.
+//! - [`service`]: the tandem service; `service::dovecot` (feature `service`) is its safe
+//!   wrapper over Dovecot's master service and lib-storage.
+//! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger (the
+//!   guard and the logger also with feature `service`).
 
 pub mod auth;
 pub mod capture;
@@ -27,7 +30,8 @@ pub mod event;
 pub mod journal;
 pub mod locate;
 pub mod registry;
+pub mod service;
 pub mod settings;
 
-#[cfg(feature = "plugin")]
+#[cfg(any(feature = "plugin", feature = "service"))]
 pub mod ffi;

@@ -5,12 +5,15 @@
 //! string. NULs and line breaks are escaped (a C string ends at NUL; Dovecot's log protocol is
 //! line based), and overlong messages are cut. From any thread but Dovecot's main thread, lines
 //! go to stderr instead, because Dovecot's logging is not thread-safe; the log service records
-//! a mail process's stderr too.
+//! a mail process's stderr too. The tandem service, whose threads log a lot, installs a
+//! [`set_thread_sink`] that queues those lines for its main thread instead.
 
-use super::{guard, raw};
+use super::{guard, log_raw as raw};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::ffi::CString;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Longest message passed to Dovecot, in bytes (Dovecot's log lines are cut near 8 KiB).
 const MAX_MESSAGE: usize = 4000;
@@ -18,6 +21,26 @@ const MAX_MESSAGE: usize = 4000;
 struct DovecotLogger;
 
 static LOGGER: DovecotLogger = DovecotLogger;
+
+/// Takes the lines logged off the main thread; returns false to fall back to stderr.
+pub(crate) type ThreadSink = fn(Level, &str) -> bool;
+
+static THREAD_SINK: OnceLock<ThreadSink> = OnceLock::new();
+
+/// Dovecot's library is deinitialised (the service's main loop returned): stderr only.
+static DOVECOT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// From now on every line goes to stderr: Dovecot's log is gone.
+#[cfg_attr(not(feature = "service"), allow(dead_code))]
+pub(crate) fn dovecot_gone() {
+    DOVECOT_GONE.store(true, Ordering::Relaxed);
+}
+
+/// Sends the lines logged off Dovecot's main thread to `sink` (once per process).
+#[cfg_attr(not(feature = "service"), allow(dead_code))]
+pub(crate) fn set_thread_sink(sink: ThreadSink) {
+    let _ = THREAD_SINK.set(sink);
+}
 
 /// Makes the `log` macros write to Dovecot's log. Idempotent.
 pub(crate) fn init() {
@@ -43,8 +66,14 @@ impl Log for DovecotLogger {
 /// Writes one line to Dovecot's log at `level` (the shim adds the `tandem: ` prefix).
 pub(crate) fn emit(level: Level, message: &str) {
     let text = sanitize(message);
-    if !guard::on_main_thread() {
+    if DOVECOT_GONE.load(Ordering::Relaxed) {
         let _ = writeln!(std::io::stderr(), "tandem: {level}: {text}");
+        return;
+    }
+    if !guard::on_main_thread() {
+        if !THREAD_SINK.get().is_some_and(|sink| sink(level, &text)) {
+            let _ = writeln!(std::io::stderr(), "tandem: {level}: {text}");
+        }
         return;
     }
     let c_level = match level {

@@ -1,6 +1,9 @@
 //! The Dovecot boundary: the plugin's exported symbols, the panic guard, the logger and the
 //! callbacks the C shim (dovecot-glue/) calls. The only code that talks to the shim.
 //!
+//! The panic guard and the logger serve the tandem service too (feature `service`,
+//! [`crate::service::dovecot`]); the rest is the plugin's (feature `plugin`).
+//!
 //! ```text
 //!  Dovecot ──dlopen──> tandem_plugin_init (here) ──> tandem_glue_init (C: notify_register)
 //!  notify event ──> C shim reads plain values ──> tandem_rs_* (callbacks.rs) ──> capture
@@ -19,11 +22,13 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "plugin")]
 mod callbacks;
-mod guard;
-mod logger;
+pub(crate) mod guard;
+pub(crate) mod logger;
 
 /// The bindgen output for dovecot-glue/tandem-glue.h.
+#[cfg(feature = "plugin")]
 #[allow(
     non_camel_case_types,
     non_upper_case_globals,
@@ -35,32 +40,52 @@ pub(crate) mod raw {
     include!(concat!(env!("OUT_DIR"), "/tandem_glue.rs"));
 }
 
+/// The bindgen output for dovecot-glue/tandem-log.h: the log function of both builds.
+#[allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    non_snake_case,
+    dead_code,
+    clippy::all
+)]
+pub(crate) mod log_raw {
+    include!(concat!(env!("OUT_DIR"), "/tandem_log.rs"));
+}
+
+#[cfg(feature = "plugin")]
 mod abi {
     include!(concat!(env!("OUT_DIR"), "/abi_version.rs"));
 }
 
+#[cfg(feature = "plugin")]
 use std::ffi::c_char;
+#[cfg(feature = "plugin")]
 use std::ptr;
 
+#[cfg(feature = "plugin")]
 /// A pointer to immutable static C string data, exported as a plain `const char *`.
 #[repr(transparent)]
 pub struct ExportedStr(*const c_char);
 
+#[cfg(feature = "plugin")]
 // SAFETY: the pointer targets immutable 'static data (string literals), never written.
 unsafe impl Sync for ExportedStr {}
 
+#[cfg(feature = "plugin")]
 /// `DOVECOT_ABI_VERSION` in full ("2.3.ABIv19(2.3.19.1)"). Dovecot's loader refuses the plugin
 /// unless this equals its own up to a '(' in both: a build fits one Dovecot minor release.
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static tandem_plugin_version: ExportedStr = ExportedStr(abi::ABI_VERSION.as_ptr());
 
+#[cfg(feature = "plugin")]
 /// Plugins that must be loaded first.
 #[no_mangle]
 #[allow(non_upper_case_globals)]
 pub static tandem_plugin_dependencies: [ExportedStr; 2] =
     [ExportedStr(c"notify".as_ptr()), ExportedStr(ptr::null())];
 
+#[cfg(feature = "plugin")]
 /// Called by Dovecot's module loader once the library is loaded.
 ///
 /// # Safety
@@ -78,6 +103,7 @@ pub unsafe extern "C" fn tandem_plugin_init(module: *mut raw::module) {
     });
 }
 
+#[cfg(feature = "plugin")]
 /// Called by Dovecot's module loader before the library is unloaded.
 ///
 /// # Safety

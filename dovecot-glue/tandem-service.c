@@ -1,0 +1,1884 @@
+/* tandem-service.c: the Dovecot side of the tandem service.
+
+   The service is its own executable, started by Dovecot's master from a
+   `service tandem {}` block, like indexer-worker or doveadm-server. This file
+   holds what must be C: the master_service skeleton and its ioloop, the
+   mail_storage_service user lookups, and the lib-storage calls (with their
+   macros) that apply replicated changes the way dsync's importer does
+   (src/doveadm/dsync/dsync-mailbox-import.c). Every decision about *what* to
+   apply is in Rust (src/service/); this file only answers "done", "already
+   so", or why not.
+
+   Privileges. The service runs as root and serves users of any uid, as
+   doveadm-server does, with MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP:
+   - Opening a user goes through Dovecot's own code, which switches the
+     whole process (glibc's setuid family changes every thread) to the
+     user's gid, groups and effective uid. Right after, we go back to root,
+     again process-wide.
+   - Each later call on a user activates that user's ioloop context, and our
+     callbacks on that context switch the credentials of the main thread
+     only (raw syscalls: on Linux credentials are per thread, and only
+     glibc's wrappers broadcast them), and back to root on deactivation.
+     Rust's threads stay root, so they can keep using the state directory.
+   - Timeouts or ios that lib-storage leaves on a user's context get the
+     same switch whenever they fire.
+
+   Loops. Applied changes must not be journaled again (DESIGN.md decision
+   6): transactions carry MAILBOX_TRANSACTION_FLAG_SYNC, and each user is
+   marked dsyncing, which the tandem plugin checks for mailbox-level events
+   (and which makes quota and ACLs not apply, as for dsync).
+
+   Dovecot 2.3 specific: plugin {} settings (gone in 2.4), and
+   mail_storage_service_lookup_next()'s service user. */
+
+#include "lib.h"
+#include "array.h"
+#include "llist.h"
+#include "guid.h"
+#include "ioloop.h"
+#include "istream.h"
+#include "restrict-access.h"
+#include "seq-range-array.h"
+#include "master-service.h"
+#include "master-service-settings.h"
+#include "mail-namespace.h"
+#include "mail-search-build.h"
+#include "mail-storage-private.h"
+#include "mail-storage-service.h"
+#include "mail-storage-settings.h"
+#include "mail-user.h"
+#include "mailbox-list-iter.h"
+#include "mailbox-guid-cache.h"
+#include "mailbox-list-private.h"
+#include "tandem-service.h"
+
+#include <grp.h>
+#include <string.h>
+#include <unistd.h>
+#ifdef __linux__
+#  include <sys/syscall.h>
+#endif
+
+_Static_assert(sizeof(guid_128_t) == TANDEM_SVC_GUID_SIZE,
+	       "guid_128_t size differs from TANDEM_SVC_GUID_SIZE");
+_Static_assert(MAIL_FLAGS_NONRECENT == 0x1f, "MAIL_FLAGS_NONRECENT changed");
+
+#define TANDEM_SVC_BOX_FLAGS MAILBOX_FLAG_IGNORE_ACLS
+#define TANDEM_SVC_SAVE_TRANS_FLAGS \
+	(MAILBOX_TRANSACTION_FLAG_SYNC | MAILBOX_TRANSACTION_FLAG_EXTERNAL | \
+	 MAILBOX_TRANSACTION_FLAG_ASSIGN_UIDS)
+/* dsync's importer uses EXTERNAL only for saves and copies; flag changes
+   and expunges go through a plain SYNC transaction (mail-storage.h: EXTERNAL
+   is "for copying and appends, but nothing else"). */
+#define TANDEM_SVC_UPDATE_TRANS_FLAGS MAILBOX_TRANSACTION_FLAG_SYNC
+
+struct tandem_svc_user {
+	struct mail_storage_service_user *service_user;
+	struct mail_user *mail_user;
+	/* The user's ioloop context, created by mail_storage_service; our
+	   callbacks on it switch the main thread's credentials. */
+	struct ioloop_context *ioloop_ctx;
+
+	/* The credentials Dovecot chose for the user at open. */
+	uid_t uid;
+	gid_t gid;
+	gid_t *groups;
+	int groups_count;
+	bool creds_switch;
+
+	struct tandem_svc_user *prev, *next;
+};
+
+struct tandem_svc_watch {
+	int fd;
+	struct io *io;
+};
+
+static struct mail_storage_service_ctx *tandem_svc_storage;
+static const struct tandem_svc_callbacks *tandem_svc_cb;
+static void *tandem_svc_cb_ctx;
+
+/* Settings read once at start-up. */
+static pool_t tandem_svc_pool;
+static ARRAY_TYPE(const_string) tandem_svc_plugin_envs;
+static const char *tandem_svc_base_dir_value, *tandem_svc_state_dir_value;
+
+/* Strings handed to Rust, valid until the next call. */
+static pool_t tandem_svc_result_pool;
+static bool tandem_svc_busy;
+
+static ARRAY(struct tandem_svc_watch *) tandem_svc_watches;
+static struct tandem_svc_user *tandem_svc_users;
+
+/* Root's credentials, restored after each user call. */
+static bool tandem_svc_temp_priv_drop;
+static gid_t tandem_svc_root_gid;
+static gid_t *tandem_svc_root_groups;
+static int tandem_svc_root_groups_count;
+
+static const char *const tandem_svc_no_keywords[] = { NULL };
+
+/* ---- Credentials ---- */
+
+#ifdef __linux__
+/* Only the calling thread's credentials (see the top of the file). The
+   32-bit-id variants exist on 32-bit x86 and ARM only. */
+#  ifdef SYS_setresuid32
+#    define TANDEM_SYS_SETRESUID SYS_setresuid32
+#    define TANDEM_SYS_SETRESGID SYS_setresgid32
+#    define TANDEM_SYS_SETGROUPS SYS_setgroups32
+#  else
+#    define TANDEM_SYS_SETRESUID SYS_setresuid
+#    define TANDEM_SYS_SETRESGID SYS_setresgid
+#    define TANDEM_SYS_SETGROUPS SYS_setgroups
+#  endif
+static int tandem_thread_setgroups(int count, const gid_t *groups)
+{
+	return syscall(TANDEM_SYS_SETGROUPS, (long)count, groups) < 0 ? -1 : 0;
+}
+static int tandem_thread_setegid(gid_t gid)
+{
+	return syscall(TANDEM_SYS_SETRESGID, -1L, (long)gid, -1L) < 0 ? -1 : 0;
+}
+static int tandem_thread_seteuid(uid_t uid)
+{
+	return syscall(TANDEM_SYS_SETRESUID, -1L, (long)uid, -1L) < 0 ? -1 : 0;
+}
+#else
+/* Elsewhere credentials are per process: Rust threads then follow the main
+   thread's switches. */
+static int tandem_thread_setgroups(int count, const gid_t *groups)
+{
+	return setgroups(count, groups);
+}
+static int tandem_thread_setegid(gid_t gid)
+{
+	return setegid(gid);
+}
+static int tandem_thread_seteuid(uid_t uid)
+{
+	return seteuid(uid);
+}
+#endif
+
+static void tandem_svc_user_activated(struct tandem_svc_user *user)
+{
+	if (!user->creds_switch)
+		return;
+	/* Running on as root would create root-owned files in the user's
+	   mail: better to die, as Dovecot itself does here. */
+	if (tandem_thread_setgroups(user->groups_count, user->groups) < 0)
+		i_fatal("tandem: setgroups(user %s) failed: %m",
+			user->mail_user->username);
+	if (tandem_thread_setegid(user->gid) < 0)
+		i_fatal("tandem: setegid(%s) failed: %m", dec2str(user->gid));
+	if (tandem_thread_seteuid(user->uid) < 0)
+		i_fatal("tandem: seteuid(%s) failed: %m", dec2str(user->uid));
+}
+
+static void tandem_svc_user_deactivated(struct tandem_svc_user *user)
+{
+	if (!user->creds_switch)
+		return;
+	if (tandem_thread_seteuid(0) < 0)
+		i_fatal("tandem: seteuid(0) failed: %m");
+	if (tandem_thread_setegid(tandem_svc_root_gid) < 0)
+		i_fatal("tandem: setegid(%s) failed: %m",
+			dec2str(tandem_svc_root_gid));
+	if (tandem_thread_setgroups(tandem_svc_root_groups_count,
+				    tandem_svc_root_groups) < 0)
+		i_fatal("tandem: setgroups(root) failed: %m");
+}
+
+/* Back to root for every thread, after Dovecot's process-wide drop. */
+static void tandem_svc_restore_root_all(void)
+{
+	if (!tandem_svc_temp_priv_drop)
+		return;
+	if (geteuid() != 0 && seteuid(0) < 0)
+		i_fatal("tandem: seteuid(0) failed: %m");
+	if (setgroups(tandem_svc_root_groups_count, tandem_svc_root_groups) < 0)
+		i_fatal("tandem: setgroups(root) failed: %m");
+	if (setgid(tandem_svc_root_gid) < 0)
+		i_fatal("tandem: setgid(%s) failed: %m",
+			dec2str(tandem_svc_root_gid));
+}
+
+static gid_t *tandem_svc_get_groups(int *count_r)
+{
+	gid_t *groups;
+	int count;
+
+	count = getgroups(0, NULL);
+	if (count < 0)
+		i_fatal("tandem: getgroups() failed: %m");
+	groups = i_new(gid_t, count + 1);
+	if (count > 0 && (count = getgroups(count, groups)) < 0)
+		i_fatal("tandem: getgroups() failed: %m");
+	*count_r = count;
+	return groups;
+}
+
+/* ---- Call frame: user context, credentials, returned strings ---- */
+
+static const char *tandem_svc_strdup(const char *str)
+{
+	return p_strdup(tandem_svc_result_pool, str);
+}
+
+static const char *ATTR_FORMAT(1, 2) tandem_svc_printf(const char *fmt, ...)
+{
+	va_list args;
+	const char *str;
+
+	va_start(args, fmt);
+	str = p_strdup_vprintf(tandem_svc_result_pool, fmt, args);
+	va_end(args);
+	return str;
+}
+
+static int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r)
+{
+	struct ioloop_context *cur;
+
+	if (tandem_svc_busy) {
+		*error_r = "tandem service: called back from inside a callback";
+		return -1;
+	}
+	p_clear(tandem_svc_result_pool);
+	*error_r = NULL;
+	if (user == NULL || user->mail_user == NULL) {
+		*error_r = "tandem service: the user is closed";
+		return -1;
+	}
+	tandem_svc_busy = TRUE;
+	cur = io_loop_get_current_context(current_ioloop);
+	if (cur != user->ioloop_ctx) {
+		if (cur != NULL)
+			io_loop_context_deactivate(cur);
+		io_loop_context_activate(user->ioloop_ctx);
+	}
+	return 0;
+}
+
+static void tandem_svc_leave(struct tandem_svc_user *user)
+{
+	if (io_loop_get_current_context(current_ioloop) == user->ioloop_ctx)
+		io_loop_context_deactivate(user->ioloop_ctx);
+	tandem_svc_busy = FALSE;
+}
+
+/* Runs `call` (an int expression) as the user, inside a data stack frame. */
+#define TANDEM_SVC_USER_CALL(user, error_r, call) STMT_START { \
+	int tandem_ret; \
+	if (tandem_svc_enter(user, error_r) < 0) \
+		return TANDEM_SVC_ERROR; \
+	T_BEGIN { \
+		tandem_ret = (call); \
+	} T_END; \
+	tandem_svc_leave(user); \
+	return tandem_ret; \
+} STMT_END
+
+/* ---- Errors ---- */
+
+static int tandem_svc_mail_error_code(enum mail_error error)
+{
+	switch (error) {
+	case MAIL_ERROR_TEMP:
+	case MAIL_ERROR_UNAVAILABLE:
+	case MAIL_ERROR_INUSE:
+		return TANDEM_SVC_ERROR_TEMP;
+	default:
+		return TANDEM_SVC_ERROR;
+	}
+}
+
+/* Sets *error_r to "Mailbox <name>: <what> failed: <reason>" and returns the
+   matching code. */
+static int tandem_svc_box_error(struct mailbox *box, const char *what,
+				const char **error_r)
+{
+	enum mail_error error;
+	const char *errstr = mailbox_get_last_internal_error(box, &error);
+
+	*error_r = tandem_svc_printf("Mailbox %s: %s failed: %s",
+				     mailbox_get_vname(box), what, errstr);
+	return tandem_svc_mail_error_code(error);
+}
+
+static bool tandem_svc_guid_matches(const char *wanted, const char *actual)
+{
+	return wanted == NULL || *wanted == '\0' || strcmp(wanted, actual) == 0;
+}
+
+/* ---- Finding mailboxes ---- */
+
+/* Opens vname in list and checks that it has the GUID. Returns 1 (yes), 0
+   (gone or another GUID now: a stale GUID cache), or an error code. */
+static int tandem_svc_box_try(struct mailbox_list *list, const char *vname,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      struct mailbox **box_r, const char **error_r)
+{
+	struct mailbox *box;
+	struct mailbox_metadata metadata;
+	enum mail_error error;
+	int ret;
+
+	box = mailbox_alloc(list, vname, TANDEM_SVC_BOX_FLAGS);
+	if (mailbox_open(box) < 0 ||
+	    mailbox_get_metadata(box, MAILBOX_METADATA_GUID, &metadata) < 0) {
+		(void)mailbox_get_last_internal_error(box, &error);
+		ret = error == MAIL_ERROR_NOTFOUND ? 0 :
+			tandem_svc_box_error(box, "Opening", error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+	if (memcmp(metadata.guid, guid, TANDEM_SVC_GUID_SIZE) != 0) {
+		mailbox_free(&box);
+		return 0;
+	}
+	*box_r = box;
+	return 1;
+}
+
+/* The mailbox with this GUID in the user's private namespaces, opened.
+   Returns 1 (found), 0 (none), or an error code.
+
+   Like mailbox_alloc_guid(), through the list's GUID cache, but a cache
+   entry for a mailbox deleted since (by us or by another process) means
+   "refresh and look again", not an error. */
+static int tandem_svc_box_by_guid(struct tandem_svc_user *user,
+				  const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				  struct mailbox **box_r, const char **error_r)
+{
+	struct mail_namespace *ns;
+	const char *vname;
+	int ret;
+
+	*box_r = NULL;
+	if (guid_128_is_empty(guid)) {
+		*error_r = "Mailbox GUID is all zeroes";
+		return TANDEM_SVC_ERROR;
+	}
+	for (ns = user->mail_user->namespaces; ns != NULL; ns = ns->next) {
+		if (ns->type != MAIL_NAMESPACE_TYPE_PRIVATE ||
+		    ns->alias_for != NULL)
+			continue;
+		/* A lookup error (some mailbox's GUID unreadable, already
+		   logged) only means this GUID was not found. */
+		(void)mailbox_guid_cache_find(ns->list, guid, &vname);
+		if (vname == NULL)
+			continue;
+		ret = tandem_svc_box_try(ns->list, t_strdup(vname), guid,
+					 box_r, error_r);
+		if (ret != 0)
+			return ret;
+		mailbox_guid_cache_refresh(ns->list);
+		(void)mailbox_guid_cache_find(ns->list, guid, &vname);
+		if (vname == NULL)
+			continue;
+		ret = tandem_svc_box_try(ns->list, t_strdup(vname), guid,
+					 box_r, error_r);
+		if (ret != 0)
+			return ret;
+	}
+	*error_r = tandem_svc_printf("No mailbox with GUID %s",
+				     guid_128_to_string(guid));
+	return 0;
+}
+
+/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. */
+static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
+				       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				       struct mailbox **box_r,
+				       const char **error_r)
+{
+	int ret = tandem_svc_box_by_guid(user, guid, box_r, error_r);
+
+	return ret == 0 ? TANDEM_SVC_ERROR_NO_MAILBOX :
+		ret > 0 ? TANDEM_SVC_OK : ret;
+}
+
+/* A mailbox by name, allocated but not opened. */
+static int tandem_svc_box_by_name(struct tandem_svc_user *user,
+				  const char *vname, struct mailbox **box_r,
+				  const char **error_r)
+{
+	struct mail_namespace *ns;
+
+	ns = mail_namespace_find(user->mail_user->namespaces, vname);
+	if (ns == NULL) {
+		*error_r = tandem_svc_printf("Mailbox %s: no namespace", vname);
+		return TANDEM_SVC_ERROR;
+	}
+	*box_r = mailbox_alloc(ns->list, vname, TANDEM_SVC_BOX_FLAGS);
+	mailbox_skip_create_name_restrictions(*box_r, TRUE);
+	return TANDEM_SVC_OK;
+}
+
+/* Opens the mailbox by GUID for a save or copy, syncs it (so UIDNEXT is
+   current, as dsync does before importing) and checks UIDVALIDITY. */
+static int tandem_svc_box_for_save(struct tandem_svc_user *user,
+				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				   uint32_t uidvalidity, struct mailbox **box_r,
+				   struct mailbox_status *status_r,
+				   const char **error_r)
+{
+	struct mailbox *box;
+	int ret;
+
+	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mailbox_sync(box, 0) < 0) {
+		ret = tandem_svc_box_error(box, "Sync", error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+	mailbox_get_open_status(box, STATUS_UIDVALIDITY | STATUS_UIDNEXT,
+				status_r);
+	if (uidvalidity != 0 && status_r->uidvalidity != uidvalidity) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UIDVALIDITY is %u, not %u",
+			mailbox_get_vname(box), status_r->uidvalidity,
+			uidvalidity);
+		mailbox_free(&box);
+		return TANDEM_SVC_ERROR_UIDVALIDITY;
+	}
+	*box_r = box;
+	return TANDEM_SVC_OK;
+}
+
+static int tandem_svc_metadata_guid(struct mailbox *box,
+				    uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+				    const char **error_r)
+{
+	struct mailbox_metadata metadata;
+
+	if (mailbox_get_metadata(box, MAILBOX_METADATA_GUID, &metadata) < 0)
+		return tandem_svc_box_error(box, "Reading the GUID", error_r);
+	memcpy(guid_r, metadata.guid, TANDEM_SVC_GUID_SIZE);
+	return TANDEM_SVC_OK;
+}
+
+/* ---- Service ---- */
+
+static void tandem_svc_client_connected(struct master_service_connection *conn)
+{
+	/* The fd is Rust's from now on: accepted connections are not closed
+	   by master_service, and count as clients until
+	   tandem_svc_client_closed(). */
+	master_service_client_connection_accept(conn);
+	tandem_svc_cb->client_connected(tandem_svc_cb_ctx, conn->fd);
+}
+
+static void tandem_svc_watch_ready(struct tandem_svc_watch *watch)
+{
+	tandem_svc_cb->wakeup(tandem_svc_cb_ctx, watch->fd);
+}
+
+int tandem_svc_watch_fd(int fd)
+{
+	struct tandem_svc_watch *const *watchp, *watch;
+
+	/* An io added while a user's context is active would belong to it. */
+	if (fd < 0 || tandem_svc_busy ||
+	    io_loop_get_current_context(current_ioloop) != NULL)
+		return -1;
+	array_foreach(&tandem_svc_watches, watchp) {
+		if ((*watchp)->fd == fd)
+			return -1;
+	}
+	/* Allocated one by one: io_add() keeps the pointer. */
+	watch = i_new(struct tandem_svc_watch, 1);
+	watch->fd = fd;
+	watch->io = io_add(fd, IO_READ, tandem_svc_watch_ready, watch);
+	array_push_back(&tandem_svc_watches, &watch);
+	return 0;
+}
+
+int tandem_svc_unwatch_fd(int fd)
+{
+	struct tandem_svc_watch *const *watchp;
+	unsigned int i, count;
+
+	watchp = array_get(&tandem_svc_watches, &count);
+	for (i = 0; i < count; i++) {
+		if (watchp[i]->fd == fd) {
+			struct tandem_svc_watch *watch = watchp[i];
+
+			io_remove(&watch->io);
+			i_free(watch);
+			array_delete(&tandem_svc_watches, i, 1);
+			return 0;
+		}
+	}
+	return -1;
+}
+
+void tandem_svc_client_closed(void)
+{
+	master_service_client_connection_destroyed(master_service);
+}
+
+void tandem_svc_stop(void)
+{
+	master_service_stop(master_service);
+}
+
+const char *tandem_svc_setting(const char *name)
+{
+	const char *const *envs;
+	unsigned int i, count;
+
+	if (!array_is_created(&tandem_svc_plugin_envs))
+		return NULL;
+	envs = array_get(&tandem_svc_plugin_envs, &count);
+	for (i = 0; i + 1 < count; i += 2) {
+		if (strcmp(envs[i], name) == 0)
+			return envs[i + 1];
+	}
+	return NULL;
+}
+
+const char *tandem_svc_base_dir(void)
+{
+	return tandem_svc_base_dir_value;
+}
+
+const char *tandem_svc_state_dir(void)
+{
+	return tandem_svc_state_dir_value;
+}
+
+static void tandem_svc_storage_input(struct mail_storage_service_input *input_r,
+				     const char *username)
+{
+	i_zero(input_r);
+	input_r->module = "mail";
+	/* Settings filters: `protocol tandem { ... }` applies here. */
+	input_r->service = "tandem";
+	input_r->username = username;
+}
+
+/* Reads the settings without a user (the global ones, with any
+   `protocol tandem {}` filter) and keeps what the service needs before any
+   user exists. User lookups re-read settings later (with userdb overrides),
+   so these are copied now. */
+static void tandem_svc_read_global_settings(void)
+{
+	struct mail_storage_service_input input;
+	const struct master_service_settings *master_set;
+	const struct mail_user_settings *user_set;
+	const char *const *envs;
+	unsigned int i, count;
+	void **sets;
+
+	tandem_svc_storage_input(&input, NULL);
+	mail_storage_service_init_settings(tandem_svc_storage, &input);
+	/* That was the process's first settings read, so master_service holds
+	   exactly its result. */
+	sets = master_service_settings_get_others(master_service);
+	/* mail_storage_service puts mail_user_settings first. */
+	user_set = sets[0];
+	p_array_init(&tandem_svc_plugin_envs, tandem_svc_pool, 16);
+	if (array_is_created(&user_set->plugin_envs)) {
+		envs = array_get(&user_set->plugin_envs, &count);
+		for (i = 0; i + 1 < count; i += 2) {
+			const char *key = p_strdup(tandem_svc_pool, envs[i]);
+			const char *value = p_strdup(tandem_svc_pool,
+						     envs[i + 1]);
+
+			array_push_back(&tandem_svc_plugin_envs, &key);
+			array_push_back(&tandem_svc_plugin_envs, &value);
+		}
+	}
+	master_set = master_service_settings_get(master_service);
+	tandem_svc_base_dir_value = p_strdup(tandem_svc_pool,
+					     master_set->base_dir);
+	tandem_svc_state_dir_value = p_strdup(tandem_svc_pool,
+					      master_set->state_dir);
+}
+
+int tandem_svc_main(int argc, char **argv,
+		    const struct tandem_svc_callbacks *callbacks, void *ctx)
+{
+	/* A long-running process: many config lookups (one per user), and
+	   master's idle SIGINT must not stop it (it keeps outgoing connections
+	   that master does not count as clients). */
+	const enum master_service_flags service_flags =
+		MASTER_SERVICE_FLAG_KEEP_CONFIG_OPEN |
+		MASTER_SERVICE_FLAG_NO_IDLE_DIE;
+	/* As indexer-worker and doveadm-server: many users, as root, each
+	   looked up in userdb; the auth connection stays open. */
+	const enum mail_storage_service_flags storage_flags =
+		MAIL_STORAGE_SERVICE_FLAG_USERDB_LOOKUP |
+		MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP |
+		MAIL_STORAGE_SERVICE_FLAG_NO_IDLE_TIMEOUT;
+	struct tandem_svc_watch **watchp;
+
+	tandem_svc_cb = callbacks;
+	tandem_svc_cb_ctx = ctx;
+
+	master_service = master_service_init("tandem", service_flags,
+					     &argc, &argv, "");
+	if (master_getopt(master_service) > 0)
+		return FATAL_DEFAULT;
+	master_service_init_log_with_pid(master_service);
+	/* Apply the service's user/chroot settings from master; root stays
+	   root. */
+	restrict_access_by_env(RESTRICT_ACCESS_FLAG_ALLOW_ROOT, NULL);
+	restrict_access_allow_coredumps(TRUE);
+
+	tandem_svc_temp_priv_drop = getuid() == 0;
+	tandem_svc_root_gid = getegid();
+	tandem_svc_root_groups =
+		tandem_svc_get_groups(&tandem_svc_root_groups_count);
+
+	tandem_svc_pool = pool_alloconly_create("tandem service", 1024);
+	tandem_svc_result_pool =
+		pool_alloconly_create("tandem service results", 1024);
+	i_array_init(&tandem_svc_watches, 4);
+
+	tandem_svc_storage = mail_storage_service_init(master_service, NULL,
+						       storage_flags);
+	tandem_svc_read_global_settings();
+	master_service_init_finish(master_service);
+
+	T_BEGIN {
+		tandem_svc_cb->started(tandem_svc_cb_ctx);
+	} T_END;
+	master_service_run(master_service, tandem_svc_client_connected);
+	T_BEGIN {
+		tandem_svc_cb->stopping(tandem_svc_cb_ctx);
+	} T_END;
+
+	/* Users Rust did not close (it should have): close them now, while
+	   lib-storage is still there. */
+	while (tandem_svc_users != NULL) {
+		i_warning("tandem: closing user %s left open at exit",
+			  tandem_svc_users->mail_user->username);
+		tandem_svc_user_close(tandem_svc_users);
+	}
+	array_foreach_modifiable(&tandem_svc_watches, watchp) {
+		io_remove(&(*watchp)->io);
+		i_free(*watchp);
+	}
+	array_free(&tandem_svc_watches);
+
+	mail_storage_service_deinit(&tandem_svc_storage);
+	pool_unref(&tandem_svc_result_pool);
+	pool_unref(&tandem_svc_pool);
+	i_free(tandem_svc_root_groups);
+	master_service_deinit(&master_service);
+	return 0;
+}
+
+/* ---- Users ---- */
+
+int tandem_svc_user_open(const char *username,
+			 struct tandem_svc_user **user_r,
+			 const char **error_r)
+{
+	struct mail_storage_service_input input;
+	struct mail_storage_service_user *service_user;
+	struct mail_user *mail_user;
+	struct tandem_svc_user *user;
+	const char *error;
+	int ret;
+
+	*user_r = NULL;
+	if (tandem_svc_busy) {
+		*error_r = "tandem service: called back from inside a callback";
+		return TANDEM_SVC_ERROR;
+	}
+	p_clear(tandem_svc_result_pool);
+
+	tandem_svc_storage_input(&input, username);
+
+	T_BEGIN {
+		ret = mail_storage_service_lookup_next(tandem_svc_storage,
+						       &input, &service_user,
+						       &mail_user, &error);
+		if (ret <= 0)
+			*error_r = ret == 0 ? "Unknown user" :
+				tandem_svc_printf("User %s: %s", username,
+						  error);
+	} T_END;
+	if (ret <= 0) {
+		/* A failure after the privilege drop leaves the process as
+		   the user. */
+		struct ioloop_context *cur =
+			io_loop_get_current_context(current_ioloop);
+
+		if (cur != NULL)
+			io_loop_context_deactivate(cur);
+		tandem_svc_restore_root_all();
+		return ret == 0 ? TANDEM_SVC_ERROR_UNKNOWN_USER :
+			ret == -1 ? TANDEM_SVC_ERROR_TEMP : TANDEM_SVC_ERROR;
+	}
+
+	user = i_new(struct tandem_svc_user, 1);
+	user->service_user = service_user;
+	user->mail_user = mail_user;
+	/* The tandem plugin, if loaded here, then skips this user's events;
+	   quota and ACLs do not apply, as for dsync. */
+	mail_user->dsyncing = TRUE;
+
+	/* Still the user's, process-wide: remember what Dovecot chose. */
+	user->creds_switch = tandem_svc_temp_priv_drop;
+	user->uid = geteuid();
+	user->gid = getegid();
+	user->groups = tandem_svc_get_groups(&user->groups_count);
+
+	/* lookup_next() left the user's context active. */
+	user->ioloop_ctx = io_loop_get_current_context(current_ioloop);
+	i_assert(user->ioloop_ctx != NULL);
+	io_loop_context_ref(user->ioloop_ctx);
+	io_loop_context_add_callbacks(user->ioloop_ctx,
+				      tandem_svc_user_activated,
+				      tandem_svc_user_deactivated, user);
+	/* Our callbacks were added while active, so this deactivation skips
+	   them: restore root ourselves, for every thread. */
+	io_loop_context_deactivate(user->ioloop_ctx);
+	tandem_svc_restore_root_all();
+
+	DLLIST_PREPEND(&tandem_svc_users, user);
+	*user_r = user;
+	return TANDEM_SVC_OK;
+}
+
+void tandem_svc_user_close(struct tandem_svc_user *user)
+{
+	const char *error;
+
+	if (user == NULL)
+		return;
+	if (tandem_svc_enter(user, &error) < 0) {
+		i_error("tandem: tandem_svc_user_close: %s", error);
+		return;
+	}
+	T_BEGIN {
+		mail_user_deinit(&user->mail_user);
+	} T_END;
+	tandem_svc_leave(user);
+
+	io_loop_context_remove_callbacks(user->ioloop_ctx,
+					 tandem_svc_user_activated,
+					 tandem_svc_user_deactivated, user);
+	io_loop_context_unref(&user->ioloop_ctx);
+	mail_storage_service_user_unref(&user->service_user);
+	DLLIST_REMOVE(&tandem_svc_users, user);
+	i_free(user->groups);
+	i_free(user);
+}
+
+const char *tandem_svc_user_home(struct tandem_svc_user *user)
+{
+	const char *home;
+
+	if (user->mail_user == NULL ||
+	    mail_user_get_home(user->mail_user, &home) <= 0)
+		return NULL;
+	return home;
+}
+
+const char *tandem_svc_user_setting(struct tandem_svc_user *user,
+				    const char *name)
+{
+	if (user->mail_user == NULL)
+		return NULL;
+	return mail_user_plugin_getenv(user->mail_user, name);
+}
+
+/* ---- Mailboxes ---- */
+
+static int
+tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
+			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			       uint32_t uidvalidity,
+			       uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			       const char **error_r)
+{
+	struct mailbox_update update;
+	struct mailbox_status status;
+	struct mailbox *box;
+	uint8_t got_guid[TANDEM_SVC_GUID_SIZE];
+	enum mail_error error;
+	int ret;
+
+	memset(existing_guid_r, 0, TANDEM_SVC_GUID_SIZE);
+	/* A mailbox with this GUID, under any name, means the create was
+	   applied (and maybe renamed since). */
+	ret = tandem_svc_box_by_guid(user, guid, &box, error_r);
+	if (ret != 0) {
+		if (ret > 0) {
+			mailbox_free(&box);
+			*error_r = NULL;
+			return TANDEM_SVC_ALREADY;
+		}
+		return ret;
+	}
+	*error_r = NULL;
+
+	ret = tandem_svc_box_by_name(user, vname, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	i_zero(&update);
+	memcpy(update.mailbox_guid, guid, TANDEM_SVC_GUID_SIZE);
+	update.uid_validity = uidvalidity;
+	if (mailbox_create(box, &update, FALSE) < 0) {
+		(void)mailbox_get_last_internal_error(box, &error);
+		if (error == MAIL_ERROR_EXISTS &&
+		    tandem_svc_metadata_guid(box, existing_guid_r,
+					     error_r) == TANDEM_SVC_OK) {
+			*error_r = tandem_svc_printf(
+				"Mailbox %s exists with GUID %s, not %s",
+				vname, guid_128_to_string(existing_guid_r),
+				guid_128_to_string(guid));
+			ret = TANDEM_SVC_ERROR_NAME_TAKEN;
+		} else {
+			ret = tandem_svc_box_error(box, "Creating", error_r);
+		}
+		mailbox_free(&box);
+		return ret;
+	}
+	/* Check that the storage took both. The open view still has the
+	   header from before the create (UIDVALIDITY 0) until a sync. */
+	if (mailbox_sync(box, 0) < 0) {
+		ret = tandem_svc_box_error(box, "Sync", error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+	ret = tandem_svc_metadata_guid(box, got_guid, error_r);
+	if (ret == TANDEM_SVC_OK &&
+	    mailbox_get_status(box, STATUS_UIDVALIDITY, &status) < 0)
+		ret = tandem_svc_box_error(box, "Reading the status", error_r);
+	if (ret == TANDEM_SVC_OK &&
+	    (memcmp(got_guid, guid, TANDEM_SVC_GUID_SIZE) != 0 ||
+	     (uidvalidity != 0 && status.uidvalidity != uidvalidity))) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s was created with GUID %s UIDVALIDITY %u, "
+			"not %s %u", vname, guid_128_to_string(got_guid),
+			status.uidvalidity, guid_128_to_string(guid),
+			uidvalidity);
+		ret = TANDEM_SVC_ERROR;
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      uint32_t uidvalidity,
+			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_create_real(user, vname, guid, uidvalidity,
+					       existing_guid_r, error_r));
+}
+
+static int
+tandem_svc_mailbox_delete_real(struct tandem_svc_user *user,
+			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			       const char **error_r)
+{
+	struct mailbox *box;
+	int ret;
+
+	ret = tandem_svc_box_by_guid(user, guid, &box, error_r);
+	if (ret <= 0) {
+		if (ret == 0)
+			*error_r = NULL;
+		return ret == 0 ? TANDEM_SVC_ALREADY : ret;
+	}
+	if (mailbox_delete(box) < 0)
+		ret = tandem_svc_box_error(box, "Deleting", error_r);
+	else
+		ret = TANDEM_SVC_OK;
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_delete_real(user, guid, error_r));
+}
+
+static int
+tandem_svc_mailbox_rename_real(struct tandem_svc_user *user,
+			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			       const char *new_vname,
+			       uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			       const char **error_r)
+{
+	struct mailbox *box, *dest;
+	enum mailbox_existence existence;
+	int ret;
+
+	memset(existing_guid_r, 0, TANDEM_SVC_GUID_SIZE);
+	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (strcmp(mailbox_get_vname(box), new_vname) == 0) {
+		mailbox_free(&box);
+		return TANDEM_SVC_ALREADY;
+	}
+	/* Rename unopened boxes, as dsync does: reallocate by name. */
+	{
+		const char *old_vname = t_strdup(mailbox_get_vname(box));
+		struct mail_namespace *ns = mailbox_get_namespace(box);
+
+		mailbox_free(&box);
+		box = mailbox_alloc(ns->list, old_vname, TANDEM_SVC_BOX_FLAGS);
+		mailbox_skip_create_name_restrictions(box, TRUE);
+	}
+	ret = tandem_svc_box_by_name(user, new_vname, &dest, error_r);
+	if (ret != TANDEM_SVC_OK) {
+		mailbox_free(&box);
+		return ret;
+	}
+	if (mailbox_exists(dest, FALSE, &existence) == 0 &&
+	    existence == MAILBOX_EXISTENCE_SELECT) {
+		if (tandem_svc_metadata_guid(dest, existing_guid_r,
+					     error_r) == TANDEM_SVC_OK) {
+			*error_r = tandem_svc_printf(
+				"Mailbox %s exists with GUID %s, not %s",
+				new_vname, guid_128_to_string(existing_guid_r),
+				guid_128_to_string(guid));
+			ret = TANDEM_SVC_ERROR_NAME_TAKEN;
+		} else {
+			ret = TANDEM_SVC_ERROR;
+		}
+	} else if (mailbox_rename(box, dest) < 0) {
+		ret = tandem_svc_box_error(box, "Renaming", error_r);
+	}
+	mailbox_free(&dest);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      const char *new_vname,
+			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_rename_real(user, guid, new_vname,
+					       existing_guid_r, error_r));
+}
+
+static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,
+				    const char **error_r)
+{
+	struct mailbox_list *list = mailbox_get_namespace(box)->list;
+
+	if (mailbox_list_iter_subscriptions_refresh(list) < 0) {
+		enum mail_error error;
+		const char *errstr =
+			mailbox_list_get_last_internal_error(list, &error);
+
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: reading subscriptions failed: %s",
+			mailbox_get_vname(box), errstr);
+		return tandem_svc_mail_error_code(error);
+	}
+	*subscribed_r = mailbox_is_subscribed(box);
+	return TANDEM_SVC_OK;
+}
+
+static int
+tandem_svc_mailbox_subscribe_real(struct tandem_svc_user *user,
+				  const char *vname, bool subscribed,
+				  const char **error_r)
+{
+	struct mailbox *box;
+	bool cur;
+	int ret;
+
+	ret = tandem_svc_box_by_name(user, vname, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	ret = tandem_svc_is_subscribed(box, &cur, error_r);
+	if (ret == TANDEM_SVC_OK) {
+		if (cur == subscribed)
+			ret = TANDEM_SVC_ALREADY;
+		else if (mailbox_set_subscribed(box, subscribed) < 0)
+			ret = tandem_svc_box_error(box, subscribed ?
+				"Subscribing" : "Unsubscribing", error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
+				 const char *vname, bool subscribed,
+				 const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_subscribe_real(user, vname, subscribed,
+						  error_r));
+}
+
+static int
+tandem_svc_mailbox_min_uidnext_real(struct tandem_svc_user *user,
+				    const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				    uint32_t uidnext, const char **error_r)
+{
+	struct mailbox_update update;
+	struct mailbox_status status;
+	struct mailbox *box;
+	int ret;
+
+	ret = tandem_svc_box_for_save(user, guid, 0, &box, &status, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (status.uidnext >= uidnext)
+		ret = TANDEM_SVC_ALREADY;
+	else {
+		i_zero(&update);
+		update.min_next_uid = uidnext;
+		if (mailbox_update(box, &update) < 0)
+			ret = tandem_svc_box_error(box, "Raising UIDNEXT",
+						   error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
+				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				   uint32_t uidnext, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_min_uidnext_real(user, guid, uidnext,
+						    error_r));
+}
+
+/* ---- Messages ---- */
+
+/* For a UID below UIDNEXT: ALREADY if it holds the GUID or is gone (never
+   resurrect an expunged UID), CONFLICT if it holds another message. */
+static int tandem_svc_check_old_uid(struct mailbox *box, uint32_t uid,
+				    const char *guid, uint32_t *saved_uid_r,
+				    const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mail *mail;
+	const char *cur_guid;
+	int ret;
+
+	trans = mailbox_transaction_begin(box, 0, "tandem check uid");
+	mail = mail_alloc(trans, MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(mail, uid))
+		ret = TANDEM_SVC_ALREADY;
+	else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+	else if (tandem_svc_guid_matches(guid, cur_guid)) {
+		*saved_uid_r = uid;
+		ret = TANDEM_SVC_ALREADY;
+	} else {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u holds GUID %s, not %s",
+			mailbox_get_vname(box), uid, cur_guid, guid);
+		ret = TANDEM_SVC_ERROR_CONFLICT;
+	}
+	mail_free(&mail);
+	mailbox_transaction_rollback(&trans);
+	return ret;
+}
+
+static void tandem_svc_save_set_mail(struct mailbox *box,
+				     struct mail_save_context *save,
+				     const struct tandem_svc_mail *mail,
+				     bool copying)
+{
+	struct mail_keywords *keywords = NULL;
+
+	mailbox_save_set_uid(save, mail->uid);
+	if (mail->guid != NULL && *mail->guid != '\0')
+		mailbox_save_set_guid(save, mail->guid);
+	if (!copying && mail->received_date != 0)
+		mailbox_save_set_received_date(save,
+					       (time_t)mail->received_date, 0);
+	if (mail->save_date != 0)
+		mailbox_save_set_save_date(save, (time_t)mail->save_date);
+	if (mail->keywords != NULL && mail->keywords[0] != NULL)
+		keywords = mailbox_keywords_create_valid(box, mail->keywords);
+	mailbox_save_set_flags(save, mail->flags & MAIL_FLAGS_NONRECENT,
+			       keywords);
+	if (keywords != NULL)
+		mailbox_keywords_unref(&keywords);
+}
+
+/* Commits a save transaction and checks that the message got wanted_uid. */
+static int tandem_svc_commit_save(struct mailbox *box,
+				  struct mailbox_transaction_context **trans,
+				  uint32_t wanted_uid, uint32_t *saved_uid_r,
+				  const char **error_r)
+{
+	struct mail_transaction_commit_changes changes;
+	struct seq_range_iter iter;
+	uint32_t uid = 0;
+	int ret;
+
+	if (mailbox_transaction_commit_get_changes(trans, &changes) < 0)
+		return tandem_svc_box_error(box, "Commit", error_r);
+	seq_range_array_iter_init(&iter, &changes.saved_uids);
+	if (!seq_range_array_iter_nth(&iter, 0, &uid))
+		uid = 0;
+	*saved_uid_r = uid;
+	if (uid == wanted_uid && seq_range_count(&changes.saved_uids) == 1)
+		ret = TANDEM_SVC_OK;
+	else {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: saved as UID %u, not %u",
+			mailbox_get_vname(box), uid, wanted_uid);
+		ret = uid == 0 ? TANDEM_SVC_ERROR :
+			TANDEM_SVC_ERROR_UID_REASSIGNED;
+	}
+	pool_unref(&changes.pool);
+	return ret;
+}
+
+static int tandem_svc_save_real(struct tandem_svc_user *user,
+				const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+				uint32_t uidvalidity,
+				const struct tandem_svc_mail *mail,
+				const unsigned char *body, size_t body_len,
+				uint32_t *saved_uid_r, const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mail_save_context *save;
+	struct mailbox_status status;
+	struct mailbox *box;
+	struct istream *input;
+	bool failed = FALSE;
+	ssize_t n;
+	int ret;
+
+	*saved_uid_r = 0;
+	if (mail->uid == 0) {
+		*error_r = "Saving needs a UID";
+		return TANDEM_SVC_ERROR;
+	}
+	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
+				      &status, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mail->uid < status.uidnext) {
+		ret = tandem_svc_check_old_uid(box, mail->uid, mail->guid,
+					       saved_uid_r, error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+
+	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
+					  "tandem save");
+	save = mailbox_save_alloc(trans);
+	tandem_svc_save_set_mail(box, save, mail, FALSE);
+	input = i_stream_create_from_data(body, body_len);
+	if (mailbox_save_begin(&save, input) < 0) {
+		failed = TRUE;
+	} else {
+		do {
+			if (mailbox_save_continue(save) < 0) {
+				failed = TRUE;
+				break;
+			}
+			n = i_stream_read(input);
+		} while (n != -1);
+		if (failed)
+			mailbox_save_cancel(&save);
+		else if (mailbox_save_finish(&save) < 0)
+			failed = TRUE;
+	}
+	i_stream_unref(&input);
+
+	if (failed) {
+		ret = tandem_svc_box_error(box, "Saving", error_r);
+		mailbox_transaction_rollback(&trans);
+	} else {
+		ret = tandem_svc_commit_save(box, &trans, mail->uid,
+					     saved_uid_r, error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_save(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const unsigned char *body, size_t body_len,
+		    uint32_t *saved_uid_r, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_save_real(user, mailbox_guid, uidvalidity, mail,
+				     body, body_len, saved_uid_r, error_r));
+}
+
+static int
+tandem_svc_copy_real(struct tandem_svc_user *user,
+		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		     uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		     const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		     uint32_t src_uid, uint32_t *saved_uid_r,
+		     const char **error_r)
+{
+	struct mailbox_transaction_context *trans, *src_trans;
+	struct mail_save_context *save;
+	struct mailbox_status status;
+	struct mailbox *box, *src_box;
+	struct mail *src_mail;
+	const char *src_guid;
+	enum mail_error error;
+	int ret;
+
+	*saved_uid_r = 0;
+	if (mail->uid == 0) {
+		*error_r = "Copying needs a UID";
+		return TANDEM_SVC_ERROR;
+	}
+	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
+				      &status, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mail->uid < status.uidnext) {
+		ret = tandem_svc_check_old_uid(box, mail->uid, mail->guid,
+					       saved_uid_r, error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+
+	ret = tandem_svc_box_by_guid(user, src_mailbox_guid, &src_box,
+				     error_r);
+	if (ret <= 0) {
+		mailbox_free(&box);
+		return ret == 0 ? TANDEM_SVC_ERROR_SOURCE_MISSING : ret;
+	}
+	src_trans = mailbox_transaction_begin(src_box, 0, "tandem copy source");
+	src_mail = mail_alloc(src_trans, MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(src_mail, src_uid)) {
+		*error_r = tandem_svc_printf("Mailbox %s: no source UID %u",
+					     mailbox_get_vname(src_box),
+					     src_uid);
+		ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
+	} else if (mail_get_special(src_mail, MAIL_FETCH_GUID,
+				    &src_guid) < 0) {
+		ret = tandem_svc_box_error(src_box, "Reading the GUID",
+					   error_r);
+	} else if (!tandem_svc_guid_matches(mail->guid, src_guid)) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: source UID %u has GUID %s, not %s",
+			mailbox_get_vname(src_box), src_uid, src_guid,
+			mail->guid);
+		ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
+	} else {
+		trans = mailbox_transaction_begin(box,
+						  TANDEM_SVC_SAVE_TRANS_FLAGS,
+						  "tandem copy");
+		save = mailbox_save_alloc(trans);
+		tandem_svc_save_set_mail(box, save, mail, TRUE);
+		if (mailbox_copy(&save, src_mail) < 0) {
+			(void)mailbox_get_last_internal_error(box, &error);
+			ret = tandem_svc_box_error(box, "Copying", error_r);
+			if (error == MAIL_ERROR_EXPUNGED)
+				ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
+			mailbox_transaction_rollback(&trans);
+		} else {
+			ret = tandem_svc_commit_save(box, &trans, mail->uid,
+						     saved_uid_r, error_r);
+		}
+	}
+	mail_free(&src_mail);
+	mailbox_transaction_rollback(&src_trans);
+	mailbox_free(&src_box);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_copy(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t src_uid, uint32_t *saved_uid_r,
+		    const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_copy_real(user, mailbox_guid, uidvalidity, mail,
+				     src_mailbox_guid, src_uid, saved_uid_r,
+				     error_r));
+}
+
+static int
+tandem_svc_renumber_real(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 uint32_t uid, const char *guid, uint32_t new_uid,
+			 uint32_t *saved_uid_r, const char **error_r)
+{
+	struct mailbox_transaction_context *trans, *src_trans;
+	struct mail_save_context *save;
+	struct mailbox_status status;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *cur_guid;
+	time_t save_date;
+	int ret;
+
+	*saved_uid_r = 0;
+	ret = tandem_svc_box_for_save(user, mailbox_guid, 0, &box, &status,
+				      error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (new_uid < status.uidnext) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: new UID %u is below UIDNEXT %u",
+			mailbox_get_vname(box), new_uid, status.uidnext);
+		mailbox_free(&box);
+		return TANDEM_SVC_ERROR_CONFLICT;
+	}
+	/* A move within the mailbox, as dsync's reassign_uids_in_seq_range(),
+	   but in two transactions, like a MOVE between mailboxes: an expunge
+	   in an EXTERNAL transaction is taken as already done by the backend,
+	   and sdbox then leaves the old file behind. The new UID is committed
+	   first, so a crash in between duplicates, never loses. */
+	src_trans = mailbox_transaction_begin(box,
+					      TANDEM_SVC_UPDATE_TRANS_FLAGS,
+					      "tandem renumber expunge");
+	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
+					  "tandem renumber");
+	mail = mail_alloc(src_trans, MAIL_FETCH_GUID | MAIL_FETCH_SAVE_DATE,
+			  NULL);
+	if (!mail_set_uid(mail, uid)) {
+		ret = TANDEM_SVC_ALREADY;
+	} else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0) {
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+	} else if (!tandem_svc_guid_matches(guid, cur_guid)) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u holds GUID %s, not %s",
+			mailbox_get_vname(box), uid, cur_guid, guid);
+		ret = TANDEM_SVC_ERROR_CONFLICT;
+	} else {
+		save = mailbox_save_alloc(trans);
+		mailbox_save_copy_flags(save, mail);
+		mailbox_save_set_uid(save, new_uid);
+		if (*cur_guid != '\0')
+			mailbox_save_set_guid(save, cur_guid);
+		if (mail_get_save_date(mail, &save_date) > 0)
+			mailbox_save_set_save_date(save, save_date);
+		if (mailbox_move(&save, mail) < 0)
+			ret = tandem_svc_box_error(box, "Renumbering", error_r);
+	}
+	mail_free(&mail);
+	if (ret != TANDEM_SVC_OK) {
+		mailbox_transaction_rollback(&trans);
+		mailbox_transaction_rollback(&src_trans);
+	} else {
+		ret = tandem_svc_commit_save(box, &trans, new_uid, saved_uid_r,
+					     error_r);
+		if (ret != TANDEM_SVC_OK &&
+		    ret != TANDEM_SVC_ERROR_UID_REASSIGNED)
+			mailbox_transaction_rollback(&src_trans);
+		else if (mailbox_transaction_commit(&src_trans) < 0)
+			ret = tandem_svc_box_error(box, "Commit", error_r);
+		else if (mailbox_sync(box, 0) < 0)
+			ret = tandem_svc_box_error(box, "Sync", error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_renumber(struct tandem_svc_user *user,
+			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			uint32_t uid, const char *guid, uint32_t new_uid,
+			uint32_t *saved_uid_r, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_renumber_real(user, mailbox_guid, uid, guid, new_uid,
+					 saved_uid_r, error_r));
+}
+
+static bool tandem_svc_str_in(const char *const *list, const char *str)
+{
+	if (list == NULL)
+		return FALSE;
+	for (; *list != NULL; list++) {
+		if (strcmp(*list, str) == 0)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+/* The valid keywords of `list` that are not in `except`, as a
+   NULL-terminated data stack array. */
+static const char *const *
+tandem_svc_keywords_filter(struct mailbox *box, const char *const *list,
+			   const char *const *except)
+{
+	ARRAY_TYPE(const_string) out;
+	const char *error;
+
+	t_array_init(&out, 8);
+	for (; list != NULL && *list != NULL; list++) {
+		if (!tandem_svc_str_in(except, *list) &&
+		    mailbox_keyword_is_valid(box, *list, &error))
+			array_push_back(&out, list);
+	}
+	array_append_zero(&out);
+	return array_front(&out);
+}
+
+static int
+tandem_svc_update_flags_real(struct tandem_svc_user *user,
+			     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			     uint32_t uid, const char *guid,
+			     uint8_t add_flags, uint8_t remove_flags,
+			     const char *const *add_keywords,
+			     const char *const *remove_keywords,
+			     const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mail_keywords *keywords;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *const *cur_keywords, *const *add_kw, *const *remove_kw;
+	const char *cur_guid;
+	enum mail_flags cur, add, remove;
+	bool change = FALSE;
+	int ret;
+
+	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	add = add_flags & MAIL_FLAGS_NONRECENT;
+	remove = remove_flags & MAIL_FLAGS_NONRECENT & ENUM_NEGATE(add);
+	add_kw = tandem_svc_keywords_filter(box, add_keywords, NULL);
+	remove_kw = tandem_svc_keywords_filter(box, remove_keywords,
+					       add_keywords);
+
+	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
+					  "tandem flags");
+	mail = mail_alloc(trans, MAIL_FETCH_FLAGS | MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(mail, uid)) {
+		ret = TANDEM_SVC_ALREADY;
+		goto out;
+	}
+	if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0) {
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+		goto out;
+	}
+	if (!tandem_svc_guid_matches(guid, cur_guid)) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u holds GUID %s, not %s",
+			mailbox_get_vname(box), uid, cur_guid, guid);
+		ret = TANDEM_SVC_ERROR_CONFLICT;
+		goto out;
+	}
+
+	cur = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+	cur_keywords = mail_get_keywords(mail);
+	if ((cur & add) != add) {
+		mail_update_flags(mail, MODIFY_ADD, add);
+		change = TRUE;
+	}
+	if ((cur & remove) != 0) {
+		mail_update_flags(mail, MODIFY_REMOVE, remove);
+		change = TRUE;
+	}
+	for (const char *const *kw = add_kw; *kw != NULL; kw++) {
+		if (!tandem_svc_str_in(cur_keywords, *kw)) {
+			keywords = mailbox_keywords_create_valid(box, add_kw);
+			mail_update_keywords(mail, MODIFY_ADD, keywords);
+			mailbox_keywords_unref(&keywords);
+			change = TRUE;
+			break;
+		}
+	}
+	for (const char *const *kw = remove_kw; *kw != NULL; kw++) {
+		if (tandem_svc_str_in(cur_keywords, *kw)) {
+			keywords = mailbox_keywords_create_valid(box,
+								 remove_kw);
+			mail_update_keywords(mail, MODIFY_REMOVE, keywords);
+			mailbox_keywords_unref(&keywords);
+			change = TRUE;
+			break;
+		}
+	}
+	ret = change ? TANDEM_SVC_OK : TANDEM_SVC_ALREADY;
+out:
+	mail_free(&mail);
+	if (ret != TANDEM_SVC_OK)
+		mailbox_transaction_rollback(&trans);
+	else if (mailbox_transaction_commit(&trans) < 0)
+		ret = tandem_svc_box_error(box, "Commit", error_r);
+	else if (mailbox_sync(box, 0) < 0)
+		ret = tandem_svc_box_error(box, "Sync", error_r);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_update_flags(struct tandem_svc_user *user,
+			    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			    uint32_t uid, const char *guid,
+			    uint8_t add_flags, uint8_t remove_flags,
+			    const char *const *add_keywords,
+			    const char *const *remove_keywords,
+			    const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_update_flags_real(user, mailbox_guid, uid, guid,
+					     add_flags, remove_flags,
+					     add_keywords, remove_keywords,
+					     error_r));
+}
+
+static int
+tandem_svc_expunge_real(struct tandem_svc_user *user,
+			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			uint32_t uid, const char *guid, const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *cur_guid;
+	int ret;
+
+	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
+					  "tandem expunge");
+	mail = mail_alloc(trans, MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(mail, uid))
+		ret = TANDEM_SVC_ALREADY;
+	else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+	else if (!tandem_svc_guid_matches(guid, cur_guid)) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u holds GUID %s, not %s",
+			mailbox_get_vname(box), uid, cur_guid, guid);
+		ret = TANDEM_SVC_ERROR_CONFLICT;
+	} else {
+		mail_expunge(mail);
+	}
+	mail_free(&mail);
+	if (ret != TANDEM_SVC_OK)
+		mailbox_transaction_rollback(&trans);
+	else if (mailbox_transaction_commit(&trans) < 0)
+		ret = tandem_svc_box_error(box, "Commit", error_r);
+	/* The expunge takes effect (the file goes) at the next sync: do it
+	   now, as dsync does when it finishes a mailbox. */
+	else if (mailbox_sync(box, 0) < 0)
+		ret = tandem_svc_box_error(box, "Sync", error_r);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_expunge(struct tandem_svc_user *user,
+		       const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		       uint32_t uid, const char *guid, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_expunge_real(user, mailbox_guid, uid, guid,
+					error_r));
+}
+
+/* ---- Reading ---- */
+
+static int
+tandem_svc_read_body_real(struct tandem_svc_user *user,
+			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			  uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			  struct tandem_svc_body_info *info_r,
+			  const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mailbox *box;
+	struct mail *mail;
+	struct istream *input;
+	const unsigned char *data;
+	const char *guid;
+	time_t received_date, save_date;
+	enum mail_error error;
+	size_t size;
+	int ret;
+
+	i_zero(info_r);
+	info_r->guid = "";
+	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	trans = mailbox_transaction_begin(box, 0, "tandem read");
+	mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
+			  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
+			  MAIL_FETCH_RECEIVED_DATE | MAIL_FETCH_SAVE_DATE,
+			  NULL);
+	if (!mail_set_uid(mail, uid)) {
+		ret = TANDEM_SVC_ALREADY;
+		goto out;
+	}
+	if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0 ||
+	    mail_get_received_date(mail, &received_date) < 0 ||
+	    mail_get_save_date(mail, &save_date) < 0 ||
+	    mail_get_stream_because(mail, NULL, NULL, "tandem replication",
+				    &input) < 0) {
+		(void)mailbox_get_last_internal_error(box, &error);
+		ret = error == MAIL_ERROR_EXPUNGED ? TANDEM_SVC_ALREADY :
+			tandem_svc_box_error(box, "Reading the message",
+					     error_r);
+		goto out;
+	}
+	info_r->guid = tandem_svc_strdup(guid);
+	info_r->received_date = received_date;
+	info_r->save_date = save_date;
+
+	while (i_stream_read_more(input, &data, &size) > 0) {
+		if (chunk(ctx, data, size) < 0) {
+			*error_r = tandem_svc_printf(
+				"Mailbox %s: reading UID %u: stopped by the "
+				"caller", mailbox_get_vname(box), uid);
+			ret = TANDEM_SVC_ERROR;
+			goto out;
+		}
+		info_r->size += size;
+		i_stream_skip(input, size);
+	}
+	if (input->stream_errno != 0) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: read(UID %u) failed: %s",
+			mailbox_get_vname(box), uid, i_stream_get_error(input));
+		ret = TANDEM_SVC_ERROR;
+	} else if (!input->eof) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: read(UID %u) stopped before the end",
+			mailbox_get_vname(box), uid);
+		ret = TANDEM_SVC_ERROR;
+	}
+out:
+	mail_free(&mail);
+	mailbox_transaction_rollback(&trans);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_read_body(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			 struct tandem_svc_body_info *info_r,
+			 const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_read_body_real(user, mailbox_guid, uid, chunk, ctx,
+					  info_r, error_r));
+}
+
+/* Fills status_r for an allocated box (opening it). */
+static int tandem_svc_box_status(struct mailbox *box,
+				 struct tandem_svc_mailbox_status *status_r,
+				 const char **error_r)
+{
+	struct mailbox_status status;
+	int ret;
+
+	i_zero(status_r);
+	status_r->vname = tandem_svc_strdup(mailbox_get_vname(box));
+	ret = tandem_svc_metadata_guid(box, status_r->guid, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mailbox_get_status(box, STATUS_UIDVALIDITY | STATUS_UIDNEXT |
+			       STATUS_MESSAGES | STATUS_HIGHESTMODSEQ,
+			       &status) < 0)
+		return tandem_svc_box_error(box, "Reading the status", error_r);
+	status_r->uidvalidity = status.uidvalidity;
+	status_r->uidnext = status.uidnext;
+	status_r->messages = status.messages;
+	status_r->highest_modseq = status.highest_modseq;
+	status_r->exists = TRUE;
+	return tandem_svc_is_subscribed(box, &status_r->subscribed, error_r);
+}
+
+static int
+tandem_svc_mailbox_status_real(struct tandem_svc_user *user,
+			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			       struct tandem_svc_mailbox_status *status_r,
+			       const char **error_r)
+{
+	struct mailbox *box;
+	int ret;
+
+	i_zero(status_r);
+	status_r->vname = "";
+	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	ret = tandem_svc_box_status(box, status_r, error_r);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_status(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      struct tandem_svc_mailbox_status *status_r,
+			      const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_status_real(user, guid, status_r, error_r));
+}
+
+static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
+					tandem_svc_mailbox_cb *cb, void *ctx,
+					const char **error_r)
+{
+	static const char *const patterns[] = { "*", NULL };
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	struct tandem_svc_mailbox_status status;
+	struct mailbox *box;
+	enum mail_error error;
+	const char *errstr;
+	int ret = TANDEM_SVC_OK;
+
+	/* The mailboxes that exist. */
+	iter = mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES |
+		MAILBOX_LIST_ITER_NO_AUTO_BOXES);
+	while (ret == TANDEM_SVC_OK &&
+	       (info = mailbox_list_iter_next(iter)) != NULL) {
+		enum mailbox_existence existence;
+
+		if ((info->flags & (MAILBOX_NOSELECT |
+				    MAILBOX_NONEXISTENT)) != 0)
+			continue;
+		box = mailbox_alloc(info->ns->list, info->vname,
+				    TANDEM_SVC_BOX_FLAGS);
+		/* Also skips one deleted since the listing. */
+		if (mailbox_exists(box, FALSE, &existence) == 0 &&
+		    existence != MAILBOX_EXISTENCE_SELECT) {
+			mailbox_free(&box);
+			continue;
+		}
+		ret = tandem_svc_box_status(box, &status, error_r);
+		mailbox_free(&box);
+		if (ret == TANDEM_SVC_OK && cb(ctx, &status) < 0) {
+			*error_r = "Mailbox listing stopped by the caller";
+			ret = TANDEM_SVC_ERROR;
+		}
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
+		errstr = mailbox_list_get_last_internal_error(
+			user->mail_user->namespaces->list, &error);
+		*error_r = tandem_svc_printf("Listing mailboxes failed: %s",
+					     errstr);
+		ret = tandem_svc_mail_error_code(error);
+	}
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+
+	/* Subscriptions to names that are not mailboxes. */
+	iter = mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES |
+		MAILBOX_LIST_ITER_SELECT_SUBSCRIBED);
+	while (ret == TANDEM_SVC_OK &&
+	       (info = mailbox_list_iter_next(iter)) != NULL) {
+		if ((info->flags & (MAILBOX_NOSELECT |
+				    MAILBOX_NONEXISTENT)) == 0)
+			continue;
+		i_zero(&status);
+		status.vname = tandem_svc_strdup(info->vname);
+		status.subscribed = TRUE;
+		if (cb(ctx, &status) < 0) {
+			*error_r = "Mailbox listing stopped by the caller";
+			ret = TANDEM_SVC_ERROR;
+		}
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
+		errstr = mailbox_list_get_last_internal_error(
+			user->mail_user->namespaces->list, &error);
+		*error_r = tandem_svc_printf(
+			"Listing subscriptions failed: %s", errstr);
+		ret = tandem_svc_mail_error_code(error);
+	}
+	return ret;
+}
+
+int tandem_svc_mailbox_list(struct tandem_svc_user *user,
+			    tandem_svc_mailbox_cb *cb, void *ctx,
+			    const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_list_real(user, cb, ctx, error_r));
+}
+
+static int
+tandem_svc_mail_list_real(struct tandem_svc_user *user,
+			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			  tandem_svc_mail_cb *cb, void *ctx,
+			  const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mail_search_context *search;
+	struct mail_search_args *args;
+	struct tandem_svc_mail_info info;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *guid;
+	int ret;
+
+	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mailbox_sync(box, 0) < 0) {
+		ret = tandem_svc_box_error(box, "Sync", error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+	args = mail_search_build_init();
+	mail_search_build_add_all(args);
+	trans = mailbox_transaction_begin(box, 0, "tandem list");
+	search = mailbox_search_init(trans, args, NULL,
+				     MAIL_FETCH_FLAGS | MAIL_FETCH_GUID, NULL);
+	mail_search_args_unref(&args);
+	while (ret == TANDEM_SVC_OK && mailbox_search_next(search, &mail)) {
+		if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0) {
+			ret = tandem_svc_box_error(box, "Reading a GUID",
+						   error_r);
+			break;
+		}
+		i_zero(&info);
+		info.uid = mail->uid;
+		info.guid = guid;
+		info.flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+		info.keywords = mail_get_keywords(mail);
+		if (info.keywords == NULL)
+			info.keywords = tandem_svc_no_keywords;
+		if (cb(ctx, &info) < 0) {
+			*error_r = "Message listing stopped by the caller";
+			ret = TANDEM_SVC_ERROR;
+		}
+	}
+	if (mailbox_search_deinit(&search) < 0 && ret == TANDEM_SVC_OK)
+		ret = tandem_svc_box_error(box, "Search", error_r);
+	mailbox_transaction_rollback(&trans);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mail_list(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 tandem_svc_mail_cb *cb, void *ctx,
+			 const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mail_list_real(user, mailbox_guid, cb, ctx,
+					  error_r));
+}

@@ -1,0 +1,294 @@
+/* tandem-service.h: the plain-C interface between the tandem service's
+   Dovecot side (tandem-service.c) and its Rust side (src/service/dovecot.rs).
+   bindgen reads this header (and tandem-log.h, which it includes).
+
+   The service is an executable that Dovecot's master starts from a
+   `service tandem { executable = ... }` block. It runs Dovecot's ioloop on
+   its main thread; every function here must be called on that thread only,
+   from inside one of the callbacks (or after tandem_svc_main() called
+   started()).
+
+   Ownership and lifetimes:
+   - struct tandem_svc_user is opaque, created by tandem_svc_user_open() and
+     freed by exactly one tandem_svc_user_close().
+   - Every `const char *` passed in is borrowed for the call only.
+   - Every `const char *` handed out (error_r, names, GUIDs, settings) is
+     Dovecot memory, valid until the next tandem_svc_*() call unless said
+     otherwise: Rust copies it at once and never frees it.
+   - Callbacks get pointers valid during the callback only. A callback must
+     not call back into tandem_svc_*() (the call fails with
+     TANDEM_SVC_ERROR).
+
+   Return codes of the apply functions (enum tandem_svc_result): 0 applied,
+   1 already applied or not applicable (replaying is harmless), negative on
+   error, with *error_r naming the mailbox and the reason. */
+
+#ifndef TANDEM_SERVICE_H
+#define TANDEM_SERVICE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tandem-log.h"
+
+#define TANDEM_SVC_GUID_SIZE 16
+
+struct tandem_svc_user;
+
+enum tandem_svc_result {
+	TANDEM_SVC_OK = 0,
+	/* Already applied, or nothing to do (the message is gone, the flags
+	   are already so, the mailbox is already deleted...). */
+	TANDEM_SVC_ALREADY = 1,
+	/* Any other error; *error_r says what. */
+	TANDEM_SVC_ERROR = -1,
+	/* Temporary failure (lock timeout, storage temporarily unavailable):
+	   retrying later may succeed. */
+	TANDEM_SVC_ERROR_TEMP = -2,
+	/* No mailbox with that GUID (or name, for subscribe). */
+	TANDEM_SVC_ERROR_NO_MAILBOX = -3,
+	/* The UID is taken by a message with another GUID, or the message at
+	   the UID is not the one named by the GUID. */
+	TANDEM_SVC_ERROR_CONFLICT = -4,
+	/* Copy: the source message is not there (with that GUID). Send the
+	   body instead. */
+	TANDEM_SVC_ERROR_SOURCE_MISSING = -5,
+	/* The mailbox has another UIDVALIDITY than the caller's. */
+	TANDEM_SVC_ERROR_UIDVALIDITY = -6,
+	/* Create/rename: the name is taken by a mailbox with another GUID
+	   (given in existing_guid_r). */
+	TANDEM_SVC_ERROR_NAME_TAKEN = -7,
+	/* Save/copy: the storage gave the message another UID than the one
+	   asked for (someone took it concurrently). The message IS saved, under
+	   *saved_uid_r. */
+	TANDEM_SVC_ERROR_UID_REASSIGNED = -8,
+	/* User lookup: no such user. */
+	TANDEM_SVC_ERROR_UNKNOWN_USER = -9,
+};
+
+/* ---- The service ---- */
+
+/* Called by tandem_svc_main(), all on the main thread, with its ctx. */
+struct tandem_svc_callbacks {
+	/* Settings are read and the service is ready; the ioloop runs next. */
+	void (*started)(void *ctx);
+	/* A watched fd (tandem_svc_watch_fd) is readable: drain it, or this
+	   fires again at once. */
+	void (*wakeup)(void *ctx, int fd);
+	/* A client connected to one of the service's listeners. The fd now
+	   belongs to the callee (it is non-blocking): when done with it, close
+	   it and call tandem_svc_client_closed(). */
+	void (*client_connected)(void *ctx, int fd);
+	/* The ioloop stopped (SIGTERM from master, or tandem_svc_stop()). Users
+	   still open are closed after this returns. */
+	void (*stopping)(void *ctx);
+};
+
+/* Runs the service: master_service init, settings, mail storage service,
+   started(), the ioloop, stopping(), deinit. argv is Dovecot's to keep and
+   rewrite (process titles): pass the process's own argv, or a copy that
+   lives until the process exits. Returns the process exit code. */
+int tandem_svc_main(int argc, char **argv,
+		    const struct tandem_svc_callbacks *callbacks, void *ctx);
+/* Makes the ioloop stop after the current callback. */
+void tandem_svc_stop(void);
+/* Calls wakeup(fd) whenever fd is readable. Returns 0, or -1 if fd is
+   already watched or invalid. */
+int tandem_svc_watch_fd(int fd);
+/* Stops watching fd (does not close it). Returns 0, or -1 if not watched. */
+int tandem_svc_unwatch_fd(int fd);
+/* A connection handed out by client_connected() is closed: master may send
+   this process another one. Call exactly once per connection. */
+void tandem_svc_client_closed(void);
+
+/* A setting of the global plugin {} block (tandem_server_id, tandem_peer,
+   ...), read once at start-up; NULL when unset. Valid until exit. */
+const char *tandem_svc_setting(const char *name);
+/* Dovecot's base_dir and state_dir. Valid until exit. */
+const char *tandem_svc_base_dir(void);
+const char *tandem_svc_state_dir(void);
+
+/* ---- Users ---- */
+
+/* Looks the user up in userdb and creates its mail user, as doveadm does.
+   Returns TANDEM_SVC_OK with *user_r set, TANDEM_SVC_ERROR_UNKNOWN_USER,
+   or TANDEM_SVC_ERROR / _TEMP. Opening drops the whole process to the
+   user's uid/gid for a moment (Dovecot's own code), then returns to root;
+   afterwards only the main thread switches to the user, per call. */
+int tandem_svc_user_open(const char *username,
+			 struct tandem_svc_user **user_r,
+			 const char **error_r);
+void tandem_svc_user_close(struct tandem_svc_user *user);
+/* The home directory, NULL if none. Valid until the user is closed. */
+const char *tandem_svc_user_home(struct tandem_svc_user *user);
+/* mail_user_plugin_getenv(): the global plugin {} block with the user's
+   userdb overrides. NULL when unset. Valid until the user is closed. */
+const char *tandem_svc_user_setting(struct tandem_svc_user *user,
+				    const char *name);
+
+/* ---- Applying changes (all transactions MAILBOX_TRANSACTION_FLAG_SYNC, and
+   the user is marked dsyncing, so the tandem plugin does not journal them;
+   quota is not enforced, as for dsync) ---- */
+
+/* A message's identity and metadata, for save and copy. */
+struct tandem_svc_mail {
+	uint32_t uid;
+	/* The message GUID as Dovecot prints it; "" or NULL lets the storage
+	   pick one. */
+	const char *guid;
+	/* enum mail_flags bits; \Recent (0x20) is ignored. */
+	uint8_t flags;
+	/* NULL-terminated; NULL means none. Invalid keywords are dropped. */
+	const char *const *keywords;
+	/* Unix time; 0 means "now" (save) or "keep the source's" (copy). */
+	int64_t received_date;
+	int64_t save_date;
+};
+
+/* Creates the mailbox with this GUID and UIDVALIDITY (0: the storage picks
+   one). ALREADY if a mailbox with this GUID exists (under any name).
+   NAME_TAKEN if the name belongs to a mailbox with another GUID, written to
+   existing_guid_r. */
+int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      uint32_t uidvalidity,
+			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r);
+/* Deletes the mailbox with this GUID. ALREADY if there is none. */
+int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r);
+/* Renames the mailbox with this GUID (its children follow, as with IMAP
+   RENAME). ALREADY if it already has that name. NAME_TAKEN (with
+   existing_guid_r) if another mailbox has the new name. */
+int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      const char *new_vname,
+			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r);
+/* (Un)subscribes a name (which need not exist). ALREADY if it already is. */
+int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
+				 const char *vname, bool subscribed,
+				 const char **error_r);
+/* Raises UIDNEXT to at least uidnext. ALREADY if it already is. */
+int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
+				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				   uint32_t uidnext, const char **error_r);
+
+/* Saves a message with the chosen UID, GUID, flags, keywords and dates.
+   - uid < UIDNEXT: ALREADY if that UID holds this GUID, or is free
+     (expunged: never resurrected); CONFLICT if it holds another GUID.
+   - otherwise saves, and checks that the commit gave exactly that UID
+     (UID_REASSIGNED if not).
+   *saved_uid_r is the UID the message has now (0 if none). UIDVALIDITY if
+   the mailbox's differs from uidvalidity (0 skips the check). */
+int tandem_svc_save(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const unsigned char *body, size_t body_len,
+		    uint32_t *saved_uid_r, const char **error_r);
+/* Like tandem_svc_save(), but the body comes from a local message: src_uid
+   in the mailbox src_mailbox_guid, which must have mail->guid
+   (SOURCE_MISSING otherwise). Flags and keywords are mail's; the received
+   date is the source's (a hard-linked copy shares the file). */
+int tandem_svc_copy(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t src_uid, uint32_t *saved_uid_r,
+		    const char **error_r);
+/* Gives the message at uid (which must have guid, unless guid is "" or
+   NULL) the new UID new_uid (>= UIDNEXT), keeping its GUID, flags, keywords
+   and dates: how a UID collision is resolved (a move within the mailbox).
+   ALREADY if uid is gone. *saved_uid_r as for save. */
+int tandem_svc_renumber(struct tandem_svc_user *user,
+			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			uint32_t uid, const char *guid, uint32_t new_uid,
+			uint32_t *saved_uid_r, const char **error_r);
+/* Adds and removes flags and keywords (NULL-terminated lists, NULL for
+   none; a flag in both is added). ALREADY if the message is gone or already
+   has exactly that state for these flags. CONFLICT if the message at uid
+   has another GUID (guid "" or NULL skips the check). */
+int tandem_svc_update_flags(struct tandem_svc_user *user,
+			    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			    uint32_t uid, const char *guid,
+			    uint8_t add_flags, uint8_t remove_flags,
+			    const char *const *add_keywords,
+			    const char *const *remove_keywords,
+			    const char **error_r);
+/* Expunges the message, after checking its GUID (CONFLICT on a mismatch;
+   "" or NULL skips the check). ALREADY if it is gone. */
+int tandem_svc_expunge(struct tandem_svc_user *user,
+		       const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		       uint32_t uid, const char *guid, const char **error_r);
+
+/* ---- Reading ---- */
+
+/* Receives the message body piece by piece; return 0 to go on, -1 to stop
+   (the read then fails with TANDEM_SVC_ERROR). */
+typedef int tandem_svc_chunk_cb(void *ctx, const unsigned char *data,
+				size_t len);
+
+struct tandem_svc_body_info {
+	int64_t received_date;
+	int64_t save_date;
+	/* The message GUID, "" if the storage has none. */
+	const char *guid;
+	/* The whole message's size in bytes. */
+	uint64_t size;
+};
+
+/* Streams the full message (headers and body, as stored) to chunk.
+   ALREADY (and no chunks) if the message is gone. */
+int tandem_svc_read_body(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			 struct tandem_svc_body_info *info_r,
+			 const char **error_r);
+
+struct tandem_svc_mailbox_status {
+	const char *vname;
+	/* All zeroes for a subscription to a mailbox that does not exist. */
+	uint8_t guid[TANDEM_SVC_GUID_SIZE];
+	uint32_t uidvalidity;
+	uint32_t uidnext;
+	uint32_t messages;
+	uint64_t highest_modseq;
+	bool exists;
+	bool subscribed;
+};
+
+/* The status of the mailbox with this GUID (NO_MAILBOX if none). */
+int tandem_svc_mailbox_status(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      struct tandem_svc_mailbox_status *status_r,
+			      const char **error_r);
+
+/* Returns 0 to go on, -1 to stop the iteration (which then fails). */
+typedef int tandem_svc_mailbox_cb(void *ctx,
+				  const struct tandem_svc_mailbox_status *box);
+/* Every mailbox of the user's private namespaces, then every subscription
+   to a name that is not an existing mailbox (exists = false). */
+int tandem_svc_mailbox_list(struct tandem_svc_user *user,
+			    tandem_svc_mailbox_cb *cb, void *ctx,
+			    const char **error_r);
+
+struct tandem_svc_mail_info {
+	uint32_t uid;
+	const char *guid;
+	/* enum mail_flags bits, \Recent masked out. */
+	uint8_t flags;
+	/* NULL-terminated, never NULL. */
+	const char *const *keywords;
+};
+
+typedef int tandem_svc_mail_cb(void *ctx,
+			       const struct tandem_svc_mail_info *mail);
+/* Every message of the mailbox, in UID order. */
+int tandem_svc_mail_list(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 tandem_svc_mail_cb *cb, void *ctx,
+			 const char **error_r);
+
+#endif
