@@ -30,9 +30,9 @@ DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-d
 	libclang-dev clang pkg-config python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all plugin cli test-hooks-plugin deps test verify install demo bench clean
+.PHONY: all plugin cli service test-hooks-plugin deps test verify install demo bench clean
 
-all: plugin cli
+all: plugin cli service
 
 # Only the plugin build enables the `plugin` feature (the C shim and the exported entry points).
 # Build the lib and the bin separately: a plain `cargo build` would overwrite
@@ -43,6 +43,10 @@ plugin:
 
 cli:
 	$(CARGO) build --release --bin tandem
+
+# The service links libdovecot; --bin keeps this build from replacing the plugin's libtandem.so.
+service:
+	$(CARGO) build --release --features service --bin tandem-service
 
 # Built before `plugin` in `make test`, so that target/release/libtandem.so ends up the real one
 # (only the tandem crate itself is compiled twice; the dependencies are shared).
@@ -76,6 +80,7 @@ verify:
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --lib --features plugin -- -D warnings
 	$(CARGO) clippy --lib --features plugin,test-hooks -- -D warnings
+	$(CARGO) clippy --features service --bins -- -D warnings
 	$(MAKE) test
 
 install: all

@@ -654,14 +654,19 @@ impl SmallFs {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(ok, "mounting a small tmpfs needs root with CAP_SYS_ADMIN, as CI has");
+        assert!(
+            ok,
+            "mounting a small tmpfs needs root with CAP_SYS_ADMIN, as CI has"
+        );
         SmallFs(dir)
     }
 }
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
     }
 }
 
@@ -686,10 +691,16 @@ fn a_full_disk_never_fails_mail_and_journaling_resumes_when_space_returns() {
     imap.select("INBOX");
     imap.uid_store(&uid.to_string(), "+FLAGS (\\Seen)");
     imap.logout();
-    assert_eq!(dc.fetch("alice").len(), 1, "the mail was stored all the same");
+    assert_eq!(
+        dc.fetch("alice").len(),
+        1,
+        "the mail was stored all the same"
+    );
     let errors = dc.log_errors();
     assert!(
-        errors.iter().any(|l| l.contains("user alice") && l.contains("resync")),
+        errors
+            .iter()
+            .any(|l| l.contains("user alice") && l.contains("resync")),
         "{errors:?}"
     );
     // Space comes back: journaling resumes, and the mark stays until a resync clears it.
@@ -701,8 +712,15 @@ fn a_full_disk_never_fails_mail_and_journaling_resumes_when_space_returns() {
     let stats = tandem_ok(&dc, &["log", "stats", "-u", "alice", "-c", conf]);
     assert!(stats.contains("resync:      NEEDED"), "{stats}");
     let records = journal(&dc, "alice");
-    assert_eq!(records.last().map(|r| r["kind"].clone()), Some("new".into()));
+    assert_eq!(
+        records.last().map(|r| r["kind"].clone()),
+        Some("new".into())
+    );
     let verify = dc.tandem(&["log", "verify", "-u", "alice", "-c", conf]);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     drop(dc);
 }

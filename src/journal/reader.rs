@@ -94,12 +94,23 @@ impl Reader {
 
     /// Calls `visit` for every record from `cursor.next_lsn` on, up to the end of what is
     /// written now, and advances the cursor. Call again later to follow new records.
-    pub fn read(
+    pub fn read(&self, cursor: &mut Cursor, visit: impl FnMut(Record)) -> Result<(), JournalError> {
+        self.read_up_to(cursor, usize::MAX, visit).map(|_| ())
+    }
+
+    /// Like [`Reader::read`], but stops after `max` records, so that a large backlog is read in
+    /// pieces. Returns how many records were visited.
+    pub fn read_up_to(
         &self,
         cursor: &mut Cursor,
+        max: usize,
         mut visit: impl FnMut(Record),
-    ) -> Result<(), JournalError> {
+    ) -> Result<usize, JournalError> {
+        let mut visited = 0usize;
         loop {
+            if visited >= max {
+                return Ok(visited);
+            }
             let segs = segment_paths(&self.dir)?;
             // The segment holding next_lsn: the last one starting at or before it.
             let Some(idx) = segs.iter().rposition(|(base, _)| *base <= cursor.next_lsn) else {
@@ -166,12 +177,13 @@ impl Reader {
                             }
                             cursor.next_lsn += 1;
                             visit(r);
+                            visited += 1;
                         }
                     }
                     Entry::Seal { next_lsn } => sealed = Some(next_lsn),
                 }
                 pos += len;
-                if sealed.is_some() {
+                if sealed.is_some() || visited >= max {
                     break;
                 }
             }
@@ -191,10 +203,29 @@ impl Reader {
                     cursor.at = None;
                 }
                 // The newest segment ends here for now (or was just sealed, and its successor
-                // is not there yet).
-                _ => return Ok(()),
+                // is not there yet), or `max` was reached.
+                _ => return Ok(visited),
             }
         }
+    }
+
+    /// The journal's id, from its oldest segment's header.
+    pub fn journal_id(&self) -> Result<[u8; 16], JournalError> {
+        let segs = segment_paths(&self.dir)?;
+        let (_, path) = segs
+            .first()
+            .ok_or_else(|| JournalError::Missing(self.dir.clone()))?;
+        let mut h = [0u8; HEADER_LEN];
+        File::open(path)
+            .and_then(|mut f| f.read_exact(&mut h))
+            .map_err(|e| JournalError::io(path, e))?;
+        SegmentHeader::decode(&h)
+            .map(|h| h.journal_id)
+            .map_err(|reason| JournalError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+                reason,
+            })
     }
 
     /// Reads every record from `lsn` on into a vector.

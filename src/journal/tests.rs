@@ -103,6 +103,23 @@ fn rotation_reading_across_segments_and_dropping_acknowledged_ones() {
     reader.read(&mut cursor, |r| seen.push(r.lsn)).unwrap();
     assert_eq!(seen, (35..=50).collect::<Vec<_>>());
 
+    // Reading in pieces gives the same records, and stops where asked.
+    let mut cursor = Cursor::from_lsn(1);
+    let mut pieces = Vec::new();
+    loop {
+        let mut piece = Vec::new();
+        let n = reader
+            .read_up_to(&mut cursor, 7, |r| piece.push(r.lsn))
+            .unwrap();
+        assert!(n <= 7 && n == piece.len());
+        if n == 0 {
+            break;
+        }
+        pieces.extend(piece);
+    }
+    assert_eq!(pieces, (1..=50).collect::<Vec<_>>());
+    assert!(reader.journal_id().is_ok());
+
     let removed = reader.drop_below(20).unwrap();
     assert!(removed > 0);
     let left = lsns(t.path());

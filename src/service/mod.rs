@@ -3,3 +3,11 @@
 
 #[cfg(feature = "service")]
 pub mod dovecot;
+pub mod mainloop;
+pub mod positions;
+pub mod status;
+
+#[cfg(feature = "service")]
+pub mod runtime;
+#[cfg(feature = "service")]
+pub mod selftest;

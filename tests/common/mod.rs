@@ -60,6 +60,8 @@ pub struct Options {
     pub extra_conf: String,
     /// A specific plugin build instead of [`plugin_so`] (e.g. the test-hooks build).
     pub plugin_so: Option<PathBuf>,
+    /// Run the tandem service, listening for its peer on this 127.0.0.1 port.
+    pub service_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             user_fields: Vec::new(),
             extra_conf: String::new(),
             plugin_so: None,
+            service_port: None,
         }
     }
 }
@@ -640,9 +643,156 @@ doveadm_port = {doveadm}
         lmtp = ports.lmtp,
         doveadm = ports.doveadm,
     ));
+    if let Some(port) = opts.service_port {
+        c.push_str(&format!(
+            "service tandem {{
+  executable = {exe}
+  user = root
+  process_min_avail = 1
+  process_limit = 1
+  vsz_limit = 1G
+  inet_listener tandem {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+",
+            exe = service_bin().display()
+        ));
+    }
     c.push_str(&opts.extra_conf);
     c.push('\n');
     c
+}
+
+/// The tandem service executable: `$TANDEM_SERVICE`, else target/release/tandem-service.
+pub fn service_bin() -> PathBuf {
+    let p = std::env::var_os("TANDEM_SERVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/tandem-service")
+        });
+    assert!(
+        p.is_file(),
+        "no tandem service build at {}: run `make` (cargo build --release --features service --bin tandem-service)",
+        p.display()
+    );
+    p
+}
+
+/// A free 127.0.0.1 port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The PIDs of this instance's processes whose command name is `comm` (children of its master).
+pub fn child_pids(dc: &Dovecot, comm: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid: u32 = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == dc.pid() && &stat[open + 1..close] == comm {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Two instances with the plugin and the service, each the other's peer, sharing a secret.
+pub struct Pair {
+    pub a: Dovecot,
+    pub b: Dovecot,
+    pub secret_dir: tempfile::TempDir,
+}
+
+impl Pair {
+    pub fn options(name: &str) -> (Options, Options, tempfile::TempDir) {
+        let secret_dir = tempfile::tempdir().unwrap();
+        let secret = secret_dir.path().join("tandem.secret");
+        fs::write(&secret, "correct horse battery staple 0123456789\n").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let (pa, pb) = (free_port(), free_port());
+        let mk = |id: &str, own: u16, peer: u16| {
+            let mut o = Options::new(&format!("{name}-{id}"))
+                .setting("tandem_server_id", id)
+                .setting("tandem_peer", &format!("127.0.0.1:{peer}"))
+                .setting("tandem_secret_file", secret.to_str().unwrap());
+            o.service_port = Some(own);
+            o
+        };
+        (mk("a", pa, pb), mk("b", pb, pa), secret_dir)
+    }
+
+    pub fn start(name: &str) -> Pair {
+        let (oa, ob, secret_dir) = Pair::options(name);
+        Pair {
+            a: Dovecot::start(oa),
+            b: Dovecot::start(ob),
+            secret_dir,
+        }
+    }
+}
+
+/// Everything a user would compare between two servers: every mail (mailbox, mailbox GUID,
+/// UID, GUID, flags without \Recent), every mailbox's GUID and UIDVALIDITY, and the
+/// subscriptions. Never modseqs: they are per server.
+#[derive(Debug, PartialEq, Eq)]
+pub struct State {
+    pub mails: Vec<Mail>,
+    pub mailboxes: Vec<(String, String, u32)>,
+    pub subscriptions: Vec<String>,
+}
+
+pub fn state(dc: &Dovecot, user: &str) -> State {
+    let mut mailboxes: Vec<(String, String, u32)> = dc
+        .mailbox_status(user)
+        .into_iter()
+        .map(|m| (m.mailbox, m.guid, m.uidvalidity))
+        .collect();
+    mailboxes.sort();
+    let mut subscriptions = dc.subscriptions(user);
+    subscriptions.sort();
+    State {
+        mails: dc.fetch(user),
+        mailboxes,
+        subscriptions,
+    }
+}
+
+/// Waits until `user` looks the same on both servers; panics with the difference if it does
+/// not within `timeout`.
+pub fn wait_converged(a: &Dovecot, b: &Dovecot, user: &str, timeout: Duration) -> State {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (sa, sb) = (state(a, user), state(b, user));
+        if sa == sb {
+            return sa;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{user} did not converge within {timeout:?}\n--- {}:\n{sa:#?}\n--- {}:\n{sb:#?}",
+                a.options().name,
+                b.options().name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Four distinct free 127.0.0.1 ports: bind port 0 (all at once, so they differ), then release.

@@ -1,0 +1,1626 @@
+//! The tandem service itself: finds users with unsent journal records, streams them to the
+//! peer, and applies the peer's records through lib-storage.
+//!
+//! ```text
+//!  doorbell (unix dgram) ──> rings ──┐
+//!  registry (state_dir/users) ───────┤
+//!                                    v
+//!  outbound thread: journals ──> Records/Body frames ──> TCP ──> peer's inbound thread
+//!        ^   acks, NeedBody <── reader thread <── TCP <──┘
+//!        └── bodies read on the main thread (MainHandle::call)
+//!
+//!  inbound thread (one per peer connection, fd from Dovecot's master):
+//!        frames ──> per-user queues ──> apply batches on the main thread ──> Ack
+//! ```
+//!
+//! Threads never call Dovecot; everything that does runs as a job on the main thread
+//! ([`super::mainloop`]). Positions are persisted ([`super::positions`]) so that every restart
+//! resumes where the peer acknowledged, and applying is idempotent.
+
+use super::dovecot::{self, Applied, ApplyError, Handler, NewMail, Svc, User};
+use super::mainloop::{self, MainHandle, MainQueue};
+use super::positions::{Position, Positions};
+use super::status::{self, now_secs, Shared, Status};
+use crate::auth::{self, ClientHandshake, ServerHandshake, Step};
+use crate::codec::{self, Decoder, Msg};
+use crate::event::{Change, Guid128, Record};
+use crate::journal::{self, Cursor, JournalError, Reader};
+use crate::registry;
+use crate::settings::Settings;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Unacknowledged record bytes in flight before the sender waits for acks.
+const WINDOW_BYTES: u64 = 8 << 20;
+/// Records per Records frame, and per apply batch on the main thread.
+const BATCH_RECORDS: usize = 500;
+/// Frames larger than this are refused before the peer has authenticated.
+const PREAUTH_MAX_FRAME: usize = 64 << 10;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// No frame at all from the peer for this long: the connection is dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// Every known user is looked at this often, even without a doorbell ring.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
+/// Open users idle this long are closed.
+const USER_IDLE: Duration = Duration::from_secs(30);
+
+pub fn main() -> i32 {
+    dovecot::run(Box::new(Service::default()))
+}
+
+/// The service's configuration, from the `plugin {}` block.
+#[derive(Clone)]
+struct Config {
+    server_id: String,
+    peer: Option<String>,
+    secret: Option<Arc<Vec<u8>>>,
+    state_dir: PathBuf,
+    base_dir: PathBuf,
+}
+
+/// State shared by all threads.
+struct Shared_ {
+    cfg: Config,
+    status: Shared,
+    stop: AtomicBool,
+    main: MainHandle<Svc>,
+    /// Sockets to shut down on stop, so that blocked threads wake up.
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+type Ctx = Arc<Shared_>;
+
+#[derive(Default)]
+pub struct Service {
+    ctx: Option<Ctx>,
+    queue: Option<MainQueue<Svc>>,
+    threads: Vec<JoinHandle<()>>,
+    rings: Option<Sender<String>>,
+    last_sweep: Option<Instant>,
+}
+
+thread_local! {
+    /// Users opened on the main thread, kept open between jobs: opening a user costs a userdb
+    /// lookup and namespace setup, too much to pay per message.
+    static USERS: RefCell<HashMap<String, (User, Instant)>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with the user `name` opened, on the main thread.
+fn with_user<R>(svc: &Svc, name: &str, f: impl FnOnce(&User) -> R) -> Result<R, dovecot::SvcError> {
+    let cached = USERS.with(|u| u.borrow_mut().remove(name));
+    let user = match cached {
+        Some((u, _)) => u,
+        None => svc.user(name)?,
+    };
+    let r = f(&user);
+    USERS.with(|u| {
+        u.borrow_mut()
+            .insert(name.to_string(), (user, Instant::now()))
+    });
+    Ok(r)
+}
+
+fn forget_user(name: &str) {
+    USERS.with(|u| u.borrow_mut().remove(name));
+}
+
+fn sweep_users() {
+    USERS.with(|u| {
+        u.borrow_mut()
+            .retain(|_, (_, used)| used.elapsed() < USER_IDLE)
+    });
+}
+
+fn config(svc: &Svc) -> Result<Config, String> {
+    let server_id = svc
+        .setting("tandem_server_id")
+        .filter(|s| !s.is_empty())
+        .ok_or("tandem_server_id is not set in plugin {}; the service does nothing")?;
+    let state_dir = svc
+        .setting("tandem_state_dir")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(registry::DEFAULT_STATE_DIR));
+    let peer = svc.setting("tandem_peer").filter(|s| !s.is_empty());
+    let secret = match svc.setting("tandem_secret_file").filter(|s| !s.is_empty()) {
+        None => {
+            log::error!(
+                "tandem_secret_file is not set: peer connections are refused and none is made"
+            );
+            None
+        }
+        Some(path) => match auth::load_secret(std::path::Path::new(&path)) {
+            Ok(s) => {
+                if let Some(w) = s.warning() {
+                    log::warn!("{w}");
+                }
+                Some(Arc::new(s.secret))
+            }
+            Err(e) => {
+                log::error!("{e}: peer connections are refused and none is made");
+                None
+            }
+        },
+    };
+    Ok(Config {
+        server_id,
+        peer,
+        secret,
+        state_dir,
+        base_dir: svc.base_dir(),
+    })
+}
+
+impl Handler for Service {
+    fn started(&mut self, svc: &Svc) {
+        if let Some(user) = svc.setting("tandem_svc_selftest") {
+            super::selftest::selftest(svc, &user);
+        }
+        let cfg = match config(svc) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("{e}");
+                return;
+            }
+        };
+        if let Err(e) = registry::prepare(&cfg.state_dir) {
+            log::error!(
+                "cannot prepare {}: {e}; users are found through the doorbell only",
+                cfg.state_dir.display()
+            );
+        }
+        let (main, queue) = match mainloop::channel() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("pipe: {e}");
+                return;
+            }
+        };
+        // SAFETY: the queue (and so the fd) lives as long as the service.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(queue.fd()) };
+        if let Err(e) = svc.watch_fd(fd) {
+            log::error!("cannot watch the main-thread pipe: {e}");
+            return;
+        }
+        let status: Shared = Arc::new(Mutex::new(Status {
+            server_id: cfg.server_id.clone(),
+            peer: cfg.peer.clone(),
+            disconnected_since: Some(now_secs()),
+            ..Default::default()
+        }));
+        let ctx = Arc::new(Shared_ {
+            cfg: cfg.clone(),
+            status: status.clone(),
+            stop: AtomicBool::new(false),
+            main,
+            sockets: Mutex::new(Vec::new()),
+        });
+        let (rings_tx, rings_rx) = unbounded();
+
+        // The doorbell: mail processes of any uid send to it.
+        let bell_path = cfg.base_dir.join(registry::DOORBELL_NAME);
+        let _ = std::fs::remove_file(&bell_path);
+        match UnixDatagram::bind(&bell_path) {
+            Ok(sock) => {
+                let _ =
+                    std::fs::set_permissions(&bell_path, std::fs::Permissions::from_mode(0o666));
+                let (ctx2, tx) = (ctx.clone(), rings_tx.clone());
+                self.spawn("tandem-doorbell", move || doorbell(ctx2, sock, tx));
+            }
+            Err(e) => log::error!(
+                "cannot bind the doorbell {}: {e}; changes are picked up every {}s instead",
+                bell_path.display(),
+                RESCAN_EVERY.as_secs()
+            ),
+        }
+
+        let status_path = cfg.base_dir.join(status::STATUS_SOCKET);
+        let _ = std::fs::remove_file(&status_path);
+        match UnixListener::bind(&status_path) {
+            Ok(l) => {
+                let _ =
+                    std::fs::set_permissions(&status_path, std::fs::Permissions::from_mode(0o600));
+                let (st, ctx2) = (status.clone(), ctx.clone());
+                self.spawn("tandem-status", move || {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let stop2 = stop.clone();
+                    let watcher = std::thread::spawn(move || {
+                        while !ctx2.stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        stop2.store(true, Ordering::Relaxed);
+                    });
+                    status::serve(l, st, stop);
+                    let _ = watcher.join();
+                });
+            }
+            Err(e) => log::error!(
+                "cannot bind {}: {e}; tandem status will not answer",
+                status_path.display()
+            ),
+        }
+
+        match (&cfg.peer, &cfg.secret) {
+            (Some(_), Some(_)) => {
+                let ctx2 = ctx.clone();
+                self.spawn("tandem-outbound", move || outbound(ctx2, rings_rx));
+            }
+            (None, _) => log::info!(
+                "tandem_peer is not set: this server only receives changes, it sends none"
+            ),
+            _ => {}
+        }
+        log::info!(
+            "tandem service started: server {}, peer {}",
+            cfg.server_id,
+            cfg.peer.as_deref().unwrap_or("(none)")
+        );
+        self.rings = Some(rings_tx);
+        self.queue = Some(queue);
+        self.ctx = Some(ctx);
+    }
+
+    fn wakeup(&mut self, svc: &Svc) {
+        if let Some(q) = &self.queue {
+            q.drain(svc);
+        }
+        if self.last_sweep.is_none_or(|t| t.elapsed() > USER_IDLE) {
+            self.last_sweep = Some(Instant::now());
+            sweep_users();
+        }
+    }
+
+    fn client_connected(&mut self, svc: &Svc, fd: OwnedFd) {
+        let Some(ctx) = self.ctx.clone() else {
+            // Not configured: refuse by closing.
+            drop(fd);
+            svc.client_closed();
+            return;
+        };
+        let stream = TcpStream::from(fd);
+        let _ = stream.set_nonblocking(false);
+        self.spawn("tandem-inbound", move || {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            if let Err(e) = inbound(&ctx, stream) {
+                log::error!("inbound connection from {peer}: {e}");
+                ctx.status
+                    .lock()
+                    .unwrap()
+                    .error(format!("inbound from {peer}: {e}"));
+            }
+            let _ = ctx.main.post(Box::new(|svc: &Svc| svc.client_closed()));
+        });
+    }
+
+    fn stopping(&mut self, _svc: &Svc) {
+        if let Some(ctx) = &self.ctx {
+            ctx.stop.store(true, Ordering::Relaxed);
+            for s in ctx.sockets.lock().unwrap().iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        // Jobs posted from now on fail with Stopped, so no thread waits for this thread.
+        self.queue = None;
+        self.rings = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        USERS.with(|u| u.borrow_mut().clear());
+    }
+}
+
+impl Service {
+    fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) {
+        self.threads.retain(|t| !t.is_finished());
+        match dovecot::spawn_thread(name, f) {
+            Ok(t) => self.threads.push(t),
+            Err(e) => log::error!("cannot start thread {name}: {e}"),
+        }
+    }
+}
+
+fn doorbell(ctx: Ctx, sock: UnixDatagram, rings: Sender<String>) {
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; registry::MAX_USER_LEN + 1];
+    while !ctx.stop.load(Ordering::Relaxed) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if n > 0 && n <= registry::MAX_USER_LEN {
+                if let Ok(user) = std::str::from_utf8(&buf[..n]) {
+                    let _ = rings.send(user.to_string());
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framed connections
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame from the peer: {0}")]
+    Codec(#[from] codec::CodecError),
+    #[error("authentication failed: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("no traffic from the peer for {}s", IDLE_TIMEOUT.as_secs())]
+    Idle,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the service is stopping")]
+    Stopping,
+}
+
+impl From<mainloop::Stopped> for ConnError {
+    fn from(_: mainloop::Stopped) -> Self {
+        ConnError::Stopping
+    }
+}
+
+/// The reading half of a connection.
+struct FrameReader {
+    stream: TcpStream,
+    dec: Decoder,
+    buf: Vec<u8>,
+    status: Shared,
+}
+
+impl FrameReader {
+    fn new(stream: TcpStream, status: Shared, max_frame: usize) -> FrameReader {
+        FrameReader {
+            stream,
+            dec: Decoder::with_max_frame(max_frame),
+            buf: vec![0u8; 64 << 10],
+            status,
+        }
+    }
+
+    /// The next message; `Ok(None)` when the read timeout passed without one.
+    fn next(&mut self) -> Result<Option<Msg>, ConnError> {
+        loop {
+            if let Some(m) = self.dec.next()? {
+                return Ok(Some(m));
+            }
+            match self.stream.read(&mut self.buf) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => {
+                    self.status.lock().unwrap().bytes_received += n as u64;
+                    self.dec.feed(&self.buf[..n]);
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next message, waiting at most `timeout` in total.
+    fn next_within(&mut self, timeout: Duration) -> Result<Msg, ConnError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self.next()? {
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                return Err(ConnError::Idle);
+            }
+        }
+    }
+}
+
+/// The writing half.
+struct FrameWriter {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    status: Shared,
+}
+
+impl FrameWriter {
+    fn send(&mut self, m: &Msg) -> Result<usize, ConnError> {
+        self.buf.clear();
+        codec::encode(m, &mut self.buf)?;
+        self.stream.write_all(&self.buf)?;
+        self.status.lock().unwrap().bytes_sent += self.buf.len() as u64;
+        Ok(self.buf.len())
+    }
+}
+
+fn split(
+    stream: TcpStream,
+    status: &Shared,
+    max_frame: usize,
+) -> std::io::Result<(FrameReader, FrameWriter)> {
+    let w = stream.try_clone()?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok((
+        FrameReader::new(stream, status.clone(), max_frame),
+        FrameWriter {
+            stream: w,
+            buf: Vec::new(),
+            status: status.clone(),
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbound: this server's journals to the peer
+// ---------------------------------------------------------------------------------------------
+
+/// What the outbound side knows about one user.
+struct OutUser {
+    dir: Option<PathBuf>,
+    journal_id: [u8; 16],
+    acked: u64,
+    cursor: Cursor,
+    /// Records read and sent (or, while disconnected, read) but not acknowledged:
+    /// (lsn, encoded bytes, stamp millis).
+    unacked: VecDeque<(u64, u64, u64)>,
+    /// Record bytes sent and not acknowledged.
+    inflight: u64,
+    last_error: Option<String>,
+}
+
+/// What the reader thread of an outbound connection hands back.
+enum Incoming {
+    Ack {
+        user: String,
+        journal_id: [u8; 16],
+        lsn: u64,
+    },
+    NeedBody {
+        user: String,
+        mailbox_guid: Guid128,
+        uid: u32,
+    },
+    Closed(String),
+}
+
+fn outbound(ctx: Ctx, rings: Receiver<String>) {
+    let sent = match Positions::open(&ctx.cfg.state_dir.join("sent"), false) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!(
+                "cannot open {}/sent: {e}; not sending",
+                ctx.cfg.state_dir.display()
+            );
+            return;
+        }
+    };
+    let mut out = Outbound {
+        ctx: ctx.clone(),
+        sent,
+        users: HashMap::new(),
+        pending: BTreeSet::new(),
+        rings,
+    };
+    out.rescan();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        match out.session() {
+            Ok(()) => {}
+            Err(ConnError::Stopping) => break,
+            Err(e) => {
+                let msg = format!(
+                    "connection to peer {}: {e}",
+                    ctx.cfg.peer.as_deref().unwrap_or("")
+                );
+                // A peer that stays down is logged once, not at every retry.
+                if msg != last_error {
+                    log::error!("{msg}");
+                    last_error = msg.clone();
+                }
+                let mut s = ctx.status.lock().unwrap();
+                s.error(msg);
+                if s.connected {
+                    s.connected = false;
+                    s.connected_since = None;
+                    s.disconnected_since = Some(now_secs());
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        // While the peer is away, keep the backlog figures up to date.
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !ctx.stop.load(Ordering::Relaxed) {
+            out.take_rings(Duration::from_millis(100));
+            out.scan_offline();
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+struct Outbound {
+    ctx: Ctx,
+    sent: Positions,
+    users: HashMap<String, OutUser>,
+    pending: BTreeSet<String>,
+    rings: Receiver<String>,
+}
+
+impl Outbound {
+    fn rescan(&mut self) {
+        match registry::registered(&self.ctx.cfg.state_dir) {
+            Ok(users) => self.pending.extend(users),
+            Err(e) => log::warn!(
+                "cannot list {}: {e}",
+                registry::users_dir(&self.ctx.cfg.state_dir).display()
+            ),
+        }
+        self.pending.extend(self.users.keys().cloned());
+    }
+
+    fn take_rings(&mut self, wait: Duration) {
+        if let Ok(u) = self.rings.recv_timeout(wait) {
+            self.pending.insert(u);
+        }
+        while let Ok(u) = self.rings.try_recv() {
+            self.pending.insert(u);
+        }
+    }
+
+    /// The user's state, resolving the journal directory through the userdb on first use.
+    fn user(&mut self, name: &str) -> Result<&mut OutUser, ConnError> {
+        if !self.users.contains_key(name) {
+            let acked = self.sent.get(name).ok().flatten().unwrap_or_default();
+            self.users.insert(
+                name.to_string(),
+                OutUser {
+                    dir: None,
+                    journal_id: acked.journal_id,
+                    acked: acked.lsn,
+                    cursor: Cursor::from_lsn(acked.lsn + 1),
+                    unacked: VecDeque::new(),
+                    inflight: 0,
+                    last_error: None,
+                },
+            );
+        }
+        let u = self.users.get_mut(name).unwrap();
+        if u.dir.is_none() {
+            let who = name.to_string();
+            let dir = self.ctx.main.call(move |svc: &Svc| {
+                with_user(svc, &who, |user| {
+                    let home = user.home().map(|h| h.to_string_lossy().into_owned());
+                    Settings::parse(|k| user.setting(k), home.as_deref(), None)
+                        .map(|s| s.journal_dir)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+            })?;
+            match dir {
+                Ok(d) => u.dir = Some(d),
+                Err(e) => {
+                    u.last_error = Some(e.clone());
+                    return Err(ConnError::Protocol(format!("user {name}: {e}")));
+                }
+            }
+        }
+        Ok(u)
+    }
+
+    /// Reads the user's new records (at most `max`), keeping the backlog figures.
+    fn read(&mut self, name: &str, max: usize) -> Result<(OutReadState, Vec<Record>), ConnError> {
+        let u = self.user(name)?;
+        let dir = u.dir.clone().unwrap();
+        let reader = match Reader::open(&dir) {
+            Ok(r) => r,
+            Err(JournalError::Missing(_)) => return Ok((OutReadState::default(), Vec::new())),
+            Err(e) => return Err(ConnError::Protocol(format!("user {name}: {e}"))),
+        };
+        let jid = reader
+            .journal_id()
+            .map_err(|e| ConnError::Protocol(format!("user {name}: {e}")))?;
+        if jid != u.journal_id {
+            // A new journal (first contact, or the old one was lost): from its start.
+            log::info!(
+                "user {name}: journal {} begins; sending it from LSN 1",
+                hex(&jid)
+            );
+            u.journal_id = jid;
+            u.acked = 0;
+            u.cursor = Cursor::from_lsn(1);
+            u.unacked.clear();
+            u.inflight = 0;
+        }
+        let mut records = Vec::new();
+        let res = reader.read_up_to(&mut u.cursor, max, |r| records.push(r));
+        if let Err(e) = res {
+            let msg = format!("user {name}: journal unreadable: {e}; the user needs a resync");
+            u.last_error = Some(msg.clone());
+            let _ = journal::mark_resync(&dir, &msg);
+            return Err(ConnError::Protocol(msg));
+        }
+        for r in &records {
+            let bytes = crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64);
+            u.unacked.push_back((r.lsn, bytes, r.stamp.millis()));
+        }
+        Ok((
+            OutReadState {
+                journal_id: jid,
+                more: records.len() >= max,
+            },
+            records,
+        ))
+    }
+
+    fn publish_user(&self, name: &str) {
+        let Some(u) = self.users.get(name) else {
+            return;
+        };
+        let now_ms = (now_secs() * 1000.0) as u64;
+        let us = status::UserStatus {
+            unacked_records: u.unacked.len() as u64,
+            unacked_bytes: u.unacked.iter().map(|(_, b, _)| b).sum(),
+            oldest_unacked_age: u
+                .unacked
+                .front()
+                .map(|(_, _, ms)| now_ms.saturating_sub(*ms) as f64 / 1000.0),
+            acked_lsn: u.acked,
+            last_error: u.last_error.clone(),
+        };
+        self.ctx
+            .status
+            .lock()
+            .unwrap()
+            .users
+            .insert(name.to_string(), us);
+    }
+
+    /// While disconnected: read what is pending, only to show the backlog.
+    fn scan_offline(&mut self) {
+        let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
+        for name in names {
+            loop {
+                match self.read(&name, 10_000) {
+                    Ok((st, _)) if st.more => continue,
+                    _ => break,
+                }
+            }
+            self.publish_user(&name);
+        }
+    }
+
+    /// Reconnecting: everything not acknowledged goes again, from the acknowledged position.
+    fn rewind(&mut self) {
+        for u in self.users.values_mut() {
+            u.cursor = Cursor::from_lsn(u.acked + 1);
+            u.unacked.clear();
+            u.inflight = 0;
+        }
+        self.rescan();
+    }
+
+    fn connect(&self) -> Result<TcpStream, ConnError> {
+        let peer = self.ctx.cfg.peer.clone().unwrap_or_default();
+        let addrs: Vec<_> = peer
+            .to_socket_addrs()
+            .map_err(|e| ConnError::Protocol(format!("bad tandem_peer {peer:?}: {e}")))?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or(
+            ConnError::Protocol(format!("tandem_peer {peer:?} has no address")),
+            ConnError::Io,
+        ))
+    }
+
+    fn session(&mut self) -> Result<(), ConnError> {
+        let stream = self.connect()?;
+        let _ = stream.set_nodelay(true);
+        self.ctx.sockets.lock().unwrap().push(stream.try_clone()?);
+        let (mut rd, mut wr) = split(stream, &self.ctx.status, PREAUTH_MAX_FRAME)?;
+        let secret = self
+            .ctx
+            .cfg
+            .secret
+            .clone()
+            .expect("checked before starting");
+        let (mut hs, hello) = ClientHandshake::new(&secret, &self.ctx.cfg.server_id)?;
+        wr.send(&hello)?;
+        let peer_id = loop {
+            let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
+            match hs.on_msg(m)? {
+                Step::Send(m) => {
+                    wr.send(&m)?;
+                }
+                Step::Done { peer_id, send } => {
+                    if let Some(m) = send {
+                        wr.send(&m)?;
+                    }
+                    break peer_id;
+                }
+            }
+        };
+        rd.dec.set_max_frame(codec::MAX_FRAME);
+        log::info!(
+            "connected to peer {peer_id} at {}",
+            self.ctx.cfg.peer.as_deref().unwrap_or("")
+        );
+        {
+            let mut s = self.ctx.status.lock().unwrap();
+            s.connected = true;
+            s.peer_id = Some(peer_id.clone());
+            s.connected_since = Some(now_secs());
+            s.disconnected_since = None;
+        }
+        self.rewind();
+
+        // The reader thread turns the peer's frames into events.
+        let (tx, incoming) = unbounded();
+        let ctx = self.ctx.clone();
+        let reader = dovecot::spawn_thread("tandem-outbound-rd", move || {
+            let mut last = Instant::now();
+            loop {
+                if ctx.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let ev = match rd.next() {
+                    Ok(None) if last.elapsed() > IDLE_TIMEOUT => {
+                        Incoming::Closed(ConnError::Idle.to_string())
+                    }
+                    Ok(None) => continue,
+                    Ok(Some(m)) => {
+                        last = Instant::now();
+                        match m {
+                            Msg::Ack {
+                                user,
+                                journal_id,
+                                lsn,
+                            } => Incoming::Ack {
+                                user,
+                                journal_id,
+                                lsn,
+                            },
+                            Msg::NeedBody {
+                                user,
+                                mailbox_guid,
+                                uid,
+                                ..
+                            } => Incoming::NeedBody {
+                                user,
+                                mailbox_guid,
+                                uid,
+                            },
+                            Msg::Pong { .. } | Msg::Ping { .. } => continue,
+                            Msg::Error { message } => {
+                                Incoming::Closed(format!("the peer reports: {message}"))
+                            }
+                            other => Incoming::Closed(format!(
+                                "unexpected {} from the peer",
+                                other.name()
+                            )),
+                        }
+                    }
+                    Err(e) => Incoming::Closed(e.to_string()),
+                };
+                let closed = matches!(ev, Incoming::Closed(_));
+                if tx.send(ev).is_err() || closed {
+                    return;
+                }
+            }
+        })?;
+        let res = self.stream_loop(&mut wr, &incoming);
+        let _ = wr.stream.shutdown(Shutdown::Both);
+        let _ = reader.join();
+        self.ctx.sockets.lock().unwrap().retain(|s| {
+            s.peer_addr().ok() != wr.stream.peer_addr().ok()
+                || s.local_addr().ok() != wr.stream.local_addr().ok()
+        });
+        res
+    }
+
+    fn stream_loop(
+        &mut self,
+        wr: &mut FrameWriter,
+        incoming: &Receiver<Incoming>,
+    ) -> Result<(), ConnError> {
+        let mut last_rescan = Instant::now();
+        let mut last_ping = Instant::now();
+        let mut ping = 0u64;
+        loop {
+            if self.ctx.stop.load(Ordering::Relaxed) {
+                return Err(ConnError::Stopping);
+            }
+            while let Ok(ev) = incoming.try_recv() {
+                self.on_incoming(ev, wr)?;
+            }
+            self.take_rings(Duration::ZERO);
+            if last_rescan.elapsed() > RESCAN_EVERY {
+                last_rescan = Instant::now();
+                self.rescan();
+            }
+            if last_ping.elapsed() > PING_EVERY {
+                last_ping = Instant::now();
+                ping += 1;
+                wr.send(&Msg::Ping { seq: ping })?;
+            }
+            let inflight: u64 = self.users.values().map(|u| u.inflight).sum();
+            let mut did = false;
+            if inflight < WINDOW_BYTES {
+                let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
+                for name in names {
+                    match self.pump(&name, wr) {
+                        Ok(more) => {
+                            did = true;
+                            if more {
+                                self.pending.insert(name.clone());
+                            }
+                        }
+                        Err(ConnError::Protocol(e)) => {
+                            // This user's problem only: the others go on.
+                            log::error!("{e}");
+                            self.ctx.status.lock().unwrap().error(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    self.publish_user(&name);
+                }
+            }
+            if !did || inflight >= WINDOW_BYTES {
+                // Wait for an ack, a ring or the next rescan.
+                crossbeam_channel::select! {
+                    recv(incoming) -> ev => match ev {
+                        Ok(ev) => self.on_incoming(ev, wr)?,
+                        Err(_) => return Err(ConnError::Closed),
+                    },
+                    recv(self.rings) -> u => if let Ok(u) = u { self.pending.insert(u); },
+                    default(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    }
+
+    /// Sends the user's next records (and the bodies of their new mail). Returns whether more
+    /// are waiting.
+    fn pump(&mut self, name: &str, wr: &mut FrameWriter) -> Result<bool, ConnError> {
+        let (st, records) = self.read(name, BATCH_RECORDS)?;
+        if records.is_empty() {
+            return Ok(false);
+        }
+        // Bodies of new mail first: the peer applies a `new` record once its body is there, so
+        // sending it ahead saves the peer a wait. Copies go as instructions (DESIGN.md 9).
+        for r in &records {
+            if let Change::New {
+                uid, from: None, ..
+            } = &r.change
+            {
+                self.send_body(name, r.mailbox_guid, *uid, wr)?;
+            }
+        }
+        let raw: u64 = records
+            .iter()
+            .map(|r| crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64 + 4))
+            .sum();
+        let n = records.len() as u64;
+        let wire = wr.send(&Msg::Records {
+            user: name.to_string(),
+            journal_id: st.journal_id,
+            records,
+        })? as u64;
+        {
+            let mut s = self.ctx.status.lock().unwrap();
+            s.records_sent += n;
+            s.record_bytes_raw += raw;
+            s.record_bytes_wire += wire;
+        }
+        if let Some(u) = self.users.get_mut(name) {
+            u.inflight += raw;
+        }
+        Ok(st.more)
+    }
+
+    fn send_body(
+        &mut self,
+        user: &str,
+        mailbox_guid: Guid128,
+        uid: u32,
+        wr: &mut FrameWriter,
+    ) -> Result<(), ConnError> {
+        let who = user.to_string();
+        let body = self.ctx.main.call(move |svc: &Svc| {
+            // A user opened before the mailbox existed may not find it by GUID: retry once
+            // with a freshly opened user before calling it gone.
+            let mut fresh = false;
+            loop {
+                match with_user(svc, &who, |u| u.read_body(&mailbox_guid, uid)) {
+                    Ok(Ok(b)) => return Ok(b),
+                    Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
+                        forget_user(&who);
+                        fresh = true;
+                    }
+                    Ok(Err(e)) => {
+                        forget_user(&who);
+                        return Err(e.to_string());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })?;
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => {
+                // Reported to the peer as gone: it skips the mail rather than stall; the user
+                // is marked for resync so that a comparison repairs it.
+                log::error!(
+                    "user {user}: reading the body of uid {uid} in {mailbox_guid} failed: {e}"
+                );
+                None
+            }
+        };
+        match body {
+            None => {
+                wr.send(&Msg::BodyGone {
+                    user: user.to_string(),
+                    mailbox_guid,
+                    uid,
+                })?;
+            }
+            Some(b) => {
+                let total = b.data.len() as u64;
+                let mut offset = 0usize;
+                loop {
+                    let end = (offset + codec::BODY_CHUNK).min(b.data.len());
+                    wr.send(&Msg::Body {
+                        user: user.to_string(),
+                        mailbox_guid,
+                        uid,
+                        guid: b.info.guid.clone(),
+                        received_date: b.info.received_date,
+                        save_date: b.info.save_date,
+                        total,
+                        offset: offset as u64,
+                        data: b.data[offset..end].to_vec(),
+                    })?;
+                    offset = end;
+                    if offset >= b.data.len() {
+                        break;
+                    }
+                }
+                self.ctx.status.lock().unwrap().bodies_sent += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_incoming(&mut self, ev: Incoming, wr: &mut FrameWriter) -> Result<(), ConnError> {
+        match ev {
+            Incoming::Closed(why) => Err(ConnError::Protocol(why)),
+            Incoming::NeedBody {
+                user,
+                mailbox_guid,
+                uid,
+            } => self.send_body(&user, mailbox_guid, uid, wr),
+            Incoming::Ack {
+                user,
+                journal_id,
+                lsn,
+            } => {
+                let Some(u) = self.users.get_mut(&user) else {
+                    return Ok(());
+                };
+                if journal_id != u.journal_id || lsn <= u.acked {
+                    return Ok(());
+                }
+                u.acked = lsn;
+                while u.unacked.front().is_some_and(|(l, _, _)| *l <= lsn) {
+                    let (_, b, _) = u.unacked.pop_front().unwrap();
+                    u.inflight = u.inflight.saturating_sub(b + 4);
+                }
+                if u.unacked.is_empty() {
+                    u.inflight = 0;
+                }
+                u.last_error = None;
+                if let Err(e) = self.sent.set(&user, Position { journal_id, lsn }) {
+                    log::error!("user {user}: cannot record the acknowledged position: {e}");
+                }
+                // The peer has it for good: the journal no longer needs it.
+                if let Some(dir) = u.dir.clone() {
+                    if let Ok(r) = Reader::open(&dir) {
+                        if let Err(e) = r.drop_below(lsn) {
+                            log::warn!(
+                                "user {user}: cannot drop acknowledged journal segments: {e}"
+                            );
+                        }
+                    }
+                }
+                self.publish_user(&user);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct OutReadState {
+    journal_id: [u8; 16],
+    more: bool,
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inbound: the peer's journals, applied here
+// ---------------------------------------------------------------------------------------------
+
+/// A body being received.
+struct BodyBuf {
+    data: Vec<u8>,
+    total: u64,
+    guid: String,
+    received_date: i64,
+    save_date: i64,
+    gone: bool,
+}
+
+impl BodyBuf {
+    fn complete(&self) -> bool {
+        self.gone || self.data.len() as u64 == self.total
+    }
+}
+
+struct InUser {
+    journal_id: [u8; 16],
+    applied: u64,
+    queue: VecDeque<Record>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// A copy whose source is missing here: wait for its body.
+    need_body: BTreeSet<(Guid128, u32)>,
+}
+
+type BodyKey = (String, Guid128, u32);
+
+struct Inbound<'a> {
+    ctx: &'a Ctx,
+    peer_id: String,
+    applied: Positions,
+    users: HashMap<String, InUser>,
+    bodies: HashMap<BodyKey, BodyBuf>,
+}
+
+fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
+    let Some(secret) = ctx.cfg.secret.clone() else {
+        return Err(ConnError::Protocol(
+            "refused: tandem_secret_file is not usable".into(),
+        ));
+    };
+    ctx.sockets.lock().unwrap().push(stream.try_clone()?);
+    let (mut rd, mut wr) = split(stream, &ctx.status, PREAUTH_MAX_FRAME)?;
+    let mut hs = ServerHandshake::new(&secret, &ctx.cfg.server_id)?;
+    let peer_id = loop {
+        let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
+        match hs.on_msg(m) {
+            Ok(Step::Send(m)) => {
+                wr.send(&m)?;
+            }
+            Ok(Step::Done { peer_id, send }) => {
+                if let Some(m) = send {
+                    wr.send(&m)?;
+                }
+                break peer_id;
+            }
+            Err(e) => {
+                if let Some(reply) = e.reply_to_peer() {
+                    let _ = wr.send(&reply);
+                }
+                return Err(e.into());
+            }
+        }
+    };
+    rd.dec.set_max_frame(codec::MAX_FRAME);
+    log::info!("peer {peer_id} connected");
+    ctx.status.lock().unwrap().inbound_connections += 1;
+    let applied = Positions::open(&ctx.cfg.state_dir.join("applied").join(&peer_id), true)?;
+    let mut inb = Inbound {
+        ctx,
+        peer_id,
+        applied,
+        users: HashMap::new(),
+        bodies: HashMap::new(),
+    };
+    let res = inb.run(&mut rd, &mut wr);
+    ctx.status.lock().unwrap().inbound_connections -= 1;
+    if let Err(e) = &res {
+        let _ = wr.send(&Msg::Error {
+            message: e.to_string(),
+        });
+    }
+    res
+}
+
+impl Inbound<'_> {
+    fn run(&mut self, rd: &mut FrameReader, wr: &mut FrameWriter) -> Result<(), ConnError> {
+        let mut last = Instant::now();
+        loop {
+            if self.ctx.stop.load(Ordering::Relaxed) {
+                return Err(ConnError::Stopping);
+            }
+            match rd.next()? {
+                Some(m) => {
+                    last = Instant::now();
+                    self.on_msg(m, wr)?;
+                }
+                None if last.elapsed() > IDLE_TIMEOUT => return Err(ConnError::Idle),
+                None => {}
+            }
+            self.apply_ready(wr)?;
+        }
+    }
+
+    fn in_user(&mut self, user: &str, journal_id: [u8; 16]) -> Result<&mut InUser, ConnError> {
+        let known = self.users.get(user).map(|u| u.journal_id);
+        if known != Some(journal_id) {
+            let pos = self.applied.get(user)?.unwrap_or_default();
+            let applied = if pos.journal_id == journal_id {
+                pos.lsn
+            } else {
+                0
+            };
+            self.users.insert(
+                user.to_string(),
+                InUser {
+                    journal_id,
+                    applied,
+                    queue: VecDeque::new(),
+                    retry_at: None,
+                    backoff: Duration::from_millis(200),
+                    need_body: BTreeSet::new(),
+                },
+            );
+        }
+        Ok(self.users.get_mut(user).unwrap())
+    }
+
+    fn on_msg(&mut self, m: Msg, wr: &mut FrameWriter) -> Result<(), ConnError> {
+        match m {
+            Msg::Records {
+                user,
+                journal_id,
+                records,
+            } => {
+                if let Some(r) = records.iter().find(|r| r.user != user) {
+                    return Err(ConnError::Protocol(format!(
+                        "a record of user {:?} inside the stream of user {user:?}",
+                        r.user
+                    )));
+                }
+                if let Some(r) = records.iter().find(|r| r.origin == self.ctx.cfg.server_id) {
+                    // Our own change coming back would loop forever (DESIGN.md decision 6).
+                    log::warn!("user {user}: skipping LSN {} that originated here", r.lsn);
+                }
+                let own = self.ctx.cfg.server_id.clone();
+                let u = self.in_user(&user, journal_id)?;
+                let mut next = u.queue.back().map_or(u.applied, |r| r.lsn) + 1;
+                let mut skipped_to = None;
+                for r in records {
+                    if r.lsn < next {
+                        // A replay of what is applied or queued already.
+                        if r.lsn <= u.applied {
+                            skipped_to = Some(u.applied);
+                        }
+                        continue;
+                    }
+                    if r.lsn != next {
+                        return Err(ConnError::Protocol(format!(
+                            "user {user}: LSN {} follows {}; records are missing",
+                            r.lsn,
+                            next - 1
+                        )));
+                    }
+                    next += 1;
+                    if r.origin == own {
+                        // Keep the LSN sequence, change nothing.
+                        u.queue.push_back(Record {
+                            change: Change::Subscribe,
+                            mailbox: String::new(),
+                            ..r
+                        });
+                        u.queue.back_mut().unwrap().origin = "skip".into();
+                        continue;
+                    }
+                    u.queue.push_back(r);
+                }
+                if let (Some(lsn), true) = (skipped_to, u.queue.is_empty()) {
+                    wr.send(&Msg::Ack {
+                        user,
+                        journal_id,
+                        lsn,
+                    })?;
+                }
+                Ok(())
+            }
+            Msg::Body {
+                user,
+                mailbox_guid,
+                uid,
+                guid,
+                received_date,
+                save_date,
+                total,
+                offset,
+                data,
+            } => {
+                let key = (user.clone(), mailbox_guid, uid);
+                let b = self.bodies.entry(key).or_insert_with(|| BodyBuf {
+                    data: Vec::with_capacity(total.min(codec::MAX_FRAME as u64) as usize),
+                    total,
+                    guid,
+                    received_date,
+                    save_date,
+                    gone: false,
+                });
+                if offset != b.data.len() as u64 || total != b.total {
+                    // A restart of this body (the sender reconnected): begin again.
+                    b.data.clear();
+                    b.total = total;
+                    if offset != 0 {
+                        return Err(ConnError::Protocol(format!(
+                            "user {user}: body chunk of uid {uid} at offset {offset}, expected 0"
+                        )));
+                    }
+                }
+                b.data.extend_from_slice(&data);
+                if let Some(u) = self.users.get_mut(&user) {
+                    u.need_body.remove(&(mailbox_guid, uid));
+                }
+                Ok(())
+            }
+            Msg::BodyGone {
+                user,
+                mailbox_guid,
+                uid,
+            } => {
+                let b = self
+                    .bodies
+                    .entry((user.clone(), mailbox_guid, uid))
+                    .or_insert_with(|| BodyBuf {
+                        data: Vec::new(),
+                        total: 0,
+                        guid: String::new(),
+                        received_date: 0,
+                        save_date: 0,
+                        gone: true,
+                    });
+                b.gone = true;
+                if let Some(u) = self.users.get_mut(&user) {
+                    u.need_body.remove(&(mailbox_guid, uid));
+                }
+                Ok(())
+            }
+            Msg::Ping { seq } => {
+                wr.send(&Msg::Pong { seq })?;
+                Ok(())
+            }
+            Msg::Pong { .. } => Ok(()),
+            Msg::Error { message } => {
+                Err(ConnError::Protocol(format!("the peer reports: {message}")))
+            }
+            other => Err(ConnError::Protocol(format!(
+                "unexpected {} from the peer",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Applies what can be applied, user by user: one user waiting for a body or retrying
+    /// after an error never holds up the others.
+    fn apply_ready(&mut self, wr: &mut FrameWriter) -> Result<(), ConnError> {
+        let names: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, u)| !u.queue.is_empty() && u.retry_at.is_none_or(|t| Instant::now() >= t))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.apply_user(&name, wr)?;
+        }
+        Ok(())
+    }
+
+    fn apply_user(&mut self, name: &str, wr: &mut FrameWriter) -> Result<(), ConnError> {
+        loop {
+            let u = self.users.get_mut(name).unwrap();
+            // The batch: leading records whose bodies are here (or not needed).
+            let mut batch = Vec::new();
+            let mut bodies = HashMap::new();
+            for r in u.queue.iter().take(BATCH_RECORDS) {
+                if let Change::New { uid, from, .. } = &r.change {
+                    let key = (name.to_string(), r.mailbox_guid, *uid);
+                    let wants_body = from.is_none()
+                        || u.need_body.contains(&(r.mailbox_guid, *uid))
+                        || self.bodies.contains_key(&key);
+                    if wants_body {
+                        match self.bodies.get(&key) {
+                            Some(b) if b.complete() => {
+                                bodies.insert(
+                                    (r.mailbox_guid, *uid),
+                                    self.bodies.remove(&key).unwrap(),
+                                );
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                batch.push(r.clone());
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let user = name.to_string();
+            let outcome = self
+                .ctx
+                .main
+                .call(move |svc: &Svc| apply_batch(svc, &user, batch, bodies))?;
+            let u = self.users.get_mut(name).unwrap();
+            let mut last = None;
+            for _ in 0..outcome.applied {
+                let r = u.queue.pop_front().unwrap();
+                last = Some(r.lsn);
+            }
+            // Unused bodies go back (an error stopped the batch before them).
+            for ((g, uid), b) in outcome.bodies {
+                self.bodies.insert((name.to_string(), g, uid), b);
+            }
+            {
+                let mut s = self.ctx.status.lock().unwrap();
+                s.records_applied += outcome.applied as u64;
+                s.bodies_applied += outcome.bodies_applied;
+                for c in &outcome.conflicts {
+                    s.error(format!("user {name}: {c}"));
+                }
+            }
+            for c in &outcome.conflicts {
+                log::error!("user {name}: {c}");
+            }
+            let u = self.users.get_mut(name).unwrap();
+            if let Some(lsn) = last {
+                u.applied = lsn;
+                let pos = Position {
+                    journal_id: u.journal_id,
+                    lsn,
+                };
+                // Durable before the ack: the sender drops what we acknowledge.
+                self.applied.set(name, pos)?;
+                wr.send(&Msg::Ack {
+                    user: name.to_string(),
+                    journal_id: pos.journal_id,
+                    lsn,
+                })?;
+            }
+            if let Some((g, uid)) = outcome.need_body {
+                u.need_body.insert((g, uid));
+                wr.send(&Msg::NeedBody {
+                    user: name.to_string(),
+                    mailbox_guid: g,
+                    uid,
+                    offset: 0,
+                })?;
+                return Ok(());
+            }
+            if let Some(e) = outcome.error {
+                let msg = format!(
+                    "user {name}: applying LSN {} from {} failed: {e}; retrying in {:?}",
+                    u.queue.front().map_or(0, |r| r.lsn),
+                    self.peer_id,
+                    u.backoff
+                );
+                log::error!("{msg}");
+                self.ctx.status.lock().unwrap().error(msg);
+                u.retry_at = Some(Instant::now() + u.backoff);
+                u.backoff = (u.backoff * 2).min(MAX_APPLY_BACKOFF);
+                return Ok(());
+            }
+            u.retry_at = None;
+            u.backoff = Duration::from_millis(200);
+            if u.queue.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What applying a batch did.
+struct Outcome {
+    /// How many records from the front of the batch are done (applied, or nothing to do).
+    applied: usize,
+    bodies_applied: u64,
+    /// A copy's source is missing: the body is needed for the record after the applied ones.
+    need_body: Option<(Guid128, u32)>,
+    /// A failure that may go away: the record after the applied ones is retried later.
+    error: Option<String>,
+    /// Changes that could not be made as they were (conflicts): skipped and reported.
+    conflicts: Vec<String>,
+    bodies: HashMap<(Guid128, u32), BodyBuf>,
+}
+
+/// Applies records in order on the main thread, through lib-storage, with dsync's identity
+/// rules: same UIDs, GUIDs, flags and dates.
+fn apply_batch(
+    svc: &Svc,
+    user: &str,
+    batch: Vec<Record>,
+    mut bodies: HashMap<(Guid128, u32), BodyBuf>,
+) -> Outcome {
+    let mut out = Outcome {
+        applied: 0,
+        bodies_applied: 0,
+        need_body: None,
+        error: None,
+        conflicts: Vec::new(),
+        bodies: HashMap::new(),
+    };
+    let mut fresh = false;
+    let mut i = 0;
+    loop {
+        let mut stale = false;
+        let r = with_user(svc, user, |u| {
+            while i < batch.len() {
+                let r = &batch[i];
+                if r.origin == "skip" {
+                    out.applied += 1;
+                    i += 1;
+                    continue;
+                }
+                let res = apply_one(u, r, &mut bodies);
+                if let (Err(ApplyError::NoMailbox(_)), false) = (&res, fresh) {
+                    // Maybe a stale GUID cache of a long-open user: once more, fresh.
+                    stale = true;
+                    return;
+                }
+                i += 1;
+                match res {
+                    Ok(Step1::Done(body)) => {
+                        out.applied += 1;
+                        out.bodies_applied += body as u64;
+                    }
+                    Ok(Step1::NeedBody(g, uid)) => {
+                        out.need_body = Some((g, uid));
+                        return;
+                    }
+                    Err(ApplyError::Temporary(e)) | Err(ApplyError::Other(e)) => {
+                        out.error = Some(e);
+                        return;
+                    }
+                    Err(e) => {
+                        // A conflict with local state: reported and skipped, so that
+                        // replication goes on; a resync compares both sides.
+                        out.conflicts.push(format!(
+                            "LSN {} ({} in {:?}): {e}",
+                            r.lsn,
+                            r.change.kind().name(),
+                            r.mailbox
+                        ));
+                        out.applied += 1;
+                    }
+                }
+            }
+        });
+        if let Err(e) = r {
+            out.error = Some(e.to_string());
+            break;
+        }
+        if !stale {
+            break;
+        }
+        forget_user(user);
+        fresh = true;
+    }
+    if out.error.is_some() {
+        forget_user(user);
+    }
+    out.bodies = bodies;
+    out
+}
+
+enum Step1 {
+    /// Applied (true when a body was saved).
+    Done(bool),
+    NeedBody(Guid128, u32),
+}
+
+fn ok(r: Result<Applied, ApplyError>) -> Result<Step1, ApplyError> {
+    r.map(|_| Step1::Done(false))
+}
+
+fn apply_one(
+    u: &User,
+    r: &Record,
+    bodies: &mut HashMap<(Guid128, u32), BodyBuf>,
+) -> Result<Step1, ApplyError> {
+    let mbox = &r.mailbox_guid;
+    match &r.change {
+        Change::New {
+            uidvalidity,
+            uid,
+            guid,
+            flags,
+            from,
+        } => {
+            let body = bodies.remove(&(*mbox, *uid));
+            if let (Some(src), None) = (from, &body) {
+                let mail = NewMail {
+                    uid: *uid,
+                    guid,
+                    flags,
+                    received_date: 0,
+                    save_date: 0,
+                };
+                return match u.copy(mbox, *uidvalidity, &mail, &src.mailbox_guid, src.uid) {
+                    Err(ApplyError::SourceMissing(_)) => Ok(Step1::NeedBody(*mbox, *uid)),
+                    other => ok(other),
+                };
+            }
+            match body {
+                None => Ok(Step1::NeedBody(*mbox, *uid)),
+                Some(b) if b.gone => Ok(Step1::Done(false)),
+                Some(b) => {
+                    let mail = NewMail {
+                        uid: *uid,
+                        guid: if guid.is_empty() { &b.guid } else { guid },
+                        flags,
+                        received_date: b.received_date,
+                        save_date: b.save_date,
+                    };
+                    u.save(mbox, *uidvalidity, &mail, &b.data)
+                        .map(|a| Step1::Done(a == Applied::Done))
+                }
+            }
+        }
+        Change::Flags {
+            uid,
+            guid,
+            added,
+            removed,
+            ..
+        } => ok(u.update_flags(mbox, *uid, guid, added, removed)),
+        Change::Expunge { uid, guid, .. } => ok(u.expunge(mbox, *uid, guid)),
+        Change::MailboxCreate { uidvalidity } => {
+            ok(u.mailbox_create(&r.mailbox, mbox, *uidvalidity))
+        }
+        Change::MailboxDelete { .. } => match u.mailbox_delete(mbox) {
+            Err(ApplyError::NoMailbox(_)) => Ok(Step1::Done(false)),
+            other => ok(other),
+        },
+        Change::MailboxRename { .. } => ok(u.mailbox_rename(mbox, &r.mailbox)),
+        Change::Subscribe => ok(u.mailbox_subscribe(&r.mailbox, true)),
+        Change::Unsubscribe => ok(u.mailbox_subscribe(&r.mailbox, false)),
+    }
+}

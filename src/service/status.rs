@@ -1,0 +1,128 @@
+//! What `tandem status` shows: a snapshot the service keeps up to date, served as one JSON
+//! document on a unix socket in Dovecot's base_dir (root only).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const STATUS_SOCKET: &str = "tandem-status";
+
+/// Seconds since the epoch, for JSON.
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One user's outbound backlog.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct UserStatus {
+    /// Records journaled here that the peer has not acknowledged yet.
+    pub unacked_records: u64,
+    /// Their size, as encoded in the journal.
+    pub unacked_bytes: u64,
+    /// Age of the oldest unacknowledged record, in seconds.
+    pub oldest_unacked_age: Option<f64>,
+    pub acked_lsn: u64,
+    /// The last error replicating this user, either direction.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub server_id: String,
+    pub peer: Option<String>,
+    pub peer_id: Option<String>,
+    /// Whether our outbound connection to the peer is up and authenticated.
+    pub connected: bool,
+    /// Since when (Unix seconds), or since when it has been down.
+    pub connected_since: Option<f64>,
+    pub disconnected_since: Option<f64>,
+    /// Inbound connections from the peer currently open.
+    pub inbound_connections: u32,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Journal bytes sent, before compression, and the frame bytes they took on the wire.
+    pub record_bytes_raw: u64,
+    pub record_bytes_wire: u64,
+    pub records_sent: u64,
+    pub records_applied: u64,
+    pub bodies_sent: u64,
+    pub bodies_applied: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<f64>,
+    pub users: BTreeMap<String, UserStatus>,
+}
+
+impl Status {
+    pub fn compression_ratio(&self) -> Option<f64> {
+        (self.record_bytes_wire > 0)
+            .then(|| self.record_bytes_raw as f64 / self.record_bytes_wire as f64)
+    }
+
+    pub fn error(&mut self, what: String) {
+        self.last_error = Some(what);
+        self.last_error_at = Some(now_secs());
+    }
+}
+
+pub type Shared = Arc<Mutex<Status>>;
+
+/// Serves snapshots until `stop` is set. Each connection gets one JSON document and is closed.
+pub fn serve(listener: UnixListener, status: Shared, stop: Arc<AtomicBool>) {
+    let _ = listener.set_nonblocking(true);
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                let doc = {
+                    let s = status.lock().unwrap_or_else(|e| e.into_inner());
+                    serde_json::to_vec(&*s).unwrap_or_default()
+                };
+                let _ = conn.write_all(&doc);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Reads a snapshot from the service's socket.
+pub fn query(socket: &Path) -> std::io::Result<Status> {
+    let mut conn = UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf)?;
+    serde_json::from_slice(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_travels_over_the_socket() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join(STATUS_SOCKET);
+        let listener = UnixListener::bind(&path).unwrap();
+        let status: Shared = Default::default();
+        status.lock().unwrap().server_id = "a".into();
+        status.lock().unwrap().record_bytes_raw = 400;
+        status.lock().unwrap().record_bytes_wire = 100;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, stop2) = (status.clone(), stop.clone());
+        let server = std::thread::spawn(move || serve(listener, s2, stop2));
+        let got = query(&path).unwrap();
+        assert_eq!(got.server_id, "a");
+        assert_eq!(got.compression_ratio(), Some(4.0));
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap();
+    }
+}
