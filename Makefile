@@ -17,6 +17,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 DOVECOT_CONFIG ?= /usr/lib/dovecot/dovecot-config
 dovecot_moduledir = $(shell sed -n 's/^dovecot_moduledir=//p' $(DOVECOT_CONFIG) 2>/dev/null | tr -d '"')
+dovecot_libexecdir = $(shell sed -n 's/^dovecot_pkglibexecdir=//p' $(DOVECOT_CONFIG) 2>/dev/null | tr -d '"')
 
 PLUGIN_SO := target/release/libtandem.so
 # A build with the `test-hooks` feature (`tandem_test_panic`), for the panic-containment test only;
@@ -86,9 +87,13 @@ verify:
 install: all
 	@test -n "$(dovecot_moduledir)" || \
 		{ echo "install: no dovecot_moduledir in $(DOVECOT_CONFIG) (install dovecot-dev)"; exit 1; }
-	install -d $(DESTDIR)$(dovecot_moduledir) $(DESTDIR)$(PREFIX)/bin
-	install -m 0644 $(PLUGIN_SO) $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME)
+	install -d $(DESTDIR)$(dovecot_moduledir) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(dovecot_libexecdir)
+	install -m 0644 $(PLUGIN_SO) $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME).tmp
+	mv -f $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME).tmp $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME)
 	install -m 0755 $(CLI_BIN) $(DESTDIR)$(PREFIX)/bin/tandem
+	# `executable = tandem` in `service tandem {}` finds it beside Dovecot's own services.
+	install -m 0755 target/release/tandem-service $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp
+	mv -f $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp $(DESTDIR)$(dovecot_libexecdir)/tandem
 
 demo: all
 	scripts/demo.sh

@@ -14,7 +14,7 @@ Exit codes:
   0  success (for `log verify`: the journal is intact)
   1  `log verify` found damage; each problem is printed with its file, offset and reason
   2  usage error
-  3  no journal: unknown user, missing journal, or a path that is not a journal
+  3  no journal (unknown user, missing journal, not a journal), or no service answering
   4  an I/O or other error while reading";
 
 #[derive(Parser)]
@@ -34,6 +34,20 @@ enum Cmd {
     /// Inspect a user's change journal.
     #[command(subcommand, after_help = EXIT_CODES)]
     Log(LogCmd),
+    /// Ask the running tandem service how replication is doing.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// The Dovecot configuration (its base_dir holds the service's status socket).
+        #[arg(
+            short = 'c',
+            long = "config",
+            default_value = "/etc/dovecot/dovecot.conf"
+        )]
+        config: PathBuf,
+        /// Print the service's JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which journal: a user (found through Dovecot's userdb) or a directory.
@@ -293,6 +307,116 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+fn base_dir(conf: &std::path::Path) -> Result<PathBuf, Failure> {
+    let out = std::process::Command::new("doveconf")
+        .arg("-c")
+        .arg(conf)
+        .args(["-h", "base_dir"])
+        .output()
+        .map_err(|e| Failure(4, format!("cannot run doveconf: {e}")))?;
+    if !out.status.success() {
+        return Err(Failure(
+            4,
+            format!(
+                "doveconf -c {} failed: {}",
+                conf.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn ago(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(t) => {
+            let when = std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0));
+            let age = tandem::service::status::now_secs() - t;
+            format!(
+                "{} ({age:.0}s ago)",
+                humantime::format_rfc3339_seconds(when)
+            )
+        }
+    }
+}
+
+fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
+    let socket = base_dir(&config)?.join(tandem::service::status::STATUS_SOCKET);
+    let s = tandem::service::status::query(&socket).map_err(|e| {
+        Failure(
+            3,
+            format!(
+                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
+                 configured and Dovecot running?",
+                socket.display()
+            ),
+        )
+    })?;
+    if json {
+        let mut v = serde_json::to_value(&s).expect("status serializes");
+        v["compression_ratio"] = serde_json::json!(s.compression_ratio());
+        println!("{v}");
+        return Ok(());
+    }
+    let peer = s.peer.as_deref().unwrap_or("(none: receive only)");
+    let peer_id = s
+        .peer_id
+        .as_deref()
+        .map(|p| format!(" ({p})"))
+        .unwrap_or_default();
+    if s.connected {
+        println!(
+            "server {}: peer {peer}{peer_id} CONNECTED since {}",
+            s.server_id,
+            ago(s.connected_since)
+        );
+    } else {
+        println!(
+            "server {}: peer {peer}{peer_id} NOT CONNECTED since {}",
+            s.server_id,
+            ago(s.disconnected_since)
+        );
+    }
+    println!(
+        "inbound connections from the peer: {}",
+        s.inbound_connections
+    );
+    println!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
+    match s.compression_ratio() {
+        Some(r) => println!(
+            "journal records: {} B raw, {} B on the wire, compression {r:.1}:1",
+            s.record_bytes_raw, s.record_bytes_wire
+        ),
+        None => println!("journal records: none sent yet"),
+    }
+    println!(
+        "records sent {}, applied {}; bodies sent {}, applied {}",
+        s.records_sent, s.records_applied, s.bodies_sent, s.bodies_applied
+    );
+    match &s.last_error {
+        Some(e) => println!("last error: {e} at {}", ago(s.last_error_at)),
+        None => println!("last error: none"),
+    }
+    println!(
+        "{:<32} {:>10} {:>12} {:>12} {:>10}",
+        "user", "unacked", "bytes", "oldest (s)", "acked lsn"
+    );
+    for (user, u) in &s.users {
+        let oldest = u
+            .oldest_unacked_age
+            .map_or("-".to_string(), |a| format!("{a:.1}"));
+        println!(
+            "{user:<32} {:>10} {:>12} {oldest:>12} {:>10}",
+            u.unacked_records, u.unacked_bytes, u.acked_lsn
+        );
+        if let Some(e) = &u.last_error {
+            println!("  error: {e}");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -305,6 +429,7 @@ fn main() -> ExitCode {
         }) => tail(loc, filter, follow, lines).map(|_| ExitCode::SUCCESS),
         Cmd::Log(LogCmd::Verify { loc }) => verify(loc),
         Cmd::Log(LogCmd::Stats { loc, json }) => stats(loc, json).map(|_| ExitCode::SUCCESS),
+        Cmd::Status { config, json } => status(config, json).map(|_| ExitCode::SUCCESS),
     };
     match res {
         Ok(code) => code,

@@ -522,6 +522,7 @@ fn outbound(ctx: Ctx, rings: Receiver<String>) {
     out.rescan();
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
+    let mut reported_down = false;
     while !ctx.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         match out.session() {
@@ -532,10 +533,21 @@ fn outbound(ctx: Ctx, rings: Receiver<String>) {
                     "connection to peer {}: {e}",
                     ctx.cfg.peer.as_deref().unwrap_or("")
                 );
-                // A peer that stays down is logged once, not at every retry.
+                // A peer that is restarting is routine: a warning. One that stays away is an
+                // error, logged once per kind of failure rather than at every retry.
+                let down_for = ctx
+                    .status
+                    .lock()
+                    .unwrap()
+                    .disconnected_since
+                    .map_or(0.0, |t| now_secs() - t);
                 if msg != last_error {
-                    log::error!("{msg}");
+                    log::warn!("{msg}");
                     last_error = msg.clone();
+                    reported_down = false;
+                } else if down_for > 60.0 && !reported_down {
+                    log::error!("{msg} (for {down_for:.0}s now; changes wait in the journals)");
+                    reported_down = true;
                 }
                 let mut s = ctx.status.lock().unwrap();
                 s.error(msg);

@@ -196,17 +196,7 @@ impl Dovecot {
         let conf = path.join("dovecot.conf");
         fs::write(&conf, config_text(&path, &instance, ports, &opts)).unwrap();
 
-        let out = fs::File::create(path.join("master.out")).unwrap();
-        let child = Command::new("dovecot")
-            .arg("-F")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn dovecot (is dovecot-core installed?)");
-
+        let child = spawn_master(&path, &conf);
         let mut dovecot = Dovecot {
             child,
             dir: Some(dir),
@@ -218,6 +208,36 @@ impl Dovecot {
         };
         dovecot.wait_ready();
         dovecot
+    }
+
+    /// Stops Dovecot (SIGTERM to the master, as an admin would) and keeps the directory.
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+    }
+
+    /// Kills the master and every process of this instance with SIGKILL: a crash of the
+    /// whole server.
+    pub fn crash(&mut self) {
+        let mut pids = descendants(self.pid() as i32);
+        pids.push(self.pid() as i32);
+        for pid in pids {
+            // SAFETY: processes of this instance, found through their parent chain.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+        // Orphaned children die with their master's pipe; give them a moment.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Starts Dovecot again on the same directory, configuration and ports.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "start_again: dovecot {} is still running",
+            self.opts.name
+        );
+        self.child = spawn_master(&self.path, &self.conf);
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -531,6 +551,57 @@ impl Drop for Dovecot {
 }
 
 /// SIGTERM to `child` (by PID), then wait up to `grace`, then SIGKILL and reap.
+fn spawn_master(dir: &Path, conf: &Path) -> Child {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("master.out"))
+        .unwrap();
+    Command::new("dovecot")
+        .arg("-F")
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn dovecot (is dovecot-core installed?)")
+}
+
+/// Every process below `root` in the process tree.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        if let Some(ppid) = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+        {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid) in &parent_of {
+            if ppid == p {
+                out.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    out
+}
+
 fn stop_child(child: &mut Child, grace: Duration) {
     if child.try_wait().ok().flatten().is_some() {
         return;
@@ -714,20 +785,109 @@ pub fn child_pids(dc: &Dovecot, comm: &str) -> Vec<i32> {
     pids
 }
 
-/// Two instances with the plugin and the service, each the other's peer, sharing a secret.
+/// A TCP forwarder on 127.0.0.1 standing for the network between two servers, which a test can
+/// cut (every connection dropped, new ones refused) and restore.
+pub struct Link {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Link {
+    pub fn new(target: u16) -> Link {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, stop2, live2) = (up.clone(), stop.clone(), live.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if !up2.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                {
+                    let mut l = live2.lock().unwrap();
+                    l.push(client.try_clone().unwrap());
+                    l.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Link {
+            port,
+            up,
+            live,
+            stop,
+        }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cut();
+    }
+}
+
+/// Two instances with the plugin and the service, each the other's peer through a [`Link`],
+/// sharing a secret.
 pub struct Pair {
     pub a: Dovecot,
     pub b: Dovecot,
     pub secret_dir: tempfile::TempDir,
+    /// A's connection to B, and B's to A.
+    pub a_to_b: Link,
+    pub b_to_a: Link,
 }
 
 impl Pair {
-    pub fn options(name: &str) -> (Options, Options, tempfile::TempDir) {
+    /// Options for A and B, whose peers are at `peer_a` (A's peer, normally B's listener) and
+    /// `peer_b`; returns also the listener ports.
+    pub fn options_via(
+        name: &str,
+        listen: (u16, u16),
+        peers: (u16, u16),
+    ) -> (Options, Options, tempfile::TempDir) {
         let secret_dir = tempfile::tempdir().unwrap();
         let secret = secret_dir.path().join("tandem.secret");
         fs::write(&secret, "correct horse battery staple 0123456789\n").unwrap();
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-        let (pa, pb) = (free_port(), free_port());
+        let (pa, pb) = listen;
         let mk = |id: &str, own: u16, peer: u16| {
             let mut o = Options::new(&format!("{name}-{id}"))
                 .setting("tandem_server_id", id)
@@ -736,16 +896,31 @@ impl Pair {
             o.service_port = Some(own);
             o
         };
-        (mk("a", pa, pb), mk("b", pb, pa), secret_dir)
+        (mk("a", pa, peers.0), mk("b", pb, peers.1), secret_dir)
     }
 
     pub fn start(name: &str) -> Pair {
-        let (oa, ob, secret_dir) = Pair::options(name);
+        let (pa, pb) = (free_port(), free_port());
+        let (a_to_b, b_to_a) = (Link::new(pb), Link::new(pa));
+        let (oa, ob, secret_dir) = Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
         Pair {
             a: Dovecot::start(oa),
             b: Dovecot::start(ob),
             secret_dir,
+            a_to_b,
+            b_to_a,
         }
+    }
+
+    /// The network between the two goes down.
+    pub fn cut(&self) {
+        self.a_to_b.cut();
+        self.b_to_a.cut();
+    }
+
+    pub fn restore(&self) {
+        self.a_to_b.restore();
+        self.b_to_a.restore();
     }
 }
 
