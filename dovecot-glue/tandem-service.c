@@ -10,18 +10,27 @@
    so", or why not.
 
    Privileges. The service runs as root and serves users of any uid, as
-   doveadm-server does, with MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP:
-   - Opening a user goes through Dovecot's own code, which switches the
-     whole process (glibc's setuid family changes every thread) to the
-     user's gid, groups and effective uid. Right after, we go back to root,
-     again process-wide.
-   - Each later call on a user activates that user's ioloop context, and our
-     callbacks on that context switch the credentials of the main thread
-     only (raw syscalls: on Linux credentials are per thread, and only
-     glibc's wrappers broadcast them), and back to root on deactivation.
-     Rust's threads stay root, so they can keep using the state directory.
-   - Timeouts or ios that lib-storage leaves on a user's context get the
-     same switch whenever they fire.
+   doveadm-server does, with MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP. On
+   Linux credentials belong to each thread, and only glibc's set*id()
+   wrappers change them for every thread (from a signal handler, aborting
+   the process if the result differs between threads). Rust's threads must
+   stay root, so that they can keep using the state directory, and so:
+   - this file defines setuid(), seteuid(), setgid(), setegid(),
+     setresgid(), setgroups(), initgroups() (and the rest of the family)
+     for the executable, as raw per-thread syscalls. Dovecot's libraries
+     and plugins call these instead of glibc's, so every privilege change
+     Dovecot makes (the drop at a user open, process-stat.c's seteuid(0)
+     and back, mbox's privileged group) touches the main thread only;
+   - opening a user lets Dovecot drop the main thread's privileges to the
+     user's (real, effective and saved gids and groups, effective uid), and
+     we record that and go back to root;
+   - each later call on a user activates that user's ioloop context, and
+     our callbacks on it give the main thread the recorded credentials, and
+     root's again on deactivation. Timeouts or ios that lib-storage leaves
+     on a user's context get the same switch whenever they fire.
+   So between calls every thread is root, and during a call only the main
+   thread is the user. Elsewhere than Linux credentials are per process,
+   and the other threads follow the main thread.
 
    Loops. Applied changes must not be journaled again (DESIGN.md decision
    6): transactions carry MAILBOX_TRANSACTION_FLAG_SYNC, and each user is
@@ -31,6 +40,8 @@
    Dovecot 2.3 specific: plugin {} settings (gone in 2.4), and
    mail_storage_service_lookup_next()'s service user. */
 
+/* getresuid(), getresgid() */
+#define _GNU_SOURCE
 #include "lib.h"
 #include "array.h"
 #include "llist.h"
@@ -52,10 +63,13 @@
 #include "mailbox-list-private.h"
 #include "tandem-service.h"
 
+#include <errno.h>
 #include <grp.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #ifdef __linux__
+#  include <dlfcn.h>
 #  include <sys/syscall.h>
 #endif
 
@@ -72,6 +86,14 @@ _Static_assert(MAIL_FLAGS_NONRECENT == 0x1f, "MAIL_FLAGS_NONRECENT changed");
    is "for copying and appends, but nothing else"). */
 #define TANDEM_SVC_UPDATE_TRANS_FLAGS MAILBOX_TRANSACTION_FLAG_SYNC
 
+/* A thread's credentials. */
+struct tandem_creds {
+	uid_t ruid, euid, suid;
+	gid_t rgid, egid, sgid;
+	gid_t *groups;
+	int groups_count;
+};
+
 struct tandem_svc_user {
 	struct mail_storage_service_user *service_user;
 	struct mail_user *mail_user;
@@ -79,12 +101,12 @@ struct tandem_svc_user {
 	   callbacks on it switch the main thread's credentials. */
 	struct ioloop_context *ioloop_ctx;
 
-	/* The credentials Dovecot chose for the user at open. */
-	uid_t uid;
-	gid_t gid;
-	gid_t *groups;
-	int groups_count;
+	/* The main thread's credentials right after Dovecot's privilege drop
+	   at open: set again for each call on the user. */
+	struct tandem_creds creds;
 	bool creds_switch;
+	/* For messages, also while mail_user is being freed. */
+	char *username;
 
 	struct tandem_svc_user *prev, *next;
 };
@@ -108,115 +130,249 @@ static pool_t tandem_svc_result_pool;
 static bool tandem_svc_busy;
 
 static ARRAY(struct tandem_svc_watch *) tandem_svc_watches;
+/* The ioloop has stopped: watches have ended. */
+static bool tandem_svc_stopped;
 static struct tandem_svc_user *tandem_svc_users;
 
-/* Root's credentials, restored after each user call. */
+/* Root's credentials (the main thread's at start-up), restored after each
+   user call. */
 static bool tandem_svc_temp_priv_drop;
-static gid_t tandem_svc_root_gid;
-static gid_t *tandem_svc_root_groups;
-static int tandem_svc_root_groups_count;
+static struct tandem_creds tandem_svc_root_creds;
 
 static const char *const tandem_svc_no_keywords[] = { NULL };
 
 /* ---- Credentials ---- */
 
 #ifdef __linux__
-/* Only the calling thread's credentials (see the top of the file). The
-   32-bit-id variants exist on 32-bit x86 and ARM only. */
+/* Raw syscalls change only the calling thread's credentials (see the top of
+   the file). The 32-bit-id variants exist on 32-bit x86 and ARM only. */
 #  ifdef SYS_setresuid32
-#    define TANDEM_SYS_SETRESUID SYS_setresuid32
-#    define TANDEM_SYS_SETRESGID SYS_setresgid32
-#    define TANDEM_SYS_SETGROUPS SYS_setgroups32
+#    define TANDEM_SYS(name) SYS_##name##32
 #  else
-#    define TANDEM_SYS_SETRESUID SYS_setresuid
-#    define TANDEM_SYS_SETRESGID SYS_setresgid
-#    define TANDEM_SYS_SETGROUPS SYS_setgroups
+#    define TANDEM_SYS(name) SYS_##name
 #  endif
-static int tandem_thread_setgroups(int count, const gid_t *groups)
+#  define TANDEM_ID(id) ((long)(unsigned long)(id))
+
+static int tandem_thread_setresuid(uid_t ruid, uid_t euid, uid_t suid)
 {
-	return syscall(TANDEM_SYS_SETGROUPS, (long)count, groups) < 0 ? -1 : 0;
+	return syscall(TANDEM_SYS(setresuid), TANDEM_ID(ruid), TANDEM_ID(euid),
+		       TANDEM_ID(suid)) < 0 ? -1 : 0;
 }
-static int tandem_thread_setegid(gid_t gid)
+static int tandem_thread_setresgid(gid_t rgid, gid_t egid, gid_t sgid)
 {
-	return syscall(TANDEM_SYS_SETRESGID, -1L, (long)gid, -1L) < 0 ? -1 : 0;
+	return syscall(TANDEM_SYS(setresgid), TANDEM_ID(rgid), TANDEM_ID(egid),
+		       TANDEM_ID(sgid)) < 0 ? -1 : 0;
 }
-static int tandem_thread_seteuid(uid_t uid)
+static int tandem_thread_setgroups(size_t count, const gid_t *groups)
 {
-	return syscall(TANDEM_SYS_SETRESUID, -1L, (long)uid, -1L) < 0 ? -1 : 0;
+	return syscall(TANDEM_SYS(setgroups), (long)count, groups) < 0 ? -1 : 0;
+}
+
+/* glibc's set*id() and setgroups() change every thread of the process: the
+   caller's, then each other thread's from a signal handler, and they abort
+   the process (setxid_error) when the result differs between threads. So
+   Dovecot's own calls, made on the main thread, would both change Rust's
+   threads and abort whenever the main thread's credentials differ from
+   theirs: e.g. restrict_access()'s setgid() at a user open after another
+   user's call, or process-stat.c's seteuid(0)/seteuid(uid) around opening
+   /proc/self/io, which mail_user_deinit() runs as the user and which left
+   every thread with the user's euid.
+
+   These definitions, in the executable, take precedence over libc's for
+   libdovecot and for plugins (the executable comes first in symbol lookup),
+   and change only the calling thread, with the kernel's own rules for each
+   call. Dovecot runs on the main thread only, so this is all it needs.
+   tandem_svc_check_overrides() checks at start-up that they are in effect. */
+int setuid(uid_t uid)
+{
+	return syscall(TANDEM_SYS(setuid), TANDEM_ID(uid)) < 0 ? -1 : 0;
+}
+int setgid(gid_t gid)
+{
+	return syscall(TANDEM_SYS(setgid), TANDEM_ID(gid)) < 0 ? -1 : 0;
+}
+int setreuid(uid_t ruid, uid_t euid)
+{
+	return syscall(TANDEM_SYS(setreuid), TANDEM_ID(ruid),
+		       TANDEM_ID(euid)) < 0 ? -1 : 0;
+}
+int setregid(gid_t rgid, gid_t egid)
+{
+	return syscall(TANDEM_SYS(setregid), TANDEM_ID(rgid),
+		       TANDEM_ID(egid)) < 0 ? -1 : 0;
+}
+int setresuid(uid_t ruid, uid_t euid, uid_t suid)
+{
+	return tandem_thread_setresuid(ruid, euid, suid);
+}
+int setresgid(gid_t rgid, gid_t egid, gid_t sgid)
+{
+	return tandem_thread_setresgid(rgid, egid, sgid);
+}
+int seteuid(uid_t euid)
+{
+	/* As glibc: -1 is not "unchanged" here. */
+	if (euid == (uid_t)-1) {
+		errno = EINVAL;
+		return -1;
+	}
+	return tandem_thread_setresuid((uid_t)-1, euid, (uid_t)-1);
+}
+int setegid(gid_t egid)
+{
+	if (egid == (gid_t)-1) {
+		errno = EINVAL;
+		return -1;
+	}
+	return tandem_thread_setresgid((gid_t)-1, egid, (gid_t)-1);
+}
+int setgroups(size_t count, const gid_t *groups)
+{
+	return tandem_thread_setgroups(count, groups);
+}
+/* glibc's initgroups() calls its internal setgroups(), not ours. */
+int initgroups(const char *user, gid_t group)
+{
+	int size = 64, count, ret;
+	gid_t *groups;
+
+	for (;;) {
+		groups = malloc(sizeof(gid_t) * (size_t)size);
+		if (groups == NULL) {
+			errno = ENOMEM;
+			return -1;
+		}
+		count = size;
+		if (getgrouplist(user, group, groups, &count) >= 0)
+			break;
+		free(groups);
+		if (size >= 65536) {
+			errno = EINVAL;
+			return -1;
+		}
+		size = count > size ? count : size * 2;
+	}
+	ret = tandem_thread_setgroups((size_t)count, groups);
+	free(groups);
+	return ret;
+}
+
+/* Every function that Dovecot 2.3's libraries import must resolve to ours
+   (the linker exports them from the executable because libdovecot imports
+   them). Without this, Rust's threads would follow the main thread to the
+   user and back, and the process could abort. setresuid(), setreuid() and
+   setregid() are overridden too, but Dovecot does not call them. */
+static void tandem_svc_check_overrides(void)
+{
+	static const char *const names[] = {
+		"setuid", "setgid", "seteuid", "setegid", "setresgid",
+		"setgroups", "initgroups",
+	};
+	Dl_info own, found;
+	unsigned int i;
+	void *fn;
+
+	/* The object this file is in: the executable. */
+	if (dladdr((void *)tandem_svc_check_overrides, &own) == 0)
+		i_fatal("tandem: dladdr() failed for tandem-service itself");
+	for (i = 0; i < N_ELEMENTS(names); i++) {
+		fn = dlsym(RTLD_DEFAULT, names[i]);
+		if (fn == NULL || dladdr(fn, &found) == 0 ||
+		    found.dli_fbase != own.dli_fbase) {
+			i_fatal("tandem: %s() resolves to libc's, not to "
+				"tandem-service's per-thread one: the "
+				"executable must export it (as the linker "
+				"does when libdovecot imports it, or with "
+				"-Wl,--export-dynamic-symbol=%s)",
+				names[i], names[i]);
+		}
+	}
 }
 #else
 /* Elsewhere credentials are per process: Rust threads then follow the main
    thread's switches. */
-static int tandem_thread_setgroups(int count, const gid_t *groups)
+static int tandem_thread_setresuid(uid_t ruid, uid_t euid, uid_t suid)
+{
+	return setresuid(ruid, euid, suid);
+}
+static int tandem_thread_setresgid(gid_t rgid, gid_t egid, gid_t sgid)
+{
+	return setresgid(rgid, egid, sgid);
+}
+static int tandem_thread_setgroups(size_t count, const gid_t *groups)
 {
 	return setgroups(count, groups);
 }
-static int tandem_thread_setegid(gid_t gid)
+static void tandem_svc_check_overrides(void)
 {
-	return setegid(gid);
-}
-static int tandem_thread_seteuid(uid_t uid)
-{
-	return seteuid(uid);
 }
 #endif
 
+/* The calling thread's credentials. */
+static void tandem_creds_get(struct tandem_creds *creds_r)
+{
+	int count;
+
+	if (getresuid(&creds_r->ruid, &creds_r->euid, &creds_r->suid) < 0)
+		i_fatal("tandem: getresuid() failed: %m");
+	if (getresgid(&creds_r->rgid, &creds_r->egid, &creds_r->sgid) < 0)
+		i_fatal("tandem: getresgid() failed: %m");
+	count = getgroups(0, NULL);
+	if (count < 0)
+		i_fatal("tandem: getgroups() failed: %m");
+	creds_r->groups = i_new(gid_t, count + 1);
+	if (count > 0 && (count = getgroups(count, creds_r->groups)) < 0)
+		i_fatal("tandem: getgroups() failed: %m");
+	creds_r->groups_count = count;
+}
+
+static void tandem_creds_free(struct tandem_creds *creds)
+{
+	i_free_and_null(creds->groups);
+}
+
+/* Gives the calling (main) thread exactly these credentials: real,
+   effective and saved ids and groups. Going on with others would create
+   files with the wrong owner: better to die, as Dovecot itself does. */
+static void tandem_creds_set(const struct tandem_creds *creds,
+			     const char *whose)
+{
+	/* Effective root first (the real and saved uids stay root in both
+	   root's and a user's credentials), for the right to set the rest. */
+	if (tandem_thread_setresuid((uid_t)-1, 0, (uid_t)-1) < 0)
+		i_fatal("tandem: seteuid(0) failed: %m");
+	if (tandem_thread_setgroups((size_t)creds->groups_count,
+				    creds->groups) < 0)
+		i_fatal("tandem: setgroups(%s) failed: %m", whose);
+	if (tandem_thread_setresgid(creds->rgid, creds->egid, creds->sgid) < 0)
+		i_fatal("tandem: setresgid(%s, %s, %s) for %s failed: %m",
+			dec2str(creds->rgid), dec2str(creds->egid),
+			dec2str(creds->sgid), whose);
+	if (tandem_thread_setresuid(creds->ruid, creds->euid, creds->suid) < 0)
+		i_fatal("tandem: setresuid(%s, %s, %s) for %s failed: %m",
+			dec2str(creds->ruid), dec2str(creds->euid),
+			dec2str(creds->suid), whose);
+}
+
 static void tandem_svc_user_activated(struct tandem_svc_user *user)
 {
-	if (!user->creds_switch)
-		return;
-	/* Running on as root would create root-owned files in the user's
-	   mail: better to die, as Dovecot itself does here. */
-	if (tandem_thread_setgroups(user->groups_count, user->groups) < 0)
-		i_fatal("tandem: setgroups(user %s) failed: %m",
-			user->mail_user->username);
-	if (tandem_thread_setegid(user->gid) < 0)
-		i_fatal("tandem: setegid(%s) failed: %m", dec2str(user->gid));
-	if (tandem_thread_seteuid(user->uid) < 0)
-		i_fatal("tandem: seteuid(%s) failed: %m", dec2str(user->uid));
+	if (user->creds_switch)
+		tandem_creds_set(&user->creds, user->username);
 }
 
 static void tandem_svc_user_deactivated(struct tandem_svc_user *user)
 {
-	if (!user->creds_switch)
-		return;
-	if (tandem_thread_seteuid(0) < 0)
-		i_fatal("tandem: seteuid(0) failed: %m");
-	if (tandem_thread_setegid(tandem_svc_root_gid) < 0)
-		i_fatal("tandem: setegid(%s) failed: %m",
-			dec2str(tandem_svc_root_gid));
-	if (tandem_thread_setgroups(tandem_svc_root_groups_count,
-				    tandem_svc_root_groups) < 0)
-		i_fatal("tandem: setgroups(root) failed: %m");
+	if (user->creds_switch)
+		tandem_creds_set(&tandem_svc_root_creds, "root");
 }
 
-/* Back to root for every thread, after Dovecot's process-wide drop. */
-static void tandem_svc_restore_root_all(void)
+/* Back to exactly root's credentials for the main thread: between calls,
+   before a user open (Dovecot's privilege drop starts from root), and after
+   anything that may have left a user's credentials (a failed open). */
+static void tandem_svc_main_thread_root(void)
 {
-	if (!tandem_svc_temp_priv_drop)
-		return;
-	if (geteuid() != 0 && seteuid(0) < 0)
-		i_fatal("tandem: seteuid(0) failed: %m");
-	if (setgroups(tandem_svc_root_groups_count, tandem_svc_root_groups) < 0)
-		i_fatal("tandem: setgroups(root) failed: %m");
-	if (setgid(tandem_svc_root_gid) < 0)
-		i_fatal("tandem: setgid(%s) failed: %m",
-			dec2str(tandem_svc_root_gid));
-}
-
-static gid_t *tandem_svc_get_groups(int *count_r)
-{
-	gid_t *groups;
-	int count;
-
-	count = getgroups(0, NULL);
-	if (count < 0)
-		i_fatal("tandem: getgroups() failed: %m");
-	groups = i_new(gid_t, count + 1);
-	if (count > 0 && (count = getgroups(count, groups)) < 0)
-		i_fatal("tandem: getgroups() failed: %m");
-	*count_r = count;
-	return groups;
+	if (tandem_svc_temp_priv_drop)
+		tandem_creds_set(&tandem_svc_root_creds, "root");
 }
 
 /* ---- Call frame: user context, credentials, returned strings ---- */
@@ -265,6 +421,7 @@ static void tandem_svc_leave(struct tandem_svc_user *user)
 {
 	if (io_loop_get_current_context(current_ioloop) == user->ioloop_ctx)
 		io_loop_context_deactivate(user->ioloop_ctx);
+	tandem_svc_main_thread_root();
 	tandem_svc_busy = FALSE;
 }
 
@@ -483,7 +640,7 @@ int tandem_svc_watch_fd(int fd)
 	struct tandem_svc_watch *const *watchp, *watch;
 
 	/* An io added while a user's context is active would belong to it. */
-	if (fd < 0 || tandem_svc_busy ||
+	if (fd < 0 || tandem_svc_busy || tandem_svc_stopped ||
 	    io_loop_get_current_context(current_ioloop) != NULL)
 		return -1;
 	array_foreach(&tandem_svc_watches, watchp) {
@@ -632,9 +789,9 @@ int tandem_svc_main(int argc, char **argv,
 	restrict_access_allow_coredumps(TRUE);
 
 	tandem_svc_temp_priv_drop = getuid() == 0;
-	tandem_svc_root_gid = getegid();
-	tandem_svc_root_groups =
-		tandem_svc_get_groups(&tandem_svc_root_groups_count);
+	tandem_creds_get(&tandem_svc_root_creds);
+	if (tandem_svc_temp_priv_drop)
+		tandem_svc_check_overrides();
 
 	tandem_svc_pool = pool_alloconly_create("tandem service", 1024);
 	tandem_svc_result_pool =
@@ -650,6 +807,14 @@ int tandem_svc_main(int argc, char **argv,
 		tandem_svc_cb->started(tandem_svc_cb_ctx);
 	} T_END;
 	master_service_run(master_service, tandem_svc_client_connected);
+	/* No more wakeups: end the watches before stopping(), which may close
+	   their fds (an io on a closed fd makes io_remove() panic). */
+	tandem_svc_stopped = TRUE;
+	array_foreach_modifiable(&tandem_svc_watches, watchp) {
+		io_remove(&(*watchp)->io);
+		i_free(*watchp);
+	}
+	array_clear(&tandem_svc_watches);
 	T_BEGIN {
 		tandem_svc_cb->stopping(tandem_svc_cb_ctx);
 	} T_END;
@@ -661,16 +826,12 @@ int tandem_svc_main(int argc, char **argv,
 			  tandem_svc_users->mail_user->username);
 		tandem_svc_user_close(tandem_svc_users);
 	}
-	array_foreach_modifiable(&tandem_svc_watches, watchp) {
-		io_remove(&(*watchp)->io);
-		i_free(*watchp);
-	}
 	array_free(&tandem_svc_watches);
 
 	mail_storage_service_deinit(&tandem_svc_storage);
 	pool_unref(&tandem_svc_result_pool);
 	pool_unref(&tandem_svc_pool);
-	i_free(tandem_svc_root_groups);
+	tandem_creds_free(&tandem_svc_root_creds);
 	master_service_deinit(&master_service);
 	return 0;
 }
@@ -694,6 +855,16 @@ int tandem_svc_user_open(const char *username,
 		return TANDEM_SVC_ERROR;
 	}
 	p_clear(tandem_svc_result_pool);
+	/* No user's context may stay active across the open, and Dovecot's
+	   privilege drop must start from root. */
+	{
+		struct ioloop_context *cur =
+			io_loop_get_current_context(current_ioloop);
+
+		if (cur != NULL)
+			io_loop_context_deactivate(cur);
+	}
+	tandem_svc_main_thread_root();
 
 	tandem_svc_storage_input(&input, username);
 
@@ -707,14 +878,14 @@ int tandem_svc_user_open(const char *username,
 						  error);
 	} T_END;
 	if (ret <= 0) {
-		/* A failure after the privilege drop leaves the process as
-		   the user. */
+		/* A failure after the privilege drop leaves the main thread
+		   as the user. */
 		struct ioloop_context *cur =
 			io_loop_get_current_context(current_ioloop);
 
 		if (cur != NULL)
 			io_loop_context_deactivate(cur);
-		tandem_svc_restore_root_all();
+		tandem_svc_main_thread_root();
 		return ret == 0 ? TANDEM_SVC_ERROR_UNKNOWN_USER :
 			ret == -1 ? TANDEM_SVC_ERROR_TEMP : TANDEM_SVC_ERROR;
 	}
@@ -726,11 +897,10 @@ int tandem_svc_user_open(const char *username,
 	   quota and ACLs do not apply, as for dsync. */
 	mail_user->dsyncing = TRUE;
 
-	/* Still the user's, process-wide: remember what Dovecot chose. */
+	/* The main thread is still the user: remember what Dovecot chose. */
 	user->creds_switch = tandem_svc_temp_priv_drop;
-	user->uid = geteuid();
-	user->gid = getegid();
-	user->groups = tandem_svc_get_groups(&user->groups_count);
+	tandem_creds_get(&user->creds);
+	user->username = i_strdup(mail_user->username);
 
 	/* lookup_next() left the user's context active. */
 	user->ioloop_ctx = io_loop_get_current_context(current_ioloop);
@@ -740,9 +910,9 @@ int tandem_svc_user_open(const char *username,
 				      tandem_svc_user_activated,
 				      tandem_svc_user_deactivated, user);
 	/* Our callbacks were added while active, so this deactivation skips
-	   them: restore root ourselves, for every thread. */
+	   them: restore root ourselves. */
 	io_loop_context_deactivate(user->ioloop_ctx);
-	tandem_svc_restore_root_all();
+	tandem_svc_main_thread_root();
 
 	DLLIST_PREPEND(&tandem_svc_users, user);
 	*user_r = user;
@@ -769,8 +939,10 @@ void tandem_svc_user_close(struct tandem_svc_user *user)
 					 tandem_svc_user_deactivated, user);
 	io_loop_context_unref(&user->ioloop_ctx);
 	mail_storage_service_user_unref(&user->service_user);
+	tandem_svc_main_thread_root();
 	DLLIST_REMOVE(&tandem_svc_users, user);
-	i_free(user->groups);
+	tandem_creds_free(&user->creds);
+	i_free(user->username);
 	i_free(user);
 }
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Live check of the tandem service's Dovecot side (src/service/dovecot.rs, tandem-service.c):
 # starts a throwaway Dovecot whose master runs `tandem-service` from a `service tandem {}` block
-# with the test-only setting `tandem_svc_selftest = alice`. At start-up the service then
-# exercises every lib-storage operation on alice's mail and logs each result. This script waits
+# with the test-only setting `tandem_svc_selftest = alice bob`. At start-up the service then
+# exercises every lib-storage operation on alice's mail and logs each result, and then opens,
+# uses and closes alice (uid 5000) and bob (uid 5001) many times with threads alive, checking
+# every thread's credentials and who owns the files created. This script waits
 # for the verdict, connects once to the service's listener, shows the mail state with doveadm,
 # and stops the Dovecot it started (by PID).
 #
@@ -37,8 +39,11 @@ trap cleanup EXIT
 chmod 755 "$D"
 mkdir -p "$D/run" "$D/state" "$D/home" "$D/modules"
 chown 5000:5000 "$D/home"
+mkdir -p "$D/home/bob"
+chown 5001:5001 "$D/home/bob"
 cat >"$D/users" <<EOF
 alice:{PLAIN}pass:5000:5000::$D/home/alice
+bob:{PLAIN}pass:5001:5001::$D/home/bob
 EOF
 PLUGINS=""
 if [[ -n ${TANDEM_PLUGIN:-} ]]; then
@@ -57,9 +62,9 @@ ssl = no
 default_internal_user = dovecot
 default_login_user = dovenull
 first_valid_uid = 5000
-last_valid_uid = 5000
+last_valid_uid = 5001
 first_valid_gid = 5000
-last_valid_gid = 5000
+last_valid_gid = 5001
 passdb {
   driver = passwd-file
   args = scheme=PLAIN username_format=%u $D/users
@@ -110,8 +115,9 @@ doveadm_port = $((PORT_BASE + 25))
 plugin {
   tandem_server_id = a
   tandem_peer = 127.0.0.1:$((PORT_BASE + 401))
-  # TEST ONLY: deletes and recreates alice's Tandem* mailboxes at every service start.
-  tandem_svc_selftest = alice
+  # TEST ONLY: deletes and recreates alice's (and bob's) Tandem* mailboxes at every service
+  # start.
+  tandem_svc_selftest = alice bob
 }
 service tandem {
   executable = $SERVICE
@@ -128,7 +134,7 @@ EOF
 
 dovecot -F -c "$D/dovecot.conf" >"$D/master.out" 2>&1 &
 MASTER_PID=$!
-for _ in $(seq 100); do
+for _ in $(seq 600); do
 	grep -qE "selftest: (all [0-9]+ checks passed|[0-9]+ checks passed, [0-9]+ FAILED)" \
 		"$D/dovecot.log" 2>/dev/null && break
 	kill -0 "$MASTER_PID" 2>/dev/null || break

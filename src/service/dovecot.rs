@@ -17,11 +17,13 @@
 //!   Dovecot's log is not thread-safe.
 //! - Every string from C is copied before the next call into C; Rust never frees Dovecot memory,
 //!   and the C side keeps no pointer into Rust memory after a call returns.
-//! - Privileges: the process runs as root. Opening a user briefly switches the *whole process*
-//!   to the user's uid/gid (Dovecot's own code), then back to root; every later [`User`] call
-//!   runs the *main thread only* as the user (see tandem-service.c). So threads stay root,
-//!   except during [`Svc::user`]: a thread should not create files while the main thread opens
-//!   a user, or those files may belong to the user.
+//! - Privileges: the process runs as root, and only the *main thread* ever becomes a user: during
+//!   [`Svc::user`] (Dovecot's own privilege drop) and each [`User`] call, and back to root after.
+//!   On Linux credentials are per thread; tandem-service.c overrides glibc's set*id() family
+//!   (which would change every thread, and abort the process when threads differ) with
+//!   per-thread versions, so Dovecot's calls never touch other threads. Threads therefore stay
+//!   root, but a thread spawned *during* a user call (e.g. from a [`User::read_body_with`]
+//!   sink) would start as the user: spawn threads between calls.
 //! - Applying never journals again (DESIGN.md decision 6): the transactions are
 //!   `MAILBOX_TRANSACTION_FLAG_SYNC` and the user is marked `dsyncing`. As for dsync, quota and
 //!   ACLs are not enforced on applied changes.
@@ -101,7 +103,8 @@ pub trait Handler {
     /// closed, call [`Svc::client_closed`] (on the main thread), so master can send more.
     fn client_connected(&mut self, svc: &Svc, fd: OwnedFd);
     /// The ioloop stopped (SIGTERM from master, or [`Svc::stop`]). Join threads and drop users
-    /// here; the handler itself is dropped right after, before Dovecot's deinit.
+    /// here; the handler itself is dropped right after, before Dovecot's deinit. Watches
+    /// ([`Svc::watch_fd`]) have already ended, so their fds may be closed.
     fn stopping(&mut self, svc: &Svc);
 }
 
@@ -281,13 +284,13 @@ impl Svc {
         PathBuf::from(unsafe { string(raw::tandem_svc_state_dir()) })
     }
 
-    /// Calls [`Handler::wakeup`] whenever `fd` is readable, until [`Svc::unwatch_fd`]. The fd
-    /// must stay open while watched.
+    /// Calls [`Handler::wakeup`] whenever `fd` is readable, until [`Svc::unwatch_fd`] or the
+    /// ioloop stops (before [`Handler::stopping`]). The fd must stay open while watched.
     pub fn watch_fd(&self, fd: BorrowedFd<'_>) -> Result<(), SvcError> {
         // SAFETY: main thread; C only stores the number.
         if unsafe { raw::tandem_svc_watch_fd(fd.as_raw_fd()) } < 0 {
             return Err(SvcError::Other(format!(
-                "cannot watch fd {}: invalid, already watched, or called during a user call",
+                "cannot watch fd {}: invalid, already watched, called during a user call, or stopping",
                 fd.as_raw_fd()
             )));
         }
