@@ -1792,8 +1792,25 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 			  MAIL_FETCH_RECEIVED_DATE | MAIL_FETCH_SAVE_DATE,
 			  NULL);
 	if (!mail_set_uid(mail, uid)) {
-		ret = TANDEM_SVC_ALREADY;
-		goto out;
+		/* The view may predate a save just committed by another
+		   process (the doorbell rings right after it): sync once and
+		   look again before calling the mail gone. */
+		mail_free(&mail);
+		mailbox_transaction_rollback(&trans);
+		if (mailbox_sync(box, 0) < 0) {
+			ret = tandem_svc_box_error(box, "Syncing", error_r);
+			mailbox_free(&box);
+			return ret;
+		}
+		trans = mailbox_transaction_begin(box, 0, "tandem read");
+		mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
+				  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
+				  MAIL_FETCH_RECEIVED_DATE |
+				  MAIL_FETCH_SAVE_DATE, NULL);
+		if (!mail_set_uid(mail, uid)) {
+			ret = TANDEM_SVC_ALREADY;
+			goto out;
+		}
 	}
 	if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0 ||
 	    mail_get_received_date(mail, &received_date) < 0 ||

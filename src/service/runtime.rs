@@ -451,6 +451,17 @@ impl FrameWriter {
     }
 }
 
+/// Shuts the connection down (every clone of the socket: the peer sees the close at once) and
+/// forgets it.
+fn close(ctx: &Ctx, stream: &TcpStream) {
+    let _ = stream.shutdown(Shutdown::Both);
+    let key = (stream.local_addr().ok(), stream.peer_addr().ok());
+    ctx.sockets
+        .lock()
+        .unwrap()
+        .retain(|s| (s.local_addr().ok(), s.peer_addr().ok()) != key && s.peer_addr().is_ok());
+}
+
 fn split(
     stream: TcpStream,
     status: &Shared,
@@ -848,12 +859,8 @@ impl Outbound {
             }
         })?;
         let res = self.stream_loop(&mut wr, &incoming);
-        let _ = wr.stream.shutdown(Shutdown::Both);
+        close(&self.ctx, &wr.stream);
         let _ = reader.join();
-        self.ctx.sockets.lock().unwrap().retain(|s| {
-            s.peer_addr().ok() != wr.stream.peer_addr().ok()
-                || s.local_addr().ok() != wr.stream.local_addr().ok()
-        });
         res
     }
 
@@ -978,25 +985,33 @@ impl Outbound {
                     }
                     Ok(Err(e)) => {
                         forget_user(&who);
-                        return Err(e.to_string());
+                        return Err(e);
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(ApplyError::Other(e.to_string())),
                 }
             }
         })?;
         let body = match body {
             Ok(b) => b,
+            // The mailbox was deleted since: the mail is gone with it.
+            Err(ApplyError::NoMailbox(_)) => None,
             Err(e) => {
-                // Reported to the peer as gone: it skips the mail rather than stall; the user
-                // is marked for resync so that a comparison repairs it.
-                log::error!(
-                    "user {user}: reading the body of uid {uid} in {mailbox_guid} failed: {e}"
-                );
+                // Reported to the peer as gone, so that it skips the mail rather than stall;
+                // the user is marked for a resync, which compares both sides.
+                let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
+                log::error!("user {user}: {msg}");
+                if let Some(dir) = self.users.get(user).and_then(|u| u.dir.clone()) {
+                    let _ = journal::mark_resync(&dir, &msg);
+                }
                 None
             }
         };
         match body {
             None => {
+                log::info!(
+                    "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
+                     deleted); the peer skips it"
+                );
                 wr.send(&Msg::BodyGone {
                     user: user.to_string(),
                     mailbox_guid,
@@ -1136,7 +1151,18 @@ fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
     };
     ctx.sockets.lock().unwrap().push(stream.try_clone()?);
     let (mut rd, mut wr) = split(stream, &ctx.status, PREAUTH_MAX_FRAME)?;
-    let mut hs = ServerHandshake::new(&secret, &ctx.cfg.server_id)?;
+    let res = serve_peer(ctx, &secret, &mut rd, &mut wr);
+    close(ctx, &wr.stream);
+    res
+}
+
+fn serve_peer(
+    ctx: &Ctx,
+    secret: &[u8],
+    rd: &mut FrameReader,
+    wr: &mut FrameWriter,
+) -> Result<(), ConnError> {
+    let mut hs = ServerHandshake::new(secret, &ctx.cfg.server_id)?;
     let peer_id = loop {
         let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
         match hs.on_msg(m) {
@@ -1168,7 +1194,7 @@ fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
         users: HashMap::new(),
         bodies: HashMap::new(),
     };
-    let res = inb.run(&mut rd, &mut wr);
+    let res = inb.run(rd, wr);
     ctx.status.lock().unwrap().inbound_connections -= 1;
     if let Err(e) = &res {
         let _ = wr.send(&Msg::Error {

@@ -789,6 +789,8 @@ pub fn child_pids(dc: &Dovecot, comm: &str) -> Vec<i32> {
 /// cut (every connection dropped, new ones refused) and restore.
 pub struct Link {
     pub port: u16,
+    /// Bytes forwarded so far, both directions.
+    pub bytes: std::sync::Arc<AtomicU64>,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -804,7 +806,8 @@ impl Link {
         let up = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (up2, stop2, live2) = (up.clone(), stop.clone(), live.clone());
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (up2, stop2, live2, bytes2) = (up.clone(), stop.clone(), live.clone(), bytes.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -828,8 +831,15 @@ impl Link {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
+                    let bytes = bytes2.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
                     });
@@ -838,6 +848,7 @@ impl Link {
         });
         Link {
             port,
+            bytes,
             up,
             live,
             stop,
@@ -960,10 +971,17 @@ pub fn wait_converged(a: &Dovecot, b: &Dovecot, user: &str, timeout: Duration) -
             return sa;
         }
         if Instant::now() > deadline {
+            let st = |dc: &Dovecot| {
+                let conf = dc.conf().to_str().unwrap().to_string();
+                String::from_utf8_lossy(&dc.tandem(&["status", "-c", &conf]).stdout).into_owned()
+            };
             panic!(
-                "{user} did not converge within {timeout:?}\n--- {}:\n{sa:#?}\n--- {}:\n{sb:#?}",
+                "{user} did not converge within {timeout:?}\n--- {}:\n{sa:#?}\n--- {}:\n{sb:#?}\n\
+                 --- status of a:\n{}\n--- status of b:\n{}",
                 a.options().name,
-                b.options().name
+                b.options().name,
+                st(a),
+                st(b)
             );
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -1,0 +1,294 @@
+//! Tandem beside `doveadm sync`, between the same kind of local servers, doing the same work:
+//! - lag from commit on A to visible on B, for flag changes inside an open IMAP session and for
+//!   LMTP deliveries (p50 and p99); dsync's figure is one incremental `doveadm sync` run per
+//!   change, the least a dsync-based replicator needs after the change (the 2.3 replicator adds
+//!   a 500 ms coalescing delay inside IMAP sessions on top);
+//! - bytes on the wire per flag change (1000 changes in a burst, and one at a time), counted by
+//!   a forwarder on the link between the servers, for Tandem and for `doveadm sync` over TCP;
+//! - the time to replicate 2000 new mails of 22 KB each: for Tandem the backlog sent once the
+//!   link comes back, for dsync the first `doveadm sync` of the same mails.
+//!
+//! A measurement, not a test: nothing asserts on time. Writes the table to stdout; `make bench`
+//! also keeps it in target/bench-replication.txt for docs/benchmarks.md.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{message, Dovecot, Imap, Link, Lmtp, Options, Pair};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn summary(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+/// Polls `cond` as fast as the servers answer; returns when it holds.
+fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether `uid` in B's INBOX has `flag`, asked on an open session.
+fn has_flag(imap: &mut Imap, uid: u32, flag: &str) -> bool {
+    imap.uid_fetch(&uid.to_string(), "(FLAGS)")
+        .iter()
+        .any(|l| l.contains(flag))
+}
+
+fn messages_in_inbox(imap: &mut Imap) -> u32 {
+    let (untagged, _) = imap.command("STATUS INBOX (MESSAGES)");
+    untagged
+        .iter()
+        .find_map(|l| {
+            let i = l.find("MESSAGES ")? + 9;
+            l[i..].split([' ', ')']).next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the service of `dc` has no unacknowledged records of `user`.
+fn drained(dc: &Dovecot, user: &str) {
+    let conf = dc.conf().to_str().unwrap().to_string();
+    until(Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let out = dc.tandem(&["status", "-c", &conf, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v["users"][user]["unacked_records"].as_u64() == Some(0))
+            .unwrap_or(false)
+    });
+}
+
+fn dsync(from: &Dovecot, to: &Dovecot, via: Option<&Link>, user: &str) -> Duration {
+    let port = via.map_or(to.ports().doveadm, |l| l.port);
+    let t = Instant::now();
+    from.doveadm(&["sync", "-u", user, &format!("tcp:127.0.0.1:{port}")]);
+    t.elapsed()
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("replication bench: skipped (run it with `make bench`)");
+        return;
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("replication bench: skipped, it must run as root (it starts Dovecot masters)");
+        return;
+    }
+    let samples = env_number("TANDEM_BENCH_LAG_SAMPLES", 200);
+    let bulk = env_number("TANDEM_BENCH_BULK", 2000);
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // ---- Tandem: a pair.
+    let pair = Pair::start("bench-repl");
+    let mut a = pair.a.login("alice");
+    let mut uids = Vec::new();
+    for i in 0..20 {
+        uids.push(
+            a.append("INBOX", &[], &message(&format!("seed {i}"), 2000))
+                .1,
+        );
+    }
+    a.select("INBOX");
+    let mut b = pair.b.login("alice");
+    until(Duration::from_secs(60), || messages_in_inbox(&mut b) == 20);
+    b.select("INBOX");
+
+    // Lag of a flag change inside an open session.
+    let mut lags = Vec::new();
+    for i in 0..samples {
+        let uid = uids[i % uids.len()];
+        let flag = format!("$Lag{i}");
+        a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
+        let t = Instant::now();
+        if until(Duration::from_secs(10), || has_flag(&mut b, uid, &flag)) {
+            lags.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let (p50, p99) = summary(lags.clone());
+    let flag_lag = format!("p50 {p50:.1} ms, p99 {p99:.1} ms ({} samples)", lags.len());
+
+    // Lag of an LMTP delivery.
+    let mut l = Lmtp::connect(pair.a.ports().lmtp);
+    let mut lags = Vec::new();
+    let mut count = messages_in_inbox(&mut b);
+    for i in 0..samples.min(100) {
+        l.deliver(
+            "s@example.org",
+            &["alice"],
+            &message(&format!("lag {i}"), 2000),
+        );
+        let t = Instant::now();
+        count += 1;
+        if until(Duration::from_secs(10), || {
+            messages_in_inbox(&mut b) >= count
+        }) {
+            lags.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    l.quit();
+    let (p50, p99) = summary(lags.clone());
+    let lmtp_lag = format!("p50 {p50:.1} ms, p99 {p99:.1} ms ({} samples)", lags.len());
+
+    // Bytes per flag change: a burst of 1000, then 200 one at a time (each waited for).
+    std::thread::sleep(Duration::from_secs(1));
+    let before =
+        pair.a_to_b.bytes.load(Ordering::Relaxed) + pair.b_to_a.bytes.load(Ordering::Relaxed);
+    for i in 0..1000 {
+        let uid = uids[i % uids.len()];
+        let op = if (i / uids.len()) % 2 == 0 { '+' } else { '-' };
+        a.uid_store(&uid.to_string(), &format!("{op}FLAGS (\\Seen)"));
+    }
+    // The burst ends when the peer has acknowledged every record.
+    drained(&pair.a, "alice");
+    let after =
+        pair.a_to_b.bytes.load(Ordering::Relaxed) + pair.b_to_a.bytes.load(Ordering::Relaxed);
+    let burst_bytes = (after - before) as f64 / 1000.0;
+    let before = after;
+    for i in 0..200 {
+        let uid = uids[i % uids.len()];
+        let flag = format!("$One{i}");
+        a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
+        until(Duration::from_secs(10), || has_flag(&mut b, uid, &flag));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after =
+        pair.a_to_b.bytes.load(Ordering::Relaxed) + pair.b_to_a.bytes.load(Ordering::Relaxed);
+    let single_bytes = (after - before) as f64 / 200.0;
+    a.logout();
+    b.logout();
+
+    // Bulk: 2000 x 22 KB journaled while the link is down, then sent when it comes back.
+    pair.cut();
+    let mut l = Lmtp::connect(pair.a.ports().lmtp);
+    let msgs: Vec<Vec<u8>> = (0..bulk)
+        .map(|i| message(&format!("bulk {i}"), 22_000))
+        .collect();
+    l.deliver_many("s@example.org", &["bob"], &msgs);
+    l.quit();
+    let mut b = pair.b.login("bob");
+    let t = Instant::now();
+    pair.restore();
+    let ok = until(Duration::from_secs(600), || {
+        messages_in_inbox(&mut b) as usize >= bulk
+    });
+    let tandem_bulk = t.elapsed();
+    b.logout();
+    drop(pair);
+
+    // ---- dsync: two servers without Tandem, the same work.
+    let c = Dovecot::start(Options::without_plugin("bench-dsync-a"));
+    let d = Dovecot::start(Options::without_plugin("bench-dsync-b"));
+    let link = Link::new(d.ports().doveadm);
+    let mut ci = c.login("alice");
+    let mut uids = Vec::new();
+    for i in 0..20 {
+        uids.push(
+            ci.append("INBOX", &[], &message(&format!("seed {i}"), 2000))
+                .1,
+        );
+    }
+    ci.select("INBOX");
+    dsync(&c, &d, Some(&link), "alice");
+    let mut runs = Vec::new();
+    for i in 0..samples.min(50) {
+        ci.uid_store(
+            &uids[i % uids.len()].to_string(),
+            &format!("+FLAGS ($D{i})"),
+        );
+        runs.push(dsync(&c, &d, Some(&link), "alice").as_secs_f64() * 1000.0);
+    }
+    let (d50, d99) = summary(runs);
+    let dsync_flag = format!("p50 {d50:.1} ms, p99 {d99:.1} ms (one sync per change)");
+    let mut l = Lmtp::connect(c.ports().lmtp);
+    let mut runs = Vec::new();
+    for i in 0..samples.min(50) {
+        l.deliver(
+            "s@example.org",
+            &["alice"],
+            &message(&format!("dlag {i}"), 2000),
+        );
+        runs.push(dsync(&c, &d, Some(&link), "alice").as_secs_f64() * 1000.0);
+    }
+    l.quit();
+    let (d50, d99) = summary(runs);
+    let dsync_lmtp = format!("p50 {d50:.1} ms, p99 {d99:.1} ms (one sync per delivery)");
+    // Bytes per flag change for dsync: 1000 changes, one sync.
+    let before = link.bytes.load(Ordering::Relaxed);
+    for i in 0..1000 {
+        let uid = uids[i % uids.len()];
+        let op = if (i / uids.len()) % 2 == 0 { '+' } else { '-' };
+        ci.uid_store(&uid.to_string(), &format!("{op}FLAGS (\\Seen)"));
+    }
+    dsync(&c, &d, Some(&link), "alice");
+    let dsync_burst = (link.bytes.load(Ordering::Relaxed) - before) as f64 / 1000.0;
+    let before = link.bytes.load(Ordering::Relaxed);
+    for (i, uid) in uids.iter().enumerate() {
+        ci.uid_store(&uid.to_string(), &format!("+FLAGS ($S{i})"));
+        dsync(&c, &d, Some(&link), "alice");
+    }
+    let dsync_single = (link.bytes.load(Ordering::Relaxed) - before) as f64 / 20.0;
+    ci.logout();
+    let mut l = Lmtp::connect(c.ports().lmtp);
+    let msgs: Vec<Vec<u8>> = (0..bulk)
+        .map(|i| message(&format!("bulk {i}"), 22_000))
+        .collect();
+    l.deliver_many("s@example.org", &["bob"], &msgs);
+    l.quit();
+    let dsync_bulk = dsync(&c, &d, None, "bob");
+
+    rows.push((
+        "lag, flag change in an open IMAP session".into(),
+        flag_lag,
+        dsync_flag,
+    ));
+    rows.push(("lag, LMTP delivery".into(), lmtp_lag, dsync_lmtp));
+    rows.push((
+        "bytes on the wire per flag change, 1000 in a burst".into(),
+        format!("{burst_bytes:.1} B"),
+        format!("{dsync_burst:.1} B (one sync)"),
+    ));
+    rows.push((
+        "bytes on the wire per flag change, one at a time".into(),
+        format!("{single_bytes:.1} B"),
+        format!("{dsync_single:.1} B (one sync each)"),
+    ));
+    rows.push((
+        format!("replicate {bulk} new mails of 22 KB"),
+        format!(
+            "{:.2} s{}",
+            tandem_bulk.as_secs_f64(),
+            if ok { "" } else { " (INCOMPLETE)" }
+        ),
+        format!(
+            "{:.2} s (first doveadm sync); Tandem is {:.1}x faster",
+            dsync_bulk.as_secs_f64(),
+            dsync_bulk.as_secs_f64() / tandem_bulk.as_secs_f64()
+        ),
+    ));
+    println!("\n| measure | Tandem | doveadm sync |\n|---|---|---|");
+    for (m, t, d) in &rows {
+        println!("| {m} | {t} | {d} |");
+    }
+}

@@ -1,0 +1,340 @@
+//! Two real Dovecot servers, each with the plugin and the tandem service, each the other's peer:
+//! every change made on one appears on the other with the same identity (UIDs, GUIDs, flags,
+//! mailbox GUIDs and UIDVALIDITY, subscriptions), in both directions.
+
+mod common;
+
+use common::{message, state, wait_converged, Dovecot, Pair};
+use std::time::Duration;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Every kind of change, made by IMAP, LMTP and doveadm on `dc`, in mailboxes named with
+/// `tag` so that two runs on two servers don't collide.
+fn every_operation(dc: &Dovecot, tag: &str) {
+    let mut imap = dc.login("alice");
+    let work = format!("Work-{tag}");
+    let old = format!("Old-{tag}");
+    imap.create(&work);
+    imap.subscribe(&work);
+    let (_, u1) = imap.append(
+        "INBOX",
+        &["\\Seen", "$Label1"],
+        &message(&format!("{tag} one"), 1500),
+    );
+    let (_, u23) = imap.multiappend(
+        "INBOX",
+        &[
+            (&[], &message(&format!("{tag} two"), 300)),
+            (&["\\Flagged"], &message(&format!("{tag} three"), 40_000)),
+        ],
+    );
+    imap.select("INBOX");
+    imap.uid_store(&u1.to_string(), "+FLAGS (\\Flagged $Important)");
+    imap.uid_store(&u1.to_string(), "-FLAGS (\\Seen $Label1)");
+    imap.uid_store(&u23[0].to_string(), "FLAGS (\\Answered \\Draft)");
+    imap.uid_copy(&u1.to_string(), &work);
+    imap.uid_move(&u23[1].to_string(), &work);
+    imap.uid_store(&u23[0].to_string(), "+FLAGS (\\Deleted)");
+    imap.uid_expunge(&u23[0].to_string());
+    imap.create(&old);
+    imap.append(&old, &[], &message("old one", 100));
+    imap.append(&old, &["\\Seen"], &message("old two", 100));
+    imap.select("INBOX");
+    imap.delete(&old);
+    let archive = format!("Archive-{tag}");
+    imap.rename(&work, &archive);
+    imap.subscribe(&archive);
+    imap.unsubscribe(&work);
+    imap.logout();
+    let replies = dc.deliver(
+        "sender@example.org",
+        &["alice"],
+        &message(&format!("{tag} lmtp"), 2000),
+    );
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+    dc.save("alice", "INBOX", &message(&format!("{tag} doveadm"), 500));
+}
+
+#[test]
+fn every_change_replicates_in_both_directions() {
+    let pair = Pair::start("repl-both");
+    every_operation(&pair.a, "a");
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert!(s.mails.len() >= 5, "{s:#?}");
+    assert!(s.mailboxes.iter().any(|(name, _, _)| name == "Archive-a"));
+    assert!(s.subscriptions.contains(&"Archive-a".to_string()));
+
+    // Now from B, including changes to mail that came from A.
+    every_operation(&pair.b, "b");
+    let mut imap = pair.b.login("alice");
+    imap.select("INBOX");
+    imap.uid_store("1:*", "+FLAGS ($FromB)");
+    imap.logout();
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert!(s
+        .mails
+        .iter()
+        .filter(|m| m.mailbox == "INBOX")
+        .all(|m| m.flags.contains(&"$FromB".to_string())));
+    assert!(s.mailboxes.iter().any(|(name, _, _)| name == "Archive-b"));
+
+    // Nothing was journaled twice: each server's journal holds only its own changes.
+    for (dc, id) in [(&pair.a, "a"), (&pair.b, "b")] {
+        let conf = dc.conf().to_str().unwrap();
+        let out = dc.tandem(&["log", "show", "--json", "-u", "alice", "-c", conf]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["origin"], id, "{line}");
+        }
+    }
+    pair.a.assert_log_clean();
+    pair.b.assert_log_clean();
+    assert_eq!(state(&pair.a, "bob"), state(&pair.b, "bob"));
+    common::wait_for(Duration::from_secs(30), "every record acknowledged", || {
+        status(&pair.a)["users"]["alice"]["unacked_records"].as_u64() == Some(0)
+    });
+    let st = status(&pair.a);
+    assert_eq!(st["connected"], true, "{st}");
+    assert!(st["compression_ratio"].as_f64() > Some(1.0), "{st}");
+    assert!(st["records_sent"].as_u64() > Some(20), "{st}");
+}
+
+/// `tandem status --json` of one server.
+fn status(dc: &Dovecot) -> serde_json::Value {
+    let conf = dc.conf().to_str().unwrap();
+    let out = dc.tandem(&["status", "-c", conf, "--json"]);
+    assert!(
+        out.status.success(),
+        "tandem status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every message exactly once per mailbox, by GUID.
+fn assert_no_duplicates(s: &common::State) {
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &s.mails {
+        assert!(
+            seen.insert((m.mailbox.clone(), m.guid.clone())),
+            "duplicate {} in {}",
+            m.guid,
+            m.mailbox
+        );
+    }
+}
+
+#[test]
+fn while_the_link_is_down_both_sides_keep_working_and_then_catch_up() {
+    let pair = Pair::start("repl-down");
+    pair.a
+        .deliver("s@example.org", &["alice"], &message("before", 500));
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    let st = status(&pair.a);
+    assert_eq!(st["connected"], true, "{st}");
+
+    pair.cut();
+    for i in 0..10 {
+        pair.a.deliver(
+            "s@example.org",
+            &["alice"],
+            &message(&format!("on a {i}"), 800),
+        );
+        pair.b.deliver(
+            "s@example.org",
+            &["bob"],
+            &message(&format!("on b {i}"), 800),
+        );
+    }
+    let mut imap = pair.b.login("alice");
+    imap.select("INBOX");
+    imap.uid_store("1", "+FLAGS (\\Seen $OnB)");
+    imap.logout();
+    // The sender sees its backlog grow while it cannot deliver it.
+    common::wait_for(
+        Duration::from_secs(30),
+        "A to notice the link is down",
+        || {
+            let st = status(&pair.a);
+            st["connected"] == false && st["users"]["alice"]["unacked_records"].as_u64() >= Some(10)
+        },
+    );
+    let st = status(&pair.a);
+    assert!(
+        st["users"]["alice"]["oldest_unacked_age"]
+            .as_f64()
+            .is_some(),
+        "{st}"
+    );
+    let conf = pair.a.conf().to_str().unwrap();
+    let text = pair.a.tandem(&["status", "-c", conf]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("NOT CONNECTED"), "{text}");
+    assert!(state(&pair.a, "alice") != state(&pair.b, "alice"));
+
+    pair.restore();
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert_eq!(s.mails.len(), 11);
+    assert!(s.mails[0].flags.contains(&"$OnB".to_string()));
+    let s = wait_converged(&pair.a, &pair.b, "bob", CONVERGE);
+    assert_eq!(s.mails.len(), 10);
+    common::wait_for(Duration::from_secs(30), "acks to drain the backlog", || {
+        status(&pair.a)["users"]["alice"]["unacked_records"].as_u64() == Some(0)
+    });
+}
+
+#[test]
+fn crashes_in_the_middle_of_traffic_lose_nothing_and_duplicate_nothing() {
+    let mut pair = Pair::start("repl-crash");
+    // Some mail to change flags on.
+    let mut imap = pair.a.login("alice");
+    let mut uids = Vec::new();
+    for i in 0..20 {
+        uids.push(
+            imap.append("INBOX", &[], &message(&format!("seed {i}"), 400))
+                .1,
+        );
+    }
+    imap.logout();
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+
+    let (imap_port, lmtp_port) = (pair.a.ports().imap, pair.a.ports().lmtp);
+    let password = pair.a.password("alice").to_string();
+    let flagger = std::thread::spawn(move || {
+        let mut imap = common::Imap::connect(imap_port);
+        imap.login("alice", &password);
+        imap.select("INBOX");
+        for i in 0..1000usize {
+            let uid = uids[i % uids.len()];
+            let op = if (i / uids.len()) % 2 == 0 { '+' } else { '-' };
+            let kw = ["\\Seen", "\\Flagged", "$Work", "$Later"][i % 4];
+            imap.uid_store(&uid.to_string(), &format!("{op}FLAGS ({kw})"));
+        }
+        imap.logout();
+    });
+    let deliverer = std::thread::spawn(move || {
+        let mut l = common::Lmtp::connect(lmtp_port);
+        for i in 0..200 {
+            let r = l.deliver(
+                "s@example.org",
+                &["alice"],
+                &message(&format!("new {i}"), 2000),
+            );
+            assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        }
+        l.quit();
+    });
+
+    let kill_service = |dc: &Dovecot| {
+        let pids = common::child_pids(dc, "tandem-service");
+        assert_eq!(pids.len(), 1, "one tandem service expected: {pids:?}");
+        // SAFETY: the tandem service of this test's own Dovecot.
+        assert_eq!(unsafe { libc::kill(pids[0], libc::SIGKILL) }, 0);
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    kill_service(&pair.a);
+    std::thread::sleep(Duration::from_millis(700));
+    kill_service(&pair.b);
+    std::thread::sleep(Duration::from_millis(700));
+    // The whole of B goes down hard, and comes back.
+    pair.b.crash();
+    std::thread::sleep(Duration::from_millis(500));
+    pair.b.start_again();
+    flagger.join().unwrap();
+    deliverer.join().unwrap();
+
+    let s = wait_converged(&pair.a, &pair.b, "alice", Duration::from_secs(120));
+    assert_eq!(s.mails.len(), 220, "every delivered mail, once");
+    assert_no_duplicates(&s);
+    assert_no_duplicates(&state(&pair.b, "alice"));
+}
+
+#[test]
+fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use tandem::auth::ClientHandshake;
+    use tandem::codec::{encode, Msg};
+    let pair = Pair::start("repl-hostile");
+    let port = pair.a.options().service_port.unwrap();
+    let evil = tandem::event::Record {
+        lsn: 1,
+        stamp: tandem::event::Stamp(1),
+        origin: "b".into(),
+        user: "alice".into(),
+        mailbox: "Evil".into(),
+        mailbox_guid: tandem::event::Guid128([0xee; 16]),
+        modseq: 1,
+        change: tandem::event::Change::MailboxCreate { uidvalidity: 7 },
+    };
+    let records = Msg::Records {
+        user: "alice".into(),
+        journal_id: [0xee; 16],
+        records: vec![evil],
+    };
+    let closed = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 4096];
+        // The service answers at most with a refusal, then closes.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let frame = |m: &Msg| {
+        let mut b = Vec::new();
+        encode(m, &mut b).unwrap();
+        b
+    };
+    // 1. Replication traffic without authenticating.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&frame(&records)).unwrap();
+    closed(s);
+    // 2. Garbage.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    closed(s);
+    // 3. An oversized frame.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0x7f, 0x10, 0x00]).unwrap();
+    closed(s);
+    // 4. The handshake with a wrong secret, then records anyway.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut hs, hello) = ClientHandshake::new(b"not the secret at all, sorry", "b").unwrap();
+    s.write_all(&frame(&hello)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut dec = tandem::codec::Decoder::new();
+    let mut buf = [0u8; 4096];
+    let challenge = loop {
+        if let Some(m) = dec.next().unwrap() {
+            break m;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the challenge");
+        dec.feed(&buf[..n]);
+    };
+    if let Ok(tandem::auth::Step::Send(auth)) = hs.on_msg(challenge) {
+        s.write_all(&frame(&auth)).unwrap();
+    }
+    let _ = s.write_all(&frame(&records));
+    closed(s);
+
+    // Nothing was applied, each attempt is in the log, and the real peer still gets through.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!pair.a.mailboxes("alice").contains(&"Evil".to_string()));
+    let log = pair.a.log();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("tandem") && l.contains("inbound connection from"))
+        .count();
+    assert!(refusals >= 4, "refusals not logged:\n{log}");
+    assert!(log.contains("authentication failed"), "{log}");
+    pair.b
+        .deliver("s@example.org", &["alice"], &message("real", 300));
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert_eq!(s.mails.len(), 1);
+}
