@@ -12,6 +12,8 @@ ifeq ($(shell command -v cargo 2>/dev/null),)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 endif
 CARGO ?= cargo
+# pipefail in recipes.
+SHELL := /bin/bash
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -72,9 +74,15 @@ deps:
 # A system Dovecot that the package scripts may start is left alone: the tests run their own
 # instances with their own base_dir and free 127.0.0.1 ports, and always pass -c to doveadm.
 
+# The summary line at the end adds up every test binary's result, so that one line tells the
+# whole run's outcome.
 test: deps test-hooks-plugin all
+	@set -o pipefail; \
 	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
-		$(CARGO) test --release
+		$(CARGO) test --release 2>&1 | tee target/test-output.txt; status=$$?; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' \
+		target/test-output.txt; \
+	exit $$status
 
 verify:
 	$(CARGO) fmt --check

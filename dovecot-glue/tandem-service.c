@@ -1199,6 +1199,53 @@ int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
 }
 
 static int
+tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
+				   const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
+				   const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
+				   uint32_t uidvalidity, const char **error_r)
+{
+	struct mailbox_update update;
+	struct mailbox_status status;
+	struct mailbox *box;
+	int ret;
+
+	ret = tandem_svc_box_for_save(user, old_guid, 0, &box, &status,
+				      error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	/* Only a mailbox that never held mail: its GUID and UIDVALIDITY can
+	   change without any client or message noticing (dsync does the
+	   same for a mailbox created on both sides). */
+	if (status.messages != 0 || status.uidnext > 1) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: not empty (%u messages, UIDNEXT %u): "
+			"cannot take the peer's GUID",
+			mailbox_get_vname(box), status.messages,
+			status.uidnext);
+		ret = TANDEM_SVC_ERROR_CONFLICT;
+	} else {
+		i_zero(&update);
+		memcpy(update.mailbox_guid, new_guid, TANDEM_SVC_GUID_SIZE);
+		update.uid_validity = uidvalidity;
+		if (mailbox_update(box, &update) < 0)
+			ret = tandem_svc_box_error(box, "Changing the GUID",
+						   error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
+				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
+				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
+				  uint32_t uidvalidity, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_adopt_guid_real(user, old_guid, new_guid,
+						   uidvalidity, error_r));
+}
+
+static int
 tandem_svc_mailbox_min_uidnext_real(struct tandem_svc_user *user,
 				    const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 				    uint32_t uidnext, const char **error_r)

@@ -338,3 +338,32 @@ fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served(
     let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
     assert_eq!(s.mails.len(), 1);
 }
+
+#[test]
+fn an_inbox_created_on_both_sides_becomes_one() {
+    let pair = Pair::start("repl-inbox");
+    // Each server creates alice's INBOX on first use, with its own GUID, while apart.
+    pair.cut();
+    for dc in [&pair.a, &pair.b] {
+        let mut imap = dc.login("alice");
+        imap.select("INBOX");
+        imap.logout();
+    }
+    assert_ne!(
+        pair.a.mailbox_guid("alice", "INBOX"),
+        pair.b.mailbox_guid("alice", "INBOX")
+    );
+    pair.restore();
+    // The higher GUID wins on both; the other side's empty INBOX takes it.
+    common::wait_for(Duration::from_secs(30), "one INBOX GUID", || {
+        pair.a.mailbox_guid("alice", "INBOX") == pair.b.mailbox_guid("alice", "INBOX")
+    });
+    pair.a
+        .deliver("s@example.org", &["alice"], &message("to a", 300));
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert_eq!(s.mails.len(), 1);
+    pair.b
+        .deliver("s@example.org", &["alice"], &message("to b", 300));
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert_eq!(s.mails.len(), 2);
+}

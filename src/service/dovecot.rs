@@ -662,6 +662,28 @@ impl User {
         }
     }
 
+    /// Gives the empty mailbox `old` the GUID `new` and UIDVALIDITY `uidvalidity` (the peer's
+    /// mailbox of the same name). `Conflict` if it holds or ever held mail.
+    pub fn mailbox_adopt_guid(
+        &self,
+        old: &Guid128,
+        new: &Guid128,
+        uidvalidity: u32,
+    ) -> Result<Applied, ApplyError> {
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_mailbox_adopt_guid(
+                self.raw(),
+                old.0.as_ptr(),
+                new.0.as_ptr(),
+                uidvalidity,
+                &mut error,
+            );
+            applied(ret, error)
+        }
+    }
+
     /// Raises the mailbox's UIDNEXT to at least `uidnext`.
     pub fn mailbox_min_uidnext(&self, guid: &Guid128, uidnext: u32) -> Result<Applied, ApplyError> {
         let mut error = ptr::null();

@@ -1651,7 +1651,19 @@ fn apply_one(
         } => ok(u.update_flags(mbox, *uid, guid, added, removed)),
         Change::Expunge { uid, guid, .. } => ok(u.expunge(mbox, *uid, guid)),
         Change::MailboxCreate { uidvalidity } => {
-            ok(u.mailbox_create(&r.mailbox, mbox, *uidvalidity))
+            match u.mailbox_create(&r.mailbox, mbox, *uidvalidity) {
+                // The same name created on both sides (INBOX, created on first use on each
+                // server, above all): the higher GUID wins on both. The winner ignores the
+                // loser's create; the loser takes the winner's GUID if its mailbox is still
+                // empty, and otherwise reports a conflict for the conflict rules.
+                Err(ApplyError::NameTaken { existing, .. }) if existing > *mbox => {
+                    Ok(Step1::Done(false))
+                }
+                Err(ApplyError::NameTaken { existing, .. }) => {
+                    ok(u.mailbox_adopt_guid(&existing, mbox, *uidvalidity))
+                }
+                other => ok(other),
+            }
         }
         Change::MailboxDelete { .. } => match u.mailbox_delete(mbox) {
             Err(ApplyError::NoMailbox(_)) => Ok(Step1::Done(false)),
