@@ -151,8 +151,8 @@ fn main() {
     let mut l = Lmtp::connect(pair.a.ports().lmtp);
     let mut lags = Vec::new();
     // A session with nothing selected: STATUS then reads the mailbox afresh each time.
-    let mut b = pair.b.login("alice");
-    let first = messages_in_inbox(&mut b);
+    let mut b2 = pair.b.login("alice");
+    let first = messages_in_inbox(&mut b2);
     for (i, count) in (0..samples.min(100)).zip(first + 1..) {
         l.deliver(
             "s@example.org",
@@ -161,7 +161,7 @@ fn main() {
         );
         let t = Instant::now();
         if until(Duration::from_secs(10), || {
-            let n = messages_in_inbox(&mut b);
+            let n = messages_in_inbox(&mut b2);
             if std::env::var_os("TANDEM_BENCH_DEBUG").is_some() {
                 eprintln!("lmtp lag: {n} of {count}");
             }
@@ -202,6 +202,7 @@ fn main() {
     let single_bytes = (after - before) as f64 / 200.0;
     a.logout();
     b.logout();
+    b2.logout();
 
     eprintln!("replication bench: bulk...");
     // Bulk: 2000 x 22 KB journaled while the link is down, then sent when it comes back.

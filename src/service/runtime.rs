@@ -43,6 +43,10 @@ use std::time::{Duration, Instant};
 
 /// Unacknowledged record bytes in flight before the sender waits for acks.
 const WINDOW_BYTES: u64 = 8 << 20;
+/// Body bytes sent between two rounds of records and acks.
+const LOW_SLICE: u64 = 256 << 10;
+/// Body bytes queued before the sender stops reading more records.
+const LOW_LANE_MAX: u64 = 64 << 20;
 /// Records per Records frame, and per apply batch on the main thread.
 const BATCH_RECORDS: usize = 500;
 /// Frames larger than this are refused before the peer has authenticated.
@@ -529,6 +533,8 @@ fn outbound(ctx: Ctx, rings: Receiver<String>) {
         users: HashMap::new(),
         pending: BTreeSet::new(),
         rings,
+        low: VecDeque::new(),
+        low_bytes: 0,
     };
     out.rescan();
     let mut backoff = Duration::from_millis(100);
@@ -588,6 +594,10 @@ struct Outbound {
     users: HashMap<String, OutUser>,
     pending: BTreeSet<String>,
     rings: Receiver<String>,
+    /// The low-priority lane: body chunks waiting to go. Records and acks never wait behind
+    /// them; they are sent a slice at a time between the other frames (DESIGN.md decision 9).
+    low: VecDeque<Msg>,
+    low_bytes: u64,
 }
 
 impl Outbound {
@@ -736,6 +746,8 @@ impl Outbound {
 
     /// Reconnecting: everything not acknowledged goes again, from the acknowledged position.
     fn rewind(&mut self) {
+        self.low.clear();
+        self.low_bytes = 0;
         for u in self.users.values_mut() {
             u.cursor = Cursor::from_lsn(u.acked + 1);
             u.unacked.clear();
@@ -877,7 +889,7 @@ impl Outbound {
                 return Err(ConnError::Stopping);
             }
             while let Ok(ev) = incoming.try_recv() {
-                self.on_incoming(ev, wr)?;
+                self.on_incoming(ev)?;
             }
             self.take_rings(Duration::ZERO);
             if last_rescan.elapsed() > RESCAN_EVERY {
@@ -891,7 +903,7 @@ impl Outbound {
             }
             let inflight: u64 = self.users.values().map(|u| u.inflight).sum();
             let mut did = false;
-            if inflight < WINDOW_BYTES {
+            if inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX {
                 let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
                 for name in names {
                     match self.pump(&name, wr) {
@@ -911,11 +923,24 @@ impl Outbound {
                     self.publish_user(&name);
                 }
             }
-            if !did || inflight >= WINDOW_BYTES {
+            // Then one slice of bodies, so that a large one never holds the rest up.
+            let mut budget = LOW_SLICE;
+            while let Some(m) = self.low.pop_front() {
+                let n = wr.send(&m)? as u64;
+                self.low_bytes = self.low_bytes.saturating_sub(n);
+                if n >= budget {
+                    break;
+                }
+                budget -= n;
+            }
+            if self.low.is_empty() {
+                self.low_bytes = 0;
+            }
+            if (!did || inflight >= WINDOW_BYTES) && self.low.is_empty() {
                 // Wait for an ack, a ring or the next rescan.
                 crossbeam_channel::select! {
                     recv(incoming) -> ev => match ev {
-                        Ok(ev) => self.on_incoming(ev, wr)?,
+                        Ok(ev) => self.on_incoming(ev)?,
                         Err(_) => return Err(ConnError::Closed),
                     },
                     recv(self.rings) -> u => if let Ok(u) = u { self.pending.insert(u); },
@@ -932,14 +957,15 @@ impl Outbound {
         if records.is_empty() {
             return Ok(false);
         }
-        // Bodies of new mail first: the peer applies a `new` record once its body is there, so
-        // sending it ahead saves the peer a wait. Copies go as instructions (DESIGN.md 9).
+        // Bodies of new mail go on the low-priority lane, so that other users' records and all
+        // acks pass them. The peer applies one user's records in order, so that user's later
+        // records wait for the body. Copies go as instructions (DESIGN.md 9).
         for r in &records {
             if let Change::New {
                 uid, from: None, ..
             } = &r.change
             {
-                self.send_body(name, r.mailbox_guid, *uid, wr)?;
+                self.send_body(name, r.mailbox_guid, *uid)?;
             }
         }
         let raw: u64 = records
@@ -964,13 +990,7 @@ impl Outbound {
         Ok(st.more)
     }
 
-    fn send_body(
-        &mut self,
-        user: &str,
-        mailbox_guid: Guid128,
-        uid: u32,
-        wr: &mut FrameWriter,
-    ) -> Result<(), ConnError> {
+    fn send_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) -> Result<(), ConnError> {
         let who = user.to_string();
         let body = self.ctx.main.call(move |svc: &Svc| {
             // A user opened before the mailbox existed may not find it by GUID: retry once
@@ -1012,18 +1032,20 @@ impl Outbound {
                     "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
                      deleted); the peer skips it"
                 );
-                wr.send(&Msg::BodyGone {
+                self.low.push_back(Msg::BodyGone {
                     user: user.to_string(),
                     mailbox_guid,
                     uid,
-                })?;
+                });
             }
             Some(b) => {
                 let total = b.data.len() as u64;
                 let mut offset = 0usize;
                 loop {
                     let end = (offset + codec::BODY_CHUNK).min(b.data.len());
-                    wr.send(&Msg::Body {
+                    let chunk = (end - offset) as u64;
+                    self.low_bytes += chunk;
+                    self.low.push_back(Msg::Body {
                         user: user.to_string(),
                         mailbox_guid,
                         uid,
@@ -1033,7 +1055,7 @@ impl Outbound {
                         total,
                         offset: offset as u64,
                         data: b.data[offset..end].to_vec(),
-                    })?;
+                    });
                     offset = end;
                     if offset >= b.data.len() {
                         break;
@@ -1045,14 +1067,14 @@ impl Outbound {
         Ok(())
     }
 
-    fn on_incoming(&mut self, ev: Incoming, wr: &mut FrameWriter) -> Result<(), ConnError> {
+    fn on_incoming(&mut self, ev: Incoming) -> Result<(), ConnError> {
         match ev {
             Incoming::Closed(why) => Err(ConnError::Protocol(why)),
             Incoming::NeedBody {
                 user,
                 mailbox_guid,
                 uid,
-            } => self.send_body(&user, mailbox_guid, uid, wr),
+            } => self.send_body(&user, mailbox_guid, uid),
             Incoming::Ack {
                 user,
                 journal_id,
