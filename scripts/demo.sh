@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Tandem demo: one throwaway Dovecot instance on 127.0.0.1 with the Tandem plugin loaded. It makes
-# a few ordinary mailbox changes (LMTP delivery, IMAP append/flags/copy/move/expunge/rename,
-# doveadm save) and shows what Tandem journaled, with the `tandem` CLI.
+# Tandem demo: two throwaway Dovecot servers, a and b, on 127.0.0.1, each with the Tandem plugin
+# and the Tandem replication service, each the other's peer. Mail is delivered and changed on
+# both sides; after each change the demo waits until the other server shows it and prints how
+# long that took. Then it compares both servers mail by mail and shows `tandem status` and each
+# server's journal with `tandem log show`.
 #
 # Run by `make demo` (after `make all`), as root: Dovecot drops to uid 5000 for mail access.
-# Stops the Dovecot it started and removes its directory on exit, unless KEEP=1.
+# Stops the two Dovecots it started (by PID) and removes its directory on exit, unless KEEP=1.
 #
-#   KEEP=1            leave the instance running and print how to use and stop it
-#   DEMO_PORT_BASE=N  ports N+43 (IMAP), N+24 (LMTP), N+25 (doveadm); default 21100
+#   KEEP=1            leave both servers running and print how to use and stop them
+#   DEMO_PORT_BASE=N  server a: ports N+43 (IMAP), N+24 (LMTP), N+25 (doveadm), N+44 (tandem);
+#                     server b: the same plus 100. Default 21100.
 #
-# Everything lives in one mktemp directory, one subdirectory per instance; nothing outside it is
-# touched (the system Dovecot, if any, is left alone). A second instance for replication is one
-# more `start_instance b $((PORT_BASE + 100)) b` call.
+# Everything lives in one mktemp directory, one subdirectory per server; nothing outside it is
+# touched (the system Dovecot, if any, is left alone).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PLUGIN_SO=$REPO/target/release/libtandem.so
+SERVICE_BIN=$REPO/target/release/tandem-service
 TANDEM=target/release/tandem
 NOTIFY_SO=/usr/lib/dovecot/modules/lib15_notify_plugin.so
 MAIL_UID=5000
@@ -26,7 +29,8 @@ KEEP=${KEEP:-}
 
 STEP="checking prerequisites"
 DEMO_DIR=""
-declare -A PID CONF PORT_IMAP PORT_LMTP PORT_DOVEADM
+SECRET=""
+declare -A PID CONF PORT_IMAP PORT_LMTP PORT_DOVEADM PORT_TANDEM
 INSTANCES=()
 
 die() {
@@ -63,14 +67,15 @@ except OSError:
 PY
 }
 
-# start_instance NAME PORT_BASE SERVER_ID: writes $DEMO_DIR/NAME (config, users file, home,
-# private module dir), starts `dovecot -F` on it and waits until IMAP answers.
+# start_instance NAME PORT_BASE SERVER_ID PEER_TANDEM_PORT: writes $DEMO_DIR/NAME (config, users
+# file, home, private module dir), starts `dovecot -F` on it and waits until IMAP answers. Its
+# tandem service listens on PORT_BASE+44 and connects to 127.0.0.1:PEER_TANDEM_PORT.
 start_instance() {
-	local name=$1 base=$2 server_id=$3
+	local name=$1 base=$2 server_id=$3 peer_port=$4
 	local dir=$DEMO_DIR/$name
-	local imap=$((base + 43)) lmtp=$((base + 24)) doveadm=$((base + 25))
+	local imap=$((base + 43)) lmtp=$((base + 24)) doveadm=$((base + 25)) tandem=$((base + 44))
 	local p
-	for p in "$imap" "$lmtp" "$doveadm"; do
+	for p in "$imap" "$lmtp" "$doveadm" "$tandem"; do
 		port_free "$p" || die "port $p on 127.0.0.1 is already in use (another program, or an" \
 			"earlier KEEP=1 demo still running). Stop it, or pick other ports:" \
 			"DEMO_PORT_BASE=31100 make demo"
@@ -79,6 +84,7 @@ start_instance() {
 	mkdir -p "$dir/state" "$dir/modules" "$dir/home/alice"
 	# tandem_state_dir: the registry of users with journals, which every mail process (running as
 	# the mail user) adds itself to, hence sticky and world-writable like /tmp but not listable.
+	# The service keeps its own state (sent/, applied/) beside it.
 	mkdir -m 755 "$dir/tandem-state"
 	mkdir -m 1733 "$dir/tandem-state/users"
 	# The auth (dovecot), login (dovenull) and mail (uid 5000) processes all read below it.
@@ -95,7 +101,7 @@ start_instance() {
 	chmod 644 "$dir/users"
 
 	cat >"$dir/dovecot.conf" <<EOF
-# Tandem demo instance "$name", written by scripts/demo.sh.
+# Tandem demo server "$name", written by scripts/demo.sh.
 instance_name = tandem-demo-$name
 base_dir = $dir/run
 state_dir = $dir/state
@@ -127,6 +133,8 @@ mail_plugins = \$mail_plugins notify tandem
 plugin {
   tandem_server_id = $server_id
   tandem_state_dir = $dir/tandem-state
+  tandem_peer = 127.0.0.1:$peer_port
+  tandem_secret_file = $SECRET
 }
 namespace inbox {
   inbox = yes
@@ -163,6 +171,19 @@ service doveadm {
 }
 doveadm_password = secret
 doveadm_port = $doveadm
+# The replication service (target/release/tandem-service; \`make install\` puts it beside
+# Dovecot's own services, where \`executable = tandem\` finds it).
+service tandem {
+  executable = $SERVICE_BIN
+  user = root
+  process_min_avail = 1
+  process_limit = 1
+  vsz_limit = 1G
+  inet_listener tandem {
+    address = 127.0.0.1
+    port = $tandem
+  }
+}
 EOF
 
 	doveconf -c "$dir/dovecot.conf" -n >/dev/null 2>"$dir/doveconf.err" || {
@@ -176,7 +197,11 @@ EOF
 	PORT_IMAP[$name]=$imap
 	PORT_LMTP[$name]=$lmtp
 	PORT_DOVEADM[$name]=$doveadm
+	PORT_TANDEM[$name]=$tandem
 	INSTANCES+=("$name")
+	# For the Python client below.
+	export "DEMO_IMAP_$name=$imap" "DEMO_LMTP_$name=$lmtp" "DEMO_CONF_$name=$dir/dovecot.conf"
+	export "DEMO_STATUS_$name=$dir/run/tandem-status"
 
 	# Wait for the IMAP greeting, then log out politely (keeps the log free of disconnect noise).
 	local i
@@ -195,7 +220,7 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2) as s:
     f.read()
 PY
 			echo "Dovecot '$name' is up: PID ${PID[$name]}, IMAP 127.0.0.1:$imap," \
-				"LMTP 127.0.0.1:$lmtp, tandem_server_id = $server_id"
+				"LMTP 127.0.0.1:$lmtp, tandem 127.0.0.1:$tandem (peer 127.0.0.1:$peer_port)"
 			return 0
 		fi
 		sleep 0.1
@@ -230,8 +255,9 @@ cleanup() {
 		echo "demo FAILED (exit $status) while: $STEP" >&2
 		for name in "${INSTANCES[@]}"; do
 			if [[ -s $DEMO_DIR/$name/dovecot.log ]]; then
-				echo "--- last lines of $DEMO_DIR/$name/dovecot.log:" >&2
-				tail -n 15 "$DEMO_DIR/$name/dovecot.log" >&2
+				echo "--- last tandem, warning and error lines of $DEMO_DIR/$name/dovecot.log:" >&2
+				grep -E 'tandem|: (Warning|Error|Panic|Fatal): ' "$DEMO_DIR/$name/dovecot.log" |
+					tail -n 15 >&2 || true
 			fi
 		done
 	fi
@@ -248,91 +274,296 @@ cleanup() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Clients: small inline Python (imaplib, smtplib.LMTP)
+# The client: inline Python (imaplib, smtplib.LMTP, doveadm), standard library only
 # ---------------------------------------------------------------------------------------------
+#
+# `client ACTION SRC DST ARGS...` makes one change on server SRC, then polls server DST over IMAP
+# until DST shows exactly what SRC shows (every mailbox with its GUID and UIDVALIDITY, every
+# mail with its UID, GUID and flags), and prints how long that took after SRC's OK, and what
+# changed on DST. It fails if that takes more than 10 s.
 
-# lmtp_deliver PORT RCPT SUBJECT...: one message per subject, over one LMTP session.
-lmtp_deliver() {
-	python3 - "$@" <<'PY'
-import smtplib, sys
+read -r -d '' CLIENT_PY <<'PY' || true
+import imaplib, json, os, re, smtplib, socket, subprocess, sys, time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-port, rcpt, subjects = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-senders = ["billing@example.com", "carol@example.org", "noc@example.net"]
-try:
-    with smtplib.LMTP("127.0.0.1", port) as lmtp:
-        for i, subject in enumerate(subjects):
-            m = EmailMessage()
-            m["From"], m["To"], m["Subject"] = senders[i % len(senders)], rcpt, subject
-            m["Date"] = formatdate(localtime=True)
-            m["Message-ID"] = make_msgid(domain="example.com")
-            m.set_content(f"{subject}\n\nThis is a demo message.\n")
-            lmtp.sendmail(m["From"], [rcpt], m.as_bytes())
-            print(f"  delivered to {rcpt}: {subject!r}")
-except (smtplib.SMTPException, OSError) as e:
-    sys.exit(f"LMTP delivery failed: {e!r}")
-PY
-}
 
-# imap_session PORT USER PASS: the IMAP part of the demo, narrated line by line.
-imap_session() {
-	python3 - "$@" <<'PY'
-import imaplib, sys, time
-from email.message import EmailMessage
-port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+USER, PASSWORD = "alice", "pass"
+TIMEOUT = 10.0  # seconds a change may take to show on the other server
+
+def env(kind, server):
+    return os.environ[f"DEMO_{kind}_{server}"]
+
+def fail(msg):
+    print(f"  FAILED: {msg}", flush=True)
+    sys.exit(1)
 
 def ok(res, what):
     typ, data = res
     if typ != "OK":
-        sys.exit(f"IMAP {what} failed: {typ} {data}")
+        raise imaplib.IMAP4.error(f"{what}: {typ} {data}")
     return data
 
-def uid_of(subject):
-    data = ok(imap.uid("SEARCH", None, "HEADER", "Subject", f'"{subject}"'), "UID SEARCH")
-    uids = data[0].split()
-    if len(uids) != 1:
-        sys.exit(f"expected one message {subject!r} in the selected mailbox, found {len(uids)}")
-    return uids[0].decode()
+LIST_RE = re.compile(rb'^\((?P<attrs>[^)]*)\) (?:NIL|"(?:[^"\\]|\\.)*") (?P<name>.+)$')
+
+class Server:
+    """alice's IMAP session on one server; reconnects after an error."""
+
+    def __init__(self, name):
+        self.name, self.conn = name, None
+
+    def imap(self):
+        if self.conn is None:
+            c = imaplib.IMAP4("127.0.0.1", int(env("IMAP", self.name)), timeout=5)
+            ok(c.login(USER, PASSWORD), f"LOGIN on {self.name}")
+            self.conn = c
+        return self.conn
+
+    def drop(self):
+        c, self.conn = self.conn, None
+        if c is not None:
+            try:
+                c.logout()
+            except Exception:
+                pass
+
+    def snapshot(self, open_inbox=True):
+        """What alice sees: a set of ("mailbox", name, guid, uidvalidity) and
+        ("mail", mailbox, uid, guid, flags, subject) tuples; \\Recent left out (per session)."""
+        c = self.imap()
+        state = set()
+        for line in ok(c.list(), "LIST"):
+            m = LIST_RE.match(line)
+            if m is None or re.search(rb"\\(Noselect|NonExistent)", m["attrs"]):
+                continue
+            name = m["name"].decode()
+            if name.startswith('"'):
+                name = name[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            # Dovecot lists INBOX even before it exists, and opening it creates it, with a GUID
+            # of its own: a second INBOX for Tandem to reconcile. Replication creates it here.
+            if name == "INBOX" and not open_inbox:
+                continue
+            st = ok(c.status(f'"{name}"', "(UIDVALIDITY X-GUID)"), f"STATUS {name}")[0]
+            uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", st)[1])
+            guid = re.search(rb"X-GUID (\w+)", st)[1].decode()
+            state.add(("mailbox", name, guid, uidvalidity))
+            exists = int(ok(c.select(f'"{name}"', readonly=True), f"EXAMINE {name}")[0])
+            if exists:
+                msgs = []
+                for item in ok(c.uid("FETCH", "1:*",
+                                     "(FLAGS X-GUID BODY.PEEK[HEADER.FIELDS (SUBJECT)])"),
+                               f"FETCH in {name}"):
+                    if isinstance(item, tuple):
+                        msgs.append([item[0], item[1]])
+                    elif msgs and item:
+                        msgs[-1][0] += item
+                for meta, header in msgs:
+                    uid = int(re.search(rb"UID (\d+)", meta)[1])
+                    mguid = re.search(rb"X-GUID (\w+)", meta)[1].decode()
+                    flags = re.search(rb"FLAGS \(([^)]*)\)", meta)[1].decode().split()
+                    flags = tuple(sorted(f for f in flags if f != "\\Recent"))
+                    subject = header.decode(errors="replace").partition(":")[2].strip()
+                    state.add(("mail", name, uid, mguid, flags, subject))
+            ok(c.unselect(), "UNSELECT")
+        return frozenset(state)
+
+    def try_snapshot(self, open_inbox=True):
+        try:
+            return self.snapshot(open_inbox)
+        except (imaplib.IMAP4.error, OSError, TypeError):
+            # A mailbox renamed or deleted between LIST and STATUS, or the selected mailbox
+            # renamed under the session: look again, on a new session.
+            self.drop()
+            return None
+
+    def uid_of(self, mailbox, subject):
+        c = self.imap()
+        ok(c.select(f'"{mailbox}"'), f"SELECT {mailbox}")
+        uids = ok(c.uid("SEARCH", None, "HEADER", "Subject", f'"{subject}"'), "SEARCH")[0].split()
+        if len(uids) != 1:
+            fail(f"expected one mail {subject!r} in {mailbox} on {self.name}, found {len(uids)}")
+        return uids[0].decode()
+
+def describe(t):
+    if t[0] == "mailbox":
+        return f"mailbox {t[1]} (GUID {t[2][:8]}…, UIDVALIDITY {t[3]})"
+    _, mailbox, uid, guid, flags, subject = t
+    return f"{mailbox} UID {uid} {subject!r} (GUID {guid[:8]}…) {' '.join(flags) or '-'}"
+
+def applied_any(server):
+    """Whether server's tandem service has applied any change from its peer yet."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(env("STATUS", server))
+            doc = b"".join(iter(lambda: s.recv(65536), b""))
+        return json.loads(doc)["records_applied"] > 0
+    except (OSError, ValueError, KeyError):
+        return False
+
+def wait_same(src, dst, before, t0):
+    """Waits until dst shows what src shows now; prints how long that took after t0."""
+    want = src.snapshot()
+    if want == before:
+        fail(f"the change made no visible difference on {src.name}")
+    # Until the first change (the creation of INBOX) is applied on dst, dst must not open, and
+    # so create, its INBOX: its tandem service's status tells when.
+    first = not any(t[0] == "mailbox" for t in before)
+    while True:
+        if first and not applied_any(dst.name):
+            got = None
+        else:
+            got = dst.try_snapshot()
+        ms = (time.monotonic() - t0) * 1000
+        if got == want:
+            print(f"  -> on {dst.name} after {ms:.0f} ms:")
+            for t in sorted(before - got, key=describe):
+                print(f"       - {describe(t)}")
+            for t in sorted(got - before, key=describe):
+                print(f"       + {describe(t)}")
+            return
+        if ms > TIMEOUT * 1000:
+            print(f"  {dst.name} still differs from {src.name} after {TIMEOUT:.0f} s:")
+            got = dst.try_snapshot(open_inbox=not first) or set()
+            for t in sorted(want - got, key=describe):
+                print(f"       only on {src.name}: {describe(t)}")
+            for t in sorted(got - want, key=describe):
+                print(f"       only on {dst.name}: {describe(t)}")
+            fail(f"the change on {src.name} did not show on {dst.name} within {TIMEOUT:.0f} s")
+        time.sleep(0.005)
+
+def main(action, src_name, dst_name, *args):
+    src, dst = Server(src_name), Server(dst_name)
+    # Both show the same before the change (the previous step waited for it).
+    before = src.snapshot(open_inbox=action != "deliver")
+    dst.imap()  # logged in ahead, so that the clock measures replication, not our login
+    if action == "deliver":
+        senders = ["billing@example.com", "carol@example.org"]
+        try:
+            with smtplib.LMTP("127.0.0.1", int(env("LMTP", src_name))) as lmtp:
+                for i, subject in enumerate(args):
+                    m = EmailMessage()
+                    m["From"], m["To"], m["Subject"] = senders[i % 2], USER, subject
+                    m["Date"] = formatdate(localtime=True)
+                    m["Message-ID"] = make_msgid(domain="example.com")
+                    m.set_content(f"{subject}\n\nThis is a demo message.\n")
+                    lmtp.sendmail(m["From"], [USER], m.as_bytes())
+                    print(f"  {src_name}: LMTP delivery to {USER}: {subject!r}")
+        except (smtplib.SMTPException, OSError) as e:
+            fail(f"LMTP delivery failed: {e!r}")
+    elif action == "flag":
+        subject, flags = args
+        c = src.imap()
+        uid = src.uid_of("INBOX", subject)
+        ok(c.uid("STORE", uid, "+FLAGS", f"({flags})"), "STORE")
+        print(f"  {src_name}: UID STORE {uid} +FLAGS ({flags})   {subject!r}")
+    elif action == "move":
+        subject, folder = args
+        c = src.imap()
+        ok(c.create(folder), "CREATE")
+        print(f"  {src_name}: CREATE {folder}")
+        uid = src.uid_of("INBOX", subject)
+        ok(c.uid("MOVE", uid, folder), "MOVE")
+        print(f"  {src_name}: UID MOVE {uid} {folder}   {subject!r}")
+    elif action == "expunge":
+        subject, = args
+        c = src.imap()
+        uid = src.uid_of("INBOX", subject)
+        ok(c.uid("STORE", uid, "+FLAGS", r"(\Deleted)"), "STORE")
+        ok(c.expunge(), "EXPUNGE")
+        print(rf"  {src_name}: UID STORE {uid} +FLAGS (\Deleted), EXPUNGE   {subject!r}")
+    elif action == "rename":
+        old, new = args
+        ok(src.imap().rename(old, new), "RENAME")
+        print(f"  {src_name}: RENAME {old} {new}")
+    elif action == "save":
+        subject, = args
+        msg = f"From: backup@example.net\r\nTo: {USER}\r\nSubject: {subject}\r\n\r\nAll good.\r\n"
+        cmd = ["doveadm", "-c", env("CONF", src_name), "save", "-u", USER, "-m", "INBOX"]
+        print(f"  {src_name}: $ {' '.join(cmd)}   (a mail {subject!r} on stdin)")
+        r = subprocess.run(cmd, input=msg.encode(), capture_output=True)
+        if r.returncode != 0:
+            fail(f"doveadm save failed: {r.stderr.decode().strip()}")
+    else:
+        fail(f"unknown action {action}")
+    t0 = time.monotonic()
+    wait_same(src, dst, before, t0)
+    src.drop()
+    dst.drop()
 
 try:
-    imap = imaplib.IMAP4("127.0.0.1", port)
-    ok(imap.login(user, password), "LOGIN")
+    main(*sys.argv[1:])
 except (imaplib.IMAP4.error, OSError) as e:
-    sys.exit(f"IMAP login as {user} failed: {e}")
+    fail(f"IMAP: {e}")
+PY
 
-m = EmailMessage()
-m["From"], m["To"], m["Subject"] = f"{user}@example.com", "team@example.com", "Draft: agenda"
-m.set_content("1. Tandem\n2. Lunch\n")
-ok(imap.append("INBOX", r"(\Seen \Draft)", imaplib.Time2Internaldate(time.time()), m.as_bytes()),
-   "APPEND")
-print(r"  APPEND INBOX (\Seen \Draft) 'Draft: agenda'")
+client() {
+	python3 -u -c "$CLIENT_PY" "$@"
+}
 
-ok(imap.select("INBOX"), "SELECT")
-report, lunch, maint, draft = (uid_of(s) for s in
-    ["Quarterly report", "Lunch on Friday?", "Maintenance window", "Draft: agenda"])
+# compare_final: alice's mail on a and b side by side, as `doveadm fetch` shows it (\Recent left
+# out, it is per session), and the mailboxes with their GUIDs; fails if anything differs.
+read -r -d '' COMPARE_PY <<'PY' || true
+import os, subprocess, sys
 
-ok(imap.uid("STORE", report, "+FLAGS", r"(\Flagged)"), "STORE")
-print(rf"  UID {report} +FLAGS (\Flagged)    'Quarterly report'")
-ok(imap.uid("STORE", draft, "-FLAGS", r"(\Seen)"), "STORE")
-print(rf"  UID {draft} -FLAGS (\Seen)       'Draft: agenda'")
-ok(imap.uid("STORE", lunch, "+FLAGS", "(social)"), "STORE")
-print(f"  UID {lunch} +FLAGS (social)      'Lunch on Friday?'  (a keyword)")
+def doveadm(server, *args):
+    cmd = ["doveadm", "-f", "tab", "-c", os.environ[f"DEMO_CONF_{server}"], *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"demo: {' '.join(cmd)} failed: {r.stderr.strip()}")
+    head, *rows = r.stdout.splitlines()
+    return [dict(zip(head.split("\t"), row.split("\t"))) for row in rows if row]
 
-ok(imap.create("Projects"), "CREATE")
-print("  CREATE Projects")
-ok(imap.uid("COPY", report, "Projects"), "COPY")
-print(f"  UID COPY {report} Projects          'Quarterly report'")
-ok(imap.uid("MOVE", lunch, "Projects"), "MOVE")
-print(f"  UID MOVE {lunch} Projects          'Lunch on Friday?'")
+def lines(server):
+    out = []
+    for m in doveadm(server, "mailbox", "status", "-u", "alice", "guid uidvalidity", "*"):
+        out.append(f"mailbox {m['mailbox']:8} guid {m['guid']} uidvalidity {m['uidvalidity']}")
+    for m in doveadm(server, "fetch", "-u", "alice", "mailbox uid guid flags", "all"):
+        flags = " ".join(f for f in m["flags"].split() if f != "\\Recent") or "-"
+        out.append(f"{m['mailbox']:8} uid {m['uid']:>2} guid {m['guid']} {flags}")
+    return sorted(out)
 
-ok(imap.uid("STORE", maint, "+FLAGS", r"(\Deleted)"), "STORE")
-ok(imap.expunge(), "EXPUNGE")
-print(rf"  UID {maint} +FLAGS (\Deleted), EXPUNGE  'Maintenance window'")
+a, b = lines("a"), lines("b")
+print("$ doveadm fetch -u alice 'mailbox uid guid flags' all   (and mailbox status 'guid uidvalidity')")
+# Side by side, GUIDs shortened for the screen (they are compared in full).
+short = lambda l: " ".join(w[:8] + "…" if len(w) == 32 else w for w in l.split())
+width = max(len(short(l)) for l in a + b + ["on a"]) + 2
+print(f"  {'on a':{width}}  on b")
+for i in range(max(len(a), len(b))):
+    la = short(a[i]) if i < len(a) else ""
+    lb = short(b[i]) if i < len(b) else ""
+    mark = " " if i < len(a) and i < len(b) and a[i] == b[i] else "≠"
+    print(f"{mark} {la:{width}}  {lb}")
+if a == b:
+    print(f"IDENTICAL: {len(a)} lines, full GUIDs compared.")
+else:
+    print("DIFFERENT:")
+    for l in a:
+        if l not in b:
+            print(f"  only on a: {l}")
+    for l in b:
+        if l not in a:
+            print(f"  only on b: {l}")
+    sys.exit(1)
+PY
 
-ok(imap.close(), "CLOSE")
-ok(imap.rename("Projects", "Archive"), "RENAME")
-print("  RENAME Projects Archive")
-imap.logout()
+# wait_connected: until both services report their outbound connection to the peer up.
+wait_connected() {
+	python3 - "${CONF[a]}" "${CONF[b]}" "$REPO/$TANDEM" <<'PY'
+import json, subprocess, sys, time
+confs, tandem = sys.argv[1:3], sys.argv[3]
+t0 = time.monotonic()
+while True:
+    up = []
+    for conf in confs:
+        r = subprocess.run([tandem, "status", "--json", "-c", conf], capture_output=True)
+        up.append(r.returncode == 0 and json.loads(r.stdout).get("connected", False))
+    if all(up):
+        print(f"  a -> b and b -> a connected and authenticated after "
+              f"{(time.monotonic() - t0) * 1000:.0f} ms")
+        break
+    if time.monotonic() - t0 > 10:
+        sys.exit("demo: the tandem services did not connect to each other within 10 s")
+    time.sleep(0.05)
 PY
 }
 
@@ -346,7 +577,8 @@ for cmd in dovecot doveadm doveconf python3; do
 	command -v "$cmd" >/dev/null || die "$cmd not found: run \`make deps\` first"
 done
 [[ -e $NOTIFY_SO ]] || die "$NOTIFY_SO not found: run \`make deps\` (dovecot-core) first"
-[[ -f $PLUGIN_SO && -x $TANDEM ]] || die "no build in target/release: run \`make demo\` (or \`make\`)"
+[[ -f $PLUGIN_SO && -x $TANDEM && -x $SERVICE_BIN ]] ||
+	die "no build in target/release: run \`make demo\` (or \`make\`)"
 
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -356,59 +588,100 @@ trap 'exit 143' TERM
 DEMO_DIR=$(mktemp -d /tmp/tandem-demo.XXXXXX)
 chmod 755 "$DEMO_DIR"
 
-echo "Tandem demo: one local Dovecot instance with the Tandem plugin, a few ordinary mailbox"
-echo "changes by LMTP, IMAP and doveadm, then what Tandem journaled in ~alice/.tandem."
+echo "Tandem demo: two local Dovecot servers, a and b, replicating each other through Tandem."
+echo "Mail is delivered and changed on both; each change is looked for on the other server."
 echo "Everything runs under $DEMO_DIR, on 127.0.0.1 only."
 
-say "Starting Dovecot 'a' ($(dovecot --version | cut -d' ' -f1)) with mail_plugins = notify tandem"
-start_instance a "$PORT_BASE" a
-# Replication comes later; a second server will be:  start_instance b $((PORT_BASE + 100)) b
-CONF_A=${CONF[a]}
+say "Generating the shared secret (head -c 32 /dev/urandom | base64, mode 0600)"
+SECRET=$DEMO_DIR/tandem.secret
+(
+	umask 077
+	head -c 32 /dev/urandom | base64 >"$SECRET"
+)
+ls -l "$SECRET"
 
-say "Delivering 3 mails to alice by LMTP (port ${PORT_LMTP[a]})"
-lmtp_deliver "${PORT_LMTP[a]}" alice "Quarterly report" "Lunch on Friday?" "Maintenance window"
+say "Starting Dovecot 'a' and 'b' ($(dovecot --version | cut -d' ' -f1)), each with the plugin and the tandem service"
+A_BASE=$PORT_BASE
+B_BASE=$((PORT_BASE + 100))
+start_instance a "$A_BASE" a $((B_BASE + 44))
+start_instance b "$B_BASE" b $((A_BASE + 44))
 
-say "An IMAP client (alice, port ${PORT_IMAP[a]}) appends, flags, copies, moves, expunges, renames"
-imap_session "${PORT_IMAP[a]}" alice pass
+say "Waiting for the two tandem services to connect"
+wait_connected
+# Until now, a service may have tried its peer before the peer was up: expected warnings.
+declare -A LOG_MARK
+for name in "${INSTANCES[@]}"; do
+	LOG_MARK[$name]=$(wc -l <"$DEMO_DIR/$name/dovecot.log")
+done
 
-say "Saving one more mail with doveadm save"
-printf 'From: backup@example.net\r\nTo: alice\r\nSubject: Nightly backup OK\r\n\r\nAll good.\r\n' |
-	show doveadm -c "$CONF_A" save -u alice -m INBOX
+say "Delivering 2 mails to alice on a by LMTP"
+client deliver a b "Quarterly report" "Lunch on Friday?"
 
-say "The journal, as the tandem CLI shows it (the journal is found through Dovecot's userdb)"
-echo "Columns: LSN (position in the journal), stamp (wall-clock ms.counter), origin server,"
-echo "change, mailbox, details. A COPY is a 'new' with from=; a MOVE adds the source's expunge."
-show "$TANDEM" log show -u alice -c "$CONF_A"
+say "Flagging one on b over IMAP: \\Flagged and the keyword 'todo'"
+client flag b a "Quarterly report" '\Flagged todo'
 
-say "The same records as JSON, one object per line (first 3)"
-printf '$ %s | head -3\n' "$TANDEM log show --json -u alice -c $CONF_A"
-"$TANDEM" log show --json -u alice -c "$CONF_A" | head -3
+say "Creating the folder Projects on a and moving the flagged mail into it (IMAP MOVE)"
+client move a b "Quarterly report" Projects
 
-say "Journal statistics"
-show "$TANDEM" log stats -u alice -c "$CONF_A"
+say "Expunging the other mail on b over IMAP"
+client expunge b a "Lunch on Friday?"
 
-say "Checking every record's CRC and the LSN sequence"
-show "$TANDEM" log verify -u alice -c "$CONF_A"
+say "Renaming the folder Projects to Archive on b"
+client rename b a Projects Archive
 
-STEP="checking Dovecot's log"
-problems=$(grep -E ': (Warning|Error|Panic|Fatal): ' "${CONF_A%/*}/dovecot.log" || true)
-if [[ -n $problems ]]; then
-	printf '\nDovecot logged warnings or errors (%s):\n%s\n' "${CONF_A%/*}/dovecot.log" "$problems"
-else
-	printf '\nDovecot logged no warnings or errors (%s).\n' "${CONF_A%/*}/dovecot.log"
-fi
+say "Saving a new mail into INBOX on b with doveadm save"
+client save b a "Nightly backup OK"
+
+say "Final check: everything alice has, on a and on b"
+python3 -u -c "$COMPARE_PY"
+
+say "Replication status on each server"
+echo "('last error' stays until the next error: a 'Connection refused' there is from a service"
+echo "that started before its peer.)"
+show "$TANDEM" status -c "${CONF[a]}"
+echo
+show "$TANDEM" status -c "${CONF[b]}"
+
+say "Each server's journal (the changes made there; changes applied from the peer are not journaled again)"
+show "$TANDEM" log show -u alice -c "${CONF[a]}"
+echo
+show "$TANDEM" log show -u alice -c "${CONF[b]}"
+
+STEP="checking Dovecot's logs"
+echo
+refused='Warning: tandem: .*connection to peer [0-9.:]+: Connection refused'
+for name in "${INSTANCES[@]}"; do
+	log=$DEMO_DIR/$name/dovecot.log
+	expected=$(head -n "${LOG_MARK[$name]}" "$log" | grep -E "$refused" || true)
+	problems=$( (head -n "${LOG_MARK[$name]}" "$log" | grep -vE "$refused" || true
+		tail -n +$((LOG_MARK[$name] + 1)) "$log") | grep -E ': (Warning|Error|Panic|Fatal): ' || true)
+	if [[ -n $expected ]]; then
+		printf "Dovecot '%s' logged, as expected, that its peer was not up yet at start-up:\n%s\n" \
+			"$name" "$expected"
+	fi
+	if [[ -n $problems ]]; then
+		printf "Dovecot '%s' logged warnings or errors (%s):\n%s\n" "$name" "$log" "$problems"
+	else
+		printf "Dovecot '%s' logged no %swarnings or errors (%s).\n" "$name" \
+			"${expected:+other }" "$log"
+	fi
+done
 
 STEP="finishing"
 echo
 if [[ -n $KEEP ]]; then
-	echo "KEEP=1: Dovecot 'a' is still running (PID ${PID[a]}) in $DEMO_DIR."
-	echo "  IMAP  127.0.0.1:${PORT_IMAP[a]}  user alice, password pass  (plain text, no TLS)"
-	echo "  LMTP  127.0.0.1:${PORT_LMTP[a]}  recipient alice"
-	echo "  doveadm -c $CONF_A mailbox list -u alice"
-	echo "  $REPO/$TANDEM log tail -f -u alice -c $CONF_A"
-	echo "Stop it and clean up with:"
-	echo "  kill ${PID[a]}; sleep 5; rm -rf $DEMO_DIR"
+	echo "KEEP=1: both servers are still running in $DEMO_DIR."
+	for name in "${INSTANCES[@]}"; do
+		echo "  $name: PID ${PID[$name]}; IMAP 127.0.0.1:${PORT_IMAP[$name]} (alice, password" \
+			"pass, no TLS); LMTP 127.0.0.1:${PORT_LMTP[$name]}"
+		echo "     doveadm -c ${CONF[$name]} mailbox list -u alice"
+		echo "     $REPO/$TANDEM status -c ${CONF[$name]}"
+	done
+	echo "Stop both and clean up with:"
+	echo "  kill ${PID[a]} ${PID[b]}; while kill -0 ${PID[a]} || kill -0 ${PID[b]}; do sleep 0.2;" \
+		"done 2>/dev/null; rm -rf $DEMO_DIR"
 else
-	echo "Demo done: stopping Dovecot 'a' (PID ${PID[a]}) and removing $DEMO_DIR."
-	echo "(KEEP=1 make demo leaves it running to play with.)"
+	echo "Demo done: stopping Dovecot 'a' (PID ${PID[a]}) and 'b' (PID ${PID[b]}) and removing" \
+		"$DEMO_DIR."
+	echo "(KEEP=1 make demo leaves them running to play with.)"
 fi
