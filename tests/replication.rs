@@ -367,3 +367,23 @@ fn an_inbox_created_on_both_sides_becomes_one() {
     let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
     assert_eq!(s.mails.len(), 2);
 }
+
+#[test]
+fn a_mail_for_a_mailbox_the_peer_cannot_place_is_reported_once_not_resent_forever() {
+    let pair = Pair::start("repl-noloop");
+    pair.cut();
+    let mut imap = pair.b.login("alice");
+    imap.select("INBOX");
+    imap.logout();
+    pair.a
+        .deliver("s@example.org", &["alice"], &message("only on a", 300));
+    pair.restore();
+    // Whichever INBOX wins, the stream must drain: either B adopts A's GUID and the mail
+    // arrives, or the mail is reported as a conflict (for the merge rules) and skipped.
+    common::wait_for(Duration::from_secs(30), "A's records acknowledged", || {
+        status(&pair.a)["users"]["alice"]["unacked_records"].as_u64() == Some(0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = status(&pair.a)["bodies_sent"].as_u64().unwrap();
+    assert!(sent <= 3, "the body was sent {sent} times");
+}

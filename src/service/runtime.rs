@@ -1582,6 +1582,9 @@ fn apply_batch(
                     Err(e) => {
                         // A conflict with local state: reported and skipped, so that
                         // replication goes on; a resync compares both sides.
+                        if let Change::New { uid, .. } = &r.change {
+                            bodies.remove(&(r.mailbox_guid, *uid));
+                        }
                         out.conflicts.push(format!(
                             "LSN {} ({} in {:?}): {e}",
                             r.lsn,
@@ -1634,8 +1637,11 @@ fn apply_one(
             flags,
             from,
         } => {
-            let body = bodies.remove(&(*mbox, *uid));
-            if let (Some(src), None) = (from, &body) {
+            // The body stays in the map until the save is done or given up: a retry with a
+            // freshly opened user needs it again.
+            let key = (*mbox, *uid);
+            let body = bodies.get(&key);
+            if let (Some(src), None) = (from, body) {
                 let mail = NewMail {
                     uid: *uid,
                     guid,
@@ -1648,8 +1654,8 @@ fn apply_one(
                     other => ok(other),
                 };
             }
-            match body {
-                None => Ok(Step1::NeedBody(*mbox, *uid)),
+            let res = match body {
+                None => return Ok(Step1::NeedBody(*mbox, *uid)),
                 Some(b) if b.gone => Ok(Step1::Done(false)),
                 Some(b) => {
                     let mail = NewMail {
@@ -1662,7 +1668,16 @@ fn apply_one(
                     u.save(mbox, *uidvalidity, &mail, &b.data)
                         .map(|a| Step1::Done(a == Applied::Done))
                 }
+            };
+            if !matches!(
+                res,
+                Err(ApplyError::NoMailbox(_))
+                    | Err(ApplyError::Temporary(_))
+                    | Err(ApplyError::Other(_))
+            ) {
+                bodies.remove(&key);
             }
+            res
         }
         Change::Flags {
             uid,

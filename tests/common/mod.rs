@@ -218,8 +218,10 @@ impl Dovecot {
     /// Kills the master and every process of this instance with SIGKILL: a crash of the
     /// whole server.
     pub fn crash(&mut self) {
-        let mut pids = descendants(self.pid() as i32);
-        pids.push(self.pid() as i32);
+        // The master first, so that it restarts nothing; then everything it had started.
+        let pids = descendants(self.pid() as i32);
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGKILL) };
         for pid in pids {
             // SAFETY: processes of this instance, found through their parent chain.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -236,6 +238,25 @@ impl Dovecot {
             "start_again: dovecot {} is still running",
             self.opts.name
         );
+        // Processes of the crashed instance may take a moment to die and close their
+        // listeners; the new master refuses to start while one still answers.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let busy = fs::read_dir(self.path.join("run"))
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_type().is_ok_and(|t| {
+                            use std::os::unix::fs::FileTypeExt;
+                            t.is_socket()
+                        }) && std::os::unix::net::UnixStream::connect(e.path()).is_ok()
+                    })
+                })
+                .unwrap_or(false);
+            if !busy {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.child = spawn_master(&self.path, &self.conf);
         self.wait_ready();
     }
