@@ -89,7 +89,16 @@ fn inbox_count(dc: &Dovecot, user: &str) -> usize {
     .stdout
     .split(|b| *b == b'\n')
     .nth(1)
-    .and_then(|l| std::str::from_utf8(l).ok()?.trim().parse().ok())
+    // "INBOX\t<messages>"
+    .and_then(|l| {
+        std::str::from_utf8(l)
+            .ok()?
+            .trim()
+            .rsplit('\t')
+            .next()?
+            .parse()
+            .ok()
+    })
     .unwrap_or(0)
 }
 
