@@ -297,6 +297,8 @@ impl Handler for Service {
         };
         let stream = TcpStream::from(fd);
         let _ = stream.set_nonblocking(false);
+        // Acks are small frames that must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
         self.spawn("tandem-inbound", move || {
             let peer = stream
                 .peer_addr()
@@ -1237,6 +1239,12 @@ impl Inbound<'_> {
                 Some(m) => {
                     last = Instant::now();
                     self.on_msg(m, wr)?;
+                    // Everything already received goes into the same round of applying: one
+                    // main-thread batch and one ack for many small frames under load, and no
+                    // waiting at all when they come one by one.
+                    while let Some(m) = rd.dec.next()? {
+                        self.on_msg(m, wr)?;
+                    }
                 }
                 None if last.elapsed() > IDLE_TIMEOUT => return Err(ConnError::Idle),
                 None => {}

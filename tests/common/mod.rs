@@ -843,6 +843,9 @@ impl Link {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     continue;
                 };
+                // Forward as the peers write: no Nagle delay added by the stand-in network.
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 {
                     let mut l = live2.lock().unwrap();
                     l.push(client.try_clone().unwrap());
