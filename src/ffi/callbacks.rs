@@ -13,12 +13,13 @@
 //! transactions and deletes end before their mailbox is freed, which is before the user's
 //! deinit (Dovecot asserts it).
 
+use super::cstr::{opt_string, string, string_list};
 use super::{guard, raw};
 use crate::capture::{BoxInfo, Txn, UserCapture};
 use crate::event::{Change, CopySource, FlagSet, Guid128};
 use crate::journal;
 use crate::settings::Settings;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::ptr::{self, NonNull};
 use std::slice;
 
@@ -46,37 +47,6 @@ struct MailInfo {
 }
 
 // ---- Conversions (the only place C values become Rust values) ----
-
-/// # Safety
-///
-/// `p` is NULL or a NUL-terminated string valid for the duration of the call.
-unsafe fn string(p: *const c_char) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    // SAFETY: non-null and NUL-terminated per this function's contract.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-}
-
-/// # Safety
-///
-/// `list` is NULL or a NULL-terminated array of strings, all valid for the call.
-unsafe fn string_list(list: *const *const c_char) -> Vec<String> {
-    let mut out = Vec::new();
-    if list.is_null() {
-        return out;
-    }
-    for i in 0.. {
-        // SAFETY: the array is NULL-terminated, and we stop at the terminator.
-        let item = unsafe { *list.add(i) };
-        if item.is_null() {
-            break;
-        }
-        // SAFETY: each element is a valid NUL-terminated string.
-        out.push(unsafe { string(item) });
-    }
-    out
-}
 
 /// # Safety
 ///
@@ -233,11 +203,11 @@ pub unsafe extern "C" fn tandem_rs_user_created(
         // SAFETY: user is live for the call.
         let home = unsafe { raw::tandem_glue_user_home(user) };
         // SAFETY: NULL or a NUL-terminated string that outlives the call.
-        let home = (!home.is_null()).then(|| unsafe { string(home) });
+        let home = unsafe { opt_string(home) };
         // SAFETY: user is live for the call.
         let base_dir = unsafe { raw::tandem_glue_user_base_dir(user) };
         // SAFETY: NULL or a NUL-terminated settings string that outlives the call.
-        let base_dir = (!base_dir.is_null()).then(|| unsafe { string(base_dir) });
+        let base_dir = unsafe { opt_string(base_dir) };
         match Settings::parse(getenv, home.as_deref(), base_dir.as_deref()) {
             Ok(settings) => Box::into_raw(Box::new(UserCapture::new(name, settings))).cast(),
             Err(e) => {

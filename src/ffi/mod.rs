@@ -24,6 +24,7 @@
 
 #[cfg(feature = "plugin")]
 mod callbacks;
+pub(crate) mod cstr;
 pub(crate) mod guard;
 pub(crate) mod logger;
 

@@ -62,9 +62,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use crate::event::{FlagSet, Guid128};
+use crate::ffi::cstr::{opt_string, string, string_list};
 use crate::ffi::{guard, logger};
 use std::cell::Cell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -1160,45 +1161,6 @@ where
 // ---------------------------------------------------------------------------------------------
 // Conversions and argv
 // ---------------------------------------------------------------------------------------------
-
-/// # Safety
-///
-/// `p` is NULL or a NUL-terminated string valid for the call.
-unsafe fn string(p: *const c_char) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    // SAFETY: per this function's contract.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-}
-
-/// # Safety
-///
-/// As [`string`].
-unsafe fn opt_string(p: *const c_char) -> Option<String> {
-    // SAFETY: per this function's contract.
-    (!p.is_null()).then(|| unsafe { string(p) })
-}
-
-/// # Safety
-///
-/// `list` is NULL or a NULL-terminated array of strings, all valid for the call.
-unsafe fn string_list(list: *const *const c_char) -> Vec<String> {
-    let mut out = Vec::new();
-    if list.is_null() {
-        return out;
-    }
-    for i in 0.. {
-        // SAFETY: the array is NULL-terminated and we stop at the terminator.
-        let item = unsafe { *list.add(i) };
-        if item.is_null() {
-            break;
-        }
-        // SAFETY: each element is a valid string.
-        out.push(unsafe { string(item) });
-    }
-    out
-}
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod process_args {
