@@ -386,4 +386,12 @@ fn a_mail_for_a_mailbox_the_peer_cannot_place_is_reported_once_not_resent_foreve
     std::thread::sleep(Duration::from_secs(2));
     let sent = status(&pair.a)["bodies_sent"].as_u64().unwrap();
     assert!(sent <= 3, "the body was sent {sent} times");
+    // If the mail could not be placed, B says so: its user is marked for a resync.
+    let on_b = pair.b.fetch("alice").len();
+    if on_b == 0 {
+        let conf = pair.b.conf().to_str().unwrap();
+        let out = pair.b.tandem(&["log", "stats", "-u", "alice", "-c", conf]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("resync:      NEEDED"), "{text}");
+    }
 }

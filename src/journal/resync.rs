@@ -47,6 +47,21 @@ pub fn mark_resync(dir: &Path, reason: &str) -> std::io::Result<PathBuf> {
             .open(&path)
         {
             Ok(mut f) => {
+                // Written by the service (root) into a user's directory: the file must stay
+                // the user's, like the rest of the journal, or the user's own processes could
+                // not add to it.
+                if let (Ok(meta), Some(parent)) = (f.metadata(), path.parent()) {
+                    if let Ok(dir_meta) = std::fs::metadata(parent) {
+                        use std::os::unix::fs::MetadataExt;
+                        if meta.uid() != dir_meta.uid() {
+                            let _ = std::os::unix::fs::fchown(
+                                &f,
+                                Some(dir_meta.uid()),
+                                Some(dir_meta.gid()),
+                            );
+                        }
+                    }
+                }
                 let small = f
                     .metadata()
                     .map(|m| m.len() < MAX_MARK_BYTES)

@@ -1593,12 +1593,22 @@ fn apply_batch(
                         if let Change::New { uid, .. } = &r.change {
                             bodies.remove(&(r.mailbox_guid, *uid));
                         }
-                        out.conflicts.push(format!(
+                        let what = format!(
                             "LSN {} ({} in {:?}): {e}",
                             r.lsn,
                             r.change.kind().name(),
                             r.mailbox
-                        ));
+                        );
+                        // The two servers now differ for this user: mark it for the resync
+                        // that compares both sides (tandem log stats shows the mark).
+                        let home = u.home().map(|h| h.to_string_lossy().into_owned());
+                        if let Ok(set) = Settings::parse(|k| u.setting(k), home.as_deref(), None) {
+                            let _ = journal::mark_resync(
+                                &set.journal_dir,
+                                &format!("change from the peer not applied: {what}"),
+                            );
+                        }
+                        out.conflicts.push(what);
                         out.applied += 1;
                     }
                 }
