@@ -183,6 +183,17 @@ int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
 				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 				   uint32_t uidnext, const char **error_r);
 
+/* Saves count new messages into one mailbox in one transaction (one commit
+   for the batch). Their UIDs must be at or above UIDNEXT and increasing, or
+   it returns ALREADY having done nothing; on any failure nothing is saved.
+   Either way the caller then saves them one by one. */
+int tandem_svc_save_batch(struct tandem_svc_user *user,
+			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			  uint32_t uidvalidity,
+			  const struct tandem_svc_mail *mails,
+			  const unsigned char *const *bodies,
+			  const size_t *body_lens, unsigned int count,
+			  const char **error_r);
 /* Saves a message with the chosen UID, GUID, flags, keywords and dates.
    - uid < UIDNEXT: ALREADY if that UID holds this GUID, or is free
      (expunged: never resurrected); CONFLICT if it holds another GUID.

@@ -685,6 +685,45 @@ impl User {
         }
     }
 
+    /// Saves new mails (UIDs at or above UIDNEXT, increasing) into `mailbox` in one
+    /// transaction. `Ok(true)`: all saved with their UIDs. `Ok(false)`: the batch did not
+    /// qualify and nothing was done. `Err`: nothing was saved. After `Ok(false)` or `Err` the
+    /// caller saves them one by one.
+    pub fn save_batch(
+        &self,
+        mailbox: &Guid128,
+        uidvalidity: u32,
+        mails: &[(NewMail<'_>, &[u8])],
+    ) -> Result<bool, ApplyError> {
+        let c_mails = mails
+            .iter()
+            .map(|(m, _)| CMail::new(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw_mails: Vec<raw::tandem_svc_mail> = c_mails
+            .iter()
+            .zip(mails)
+            .map(|(c, (m, _))| c.raw(m))
+            .collect();
+        let bodies: Vec<*const u8> = mails.iter().map(|(_, b)| b.as_ptr()).collect();
+        let lens: Vec<usize> = mails.iter().map(|(_, b)| b.len()).collect();
+        let mut error = ptr::null();
+        // SAFETY: main thread; the arrays hold `mails.len()` elements and, with the strings
+        // they point to, outlive the call; error is copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_save_batch(
+                self.raw(),
+                mailbox.0.as_ptr(),
+                uidvalidity,
+                raw_mails.as_ptr(),
+                bodies.as_ptr(),
+                lens.as_ptr(),
+                mails.len() as u32,
+                &mut error,
+            );
+            applied(ret, error).map(|a| a == Applied::Done)
+        }
+    }
+
     /// Raises the mailbox's UIDNEXT to at least `uidnext`.
     pub fn mailbox_min_uidnext(&self, guid: &Guid128, uidnext: u32) -> Result<Applied, ApplyError> {
         let mut error = ptr::null();

@@ -1567,6 +1567,47 @@ fn apply_batch(
                     i += 1;
                     continue;
                 }
+                // A run of new mails for one mailbox goes in one transaction.
+                let run = new_mail_run(&batch[i..], &bodies);
+                if run >= 2 {
+                    let recs = &batch[i..i + run];
+                    let mails: Vec<(NewMail<'_>, &[u8])> = recs
+                        .iter()
+                        .map(|r| {
+                            let Change::New {
+                                uid, guid, flags, ..
+                            } = &r.change
+                            else {
+                                unreachable!("new_mail_run checked the kind")
+                            };
+                            let b = &bodies[&(r.mailbox_guid, *uid)];
+                            let mail = NewMail {
+                                uid: *uid,
+                                guid: if guid.is_empty() { &b.guid } else { guid },
+                                flags,
+                                received_date: b.received_date,
+                                save_date: b.save_date,
+                            };
+                            (mail, b.data.as_slice())
+                        })
+                        .collect();
+                    let uidvalidity = match &recs[0].change {
+                        Change::New { uidvalidity, .. } => *uidvalidity,
+                        _ => 0,
+                    };
+                    if let Ok(true) = u.save_batch(&recs[0].mailbox_guid, uidvalidity, &mails) {
+                        for r in recs {
+                            if let Change::New { uid, .. } = &r.change {
+                                bodies.remove(&(r.mailbox_guid, *uid));
+                            }
+                        }
+                        out.applied += run;
+                        out.bodies_applied += run as u64;
+                        i += run;
+                        continue;
+                    }
+                    // Otherwise one by one, which sorts out replays and conflicts.
+                }
                 let res = apply_one(u, r, &mut bodies);
                 if let (Err(ApplyError::NoMailbox(_)), false) = (&res, fresh) {
                     // Maybe a stale GUID cache of a long-open user: once more, fresh.
@@ -1629,6 +1670,23 @@ fn apply_batch(
     }
     out.bodies = bodies;
     out
+}
+
+/// How many records from the start of `recs` are new mails (not copies) for one mailbox whose
+/// bodies are all here, and so can be saved in one transaction.
+fn new_mail_run(recs: &[Record], bodies: &HashMap<(Guid128, u32), BodyBuf>) -> usize {
+    let first = match recs.first() {
+        Some(r) => r,
+        None => return 0,
+    };
+    recs.iter()
+        .take_while(|r| {
+            r.origin != "skip"
+                && r.mailbox_guid == first.mailbox_guid
+                && matches!(&r.change, Change::New { from: None, uid, .. }
+                    if bodies.get(&(r.mailbox_guid, *uid)).is_some_and(|b| !b.gone && b.complete()))
+        })
+        .count()
 }
 
 enum Step1 {
