@@ -724,3 +724,41 @@ fn a_full_disk_never_fails_mail_and_journaling_resumes_when_space_returns() {
     );
     drop(dc);
 }
+
+#[test]
+fn tail_follows_records_as_they_are_committed() {
+    use std::io::BufRead;
+    let dc = Dovecot::start(Options::new("capture-tail"));
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("first", 100));
+    let dir = dc.home("alice").join(".tandem");
+    let mut child = std::process::Command::new(common::tandem_bin())
+        .args(["log", "tail", "-f", "-n", "1", "--json", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A watchdog, so that a tail that prints nothing fails the test instead of hanging it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (pid, done2) = (child.id() as i32, done.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        if !done2.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: our own child, not yet reaped (done is set before the wait).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["kind"], "new");
+    // A change committed after tail started shows up on its own.
+    imap.select("INBOX");
+    imap.uid_store("1", "+FLAGS (\\Seen)");
+    let next: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(next["kind"], "flags");
+    assert_eq!(next["added"][0], "\\Seen");
+    imap.logout();
+    let _ = child.kill();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = child.wait();
+}
