@@ -773,12 +773,22 @@ pub fn service_bin() -> PathBuf {
 }
 
 /// A free 127.0.0.1 port (bound, then released).
+/// Ports are handed out from 20000-32767, below the kernel's ephemeral range (32768 and up), so
+/// that no outgoing connection of a test running in parallel can take a port between the moment
+/// it is picked and the moment Dovecot binds it; a counter keeps this process's tests apart, and
+/// a bind check skips ports something else holds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 60) * 200;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + n) % 12_700;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free 127.0.0.1 port in 20000-32699");
 }
 
 /// The PIDs of this instance's processes whose command name is `comm` (children of its master).
@@ -1012,15 +1022,9 @@ pub fn wait_converged(a: &Dovecot, b: &Dovecot, user: &str, timeout: Duration) -
     }
 }
 
-/// Four distinct free 127.0.0.1 ports: bind port 0 (all at once, so they differ), then release.
+/// Four distinct free 127.0.0.1 ports (see [`free_port`]).
 fn pick_ports() -> Ports {
-    let listeners: Vec<TcpListener> = (0..4)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    let p: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let p: Vec<u16> = (0..4).map(|_| free_port()).collect();
     Ports {
         imap: p[0],
         lmtp: p[1],
