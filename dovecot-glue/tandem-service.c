@@ -1952,7 +1952,13 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 		mail_free(&mail);
 		mailbox_transaction_rollback(&trans);
 		if (mailbox_sync(box, 0) < 0) {
-			ret = tandem_svc_box_error(box, "Syncing", error_r);
+			enum mail_error sync_error;
+
+			(void)mailbox_get_last_internal_error(box, &sync_error);
+			/* Deleted meanwhile: the mail is gone with it. */
+			ret = sync_error == MAIL_ERROR_NOTFOUND ?
+				TANDEM_SVC_ALREADY :
+				tandem_svc_box_error(box, "Syncing", error_r);
 			mailbox_free(&box);
 			return ret;
 		}
@@ -1972,7 +1978,9 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 	    mail_get_stream_because(mail, NULL, NULL, "tandem replication",
 				    &input) < 0) {
 		(void)mailbox_get_last_internal_error(box, &error);
-		ret = error == MAIL_ERROR_EXPUNGED ? TANDEM_SVC_ALREADY :
+		/* Expunged, or its mailbox deleted, since: gone. */
+		ret = error == MAIL_ERROR_EXPUNGED ||
+			error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_ALREADY :
 			tandem_svc_box_error(box, "Reading the message",
 					     error_r);
 		goto out;
