@@ -1336,6 +1336,40 @@ static void tandem_svc_save_set_mail(struct mailbox *box,
 		mailbox_keywords_unref(&keywords);
 }
 
+/* Saves one message with its chosen identity into trans. FALSE on failure
+   (the save is cancelled; the caller rolls the transaction back). */
+static bool tandem_svc_save_body(struct mailbox *box,
+				 struct mailbox_transaction_context *trans,
+				 const struct tandem_svc_mail *mail,
+				 const unsigned char *body, size_t body_len)
+{
+	struct mail_save_context *save;
+	struct istream *input;
+	bool failed = FALSE;
+	ssize_t n;
+
+	save = mailbox_save_alloc(trans);
+	tandem_svc_save_set_mail(box, save, mail, FALSE);
+	input = i_stream_create_from_data(body, body_len);
+	if (mailbox_save_begin(&save, input) < 0) {
+		failed = TRUE;
+	} else {
+		do {
+			if (mailbox_save_continue(save) < 0) {
+				failed = TRUE;
+				break;
+			}
+			n = i_stream_read(input);
+		} while (n != -1);
+		if (failed)
+			mailbox_save_cancel(&save);
+		else if (mailbox_save_finish(&save) < 0)
+			failed = TRUE;
+	}
+	i_stream_unref(&input);
+	return !failed;
+}
+
 /* Commits a save transaction and checks that the message got wanted_uid. */
 static int tandem_svc_commit_save(struct mailbox *box,
 				  struct mailbox_transaction_context **trans,
@@ -1374,12 +1408,9 @@ static int tandem_svc_save_real(struct tandem_svc_user *user,
 				uint32_t *saved_uid_r, const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
-	struct mail_save_context *save;
 	struct mailbox_status status;
 	struct mailbox *box;
-	struct istream *input;
 	bool failed = FALSE;
-	ssize_t n;
 	int ret;
 
 	*saved_uid_r = 0;
@@ -1400,25 +1431,7 @@ static int tandem_svc_save_real(struct tandem_svc_user *user,
 
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
 					  "tandem save");
-	save = mailbox_save_alloc(trans);
-	tandem_svc_save_set_mail(box, save, mail, FALSE);
-	input = i_stream_create_from_data(body, body_len);
-	if (mailbox_save_begin(&save, input) < 0) {
-		failed = TRUE;
-	} else {
-		do {
-			if (mailbox_save_continue(save) < 0) {
-				failed = TRUE;
-				break;
-			}
-			n = i_stream_read(input);
-		} while (n != -1);
-		if (failed)
-			mailbox_save_cancel(&save);
-		else if (mailbox_save_finish(&save) < 0)
-			failed = TRUE;
-	}
-	i_stream_unref(&input);
+	failed = !tandem_svc_save_body(box, trans, mail, body, body_len);
 
 	if (failed) {
 		ret = tandem_svc_box_error(box, "Saving", error_r);
@@ -1449,15 +1462,12 @@ tandem_svc_save_batch_real(struct tandem_svc_user *user,
 {
 	struct mailbox_transaction_context *trans;
 	struct mail_transaction_commit_changes changes;
-	struct mail_save_context *save;
 	struct mailbox_status status;
 	struct seq_range_iter iter;
 	struct mailbox *box;
-	struct istream *input;
 	bool failed = FALSE;
 	uint32_t prev = 0, uid;
 	unsigned int i;
-	ssize_t n;
 	int ret;
 
 	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
@@ -1475,25 +1485,8 @@ tandem_svc_save_batch_real(struct tandem_svc_user *user,
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
 					  "tandem save batch");
 	for (i = 0; i < count && !failed; i++) {
-		save = mailbox_save_alloc(trans);
-		tandem_svc_save_set_mail(box, save, &mails[i], FALSE);
-		input = i_stream_create_from_data(bodies[i], body_lens[i]);
-		if (mailbox_save_begin(&save, input) < 0) {
-			failed = TRUE;
-		} else {
-			do {
-				if (mailbox_save_continue(save) < 0) {
-					failed = TRUE;
-					break;
-				}
-				n = i_stream_read(input);
-			} while (n != -1);
-			if (failed)
-				mailbox_save_cancel(&save);
-			else if (mailbox_save_finish(&save) < 0)
-				failed = TRUE;
-		}
-		i_stream_unref(&input);
+		failed = !tandem_svc_save_body(box, trans, &mails[i], bodies[i],
+					       body_lens[i]);
 	}
 	if (failed) {
 		ret = tandem_svc_box_error(box, "Saving", error_r);
