@@ -240,16 +240,7 @@ impl Handler for Service {
                     std::fs::set_permissions(&status_path, std::fs::Permissions::from_mode(0o600));
                 let (st, ctx2) = (status.clone(), ctx.clone());
                 self.spawn("tandem-status", move || {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let stop2 = stop.clone();
-                    let watcher = std::thread::spawn(move || {
-                        while !ctx2.stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                        stop2.store(true, Ordering::Relaxed);
-                    });
-                    status::serve(l, st, stop);
-                    let _ = watcher.join();
+                    status::serve(l, st, || ctx2.stop.load(Ordering::Relaxed))
                 });
             }
             Err(e) => log::error!(

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,10 +73,11 @@ impl Status {
 
 pub type Shared = Arc<Mutex<Status>>;
 
-/// Serves snapshots until `stop` is set. Each connection gets one JSON document and is closed.
-pub fn serve(listener: UnixListener, status: Shared, stop: Arc<AtomicBool>) {
+/// Serves snapshots until `stopping()` says so. Each connection gets one JSON document and is
+/// closed.
+pub fn serve(listener: UnixListener, status: Shared, stopping: impl Fn() -> bool) {
     let _ = listener.set_nonblocking(true);
-    while !stop.load(Ordering::Relaxed) {
+    while !stopping() {
         match listener.accept() {
             Ok((mut conn, _)) => {
                 let _ = conn.set_nonblocking(false);
@@ -106,6 +106,7 @@ pub fn query(socket: &Path) -> std::io::Result<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn a_snapshot_travels_over_the_socket() {
@@ -118,7 +119,8 @@ mod tests {
         status.lock().unwrap().record_bytes_wire = 100;
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, stop2) = (status.clone(), stop.clone());
-        let server = std::thread::spawn(move || serve(listener, s2, stop2));
+        let server =
+            std::thread::spawn(move || serve(listener, s2, move || stop2.load(Ordering::Relaxed)));
         let got = query(&path).unwrap();
         assert_eq!(got.server_id, "a");
         assert_eq!(got.compression_ratio(), Some(4.0));
