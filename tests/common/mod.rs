@@ -1929,3 +1929,162 @@ pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b".\r\n");
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Conflict, resync and convergence tests (tests/conflicts.rs, tests/convergence.rs)
+// ---------------------------------------------------------------------------------------------
+
+impl Dovecot {
+    /// `doveadm -f tab fetch -u USER FIELDS mailbox * all`: one row per mail, keyed by column
+    /// name as doveadm prints it (e.g. `hdr.message-id`).
+    pub fn fetch_fields(
+        &self,
+        user: &str,
+        fields: &str,
+    ) -> Vec<std::collections::HashMap<String, String>> {
+        let out = self.doveadm(&[
+            "-f", "tab", "fetch", "-u", user, fields, "mailbox", "*", "all",
+        ]);
+        parse_tab(&out, &[])
+    }
+
+    /// `doveadm -c CONF -o mail_plugins= ARGS...`: the command runs without the tandem plugin,
+    /// so its change is never journaled (a change made behind Tandem's back).
+    pub fn doveadm_unjournaled(&self, args: &[&str]) -> String {
+        let mut all = vec!["-o", "mail_plugins="];
+        all.extend_from_slice(args);
+        self.doveadm(&all)
+    }
+
+    /// Like [`Dovecot::doveadm_unjournaled`], with `input` on stdin (e.g. `save`).
+    pub fn doveadm_unjournaled_stdin(&self, args: &[&str], input: &[u8]) -> String {
+        let mut all = vec!["-o", "mail_plugins="];
+        all.extend_from_slice(args);
+        self.doveadm_stdin(&all, input)
+    }
+
+    /// `tandem status --json -c CONF`, or None when the service does not answer.
+    pub fn tandem_status(&self) -> Option<serde_json::Value> {
+        let conf = self.conf().to_str().unwrap();
+        let out = self.tandem(&["status", "-c", conf, "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `tandem verify -c CONF -u USER` on this server.
+    pub fn tandem_verify(&self, user: &str) -> CliRun {
+        let conf = self.conf().to_str().unwrap();
+        CliRun::run(&["verify", "-c", conf, "-u", user])
+    }
+
+    /// `tandem resync -c CONF -u USER` on this server.
+    pub fn tandem_resync(&self, user: &str) -> CliRun {
+        let conf = self.conf().to_str().unwrap();
+        CliRun::run(&["resync", "-c", conf, "-u", user])
+    }
+}
+
+/// One run of the tandem CLI: exit code, output and how long it took.
+#[derive(Debug)]
+pub struct CliRun {
+    pub args: Vec<String>,
+    /// The exit code; -1 if killed by a signal.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl CliRun {
+    pub fn run(args: &[&str]) -> CliRun {
+        let start = Instant::now();
+        let out = tandem(args);
+        CliRun {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            took: start.elapsed(),
+        }
+    }
+
+    /// The `DIFF ...` lines of a verify (or of a resync's final verify).
+    pub fn diffs(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with("DIFF "))
+            .collect()
+    }
+
+    /// The number in `user USER: resync done: N changes`.
+    pub fn resync_changes(&self, user: &str) -> Option<u64> {
+        let prefix = format!("user {user}: resync done: ");
+        self.stdout.lines().find_map(|l| {
+            l.strip_prefix(&prefix)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Panics, with everything it printed, unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &CliRun {
+        assert_eq!(
+            self.code, code,
+            "tandem {:?} exited {} (wanted {code}) after {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args, self.code, self.took, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics unless this was `tandem verify` exit 0 with its last line `user USER: identical`.
+    pub fn expect_identical(&self, user: &str) -> &CliRun {
+        self.expect_code(0);
+        let last = self.stdout.lines().last().unwrap_or("");
+        assert_eq!(
+            last,
+            format!("user {user}: identical"),
+            "tandem {:?}: last line\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Waits until the pair is quiet for `user` and stays the same: both services connected, no
+/// unacknowledged records for `user` on either side, both servers show the same state, and
+/// that state is unchanged half a second later (so a resync still under way, or records still
+/// in flight, cannot pass for convergence). Returns that state; panics after `timeout`.
+pub fn settle(pair: &Pair, user: &str, timeout: Duration) -> State {
+    let deadline = Instant::now() + timeout;
+    let quiet = |dc: &Dovecot| {
+        dc.tandem_status().is_some_and(|st| {
+            st["connected"] == true
+                && st["users"][user]["unacked_records"].as_u64().unwrap_or(0) == 0
+        })
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let s = wait_converged(&pair.a, &pair.b, user, left.max(Duration::from_secs(1)));
+        if quiet(&pair.a) && quiet(&pair.b) {
+            std::thread::sleep(Duration::from_millis(500));
+            let (sa, sb) = (state(&pair.a, user), state(&pair.b, user));
+            if sa == s && sb == s {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user}: the pair did not settle within {timeout:?} (converged but still busy: \
+             status a {:?}, status b {:?})",
+            pair.a.tandem_status(),
+            pair.b.tandem_status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
