@@ -752,8 +752,8 @@ fn verify_finds_a_change_made_behind_tandems_back_and_resync_repairs_it() {
 /// How A gets mail that B does not learn by streaming: the mails are written by IMAP
 /// MULTIAPPEND into a third, stock Dovecot (no plugin), then copied into A with one
 /// `doveadm -o mail_plugins= import` (the plugin is not loaded for that command, so nothing is
-/// journaled, which the test checks; `-s` subscribes the new mailboxes). B is left untouched
-/// until the resync.
+/// journaled, which the test checks), and every third mailbox is subscribed the same way. B is
+/// left untouched until the resync.
 #[test]
 fn resync_seeds_an_empty_server() {
     const MAILBOXES: usize = 20;
@@ -795,11 +795,19 @@ fn resync_seeds_an_empty_server() {
     let journaled = journal_len(&pair.a);
     let loc = format!("sdbox:{}", src.home(USER).join("mail").display());
     pair.a
-        .doveadm_unjournaled(&["import", "-s", "-u", USER, &loc, "", "all"]);
+        .doveadm_unjournaled(&["import", "-u", USER, &loc, "", "all"]);
+    let subscribed: Vec<String> = (0..MAILBOXES)
+        .step_by(3)
+        .map(|b| format!("Seed{b:02}"))
+        .collect();
+    let mut args = vec!["mailbox", "subscribe", "-u", USER];
+    args.extend(subscribed.iter().map(String::as_str));
+    pair.a.doveadm_unjournaled(&args);
     assert_eq!(journal_len(&pair.a), journaled, "the import was journaled");
     drop(src);
     let on_a = state(&pair.a, USER);
     assert_eq!(on_a.mails.len(), MAILBOXES * PER_MAILBOX);
+    assert_eq!(on_a.subscriptions, subscribed);
     eprintln!(
         "seeding: {} mails on a in {:?}",
         on_a.mails.len(),
