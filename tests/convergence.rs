@@ -222,7 +222,8 @@ fn imap_op(imap: &mut Imap, rng: &mut Rng, ledger: &Mutex<Ledger>, label: &str, 
         }
         74..=80 => {
             count(ledger, "create");
-            let _ = imap.try_create(*rng.pick(&FOLDERS));
+            let name = *rng.pick(&FOLDERS);
+            let _ = imap.try_create(name);
         }
         81..=85 => {
             let (from, to) = (*rng.pick(&FOLDERS), *rng.pick(&FOLDERS));
@@ -242,7 +243,8 @@ fn imap_op(imap: &mut Imap, rng: &mut Rng, ledger: &Mutex<Ledger>, label: &str, 
             let _ = imap.try_delete(f);
         }
         90..=95 => {
-            let f = common::quote_mailbox(*rng.pick(&FOLDERS));
+            let name = *rng.pick(&FOLDERS);
+            let f = common::quote_mailbox(name);
             let cmd = if rng.chance(50) {
                 "SUBSCRIBE"
             } else {
