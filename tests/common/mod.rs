@@ -2040,14 +2040,15 @@ impl CliRun {
         self
     }
 
-    /// Panics unless this was `tandem verify` exit 0 with its last line `user USER: identical`.
+    /// Panics unless this exited 0 with its last line `user USER: identical` (a timing such
+    /// as ` (0.12s)` may follow).
     pub fn expect_identical(&self, user: &str) -> &CliRun {
         self.expect_code(0);
         let last = self.stdout.lines().last().unwrap_or("");
-        assert_eq!(
-            last,
-            format!("user {user}: identical"),
-            "tandem {:?}: last line\n--- stdout:\n{}\n--- stderr:\n{}",
+        let want = format!("user {user}: identical");
+        assert!(
+            last == want || last.starts_with(&format!("{want} ")),
+            "tandem {:?}: last line is not {want:?}\n--- stdout:\n{}\n--- stderr:\n{}",
             self.args,
             self.stdout,
             self.stderr
