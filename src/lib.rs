@@ -30,6 +30,7 @@ pub mod event;
 pub mod journal;
 pub mod locate;
 pub mod memory;
+pub mod merge;
 pub mod registry;
 pub mod service;
 pub mod settings;
