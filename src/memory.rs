@@ -73,7 +73,15 @@ enum Line {
         tomb: Tombstone,
     },
     /// A deleted mailbox exists again (it was recreated for mail its deleter never saw).
-    Undeleted { mbox: String },
+    Undeleted {
+        mbox: String,
+    },
+    /// The mailbox was kept, or recreated, after the delete at `mark` because it held mail
+    /// the deleting side never saw: all its mail survives that delete.
+    Survived {
+        mbox: String,
+        mark: Mark,
+    },
     Name {
         mbox: String,
         name: String,
@@ -84,8 +92,17 @@ enum Line {
         on: bool,
         mark: Mark,
     },
+    /// HIGHESTMODSEQ of a local mailbox accounted for by journal records or by changes the
+    /// service made itself: more than that is a gap (changes nobody journaled).
+    Modseq {
+        mbox: String,
+        modseq: u64,
+    },
     /// How far the local journal has been read.
-    Cursor { journal_id: String, next_lsn: u64 },
+    Cursor {
+        journal_id: String,
+        next_lsn: u64,
+    },
 }
 
 /// One user's memory.
@@ -99,10 +116,14 @@ pub struct Memory {
     /// (mailbox, message GUID) → when expunged.
     pub expunged: HashMap<(Guid128, String), Mark>,
     pub deleted: HashMap<Guid128, Tombstone>,
+    /// Mailbox → the delete it survived (see `Line::Survived`).
+    pub survived: HashMap<Guid128, Mark>,
     /// Mailbox → its name after the last create or rename, and when.
     pub names: HashMap<Guid128, (String, Mark)>,
     /// Subscription name → subscribed or not, and when.
     pub subs: HashMap<String, (bool, Mark)>,
+    /// Mailbox → HIGHESTMODSEQ accounted for (see `Line::Modseq`).
+    pub modseq: HashMap<Guid128, u64>,
     /// The local journal's id and the next LSN to read from it.
     pub journal: Option<([u8; 16], u64)>,
     pending: Vec<Line>,
@@ -176,6 +197,12 @@ impl Memory {
                     self.deleted.remove(&g);
                 }
             }
+            Line::Survived { mbox, mark } => {
+                if let Some(g) = parse_guid(&mbox) {
+                    self.deleted.remove(&g);
+                    self.survived.insert(g, mark);
+                }
+            }
             Line::Name { mbox, name, mark } => {
                 if let Some(g) = parse_guid(&mbox) {
                     self.names.insert(g, (name, mark));
@@ -183,6 +210,11 @@ impl Memory {
             }
             Line::Sub { name, on, mark } => {
                 self.subs.insert(name, (on, mark));
+            }
+            Line::Modseq { mbox, modseq } => {
+                if let Some(g) = parse_guid(&mbox) {
+                    self.modseq.insert(g, modseq);
+                }
             }
             Line::Cursor {
                 journal_id,
@@ -222,9 +254,7 @@ impl Memory {
             } => {
                 for (set, names) in [(true, flag_names(added)), (false, flag_names(removed))] {
                     for flag in names {
-                        let newer = self
-                            .flag(&mbox, *uid, &flag)
-                            .is_none_or(|(_, m)| *m < mark);
+                        let newer = self.flag(&mbox, *uid, &flag).is_none_or(|(_, m)| *m < mark);
                         if newer {
                             self.push(Line::Flag {
                                 mbox: mbox.to_hex(),
@@ -295,11 +325,43 @@ impl Memory {
         changed
     }
 
+    /// Records a change journaled on this server: as [`Memory::ingest`], and its modseq is
+    /// accounted for. (The peer's modseqs mean nothing here.)
+    pub fn ingest_local(&mut self, r: &Record) -> bool {
+        // An expunge record carries the modseq from before the expunge.
+        let modseq = match r.change {
+            Change::Expunge { .. } => r.modseq + 1,
+            _ => r.modseq,
+        };
+        self.note_modseq(&r.mailbox_guid, modseq);
+        self.ingest(r)
+    }
+
+    /// HIGHESTMODSEQ `modseq` of a local mailbox is accounted for.
+    pub fn note_modseq(&mut self, mbox: &Guid128, modseq: u64) {
+        if self.modseq.get(mbox).is_none_or(|m| *m < modseq) {
+            self.push(Line::Modseq {
+                mbox: mbox.to_hex(),
+                modseq,
+            });
+        }
+    }
+
     /// A deleted mailbox exists again.
     pub fn undelete(&mut self, mbox: &Guid128) {
         if self.deleted.contains_key(mbox) {
             self.push(Line::Undeleted {
                 mbox: mbox.to_hex(),
+            });
+        }
+    }
+
+    /// The mailbox survives the delete at `mark` (it holds mail the deleter never saw).
+    pub fn note_survived(&mut self, mbox: &Guid128, mark: Mark) {
+        if self.survived.get(mbox).is_none_or(|m| *m < mark) {
+            self.push(Line::Survived {
+                mbox: mbox.to_hex(),
+                mark,
             });
         }
     }
@@ -366,7 +428,9 @@ impl Memory {
         let live = self.flags.len()
             + self.expunged.len()
             + self.deleted.len()
+            + self.survived.len()
             + self.names.len()
+            + self.modseq.len()
             + self.subs.len()
             + 1;
         if self.lines + self.pending.len() > 4 * live + 1024 {
@@ -401,6 +465,7 @@ impl Memory {
         self.flags.retain(|_, (_, m)| fresh(m));
         self.expunged.retain(|_, m| fresh(m));
         self.deleted.retain(|_, t| fresh(&t.mark));
+        self.survived.retain(|_, m| fresh(m));
         self.names.retain(|_, (_, m)| fresh(m));
         self.subs.retain(|_, (_, m)| fresh(m));
         let mut lines = Vec::new();
@@ -426,6 +491,12 @@ impl Memory {
                 tomb: tomb.clone(),
             });
         }
+        for (g, mark) in &self.survived {
+            lines.push(Line::Survived {
+                mbox: g.to_hex(),
+                mark: mark.clone(),
+            });
+        }
         for (g, (name, mark)) in &self.names {
             lines.push(Line::Name {
                 mbox: g.to_hex(),
@@ -438,6 +509,12 @@ impl Memory {
                 name: name.clone(),
                 on: *on,
                 mark: mark.clone(),
+            });
+        }
+        for (g, modseq) in &self.modseq {
+            lines.push(Line::Modseq {
+                mbox: g.to_hex(),
+                modseq: *modseq,
             });
         }
         if let Some((id, next)) = self.journal {

@@ -41,6 +41,8 @@ pub struct Summary {
     pub subscriptions: BTreeSet<String>,
     /// Remembered: deleted mailboxes, last name changes, last subscription changes.
     pub deleted: BTreeMap<String, Tombstone>,
+    /// Mailboxes kept or recreated after a delete, for mail the deleter never saw.
+    pub survived: BTreeMap<String, Mark>,
     pub names: BTreeMap<String, Mark>,
     pub subs: BTreeMap<String, Mark>,
 }
@@ -94,12 +96,14 @@ pub enum Action {
         guid: String,
         to: u32,
     },
-    /// Saves the other side's mail at `src_uid` (as it was listed) under `uid` here.
+    /// Saves the other side's mail at (`src_mbox`, `src_uid`) (as it was listed: a same-name
+    /// merge changes the GUID, a renumber the UID) under `uid` here.
     Save {
         mbox: String,
         uid: u32,
         guid: String,
         flags: Vec<String>,
+        src_mbox: String,
         src_uid: u32,
     },
     Flags {
@@ -173,7 +177,10 @@ pub fn flag_set(names: &[String]) -> FlagSet {
     let mut system = 0;
     let mut keywords = Vec::new();
     for n in names {
-        match sysflag::NAMES.iter().find(|(_, s)| s.eq_ignore_ascii_case(n)) {
+        match sysflag::NAMES
+            .iter()
+            .find(|(_, s)| s.eq_ignore_ascii_case(n))
+        {
             Some((bit, _)) => system |= bit,
             None => keywords.push(n.clone()),
         }
@@ -325,7 +332,8 @@ pub fn plan(
                         boxes: &remapped,
                         acts: std::mem::take(&mut sb.acts),
                     };
-                    mails(&mut sa, &mut sb2, win, &merged_loser, &mut diffs);
+                    let src = (win.guid.as_str(), lose.guid.as_str());
+                    mails(&mut sa, &mut sb2, win, &merged_loser, src, &mut diffs);
                     sb.acts = sb2.acts;
                 } else {
                     sa.acts.push(adopt);
@@ -334,7 +342,8 @@ pub fn plan(
                         boxes: &remapped,
                         acts: std::mem::take(&mut sa.acts),
                     };
-                    mails(&mut sa2, &mut sb, &merged_loser, win, &mut diffs);
+                    let src = (lose.guid.as_str(), win.guid.as_str());
+                    mails(&mut sa2, &mut sb, &merged_loser, win, src, &mut diffs);
                     sa.acts = sa2.acts;
                 }
             }
@@ -364,7 +373,12 @@ fn one_side(
     let d = have.boxes.get(&x.guid).unwrap_or(empty);
     let tomb = lack.sum.deleted.get(&x.guid);
     let survivors: Vec<&MailState> = match tomb {
-        // Deleted there: only mail the deleting side never saw survives.
+        // Kept or recreated here after that delete: it holds only mail the deleter never saw.
+        Some(t) if have.sum.survived.get(&x.guid).is_some_and(|m| *m >= t.mark) => {
+            d.mails.iter().collect()
+        }
+        // Deleted there: only mail the deleting side never saw survives, and the deleter had
+        // seen every UID below its UIDNEXT.
         Some(t) => d
             .mails
             .iter()
@@ -408,6 +422,7 @@ fn one_side(
             uid: m.uid,
             guid: m.guid.clone(),
             flags: m.flags.clone(),
+            src_mbox: x.guid.clone(),
             src_uid: m.uid,
         });
     }
@@ -471,7 +486,7 @@ fn both_sides(
         });
     }
     if x.digest != y.digest || x.uidvalidity != y.uidvalidity {
-        mails(sa, sb, x, y, diffs);
+        mails(sa, sb, x, y, (&x.guid, &y.guid), diffs);
     }
 }
 
@@ -481,6 +496,7 @@ fn mails(
     sb: &mut Side<'_>,
     x: &BoxState,
     y: &BoxState,
+    (src_a, src_b): (&str, &str),
     diffs: &mut Vec<String>,
 ) {
     let empty = Details::default();
@@ -491,7 +507,10 @@ fn mails(
     let ma: BTreeMap<u32, &MailState> = da.mails.iter().map(|m| (m.uid, m)).collect();
     let mb: BTreeMap<u32, &MailState> = db.mails.iter().map(|m| (m.uid, m)).collect();
     let uids: BTreeSet<u32> = ma.keys().chain(mb.keys()).copied().collect();
-    let mut next = x.uidnext.max(y.uidnext).max(uids.last().map_or(1, |u| u + 1));
+    let mut next = x
+        .uidnext
+        .max(y.uidnext)
+        .max(uids.last().map_or(1, |u| u + 1));
     // Mails that need a new UID on both sides: (side 'a' has it?, mail).
     let mut moved: Vec<(bool, &MailState)> = Vec::new();
     for uid in uids {
@@ -518,8 +537,28 @@ fn mails(
                     moved.push((false, q));
                 }
             }
-            (Some(p), None) => only(sa, sb, g, name, p, db, y.uidnext, true, &mut moved, diffs),
-            (None, Some(q)) => only(sb, sa, g, name, q, da, x.uidnext, false, &mut moved, diffs),
+            (Some(p), None) => only(
+                sa,
+                sb,
+                g,
+                name,
+                p,
+                (db, y.uidnext, src_a),
+                true,
+                &mut moved,
+                diffs,
+            ),
+            (None, Some(q)) => only(
+                sb,
+                sa,
+                g,
+                name,
+                q,
+                (da, x.uidnext, src_b),
+                false,
+                &mut moved,
+                diffs,
+            ),
             (None, None) => {}
         }
     }
@@ -542,6 +581,7 @@ fn mails(
             uid: next,
             guid: m.guid.clone(),
             flags: m.flags.clone(),
+            src_mbox: if on_a { src_a } else { src_b }.to_string(),
             src_uid: m.uid,
         });
         next += 1;
@@ -570,8 +610,7 @@ fn only<'m>(
     g: &str,
     name: &str,
     m: &'m MailState,
-    lack_details: &Details,
-    lack_uidnext: u32,
+    (lack_details, lack_uidnext, src_mbox): (&Details, u32, &str),
     have_is_a: bool,
     moved: &mut Vec<(bool, &'m MailState)>,
     diffs: &mut Vec<String>,
@@ -589,6 +628,7 @@ fn only<'m>(
             uid: m.uid,
             guid: m.guid.clone(),
             flags: m.flags.clone(),
+            src_mbox: src_mbox.to_string(),
             src_uid: m.uid,
         });
     } else {
@@ -775,14 +815,18 @@ mod tests {
                     uid,
                     guid,
                     flags,
+                    src_mbox,
                     src_uid,
                 } => {
-                    let src = other
-                        .det
-                        .values()
-                        .flat_map(|d| d.mails.iter())
-                        .find(|m| m.uid == *src_uid && &m.guid == guid);
-                    assert!(src.is_some(), "source {src_uid} {guid} exists on the other side");
+                    let src = other.det.get(src_mbox).and_then(|d| {
+                        d.mails
+                            .iter()
+                            .find(|m| m.uid == *src_uid && &m.guid == guid)
+                    });
+                    assert!(
+                        src.is_some(),
+                        "source {src_uid} {guid} exists on the other side"
+                    );
                     let d = s.det.get_mut(mbox).unwrap();
                     d.mails.push(mail(*uid, guid, &[]));
                     d.mails.last_mut().unwrap().flags = flags.clone();
@@ -827,7 +871,10 @@ mod tests {
         );
         apply(a, &p.local, &b0);
         apply(b, &p.remote, &a0);
-        assert_eq!(a.det.keys().collect::<Vec<_>>(), b.det.keys().collect::<Vec<_>>());
+        assert_eq!(
+            a.det.keys().collect::<Vec<_>>(),
+            b.det.keys().collect::<Vec<_>>()
+        );
         for (g, d) in &a.det {
             assert_eq!(d.mails, b.det[g].mails, "mailbox {g}");
         }
@@ -843,8 +890,24 @@ mod tests {
 
     #[test]
     fn uid_collision_keeps_both_with_the_same_new_uids() {
-        let mut a = side("a", &[("01", "INBOX", 5, vec![mail(1, "m1", &[]), mail(2, "x", &[])])]);
-        let mut b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &[]), mail(2, "y", &[])])]);
+        let mut a = side(
+            "a",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![mail(1, "m1", &[]), mail(2, "x", &[])],
+            )],
+        );
+        let mut b = side(
+            "b",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![mail(1, "m1", &[]), mail(2, "y", &[])],
+            )],
+        );
         let p = converge(&mut a, &mut b);
         assert_eq!(p.differences.len(), 1);
         let uids: Vec<(u32, String)> = a.det["01"]
@@ -852,13 +915,19 @@ mod tests {
             .iter()
             .map(|m| (m.uid, m.guid.clone()))
             .collect();
-        assert_eq!(uids, vec![(1, "m1".into()), (3, "x".into()), (4, "y".into())]);
+        assert_eq!(
+            uids,
+            vec![(1, "m1".into()), (3, "x".into()), (4, "y".into())]
+        );
     }
 
     #[test]
     fn seeding_copies_everything_and_a_second_plan_is_empty() {
         let mails: Vec<MailState> = (1..=50).map(|u| mail(u, &format!("g{u}"), &[])).collect();
-        let mut a = side("a", &[("01", "INBOX", 5, mails.clone()), ("02", "Work", 6, mails)]);
+        let mut a = side(
+            "a",
+            &[("01", "INBOX", 5, mails.clone()), ("02", "Work", 6, mails)],
+        );
         let mut b = side("b", &[]);
         converge(&mut a, &mut b);
         // b now lists what a lists.
@@ -881,7 +950,15 @@ mod tests {
 
     #[test]
     fn expunged_mail_is_not_brought_back() {
-        let mut a = side("a", &[("01", "INBOX", 5, vec![mail(1, "m1", &[]), mail(2, "m2", &[])])]);
+        let mut a = side(
+            "a",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![mail(1, "m1", &[]), mail(2, "m2", &[])],
+            )],
+        );
         let mut b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &[])])]);
         b.det.get_mut("01").unwrap().expunged.insert("m2".into());
         converge(&mut a, &mut b);
@@ -890,7 +967,15 @@ mod tests {
 
     #[test]
     fn later_flag_change_wins_and_unrecorded_set_flags_survive() {
-        let mut a = side("a", &[("01", "INBOX", 5, vec![mail(1, "m1", &["$Work", "\\Flagged"])])]);
+        let mut a = side(
+            "a",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![mail(1, "m1", &["$Work", "\\Flagged"])],
+            )],
+        );
         let mut b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &["\\Seen"])])]);
         a.det.get_mut("01").unwrap().flag_marks = vec![
             (1, "\\Flagged".into(), mark(10, "a")),
@@ -946,23 +1031,48 @@ mod tests {
 
     #[test]
     fn same_name_on_both_sides_merges_under_the_higher_guid() {
-        let mut a = side("a", &[("0a", "Projects", 5, vec![mail(1, "x1", &[]), mail(2, "x2", &[])])]);
+        let mut a = side(
+            "a",
+            &[(
+                "0a",
+                "Projects",
+                5,
+                vec![mail(1, "x1", &[]), mail(2, "x2", &[])],
+            )],
+        );
         let mut b = side(
             "b",
-            &[("0b", "Projects", 7, vec![mail(1, "y1", &[]), mail(2, "y2", &[]), mail(3, "y3", &[])])],
+            &[(
+                "0b",
+                "Projects",
+                7,
+                vec![mail(1, "y1", &[]), mail(2, "y2", &[]), mail(3, "y3", &[])],
+            )],
         );
         let p = converge(&mut a, &mut b);
-        assert!(p.local.iter().any(|x| matches!(x, Action::Adopt { to, .. } if to == "0b")));
+        assert!(p
+            .local
+            .iter()
+            .any(|x| matches!(x, Action::Adopt { to, .. } if to == "0b")));
         assert_eq!(a.det["0b"].mails.len(), 5);
     }
 
     #[test]
     fn uidvalidity_difference_keeps_every_mail() {
-        let mut a = side("a", &[("01", "Box", 5, vec![mail(1, "m1", &[]), mail(2, "m2", &[])])]);
-        let mut b = side("b", &[("01", "Box", 9, vec![mail(1, "m1", &[]), mail(2, "m2", &[])])]);
+        let mut a = side(
+            "a",
+            &[("01", "Box", 5, vec![mail(1, "m1", &[]), mail(2, "m2", &[])])],
+        );
+        let mut b = side(
+            "b",
+            &[("01", "Box", 9, vec![mail(1, "m1", &[]), mail(2, "m2", &[])])],
+        );
         let p = converge(&mut a, &mut b);
         // Same number of messages: the higher value wins.
-        assert!(p.local.iter().any(|x| matches!(x, Action::Adopt { uidvalidity: 9, .. })));
+        assert!(p
+            .local
+            .iter()
+            .any(|x| matches!(x, Action::Adopt { uidvalidity: 9, .. })));
         assert_eq!(a.det["01"].mails.len(), 2);
     }
 
