@@ -12,6 +12,7 @@ fn flag_change(n: u32) -> tandem::event::Record {
         name: "INBOX".into(),
         guid: Guid128([7; 16]),
         uidvalidity: 1_700_000_000,
+        uidnext: 0,
         highest_modseq: n as u64,
     };
     record(

@@ -102,11 +102,13 @@ int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r)
 	info_r->vname = mailbox_get_vname(box);
 	if (tandem_glue_box_guid(box, info_r->guid) < 0)
 		ret = -1;
-	if (mailbox_get_status(box, STATUS_UIDVALIDITY | STATUS_HIGHESTMODSEQ,
+	if (mailbox_get_status(box, STATUS_UIDVALIDITY | STATUS_UIDNEXT |
+			       STATUS_HIGHESTMODSEQ,
 			       &status) < 0)
 		ret = -1;
 	else {
 		info_r->uidvalidity = status.uidvalidity;
+		info_r->uidnext = status.uidnext;
 		info_r->highest_modseq = status.highest_modseq;
 	}
 	return ret;

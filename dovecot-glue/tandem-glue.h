@@ -57,6 +57,8 @@ struct tandem_box_info {
 	uint8_t guid[TANDEM_GUID_128_SIZE];
 	/* 0 when unreadable. */
 	uint32_t uidvalidity;
+	/* 0 when unreadable. */
+	uint32_t uidnext;
 	/* HIGHESTMODSEQ as the mailbox's view reports it now, 0 when
 	   unreadable. In a commit callback it includes the commit's saves and
 	   flag changes but not its expunges: those get their modseq when the

@@ -1202,7 +1202,8 @@ static int
 tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 				   const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				   const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				   uint32_t uidvalidity, const char **error_r)
+				   uint32_t uidvalidity, bool keep_mail,
+				   const char **error_r)
 {
 	struct mailbox_update update;
 	struct mailbox_status status;
@@ -1213,10 +1214,12 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	/* Only a mailbox that never held mail: its GUID and UIDVALIDITY can
-	   change without any client or message noticing (dsync does the
-	   same for a mailbox created on both sides). */
-	if (status.messages != 0 || status.uidnext > 1) {
+	/* Without keep_mail, only a mailbox that never held mail: its GUID
+	   and UIDVALIDITY can change without any client or message noticing
+	   (dsync does the same for a mailbox created on both sides). With it,
+	   the resync merges the mails afterwards, as dsync does after a
+	   UIDVALIDITY change. */
+	if (!keep_mail && (status.messages != 0 || status.uidnext > 1)) {
 		*error_r = tandem_svc_printf(
 			"Mailbox %s: not empty (%u messages, UIDNEXT %u): "
 			"cannot take the peer's GUID",
@@ -1238,11 +1241,13 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
 				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				  uint32_t uidvalidity, const char **error_r)
+				  uint32_t uidvalidity, bool keep_mail,
+				  const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_mailbox_adopt_guid_real(user, old_guid, new_guid,
-						   uidvalidity, error_r));
+						   uidvalidity, keep_mail,
+						   error_r));
 }
 
 static int

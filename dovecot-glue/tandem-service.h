@@ -171,13 +171,15 @@ int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
 int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
 				 const char *vname, bool subscribed,
 				 const char **error_r);
-/* Gives an EMPTY mailbox (no message ever: UIDNEXT 1) the GUID and
-   UIDVALIDITY of the peer's mailbox of the same name. CONFLICT if it is not
-   empty. */
+/* Gives a mailbox the GUID and UIDVALIDITY of the peer's mailbox of the same
+   name (or, with old == new, only another UIDVALIDITY). Unless keep_mail, only
+   an EMPTY mailbox (no message ever: UIDNEXT 1), else CONFLICT; with
+   keep_mail, its mails keep their UIDs for the resync to merge. */
 int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
 				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				  uint32_t uidvalidity, const char **error_r);
+				  uint32_t uidvalidity, bool keep_mail,
+				  const char **error_r);
 /* Raises UIDNEXT to at least uidnext. ALREADY if it already is. */
 int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
 				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],

@@ -24,6 +24,8 @@ pub struct BoxInfo {
     pub name: String,
     pub guid: Guid128,
     pub uidvalidity: u32,
+    /// 0 if unknown.
+    pub uidnext: u32,
     /// HIGHESTMODSEQ after the commit, 0 if unknown.
     pub highest_modseq: u64,
 }
@@ -410,6 +412,7 @@ mod tests {
             name: "INBOX".into(),
             guid: Guid128([7; 16]),
             uidvalidity: 42,
+            uidnext: 3,
             highest_modseq: 9,
         }
     }

@@ -194,6 +194,9 @@ pub enum Change {
     /// The whole mailbox went away: one record, not one per message.
     MailboxDelete {
         uidvalidity: u32,
+        /// UIDNEXT when it was deleted: mail at or above it was never seen by the deleting
+        /// side, and survives the delete (docs/conflicts.md). 0 when unknown (older journals).
+        uidnext: u32,
     },
     /// `Record::mailbox` is the new name; the GUID does not change.
     MailboxRename {
@@ -306,6 +309,8 @@ pub struct RecordJson<'a> {
     pub removed: Vec<String>,
     pub modseq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub uidnext: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub old_name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_mailbox: Option<&'a str>,
@@ -332,6 +337,7 @@ impl Record {
             added: Vec::new(),
             removed: Vec::new(),
             modseq: self.modseq,
+            uidnext: None,
             old_name: None,
             from_mailbox: None,
             from_mailbox_guid: None,
@@ -377,8 +383,15 @@ impl Record {
                 j.uid = Some(*uid);
                 j.guid = Some(guid);
             }
-            Change::MailboxCreate { uidvalidity } | Change::MailboxDelete { uidvalidity } => {
+            Change::MailboxCreate { uidvalidity } => {
                 j.uidvalidity = Some(*uidvalidity);
+            }
+            Change::MailboxDelete {
+                uidvalidity,
+                uidnext,
+            } => {
+                j.uidvalidity = Some(*uidvalidity);
+                j.uidnext = Some(*uidnext);
             }
             Change::MailboxRename {
                 old_name,

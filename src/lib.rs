@@ -29,6 +29,8 @@ pub mod codec;
 pub mod event;
 pub mod journal;
 pub mod locate;
+pub mod memory;
+pub mod merge;
 pub mod registry;
 pub mod service;
 pub mod settings;

@@ -11,8 +11,10 @@ use tandem::locate;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (for `log verify`: the journal is intact)
-  1  `log verify` found damage; each problem is printed with its file, offset and reason
+  0  success (for `log verify`: the journal is intact; for `verify` and `resync`: both
+     servers hold identical state)
+  1  `log verify` found damage; each problem is printed with its file, offset and reason;
+     `verify` found differences, or `resync` could not repair them all
   2  usage error
   3  no journal (unknown user, missing journal, not a journal), or no service answering
   4  an I/O or other error while reading";
@@ -48,6 +50,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare this server's state of a user with the peer's, through both services.
+    #[command(after_help = EXIT_CODES)]
+    Verify(Compare),
+    /// Repair the differences between this server and the peer by the conflict rules; also
+    /// seeds an empty new replica (run it again to continue an interrupted seeding).
+    #[command(after_help = EXIT_CODES)]
+    Resync(Compare),
+}
+
+#[derive(Args)]
+struct Compare {
+    /// The mail user.
+    #[arg(short = 'u', long = "user", required_unless_present = "all")]
+    user: Vec<String>,
+    /// Every user that has a journal on this server.
+    #[arg(long, conflicts_with = "user")]
+    all: bool,
+    /// The Dovecot configuration (its base_dir holds the service's control socket).
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/dovecot/dovecot.conf"
+    )]
+    config: PathBuf,
+    /// Print the service's JSON lines as they come.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Which journal: a user (found through Dovecot's userdb) or a directory.
@@ -417,6 +446,97 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `tandem verify` and `tandem resync`: the service does the work and streams JSON lines.
+fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
+    use std::io::BufRead;
+    let socket = base_dir(&c.config)?.join(tandem::service::status::CONTROL_SOCKET);
+    let unreachable = |e: std::io::Error| {
+        Failure(
+            3,
+            format!(
+                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
+                 configured and Dovecot running?",
+                socket.display()
+            ),
+        )
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(unreachable)?;
+    let req = serde_json::json!({"op": op, "users": c.user, "all": c.all});
+    writeln!(stream, "{req}").map_err(unreachable)?;
+    let mut identical = true;
+    let mut failed = false;
+    let mut done = false;
+    for line in std::io::BufReader::new(stream).lines() {
+        let line = line.map_err(|e| Failure(4, format!("reading from the service: {e}")))?;
+        if c.json {
+            println!("{line}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))?;
+        if let Some(p) = v.get("progress").and_then(|p| p.as_str()) {
+            if !c.json {
+                println!("{p}");
+            }
+        } else if let Some(r) = v.get("report") {
+            let user = r["user"].as_str().unwrap_or("?");
+            let diffs: Vec<&str> = r["differences"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d.as_str()).collect())
+                .unwrap_or_default();
+            let same = r["identical"].as_bool().unwrap_or(false);
+            identical &= same;
+            if c.json {
+                continue;
+            }
+            if op == "verify" {
+                for d in &diffs {
+                    println!("DIFF {user}: {d}");
+                }
+                if same {
+                    println!(
+                        "user {user}: identical ({:.2}s)",
+                        r["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                } else {
+                    println!("user {user}: {} differences", diffs.len());
+                }
+            } else {
+                for e in r["errors"].as_array().into_iter().flatten() {
+                    println!("ERROR {user}: {}", e.as_str().unwrap_or(""));
+                }
+                println!(
+                    "user {user}: resync done: {} changes ({} differences found, {:.2}s)",
+                    r["changes"].as_u64().unwrap_or(0),
+                    diffs.len(),
+                    r["seconds"].as_f64().unwrap_or(0.0)
+                );
+                println!(
+                    "user {user}: {}",
+                    if same { "identical" } else { "still different" }
+                );
+            }
+        } else if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            failed = true;
+            match v.get("user").and_then(|u| u.as_str()) {
+                Some(u) => eprintln!("tandem: user {u}: {e}"),
+                None => eprintln!("tandem: {e}"),
+            }
+        } else if v.get("done").is_some() {
+            done = true;
+        }
+    }
+    if !done && !failed {
+        return Err(Failure(4, "the service closed the connection early".into()));
+    }
+    Ok(if failed {
+        ExitCode::from(3)
+    } else if identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -430,6 +550,8 @@ fn main() -> ExitCode {
         Cmd::Log(LogCmd::Verify { loc }) => verify(loc),
         Cmd::Log(LogCmd::Stats { loc, json }) => stats(loc, json).map(|_| ExitCode::SUCCESS),
         Cmd::Status { config, json } => status(config, json).map(|_| ExitCode::SUCCESS),
+        Cmd::Verify(c) => compare(c, "verify"),
+        Cmd::Resync(c) => compare(c, "resync"),
     };
     match res {
         Ok(code) => code,

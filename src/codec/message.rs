@@ -104,6 +104,15 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
             w.u64(*position);
         }
         Msg::Ping { seq } | Msg::Pong { seq } => w.u64(*seq),
+        Msg::Rpc { json, blobs } => {
+            w.len32(json.len(), "json")?;
+            w.bytes(json.as_bytes());
+            w.len32(blobs.len(), "blob count")?;
+            for b in blobs {
+                w.len32(b.len(), "blob")?;
+                w.bytes(b);
+            }
+        }
     }
     Ok(())
 }
@@ -243,6 +252,27 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
             next_lsn: r.u64("next lsn")?,
         },
         ty::PING => Msg::Ping { seq: r.u64("seq")? },
+        ty::RPC => {
+            let n = r.u32("json length")? as usize;
+            let json = std::str::from_utf8(r.take(n, "json")?)
+                .map_err(|_| CodecError::BadUtf8 { msg, field: "json" })?
+                .to_owned();
+            let count = r.u32("blob count")? as usize;
+            if count > r.left() / 4 {
+                return Err(CodecError::Truncated {
+                    msg,
+                    field: "blobs",
+                    need: count as u64 * 4,
+                    left: r.left(),
+                });
+            }
+            let mut blobs = Vec::with_capacity(count.min(256));
+            for _ in 0..count {
+                let len = r.u32("blob length")? as usize;
+                blobs.push(r.take(len, "blob")?.to_vec());
+            }
+            Msg::Rpc { json, blobs }
+        }
         ty::PONG => Msg::Pong { seq: r.u64("seq")? },
         // type_name() above knows exactly the types matched here.
         _ => return Err(CodecError::UnknownType(ty)),

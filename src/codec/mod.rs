@@ -144,6 +144,12 @@ pub enum Msg {
     Error {
         message: String,
     },
+    /// A verify/resync request or its answer (src/service/resync.rs): a JSON document and
+    /// the raw bodies it refers to by index.
+    Rpc {
+        json: String,
+        blobs: Vec<Vec<u8>>,
+    },
 }
 
 /// The stable type bytes.
@@ -162,6 +168,7 @@ pub mod ty {
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
     pub const ERROR: u8 = 0x22;
+    pub const RPC: u8 = 0x30;
 }
 
 impl Msg {
@@ -182,6 +189,7 @@ impl Msg {
             Msg::Ping { .. } => ty::PING,
             Msg::Pong { .. } => ty::PONG,
             Msg::Error { .. } => ty::ERROR,
+            Msg::Rpc { .. } => ty::RPC,
         }
     }
 
@@ -208,6 +216,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::PING => "Ping",
         ty::PONG => "Pong",
         ty::ERROR => "Error",
+        ty::RPC => "Rpc",
         _ => return None,
     })
 }

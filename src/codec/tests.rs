@@ -86,6 +86,11 @@ pub fn arb_msg() -> impl Strategy<Value = Msg> {
         any::<u64>().prop_map(|seq| Msg::Ping { seq }),
         any::<u64>().prop_map(|seq| Msg::Pong { seq }),
         text.prop_map(|message| Msg::Error { message }),
+        (
+            text,
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4)
+        )
+            .prop_map(|(json, blobs)| Msg::Rpc { json, blobs }),
     ]
 }
 
@@ -201,6 +206,10 @@ fn every_variant() -> Vec<Msg> {
         Msg::Error {
             message: "journal of bob is corrupt".into(),
         },
+        Msg::Rpc {
+            json: r#"{"op":"summary","user":"bob"}"#.into(),
+            blobs: vec![vec![], b"Subject: x\r\n\r\nbody".to_vec()],
+        },
     ]
 }
 
@@ -239,6 +248,7 @@ fn type_bytes_are_stable() {
         ("Ping", 0x20),
         ("Pong", 0x21),
         ("Error", 0x22),
+        ("Rpc", 0x30),
     ];
     let got: Vec<(&str, u8)> = every_variant()
         .iter()

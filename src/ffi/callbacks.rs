@@ -59,6 +59,7 @@ unsafe fn box_info(info: *const raw::tandem_box_info) -> BoxInfo {
         name: unsafe { string(info.vname) },
         guid: Guid128(info.guid),
         uidvalidity: info.uidvalidity,
+        uidnext: info.uidnext,
         highest_modseq: info.highest_modseq,
     }
 }
@@ -90,6 +91,7 @@ unsafe fn read_box_info(mailbox: *mut raw::mailbox) -> (BoxInfo, bool) {
         vname: ptr::null(),
         guid: [0; 16],
         uidvalidity: 0,
+        uidnext: 0,
         highest_modseq: 0,
     };
     // SAFETY: mailbox is live per this function's contract; info is a valid out-parameter.
@@ -521,8 +523,14 @@ pub unsafe extern "C" fn tandem_rs_mailbox_delete_commit(delete_state: *mut c_vo
         let capture = unsafe { user_mut(user) };
         test_hook(capture, "mailbox_delete_commit");
         capture.delete_end(&info.guid);
-        let uidvalidity = info.uidvalidity;
-        capture.mailbox_change(&info, Change::MailboxDelete { uidvalidity });
+        let (uidvalidity, uidnext) = (info.uidvalidity, info.uidnext);
+        capture.mailbox_change(
+            &info,
+            Change::MailboxDelete {
+                uidvalidity,
+                uidnext,
+            },
+        );
     });
 }
 

@@ -262,8 +262,15 @@ pub fn encode_record(r: &Record) -> Result<Vec<u8>, TooLong> {
             e.u32(*uid);
             e.str(guid, "message guid")?;
         }
-        Change::MailboxCreate { uidvalidity } | Change::MailboxDelete { uidvalidity } => {
+        Change::MailboxCreate { uidvalidity } => {
             e.u32(*uidvalidity);
+        }
+        Change::MailboxDelete {
+            uidvalidity,
+            uidnext,
+        } => {
+            e.u32(*uidvalidity);
+            e.u32(*uidnext);
         }
         Change::MailboxRename {
             old_name,
@@ -391,6 +398,8 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
         },
         Kind::MailboxDelete => Change::MailboxDelete {
             uidvalidity: d.u32()?,
+            // Added after the first release: absent in older records.
+            uidnext: if d.pos < d.buf.len() { d.u32()? } else { 0 },
         },
         Kind::MailboxRename => Change::MailboxRename {
             old_name: d.str()?,
@@ -483,7 +492,12 @@ pub mod tests {
                 guid
             }),
             any::<u32>().prop_map(|uidvalidity| Change::MailboxCreate { uidvalidity }),
-            any::<u32>().prop_map(|uidvalidity| Change::MailboxDelete { uidvalidity }),
+            (any::<u32>(), any::<u32>()).prop_map(|(uidvalidity, uidnext)| {
+                Change::MailboxDelete {
+                    uidvalidity,
+                    uidnext,
+                }
+            }),
             (".{0,30}", any::<u32>()).prop_map(|(old_name, uidvalidity)| {
                 Change::MailboxRename {
                     old_name,
@@ -596,7 +610,10 @@ pub mod tests {
                 guid: "f00d".into(),
             },
             Change::MailboxCreate { uidvalidity: 5 },
-            Change::MailboxDelete { uidvalidity: 5 },
+            Change::MailboxDelete {
+                uidvalidity: 5,
+                uidnext: 9,
+            },
             Change::MailboxRename {
                 old_name: "Old".into(),
                 uidvalidity: 5,

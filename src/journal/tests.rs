@@ -15,6 +15,7 @@ fn flag_record(user: &str, n: u32) -> Record {
         name: format!("box-{n}"),
         guid: Guid128([3; 16]),
         uidvalidity: 1,
+        uidnext: 0,
         highest_modseq: n as u64,
     };
     record(

@@ -663,13 +663,14 @@ impl User {
         }
     }
 
-    /// Gives the empty mailbox `old` the GUID `new` and UIDVALIDITY `uidvalidity` (the peer's
-    /// mailbox of the same name). `Conflict` if it holds or ever held mail.
+    /// Gives the mailbox `old` the GUID `new` and UIDVALIDITY `uidvalidity` (the peer's
+    /// mailbox of the same name). Unless `keep_mail`, `Conflict` if it holds or ever held mail.
     pub fn mailbox_adopt_guid(
         &self,
         old: &Guid128,
         new: &Guid128,
         uidvalidity: u32,
+        keep_mail: bool,
     ) -> Result<Applied, ApplyError> {
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
@@ -679,6 +680,7 @@ impl User {
                 old.0.as_ptr(),
                 new.0.as_ptr(),
                 uidvalidity,
+                keep_mail,
                 &mut error,
             );
             applied(ret, error)

@@ -4,7 +4,10 @@
 #[cfg(feature = "service")]
 pub mod dovecot;
 pub mod mainloop;
+pub mod memstore;
 pub mod positions;
+#[cfg(feature = "service")]
+pub mod resync;
 pub mod status;
 
 #[cfg(feature = "service")]

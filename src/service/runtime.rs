@@ -19,12 +19,15 @@
 
 use super::dovecot::{self, Applied, ApplyError, Handler, NewMail, Svc, User};
 use super::mainloop::{self, MainHandle, MainQueue};
+use super::memstore;
 use super::positions::{Position, Positions};
+use super::resync;
 use super::status::{self, now_secs, Shared, Status};
 use crate::auth::{self, ClientHandshake, ServerHandshake, Step};
 use crate::codec::{self, Decoder, Msg};
 use crate::event::{Change, Guid128, Record};
 use crate::journal::{self, Cursor, JournalError, Reader};
+use crate::memory::{Mark, Memory};
 use crate::registry;
 use crate::settings::Settings;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -35,7 +38,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -68,25 +71,27 @@ pub fn main() -> i32 {
 
 /// The service's configuration, from the `plugin {}` block.
 #[derive(Clone)]
-struct Config {
-    server_id: String,
-    peer: Option<String>,
-    secret: Option<Arc<Vec<u8>>>,
-    state_dir: PathBuf,
-    base_dir: PathBuf,
+pub(super) struct Config {
+    pub(super) server_id: String,
+    pub(super) peer: Option<String>,
+    pub(super) secret: Option<Arc<Vec<u8>>>,
+    pub(super) state_dir: PathBuf,
+    pub(super) base_dir: PathBuf,
+    /// How often users are checked for resync marks and gaps.
+    pub(super) scan_every: Duration,
 }
 
 /// State shared by all threads.
-struct Shared_ {
-    cfg: Config,
-    status: Shared,
-    stop: AtomicBool,
-    main: MainHandle<Svc>,
+pub(super) struct Shared_ {
+    pub(super) cfg: Config,
+    pub(super) status: Shared,
+    pub(super) stop: AtomicBool,
+    pub(super) main: MainHandle<Svc>,
     /// Sockets to shut down on stop, so that blocked threads wake up.
     sockets: Mutex<Vec<TcpStream>>,
 }
 
-type Ctx = Arc<Shared_>;
+pub(super) type Ctx = Arc<Shared_>;
 
 #[derive(Default)]
 pub struct Service {
@@ -104,7 +109,11 @@ thread_local! {
 }
 
 /// Runs `f` with the user `name` opened, on the main thread.
-fn with_user<R>(svc: &Svc, name: &str, f: impl FnOnce(&User) -> R) -> Result<R, dovecot::SvcError> {
+pub(super) fn with_user<R>(
+    svc: &Svc,
+    name: &str,
+    f: impl FnOnce(&User) -> R,
+) -> Result<R, dovecot::SvcError> {
     let cached = USERS.with(|u| u.borrow_mut().remove(name));
     let user = match cached {
         Some((u, _)) => u,
@@ -118,7 +127,7 @@ fn with_user<R>(svc: &Svc, name: &str, f: impl FnOnce(&User) -> R) -> Result<R, 
     Ok(r)
 }
 
-fn forget_user(name: &str) {
+pub(super) fn forget_user(name: &str) {
     USERS.with(|u| u.borrow_mut().remove(name));
 }
 
@@ -160,12 +169,23 @@ fn config(svc: &Svc) -> Result<Config, String> {
             }
         },
     };
+    let scan_every = match svc.setting("tandem_resync_scan_interval") {
+        None => Duration::from_secs(30),
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
+            .filter(|d| !d.is_zero())
+            .ok_or(format!(
+                "tandem_resync_scan_interval {v:?} is not a duration (like 30s or 5min)"
+            ))?,
+    };
     Ok(Config {
         server_id,
         peer,
         secret,
         state_dir,
         base_dir: svc.base_dir(),
+        scan_every,
     })
 }
 
@@ -249,10 +269,28 @@ impl Handler for Service {
             ),
         }
 
+        memstore::init(&cfg.state_dir);
+        let control_path = cfg.base_dir.join(resync::CONTROL_SOCKET);
+        let _ = std::fs::remove_file(&control_path);
+        match UnixListener::bind(&control_path) {
+            Ok(l) => {
+                let _ =
+                    std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600));
+                let ctx2 = ctx.clone();
+                self.spawn("tandem-control", move || resync::control(ctx2, l));
+            }
+            Err(e) => log::error!(
+                "cannot bind {}: {e}; tandem verify and resync will not answer",
+                control_path.display()
+            ),
+        }
+
         match (&cfg.peer, &cfg.secret) {
             (Some(_), Some(_)) => {
                 let ctx2 = ctx.clone();
                 self.spawn("tandem-outbound", move || outbound(ctx2, rings_rx));
+                let ctx2 = ctx.clone();
+                self.spawn("tandem-resync", move || resync::auto(ctx2));
             }
             (None, _) => log::info!(
                 "tandem_peer is not set: this server only receives changes, it sends none"
@@ -352,7 +390,7 @@ fn doorbell(ctx: Ctx, sock: UnixDatagram, rings: Sender<String>) {
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(super) enum ConnError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("bad frame from the peer: {0}")]
@@ -376,7 +414,7 @@ impl From<mainloop::Stopped> for ConnError {
 }
 
 /// The reading half of a connection.
-struct FrameReader {
+pub(super) struct FrameReader {
     stream: TcpStream,
     dec: Decoder,
     buf: Vec<u8>,
@@ -394,7 +432,7 @@ impl FrameReader {
     }
 
     /// The next message; `Ok(None)` when the read timeout passed without one.
-    fn next(&mut self) -> Result<Option<Msg>, ConnError> {
+    pub(super) fn next(&mut self) -> Result<Option<Msg>, ConnError> {
         loop {
             if let Some(m) = self.dec.next()? {
                 return Ok(Some(m));
@@ -418,7 +456,7 @@ impl FrameReader {
     }
 
     /// The next message, waiting at most `timeout` in total.
-    fn next_within(&mut self, timeout: Duration) -> Result<Msg, ConnError> {
+    pub(super) fn next_within(&mut self, timeout: Duration) -> Result<Msg, ConnError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(m) = self.next()? {
@@ -432,14 +470,14 @@ impl FrameReader {
 }
 
 /// The writing half.
-struct FrameWriter {
-    stream: TcpStream,
+pub(super) struct FrameWriter {
+    pub(super) stream: TcpStream,
     buf: Vec<u8>,
     status: Shared,
 }
 
 impl FrameWriter {
-    fn send(&mut self, m: &Msg) -> Result<usize, ConnError> {
+    pub(super) fn send(&mut self, m: &Msg) -> Result<usize, ConnError> {
         self.buf.clear();
         codec::encode(m, &mut self.buf)?;
         self.stream.write_all(&self.buf)?;
@@ -450,13 +488,65 @@ impl FrameWriter {
 
 /// Shuts the connection down (every clone of the socket: the peer sees the close at once) and
 /// forgets it.
-fn close(ctx: &Ctx, stream: &TcpStream) {
+pub(super) fn close(ctx: &Ctx, stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
     let key = (stream.local_addr().ok(), stream.peer_addr().ok());
     ctx.sockets
         .lock()
         .unwrap()
         .retain(|s| (s.local_addr().ok(), s.peer_addr().ok()) != key && s.peer_addr().is_ok());
+}
+
+/// Connects to the peer and authenticates: the reader, the writer and the peer's server id.
+pub(super) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), ConnError> {
+    let peer = ctx.cfg.peer.clone().unwrap_or_default();
+    let addrs: Vec<_> = peer
+        .to_socket_addrs()
+        .map_err(|e| ConnError::Protocol(format!("bad tandem_peer {peer:?}: {e}")))?
+        .collect();
+    let mut last = None;
+    let mut stream = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let Some(stream) = stream else {
+        return Err(last.map_or(
+            ConnError::Protocol(format!("tandem_peer {peer:?} has no address")),
+            ConnError::Io,
+        ));
+    };
+    let _ = stream.set_nodelay(true);
+    ctx.sockets.lock().unwrap().push(stream.try_clone()?);
+    let (mut rd, mut wr) = split(stream, &ctx.status, PREAUTH_MAX_FRAME)?;
+    let secret = ctx
+        .cfg
+        .secret
+        .clone()
+        .ok_or_else(|| ConnError::Protocol("tandem_secret_file is not usable".into()))?;
+    let (mut hs, hello) = ClientHandshake::new(&secret, &ctx.cfg.server_id)?;
+    wr.send(&hello)?;
+    let peer_id = loop {
+        let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
+        match hs.on_msg(m)? {
+            Step::Send(m) => {
+                wr.send(&m)?;
+            }
+            Step::Done { peer_id, send } => {
+                if let Some(m) = send {
+                    wr.send(&m)?;
+                }
+                break peer_id;
+            }
+        }
+    };
+    rd.dec.set_max_frame(codec::MAX_FRAME);
+    Ok((rd, wr, peer_id))
 }
 
 fn split(
@@ -749,53 +839,8 @@ impl Outbound {
         self.rescan();
     }
 
-    fn connect(&self) -> Result<TcpStream, ConnError> {
-        let peer = self.ctx.cfg.peer.clone().unwrap_or_default();
-        let addrs: Vec<_> = peer
-            .to_socket_addrs()
-            .map_err(|e| ConnError::Protocol(format!("bad tandem_peer {peer:?}: {e}")))?
-            .collect();
-        let mut last = None;
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.map_or(
-            ConnError::Protocol(format!("tandem_peer {peer:?} has no address")),
-            ConnError::Io,
-        ))
-    }
-
     fn session(&mut self) -> Result<(), ConnError> {
-        let stream = self.connect()?;
-        let _ = stream.set_nodelay(true);
-        self.ctx.sockets.lock().unwrap().push(stream.try_clone()?);
-        let (mut rd, mut wr) = split(stream, &self.ctx.status, PREAUTH_MAX_FRAME)?;
-        let secret = self
-            .ctx
-            .cfg
-            .secret
-            .clone()
-            .expect("checked before starting");
-        let (mut hs, hello) = ClientHandshake::new(&secret, &self.ctx.cfg.server_id)?;
-        wr.send(&hello)?;
-        let peer_id = loop {
-            let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
-            match hs.on_msg(m)? {
-                Step::Send(m) => {
-                    wr.send(&m)?;
-                }
-                Step::Done { peer_id, send } => {
-                    if let Some(m) = send {
-                        wr.send(&m)?;
-                    }
-                    break peer_id;
-                }
-            }
-        };
-        rd.dec.set_max_frame(codec::MAX_FRAME);
+        let (mut rd, mut wr, peer_id) = dial(&self.ctx)?;
         log::info!(
             "connected to peer {peer_id} at {}",
             self.ctx.cfg.peer.as_deref().unwrap_or("")
@@ -1091,9 +1136,12 @@ impl Outbound {
                 if let Err(e) = self.sent.set(&user, Position { journal_id, lsn }) {
                     log::error!("user {user}: cannot record the acknowledged position: {e}");
                 }
-                // The peer has it for good: the journal no longer needs it.
+                // The peer has it for good: the journal no longer needs it, once the conflict
+                // memory has taken what it needs from it.
                 if let Some(dir) = u.dir.clone() {
-                    if let Ok(r) = Reader::open(&dir) {
+                    if let Err(e) = memstore::catch_up(&user, &dir) {
+                        log::warn!("user {user}: {e}; journal segments are kept");
+                    } else if let Ok(r) = Reader::open(&dir) {
                         if let Err(e) = r.drop_below(lsn) {
                             log::warn!(
                                 "user {user}: cannot drop acknowledged journal segments: {e}"
@@ -1156,6 +1204,8 @@ struct Inbound<'a> {
     applied: Positions,
     users: HashMap<String, InUser>,
     bodies: HashMap<BodyKey, BodyBuf>,
+    /// Users this connection holds for the peer's resync (see [`resync::Lock`]).
+    locks: Vec<resync::Lock>,
 }
 
 fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
@@ -1208,6 +1258,7 @@ fn serve_peer(
         applied,
         users: HashMap::new(),
         bodies: HashMap::new(),
+        locks: Vec::new(),
     };
     let res = inb.run(rd, wr);
     ctx.status.lock().unwrap().inbound_connections -= 1;
@@ -1389,6 +1440,11 @@ impl Inbound<'_> {
                 Ok(())
             }
             Msg::Pong { .. } => Ok(()),
+            Msg::Rpc { json, blobs } => {
+                let reply = resync::serve(self.ctx, &mut self.locks, &json, blobs);
+                wr.send(&reply)?;
+                Ok(())
+            }
             Msg::Error { message } => {
                 Err(ConnError::Protocol(format!("the peer reports: {message}")))
             }
@@ -1405,7 +1461,12 @@ impl Inbound<'_> {
         let names: Vec<String> = self
             .users
             .iter()
-            .filter(|(_, u)| !u.queue.is_empty() && u.retry_at.is_none_or(|t| Instant::now() >= t))
+            .filter(|(n, u)| {
+                !u.queue.is_empty()
+                    && u.retry_at.is_none_or(|t| Instant::now() >= t)
+                    // A resync of the user is comparing both sides: wait for it.
+                    && !resync::is_locked(n)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -1444,10 +1505,11 @@ impl Inbound<'_> {
                 return Ok(());
             }
             let user = name.to_string();
+            let state_dir = self.ctx.cfg.state_dir.clone();
             let outcome = self
                 .ctx
                 .main
-                .call(move |svc: &Svc| apply_batch(svc, &user, batch, bodies))?;
+                .call(move |svc: &Svc| apply_batch(svc, &user, batch, bodies, &state_dir))?;
             let u = self.users.get_mut(name).unwrap();
             let mut last = None;
             for _ in 0..outcome.applied {
@@ -1530,13 +1592,67 @@ struct Outcome {
     bodies: HashMap<(Guid128, u32), BodyBuf>,
 }
 
+/// What the local side knows while applying a user's batch: its journal, and how far the
+/// peer has acknowledged it (for "mail the deleting side never saw").
+struct Local {
+    journal_dir: Option<PathBuf>,
+    acked: Option<Position>,
+}
+
+impl Local {
+    fn open(u: &User, state_dir: &Path) -> Local {
+        let home = u.home().map(|h| h.to_string_lossy().into_owned());
+        let journal_dir = Settings::parse(|k| u.setting(k), home.as_deref(), None)
+            .ok()
+            .map(|s| s.journal_dir);
+        let acked = Positions::open(&state_dir.join("sent"), false)
+            .ok()
+            .and_then(|p| p.get(u.name()).ok().flatten());
+        Local { journal_dir, acked }
+    }
+
+    /// UIDs of new mail in `mbox` journaled here that the peer has not acknowledged: it has
+    /// certainly not seen them.
+    fn unacked_new(&self, mbox: &Guid128) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        let Some(dir) = &self.journal_dir else {
+            return out;
+        };
+        let Ok(reader) = Reader::open(dir) else {
+            return out;
+        };
+        let Ok(jid) = reader.journal_id() else {
+            return out;
+        };
+        let from = self.acked.map_or(1, |p| p.next_in(&jid));
+        if let Ok(recs) = reader.records_from(from) {
+            for r in recs {
+                if let Change::New { uid, .. } = r.change {
+                    if r.mailbox_guid == *mbox {
+                        out.insert(uid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Marks the user for the resync that compares both sides, with the reason.
+    fn mark(&self, why: &str) {
+        if let Some(dir) = &self.journal_dir {
+            let _ = journal::mark_resync(dir, why);
+        }
+    }
+}
+
 /// Applies records in order on the main thread, through lib-storage, with dsync's identity
-/// rules: same UIDs, GUIDs, flags and dates.
+/// rules (same UIDs, GUIDs, flags and dates) and the conflict rules of docs/conflicts.md.
 fn apply_batch(
     svc: &Svc,
     user: &str,
     batch: Vec<Record>,
     mut bodies: HashMap<(Guid128, u32), BodyBuf>,
+    state_dir: &Path,
 ) -> Outcome {
     let mut out = Outcome {
         applied: 0,
@@ -1546,11 +1662,21 @@ fn apply_batch(
         conflicts: Vec::new(),
         bodies: HashMap::new(),
     };
+    let mem = memstore::get(user);
+    let mut mem = mem.lock().unwrap();
     let mut fresh = false;
     let mut i = 0;
     loop {
         let mut stale = false;
         let r = with_user(svc, user, |u| {
+            let local = Local::open(u, state_dir);
+            // Every local change must be known before a peer's change is weighed against it.
+            if let Some(dir) = &local.journal_dir {
+                if let Err(e) = memstore::catch_up_locked(&mut mem, dir) {
+                    out.error = Some(format!("reading the local journal: {e}"));
+                    return;
+                }
+            }
             while i < batch.len() {
                 let r = &batch[i];
                 if r.origin == "skip" {
@@ -1599,7 +1725,26 @@ fn apply_batch(
                     }
                     // Otherwise one by one, which sorts out replays and conflicts.
                 }
-                let res = apply_one(u, r, &mut bodies);
+                let mut res = apply_one(u, r, &mut bodies, &mut mem, &local);
+                if let (Err(ApplyError::NoMailbox(_)), Change::New { uidvalidity, .. }) =
+                    (&res, &r.change)
+                {
+                    if let Some(t) = mem.deleted.get(&r.mailbox_guid).cloned() {
+                        // New mail for a mailbox deleted here, which this side never saw:
+                        // the mailbox comes back holding it (delete against new mail).
+                        let created = u.mailbox_create(&r.mailbox, &r.mailbox_guid, *uidvalidity);
+                        if created.is_ok() {
+                            log::info!(
+                                "user {user}: mailbox {:?} deleted here is recreated for new \
+                                 mail from the peer that was never seen here",
+                                r.mailbox
+                            );
+                            mem.note_survived(&r.mailbox_guid, t.mark.clone());
+                            resync::request(user, "a deleted mailbox got new mail");
+                            res = apply_one(u, r, &mut bodies, &mut mem, &local);
+                        }
+                    }
+                }
                 if let (Err(ApplyError::NoMailbox(_)), false) = (&res, fresh) {
                     // Maybe a stale GUID cache of a long-open user: once more, fresh.
                     stale = true;
@@ -1608,6 +1753,7 @@ fn apply_batch(
                 i += 1;
                 match res {
                     Ok(Step1::Done(body)) => {
+                        mem.ingest(r);
                         out.applied += 1;
                         out.bodies_applied += body as u64;
                     }
@@ -1620,8 +1766,10 @@ fn apply_batch(
                         return;
                     }
                     Err(e) => {
-                        // A conflict with local state: reported and skipped, so that
-                        // replication goes on; a resync compares both sides.
+                        // A conflict with local state that the streaming rules do not settle
+                        // (a UID collision, a name taken by another mailbox): skipped here so
+                        // that replication goes on, and settled by a resync of the user, which
+                        // compares both sides and applies the conflict rules.
                         if let Change::New { uid, .. } = &r.change {
                             bodies.remove(&(r.mailbox_guid, *uid));
                         }
@@ -1631,15 +1779,8 @@ fn apply_batch(
                             r.change.kind().name(),
                             r.mailbox
                         );
-                        // The two servers now differ for this user: mark it for the resync
-                        // that compares both sides (tandem log stats shows the mark).
-                        let home = u.home().map(|h| h.to_string_lossy().into_owned());
-                        if let Ok(set) = Settings::parse(|k| u.setting(k), home.as_deref(), None) {
-                            let _ = journal::mark_resync(
-                                &set.journal_dir,
-                                &format!("change from the peer not applied: {what}"),
-                            );
-                        }
+                        local.mark(&format!("change from the peer not applied: {what}"));
+                        resync::request(user, &what);
                         out.conflicts.push(what);
                         out.applied += 1;
                     }
@@ -1655,6 +1796,24 @@ fn apply_batch(
         }
         forget_user(user);
         fresh = true;
+    }
+    // Applying changed the modseqs of these mailboxes: accounted for, not a gap.
+    let touched: BTreeSet<Guid128> = batch[..out.applied.min(batch.len())]
+        .iter()
+        .filter(|r| r.origin != "skip")
+        .map(|r| r.mailbox_guid)
+        .collect();
+    if !touched.is_empty() {
+        let _ = with_user(svc, user, |u| {
+            for g in touched {
+                if let Ok(st) = u.mailbox_status(&g) {
+                    mem.note_modseq(&g, st.highest_modseq);
+                }
+            }
+        });
+    }
+    if let Err(e) = mem.flush() {
+        log::error!("user {user}: cannot save the conflict memory: {e}");
     }
     if out.error.is_some() {
         forget_user(user);
@@ -1681,7 +1840,7 @@ fn new_mail_run(recs: &[Record], bodies: &HashMap<(Guid128, u32), BodyBuf>) -> u
 }
 
 enum Step1 {
-    /// Applied (true when a body was saved).
+    /// Applied, or nothing to do under the conflict rules (true when a body was saved).
     Done(bool),
     NeedBody(Guid128, u32),
 }
@@ -1690,12 +1849,27 @@ fn ok(r: Result<Applied, ApplyError>) -> Result<Step1, ApplyError> {
     r.map(|_| Step1::Done(false))
 }
 
+/// A change to a mailbox that was deleted here: the delete wins, nothing to do.
+fn unless_deleted(
+    r: Result<Applied, ApplyError>,
+    mem: &Memory,
+    mbox: &Guid128,
+) -> Result<Step1, ApplyError> {
+    match r {
+        Err(ApplyError::NoMailbox(_)) if mem.deleted.contains_key(mbox) => Ok(Step1::Done(false)),
+        other => ok(other),
+    }
+}
+
 fn apply_one(
     u: &User,
     r: &Record,
     bodies: &mut HashMap<(Guid128, u32), BodyBuf>,
+    mem: &mut Memory,
+    local: &Local,
 ) -> Result<Step1, ApplyError> {
     let mbox = &r.mailbox_guid;
+    let mark = Mark::of(r);
     match &r.change {
         Change::New {
             uidvalidity,
@@ -1752,29 +1926,87 @@ fn apply_one(
             added,
             removed,
             ..
-        } => ok(u.update_flags(mbox, *uid, guid, added, removed)),
-        Change::Expunge { uid, guid, .. } => ok(u.expunge(mbox, *uid, guid)),
+        } => {
+            // Per (message, flag), the later change wins: drop what a newer change here
+            // overrides, keep the rest.
+            let (added, removed) = mem.newer_flags(mbox, *uid, added, removed, &mark);
+            if added.is_empty() && removed.is_empty() {
+                return Ok(Step1::Done(false));
+            }
+            unless_deleted(
+                u.update_flags(mbox, *uid, guid, &added, &removed),
+                mem,
+                mbox,
+            )
+        }
+        // Expunge wins over flag changes: a flag change for a mail that is gone does nothing.
+        Change::Expunge { uid, guid, .. } => unless_deleted(u.expunge(mbox, *uid, guid), mem, mbox),
         Change::MailboxCreate { uidvalidity } => {
             match u.mailbox_create(&r.mailbox, mbox, *uidvalidity) {
                 // The same name created on both sides (INBOX, created on first use on each
                 // server, above all): the higher GUID wins on both. The winner ignores the
                 // loser's create; the loser takes the winner's GUID if its mailbox is still
-                // empty, and otherwise reports a conflict for the conflict rules.
+                // empty. Otherwise the resync merges the two mailboxes.
                 Err(ApplyError::NameTaken { existing, .. }) if existing > *mbox => {
                     Ok(Step1::Done(false))
                 }
                 Err(ApplyError::NameTaken { existing, .. }) => {
-                    ok(u.mailbox_adopt_guid(&existing, mbox, *uidvalidity))
+                    ok(u.mailbox_adopt_guid(&existing, mbox, *uidvalidity, false))
                 }
                 other => ok(other),
             }
         }
-        Change::MailboxDelete { .. } => match u.mailbox_delete(mbox) {
-            Err(ApplyError::NoMailbox(_)) => Ok(Step1::Done(false)),
-            other => ok(other),
-        },
-        Change::MailboxRename { .. } => ok(u.mailbox_rename(mbox, &r.mailbox)),
-        Change::Subscribe => ok(u.mailbox_subscribe(&r.mailbox, true)),
-        Change::Unsubscribe => ok(u.mailbox_subscribe(&r.mailbox, false)),
+        Change::MailboxDelete { uidnext, .. } => {
+            // Delete against new mail: mail the deleting side never saw survives. It had seen
+            // every UID below its UIDNEXT, and none that we journaled and it has not
+            // acknowledged.
+            let mails = match u.mails(mbox) {
+                Ok(m) => m,
+                Err(ApplyError::NoMailbox(_)) => return Ok(Step1::Done(false)),
+                Err(e) => return Err(e),
+            };
+            let unseen = local.unacked_new(mbox);
+            let (keep, gone): (Vec<_>, Vec<_>) = mails
+                .into_iter()
+                .partition(|m| (*uidnext != 0 && m.uid >= *uidnext) || unseen.contains(&m.uid));
+            if keep.is_empty() {
+                return match u.mailbox_delete(mbox) {
+                    Err(ApplyError::NoMailbox(_)) => Ok(Step1::Done(false)),
+                    other => ok(other),
+                };
+            }
+            for m in &gone {
+                u.expunge(mbox, m.uid, &m.guid)?;
+            }
+            log::info!(
+                "user {}: mailbox {:?} deleted on {} keeps {} mails that {} never saw",
+                u.name(),
+                r.mailbox,
+                r.origin,
+                keep.len(),
+                r.origin
+            );
+            mem.ingest(r);
+            mem.note_survived(mbox, mark);
+            resync::request(
+                u.name(),
+                "a deleted mailbox kept mail its deleter never saw",
+            );
+            Ok(Step1::Done(false))
+        }
+        Change::MailboxRename { .. } => {
+            // Rename against rename: the later one wins.
+            if mem.names.get(mbox).is_some_and(|(_, m)| *m > mark) {
+                return Ok(Step1::Done(false));
+            }
+            unless_deleted(u.mailbox_rename(mbox, &r.mailbox), mem, mbox)
+        }
+        Change::Subscribe | Change::Unsubscribe => {
+            // Subscribe against unsubscribe: the later one wins.
+            if mem.subs.get(&r.mailbox).is_some_and(|(_, m)| *m > mark) {
+                return Ok(Step1::Done(false));
+            }
+            ok(u.mailbox_subscribe(&r.mailbox, matches!(r.change, Change::Subscribe)))
+        }
     }
 }

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const STATUS_SOCKET: &str = "tandem-status";
+/// The socket in base_dir that `tandem verify` and `tandem resync` talk to (root only): one
+/// JSON request line, then JSON lines of progress and reports (src/service/resync.rs).
+pub const CONTROL_SOCKET: &str = "tandem-control";
 
 /// Seconds since the epoch, for JSON.
 pub fn now_secs() -> f64 {

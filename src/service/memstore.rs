@@ -1,0 +1,66 @@
+//! The service's per-user [`Memory`] (src/memory.rs), shared by the threads that stream, apply
+//! and resync, and kept up to date with the local journal.
+
+use crate::journal::{Cursor, JournalError, Reader};
+use crate::memory::Memory;
+use crate::registry::encode_user;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+type Mems = Mutex<HashMap<String, Arc<Mutex<Memory>>>>;
+static MEMS: OnceLock<Mems> = OnceLock::new();
+
+/// Where memories are kept: `<state_dir>/memory`.
+pub fn init(state_dir: &Path) {
+    let _ = DIR.set(state_dir.join("memory"));
+}
+
+/// The user's memory, loaded on first use.
+pub fn get(user: &str) -> Arc<Mutex<Memory>> {
+    let mems = MEMS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = mems.lock().unwrap();
+    map.entry(user.to_string())
+        .or_insert_with(|| {
+            let m = match DIR.get() {
+                Some(d) => Memory::load(&d.join(format!("{}.jsonl", encode_user(user)))),
+                None => Memory::default(),
+            };
+            Arc::new(Mutex::new(m))
+        })
+        .clone()
+}
+
+/// Reads the user's local journal from where the memory stopped to its end, so that every
+/// local change is known before a peer's change is weighed against it, and before journal
+/// segments are dropped.
+pub fn catch_up(user: &str, journal_dir: &Path) -> Result<(), String> {
+    let mem = get(user);
+    let mut m = mem.lock().unwrap();
+    catch_up_locked(&mut m, journal_dir)
+}
+
+pub fn catch_up_locked(m: &mut Memory, journal_dir: &Path) -> Result<(), String> {
+    let reader = match Reader::open(journal_dir) {
+        Ok(r) => r,
+        Err(JournalError::Missing(_)) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let jid = reader.journal_id().map_err(|e| e.to_string())?;
+    let next = match m.journal {
+        Some((id, next)) if id == jid => next,
+        _ => 1,
+    };
+    let mut cursor = Cursor::from_lsn(next);
+    let mut records = Vec::new();
+    reader
+        .read(&mut cursor, |r| records.push(r))
+        .map_err(|e| e.to_string())?;
+    for r in &records {
+        m.ingest_local(r);
+    }
+    m.set_cursor(jid, cursor.next_lsn);
+    m.flush()
+        .map_err(|e| format!("cannot save the conflict memory: {e}"))
+}

@@ -1,0 +1,1189 @@
+//! `tandem verify` and `tandem resync`, and the resyncs the service starts by itself.
+//!
+//! The side that runs a resync dials the peer's service on a connection of its own, locks the
+//! user on both sides (streamed changes of that user wait meanwhile), gathers both states (a
+//! summary with one digest per mailbox, then the mails of the mailboxes whose digests differ),
+//! computes one plan with [`crate::merge::plan`], and executes its half locally and the other
+//! half through the peer, in chunks of bounded size. Every chunk is committed as it goes, so
+//! an interrupted resync (or seeding of a new replica) continues where it stopped when it is
+//! run again: what is already the same on both sides is not touched again.
+//!
+//! Triggers without anyone asking: a change from the peer that the streaming rules could not
+//! settle ([`request`]), a user marked as needing a resync (a failed journal write, a lost or
+//! damaged journal), and gap detection: a mailbox whose HIGHESTMODSEQ moved past every change
+//! the journal and the service account for.
+
+use super::dovecot::{Applied, ApplyError, NewMail, Svc, User};
+use super::memstore;
+use super::runtime::{
+    close, dial, forget_user, with_user, ConnError, Ctx, FrameReader, FrameWriter,
+};
+use crate::codec::Msg;
+use crate::event::{Guid128, Stamp};
+use crate::journal;
+use crate::memory::Mark;
+use crate::merge::{self, Action, BoxState, Details, MailState, Plan, Summary};
+use crate::registry;
+use crate::settings::Settings;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use super::status::CONTROL_SOCKET;
+/// Body bytes per chunk of a resync (one RPC, one main-thread job).
+const CHUNK_BYTES: usize = 8 << 20;
+/// Mails per chunk.
+const CHUNK_MAILS: usize = 500;
+/// How long a peer's answer may take (a chunk of saves on a slow disk).
+const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+/// A requested resync waits this long for the streams to settle first.
+const SETTLE: Duration = Duration::from_secs(2);
+
+// ---- locks and requests ---------------------------------------------------------------------
+
+static LOCKS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+static REQUESTS: Mutex<BTreeMap<String, (Instant, String)>> = Mutex::new(BTreeMap::new());
+
+/// A user locked for a resync on this server: released when dropped.
+pub struct Lock(String);
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        LOCKS.lock().unwrap().remove(&self.0);
+    }
+}
+
+pub fn try_lock(user: &str) -> Option<Lock> {
+    LOCKS
+        .lock()
+        .unwrap()
+        .insert(user.to_string())
+        .then(|| Lock(user.to_string()))
+}
+
+/// Whether a resync holds the user (its streamed changes wait).
+pub fn is_locked(user: &str) -> bool {
+    LOCKS.lock().unwrap().contains(user)
+}
+
+/// Asks for a resync of the user once its streams have settled.
+pub fn request(user: &str, why: &str) {
+    let mut r = REQUESTS.lock().unwrap();
+    let e = r
+        .entry(user.to_string())
+        .or_insert_with(|| (Instant::now(), why.to_string()));
+    e.0 = Instant::now();
+}
+
+// ---- the peer protocol ----------------------------------------------------------------------
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Req {
+    Lock {
+        user: String,
+    },
+    Unlock {
+        user: String,
+    },
+    Summary {
+        user: String,
+    },
+    Details {
+        user: String,
+        mbox: String,
+    },
+    Bodies {
+        user: String,
+        mbox: String,
+        uids: Vec<u32>,
+    },
+    /// Saves take their bodies from the blobs, in order.
+    Apply {
+        user: String,
+        actions: Vec<Action>,
+        meta: Vec<BodyMeta>,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "r", rename_all = "snake_case")]
+enum Reply {
+    Ok,
+    Busy,
+    Error {
+        message: String,
+    },
+    Summary {
+        summary: Summary,
+    },
+    Details {
+        details: Details,
+    },
+    /// One entry per UID asked for: `None` if the mail is gone; the bodies are the blobs of
+    /// the entries that are `Some`, in order.
+    Bodies {
+        found: Vec<Option<BodyMeta>>,
+    },
+    Applied {
+        changes: u64,
+        errors: Vec<String>,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct BodyMeta {
+    received_date: i64,
+    save_date: i64,
+    guid: String,
+}
+
+/// Serves one request from the peer's resync (on the inbound connection's thread).
+pub(super) fn serve(ctx: &Ctx, locks: &mut Vec<Lock>, json: &str, blobs: Vec<Vec<u8>>) -> Msg {
+    let (reply, out) = match serde_json::from_str::<Req>(json) {
+        Err(e) => (
+            Reply::Error {
+                message: format!("bad request: {e}"),
+            },
+            Vec::new(),
+        ),
+        Ok(req) => match serve_req(ctx, locks, req, blobs) {
+            Ok(x) => x,
+            Err(message) => (Reply::Error { message }, Vec::new()),
+        },
+    };
+    Msg::Rpc {
+        json: serde_json::to_string(&reply).unwrap_or_default(),
+        blobs: out,
+    }
+}
+
+/// A request served on the main thread: the answer and its blobs.
+type Answer = Result<(Reply, Vec<Vec<u8>>), String>;
+type Job = Box<dyn FnOnce(&Svc) -> Answer + Send>;
+
+fn serve_req(
+    ctx: &Ctx,
+    locks: &mut Vec<Lock>,
+    req: Req,
+    blobs: Vec<Vec<u8>>,
+) -> Result<(Reply, Vec<Vec<u8>>), String> {
+    let server_id = ctx.cfg.server_id.clone();
+    let call = |f: Job| {
+        ctx.main
+            .call(f)
+            .map_err(|_| "the service is stopping".to_string())?
+    };
+    match req {
+        Req::Lock { user } => Ok(match try_lock(&user) {
+            Some(l) => {
+                locks.push(l);
+                (Reply::Ok, Vec::new())
+            }
+            None if locks.iter().any(|l| l.0 == user) => (Reply::Ok, Vec::new()),
+            None => (Reply::Busy, Vec::new()),
+        }),
+        Req::Unlock { user } => {
+            locks.retain(|l| l.0 != user);
+            Ok((Reply::Ok, Vec::new()))
+        }
+        Req::Summary { user } => call(Box::new(move |svc| {
+            local_summary(svc, &user, &server_id)
+                .map(|summary| (Reply::Summary { summary }, vec![]))
+        })),
+        Req::Details { user, mbox } => call(Box::new(move |svc| {
+            local_details(svc, &user, &mbox).map(|details| (Reply::Details { details }, vec![]))
+        })),
+        Req::Bodies { user, mbox, uids } => call(Box::new(move |svc| {
+            local_bodies(svc, &user, &mbox, &uids).map(|(found, b)| (Reply::Bodies { found }, b))
+        })),
+        Req::Apply {
+            user,
+            actions,
+            meta,
+        } => {
+            let bodies: Vec<(BodyMeta, Vec<u8>)> = meta.into_iter().zip(blobs).collect();
+            call(Box::new(move |svc| {
+                let (changes, errors) = local_apply(svc, &user, &server_id, &actions, bodies);
+                Ok((Reply::Applied { changes, errors }, vec![]))
+            }))
+        }
+    }
+}
+
+// ---- local state, on the main thread --------------------------------------------------------
+
+/// (name, UIDVALIDITY, UIDNEXT, messages, HIGHESTMODSEQ) and the digest they had.
+type DigestEntry = (String, u32, u32, u32, u64, String);
+
+thread_local! {
+    /// Mailbox digests by (user, mailbox GUID), valid while name, UIDVALIDITY, UIDNEXT,
+    /// message count and HIGHESTMODSEQ are unchanged: an unchanged mailbox is not listed again.
+    static DIGESTS: RefCell<HashMap<(String, Guid128), DigestEntry>> = RefCell::new(HashMap::new());
+}
+
+fn journal_dir(u: &User) -> Option<PathBuf> {
+    let home = u.home().map(|h| h.to_string_lossy().into_owned());
+    Settings::parse(|k| u.setting(k), home.as_deref(), None)
+        .ok()
+        .map(|s| s.journal_dir)
+}
+
+fn mails_of(u: &User, g: &Guid128) -> Result<Vec<MailState>, String> {
+    Ok(u.mails(g)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|m| MailState {
+            uid: m.uid,
+            guid: m.guid,
+            flags: merge::flag_names(&m.flags),
+        })
+        .collect())
+}
+
+fn parse_box(hex: &str) -> Result<Guid128, String> {
+    Guid128::from_hex(hex).ok_or_else(|| format!("bad mailbox GUID {hex:?}"))
+}
+
+fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Summary, String> {
+    with_user(svc, user, |u| {
+        let mem = memstore::get(user);
+        let mut mem = mem.lock().unwrap();
+        if let Some(dir) = journal_dir(u) {
+            memstore::catch_up_locked(&mut mem, &dir)?;
+        }
+        let mut s = Summary {
+            server_id: server_id.to_string(),
+            ..Summary::default()
+        };
+        for b in u.mailboxes().map_err(|e| e.to_string())? {
+            if b.subscribed {
+                s.subscriptions.insert(b.name.clone());
+            }
+            if !b.exists || b.guid.is_zero() {
+                continue;
+            }
+            let key = (user.to_string(), b.guid);
+            let cached = DIGESTS.with(|d| {
+                d.borrow().get(&key).and_then(|(n, v, next, msgs, ms, dg)| {
+                    (n == &b.name
+                        && *v == b.uidvalidity
+                        && *next == b.uidnext
+                        && *msgs == b.messages
+                        && *ms == b.highest_modseq)
+                        .then(|| dg.clone())
+                })
+            });
+            let digest = match cached {
+                Some(d) => d,
+                None => {
+                    let mails = mails_of(u, &b.guid)?;
+                    let d = merge::digest(&b.name, b.uidvalidity, &mails);
+                    DIGESTS.with(|x| {
+                        x.borrow_mut().insert(
+                            key,
+                            (
+                                b.name.clone(),
+                                b.uidvalidity,
+                                b.uidnext,
+                                b.messages,
+                                b.highest_modseq,
+                                d.clone(),
+                            ),
+                        )
+                    });
+                    d
+                }
+            };
+            s.boxes.push(BoxState {
+                guid: b.guid.to_hex(),
+                name: b.name.clone(),
+                uidvalidity: b.uidvalidity,
+                uidnext: b.uidnext,
+                messages: b.messages,
+                digest,
+            });
+        }
+        for (g, t) in &mem.deleted {
+            s.deleted.insert(g.to_hex(), t.clone());
+        }
+        for (g, m) in &mem.survived {
+            s.survived.insert(g.to_hex(), m.clone());
+        }
+        for (g, (_, m)) in &mem.names {
+            s.names.insert(g.to_hex(), m.clone());
+        }
+        for (n, (_, m)) in &mem.subs {
+            s.subs.insert(n.clone(), m.clone());
+        }
+        Ok(s)
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn local_details(svc: &Svc, user: &str, mbox: &str) -> Result<Details, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| {
+        let mails = mails_of(u, &g)?;
+        let mem = memstore::get(user);
+        let mem = mem.lock().unwrap();
+        let flag_marks = mem
+            .flags
+            .iter()
+            .filter(|((b, _, _), _)| *b == g)
+            .map(|((_, uid, f), (_, m))| (*uid, f.clone(), m.clone()))
+            .collect();
+        let expunged = mem
+            .expunged
+            .keys()
+            .filter(|(b, _)| *b == g)
+            .map(|(_, guid)| guid.clone())
+            .collect();
+        Ok(Details {
+            mails,
+            flag_marks,
+            expunged,
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Per UID asked for, the body's metadata if it is there; and the bodies that are.
+type Bodies = (Vec<Option<BodyMeta>>, Vec<Vec<u8>>);
+
+fn local_bodies(svc: &Svc, user: &str, mbox: &str, uids: &[u32]) -> Result<Bodies, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| {
+        let mut found = Vec::new();
+        let mut blobs = Vec::new();
+        for uid in uids {
+            match u.read_body(&g, *uid) {
+                Ok(Some(b)) => {
+                    found.push(Some(BodyMeta {
+                        received_date: b.info.received_date,
+                        save_date: b.info.save_date,
+                        guid: b.info.guid,
+                    }));
+                    blobs.push(b.data);
+                }
+                Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok((found, blobs))
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn now_mark(server_id: &str) -> Mark {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Mark {
+        stamp: Stamp::from_parts(ms, 0).0,
+        origin: server_id.to_string(),
+    }
+}
+
+/// Executes actions here, in order. Saves take `bodies` in order. Returns how many changes
+/// were made and what failed (the rest goes on: a later resync retries what failed).
+fn local_apply(
+    svc: &Svc,
+    user: &str,
+    server_id: &str,
+    actions: &[Action],
+    bodies: Vec<(BodyMeta, Vec<u8>)>,
+) -> (u64, Vec<String>) {
+    let mut changes = 0u64;
+    let mut errors = Vec::new();
+    let mut bodies = bodies.into_iter();
+    let r = with_user(svc, user, |u| {
+        let mem = memstore::get(user);
+        let mut mem = mem.lock().unwrap();
+        let mut touched = BTreeSet::new();
+        for a in actions {
+            let res = apply_action(u, a, &mut bodies, &mut mem, server_id, &mut touched);
+            match res {
+                Ok(Applied::Done) => changes += 1,
+                Ok(Applied::AlreadyApplied) => {}
+                Err(e) => errors.push(format!("{a:?}: {e}")),
+            }
+        }
+        // What the resync changed here is accounted for: no gap.
+        for g in touched {
+            if let Ok(st) = u.mailbox_status(&g) {
+                mem.note_modseq(&g, st.highest_modseq);
+            }
+        }
+        if let Err(e) = mem.flush() {
+            errors.push(format!("cannot save the conflict memory: {e}"));
+        }
+    });
+    if let Err(e) = r {
+        errors.push(e.to_string());
+    }
+    // Renumbering and GUID changes leave cached mailboxes stale.
+    forget_user(user);
+    (changes, errors)
+}
+
+fn apply_action(
+    u: &User,
+    a: &Action,
+    bodies: &mut impl Iterator<Item = (BodyMeta, Vec<u8>)>,
+    mem: &mut crate::memory::Memory,
+    server_id: &str,
+    touched: &mut BTreeSet<Guid128>,
+) -> Result<Applied, String> {
+    let e = |e: ApplyError| e.to_string();
+    Ok(match a {
+        Action::Create {
+            mbox,
+            name,
+            uidvalidity,
+        } => {
+            let g = parse_box(mbox)?;
+            let r = u.mailbox_create(name, &g, *uidvalidity).map_err(e)?;
+            if let Some(t) = mem.deleted.get(&g).cloned() {
+                // Back for mail the deleting side never saw.
+                mem.note_survived(&g, t.mark);
+            }
+            touched.insert(g);
+            r
+        }
+        Action::Rename { mbox, name } => u.mailbox_rename(&parse_box(mbox)?, name).map_err(e)?,
+        Action::Delete { mbox } => match u.mailbox_delete(&parse_box(mbox)?) {
+            Err(ApplyError::NoMailbox(_)) => Applied::AlreadyApplied,
+            r => r.map_err(e)?,
+        },
+        Action::Adopt {
+            from,
+            to,
+            uidvalidity,
+        } => {
+            let (f, t) = (parse_box(from)?, parse_box(to)?);
+            touched.insert(t);
+            u.mailbox_adopt_guid(&f, &t, *uidvalidity, true)
+                .map_err(e)?
+        }
+        Action::Subscribe { name, on } => u.mailbox_subscribe(name, *on).map_err(e)?,
+        Action::Expunge { mbox, uid, guid } => {
+            let g = parse_box(mbox)?;
+            touched.insert(g);
+            let r = u.expunge(&g, *uid, guid).map_err(e)?;
+            mem.note_expunge(&g, guid, now_mark(server_id));
+            r
+        }
+        Action::Renumber {
+            mbox,
+            uid,
+            guid,
+            to,
+        } => {
+            let g = parse_box(mbox)?;
+            touched.insert(g);
+            u.renumber(&g, *uid, guid, *to).map_err(e)?
+        }
+        Action::Save {
+            mbox,
+            uid,
+            guid,
+            flags,
+            ..
+        } => {
+            let g = parse_box(mbox)?;
+            touched.insert(g);
+            let Some((meta, data)) = bodies.next() else {
+                return Err("no body came with the save".into());
+            };
+            let flags = merge::flag_set(flags);
+            let mail = NewMail {
+                uid: *uid,
+                guid: if guid.is_empty() { &meta.guid } else { guid },
+                flags: &flags,
+                received_date: meta.received_date,
+                save_date: meta.save_date,
+            };
+            u.save(&g, 0, &mail, &data).map_err(e)?
+        }
+        Action::Flags {
+            mbox,
+            uid,
+            guid,
+            add,
+            remove,
+        } => {
+            let g = parse_box(mbox)?;
+            touched.insert(g);
+            u.update_flags(
+                &g,
+                *uid,
+                guid,
+                &merge::flag_set(add),
+                &merge::flag_set(remove),
+            )
+            .map_err(e)?
+        }
+        Action::MinUidNext { mbox, uidnext } => {
+            let g = parse_box(mbox)?;
+            touched.insert(g);
+            u.mailbox_min_uidnext(&g, *uidnext).map_err(e)?
+        }
+    })
+}
+
+// ---- the side that runs the resync ----------------------------------------------------------
+
+/// What a verify or resync of one user found and did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub user: String,
+    pub differences: Vec<String>,
+    /// Changes made (resync only), on both sides.
+    pub changes: u64,
+    pub errors: Vec<String>,
+    /// Identical at the end (after the repair, for a resync).
+    pub identical: bool,
+    pub seconds: f64,
+}
+
+struct Peer {
+    rd: FrameReader,
+    wr: FrameWriter,
+}
+
+impl Peer {
+    fn call(&mut self, req: &Req, blobs: Vec<Vec<u8>>) -> Result<(Reply, Vec<Vec<u8>>), String> {
+        let json = serde_json::to_string(req).map_err(|e| e.to_string())?;
+        self.wr
+            .send(&Msg::Rpc { json, blobs })
+            .map_err(|e: ConnError| format!("sending to the peer: {e}"))?;
+        loop {
+            match self.rd.next_within(RPC_TIMEOUT) {
+                Ok(Msg::Rpc { json, blobs }) => {
+                    let reply: Reply = serde_json::from_str(&json)
+                        .map_err(|e| format!("bad answer from the peer: {e}"))?;
+                    if let Reply::Error { message } = reply {
+                        return Err(format!("the peer: {message}"));
+                    }
+                    return Ok((reply, blobs));
+                }
+                Ok(Msg::Ping { .. } | Msg::Pong { .. }) => {}
+                Ok(Msg::Error { message }) => return Err(format!("the peer reports: {message}")),
+                Ok(other) => return Err(format!("unexpected {} from the peer", other.name())),
+                Err(e) => return Err(format!("waiting for the peer: {e}")),
+            }
+        }
+    }
+}
+
+fn main_call<T: Send + 'static>(
+    ctx: &Ctx,
+    f: impl FnOnce(&Svc) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    ctx.main
+        .call(f)
+        .map_err(|_| "the service is stopping".to_string())?
+}
+
+/// Both sides' state: summaries and the details of every mailbox that differs.
+type Both = (
+    Summary,
+    BTreeMap<String, Details>,
+    Summary,
+    BTreeMap<String, Details>,
+);
+
+fn gather(ctx: &Ctx, peer: &mut Peer, user: &str) -> Result<Both, String> {
+    let (id, u) = (ctx.cfg.server_id.clone(), user.to_string());
+    let local = main_call(ctx, move |svc| local_summary(svc, &u, &id))?;
+    let remote = match peer.call(
+        &Req::Summary {
+            user: user.to_string(),
+        },
+        vec![],
+    )? {
+        (Reply::Summary { summary }, _) => summary,
+        _ => return Err("the peer answered a summary request with something else".into()),
+    };
+    let (mut dl, mut dr) = (BTreeMap::new(), BTreeMap::new());
+    let find = |s: &Summary, g: &Option<String>| {
+        g.as_ref()
+            .and_then(|g| s.boxes.iter().find(|b| &b.guid == g).cloned())
+    };
+    for (ga, gb) in merge::pairs(&local, &remote) {
+        if !merge::needs_details(find(&local, &ga).as_ref(), find(&remote, &gb).as_ref()) {
+            continue;
+        }
+        if let Some(g) = ga {
+            let u = user.to_string();
+            let g2 = g.clone();
+            dl.insert(g, main_call(ctx, move |svc| local_details(svc, &u, &g2))?);
+        }
+        if let Some(g) = gb {
+            let d = match peer.call(
+                &Req::Details {
+                    user: user.to_string(),
+                    mbox: g.clone(),
+                },
+                vec![],
+            )? {
+                (Reply::Details { details }, _) => details,
+                _ => return Err("the peer answered a details request with something else".into()),
+            };
+            dr.insert(g, d);
+        }
+    }
+    Ok((local, dl, remote, dr))
+}
+
+/// Runs a verify (`repair` false) or a resync of `user` against the peer. `progress` gets
+/// lines to show.
+pub(super) fn run(
+    ctx: &Ctx,
+    user: &str,
+    repair: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report, String> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    // One resync of a user at a time, across both servers.
+    let _lock = loop {
+        if let Some(l) = try_lock(user) {
+            break l;
+        }
+        if Instant::now() > deadline || ctx.stop.load(Ordering::Relaxed) {
+            return Err(format!("user {user}: another resync is running"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (rd, wr, _peer_id) = dial(ctx).map_err(|e| format!("cannot reach the peer: {e}"))?;
+    let mut peer = Peer { rd, wr };
+    let res = (|| {
+        loop {
+            match peer.call(
+                &Req::Lock {
+                    user: user.to_string(),
+                },
+                vec![],
+            )? {
+                (Reply::Ok, _) => break,
+                _ if Instant::now() > deadline => {
+                    return Err(format!("user {user}: the peer is resyncing it"))
+                }
+                _ => std::thread::sleep(Duration::from_millis(
+                    100 + (started.elapsed().as_millis() as u64 % 200),
+                )),
+            }
+        }
+        let (la, da, rb, db) = gather(ctx, &mut peer, user)?;
+        let plan = merge::plan(&la, &da, &rb, &db);
+        let mut report = Report {
+            user: user.to_string(),
+            differences: plan.differences.clone(),
+            ..Report::default()
+        };
+        if !repair || plan.is_empty() {
+            report.identical = plan.differences.is_empty();
+            return Ok(report);
+        }
+        progress(&format!(
+            "user {user}: {} differences; {} changes to make here, {} on the peer",
+            plan.differences.len(),
+            plan.local.len(),
+            plan.remote.len()
+        ));
+        execute(ctx, &mut peer, user, &plan, &mut report, progress)?;
+        // Check the outcome.
+        let (la, da, rb, db) = gather(ctx, &mut peer, user)?;
+        let after = merge::plan(&la, &da, &rb, &db);
+        report.identical = after.differences.is_empty();
+        if !report.identical {
+            report.errors.extend(
+                after
+                    .differences
+                    .iter()
+                    .map(|d| format!("still different: {d}")),
+            );
+        }
+        Ok(report)
+    })();
+    let _ = peer.call(
+        &Req::Unlock {
+            user: user.to_string(),
+        },
+        vec![],
+    );
+    close(ctx, &peer.wr.stream);
+    let mut report = res?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Where a renumber in `actions` moved the mail at (`mbox`, `uid`).
+fn moved_to(actions: &[Action], mbox: &str, uid: u32) -> u32 {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Renumber {
+                mbox: m,
+                uid: u,
+                to,
+                ..
+            } if m == mbox && *u == uid => Some(*to),
+            _ => None,
+        })
+        .unwrap_or(uid)
+}
+
+/// A chunk of one side's actions, with the bodies its saves need.
+fn chunks(actions: &[Action]) -> Vec<&[Action]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut saves = 0;
+    for (i, a) in actions.iter().enumerate() {
+        if matches!(a, Action::Save { .. }) {
+            saves += 1;
+            if saves > CHUNK_MAILS {
+                out.push(&actions[start..i]);
+                start = i;
+                saves = 1;
+            }
+        }
+    }
+    if start < actions.len() {
+        out.push(&actions[start..]);
+    }
+    out
+}
+
+fn execute(
+    ctx: &Ctx,
+    peer: &mut Peer,
+    user: &str,
+    plan: &Plan,
+    report: &mut Report,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    // Here first, with bodies from the peer (whose mails have not moved yet) ...
+    let total_local = plan
+        .local
+        .iter()
+        .filter(|a| matches!(a, Action::Save { .. }))
+        .count();
+    let mut done = 0;
+    for chunk in chunks(&plan.local) {
+        let mut bodies = Vec::new();
+        let mut by_box: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for a in chunk {
+            if let Action::Save {
+                src_mbox, src_uid, ..
+            } = a
+            {
+                by_box.entry(src_mbox).or_default().push(*src_uid);
+            }
+        }
+        let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
+        for (mbox, uids) in by_box {
+            for part in uids.chunks(64) {
+                let (reply, blobs) = peer.call(
+                    &Req::Bodies {
+                        user: user.to_string(),
+                        mbox: mbox.to_string(),
+                        uids: part.to_vec(),
+                    },
+                    vec![],
+                )?;
+                let Reply::Bodies { found } = reply else {
+                    return Err("the peer answered a bodies request with something else".into());
+                };
+                let mut blobs = blobs.into_iter();
+                for (uid, f) in part.iter().zip(found) {
+                    if let (Some(meta), Some(data)) = (f, blobs.next()) {
+                        fetched.insert((mbox.to_string(), *uid), (meta, data));
+                    }
+                }
+            }
+        }
+        // Saves whose mail vanished on the peer meanwhile are left out.
+        let mut acts = Vec::new();
+        for a in chunk {
+            if let Action::Save {
+                src_mbox, src_uid, ..
+            } = a
+            {
+                match fetched.remove(&(src_mbox.clone(), *src_uid)) {
+                    Some(b) => bodies.push(b),
+                    None => continue,
+                }
+            }
+            acts.push(a.clone());
+        }
+        let (u, id) = (user.to_string(), ctx.cfg.server_id.clone());
+        let n = acts
+            .iter()
+            .filter(|a| matches!(a, Action::Save { .. }))
+            .count();
+        let (changes, errors) =
+            main_call(ctx, move |svc| Ok(local_apply(svc, &u, &id, &acts, bodies)))?;
+        report.changes += changes;
+        report.errors.extend(errors);
+        done += n;
+        if total_local > 0 {
+            progress(&format!("user {user}: saved here {done}/{total_local}"));
+        }
+    }
+    // ... then the peer, with bodies from here, where merged mailboxes have their new GUIDs
+    // and renumbered mails their new UIDs.
+    let adopted: HashMap<&str, &str> = plan
+        .local
+        .iter()
+        .filter_map(|a| match a {
+            Action::Adopt { from, to, .. } => Some((from.as_str(), to.as_str())),
+            _ => None,
+        })
+        .collect();
+    let here = |src_mbox: &str, src_uid: u32| -> (String, u32) {
+        let b = adopted.get(src_mbox).copied().unwrap_or(src_mbox);
+        let uid = moved_to(&plan.local, b, src_uid);
+        (b.to_string(), uid)
+    };
+
+    let total_remote = plan
+        .remote
+        .iter()
+        .filter(|a| matches!(a, Action::Save { .. }))
+        .count();
+    let mut done = 0;
+    for chunk in chunks(&plan.remote) {
+        let mut wanted: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for a in chunk {
+            if let Action::Save {
+                src_mbox, src_uid, ..
+            } = a
+            {
+                let (b, at) = here(src_mbox, *src_uid);
+                wanted.entry(b).or_default().push(at);
+            }
+        }
+        let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
+        for (mbox, uids) in wanted {
+            let (u, m, list) = (user.to_string(), mbox.clone(), uids.clone());
+            let (found, blobs) = main_call(ctx, move |svc| local_bodies(svc, &u, &m, &list))?;
+            let mut blobs = blobs.into_iter();
+            for (uid, f) in uids.iter().zip(found) {
+                if let (Some(meta), Some(data)) = (f, blobs.next()) {
+                    fetched.insert((mbox.clone(), *uid), (meta, data));
+                }
+            }
+        }
+        // Sent in pieces of bounded size; the order of actions is kept.
+        let mut acts = Vec::new();
+        let mut meta = Vec::new();
+        let mut blobs = Vec::new();
+        let mut bytes = 0usize;
+        let mut flush = |acts: &mut Vec<Action>,
+                         meta: &mut Vec<BodyMeta>,
+                         blobs: &mut Vec<Vec<u8>>,
+                         bytes: &mut usize|
+         -> Result<(), String> {
+            if acts.is_empty() {
+                return Ok(());
+            }
+            let n = acts
+                .iter()
+                .filter(|a| matches!(a, Action::Save { .. }))
+                .count();
+            let (reply, _) = peer.call(
+                &Req::Apply {
+                    user: user.to_string(),
+                    actions: std::mem::take(acts),
+                    meta: std::mem::take(meta),
+                },
+                std::mem::take(blobs),
+            )?;
+            *bytes = 0;
+            if let Reply::Applied { changes, errors } = reply {
+                report.changes += changes;
+                report
+                    .errors
+                    .extend(errors.into_iter().map(|e| format!("on the peer: {e}")));
+            }
+            done += n;
+            if total_remote > 0 {
+                progress(&format!(
+                    "user {user}: saved on the peer {done}/{total_remote}"
+                ));
+            }
+            Ok(())
+        };
+        for a in chunk {
+            if let Action::Save {
+                src_mbox, src_uid, ..
+            } = a
+            {
+                match fetched.remove(&here(src_mbox, *src_uid)) {
+                    Some((m, d)) => {
+                        bytes += d.len();
+                        meta.push(m);
+                        blobs.push(d);
+                    }
+                    None => continue,
+                }
+            }
+            acts.push(a.clone());
+            if bytes >= CHUNK_BYTES {
+                flush(&mut acts, &mut meta, &mut blobs, &mut bytes)?;
+            }
+        }
+        flush(&mut acts, &mut meta, &mut blobs, &mut bytes)?;
+    }
+    Ok(())
+}
+
+// ---- the control socket ---------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct ControlReq {
+    op: String,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Serves `tandem verify`/`resync` on the control socket, one client at a time.
+pub(super) fn control(ctx: Ctx, listener: UnixListener) {
+    let _ = listener.set_nonblocking(true);
+    while !ctx.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if let Err(e) = control_client(&ctx, stream) {
+                    log::warn!("tandem control client: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => {
+                log::error!("control socket: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    let out_clone = stream.try_clone()?;
+    let mut out = stream;
+    let mut send = |v: serde_json::Value| -> std::io::Result<()> {
+        let mut s = v.to_string();
+        s.push('\n');
+        out.write_all(s.as_bytes())
+    };
+    let req: ControlReq = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return send(serde_json::json!({"error": format!("bad request: {e}")})),
+    };
+    let repair = match req.op.as_str() {
+        "verify" => false,
+        "resync" => true,
+        other => return send(serde_json::json!({"error": format!("unknown op {other:?}")})),
+    };
+    if ctx.cfg.peer.is_none() || ctx.cfg.secret.is_none() {
+        return send(serde_json::json!({
+            "error": "tandem_peer or tandem_secret_file is not set: there is no peer to compare with"
+        }));
+    }
+    let users = if req.all {
+        registry::registered(&ctx.cfg.state_dir)?
+    } else {
+        req.users
+    };
+    let mut progress_out = out_clone;
+    for user in users {
+        let res = run(ctx, &user, repair, &mut |p: &str| {
+            let mut s = serde_json::json!({ "progress": p }).to_string();
+            s.push('\n');
+            let _ = progress_out.write_all(s.as_bytes());
+        });
+        match res {
+            Ok(report) => {
+                if repair && report.identical {
+                    clear_mark(ctx, &user);
+                }
+                send(serde_json::json!({ "report": report }))?
+            }
+            Err(e) => send(serde_json::json!({"user": user, "error": e}))?,
+        }
+    }
+    send(serde_json::json!({"done": true}))
+}
+
+/// A user repaired by a resync needs none any more.
+fn clear_mark(ctx: &Ctx, user: &str) {
+    let u = user.to_string();
+    let _ = main_call(ctx, move |svc| {
+        with_user(svc, &u, |usr| {
+            if let Some(dir) = journal_dir(usr) {
+                let _ = journal::clear_resync(&dir);
+            }
+        })
+        .map_err(|e| e.to_string())
+    });
+}
+
+// ---- resyncs without anyone asking ----------------------------------------------------------
+
+/// Per user and mailbox: the HIGHESTMODSEQ seen ahead of what is accounted for at the last
+/// scan. A gap must persist across two scans: a commit is journaled just after it.
+type Suspects = HashMap<(String, Guid128), u64>;
+
+/// Runs requested resyncs once the streams have settled, repairs users marked as needing one,
+/// and looks for gaps.
+pub(super) fn auto(ctx: Ctx) {
+    let mut last_scan = Instant::now();
+    let mut suspects: Suspects = HashMap::new();
+    while !ctx.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let due: Vec<(String, String)> = {
+            let mut r = REQUESTS.lock().unwrap();
+            let due: Vec<(String, String)> = r
+                .iter()
+                .filter(|(_, (t, _))| t.elapsed() >= SETTLE)
+                .map(|(u, (_, why))| (u.clone(), why.clone()))
+                .collect();
+            for (u, _) in &due {
+                r.remove(u);
+            }
+            due
+        };
+        for (user, why) in due {
+            auto_resync(&ctx, &user, &why);
+        }
+        if last_scan.elapsed() >= ctx.cfg.scan_every {
+            last_scan = Instant::now();
+            scan(&ctx, &mut suspects);
+        }
+    }
+}
+
+fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
+    log::info!("user {user}: resync ({why})");
+    match run(ctx, user, true, &mut |p: &str| log::info!("{p}")) {
+        Ok(r) if r.identical => {
+            if r.changes > 0 {
+                log::info!(
+                    "user {user}: resync done: {} differences repaired with {} changes in {:.1}s",
+                    r.differences.len(),
+                    r.changes,
+                    r.seconds
+                );
+            }
+            clear_mark(ctx, user);
+        }
+        Ok(r) => {
+            log::warn!(
+                "user {user}: resync left differences (retrying later): {}",
+                r.errors.join("; ")
+            );
+            request(user, "the last resync left differences");
+        }
+        Err(e) => {
+            log::warn!("user {user}: resync failed (retrying later): {e}");
+            request(user, "the last resync failed");
+        }
+    }
+}
+
+/// Marked users, and mailboxes whose HIGHESTMODSEQ moved without journal records.
+fn scan(ctx: &Ctx, suspects: &mut Suspects) {
+    let users = match registry::registered(&ctx.cfg.state_dir) {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    for user in users {
+        if ctx.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let u = user.clone();
+        let found = main_call(ctx, move |svc| {
+            with_user(svc, &u, |usr| {
+                let mut why = None;
+                let dir = journal_dir(usr);
+                if let Some(mark) = dir.as_deref().and_then(journal::read_resync) {
+                    why = Some(format!(
+                        "marked: {}",
+                        mark.reasons.last().cloned().unwrap_or_default()
+                    ));
+                }
+                let mem = memstore::get(&u);
+                let mut mem = mem.lock().unwrap();
+                if let Some(dir) = &dir {
+                    let _ = memstore::catch_up_locked(&mut mem, dir);
+                }
+                let mut gaps = Vec::new();
+                if let Ok(boxes) = usr.mailboxes() {
+                    for b in boxes.iter().filter(|b| b.exists && !b.guid.is_zero()) {
+                        match mem.modseq.get(&b.guid) {
+                            Some(m) if b.highest_modseq > *m => {
+                                gaps.push((b.guid, b.highest_modseq))
+                            }
+                            Some(_) => {}
+                            // Never seen: note it now; its content is covered by the
+                            // resync that brought it or by its journal records.
+                            None => mem.note_modseq(&b.guid, b.highest_modseq),
+                        }
+                    }
+                }
+                let _ = mem.flush();
+                Ok((why, gaps))
+            })
+            .map_err(|e| e.to_string())?
+        });
+        let Ok((why, gaps)) = found else { continue };
+        let mut reason = why;
+        for (g, modseq) in gaps {
+            let key = (user.clone(), g);
+            match suspects.get(&key) {
+                Some(prev) if *prev <= modseq => {
+                    reason.get_or_insert(format!(
+                        "gap: mailbox {g} changed (HIGHESTMODSEQ {modseq}) without journal records"
+                    ));
+                    suspects.remove(&key);
+                }
+                _ => {
+                    suspects.insert(key, modseq);
+                }
+            }
+        }
+        if let Some(why) = reason {
+            auto_resync(ctx, &user, &why);
+            // What the resync found is accounted for now.
+            let u = user.clone();
+            let _ = main_call(ctx, move |svc| {
+                with_user(svc, &u, |usr| {
+                    let mem = memstore::get(&u);
+                    let mut mem = mem.lock().unwrap();
+                    if let Ok(boxes) = usr.mailboxes() {
+                        for b in boxes.iter().filter(|b| b.exists && !b.guid.is_zero()) {
+                            mem.note_modseq(&b.guid, b.highest_modseq);
+                        }
+                    }
+                    let _ = mem.flush();
+                })
+                .map_err(|e| e.to_string())
+            });
+        }
+    }
+}
