@@ -504,15 +504,32 @@ fn mails(
     let db = sb.boxes.get(&x.guid).unwrap_or(&empty);
     let g = &x.guid;
     let name = &x.name;
-    let ma: BTreeMap<u32, &MailState> = da.mails.iter().map(|m| (m.uid, m)).collect();
-    let mb: BTreeMap<u32, &MailState> = db.mails.iter().map(|m| (m.uid, m)).collect();
+    // The same mail at different UIDs on the two sides (saved under another UID than its
+    // origin's, when a concurrent delivery had taken it): one mail, which gets one new UID on
+    // both sides. Only GUIDs that are unique in the mailbox on each side are paired so.
+    let (ua, ub) = (unique_guids(da), unique_guids(db));
+    let mut ma: BTreeMap<u32, &MailState> = da.mails.iter().map(|m| (m.uid, m)).collect();
+    let mut mb: BTreeMap<u32, &MailState> = db.mails.iter().map(|m| (m.uid, m)).collect();
     let uids: BTreeSet<u32> = ma.keys().chain(mb.keys()).copied().collect();
     let mut next = x
         .uidnext
         .max(y.uidnext)
         .max(uids.last().map_or(1, |u| u + 1));
-    // Mails that need a new UID on both sides: (side 'a' has it?, mail).
-    let mut moved: Vec<(bool, &MailState)> = Vec::new();
+    let mut moved: Vec<Move<'_>> = Vec::new();
+    for (guid, a_uid) in &ua {
+        let Some(b_uid) = ub.get(guid) else { continue };
+        if a_uid == b_uid {
+            continue;
+        }
+        let (p, q) = (ma.remove(a_uid).unwrap(), mb.remove(b_uid).unwrap());
+        diffs.push(format!(
+            "mailbox {name:?}: GUID {guid} is UID {a_uid} on {}, UID {b_uid} on {}",
+            sa.sum.server_id, sb.sum.server_id
+        ));
+        flags(sa, sb, g, name, p, q, da, db, diffs);
+        moved.push(Move::Both(p, q));
+    }
+    let uids: BTreeSet<u32> = ma.keys().chain(mb.keys()).copied().collect();
     for uid in uids {
         match (ma.get(&uid), mb.get(&uid)) {
             (Some(p), Some(q)) if p.guid == q.guid => {
@@ -529,12 +546,12 @@ fn mails(
                 if a_gone {
                     sa.acts.push(expunge(g, p));
                 } else {
-                    moved.push((true, p));
+                    moved.push(Move::One(true, p));
                 }
                 if b_gone {
                     sb.acts.push(expunge(g, q));
                 } else {
-                    moved.push((false, q));
+                    moved.push(Move::One(false, q));
                 }
             }
             (Some(p), None) => only(
@@ -563,8 +580,23 @@ fn mails(
         }
     }
     // New UIDs above both UIDNEXTs, the same on both sides: by old UID, then GUID.
-    moved.sort_by(|(_, p), (_, q)| (p.uid, &p.guid).cmp(&(q.uid, &q.guid)));
-    for (on_a, m) in moved {
+    moved.sort_by(|p, q| p.key().cmp(&q.key()));
+    for mv in moved {
+        let (on_a, m) = match mv {
+            Move::One(on_a, m) => (on_a, m),
+            Move::Both(p, q) => {
+                for (acts, m) in [(&mut sa.acts, p), (&mut sb.acts, q)] {
+                    acts.push(Action::Renumber {
+                        mbox: g.clone(),
+                        uid: m.uid,
+                        guid: m.guid.clone(),
+                        to: next,
+                    });
+                }
+                next += 1;
+                continue;
+            }
+        };
         let (owner, other) = if on_a {
             (&mut sa.acts, &mut sb.acts)
         } else {
@@ -594,6 +626,37 @@ fn mails(
     }
 }
 
+/// The GUIDs that occur once in the mailbox (and are not empty), with their UIDs.
+fn unique_guids(d: &Details) -> BTreeMap<&str, u32> {
+    let mut count: BTreeMap<&str, (usize, u32)> = BTreeMap::new();
+    for m in &d.mails {
+        let e = count.entry(m.guid.as_str()).or_insert((0, m.uid));
+        e.0 += 1;
+    }
+    count
+        .into_iter()
+        .filter(|(g, (n, _))| *n == 1 && !g.is_empty())
+        .map(|(g, (_, uid))| (g, uid))
+        .collect()
+}
+
+/// A mail that needs a new UID on both sides.
+enum Move<'m> {
+    /// Only one side has it (true: side a): renumbered there, saved on the other.
+    One(bool, &'m MailState),
+    /// Both have it, at different UIDs: renumbered on both.
+    Both(&'m MailState, &'m MailState),
+}
+
+impl Move<'_> {
+    fn key(&self) -> (u32, &str) {
+        match self {
+            Move::One(_, m) => (m.uid, &m.guid),
+            Move::Both(p, q) => (p.uid.min(q.uid), &p.guid),
+        }
+    }
+}
+
 fn expunge(g: &str, m: &MailState) -> Action {
     Action::Expunge {
         mbox: g.to_string(),
@@ -612,7 +675,7 @@ fn only<'m>(
     m: &'m MailState,
     (lack_details, lack_uidnext, src_mbox): (&Details, u32, &str),
     have_is_a: bool,
-    moved: &mut Vec<(bool, &'m MailState)>,
+    moved: &mut Vec<Move<'m>>,
     diffs: &mut Vec<String>,
 ) {
     diffs.push(format!(
@@ -633,7 +696,7 @@ fn only<'m>(
         });
     } else {
         // Below the other side's UIDNEXT, where nothing can be saved any more: a new UID.
-        moved.push((have_is_a, m));
+        moved.push(Move::One(have_is_a, m));
     }
 }
 
@@ -665,17 +728,17 @@ fn flags(
     ));
     let fa: BTreeSet<&String> = p.flags.iter().collect();
     let fb: BTreeSet<&String> = q.flags.iter().collect();
-    let mark = |d: &Details, f: &str| {
+    let mark = |d: &Details, uid: u32, f: &str| {
         d.flag_marks
             .iter()
-            .filter(|(u, n, _)| *u == p.uid && n == f)
+            .filter(|(u, n, _)| *u == uid && n == f)
             .map(|(_, _, m)| m.clone())
             .max()
     };
     let (mut add_a, mut rm_a, mut add_b, mut rm_b) = (vec![], vec![], vec![], vec![]);
     for f in fa.symmetric_difference(&fb) {
         let on_a = fa.contains(f);
-        let (m1, m2) = (mark(da, f), mark(db, f));
+        let (m1, m2) = (mark(da, p.uid, f), mark(db, q.uid, f));
         let a_wins = match (&m1, &m2) {
             (Some(x), Some(y)) => x > y,
             (Some(_), None) => true,
@@ -689,12 +752,15 @@ fn flags(
             (false, false) => add_a.push((*f).clone()),
         }
     }
-    for (acts, add, remove) in [(&mut sa.acts, add_a, rm_a), (&mut sb.acts, add_b, rm_b)] {
+    for (acts, m, add, remove) in [
+        (&mut sa.acts, p, add_a, rm_a),
+        (&mut sb.acts, q, add_b, rm_b),
+    ] {
         if !add.is_empty() || !remove.is_empty() {
             acts.push(Action::Flags {
                 mbox: g.to_string(),
-                uid: p.uid,
-                guid: p.guid.clone(),
+                uid: m.uid,
+                guid: m.guid.clone(),
                 add,
                 remove,
             });
@@ -946,6 +1012,38 @@ mod tests {
             ],
         );
         assert!(run(&a2, &b2).is_empty());
+    }
+
+    #[test]
+    fn the_same_mail_at_different_uids_is_one_mail_under_one_new_uid() {
+        let mut a = side(
+            "a",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![
+                    mail(1, "m1", &[]),
+                    mail(2, "x", &["\\Seen"]),
+                    mail(3, "y", &[]),
+                ],
+            )],
+        );
+        let mut b = side(
+            "b",
+            &[(
+                "01",
+                "INBOX",
+                5,
+                vec![mail(1, "m1", &[]), mail(2, "y", &[]), mail(3, "x", &[])],
+            )],
+        );
+        converge(&mut a, &mut b);
+        let mails = &a.det["01"].mails;
+        assert_eq!(mails.len(), 3, "{mails:?}");
+        assert_eq!(mails[1].guid, "x");
+        assert_eq!(mails[1].uid, 4);
+        assert_eq!(mails[1].flags, vec!["\\Seen"]);
     }
 
     #[test]

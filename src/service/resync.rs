@@ -450,7 +450,7 @@ fn apply_action(
             uidvalidity,
         } => {
             let g = parse_box(mbox)?;
-            let r = u.mailbox_create(name, &g, *uidvalidity).map_err(e)?;
+            let r = with_name(u, &g, name, |n| u.mailbox_create(n, &g, *uidvalidity))?;
             if let Some(t) = mem.deleted.get(&g).cloned() {
                 // Back for mail the deleting side never saw.
                 mem.note_survived(&g, t.mark);
@@ -458,7 +458,10 @@ fn apply_action(
             touched.insert(g);
             r
         }
-        Action::Rename { mbox, name } => u.mailbox_rename(&parse_box(mbox)?, name).map_err(e)?,
+        Action::Rename { mbox, name } => {
+            let g = parse_box(mbox)?;
+            with_name(u, &g, name, |n| u.mailbox_rename(&g, n))?
+        }
         Action::Delete { mbox } => match u.mailbox_delete(&parse_box(mbox)?) {
             Err(ApplyError::NoMailbox(_)) => Applied::AlreadyApplied,
             r => r.map_err(e)?,
@@ -537,6 +540,35 @@ fn apply_action(
             u.mailbox_min_uidnext(&g, *uidnext).map_err(e)?
         }
     })
+}
+
+/// The name a mailbox takes when another mailbox wins the name it should have: the same on
+/// both servers, so that they agree without talking.
+pub fn yielded_name(name: &str, guid: &Guid128) -> String {
+    format!("{name}-{}", &guid.to_hex()[..8])
+}
+
+/// Creates or renames the mailbox `g` to `name` with `op`. If another mailbox holds the name,
+/// the higher GUID gets it (as for the same name created on both sides) and the other one
+/// yields to [`yielded_name`]: both servers decide the same, whichever order they met in.
+fn with_name(
+    u: &User,
+    g: &Guid128,
+    name: &str,
+    op: impl Fn(&str) -> Result<Applied, ApplyError>,
+) -> Result<Applied, String> {
+    match op(name) {
+        Err(ApplyError::NameTaken { existing, .. }) if existing != *g => {
+            if *g > existing {
+                u.mailbox_rename(&existing, &yielded_name(name, &existing))
+                    .map_err(|e| e.to_string())?;
+                op(name).map_err(|e| e.to_string())
+            } else {
+                op(&yielded_name(name, g)).map_err(|e| e.to_string())
+            }
+        }
+        r => r.map_err(|e| e.to_string()),
+    }
 }
 
 // ---- the side that runs the resync ----------------------------------------------------------

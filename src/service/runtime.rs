@@ -1529,7 +1529,8 @@ impl Inbound<'_> {
                 }
             }
             for c in &outcome.conflicts {
-                log::error!("user {name}: {c}");
+                // Expected in master-master operation: the resync settles it.
+                log::warn!("user {name}: conflict, left to a resync of the user: {c}");
             }
             let u = self.users.get_mut(name).unwrap();
             if let Some(lsn) = last {
