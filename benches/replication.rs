@@ -6,7 +6,10 @@
 //! - bytes on the wire per flag change (1000 changes in a burst, and one at a time), counted by
 //!   a forwarder on the link between the servers, for Tandem and for `doveadm sync` over TCP;
 //! - the time to replicate 2000 new mails of 22 KB each: for Tandem the backlog sent once the
-//!   link comes back, for dsync the first `doveadm sync` of the same mails.
+//!   link comes back, for dsync the first `doveadm sync` of the same mails;
+//! - seeding an empty replica from a store of 2000 mails in 20 mailboxes that Tandem never
+//!   journaled (`tandem resync`) against the first `doveadm sync` of the same store, and
+//!   comparing identical stores (`tandem verify`) against a `doveadm sync` with nothing to do.
 //!
 //! A measurement, not a test: nothing asserts on time. Writes the table to stdout; `make bench`
 //! also keeps it in target/bench-replication.txt for docs/benchmarks.md.
@@ -297,6 +300,53 @@ fn main() {
     l.quit();
     let dsync_bulk = dsync(&c, &d, None, "bob");
 
+    eprintln!("replication bench: seeding...");
+    // carol: 2000 mails in 20 mailboxes on c, never journaled (c has no plugin).
+    let seed_boxes = 20;
+    let per_box = bulk / seed_boxes;
+    let mut ci = c.login("carol");
+    for b in 0..seed_boxes {
+        let name = format!("Box{b:02}");
+        ci.create(&name);
+        for chunk in (0..per_box).step_by(50) {
+            let msgs: Vec<Vec<u8>> = (chunk..(chunk + 50).min(per_box))
+                .map(|i| message(&format!("seed {b} {i}"), 22_000))
+                .collect();
+            let items: Vec<(&[&str], &[u8])> = msgs
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    (
+                        if i % 3 == 0 { &["\\Seen"][..] } else { &[][..] },
+                        m.as_slice(),
+                    )
+                })
+                .collect();
+            ci.multiappend(&name, &items);
+        }
+    }
+    ci.logout();
+    let dsync_seed = dsync(&c, &d, None, "carol");
+    let dsync_noop = dsync(&c, &d, None, "carol");
+    // The same store imported into A of a fresh pair, bypassing the plugin: B is empty.
+    let pair = Pair::start("bench-seed");
+    let loc = format!("sdbox:{}", c.home("carol").join("mail").display());
+    pair.a
+        .doveadm_unjournaled(&["import", "-u", "carol", &loc, "", "all"]);
+    let until_connected = until(Duration::from_secs(30), || {
+        pair.b
+            .tandem_status()
+            .is_some_and(|st| st["connected"] == true)
+    });
+    assert!(until_connected, "the seeding pair did not connect");
+    let seed_run = pair.b.tandem_resync("carol");
+    let seed_ok = seed_run.code == 0;
+    let verify_run = pair.b.tandem_verify("carol");
+    let again = pair.b.tandem_resync("carol");
+    drop(pair);
+    drop(c);
+    drop(d);
+
     rows.push((
         "lag, flag change in an open IMAP session".into(),
         flag_lag,
@@ -324,6 +374,35 @@ fn main() {
             "{:.2} s (first doveadm sync); Tandem is {:.1}x faster",
             dsync_bulk.as_secs_f64(),
             dsync_bulk.as_secs_f64() / tandem_bulk.as_secs_f64()
+        ),
+    ));
+    rows.push((
+        format!("seed an empty replica: {bulk} mails of 22 KB in {seed_boxes} mailboxes"),
+        format!(
+            "{:.2} s (tandem resync{}); a second resync: {:.2} s, {} changes",
+            seed_run.took.as_secs_f64(),
+            if seed_ok { "" } else { ", FAILED" },
+            again.took.as_secs_f64(),
+            again
+                .resync_changes("carol")
+                .map_or("?".to_string(), |n| n.to_string())
+        ),
+        format!(
+            "{:.2} s (first doveadm sync); Tandem takes {:.2}x dsync's time",
+            dsync_seed.as_secs_f64(),
+            seed_run.took.as_secs_f64() / dsync_seed.as_secs_f64()
+        ),
+    ));
+    rows.push((
+        format!("compare identical stores of {bulk} mails"),
+        format!(
+            "{:.3} s (tandem verify, exit {})",
+            verify_run.took.as_secs_f64(),
+            verify_run.code
+        ),
+        format!(
+            "{:.3} s (doveadm sync with nothing to do)",
+            dsync_noop.as_secs_f64()
         ),
     ));
     println!("\n| measure | Tandem | doveadm sync |\n|---|---|---|");

@@ -635,6 +635,17 @@ client save b a "Nightly backup OK"
 say "Final check: everything alice has, on a and on b"
 python3 -u -c "$COMPARE_PY"
 
+say "Comparing both servers through the services: tandem verify"
+show "$TANDEM" verify -u alice -c "${CONF[a]}"
+
+say "A change behind Tandem's back on b: \\Seen set by doveadm without the plugin (not journaled)"
+show doveadm -c "${CONF[b]}" -o mail_plugins= flags add -u alice '\Seen' mailbox Archive all
+echo "tandem verify now finds the difference (exit 1):"
+show "$TANDEM" verify -u alice -c "${CONF[a]}" || true
+echo "tandem resync repairs it (the service would also find this gap by itself within a minute):"
+show "$TANDEM" resync -u alice -c "${CONF[a]}"
+python3 -u -c "$COMPARE_PY"
+
 say "Replication status on each server"
 echo "('last error' stays until the next error: a 'Connection refused' there is from a service"
 echo "that started before its peer.)"

@@ -42,6 +42,11 @@ const CHUNK_BYTES: usize = 8 << 20;
 const CHUNK_MAILS: usize = 500;
 /// How long a peer's answer may take (a chunk of saves on a slow disk).
 const RPC_TIMEOUT: Duration = Duration::from_secs(300);
+/// Users looked at per scan for resync marks and gaps.
+const SCAN_USERS: usize = 50;
+/// Saves per round trip when this side saves the peer's mail: the peer hears from us often
+/// (it drops a connection silent for 30 s) and the bodies in memory stay bounded.
+const LOCAL_CHUNK_MAILS: usize = 64;
 /// A requested resync waits this long for the streams to settle first.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -686,35 +691,41 @@ pub(super) fn run(
 ) -> Result<Report, String> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
-    // One resync of a user at a time, across both servers.
-    let _lock = loop {
-        if let Some(l) = try_lock(user) {
-            break l;
-        }
+    // One resync of a user at a time, across both servers: the user is locked here, then on
+    // the peer. Both sides may start one at the same moment: the one that finds the peer
+    // busy lets go of its own lock and tries again after a random pause, so one goes first.
+    let mut attempt = 0u32;
+    let (_lock, mut peer) = loop {
+        attempt += 1;
         if Instant::now() > deadline || ctx.stop.load(Ordering::Relaxed) {
-            return Err(format!("user {user}: another resync is running"));
+            return Err(format!(
+                "user {user}: another resync of the user is running"
+            ));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (rd, wr, _peer_id) = dial(ctx).map_err(|e| format!("cannot reach the peer: {e}"))?;
-    let mut peer = Peer { rd, wr };
-    let res = (|| {
-        loop {
-            match peer.call(
-                &Req::Lock {
-                    user: user.to_string(),
-                },
-                vec![],
-            )? {
-                (Reply::Ok, _) => break,
-                _ if Instant::now() > deadline => {
-                    return Err(format!("user {user}: the peer is resyncing it"))
-                }
-                _ => std::thread::sleep(Duration::from_millis(
-                    100 + (started.elapsed().as_millis() as u64 % 200),
-                )),
+        let Some(lock) = try_lock(user) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let (rd, wr, _peer_id) = dial(ctx).map_err(|e| format!("cannot reach the peer: {e}"))?;
+        let mut peer = Peer { rd, wr };
+        match peer.call(
+            &Req::Lock {
+                user: user.to_string(),
+            },
+            vec![],
+        ) {
+            Ok((Reply::Ok, _)) => break (lock, peer),
+            Ok(_) => {}
+            Err(e) => {
+                close(ctx, &peer.wr.stream);
+                return Err(e);
             }
         }
+        close(ctx, &peer.wr.stream);
+        drop(lock);
+        std::thread::sleep(Duration::from_millis(jitter(attempt)));
+    };
+    let res = (|| -> Result<Report, String> {
         let (la, da, rb, db) = gather(ctx, &mut peer, user)?;
         let plan = merge::plan(&la, &da, &rb, &db);
         let mut report = Report {
@@ -727,7 +738,7 @@ pub(super) fn run(
             return Ok(report);
         }
         progress(&format!(
-            "user {user}: {} differences; {} changes to make here, {} on the peer",
+            "user {user}: {} differences; {} actions planned here, {} on the peer",
             plan.differences.len(),
             plan.local.len(),
             plan.remote.len()
@@ -759,31 +770,23 @@ pub(super) fn run(
     Ok(report)
 }
 
-/// Where a renumber in `actions` moved the mail at (`mbox`, `uid`).
-fn moved_to(actions: &[Action], mbox: &str, uid: u32) -> u32 {
-    actions
-        .iter()
-        .find_map(|a| match a {
-            Action::Renumber {
-                mbox: m,
-                uid: u,
-                to,
-                ..
-            } if m == mbox && *u == uid => Some(*to),
-            _ => None,
-        })
-        .unwrap_or(uid)
+/// A pause of 50–800 ms, different on the two servers, growing with the attempts.
+fn jitter(attempt: u32) -> u64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let r = u16::from_le_bytes(b) as u64;
+    50 + (r % 250) * attempt.min(3) as u64
 }
 
 /// A chunk of one side's actions, with the bodies its saves need.
-fn chunks(actions: &[Action]) -> Vec<&[Action]> {
+fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut saves = 0;
     for (i, a) in actions.iter().enumerate() {
         if matches!(a, Action::Save { .. }) {
             saves += 1;
-            if saves > CHUNK_MAILS {
+            if saves > max_saves {
                 out.push(&actions[start..i]);
                 start = i;
                 saves = 1;
@@ -811,7 +814,8 @@ fn execute(
         .filter(|a| matches!(a, Action::Save { .. }))
         .count();
     let mut done = 0;
-    for chunk in chunks(&plan.local) {
+    let mut reported = 0;
+    for chunk in chunks(&plan.local, LOCAL_CHUNK_MAILS) {
         let mut bodies = Vec::new();
         let mut by_box: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         for a in chunk {
@@ -868,7 +872,8 @@ fn execute(
         report.changes += changes;
         report.errors.extend(errors);
         done += n;
-        if total_local > 0 {
+        if total_local > 0 && (done - reported >= CHUNK_MAILS || done == total_local) {
+            reported = done;
             progress(&format!("user {user}: saved here {done}/{total_local}"));
         }
     }
@@ -882,9 +887,17 @@ fn execute(
             _ => None,
         })
         .collect();
+    let moved: HashMap<(&str, u32), u32> = plan
+        .local
+        .iter()
+        .filter_map(|a| match a {
+            Action::Renumber { mbox, uid, to, .. } => Some(((mbox.as_str(), *uid), *to)),
+            _ => None,
+        })
+        .collect();
     let here = |src_mbox: &str, src_uid: u32| -> (String, u32) {
         let b = adopted.get(src_mbox).copied().unwrap_or(src_mbox);
-        let uid = moved_to(&plan.local, b, src_uid);
+        let uid = moved.get(&(b, src_uid)).copied().unwrap_or(src_uid);
         (b.to_string(), uid)
     };
 
@@ -894,7 +907,7 @@ fn execute(
         .filter(|a| matches!(a, Action::Save { .. }))
         .count();
     let mut done = 0;
-    for chunk in chunks(&plan.remote) {
+    for chunk in chunks(&plan.remote, CHUNK_MAILS) {
         let mut wanted: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for a in chunk {
             if let Action::Save {
@@ -1086,6 +1099,7 @@ type Suspects = HashMap<(String, Guid128), u64>;
 pub(super) fn auto(ctx: Ctx) {
     let mut last_scan = Instant::now();
     let mut suspects: Suspects = HashMap::new();
+    let mut scan_next = 0;
     while !ctx.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         let due: Vec<(String, String)> = {
@@ -1105,7 +1119,7 @@ pub(super) fn auto(ctx: Ctx) {
         }
         if last_scan.elapsed() >= ctx.cfg.scan_every {
             last_scan = Instant::now();
-            scan(&ctx, &mut suspects);
+            scan(&ctx, &mut suspects, &mut scan_next);
         }
     }
 }
@@ -1139,12 +1153,20 @@ fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
 }
 
 /// Marked users, and mailboxes whose HIGHESTMODSEQ moved without journal records.
-fn scan(ctx: &Ctx, suspects: &mut Suspects) {
-    let users = match registry::registered(&ctx.cfg.state_dir) {
+fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
+    let mut users = match registry::registered(&ctx.cfg.state_dir) {
         Ok(u) => u,
         Err(_) => return,
     };
-    for user in users {
+    users.sort();
+    // A slice of the users per scan, round robin: each look opens the user on the main thread,
+    // which must stay free for applying changes.
+    if *next >= users.len() {
+        *next = 0;
+    }
+    let slice: Vec<String> = users.into_iter().skip(*next).take(SCAN_USERS).collect();
+    *next += slice.len();
+    for user in slice {
         if ctx.stop.load(Ordering::Relaxed) {
             return;
         }

@@ -751,13 +751,38 @@ impl Outbound {
         let dir = u.dir.clone().unwrap();
         let reader = match Reader::open(&dir) {
             Ok(r) => r,
-            Err(JournalError::Missing(_)) => return Ok((OutReadState::default(), Vec::new())),
+            Err(JournalError::Missing(_)) => {
+                if u.journal_id != [0; 16] {
+                    // The journal we were sending is gone, with whatever the peer had not
+                    // acknowledged: only a comparison of both sides can tell what that was.
+                    log::warn!(
+                        "user {name}: journal {} in {} is gone; resyncing the user",
+                        hex(&u.journal_id),
+                        dir.display()
+                    );
+                    resync::request(name, "the journal was lost");
+                    u.journal_id = [0; 16];
+                    u.acked = 0;
+                    u.cursor = Cursor::from_lsn(1);
+                    u.unacked.clear();
+                    u.inflight = 0;
+                }
+                return Ok((OutReadState::default(), Vec::new()));
+            }
             Err(e) => return Err(ConnError::Protocol(format!("user {name}: {e}"))),
         };
         let jid = reader
             .journal_id()
             .map_err(|e| ConnError::Protocol(format!("user {name}: {e}")))?;
         if jid != u.journal_id {
+            if u.journal_id != [0; 16] {
+                log::warn!(
+                    "user {name}: journal {} was replaced by {}; resyncing the user",
+                    hex(&u.journal_id),
+                    hex(&jid)
+                );
+                resync::request(name, "the journal was replaced");
+            }
             // A new journal (first contact, or the old one was lost): from its start.
             log::info!(
                 "user {name}: journal {} begins; sending it from LSN 1",
@@ -1297,6 +1322,13 @@ impl Inbound<'_> {
 
     fn in_user(&mut self, user: &str, journal_id: [u8; 16]) -> Result<&mut InUser, ConnError> {
         let known = self.users.get(user).map(|u| u.journal_id);
+        if known.is_none() {
+            // Known here from now on, even if it never journals anything on this server: the
+            // scans for resync marks and gaps go through the registry.
+            if let Err(e) = registry::register(&self.ctx.cfg.state_dir, user) {
+                log::warn!("user {user}: cannot register in the state directory: {e}");
+            }
+        }
         if known != Some(journal_id) {
             let pos = self.applied.get(user)?.unwrap_or_default();
             let applied = if pos.journal_id == journal_id {

@@ -945,9 +945,19 @@ impl Pair {
     }
 
     pub fn start(name: &str) -> Pair {
+        Pair::start_with(name, &[])
+    }
+
+    /// Like [`Pair::start`], with extra `plugin {}` settings on both servers.
+    pub fn start_with(name: &str, settings: &[(&str, &str)]) -> Pair {
         let (pa, pb) = (free_port(), free_port());
         let (a_to_b, b_to_a) = (Link::new(pb), Link::new(pa));
-        let (oa, ob, secret_dir) = Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
+        let (mut oa, mut ob, secret_dir) =
+            Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
+        for (k, v) in settings {
+            oa = oa.setting(k, v);
+            ob = ob.setting(k, v);
+        }
         Pair {
             a: Dovecot::start(oa),
             b: Dovecot::start(ob),
