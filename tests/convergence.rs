@@ -479,7 +479,7 @@ fn random_traffic_partitions_and_crashes_converge() {
         {
             let l = lock(&ledger);
             eprintln!(
-                "round {round}: {:.1?} of traffic ({}); chaos {events:?}; ledger so far: {} \
+                "round {round}: {:.1?} of traffic (operations so far: {}); chaos {events:?}; ledger so far: {} \
                  stored, {} must exist, {} touched, tainted {:?}; {} worker panics caught \
                  so far (servers crashed under them)",
                 started.elapsed(),
