@@ -76,10 +76,13 @@ deps:
 
 # The summary line at the end adds up every test binary's result, so that one line tells the
 # whole run's outcome.
+# The second run: the service's unit tests, which link libdovecot.
 test: deps test-hooks-plugin all
 	@set -o pipefail; \
-	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
-		$(CARGO) test --release 2>&1 | tee target/test-output.txt; status=$$?; \
+	{ TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
+		$(CARGO) test --release 2>&1 && \
+	  $(CARGO) test --release --features service --lib service:: 2>&1; } \
+		| tee target/test-output.txt; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' \
 		target/test-output.txt; \
 	exit $$status

@@ -499,6 +499,35 @@ static int tandem_svc_box_try(struct mailbox_list *list, const char *vname,
 	return 1;
 }
 
+/* Every mailbox of the user's private namespaces, opened one by one until
+   one has the GUID: 1 (found, opened), 0 (none), or an error code. */
+static int tandem_svc_box_by_guid_scan(struct tandem_svc_user *user,
+				       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				       struct mailbox **box_r,
+				       const char **error_r)
+{
+	static const char *const patterns[] = { "*", NULL };
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	int ret = 0;
+
+	iter = mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES |
+		MAILBOX_LIST_ITER_NO_AUTO_BOXES);
+	while (ret == 0 && (info = mailbox_list_iter_next(iter)) != NULL) {
+		if ((info->flags & (MAILBOX_NOSELECT |
+				    MAILBOX_NONEXISTENT)) != 0)
+			continue;
+		ret = tandem_svc_box_try(info->ns->list, t_strdup(info->vname),
+					 guid, box_r, error_r);
+	}
+	/* A listing error only means the GUID was not found here. */
+	(void)mailbox_list_iter_deinit(&iter);
+	return ret;
+}
+
 /* The mailbox with this GUID in the user's private namespaces, opened.
    Returns 1 (found), 0 (none), or an error code.
 
@@ -540,6 +569,13 @@ static int tandem_svc_box_by_guid(struct tandem_svc_user *user,
 		if (ret != 0)
 			return ret;
 	}
+	/* The GUID cache is built from the mailbox list index, which can
+	   lag behind a mailbox whose GUID was just given to it (a create
+	   with a chosen GUID, a GUID adopted in a merge): ask every mailbox
+	   before saying there is none. Only reached on a miss. */
+	ret = tandem_svc_box_by_guid_scan(user, guid, box_r, error_r);
+	if (ret != 0)
+		return ret;
 	*error_r = tandem_svc_printf("No mailbox with GUID %s",
 				     guid_128_to_string(guid));
 	return 0;

@@ -133,16 +133,6 @@ fn parse_guid(s: &str) -> Option<Guid128> {
     Guid128::from_hex(s)
 }
 
-fn flag_names(set: &FlagSet) -> Vec<String> {
-    let mut out: Vec<String> = sysflag::NAMES
-        .iter()
-        .filter(|(bit, _)| set.system & bit != 0)
-        .map(|(_, n)| n.to_string())
-        .collect();
-    out.extend(set.keywords.iter().cloned());
-    out
-}
-
 fn hex16(b: &[u8; 16]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -252,7 +242,7 @@ impl Memory {
                 removed,
                 ..
             } => {
-                for (set, names) in [(true, flag_names(added)), (false, flag_names(removed))] {
+                for (set, names) in [(true, added.names()), (false, removed.names())] {
                     for flag in names {
                         let newer = self.flag(&mbox, *uid, &flag).is_none_or(|(_, m)| *m < mark);
                         if newer {

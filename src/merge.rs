@@ -160,14 +160,9 @@ impl Plan {
     }
 }
 
-/// Flag names of a set.
+/// Flag names of a set, sorted (the order digests and comparisons use).
 pub fn flag_names(set: &FlagSet) -> Vec<String> {
-    let mut out: Vec<String> = sysflag::NAMES
-        .iter()
-        .filter(|(bit, _)| set.system & bit != 0)
-        .map(|(_, n)| n.to_string())
-        .collect();
-    out.extend(set.keywords.iter().cloned());
+    let mut out = set.names();
     out.sort();
     out
 }
@@ -945,6 +940,71 @@ mod tests {
             assert_eq!(d.mails, b.det[g].mails, "mailbox {g}");
         }
         p
+    }
+
+    use proptest::prelude::*;
+
+    /// One side's mailbox "01": UIDs 1..=24, GUIDs from a small pool (so both sides share
+    /// some, and a GUID may repeat), a few flags, and some pool GUIDs remembered as expunged.
+    fn arb_side() -> impl Strategy<Value = (Vec<MailState>, BTreeSet<String>)> {
+        let mail = (
+            1u32..=24,
+            0usize..12,
+            prop::collection::vec(0usize..4, 0..3),
+        );
+        (
+            prop::collection::vec(mail, 0..16),
+            prop::collection::btree_set(0usize..12, 0..3),
+        )
+            .prop_map(|(mails, gone)| {
+                let names = ["\\Seen", "\\Flagged", "$Work", "$Todo"];
+                let mut by_uid = BTreeMap::new();
+                for (uid, g, fl) in mails {
+                    let mut flags: Vec<String> = fl.iter().map(|i| names[*i].to_string()).collect();
+                    flags.sort();
+                    flags.dedup();
+                    by_uid.insert(
+                        uid,
+                        MailState {
+                            uid,
+                            guid: format!("g{g}"),
+                            flags,
+                        },
+                    );
+                }
+                let gone = gone.into_iter().map(|g| format!("g{g}")).collect();
+                (by_uid.into_values().collect(), gone)
+            })
+    }
+
+    proptest! {
+        /// Whatever the two sides hold, one plan makes them identical, and every mail that
+        /// neither side remembers as expunged is still there.
+        #[test]
+        fn any_two_states_converge_and_keep_unexpunged_mail(
+            (ma, ga) in arb_side(),
+            (mb, gb) in arb_side(),
+        ) {
+            let mut a = side("a", &[("01", "INBOX", 5, ma.clone())]);
+            let mut b = side("b", &[("01", "INBOX", 5, mb.clone())]);
+            a.det.get_mut("01").unwrap().expunged = ga.clone();
+            b.det.get_mut("01").unwrap().expunged = gb.clone();
+            converge(&mut a, &mut b);
+            let after: BTreeSet<&str> = a.det["01"].mails.iter().map(|m| m.guid.as_str()).collect();
+            for m in ma.iter().chain(mb.iter()) {
+                if !ga.contains(&m.guid) && !gb.contains(&m.guid) {
+                    prop_assert!(after.contains(m.guid.as_str()), "{} lost", m.guid);
+                }
+            }
+            // No more copies of a GUID than the side with the most had, plus collisions kept.
+            let count = |v: &[MailState], g: &str| v.iter().filter(|m| m.guid == g).count();
+            for g in &after {
+                let n = count(&a.det["01"].mails, g);
+                prop_assert!(n <= count(&ma, g) + count(&mb, g), "{g} multiplied: {n}");
+            }
+            let uids: BTreeSet<u32> = a.det["01"].mails.iter().map(|m| m.uid).collect();
+            prop_assert_eq!(uids.len(), a.det["01"].mails.len(), "one mail per UID");
+        }
     }
 
     #[test]

@@ -428,6 +428,13 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
         None => println!("last error: none"),
     }
     println!(
+        "resyncs: {} done, {} of them repaired differences",
+        s.resyncs_done, s.resyncs_repaired
+    );
+    for (user, (what, since)) in &s.resyncs {
+        println!("resync of {user}: {what} since {}", ago(Some(*since)));
+    }
+    println!(
         "{:<32} {:>10} {:>12} {:>12} {:>10}",
         "user", "unacked", "bytes", "oldest (s)", "acked lsn"
     );

@@ -511,6 +511,14 @@ fn apply_action(
             let Some((meta, data)) = bodies.next() else {
                 return Err("no body came with the save".into());
             };
+            // The body was read by UID; a delivery racing the plan can have put another mail
+            // there (a renumber that failed). Never save one mail's body under another's GUID.
+            if !guid.is_empty() && !meta.guid.is_empty() && meta.guid != *guid {
+                return Err(format!(
+                    "the body read for {guid} is {}: it moved meanwhile; left to the next resync",
+                    meta.guid
+                ));
+            }
             let flags = merge::flag_set(flags);
             let mail = NewMail {
                 uid: *uid,
@@ -598,12 +606,21 @@ struct Peer {
 
 impl Peer {
     fn call(&mut self, req: &Req, blobs: Vec<Vec<u8>>) -> Result<(Reply, Vec<Vec<u8>>), String> {
+        self.call_within(req, blobs, RPC_TIMEOUT)
+    }
+
+    fn call_within(
+        &mut self,
+        req: &Req,
+        blobs: Vec<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(Reply, Vec<Vec<u8>>), String> {
         let json = serde_json::to_string(req).map_err(|e| e.to_string())?;
         self.wr
             .send(&Msg::Rpc { json, blobs })
             .map_err(|e: ConnError| format!("sending to the peer: {e}"))?;
         loop {
-            match self.rd.next_within(RPC_TIMEOUT) {
+            match self.rd.next_within(timeout) {
                 Ok(Msg::Rpc { json, blobs }) => {
                     let reply: Reply = serde_json::from_str(&json)
                         .map_err(|e| format!("bad answer from the peer: {e}"))?;
@@ -689,6 +706,32 @@ pub(super) fn run(
     repair: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report, String> {
+    let res = run_phases(ctx, user, repair, progress);
+    let mut st = ctx.status.lock().unwrap();
+    st.resyncs.remove(user);
+    if repair {
+        st.resyncs_done += 1;
+        if res.as_ref().is_ok_and(|r| r.changes > 0) {
+            st.resyncs_repaired += 1;
+        }
+    }
+    res
+}
+
+/// What `tandem status` shows for a resync under way.
+fn phase(ctx: &Ctx, user: &str, what: &str) {
+    ctx.status.lock().unwrap().resyncs.insert(
+        user.to_string(),
+        (what.to_string(), super::status::now_secs()),
+    );
+}
+
+fn run_phases(
+    ctx: &Ctx,
+    user: &str,
+    repair: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report, String> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
     // One resync of a user at a time, across both servers: the user is locked here, then on
@@ -703,16 +746,19 @@ pub(super) fn run(
             ));
         }
         let Some(lock) = try_lock(user) else {
+            phase(ctx, user, "waiting for another resync of the user here");
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
+        phase(ctx, user, "locking the user on the peer");
         let (rd, wr, _peer_id) = dial(ctx).map_err(|e| format!("cannot reach the peer: {e}"))?;
         let mut peer = Peer { rd, wr };
-        match peer.call(
+        match peer.call_within(
             &Req::Lock {
                 user: user.to_string(),
             },
             vec![],
+            Duration::from_secs(10),
         ) {
             Ok((Reply::Ok, _)) => break (lock, peer),
             Ok(_) => {}
@@ -726,6 +772,7 @@ pub(super) fn run(
         std::thread::sleep(Duration::from_millis(jitter(attempt)));
     };
     let res = (|| -> Result<Report, String> {
+        phase(ctx, user, "comparing");
         let (la, da, rb, db) = gather(ctx, &mut peer, user)?;
         let plan = merge::plan(&la, &da, &rb, &db);
         let mut report = Report {
@@ -743,7 +790,9 @@ pub(super) fn run(
             plan.local.len(),
             plan.remote.len()
         ));
+        phase(ctx, user, "repairing");
         execute(ctx, &mut peer, user, &plan, &mut report, progress)?;
+        phase(ctx, user, "comparing again");
         // Check the outcome.
         let (la, da, rb, db) = gather(ctx, &mut peer, user)?;
         let after = merge::plan(&la, &da, &rb, &db);
@@ -776,6 +825,24 @@ fn jitter(attempt: u32) -> u64 {
     let _ = getrandom::fill(&mut b);
     let r = u16::from_le_bytes(b) as u64;
     50 + (r % 250) * attempt.min(3) as u64
+}
+
+/// The bodies of a `bodies` answer by UID. Blobs come only for the mails found, one per
+/// `Some` of `found`, in order: a mail that is gone takes no blob. (Taking one anyway shifted
+/// every later body onto the wrong mail: the convergence soak caught it.)
+fn pair_bodies(
+    uids: &[u32],
+    found: Vec<Option<BodyMeta>>,
+    blobs: Vec<Vec<u8>>,
+) -> Vec<(u32, (BodyMeta, Vec<u8>))> {
+    let mut blobs = blobs.into_iter();
+    let mut out = Vec::new();
+    for (uid, f) in uids.iter().zip(found) {
+        let Some(meta) = f else { continue };
+        let Some(data) = blobs.next() else { break };
+        out.push((*uid, (meta, data)));
+    }
+    out
 }
 
 /// A chunk of one side's actions, with the bodies its saves need.
@@ -840,11 +907,8 @@ fn execute(
                 let Reply::Bodies { found } = reply else {
                     return Err("the peer answered a bodies request with something else".into());
                 };
-                let mut blobs = blobs.into_iter();
-                for (uid, f) in part.iter().zip(found) {
-                    if let (Some(meta), Some(data)) = (f, blobs.next()) {
-                        fetched.insert((mbox.to_string(), *uid), (meta, data));
-                    }
+                for (uid, body) in pair_bodies(part, found, blobs) {
+                    fetched.insert((mbox.to_string(), uid), body);
                 }
             }
         }
@@ -922,11 +986,8 @@ fn execute(
         for (mbox, uids) in wanted {
             let (u, m, list) = (user.to_string(), mbox.clone(), uids.clone());
             let (found, blobs) = main_call(ctx, move |svc| local_bodies(svc, &u, &m, &list))?;
-            let mut blobs = blobs.into_iter();
-            for (uid, f) in uids.iter().zip(found) {
-                if let (Some(meta), Some(data)) = (f, blobs.next()) {
-                    fetched.insert((mbox.clone(), *uid), (meta, data));
-                }
+            for (uid, body) in pair_bodies(&uids, found, blobs) {
+                fetched.insert((mbox.clone(), uid), body);
             }
         }
         // Sent in pieces of bounded size; the order of actions is kept.
@@ -1239,5 +1300,32 @@ fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                 .map_err(|e| e.to_string())
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(guid: &str) -> BodyMeta {
+        BodyMeta {
+            received_date: 0,
+            save_date: 0,
+            guid: guid.into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_body_takes_no_blob() {
+        let got = pair_bodies(
+            &[1, 2, 3],
+            vec![Some(meta("g1")), None, Some(meta("g3"))],
+            vec![b"one".to_vec(), b"three".to_vec()],
+        );
+        let got: Vec<(u32, &str, &[u8])> = got
+            .iter()
+            .map(|(u, (m, d))| (*u, m.guid.as_str(), d.as_slice()))
+            .collect();
+        assert_eq!(got, vec![(1, "g1", &b"one"[..]), (3, "g3", &b"three"[..])]);
     }
 }

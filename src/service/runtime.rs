@@ -1866,8 +1866,12 @@ fn new_mail_run(recs: &[Record], bodies: &HashMap<(Guid128, u32), BodyBuf>) -> u
         .take_while(|r| {
             r.origin != "skip"
                 && r.mailbox_guid == first.mailbox_guid
-                && matches!(&r.change, Change::New { from: None, uid, .. }
-                    if bodies.get(&(r.mailbox_guid, *uid)).is_some_and(|b| !b.gone && b.complete()))
+                && matches!(&r.change, Change::New { from: None, uid, guid, .. }
+                if bodies.get(&(r.mailbox_guid, *uid)).is_some_and(|b| {
+                    !b.gone
+                        && b.complete()
+                        && (guid.is_empty() || b.guid.is_empty() || b.guid == *guid)
+                }))
         })
         .count()
 }
@@ -1931,6 +1935,14 @@ fn apply_one(
             let res = match body {
                 None => return Ok(Step1::NeedBody(*mbox, *uid)),
                 Some(b) if b.gone => Ok(Step1::Done(false)),
+                // The sender read another mail at that UID (it was renumbered there meanwhile):
+                // never save one mail's body under another's GUID; the resync sorts it out.
+                Some(b) if !guid.is_empty() && !b.guid.is_empty() && b.guid != *guid => {
+                    Err(ApplyError::Conflict(format!(
+                        "the body sent for {guid} at UID {uid} is {}",
+                        b.guid
+                    )))
+                }
                 Some(b) => {
                     let mail = NewMail {
                         uid: *uid,

@@ -60,6 +60,14 @@ pub struct Status {
     pub last_error: Option<String>,
     pub last_error_at: Option<f64>,
     pub users: BTreeMap<String, UserStatus>,
+    /// Resyncs under way, by user: what they are doing, and since when (Unix seconds).
+    #[serde(default)]
+    pub resyncs: BTreeMap<String, (String, f64)>,
+    /// Resyncs finished since the start, and how many of them changed something.
+    #[serde(default)]
+    pub resyncs_done: u64,
+    #[serde(default)]
+    pub resyncs_repaired: u64,
 }
 
 impl Status {
