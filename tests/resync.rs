@@ -1,6 +1,7 @@
 //! Resyncs the service runs by itself, and a resync that is interrupted: two real servers.
 //!
 //! - a gap (changes that reached a mailbox without the journal) is found and repaired;
+//! - a user marked as needing a resync (a failed journal write) is repaired, and the mark goes;
 //! - a journal lost with changes the peer never got is repaired by comparison;
 //! - a seeding killed in the middle continues where it stopped, without duplicates.
 
@@ -69,6 +70,35 @@ fn a_gap_is_found_and_repaired_by_the_service() {
         "the repair names the gap"
     );
     pair.a.tandem_verify(USER).expect_identical(USER);
+}
+
+#[test]
+fn a_user_marked_for_resync_is_repaired_and_the_mark_cleared() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = Pair::start_with("rs-mark", &[SCAN]);
+    append(&pair.a, "INBOX", &["journaled"]);
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+
+    // The journal cannot be written for a moment (the mail process runs as uid 5000): the
+    // mail arrives, unjournaled, and the user is marked as needing a resync.
+    let jdir = pair.a.home(USER).join(".tandem");
+    std::fs::set_permissions(&jdir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::os::unix::fs::chown(&jdir, Some(0), Some(0)).unwrap();
+    append(&pair.a, "INBOX", &["not journaled"]);
+    let mark = pair.a.home(USER).join(".tandem.resync-needed");
+    assert!(mark.exists(), "the failed append left a resync mark");
+    std::fs::set_permissions(&jdir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&jdir, Some(5000), Some(5000)).unwrap();
+
+    // Nobody asks: the service repairs the user and clears the mark.
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 2, "{s:#?}");
+    wait_for(CONVERGE, "the mark cleared", || !mark.exists());
+    assert!(
+        pair.a.log().contains("resync (marked:"),
+        "the repair says why"
+    );
+    pair.b.tandem_verify(USER).expect_identical(USER);
 }
 
 #[test]

@@ -62,6 +62,8 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
+/// How long the first queued record of a user waits for its body before asking again.
+const BODY_PATIENCE: Duration = Duration::from_secs(10);
 /// Open users idle this long are closed.
 const USER_IDLE: Duration = Duration::from_secs(30);
 
@@ -1219,6 +1221,8 @@ struct InUser {
     backoff: Duration,
     /// A copy whose source is missing here: wait for its body.
     need_body: BTreeSet<(Guid128, u32)>,
+    /// The body the first queued record waits for, and since when.
+    waiting: Option<((Guid128, u32), Instant)>,
 }
 
 type BodyKey = (String, Guid128, u32);
@@ -1345,6 +1349,7 @@ impl Inbound<'_> {
                     retry_at: None,
                     backoff: Duration::from_millis(200),
                     need_body: BTreeSet::new(),
+                    waiting: None,
                 },
             );
         }
@@ -1424,15 +1429,21 @@ impl Inbound<'_> {
                 let b = self.bodies.entry(key).or_insert_with(|| BodyBuf {
                     data: Vec::with_capacity(total.min(codec::MAX_FRAME as u64) as usize),
                     total,
-                    guid,
+                    guid: guid.clone(),
                     received_date,
                     save_date,
                     gone: false,
                 });
-                if offset != b.data.len() as u64 || total != b.total {
-                    // A restart of this body (the sender reconnected): begin again.
+                if offset != b.data.len() as u64 || total != b.total || b.gone || b.guid != guid {
+                    // A restart of this body (the sender reconnected), or the body of another
+                    // mail under the same key (a mailbox recreated with its GUID reuses UIDs):
+                    // begin again, with this body's identity.
                     b.data.clear();
                     b.total = total;
+                    b.gone = false;
+                    b.guid = guid;
+                    b.received_date = received_date;
+                    b.save_date = save_date;
                     if offset != 0 {
                         return Err(ConnError::Protocol(format!(
                             "user {user}: body chunk of uid {uid} at offset {offset}, expected 0"
@@ -1534,8 +1545,37 @@ impl Inbound<'_> {
                 batch.push(r.clone());
             }
             if batch.is_empty() {
+                // The first record waits for its body. Bodies follow their records, but a
+                // body can be lost on the way (a connection that died between the two, a
+                // service restarted in between): ask for it again after a while rather than
+                // wait forever.
+                if let Some(Change::New { uid, .. }) = u.queue.front().map(|r| &r.change) {
+                    let key = (u.queue[0].mailbox_guid, *uid);
+                    match u.waiting {
+                        Some((k, since)) if k == key && since.elapsed() < BODY_PATIENCE => {}
+                        Some((k, _)) if k == key => {
+                            log::warn!(
+                                "user {name}: the body of uid {} in {} has not come for {}s; \
+                                 asking for it again",
+                                key.1,
+                                key.0,
+                                BODY_PATIENCE.as_secs()
+                            );
+                            self.bodies.remove(&(name.to_string(), key.0, key.1));
+                            u.waiting = Some((key, Instant::now()));
+                            wr.send(&Msg::NeedBody {
+                                user: name.to_string(),
+                                mailbox_guid: key.0,
+                                uid: key.1,
+                                offset: 0,
+                            })?;
+                        }
+                        _ => u.waiting = Some((key, Instant::now())),
+                    }
+                }
                 return Ok(());
             }
+            u.waiting = None;
             let user = name.to_string();
             let state_dir = self.ctx.cfg.state_dir.clone();
             let outcome = self
