@@ -82,13 +82,21 @@ fn a_user_marked_for_resync_is_repaired_and_the_mark_cleared() {
     // The journal cannot be written for a moment (the mail process runs as uid 5000): the
     // mail arrives, unjournaled, and the user is marked as needing a resync.
     let jdir = pair.a.home(USER).join(".tandem");
-    std::fs::set_permissions(&jdir, std::fs::Permissions::from_mode(0o555)).unwrap();
-    std::os::unix::fs::chown(&jdir, Some(0), Some(0)).unwrap();
+    let mut owned = vec![jdir.clone()];
+    owned.extend(std::fs::read_dir(&jdir).unwrap().map(|e| e.unwrap().path()));
+    for p in &owned {
+        let mode = if p.is_dir() { 0o555 } else { 0o444 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(p, Some(0), Some(0)).unwrap();
+    }
     append(&pair.a, "INBOX", &["not journaled"]);
     let mark = pair.a.home(USER).join(".tandem.resync-needed");
     assert!(mark.exists(), "the failed append left a resync mark");
-    std::fs::set_permissions(&jdir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::os::unix::fs::chown(&jdir, Some(5000), Some(5000)).unwrap();
+    for p in &owned {
+        let mode = if p.is_dir() { 0o700 } else { 0o600 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(p, Some(5000), Some(5000)).unwrap();
+    }
 
     // Nobody asks: the service repairs the user and clears the mark.
     let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
