@@ -300,11 +300,15 @@ fn main() {
     l.quit();
     let dsync_bulk = dsync(&c, &d, None, "bob");
 
+    drop(c);
+    drop(d);
     eprintln!("replication bench: seeding...");
-    // carol: 2000 mails in 20 mailboxes on c, never journaled (c has no plugin).
+    // alice on a fresh server without the plugin: 2000 mails in 20 mailboxes, never journaled.
+    let c = Dovecot::start(Options::without_plugin("bench-seed-src"));
+    let d = Dovecot::start(Options::without_plugin("bench-seed-dsync"));
     let seed_boxes = 20;
     let per_box = bulk / seed_boxes;
-    let mut ci = c.login("carol");
+    let mut ci = c.login("alice");
     for b in 0..seed_boxes {
         let name = format!("Box{b:02}");
         ci.create(&name);
@@ -326,23 +330,23 @@ fn main() {
         }
     }
     ci.logout();
-    let dsync_seed = dsync(&c, &d, None, "carol");
-    let dsync_noop = dsync(&c, &d, None, "carol");
+    let dsync_seed = dsync(&c, &d, None, "alice");
+    let dsync_noop = dsync(&c, &d, None, "alice");
     // The same store imported into A of a fresh pair, bypassing the plugin: B is empty.
     let pair = Pair::start("bench-seed");
-    let loc = format!("sdbox:{}", c.home("carol").join("mail").display());
+    let loc = format!("sdbox:{}", c.home("alice").join("mail").display());
     pair.a
-        .doveadm_unjournaled(&["import", "-u", "carol", &loc, "", "all"]);
+        .doveadm_unjournaled(&["import", "-u", "alice", &loc, "", "all"]);
     let until_connected = until(Duration::from_secs(30), || {
         pair.b
             .tandem_status()
             .is_some_and(|st| st["connected"] == true)
     });
     assert!(until_connected, "the seeding pair did not connect");
-    let seed_run = pair.b.tandem_resync("carol");
+    let seed_run = pair.b.tandem_resync("alice");
     let seed_ok = seed_run.code == 0;
-    let verify_run = pair.b.tandem_verify("carol");
-    let again = pair.b.tandem_resync("carol");
+    let verify_run = pair.b.tandem_verify("alice");
+    let again = pair.b.tandem_resync("alice");
     drop(pair);
     drop(c);
     drop(d);
@@ -384,7 +388,7 @@ fn main() {
             if seed_ok { "" } else { ", FAILED" },
             again.took.as_secs_f64(),
             again
-                .resync_changes("carol")
+                .resync_changes("alice")
                 .map_or("?".to_string(), |n| n.to_string())
         ),
         format!(

@@ -581,10 +581,7 @@ static int tandem_svc_box_by_guid(struct tandem_svc_user *user,
 	return 0;
 }
 
-/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. The mailbox is
-   synced: the index is shared by the service's open user and may not have
-   seen what other processes (IMAP sessions) committed since, and a flag
-   removal judged against a stale view would be skipped. */
+/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. */
 static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
 				       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 				       struct mailbox **box_r,
@@ -592,9 +589,22 @@ static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
 {
 	int ret = tandem_svc_box_by_guid(user, guid, box_r, error_r);
 
-	if (ret == 0)
-		return TANDEM_SVC_ERROR_NO_MAILBOX;
-	if (ret < 0)
+	return ret == 0 ? TANDEM_SVC_ERROR_NO_MAILBOX :
+		ret > 0 ? TANDEM_SVC_OK : ret;
+}
+
+/* Like tandem_svc_box_by_guid_must(), synced: the index is shared by the
+   service's open user and may not have seen what other processes (IMAP
+   sessions) committed since; a flag removal judged against such a stale
+   view would be skipped. Not for body reads: a sync per mail read costs
+   more than the read. */
+static int tandem_svc_box_synced(struct tandem_svc_user *user,
+				 const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				 struct mailbox **box_r, const char **error_r)
+{
+	int ret = tandem_svc_box_by_guid_must(user, guid, box_r, error_r);
+
+	if (ret != TANDEM_SVC_OK)
 		return ret;
 	if (mailbox_sync(*box_r, 0) < 0) {
 		ret = tandem_svc_box_error(*box_r, "Sync", error_r);
@@ -1824,7 +1834,7 @@ tandem_svc_update_flags_real(struct tandem_svc_user *user,
 	bool change = FALSE;
 	int ret;
 
-	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	add = add_flags & MAIL_FLAGS_NONRECENT;
@@ -1920,7 +1930,7 @@ tandem_svc_expunge_real(struct tandem_svc_user *user,
 	const char *cur_guid;
 	int ret;
 
-	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
@@ -2110,7 +2120,7 @@ tandem_svc_mailbox_status_real(struct tandem_svc_user *user,
 
 	i_zero(status_r);
 	status_r->vname = "";
-	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	ret = tandem_svc_box_synced(user, guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	ret = tandem_svc_box_status(box, status_r, error_r);
@@ -2162,7 +2172,7 @@ static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
 			continue;
 		}
 		/* Current, not what the shared index last saw (see
-		   tandem_svc_box_by_guid_must()). */
+		   tandem_svc_box_synced()). */
 		if (mailbox_sync(box, 0) < 0) {
 			ret = tandem_svc_box_error(box, "Sync", error_r);
 			mailbox_free(&box);

@@ -405,10 +405,24 @@ impl Memory {
         (keep(added), keep(removed))
     }
 
-    /// Writes what changed since the last flush, and makes it durable. Compacts the log when
+    /// Writes what changed since the last flush (to the page cache: a crash of the process
+    /// loses nothing; see [`Memory::flush_durable`] for power loss). Compacts the log when
     /// most of it is superseded.
     pub fn flush(&mut self) -> std::io::Result<()> {
+        self.write_pending(false)
+    }
+
+    /// Like [`Memory::flush`], and on disk before it returns: called before the journal
+    /// segments it was read from are dropped, so that nothing exists only in them.
+    pub fn flush_durable(&mut self) -> std::io::Result<()> {
+        self.write_pending(true)
+    }
+
+    fn write_pending(&mut self, durable: bool) -> std::io::Result<()> {
         if self.pending.is_empty() {
+            if let (true, Some(f)) = (durable, &self.file) {
+                f.sync_data()?;
+            }
             return Ok(());
         }
         let Some(path) = self.path.clone() else {
@@ -439,7 +453,9 @@ impl Memory {
         }
         let f = self.file.as_mut().unwrap();
         f.write_all(&buf)?;
-        f.sync_data()?;
+        if durable {
+            f.sync_data()?;
+        }
         self.lines += self.pending.len();
         self.pending.clear();
         Ok(())

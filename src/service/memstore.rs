@@ -38,7 +38,9 @@ pub fn get(user: &str) -> Arc<Mutex<Memory>> {
 pub fn catch_up(user: &str, journal_dir: &Path) -> Result<(), String> {
     let mem = get(user);
     let mut m = mem.lock().unwrap();
-    catch_up_locked(&mut m, journal_dir)
+    catch_up_locked(&mut m, journal_dir)?;
+    m.flush_durable()
+        .map_err(|e| format!("cannot save the conflict memory: {e}"))
 }
 
 pub fn catch_up_locked(m: &mut Memory, journal_dir: &Path) -> Result<(), String> {

@@ -408,13 +408,34 @@ fn local_apply(
 ) -> (u64, Vec<String>) {
     let mut changes = 0u64;
     let mut errors = Vec::new();
-    let mut bodies = bodies.into_iter();
+    let mut bodies: std::collections::VecDeque<(BodyMeta, Vec<u8>)> = bodies.into();
     let r = with_user(svc, user, |u| {
         let mem = memstore::get(user);
         let mut mem = mem.lock().unwrap();
         let mut touched = BTreeSet::new();
-        for a in actions {
-            let res = apply_action(u, a, &mut bodies, &mut mem, server_id, &mut touched);
+        let mut i = 0;
+        while i < actions.len() {
+            // A run of saves into one mailbox goes in one transaction, as the stream does:
+            // seeding a replica is mostly that.
+            let run = save_run(&actions[i..], &bodies);
+            if run >= 2 {
+                if let Ok(n) = save_batch(u, &actions[i..i + run], &bodies) {
+                    bodies.drain(..run);
+                    changes += n;
+                    if let Action::Save { mbox, .. } = &actions[i] {
+                        touched.extend(parse_box(mbox).ok());
+                    }
+                    i += run;
+                    continue;
+                }
+            }
+            let a = &actions[i];
+            i += 1;
+            let body = match a {
+                Action::Save { .. } => bodies.pop_front(),
+                _ => None,
+            };
+            let res = apply_action(u, a, body, &mut mem, server_id, &mut touched);
             match res {
                 Ok(Applied::Done) => changes += 1,
                 Ok(Applied::AlreadyApplied) => {}
@@ -439,10 +460,66 @@ fn local_apply(
     (changes, errors)
 }
 
+/// How many actions from the start are saves into one mailbox, with their bodies here and of
+/// the GUID planned.
+fn save_run(actions: &[Action], bodies: &std::collections::VecDeque<(BodyMeta, Vec<u8>)>) -> usize {
+    let Some(Action::Save { mbox: first, .. }) = actions.first() else {
+        return 0;
+    };
+    actions
+        .iter()
+        .zip(bodies)
+        .take_while(|(a, (meta, _))| {
+            matches!(a, Action::Save { mbox, guid, .. }
+                if mbox == first && (guid.is_empty() || meta.guid.is_empty() || meta.guid == *guid))
+        })
+        .count()
+}
+
+/// Saves a run from [`save_run`] in one transaction: the number saved, or an error after
+/// which nothing was saved and the caller saves them one by one.
+fn save_batch(
+    u: &User,
+    run: &[Action],
+    bodies: &std::collections::VecDeque<(BodyMeta, Vec<u8>)>,
+) -> Result<u64, String> {
+    let flags: Vec<_> = run
+        .iter()
+        .map(|a| match a {
+            Action::Save { flags, .. } => merge::flag_set(flags),
+            _ => unreachable!("save_run checked the kind"),
+        })
+        .collect();
+    let mut mbox = Guid128([0; 16]);
+    let mut mails = Vec::with_capacity(run.len());
+    for ((a, (meta, data)), flags) in run.iter().zip(bodies).zip(&flags) {
+        let Action::Save {
+            mbox: m, uid, guid, ..
+        } = a
+        else {
+            unreachable!("save_run checked the kind")
+        };
+        mbox = parse_box(m)?;
+        let mail = NewMail {
+            uid: *uid,
+            guid: if guid.is_empty() { &meta.guid } else { guid },
+            flags,
+            received_date: meta.received_date,
+            save_date: meta.save_date,
+        };
+        mails.push((mail, data.as_slice()));
+    }
+    match u.save_batch(&mbox, 0, &mails) {
+        Ok(true) => Ok(mails.len() as u64),
+        Ok(false) => Err("not a batch".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn apply_action(
     u: &User,
     a: &Action,
-    bodies: &mut impl Iterator<Item = (BodyMeta, Vec<u8>)>,
+    body: Option<(BodyMeta, Vec<u8>)>,
     mem: &mut crate::memory::Memory,
     server_id: &str,
     touched: &mut BTreeSet<Guid128>,
@@ -508,7 +585,7 @@ fn apply_action(
         } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            let Some((meta, data)) = bodies.next() else {
+            let Some((meta, data)) = body else {
                 return Err("no body came with the save".into());
             };
             // The body was read by UID; a delivery racing the plan can have put another mail

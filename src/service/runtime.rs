@@ -62,6 +62,8 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
+/// Acknowledged journal segments are dropped at most this often per user.
+const DROP_EVERY: Duration = Duration::from_secs(5);
 /// How long the first queued record of a user waits for its body before asking again.
 const BODY_PATIENCE: Duration = Duration::from_secs(10);
 /// Open users idle this long are closed.
@@ -584,6 +586,8 @@ struct OutUser {
     /// Record bytes sent and not acknowledged.
     inflight: u64,
     last_error: Option<String>,
+    /// When acknowledged journal segments were last dropped.
+    last_drop: Option<Instant>,
 }
 
 /// What the reader thread of an outbound connection hands back.
@@ -720,6 +724,7 @@ impl Outbound {
                     unacked: VecDeque::new(),
                     inflight: 0,
                     last_error: None,
+                    last_drop: None,
                 },
             );
         }
@@ -1164,8 +1169,11 @@ impl Outbound {
                     log::error!("user {user}: cannot record the acknowledged position: {e}");
                 }
                 // The peer has it for good: the journal no longer needs it, once the conflict
-                // memory has taken what it needs from it.
-                if let Some(dir) = u.dir.clone() {
+                // memory has taken what it needs from it (durably: an fsync, hence not on
+                // every ack).
+                let due = u.last_drop.is_none_or(|t| t.elapsed() >= DROP_EVERY);
+                if let (Some(dir), true) = (u.dir.clone(), due) {
+                    u.last_drop = Some(Instant::now());
                     if let Err(e) = memstore::catch_up(&user, &dir) {
                         log::warn!("user {user}: {e}; journal segments are kept");
                     } else if let Ok(r) = Reader::open(&dir) {
