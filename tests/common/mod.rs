@@ -389,6 +389,21 @@ impl Dovecot {
             .expect("run doveadm")
     }
 
+    /// Like [`Dovecot::doveadm`], for a listing over every mailbox: a mailbox deleted between
+    /// doveadm's listing and its look inside (a replicated delete, a resync) is not a failure,
+    /// so the listing is taken again.
+    pub fn doveadm_listing(&self, args: &[&str]) -> String {
+        for _ in 0..20 {
+            let out = self.try_doveadm(args);
+            let vanished = String::from_utf8_lossy(&out.stderr).contains("doesn't exist");
+            if out.status.success() || !vanished {
+                return check_output("doveadm", args, &out);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.doveadm(args)
+    }
+
     /// Runs `doveadm -c CONF ARGS...`; returns stdout, panics with stderr on failure.
     pub fn doveadm(&self, args: &[&str]) -> String {
         let out = self.try_doveadm(args);
@@ -423,7 +438,7 @@ impl Dovecot {
     /// Every mail of every mailbox of `user`, sorted by mailbox name then UID, flags sorted and
     /// without `\Recent`: the exact state to compare between servers (DOVECOT.md §6).
     pub fn fetch(&self, user: &str) -> Vec<Mail> {
-        let out = self.doveadm(&[
+        let out = self.doveadm_listing(&[
             "-f",
             "tab",
             "fetch",
@@ -468,7 +483,7 @@ impl Dovecot {
 
     /// The status of every mailbox of `user`, sorted by name.
     pub fn mailbox_status(&self, user: &str) -> Vec<MailboxStatus> {
-        let out = self.doveadm(&[
+        let out = self.doveadm_listing(&[
             "-f",
             "tab",
             "mailbox",
