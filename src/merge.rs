@@ -844,6 +844,11 @@ mod tests {
         S { sum, det }
     }
 
+    /// One side with only INBOX (GUID "01", UIDVALIDITY 5).
+    fn inbox(id: &str, mails: Vec<MailState>) -> S {
+        side(id, &[("01", "INBOX", 5, mails)])
+    }
+
     fn run(a: &S, b: &S) -> Plan {
         plan(&a.sum, &a.det, &b.sum, &b.det)
     }
@@ -1009,31 +1014,15 @@ mod tests {
 
     #[test]
     fn identical_sides_need_nothing() {
-        let a = side("a", &[("01", "INBOX", 5, vec![mail(1, "m1", &["\\Seen"])])]);
-        let b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &["\\Seen"])])]);
+        let a = inbox("a", vec![mail(1, "m1", &["\\Seen"])]);
+        let b = inbox("b", vec![mail(1, "m1", &["\\Seen"])]);
         assert!(run(&a, &b).is_empty());
     }
 
     #[test]
     fn uid_collision_keeps_both_with_the_same_new_uids() {
-        let mut a = side(
-            "a",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![mail(1, "m1", &[]), mail(2, "x", &[])],
-            )],
-        );
-        let mut b = side(
-            "b",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![mail(1, "m1", &[]), mail(2, "y", &[])],
-            )],
-        );
+        let mut a = inbox("a", vec![mail(1, "m1", &[]), mail(2, "x", &[])]);
+        let mut b = inbox("b", vec![mail(1, "m1", &[]), mail(2, "y", &[])]);
         let p = converge(&mut a, &mut b);
         assert_eq!(p.differences.len(), 1);
         let uids: Vec<(u32, String)> = a.det["01"]
@@ -1076,27 +1065,17 @@ mod tests {
 
     #[test]
     fn the_same_mail_at_different_uids_is_one_mail_under_one_new_uid() {
-        let mut a = side(
+        let mut a = inbox(
             "a",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![
-                    mail(1, "m1", &[]),
-                    mail(2, "x", &["\\Seen"]),
-                    mail(3, "y", &[]),
-                ],
-            )],
+            vec![
+                mail(1, "m1", &[]),
+                mail(2, "x", &["\\Seen"]),
+                mail(3, "y", &[]),
+            ],
         );
-        let mut b = side(
+        let mut b = inbox(
             "b",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![mail(1, "m1", &[]), mail(2, "y", &[]), mail(3, "x", &[])],
-            )],
+            vec![mail(1, "m1", &[]), mail(2, "y", &[]), mail(3, "x", &[])],
         );
         converge(&mut a, &mut b);
         let mails = &a.det["01"].mails;
@@ -1108,16 +1087,8 @@ mod tests {
 
     #[test]
     fn expunged_mail_is_not_brought_back() {
-        let mut a = side(
-            "a",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![mail(1, "m1", &[]), mail(2, "m2", &[])],
-            )],
-        );
-        let mut b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &[])])]);
+        let mut a = inbox("a", vec![mail(1, "m1", &[]), mail(2, "m2", &[])]);
+        let mut b = inbox("b", vec![mail(1, "m1", &[])]);
         b.det.get_mut("01").unwrap().expunged.insert("m2".into());
         converge(&mut a, &mut b);
         assert_eq!(a.det["01"].mails.len(), 1);
@@ -1125,16 +1096,8 @@ mod tests {
 
     #[test]
     fn later_flag_change_wins_and_unrecorded_set_flags_survive() {
-        let mut a = side(
-            "a",
-            &[(
-                "01",
-                "INBOX",
-                5,
-                vec![mail(1, "m1", &["$Work", "\\Flagged"])],
-            )],
-        );
-        let mut b = side("b", &[("01", "INBOX", 5, vec![mail(1, "m1", &["\\Seen"])])]);
+        let mut a = inbox("a", vec![mail(1, "m1", &["$Work", "\\Flagged"])]);
+        let mut b = inbox("b", vec![mail(1, "m1", &["\\Seen"])]);
         a.det.get_mut("01").unwrap().flag_marks = vec![
             (1, "\\Flagged".into(), mark(10, "a")),
             (1, "$Work".into(), mark(10, "a")),
