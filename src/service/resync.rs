@@ -77,13 +77,34 @@ pub fn is_locked(user: &str) -> bool {
     LOCKS.lock().unwrap().contains(user)
 }
 
-/// Asks for a resync of the user once its streams have settled.
+/// Asks for a resync of the user once its streams have settled: [`SETTLE`] after the last
+/// request.
 pub fn request(user: &str, why: &str) {
+    request_at(user, why, Instant::now() + SETTLE);
+}
+
+/// Asks for a resync of the user no sooner than `due`.
+fn request_at(user: &str, why: &str, due: Instant) {
     let mut r = REQUESTS.lock().unwrap();
     let e = r
         .entry(user.to_string())
-        .or_insert_with(|| (Instant::now(), why.to_string()));
-    e.0 = Instant::now();
+        .or_insert_with(|| (due, why.to_string()));
+    e.0 = e.0.max(due);
+}
+
+/// Failed automatic resyncs in a row, per user: the next one waits longer.
+static FAILURES: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// After a failed automatic resync: again after 2 s, 4 s, ... up to 5 minutes.
+fn retry_later(user: &str, why: &str) {
+    let n = {
+        let mut f = FAILURES.lock().unwrap();
+        let n = f.entry(user.to_string()).or_insert(0);
+        *n = (*n + 1).min(8);
+        *n
+    };
+    let delay = (SETTLE * 2u32.pow(n - 1)).min(Duration::from_secs(300));
+    request_at(user, why, Instant::now() + delay);
 }
 
 // ---- the peer protocol ----------------------------------------------------------------------
@@ -1244,7 +1265,7 @@ pub(super) fn auto(ctx: Ctx) {
             let mut r = REQUESTS.lock().unwrap();
             let due: Vec<(String, String)> = r
                 .iter()
-                .filter(|(_, (t, _))| t.elapsed() >= SETTLE)
+                .filter(|(_, (due, _))| Instant::now() >= *due)
                 .map(|(u, (_, why))| (u.clone(), why.clone()))
                 .collect();
             for (u, _) in &due {
@@ -1275,17 +1296,18 @@ fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
                 );
             }
             clear_mark(ctx, user);
+            FAILURES.lock().unwrap().remove(user);
         }
         Ok(r) => {
             log::warn!(
                 "user {user}: resync left differences (retrying later): {}",
                 r.errors.join("; ")
             );
-            request(user, "the last resync left differences");
+            retry_later(user, "the last resync left differences");
         }
         Err(e) => {
             log::warn!("user {user}: resync failed (retrying later): {e}");
-            request(user, "the last resync failed");
+            retry_later(user, "the last resync failed");
         }
     }
 }
