@@ -1243,6 +1243,8 @@ struct Inbound<'a> {
     bodies: HashMap<BodyKey, BodyBuf>,
     /// Users this connection holds for the peer's resync (see [`resync::Lock`]).
     locks: Vec<resync::Lock>,
+    /// The connection of a verify or resync (it served Rpc requests): its close is its end.
+    rpc: bool,
 }
 
 fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
@@ -1296,8 +1298,13 @@ fn serve_peer(
         users: HashMap::new(),
         bodies: HashMap::new(),
         locks: Vec::new(),
+        rpc: false,
     };
-    let res = inb.run(rd, wr);
+    let res = match inb.run(rd, wr) {
+        // A verify or resync closes its connection when it is done.
+        Err(ConnError::Closed) if inb.rpc => Ok(()),
+        r => r,
+    };
     ctx.status.lock().unwrap().inbound_connections -= 1;
     if let Err(e) = &res {
         let _ = wr.send(&Msg::Error {
@@ -1492,6 +1499,7 @@ impl Inbound<'_> {
             }
             Msg::Pong { .. } => Ok(()),
             Msg::Rpc { json, blobs } => {
+                self.rpc = true;
                 let reply = resync::serve(self.ctx, &mut self.locks, &json, blobs);
                 wr.send(&reply)?;
                 Ok(())
