@@ -72,10 +72,6 @@ enum Line {
         mbox: String,
         tomb: Tombstone,
     },
-    /// A deleted mailbox exists again (it was recreated for mail its deleter never saw).
-    Undeleted {
-        mbox: String,
-    },
     /// The mailbox was kept, or recreated, after the delete at `mark` because it held mail
     /// the deleting side never saw: all its mail survives that delete.
     Survived {
@@ -180,11 +176,6 @@ impl Memory {
             Line::Deleted { mbox, tomb } => {
                 if let Some(g) = parse_guid(&mbox) {
                     self.deleted.insert(g, tomb);
-                }
-            }
-            Line::Undeleted { mbox } => {
-                if let Some(g) = parse_guid(&mbox) {
-                    self.deleted.remove(&g);
                 }
             }
             Line::Survived { mbox, mark } => {
@@ -333,15 +324,6 @@ impl Memory {
             self.push(Line::Modseq {
                 mbox: mbox.to_hex(),
                 modseq,
-            });
-        }
-    }
-
-    /// A deleted mailbox exists again.
-    pub fn undelete(&mut self, mbox: &Guid128) {
-        if self.deleted.contains_key(mbox) {
-            self.push(Line::Undeleted {
-                mbox: mbox.to_hex(),
             });
         }
     }

@@ -592,6 +592,14 @@ impl User {
         unsafe { opt_string(raw::tandem_svc_user_setting(self.raw(), name.as_ptr())) }
     }
 
+    /// The user's journal directory, as the plugin finds it (home and `tandem_journal_dir`).
+    pub fn journal_dir(&self) -> Result<PathBuf, String> {
+        let home = self.home().map(|h| h.to_string_lossy().into_owned());
+        crate::settings::Settings::parse(|k| self.setting(k), home.as_deref(), None)
+            .map(|s| s.journal_dir)
+            .map_err(|e| e.to_string())
+    }
+
     /// Creates mailbox `name` with this GUID and UIDVALIDITY (0: the storage picks).
     /// `AlreadyApplied` if a mailbox has this GUID (under any name); `NameTaken` if another
     /// mailbox has the name.

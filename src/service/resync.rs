@@ -24,13 +24,11 @@ use crate::journal;
 use crate::memory::Mark;
 use crate::merge::{self, Action, BoxState, Details, MailState, Plan, Summary};
 use crate::registry;
-use crate::settings::Settings;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -254,13 +252,6 @@ thread_local! {
     static DIGESTS: RefCell<HashMap<(String, Guid128), DigestEntry>> = RefCell::new(HashMap::new());
 }
 
-fn journal_dir(u: &User) -> Option<PathBuf> {
-    let home = u.home().map(|h| h.to_string_lossy().into_owned());
-    Settings::parse(|k| u.setting(k), home.as_deref(), None)
-        .ok()
-        .map(|s| s.journal_dir)
-}
-
 fn mails_of(u: &User, g: &Guid128) -> Result<Vec<MailState>, String> {
     Ok(u.mails(g)
         .map_err(|e| e.to_string())?
@@ -281,7 +272,7 @@ fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Summary, Stri
     with_user(svc, user, |u| {
         let mem = memstore::get(user);
         let mut mem = mem.lock().unwrap();
-        if let Some(dir) = journal_dir(u) {
+        if let Some(dir) = u.journal_dir().ok() {
             memstore::catch_up_locked(&mut mem, &dir)?;
         }
         let mut s = Summary {
@@ -1239,7 +1230,7 @@ fn clear_mark(ctx: &Ctx, user: &str) {
     let u = user.to_string();
     let _ = main_call(ctx, move |svc| {
         with_user(svc, &u, |usr| {
-            if let Some(dir) = journal_dir(usr) {
+            if let Some(dir) = usr.journal_dir().ok() {
                 let _ = journal::clear_resync(&dir);
             }
         })
@@ -1334,7 +1325,7 @@ fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
         let found = main_call(ctx, move |svc| {
             with_user(svc, &u, |usr| {
                 let mut why = None;
-                let dir = journal_dir(usr);
+                let dir = usr.journal_dir().ok();
                 if let Some(mark) = dir.as_deref().and_then(journal::read_resync) {
                     why = Some(format!(
                         "marked: {}",

@@ -29,7 +29,6 @@ use crate::event::{Change, Guid128, Record};
 use crate::journal::{self, Cursor, JournalError, Reader};
 use crate::memory::{Mark, Memory};
 use crate::registry;
-use crate::settings::Settings;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -257,11 +256,8 @@ impl Handler for Service {
         }
 
         let status_path = cfg.base_dir.join(status::STATUS_SOCKET);
-        let _ = std::fs::remove_file(&status_path);
-        match UnixListener::bind(&status_path) {
+        match listen_root_only(&status_path) {
             Ok(l) => {
-                let _ =
-                    std::fs::set_permissions(&status_path, std::fs::Permissions::from_mode(0o600));
                 let (st, ctx2) = (status.clone(), ctx.clone());
                 self.spawn("tandem-status", move || {
                     status::serve(l, st, || ctx2.stop.load(Ordering::Relaxed))
@@ -275,11 +271,8 @@ impl Handler for Service {
 
         memstore::init(&cfg.state_dir);
         let control_path = cfg.base_dir.join(resync::CONTROL_SOCKET);
-        let _ = std::fs::remove_file(&control_path);
-        match UnixListener::bind(&control_path) {
+        match listen_root_only(&control_path) {
             Ok(l) => {
-                let _ =
-                    std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600));
                 let ctx2 = ctx.clone();
                 self.spawn("tandem-control", move || resync::control(ctx2, l));
             }
@@ -363,6 +356,14 @@ impl Handler for Service {
         }
         USERS.with(|u| u.borrow_mut().clear());
     }
+}
+
+/// A unix socket for the `tandem` tool in base_dir, replacing a stale one, for root only.
+fn listen_root_only(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
 }
 
 impl Service {
@@ -732,14 +733,9 @@ impl Outbound {
         if u.dir.is_none() {
             let who = name.to_string();
             let dir = self.ctx.main.call(move |svc: &Svc| {
-                with_user(svc, &who, |user| {
-                    let home = user.home().map(|h| h.to_string_lossy().into_owned());
-                    Settings::parse(|k| user.setting(k), home.as_deref(), None)
-                        .map(|s| s.journal_dir)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| e.to_string())
-                .and_then(|r| r)
+                with_user(svc, &who, User::journal_dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
             })?;
             match dir {
                 Ok(d) => u.dir = Some(d),
@@ -1690,10 +1686,7 @@ struct Local {
 
 impl Local {
     fn open(u: &User, state_dir: &Path) -> Local {
-        let home = u.home().map(|h| h.to_string_lossy().into_owned());
-        let journal_dir = Settings::parse(|k| u.setting(k), home.as_deref(), None)
-            .ok()
-            .map(|s| s.journal_dir);
+        let journal_dir = u.journal_dir().ok();
         let acked = Positions::open(&state_dir.join("sent"), false)
             .ok()
             .and_then(|p| p.get(u.name()).ok().flatten());
