@@ -113,13 +113,7 @@ fn mailbox(s: &State, name: &str) -> Option<(String, u32)> {
 
 /// Appends one mail per subject to `mailbox` on `dc` (no flags); returns the UIDs.
 fn append_all(dc: &Dovecot, mailbox: &str, subjects: &[&str]) -> Vec<u32> {
-    let mut imap = dc.login(USER);
-    let uids = subjects
-        .iter()
-        .map(|s| imap.append(mailbox, &[], &message(s, 600)).1)
-        .collect();
-    imap.logout();
-    uids
+    dc.append_subjects(USER, mailbox, subjects)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,11 +17,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const SCAN: (&str, &str) = ("tandem_resync_scan_interval", "1s");
 
 fn append(dc: &Dovecot, mailbox: &str, subjects: &[&str]) {
-    let mut imap = dc.login(USER);
-    for s in subjects {
-        imap.append(mailbox, &[], &message(s, 700));
-    }
-    imap.logout();
+    dc.append_subjects(USER, mailbox, subjects);
 }
 
 fn count_by_guid(dc: &Dovecot) -> BTreeMap<String, usize> {

@@ -389,6 +389,17 @@ impl Dovecot {
             .expect("run doveadm")
     }
 
+    /// Appends one small message per subject to `mailbox` over IMAP; their UIDs.
+    pub fn append_subjects(&self, user: &str, mailbox: &str, subjects: &[&str]) -> Vec<u32> {
+        let mut imap = self.login(user);
+        let uids = subjects
+            .iter()
+            .map(|s| imap.append(mailbox, &[], &message(s, 600)).1)
+            .collect();
+        imap.logout();
+        uids
+    }
+
     /// Like [`Dovecot::doveadm`], for a listing over every mailbox: a mailbox deleted between
     /// doveadm's listing and its look inside (a replicated delete, a resync) is not a failure,
     /// so the listing is taken again.
