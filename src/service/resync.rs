@@ -1176,16 +1176,17 @@ pub(super) fn control(ctx: Ctx, listener: UnixListener) {
     }
 }
 
+/// One JSON line to the `tandem` tool.
+fn send_line(mut out: &UnixStream, v: serde_json::Value) -> std::io::Result<()> {
+    let mut s = v.to_string();
+    s.push('\n');
+    out.write_all(s.as_bytes())
+}
+
 fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<()> {
     let mut line = String::new();
-    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
-    let out_clone = stream.try_clone()?;
-    let mut out = stream;
-    let mut send = |v: serde_json::Value| -> std::io::Result<()> {
-        let mut s = v.to_string();
-        s.push('\n');
-        out.write_all(s.as_bytes())
-    };
+    BufReader::new(&stream).read_line(&mut line)?;
+    let send = |v| send_line(&stream, v);
     let req: ControlReq = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => return send(serde_json::json!({"error": format!("bad request: {e}")})),
@@ -1205,12 +1206,9 @@ fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<()> {
     } else {
         req.users
     };
-    let mut progress_out = out_clone;
     for user in users {
         let res = run(ctx, &user, repair, &mut |p: &str| {
-            let mut s = serde_json::json!({ "progress": p }).to_string();
-            s.push('\n');
-            let _ = progress_out.write_all(s.as_bytes());
+            let _ = send(serde_json::json!({ "progress": p }));
         });
         match res {
             Ok(report) => {
