@@ -272,7 +272,7 @@ fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Summary, Stri
     with_user(svc, user, |u| {
         let mem = memstore::get(user);
         let mut mem = mem.lock().unwrap();
-        if let Some(dir) = u.journal_dir().ok() {
+        if let Ok(dir) = u.journal_dir() {
             memstore::catch_up_locked(&mut mem, &dir)?;
         }
         let mut s = Summary {
@@ -1228,7 +1228,7 @@ fn clear_mark(ctx: &Ctx, user: &str) {
     let u = user.to_string();
     let _ = main_call(ctx, move |svc| {
         with_user(svc, &u, |usr| {
-            if let Some(dir) = usr.journal_dir().ok() {
+            if let Ok(dir) = usr.journal_dir() {
                 let _ = journal::clear_resync(&dir);
             }
         })
