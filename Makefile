@@ -2,6 +2,8 @@
 #
 #   make           build the plugin and the CLI (release)
 #   make deps      install the Debian packages the build and the tests need (only if missing)
+#
+# Every target that builds depends on `deps`, so any of them works first on a fresh machine.
 #   make test      deps + build + every test, end-to-end ones against real Dovecot (as root)
 #   make verify    fmt, clippy (plain and plugin builds), then make test
 #   make install   plugin into dovecot_moduledir, CLI into $(PREFIX)/bin; DESTDIR supported
@@ -31,53 +33,56 @@ PLUGIN_NAME := lib90_tandem_plugin.so
 
 DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
 	libclang-dev clang pkg-config python3
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all plugin cli service test-hooks-plugin deps test verify install demo bench clean
+.PHONY: all plugin cli service test-hooks-plugin deps need-root test verify install demo bench clean
 
-all: plugin cli service
+all: deps plugin cli service
 
 # Only the plugin build enables the `plugin` feature (the C shim and the exported entry points).
 # Build the lib and the bin separately: a plain `cargo build` would overwrite
 # target/release/libtandem.so with a build without the feature. (`cargo test` does not: it
 # builds its own copy of the lib under target/release/deps.)
-plugin:
+plugin: deps
 	$(CARGO) build --release --lib --features plugin
 
-cli:
+cli: deps
 	$(CARGO) build --release --bin tandem
 
 # The service links libdovecot; --bin keeps this build from replacing the plugin's libtandem.so.
-service:
+service: deps
 	$(CARGO) build --release --features service --bin tandem-service
 
 # Built before `plugin` in `make test`, so that target/release/libtandem.so ends up the real one
 # (only the tandem crate itself is compiled twice; the dependencies are shared).
-test-hooks-plugin:
+test-hooks-plugin: deps
 	$(CARGO) build --release --lib --features plugin,test-hooks
 	cp $(PLUGIN_SO) $(TEST_HOOKS_SO).tmp && mv $(TEST_HOOKS_SO).tmp $(TEST_HOOKS_SO)
 
+# Quiet and fast when nothing is missing (no apt-get update then). Installs as root, or through
+# sudo when that needs no password; otherwise, and when the install fails (no network), stops
+# before anything is compiled with one line that names what is missing and how to install it.
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
 			|| missing="$$missing $$p"; \
 	done; \
-	if [ -n "$$missing" ]; then \
-		echo "deps: installing$$missing"; \
-		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y --no-install-recommends $$missing; \
-	else \
-		echo "deps: all Debian packages present"; \
-	fi
+	[ -n "$$missing" ] || exit 0; \
+	how="apt-get update && apt-get install -y --no-install-recommends$$missing"; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo"; \
+	else echo "deps: missing Debian packages:$$missing; install them as root: $$how" >&2; exit 1; fi; \
+	echo "deps: installing$$missing"; \
+	{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends$$missing >/dev/null; } \
+	|| { echo "deps: could not install$$missing; install them as root: $$how" >&2; exit 1; }
 # A system Dovecot that the package scripts may start is left alone: the tests run their own
 # instances with their own base_dir and free 127.0.0.1 ports, and always pass -c to doveadm.
 
 # The summary line at the end adds up every test binary's result, so that one line tells the
 # whole run's outcome.
 # The second run: the service's unit tests, which link libdovecot.
-test: deps test-hooks-plugin all
+test: deps need-root test-hooks-plugin all
 	@set -o pipefail; \
 	{ TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
 		$(CARGO) test --release 2>&1 && \
@@ -87,7 +92,7 @@ test: deps test-hooks-plugin all
 		target/test-output.txt; \
 	exit $$status
 
-verify:
+verify: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --lib --features plugin -- -D warnings
@@ -106,12 +111,16 @@ install: all
 	install -m 0755 target/release/tandem-service $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp
 	mv -f $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp $(DESTDIR)$(dovecot_libexecdir)/tandem
 
-demo: all
+# Dovecot must start as root to switch to the mail users: say so before a long build.
+need-root:
+	@[ "$$(id -u)" = 0 ] || { echo "$(MAKECMDGOALS): run as root (sudo make $(MAKECMDGOALS)): the test Dovecots start as root and switch to the mail users" >&2; exit 1; }
+
+demo: deps need-root all
 	scripts/demo.sh
 
 # benches/journal.rs needs nothing prebuilt; benches/imap.rs loads the plugin build into private
 # Dovecot instances (as root), so build it (and the CLI) first and point the harness at it.
-bench: all
+bench: deps all
 	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) $(CARGO) bench
 
 clean:

@@ -52,7 +52,9 @@ fn main() {
                 .and_then(|s| s.strip_prefix("-I").map(str::to_string))
         })
         .unwrap_or_else(|| {
-            panic!("{config_path}: neither dovecot_pkgincludedir nor LIBDOVECOT_INCLUDE is set")
+            fail(&format!(
+                "{config_path}: neither dovecot_pkgincludedir nor LIBDOVECOT_INCLUDE is set"
+            ))
         });
     let config_h = Path::new(&include_dir).join("config.h");
     println!("cargo:rerun-if-changed={}", config_h.display());
@@ -79,11 +81,12 @@ fn main() {
 /// `dovecot-config`.
 fn read_dovecot_config(path: &Path) -> HashMap<String, String> {
     let text = fs::read_to_string(path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {}: {e}. Install dovecot-dev, or point DOVECOT_CONFIG at \
+        fail(&format!(
+            "cannot read {} ({e}): the Dovecot headers are missing. Install dovecot-dev \
+             (`make deps` installs every package the build needs), or point DOVECOT_CONFIG at \
              dovecot-config",
             path.display()
-        )
+        ))
     });
     text.lines()
         .filter_map(|line| {
@@ -109,7 +112,7 @@ fn read_dovecot_config(path: &Path) -> HashMap<String, String> {
 /// for different ABI version"), verified against Dovecot 2.3.19.1.
 fn write_abi_version(config_h: &Path, out: &Path) {
     let text = fs::read_to_string(config_h)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", config_h.display()));
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", config_h.display())));
     let version = text
         .lines()
         .find_map(|l| {
@@ -117,7 +120,7 @@ fn write_abi_version(config_h: &Path, out: &Path) {
             let rest = rest.strip_prefix("DOVECOT_ABI_VERSION")?.trim();
             rest.strip_prefix('"')?.strip_suffix('"')
         })
-        .unwrap_or_else(|| panic!("{}: no DOVECOT_ABI_VERSION", config_h.display()));
+        .unwrap_or_else(|| fail(&format!("{}: no DOVECOT_ABI_VERSION", config_h.display())));
     // Checked so that it can go into a Rust c"..." literal as it is.
     assert!(
         !version.is_empty()
@@ -132,7 +135,7 @@ fn write_abi_version(config_h: &Path, out: &Path) {
          pub const ABI_VERSION: &::std::ffi::CStr = c\"{version}\";\n",
         config_h.display()
     );
-    fs::write(out, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+    fs::write(out, code).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
 }
 
 fn compile_c(config: &HashMap<String, String>, include_dir: &str, source: &str, lib: &str) {
@@ -174,7 +177,7 @@ fn link_dovecot(config: &HashMap<String, String>, config_path: &str) {
     for var in ["LIBDOVECOT_STORAGE", "LIBDOVECOT"] {
         let value = config
             .get(var)
-            .unwrap_or_else(|| panic!("{config_path}: {var} is not set"));
+            .unwrap_or_else(|| fail(&format!("{config_path}: {var} is not set")));
         for word in value.split_whitespace() {
             if let Some(dir) = word.strip_prefix("-L") {
                 dirs.push(dir.to_string());
@@ -196,7 +199,26 @@ fn link_dovecot(config: &HashMap<String, String>, config_path: &str) {
     }
 }
 
+/// Stops the build with one clear line instead of a panic and its backtrace hint: a missing
+/// package is the builder's problem, not a bug in this script.
+fn fail(message: &str) -> ! {
+    println!("cargo::error={message}");
+    std::process::exit(1);
+}
+
 fn generate_bindings(header: &str, out: &Path) {
+    // bindgen loads libclang at run time and panics when it is not there; its message is turned
+    // into one line that says which package to install.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let loaded = std::panic::catch_unwind(bindgen::clang_version);
+    std::panic::set_hook(default_hook);
+    if loaded.is_err() {
+        fail(
+            "bindgen cannot find libclang: install libclang-dev and clang \
+             (`make deps` installs every package the build needs), or set LIBCLANG_PATH",
+        );
+    }
     let bindings = bindgen::Builder::default()
         .header(header)
         .clang_arg("-Idovecot-glue")
@@ -210,8 +232,8 @@ fn generate_bindings(header: &str, out: &Path) {
         .layout_tests(true)
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
-        .unwrap_or_else(|e| panic!("bindgen on {header} failed: {e}"));
+        .unwrap_or_else(|e| fail(&format!("bindgen on {header} failed: {e}")));
     bindings
         .write_to_file(out)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
 }
