@@ -53,6 +53,11 @@ pub enum AuthError {
     Loop(String),
     #[error("peer announced an empty server id")]
     EmptyPeerId,
+    #[error(
+        "peer announced the server id {0:?}: a server id is 1 to 64 characters of A-Z a-z 0-9 . _ -, \
+         starting with a letter or digit"
+    )]
+    BadPeerId(String),
     #[error("peer sent back our own nonce: a reflection attempt")]
     Reflected,
     #[error(
@@ -113,6 +118,7 @@ impl AuthError {
                 "you announced my own server id {id:?}: the connection loops back to one server"
             ),
             AuthError::EmptyPeerId => "empty server id".into(),
+            AuthError::BadPeerId(_) => "invalid server id".into(),
             AuthError::Reflected => "reflected nonce".into(),
             AuthError::BadClientMac { .. } => {
                 "authentication failed: the shared secrets differ".into()
@@ -220,6 +226,9 @@ fn check_peer(version: u16, peer_id: &str, my_id: &str) -> Result<(), AuthError>
     }
     if peer_id.is_empty() {
         return Err(AuthError::EmptyPeerId);
+    }
+    if !crate::settings::valid_server_id(peer_id) {
+        return Err(AuthError::BadPeerId(peer_id.into()));
     }
     if peer_id == my_id {
         return Err(AuthError::Loop(peer_id.into()));
@@ -745,6 +754,32 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, AuthError::Loop(_)), "{err}");
+    }
+
+    #[test]
+    fn a_peer_id_that_could_be_a_path_is_refused_both_ways() {
+        // The receiver names a directory after the peer's id: `/etc`, `..` or `a/b` must never
+        // get that far.
+        for bad in ["/etc", "..", ".", "a/b", ".hidden", "x\n", &"a".repeat(65)] {
+            let mut s = ServerHandshake::new(SECRET, "mx1").unwrap();
+            let (_, hello) = ClientHandshake::new(SECRET, bad).unwrap();
+            let err = s.on_msg(hello).unwrap_err();
+            assert!(
+                matches!(&err, AuthError::BadPeerId(id) if id == bad),
+                "{bad}: {err}"
+            );
+            assert!(err.reply_to_peer().is_some());
+
+            let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+            let err = c
+                .on_msg(Msg::Challenge {
+                    version: PROTOCOL_VERSION,
+                    server_id: bad.into(),
+                    nonce: [1; 32],
+                })
+                .unwrap_err();
+            assert!(matches!(err, AuthError::BadPeerId(_)), "{bad}: {err}");
+        }
     }
 
     #[test]
