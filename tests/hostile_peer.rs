@@ -412,16 +412,16 @@ fn pair_with_a_broken_bob(name: &str) -> Pair {
 #[test]
 fn a_user_the_peer_cannot_apply_stalls_alone() {
     let pair = pair_with_a_broken_bob("hp-stall");
-    // About 10 MB of bob's records, more than the whole shared window: flag changes with many
-    // long keywords over 300 mails.
+    // About 12 MB of bob's records, more than the whole shared window (8 MiB): flag changes
+    // with many long keywords over 500 mails.
     let mut imap = pair.a.login("bob");
-    let msgs: Vec<Vec<u8>> = (0..300)
+    let msgs: Vec<Vec<u8>> = (0..500)
         .map(|i| message(&format!("bob {i}"), 200))
         .collect();
     let items: Vec<(&[&str], &[u8])> = msgs.iter().map(|m| (&[][..], m.as_slice())).collect();
     imap.multiappend("INBOX", &items);
     imap.select("INBOX");
-    for round in 0..10 {
+    for round in 0..20 {
         let kws: Vec<String> = (0..40)
             .map(|k| format!("$keyword-{round:02}-{k:02}-padding-padding-padding"))
             .collect();
