@@ -75,9 +75,9 @@ pub enum AuthError {
         got: &'static str,
         expected: &'static str,
     },
-    #[error("peer refused authentication: {0}")]
+    #[error("peer refused authentication: {0:?}")]
     Refused(String),
-    #[error("peer reported an error during the handshake: {0}")]
+    #[error("peer reported an error during the handshake: {0:?}")]
     PeerError(String),
     #[error("the handshake is already over ({0}); no more handshake messages are expected")]
     Over(&'static str),

@@ -872,12 +872,12 @@ impl Peer {
                     let reply: Reply = serde_json::from_str(&json)
                         .map_err(|e| format!("bad answer from the peer: {e}"))?;
                     if let Reply::Error { message } = reply {
-                        return Err(format!("the peer: {message}"));
+                        return Err(format!("the peer: {message:?}"));
                     }
                     return Ok((reply, blobs));
                 }
                 Ok(Msg::Ping { .. } | Msg::Pong { .. }) => {}
-                Ok(Msg::Error { message }) => return Err(format!("the peer reports: {message}")),
+                Ok(Msg::Error { message }) => return Err(format!("the peer reports: {message:?}")),
                 Ok(other) => return Err(format!("unexpected {} from the peer", other.name())),
                 Err(e) => return Err(format!("waiting for the peer: {e}")),
             }
@@ -912,12 +912,7 @@ impl Peer {
     }
 
     /// The bodies of `uids` that the peer still has, in as many requests as their sizes take.
-    fn bodies(
-        &mut self,
-        user: &str,
-        mbox: &str,
-        uids: &[u32],
-    ) -> Result<Vec<UidBody>, String> {
+    fn bodies(&mut self, user: &str, mbox: &str, uids: &[u32]) -> Result<Vec<UidBody>, String> {
         let mut out = Vec::new();
         let mut next = 0;
         // A body arriving in parts: its UID, metadata and what came so far.

@@ -1059,7 +1059,7 @@ impl Outbound {
                             },
                             Msg::Pong { .. } | Msg::Ping { .. } => continue,
                             Msg::Error { message } => {
-                                Incoming::Closed(format!("the peer reports: {message}"))
+                                Incoming::Closed(format!("the peer reports: {message:?}"))
                             }
                             other => Incoming::Closed(format!(
                                 "unexpected {} from the peer",
@@ -1820,7 +1820,7 @@ impl Inbound<'_> {
                 Ok(())
             }
             Msg::Error { message } => {
-                Err(ConnError::Protocol(format!("the peer reports: {message}")))
+                Err(ConnError::Protocol(format!("the peer reports: {message:?}")))
             }
             other => Err(ConnError::Protocol(format!(
                 "unexpected {} from the peer",
