@@ -1819,9 +1819,9 @@ impl Inbound<'_> {
                 wr.send(&reply)?;
                 Ok(())
             }
-            Msg::Error { message } => {
-                Err(ConnError::Protocol(format!("the peer reports: {message:?}")))
-            }
+            Msg::Error { message } => Err(ConnError::Protocol(format!(
+                "the peer reports: {message:?}"
+            ))),
             other => Err(ConnError::Protocol(format!(
                 "unexpected {} from the peer",
                 other.name()
