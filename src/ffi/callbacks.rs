@@ -202,6 +202,11 @@ pub unsafe extern "C" fn tandem_rs_user_created(
         if getenv("tandem_test_panic").as_deref() == Some("user_created") {
             panic!("tandem_test_panic = user_created: panicking on purpose");
         }
+        // A server whose clock is wrong, for the clock-skew test.
+        #[cfg(feature = "test-hooks")]
+        if let Some(ms) = getenv("tandem_test_clock_offset").and_then(|v| v.trim().parse().ok()) {
+            crate::clock::set_test_offset(ms);
+        }
         // SAFETY: user is live for the call.
         let home = unsafe { raw::tandem_glue_user_home(user) };
         // SAFETY: NULL or a NUL-terminated string that outlives the call.
