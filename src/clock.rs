@@ -19,7 +19,7 @@
 use crate::event::Stamp;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -123,7 +123,9 @@ pub fn read_floor(state_dir: &Path, user: &str) -> std::io::Result<Stamp> {
 pub fn advance_floor(state_dir: &Path, user: &str, stamp: Stamp) -> std::io::Result<()> {
     let dir = state_dir.join(CLOCK_DIR);
     // Readable by the mail processes (which run as the users), written only by the service.
+    // Explicit modes: the service runs with umask 077.
     DirBuilder::new().recursive(true).mode(0o755).create(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let path = floor_path(state_dir, user);
     let f = OpenOptions::new()
         .read(true)
@@ -133,11 +135,15 @@ pub fn advance_floor(state_dir: &Path, user: &str, stamp: Stamp) -> std::io::Res
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::other(format!(
             "{}: not a regular file",
             path.display()
         )));
+    }
+    if meta.permissions().mode() & 0o777 != 0o644 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
     let mut b = [0u8; 16];
     let current = match f.read_exact_at(&mut b, 0) {
@@ -223,6 +229,11 @@ mod tests {
         advance_floor(t.path(), "u", Stamp(900)).unwrap();
         assert_eq!(read_floor(t.path(), "u").unwrap(), Stamp(900));
         assert_eq!(read_floor(t.path(), "other").unwrap(), Stamp(0));
+        // Readable by the mail processes whatever the service's umask.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&t.path().join(CLOCK_DIR)), 0o755);
+        assert_eq!(mode(&floor_path(t.path(), "u")), 0o644);
         std::fs::write(floor_path(t.path(), "u"), [7u8; 16]).unwrap();
         assert!(read_floor(t.path(), "u").is_err(), "garbage is not a floor");
     }

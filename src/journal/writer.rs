@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 
 /// A segment grows to about this size before the writer starts the next one.
 pub const DEFAULT_SEGMENT_TARGET: u64 = 8 << 20;
+/// Test-only (feature `test-hooks`, setting `tandem_test_segment_target`): a smaller segment
+/// size, so that an end-to-end test gets sealed segments from a few changes.
+#[cfg(feature = "test-hooks")]
+pub static TEST_SEGMENT_TARGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How long an append waits for the lock before it gives up (and the user is marked for
 /// resync): a stuck process must never hang everybody else's mail.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -115,6 +120,13 @@ impl Writer {
     /// Opens (creating if needed) the journal in `dir`, and recovers it: a torn tail left by a
     /// crashed writer is cut off and logged.
     pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Writer, JournalError> {
+        #[cfg(feature = "test-hooks")]
+        {
+            let t = TEST_SEGMENT_TARGET.load(std::sync::atomic::Ordering::Relaxed);
+            if t > 0 {
+                return Self::open_with(dir, fsync, t);
+            }
+        }
         Self::open_with(dir, fsync, DEFAULT_SEGMENT_TARGET)
     }
 
