@@ -937,10 +937,12 @@ int tandem_svc_user_open(const char *username,
 		if (ret > 0 &&
 		    mail_storage_service_user_set_setting(service_user,
 				"mail_fsync", "always", &error) <= 0) {
-			mail_storage_service_user_unref(&service_user);
-			error = t_strconcat("mail_fsync=always: ", error,
-					    NULL);
-			ret = -2;
+			/* Replication goes on; what it acknowledges may
+			   then sit in the page cache for a moment. */
+			i_warning("tandem: user %s: cannot set mail_fsync=always "
+				  "(%s); applied changes are synced as "
+				  "mail_fsync says", username,
+				  error == NULL ? "unknown setting" : error);
 		}
 		if (ret > 0) {
 			ret = mail_storage_service_next(tandem_svc_storage,
