@@ -31,7 +31,7 @@ CLI_BIN := target/release/tandem
 # The module file name: lib90 sorts after lib15_notify, which the plugin depends on.
 PLUGIN_NAME := lib90_tandem_plugin.so
 
-DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
+DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev strace \
 	libclang-dev clang pkg-config python3
 
 .PHONY: all plugin cli service test-hooks-plugin test-hooks-service deps need-root test verify install demo bench clean

@@ -1,12 +1,14 @@
-//! Durability and ordering across failures (issue 9, findings 10, 11 and 13), end to end on a
-//! pair of real Dovecot servers:
+//! Durability and ordering across failures (issue 9, findings 10 to 13), end to end on a pair
+//! of real Dovecot servers:
 //!
 //! - clock skew: a server whose clock is two hours behind still orders a change it makes after
 //!   seeing the peer's change after that change (the hybrid logical clock);
 //! - power loss: the journal's unsynced tail is dropped while the server is down, and the
 //!   changes made after the restart still all reach the peer (no LSN is handed out twice);
 //! - a damaged journal: a flipped byte in a sealed segment neither freezes the user nor the
-//!   others; the records after it replicate, and a resync repairs what it held.
+//!   others; the records after it replicate, and a resync repairs what it held;
+//! - acknowledgements: what B acknowledges (and A then drops) is on B's disk first (watched
+//!   with strace).
 //!
 //! These need the test-hooks builds of the plugin and the service (`make test` builds them):
 //! `tandem_test_clock_offset` moves a server's clock, `tandem_test_segment_target` makes small
@@ -302,4 +304,63 @@ fn a_damaged_journal_is_skipped_past_and_repaired_by_a_resync() {
                 && l.contains("bytes ")),
         "A's log names the user, the file and the byte range:\n{log}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 12: acknowledged only once durable
+// ---------------------------------------------------------------------------------------------
+
+/// B acknowledges what it applied, and A then drops it from its journal: before that, B must
+/// have on disk the change itself (Dovecot's index log, which `mail_fsync = optimized`, the
+/// default, leaves in the page cache for flag changes), the conflict memory and the clock
+/// floor. Watched with strace on B's service: each of them is fdatasynced before the applied
+/// position, which is written right before the ack goes out.
+#[test]
+fn what_b_acknowledges_is_on_disk_first() {
+    let pair = Pair::start("dur-ack");
+    let mut ia = pair.a.login(USER);
+    ia.append("INBOX", &[], &message("x", 300));
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    let pid = common::child_pids(&pair.b, "tandem-service")[0];
+    let out = pair.b.dir().join("strace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .spawn()
+        .expect("strace (make deps installs it)");
+    wait_for(CONVERGE, "strace attached", || {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+        })
+    });
+    ia.select("INBOX");
+    ia.uid_store("1", "+FLAGS (\\Flagged)");
+    ia.logout();
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    wait_for(CONVERGE, "the position synced", || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.contains("applied/a/alice"))
+    });
+    // SAFETY: our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let trace = std::fs::read_to_string(&out).unwrap();
+    let first = |what: &str| {
+        trace
+            .lines()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no fsync of {what} by B's service:\n{trace}"))
+    };
+    let position = first("applied/a/alice");
+    for what in [
+        "INBOX/dbox-Mails/dovecot.index.log",
+        "memory/alice.jsonl",
+        "clock/alice",
+    ] {
+        assert!(
+            first(what) < position,
+            "{what} synced after the position:\n{trace}"
+        );
+    }
 }
