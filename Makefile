@@ -31,10 +31,10 @@ CLI_BIN := target/release/tandem
 # The module file name: lib90 sorts after lib15_notify, which the plugin depends on.
 PLUGIN_NAME := lib90_tandem_plugin.so
 
-DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
+DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev strace \
 	libclang-dev clang pkg-config python3
 
-.PHONY: all plugin cli service test-hooks-plugin deps need-root test verify install demo bench clean
+.PHONY: all plugin cli service test-hooks-plugin test-hooks-service deps need-root test verify install demo bench clean
 
 all: deps plugin cli service
 
@@ -57,6 +57,13 @@ service: deps
 test-hooks-plugin: deps
 	$(CARGO) build --release --lib --features plugin,test-hooks
 	cp $(PLUGIN_SO) $(TEST_HOOKS_SO).tmp && mv $(TEST_HOOKS_SO).tmp $(TEST_HOOKS_SO)
+
+# The service with the `test-hooks` feature (`tandem_test_clock_offset`, a record of fsyncs),
+# for tests/durability.rs only; never installed. Built before `service`, like the plugin's.
+TEST_HOOKS_SERVICE := target/release/tandem-service-test-hooks
+test-hooks-service: deps
+	$(CARGO) build --release --features service,test-hooks --bin tandem-service
+	cp target/release/tandem-service $(TEST_HOOKS_SERVICE).tmp && mv $(TEST_HOOKS_SERVICE).tmp $(TEST_HOOKS_SERVICE)
 
 # Quiet and fast when nothing is missing (no apt-get update then). Installs as root, or through
 # sudo when that needs no password; otherwise, and when the install fails (no network), stops
@@ -82,9 +89,10 @@ deps:
 # The summary line at the end adds up every test binary's result, so that one line tells the
 # whole run's outcome.
 # The second run: the service's unit tests, which link libdovecot.
-test: deps need-root test-hooks-plugin all
+test: deps need-root test-hooks-plugin test-hooks-service all
 	@set -o pipefail; \
 	{ TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
+		TANDEM_SERVICE_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SERVICE) \
 		$(CARGO) test --release 2>&1 && \
 	  $(CARGO) test --release --features service --lib service:: 2>&1; } \
 		| tee target/test-output.txt; status=$$?; \

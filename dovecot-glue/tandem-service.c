@@ -926,9 +926,33 @@ int tandem_svc_user_open(const char *username,
 	tandem_svc_storage_input(&input, username);
 
 	T_BEGIN {
-		ret = mail_storage_service_lookup_next(tandem_svc_storage,
-						       &input, &service_user,
-						       &mail_user, &error);
+		/* lookup_next() in two steps, to force mail_fsync=always in
+		   between: the service acknowledges what it applied, and the
+		   sender then drops it, so every change it makes must be on
+		   disk first (under mail_fsync=optimized Dovecot leaves flag
+		   changes in the page cache). Only the service's own users
+		   get this; mail processes keep the admin's setting. */
+		ret = mail_storage_service_lookup(tandem_svc_storage, &input,
+						  &service_user, &error);
+		if (ret > 0 &&
+		    mail_storage_service_user_set_setting(service_user,
+				"mail_fsync", "always", &error) <= 0) {
+			/* Replication goes on; what it acknowledges may
+			   then sit in the page cache for a moment. */
+			i_warning("tandem: user %s: cannot set mail_fsync=always "
+				  "(%s); applied changes are synced as "
+				  "mail_fsync says", username,
+				  error == NULL ? "unknown setting" : error);
+		}
+		if (ret > 0) {
+			ret = mail_storage_service_next(tandem_svc_storage,
+							service_user,
+							&mail_user, &error);
+			if (ret < 0)
+				mail_storage_service_user_unref(&service_user);
+			else
+				ret = 1;
+		}
 		if (ret <= 0)
 			*error_r = ret == 0 ? "Unknown user" :
 				tandem_svc_printf("User %s: %s", username,

@@ -337,6 +337,22 @@ impl UserCapture {
             }
         }
         let writer = self.writer.as_mut().expect("opened above");
+        // After every change of the peer's that the service applied for this user, which
+        // this user may have seen: the hybrid logical clock (src/clock.rs).
+        match crate::clock::read_floor(&self.settings.state_dir, &self.user) {
+            Ok(floor) => writer.set_clock_floor(floor),
+            Err(e) => {
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    log::warn!(
+                        "user {}: cannot read the clock floor ({e}); changes are stamped by \
+                         this server's clock alone",
+                        self.user
+                    );
+                }
+            }
+        }
         if let Err(e) = writer.append(records) {
             let msg = format!(
                 "journal append in {} failed: {e}; {} change(s) not journaled",

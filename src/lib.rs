@@ -13,6 +13,7 @@
 //! Modules:
 //! - [`event`]: the change records, pure data.
 //! - [`journal`]: the durable per-user change journal: format, writer, reader, recovery.
+//! - [`clock`]: the hybrid logical clock that stamps records, and the per-user floor.
 //! - [`capture`]: turns notify events into records, per transaction; no Dovecot calls.
 //! - [`settings`]: the plugin settings and their validation.
 //! - [`codec`]: the replication wire format: frames, LZ4, messages; pure, no sockets.
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod capture;
+pub mod clock;
 pub mod codec;
 pub mod event;
 pub mod journal;

@@ -202,6 +202,16 @@ pub unsafe extern "C" fn tandem_rs_user_created(
         if getenv("tandem_test_panic").as_deref() == Some("user_created") {
             panic!("tandem_test_panic = user_created: panicking on purpose");
         }
+        // A server whose clock is wrong, for the clock-skew test.
+        #[cfg(feature = "test-hooks")]
+        if let Some(ms) = getenv("tandem_test_clock_offset").and_then(|v| v.trim().parse().ok()) {
+            crate::clock::set_test_offset(ms);
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Some(n) = getenv("tandem_test_segment_target").and_then(|v| v.trim().parse().ok()) {
+            crate::journal::writer::TEST_SEGMENT_TARGET
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
         // SAFETY: user is live for the call.
         let home = unsafe { raw::tandem_glue_user_home(user) };
         // SAFETY: NULL or a NUL-terminated string that outlives the call.

@@ -9,9 +9,11 @@ pub mod format;
 pub mod reader;
 pub mod resync;
 pub mod segment;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod writer;
 
-pub use reader::{Cursor, Problem, Reader, Stats, VerifyReport};
+pub use reader::{Cursor, Damage, Problem, Reader, Stats, VerifyReport};
 pub use resync::{clear_resync, mark_resync, read_resync, ResyncMark};
 pub use writer::Writer;
 

@@ -22,6 +22,9 @@ pub struct Cursor {
     pub next_lsn: u64,
     /// Where that LSN was expected last time: (segment base LSN, byte offset).
     at: Option<(u64, u64)>,
+    /// Damage a [`Reader::skipping_damage`] reader went past since the caller last took this
+    /// list: the caller logs it and has the user resynced.
+    pub skipped: Vec<Damage>,
 }
 
 impl Cursor {
@@ -29,7 +32,64 @@ impl Cursor {
         Cursor {
             next_lsn: lsn.max(1),
             at: None,
+            skipped: Vec::new(),
         }
+    }
+
+    /// Notes damage in `path` over bytes `from..to`, and resumes reading at LSN `resume` (or
+    /// where the cursor is, if that is further).
+    fn skip(&mut self, path: &Path, from: u64, to: u64, reason: String, resume: u64) {
+        let lost = (resume > self.next_lsn).then_some((self.next_lsn, resume));
+        // The LSNs missing right after a damaged range are that damage's, not another one.
+        if let Some(last) = self.skipped.last_mut() {
+            if last.path == path && last.bytes.1 == from && last.lost_lsns.is_none() {
+                last.lost_lsns = lost;
+                self.next_lsn = self.next_lsn.max(resume);
+                return;
+            }
+        }
+        // Bounded: one entry per damaged range, and a caller that never takes them keeps the
+        // first ones only.
+        if self.skipped.len() < MAX_SKIPPED {
+            self.skipped.push(Damage {
+                path: path.to_path_buf(),
+                bytes: (from, to),
+                lost_lsns: lost,
+                reason,
+            });
+        }
+        self.next_lsn = self.next_lsn.max(resume);
+    }
+}
+
+const MAX_SKIPPED: usize = 64;
+
+/// Damage that a reader went past (see [`Reader::skipping_damage`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub path: PathBuf,
+    /// The damaged byte range in the file, `from..to` (equal when the damage is a broken
+    /// sequence rather than bad bytes).
+    pub bytes: (u64, u64),
+    /// LSNs `first..next` that could not be read, if the reader had to jump over some.
+    pub lost_lsns: Option<(u64, u64)>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes {}..{}: {}",
+            self.path.display(),
+            self.bytes.0,
+            self.bytes.1,
+            self.reason
+        )?;
+        if let Some((a, b)) = self.lost_lsns {
+            write!(f, "; LSNs {a}..{} unreadable", b - 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +134,8 @@ pub struct Stats {
 
 pub struct Reader {
     dir: PathBuf,
+    skip_damage: bool,
+    sync: bool,
 }
 
 impl Reader {
@@ -85,7 +147,31 @@ impl Reader {
         }
         Ok(Reader {
             dir: dir.to_path_buf(),
+            skip_damage: false,
+            sync: false,
         })
+    }
+
+    /// Makes reads go on past damage instead of failing: a bad frame is skipped to the next
+    /// valid one, a closed segment's unreadable rest to the next segment. Only a possibly torn
+    /// tail of the newest segment (a write in progress, or one the next writer cuts off) still
+    /// ends a read. What was skipped is listed in [`Cursor::skipped`]: nothing is lost
+    /// silently, the caller has the user resynced. The replication service reads this way so
+    /// that one damaged spot never freezes a user.
+    pub fn skipping_damage(mut self) -> Reader {
+        self.skip_damage = true;
+        self
+    }
+
+    /// Makes reads fdatasync every segment they return records from before they return, so
+    /// that what the caller sends on is durable: under `tandem_fsync = optimized` or `never`
+    /// the writer leaves flag changes in the page cache, and a record that reached the peer
+    /// but not the disk would have its LSN handed out again after a power loss, which the peer
+    /// would skip as already applied. One fdatasync per read, on the service's side, instead of
+    /// one per append in the mail processes.
+    pub fn syncing(mut self) -> Reader {
+        self.sync = true;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -100,6 +186,9 @@ impl Reader {
 
     /// Like [`Reader::read`], but stops after `max` records, so that a large backlog is read in
     /// pieces. Returns how many records were visited.
+    ///
+    /// Damage fails the read, unless the reader was made with [`Reader::skipping_damage`]:
+    /// then it goes on after the damage, and the cursor lists what it skipped.
     pub fn read_up_to(
         &self,
         cursor: &mut Cursor,
@@ -107,6 +196,7 @@ impl Reader {
         mut visit: impl FnMut(Record),
     ) -> Result<usize, JournalError> {
         let mut visited = 0usize;
+        let mut synced = Vec::new();
         loop {
             if visited >= max {
                 return Ok(visited);
@@ -126,19 +216,33 @@ impl Reader {
             };
             let (base, path) = &segs[idx];
             let is_last = idx + 1 == segs.len();
+            let next_base = segs.get(idx + 1).map(|(b, _)| *b);
             let mut file = File::open(path).map_err(|e| JournalError::io(path, e))?;
+            let fresh = !matches!(cursor.at, Some((b, _)) if b == *base);
             let start = match cursor.at {
                 Some((b, off)) if b == *base => off,
                 _ => {
                     let mut h = [0u8; HEADER_LEN];
-                    file.read_exact(&mut h)
-                        .map_err(|e| JournalError::io(path, e))?;
-                    SegmentHeader::decode(&h).map_err(|reason| JournalError::Corrupt {
-                        path: path.clone(),
-                        offset: 0,
-                        reason,
-                    })?;
-                    HEADER_LEN as u64
+                    let header = file
+                        .read_exact(&mut h)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| SegmentHeader::decode(&h));
+                    match (header, next_base) {
+                        (Ok(_), _) => HEADER_LEN as u64,
+                        (Err(reason), Some(next)) if self.skip_damage => {
+                            let len = file.metadata().map_or(0, |m| m.len());
+                            cursor.skip(path, 0, len, reason, next);
+                            cursor.at = None;
+                            continue;
+                        }
+                        (Err(reason), _) => {
+                            return Err(JournalError::Corrupt {
+                                path: path.clone(),
+                                offset: 0,
+                                reason,
+                            })
+                        }
+                    }
                 }
             };
             file.seek(SeekFrom::Start(start))
@@ -146,12 +250,14 @@ impl Reader {
             let mut buf = Vec::new();
             file.read_to_end(&mut buf)
                 .map_err(|e| JournalError::io(path, e))?;
+            let visited_before = visited;
             let mut pos = 0usize;
             let mut sealed = None;
             while pos < buf.len() {
+                let at = start + pos as u64;
                 let corrupt = |reason: String| JournalError::Corrupt {
                     path: path.clone(),
-                    offset: start + pos as u64,
+                    offset: at,
                     reason,
                 };
                 let (payload, len) = match format::read_frame(&buf[pos..]) {
@@ -163,17 +269,44 @@ impl Reader {
                     {
                         break
                     }
+                    FrameRead::Incomplete | FrameRead::Bad(_) if self.skip_damage => {
+                        let reason = match format::read_frame(&buf[pos..]) {
+                            FrameRead::Bad(r) => r,
+                            _ => "incomplete frame".into(),
+                        };
+                        // On to the next valid frame, or past the end of this closed segment.
+                        let skip =
+                            format::valid_frame_after(&buf[pos..]).unwrap_or(buf.len() - pos);
+                        let next = cursor.next_lsn;
+                        cursor.skip(path, at, at + skip as u64, reason, next);
+                        pos += skip;
+                        continue;
+                    }
                     FrameRead::Incomplete => return Err(corrupt("incomplete frame".into())),
                     FrameRead::Bad(reason) => return Err(corrupt(reason)),
                 };
-                match format::decode_entry(payload).map_err(&corrupt)? {
+                let entry = match format::decode_entry(payload) {
+                    Ok(e) => e,
+                    Err(reason) if self.skip_damage => {
+                        let next = cursor.next_lsn;
+                        cursor.skip(path, at, at + len as u64, reason, next);
+                        pos += len;
+                        continue;
+                    }
+                    Err(reason) => return Err(corrupt(reason)),
+                };
+                match entry {
                     Entry::Record(r) => {
                         if r.lsn >= cursor.next_lsn {
                             if r.lsn != cursor.next_lsn {
-                                return Err(corrupt(format!(
+                                let reason = format!(
                                     "record has LSN {}, expected {}",
                                     r.lsn, cursor.next_lsn
-                                )));
+                                );
+                                if !self.skip_damage {
+                                    return Err(corrupt(reason));
+                                }
+                                cursor.skip(path, at, at, reason, r.lsn);
                             }
                             cursor.next_lsn += 1;
                             visit(r);
@@ -187,25 +320,60 @@ impl Reader {
                     break;
                 }
             }
-            cursor.at = Some((*base, start + pos as u64));
-            match sealed {
-                Some(next) if !is_last => {
-                    if next != cursor.next_lsn {
-                        return Err(JournalError::Corrupt {
-                            path: path.clone(),
-                            offset: start + pos as u64,
-                            reason: format!(
-                                "seal names next LSN {next}, but the reader is at {}",
-                                cursor.next_lsn
-                            ),
-                        });
-                    }
-                    cursor.at = None;
+            // Records go out only once they are durable (see `syncing`): one fdatasync per
+            // segment read from, whatever the number of records.
+            if self.sync && visited > visited_before && !synced.contains(base) {
+                file.sync_data().map_err(|e| JournalError::io(path, e))?;
+                if fresh {
+                    // A segment created under `tandem_fsync = never` may not have its name
+                    // on disk yet.
+                    File::open(&self.dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| JournalError::io(&self.dir, e))?;
                 }
-                // The newest segment ends here for now (or was just sealed, and its successor
-                // is not there yet), or `max` was reached.
-                _ => return Ok(visited),
+                synced.push(*base);
+                #[cfg(feature = "test-hooks")]
+                crate::journal::test_hooks::durable(path, start + pos as u64);
             }
+            let at = start + pos as u64;
+            cursor.at = Some((*base, at));
+            // The newest segment ends here for now (or was just sealed, and its successor is
+            // not there yet).
+            let Some(nb) = next_base else {
+                return Ok(visited);
+            };
+            // A closed segment without a seal: a writer found damage in it and went on in a
+            // new segment, which continues the journal.
+            let unsealed_end = self.skip_damage && pos >= buf.len();
+            if sealed.is_none() && (!unsealed_end || visited >= max) {
+                return Ok(visited);
+            }
+            let mut problem = None;
+            if let Some(next) = sealed {
+                if next != cursor.next_lsn {
+                    problem = Some(format!(
+                        "seal names next LSN {next}, but the reader is at {}",
+                        cursor.next_lsn
+                    ));
+                }
+            }
+            if nb > cursor.next_lsn && problem.is_none() {
+                problem = Some(format!(
+                    "LSN gap: the next segment starts at {nb}, the reader is at {}",
+                    cursor.next_lsn
+                ));
+            }
+            if let Some(reason) = problem {
+                if !self.skip_damage {
+                    return Err(JournalError::Corrupt {
+                        path: path.clone(),
+                        offset: at,
+                        reason,
+                    });
+                }
+                cursor.skip(path, at, at, reason, nb);
+            }
+            cursor.at = None;
         }
     }
 

@@ -337,3 +337,94 @@ fn processes_appending_at_once_never_interleave_or_lose_records() {
     let rep = Reader::open(t.path()).unwrap().verify().unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
+
+/// The service's reader goes on past damage (issue 9, finding 10): a flipped byte in the middle
+/// of a closed segment is skipped to the next valid record, the records after it are read, and
+/// the skipped range is reported with its file and byte range, never dropped silently.
+#[test]
+fn a_skipping_reader_goes_past_damage_and_reports_it() {
+    let t = tempfile::tempdir().unwrap();
+    let mut w = Writer::open_with(t.path(), FsyncPolicy::Never, 600).unwrap();
+    append_n(&mut w, "u", 0, 30);
+    let segs = writer::segment_paths(t.path()).unwrap();
+    assert!(segs.len() >= 3, "{segs:?}");
+    // Damage the middle of the first (sealed) segment.
+    let (_, first) = &segs[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let mid = format::HEADER_LEN + (bytes.len() - format::HEADER_LEN) / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(first, &bytes).unwrap();
+
+    // The strict reader stops at it, as `tandem log show` does.
+    assert!(Reader::open(t.path()).unwrap().records_from(1).is_err());
+
+    let reader = Reader::open(t.path()).unwrap().skipping_damage();
+    let mut cursor = Cursor::from_lsn(1);
+    let mut got = Vec::new();
+    reader.read(&mut cursor, |r| got.push(r.lsn)).unwrap();
+    assert_eq!(cursor.next_lsn, 31);
+    assert_eq!(
+        got.len(),
+        29,
+        "exactly the damaged record is missing: {got:?}"
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*got.last().unwrap(), 30);
+    assert_eq!(cursor.skipped.len(), 1, "{:?}", cursor.skipped);
+    let d = &cursor.skipped[0];
+    assert_eq!(&d.path, first);
+    assert!(d.bytes.0 <= mid as u64 && (mid as u64) < d.bytes.1, "{d}");
+    let missing = (1..=30).find(|l| !got.contains(l)).unwrap();
+    assert_eq!(d.lost_lsns, Some((missing, missing + 1)), "{d}");
+
+    // New records after the damage follow, and the damage is reported once.
+    cursor.skipped.clear();
+    append_n(&mut w, "u", 30, 2);
+    let mut more = Vec::new();
+    reader.read(&mut cursor, |r| more.push(r.lsn)).unwrap();
+    assert_eq!(more, [31, 32]);
+    assert!(cursor.skipped.is_empty());
+
+    // A segment damaged up to its end (no seal any more) is left for the next one.
+    let (_, second) = &segs[1];
+    let len = std::fs::metadata(second).unwrap().len();
+    let f = OpenOptions::new().write(true).open(second).unwrap();
+    f.set_len(len - 10).unwrap();
+    let mut c = Cursor::from_lsn(1);
+    let mut all = Vec::new();
+    reader.read(&mut c, |r| all.push(r.lsn)).unwrap();
+    assert_eq!(*all.last().unwrap(), 32);
+    assert_eq!(c.skipped.len(), 2, "{:?}", c.skipped);
+    assert!(c.skipped[1].path == *second, "{:?}", c.skipped);
+}
+
+proptest::proptest! {
+    /// Any one flipped byte anywhere in a closed segment: the skipping reader still reads every
+    /// record of the other segments, in order, and reports the damage unless the flip hit
+    /// nothing that matters.
+    #[test]
+    fn a_skipping_reader_survives_any_flip(at in 0usize..4096, bit in 0u8..8) {
+        let t = tempfile::tempdir().unwrap();
+        let mut w = Writer::open_with(t.path(), FsyncPolicy::Never, 600).unwrap();
+        append_n(&mut w, "u", 0, 20);
+        let segs = writer::segment_paths(t.path()).unwrap();
+        let (first_base, first) = &segs[0];
+        let (second_base, _) = &segs[1];
+        let mut bytes = std::fs::read(first).unwrap();
+        let at = at % bytes.len();
+        bytes[at] ^= 1 << bit;
+        std::fs::write(first, &bytes).unwrap();
+        let reader = Reader::open(t.path()).unwrap().skipping_damage();
+        let mut cursor = Cursor::from_lsn(1);
+        let mut got = Vec::new();
+        reader.read(&mut cursor, |r| got.push(r.lsn)).unwrap();
+        proptest::prop_assert_eq!(cursor.next_lsn, 21);
+        proptest::prop_assert!(got.windows(2).all(|w| w[0] < w[1]));
+        let later: Vec<u64> = (*second_base..=20).collect();
+        proptest::prop_assert!(got.ends_with(&later), "{:?}", got);
+        let lost = (*second_base - *first_base) as usize + later.len() - got.len();
+        if lost > 0 {
+            proptest::prop_assert!(!cursor.skipped.is_empty());
+        }
+    }
+}

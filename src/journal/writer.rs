@@ -15,10 +15,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// A segment grows to about this size before the writer starts the next one.
 pub const DEFAULT_SEGMENT_TARGET: u64 = 8 << 20;
+/// Test-only (feature `test-hooks`, setting `tandem_test_segment_target`): a smaller segment
+/// size, so that an end-to-end test gets sealed segments from a few changes.
+#[cfg(feature = "test-hooks")]
+pub static TEST_SEGMENT_TARGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How long an append waits for the lock before it gives up (and the user is marked for
 /// resync): a stuck process must never hang everybody else's mail.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,19 +112,21 @@ pub struct Writer {
     segment_target: u64,
     lock: File,
     active: Option<Active>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// The highest remote stamp applied for this user (see [`crate::clock`]).
+    floor: Stamp,
 }
 
 impl Writer {
     /// Opens (creating if needed) the journal in `dir`, and recovers it: a torn tail left by a
     /// crashed writer is cut off and logged.
     pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Writer, JournalError> {
+        #[cfg(feature = "test-hooks")]
+        {
+            let t = TEST_SEGMENT_TARGET.load(std::sync::atomic::Ordering::Relaxed);
+            if t > 0 {
+                return Self::open_with(dir, fsync, t);
+            }
+        }
         Self::open_with(dir, fsync, DEFAULT_SEGMENT_TARGET)
     }
 
@@ -148,6 +155,7 @@ impl Writer {
             segment_target,
             lock,
             active: None,
+            floor: Stamp::default(),
         };
         let lock = w
             .lock
@@ -160,6 +168,12 @@ impl Writer {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Stamps from now on come after `floor`: the highest stamp of the peer's changes applied
+    /// for this user, which this user may have seen (see [`crate::clock`]).
+    pub fn set_clock_floor(&mut self, floor: Stamp) {
+        self.floor = self.floor.max(floor);
     }
 
     /// Rebuilds this writer's view of the journal from the files, repairing what a crash left.
@@ -314,6 +328,8 @@ impl Writer {
         fs::rename(&tmp, &path).map_err(|e| JournalError::io(&path, e))?;
         if self.fsync != FsyncPolicy::Never {
             sync_dir(&self.dir)?;
+            #[cfg(feature = "test-hooks")]
+            super::test_hooks::durable(&path, HEADER_LEN as u64);
         }
         let file = OpenOptions::new()
             .read(true)
@@ -398,12 +414,12 @@ impl Writer {
             self.rotate()?;
         }
         let a = self.active.as_mut().expect("recovered above");
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let mut buf = Vec::with_capacity(records.len() * 128);
         let mut stamp = a.last_stamp;
         for (i, r) in records.iter_mut().enumerate() {
             r.lsn = a.next_lsn + i as u64;
-            stamp = Stamp::next(stamp, now);
+            stamp = crate::clock::tick(stamp, self.floor, now);
             r.stamp = stamp;
             let payload = format::encode_record(r).map_err(|format::TooLong(what)| {
                 JournalError::TooLarge(format!("{what} too long"))
@@ -428,6 +444,8 @@ impl Writer {
                 let _ = a.file.set_len(a.len);
                 return Err(JournalError::io(&a.path, e));
             }
+            #[cfg(feature = "test-hooks")]
+            super::test_hooks::durable(&a.path, a.len + buf.len() as u64);
         }
         a.len += buf.len() as u64;
         a.next_lsn += records.len() as u64;
@@ -448,6 +466,8 @@ impl Writer {
             a.file
                 .sync_data()
                 .map_err(|e| JournalError::io(&a.path, e))?;
+            #[cfg(feature = "test-hooks")]
+            super::test_hooks::durable(&a.path, a.len + seal.len() as u64);
         }
         let (next, id, stamp) = (a.next_lsn, a.journal_id, a.last_stamp);
         self.active = Some(self.create_segment(next, id, stamp)?);

@@ -44,8 +44,11 @@ pub fn catch_up(user: &str, journal_dir: &Path) -> Result<(), String> {
 }
 
 pub fn catch_up_locked(m: &mut Memory, journal_dir: &Path) -> Result<(), String> {
+    // Past damage: the outbound side has the user resynced for it, and the memory only
+    // sharpens conflict decisions. A damaged spot must not stop streaming, applying or the
+    // resync that repairs it.
     let reader = match Reader::open(journal_dir) {
-        Ok(r) => r,
+        Ok(r) => r.skipping_damage(),
         Err(JournalError::Missing(_)) => return Ok(()),
         Err(e) => return Err(e.to_string()),
     };
@@ -59,6 +62,9 @@ pub fn catch_up_locked(m: &mut Memory, journal_dir: &Path) -> Result<(), String>
     reader
         .read(&mut cursor, |r| records.push(r))
         .map_err(|e| e.to_string())?;
+    for d in &cursor.skipped {
+        log::warn!("conflict memory: local journal damaged, skipped: {d}");
+    }
     for r in &records {
         m.ingest_local(r);
     }

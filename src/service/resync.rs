@@ -31,7 +31,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use super::status::CONTROL_SOCKET;
 /// Body bytes per chunk of a resync (one RPC, one main-thread job).
@@ -557,12 +557,8 @@ fn details_page(d: Details, page: usize) -> (Details, bool) {
 }
 
 fn now_mark(server_id: &str) -> Mark {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     Mark {
-        stamp: Stamp::from_parts(ms, 0).0,
+        stamp: Stamp::from_parts(crate::clock::now_ms(), 0).0,
         origin: server_id.to_string(),
     }
 }

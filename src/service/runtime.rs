@@ -227,6 +227,23 @@ fn config(svc: &Svc) -> Result<Config, String> {
                 "tandem_resync_scan_interval {v:?} is not a duration (like 30s or 5min)"
             ))?,
     };
+    let max_ahead = match svc.setting("tandem_clock_max_ahead") {
+        None => crate::clock::DEFAULT_MAX_AHEAD,
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
+            .ok_or(format!(
+                "tandem_clock_max_ahead {v:?} is not a duration (like 5min or 1h)"
+            ))?,
+    };
+    crate::clock::set_max_ahead(max_ahead);
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = svc
+        .setting("tandem_test_clock_offset")
+        .and_then(|v| v.trim().parse().ok())
+    {
+        crate::clock::set_test_offset(ms);
+    }
     Ok(Config {
         server_id,
         peer,
@@ -873,7 +890,7 @@ impl Outbound {
         let u = self.user(name)?;
         let dir = u.dir.clone().unwrap();
         let reader = match Reader::open(&dir) {
-            Ok(r) => r,
+            Ok(r) => r.skipping_damage().syncing(),
             Err(JournalError::Missing(_)) => {
                 if u.journal_id != [0; 16] {
                     // The journal we were sending is gone, with whatever the peer had not
@@ -924,6 +941,14 @@ impl Outbound {
             u.last_error = Some(msg.clone());
             let _ = journal::mark_resync(&dir, &msg);
             return Err(ConnError::Protocol(msg));
+        }
+        // Damage is gone past, never stopped at: the records after it still go out, and a
+        // resync compares both sides to repair what the damaged part held (finding 10).
+        for d in std::mem::take(&mut u.cursor.skipped) {
+            let msg = format!("journal damaged: {d}; skipped, the user is resynced");
+            log::error!("user {name}: {msg}");
+            let _ = journal::mark_resync(&dir, &msg);
+            resync::request(name, &msg);
         }
         for r in &records {
             let bytes = crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64);
@@ -1649,6 +1674,8 @@ impl Inbound<'_> {
                 let queued_total: u64 = self.users.values().map(|u| u.queued_bytes).sum();
                 let own = self.ctx.cfg.server_id.clone();
                 let (ctx, peer_id) = (self.ctx, self.peer_id.clone());
+                let (now, max_ahead) = (crate::clock::now_ms(), crate::clock::max_ahead());
+                let mut clamped = None;
                 let u = self.in_user(&user, journal_id)?;
                 let mut next = u.queue.back().map_or(u.applied, |r| r.lsn) + 1;
                 let mut skipped_to = None;
@@ -1702,6 +1729,13 @@ impl Inbound<'_> {
                         u.queue.back_mut().unwrap().origin = "skip".into();
                         continue;
                     }
+                    let mut r = r;
+                    if let Err(limit) = crate::clock::receive(r.stamp, now, max_ahead) {
+                        // A stamp this far ahead would win every conflict and drag this
+                        // server's clock along: it is taken as the limit instead.
+                        clamped.get_or_insert((r.lsn, r.stamp));
+                        r.stamp = limit;
+                    }
                     u.queue.push_back(r);
                 }
                 if dropped > 0 {
@@ -1709,6 +1743,15 @@ impl Inbound<'_> {
                         "user {user}: {dropped} records from {} over the receiving queue's \
                          limit were not kept",
                         peer_id
+                    );
+                }
+                if let Some((lsn, stamp)) = clamped {
+                    log::error!(
+                        "user {user}: LSN {lsn} from {} is stamped {stamp}, more than {} ahead \
+                         of this server's clock: clamped (check both servers' clocks; changes \
+                         made here right after it may not be ordered after it)",
+                        peer_id,
+                        humantime::format_duration(max_ahead)
                     );
                 }
                 if let (Some(lsn), true) = (skipped_to, u.queue.is_empty()) {
@@ -2024,7 +2067,7 @@ impl Local {
         let Some(dir) = &self.journal_dir else {
             return out;
         };
-        let Ok(reader) = Reader::open(dir) else {
+        let Ok(reader) = Reader::open(dir).map(Reader::skipping_damage) else {
             return out;
         };
         let Ok(jid) = reader.journal_id() else {
@@ -2219,7 +2262,23 @@ fn apply_batch(
             }
         });
     }
-    if let Err(e) = mem.flush() {
+    // The user's later changes here are stamped after the peer's changes just applied (the
+    // hybrid logical clock), before the ack, so that it holds after a restart too.
+    let newest = batch[..out.applied.min(batch.len())]
+        .iter()
+        .filter(|r| r.origin != "skip")
+        .map(|r| r.stamp)
+        .max();
+    if let Some(stamp) = newest {
+        if let Err(e) = crate::clock::advance_floor(state_dir, user, stamp) {
+            log::error!("user {user}: cannot record the clock floor: {e}");
+        }
+    }
+    // On disk before the ack that follows this batch: the sender drops what is acknowledged,
+    // and the memory is what the conflict rules weigh later changes against. One fsync per
+    // batch; the storage changes themselves were synced as they were made (the service's
+    // users run with mail_fsync=always, see tandem_svc_user_open).
+    if let Err(e) = mem.flush_durable() {
         log::error!("user {user}: cannot save the conflict memory: {e}");
     }
     if out.error.is_some() {

@@ -62,6 +62,8 @@ pub struct Options {
     pub plugin_so: Option<PathBuf>,
     /// Run the tandem service, listening for its peer on this 127.0.0.1 port.
     pub service_port: Option<u16>,
+    /// A specific service build instead of [`service_bin`] (e.g. the test-hooks build).
+    pub service_bin: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             extra_conf: String::new(),
             plugin_so: None,
             service_port: None,
+            service_bin: None,
         }
     }
 }
@@ -775,7 +778,11 @@ doveadm_port = {doveadm}
   }}
 }}
 ",
-            exe = service_bin().display()
+            exe = opts
+                .service_bin
+                .clone()
+                .unwrap_or_else(service_bin)
+                .display()
         ));
     }
     c.push_str(&opts.extra_conf);
@@ -793,6 +800,22 @@ pub fn service_bin() -> PathBuf {
     assert!(
         p.is_file(),
         "no tandem service build at {}: run `make` (cargo build --release --features service --bin tandem-service)",
+        p.display()
+    );
+    p
+}
+
+/// The service built with the `test-hooks` feature (`tandem_test_clock_offset`, the record of
+/// fsyncs), from `TANDEM_SERVICE_TEST_HOOKS`, as `make test` builds it.
+pub fn test_hooks_service_bin() -> PathBuf {
+    let p = std::env::var_os("TANDEM_SERVICE_TEST_HOOKS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/tandem-service-test-hooks")
+        });
+    assert!(
+        p.is_file(),
+        "no test-hooks service build at {}: run `make test-hooks-service`",
         p.display()
     );
     p
