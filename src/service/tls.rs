@@ -617,4 +617,115 @@ mod tests {
         let err = handshake(&mut sconn, &s, Duration::from_millis(300)).unwrap_err();
         assert!(matches!(err, TlsError::HandshakeTimeout(_)), "{err}");
     }
+
+    /// A CA, and certificates it signed for "localhost", written as PEM files in `dir`.
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca: rcgen::Certificate,
+        ca_key: rcgen::KeyPair,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let ca = p.self_signed(&ca_key).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+            Pki { dir, ca, ca_key }
+        }
+
+        /// Files for a certificate named `name`, signed by this CA.
+        fn issue(&self, name: &str) -> TlsFiles {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .signed_by(&key, &self.ca, &self.ca_key)
+                .unwrap();
+            let (c, k) = (
+                self.dir.path().join(format!("{name}.pem")),
+                self.dir.path().join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            TlsFiles {
+                cert: Some(c),
+                key: Some(k),
+                ca: Some(self.dir.path().join("ca.pem")),
+            }
+        }
+    }
+
+    /// Both sides try the handshake; whether each side's succeeded.
+    fn try_pair(client_tls: &Tls, server_tls: &Tls) -> (bool, bool) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut sconn = server_tls.server().unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let ok = handshake(&mut sconn, &s, Duration::from_secs(10)).is_ok();
+            // The client's certificate arrives after the server's own handshake messages;
+            // read once more so that a refusal shows.
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let (mut r, _) = split(sconn, s.try_clone().unwrap());
+            ok && !matches!(r.recv(&mut Vec::new()), Err(_) | Ok(Recv::Closed))
+        });
+        let c = TcpStream::connect(addr).unwrap();
+        let mut cconn = client_tls.client().unwrap();
+        let ok = handshake(&mut cconn, &c, Duration::from_secs(10)).is_ok();
+        if ok {
+            c.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+        }
+        (ok, server.join().unwrap())
+    }
+
+    #[test]
+    fn certificates_from_files_are_checked_against_the_ca_both_ways() {
+        let pki = Pki::new();
+        let a = Tls::new(&pki.issue("a"), "localhost").unwrap();
+        let b = Tls::new(&pki.issue("b"), "localhost").unwrap();
+        assert_eq!(try_pair(&a, &b), (true, true));
+        let ((_, _, _, cb), s) = pair(&a, &b);
+        assert_eq!(cb, s.unwrap().3);
+
+        // A server with a certificate of another CA, or the self-signed default, is refused.
+        let other = Pki::new();
+        let stranger = Tls::new(&other.issue("x"), "localhost").unwrap();
+        assert!(!try_pair(&a, &stranger).0);
+        let default = Tls::new(&TlsFiles::default(), "localhost").unwrap();
+        assert!(!try_pair(&a, &default).0);
+        // A client without a certificate of the CA is refused by the server.
+        assert!(!try_pair(&default, &b).1);
+        assert!(!try_pair(&stranger, &b).1);
+        // The server's certificate must carry the name the client dials.
+        let elsewhere = Tls::new(&pki.issue("a"), "mx2.example.org").unwrap();
+        assert!(!try_pair(&elsewhere, &b).0);
+    }
+
+    #[test]
+    fn bad_certificate_settings_are_reported() {
+        let pki = Pki::new();
+        let mut files = pki.issue("a");
+        files.key = None;
+        let err = Tls::new(&files, "localhost").err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "tandem_tls_cert_file is set without tandem_tls_key_file: set both, or neither"
+        );
+        let mut files = pki.issue("a");
+        files.cert = Some(pki.dir.path().join("missing.pem"));
+        let err = Tls::new(&files, "localhost").err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read the TLS certificate file"),
+            "{err}"
+        );
+        let mut files = pki.issue("a");
+        files.ca = files.key.clone();
+        let err = Tls::new(&files, "localhost").err().unwrap();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
 }
