@@ -144,7 +144,7 @@ fn a_capture_of_the_link_shows_no_mail_text() {
     // The mails really crossed the taps.
     for (tap, what) in [(&tap_ab, "A to B"), (&tap_ba, "B to A")] {
         let n = tap.captured.lock().unwrap().len();
-        assert!(n > 1000, "only {n} bytes went {what}");
+        assert!(n > 200, "only {n} bytes went {what}");
     }
     assert!(
         tap_ab.connections.load(Ordering::SeqCst) >= 2,
@@ -344,11 +344,11 @@ fn a_man_in_the_middle_cannot_relay_the_handshake_nor_inject_frames() {
     }
     // Time for anything that did get through to be applied.
     std::thread::sleep(Duration::from_secs(3));
+    let relayed = m_ab.seen.lock().unwrap().clone();
     assert!(
         b.fetch("alice").is_empty(),
         "the relayed handshake authenticated: alice's mail crossed the man in the middle \
-         (frames he relayed: {:?})",
-        m_ab.seen.lock().unwrap()
+         (frames he relayed: {relayed:?})"
     );
     for dc in [&a, &b] {
         assert!(
