@@ -481,15 +481,11 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    /// A connected pair of sessions over loopback TCP: (client reader, client writer, client
-    /// socket), the same for the server, and both bindings.
-    fn pair(
-        client_tls: &Tls,
-        server_tls: &Tls,
-    ) -> (
-        (Reader, Writer, TcpStream, ChannelBinding),
-        Result<(Reader, Writer, TcpStream, ChannelBinding), TlsError>,
-    ) {
+    /// One end of a connection: its reader, writer, socket and channel binding.
+    type End = (Reader, Writer, TcpStream, ChannelBinding);
+
+    /// A connected pair of sessions over loopback TCP: the client's end and the server's.
+    fn pair(client_tls: &Tls, server_tls: &Tls) -> (End, Result<End, TlsError>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let mut sconn = server_tls.server().unwrap();
