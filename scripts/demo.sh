@@ -84,7 +84,7 @@ start_instance() {
 	mkdir -p "$dir/state" "$dir/modules" "$dir/home/alice"
 	# tandem_state_dir: the registry of users with journals, which every mail process (running as
 	# the mail user) adds itself to, hence sticky and world-writable like /tmp but not listable.
-	# The service keeps its own state (sent/, applied/) beside it.
+	# The service keeps its own state (sent-to/, applied/) beside it.
 	mkdir -m 755 "$dir/tandem-state"
 	mkdir -m 1733 "$dir/tandem-state/users"
 	# The auth (dovecot), login (dovenull) and mail (uid 5000) processes all read below it.

@@ -65,6 +65,11 @@ pub enum AuthError {
     Loop(String),
     #[error("peer announced an empty server id")]
     EmptyPeerId,
+    #[error(
+        "peer announced the server id {0:?}: a server id is 1 to 64 characters of A-Z a-z 0-9 . _ -, \
+         starting with a letter or digit"
+    )]
+    BadPeerId(String),
     #[error("peer sent back our own nonce: a reflection attempt")]
     Reflected,
     #[error(
@@ -82,9 +87,9 @@ pub enum AuthError {
         got: &'static str,
         expected: &'static str,
     },
-    #[error("peer refused authentication: {0}")]
+    #[error("peer refused authentication: {0:?}")]
     Refused(String),
-    #[error("peer reported an error during the handshake: {0}")]
+    #[error("peer reported an error during the handshake: {0:?}")]
     PeerError(String),
     #[error("the handshake is already over ({0}); no more handshake messages are expected")]
     Over(&'static str),
@@ -125,6 +130,7 @@ impl AuthError {
                 "you announced my own server id {id:?}: the connection loops back to one server"
             ),
             AuthError::EmptyPeerId => "empty server id".into(),
+            AuthError::BadPeerId(_) => "invalid server id".into(),
             AuthError::Reflected => "reflected nonce".into(),
             AuthError::BadClientMac { .. } => {
                 "authentication failed: the shared secrets differ, or the connection is \
@@ -236,6 +242,9 @@ fn check_peer(version: u16, peer_id: &str, my_id: &str) -> Result<(), AuthError>
     }
     if peer_id.is_empty() {
         return Err(AuthError::EmptyPeerId);
+    }
+    if !crate::settings::valid_server_id(peer_id) {
+        return Err(AuthError::BadPeerId(peer_id.into()));
     }
     if peer_id == my_id {
         return Err(AuthError::Loop(peer_id.into()));
@@ -615,8 +624,8 @@ mod tests {
         let client = r.client.unwrap_err();
         assert_eq!(
             client.to_string(),
-            "peer refused authentication: authentication failed: the shared secrets differ, or \
-             the connection is relayed"
+            "peer refused authentication: \"authentication failed: the shared secrets differ, \
+             or the connection is relayed\""
         );
     }
 
@@ -845,6 +854,32 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_id_that_could_be_a_path_is_refused_both_ways() {
+        // The receiver names a directory after the peer's id: `/etc`, `..` or `a/b` must never
+        // get that far.
+        for bad in ["/etc", "..", ".", "a/b", ".hidden", "x\n", &"a".repeat(65)] {
+            let mut s = ServerHandshake::new(SECRET, "mx1", &CH).unwrap();
+            let (_, hello) = ClientHandshake::new(SECRET, bad, &CH).unwrap();
+            let err = s.on_msg(hello).unwrap_err();
+            assert!(
+                matches!(&err, AuthError::BadPeerId(id) if id == bad),
+                "{bad}: {err}"
+            );
+            assert!(err.reply_to_peer().is_some());
+
+            let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
+            let err = c
+                .on_msg(Msg::Challenge {
+                    version: PROTOCOL_VERSION,
+                    server_id: bad.into(),
+                    nonce: [1; 32],
+                })
+                .unwrap_err();
+            assert!(matches!(err, AuthError::BadPeerId(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_reflected_nonce_is_refused() {
         let (mut c, hello) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let Msg::Hello { nonce, .. } = hello else {
@@ -904,7 +939,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "peer reported an error during the handshake: shutting down"
+            "peer reported an error during the handshake: \"shutting down\""
         );
         assert_eq!(err.reply_to_peer(), None);
     }

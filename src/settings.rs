@@ -66,10 +66,13 @@ pub struct Settings {
 pub const DEFAULT_JOURNAL_SUBDIR: &str = ".tandem";
 
 /// A server id is written into every record and compared byte for byte: keep it short and
-/// printable so that logs and JSON show it as it is.
-fn valid_server_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
+/// printable so that logs and JSON show it as it is. The service also names a directory after
+/// the peer's id (`applied/<id>/`), so it must never be a path: it starts with a letter or a
+/// digit (no `.` or `..`) and has no `/`. The same rule holds for our own id, the one a peer
+/// announces, and the one an admin pins.
+pub fn valid_server_id(id: &str) -> bool {
+    id.len() <= 64
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')

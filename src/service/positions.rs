@@ -1,6 +1,8 @@
 //! Persisted replication positions, one small file per user:
-//! - `sent/<user>`: how far the peer has acknowledged this server's journal of the user. The
-//!   sender resumes there; journal segments below it may be dropped.
+//! - `sent-to/<peer>/<user>`: how far the peer `<peer>` has acknowledged this server's journal
+//!   of the user. The sender resumes there; journal segments below it may be dropped. Kept per
+//!   peer, so that a replaced peer (another server id) is not taken to have what its
+//!   predecessor had.
 //! - `applied/<origin>/<user>`: how far this server has applied the journal of `origin`'s user.
 //!   The receiver skips records at or below it, which is what makes a replay after a crash or a
 //!   reconnect harmless.
@@ -72,13 +74,11 @@ impl Positions {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        // The content stays out of the message: it could end up in front of a peer.
         let bad = || {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{}: not a position file: {text:?}",
-                    self.path(user).display()
-                ),
+                format!("{}: not a position file", self.path(user).display()),
             )
         };
         let mut parts = text.split_whitespace();
@@ -110,6 +110,37 @@ impl Positions {
         }
         Ok(())
     }
+}
+
+/// The positions the peer `peer_id` (a validated server id, never a path) acknowledged. The flat
+/// `sent/` of earlier versions, which had no peer in its path, becomes the first peer's.
+pub fn sent_to(state_dir: &Path, peer_id: &str) -> io::Result<Positions> {
+    let parent = state_dir.join("sent-to");
+    let dir = parent.join(peer_id);
+    let legacy = state_dir.join("sent");
+    if !dir.exists() && legacy.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)?;
+        fs::rename(&legacy, &dir)?;
+    }
+    Positions::open(&dir, false)
+}
+
+/// The id of the peer last connected to, so that the backlog shown while it is away is counted
+/// against what that peer acknowledged.
+pub fn last_peer(state_dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(state_dir.join("last-peer")).ok()?;
+    let id = text.trim();
+    crate::settings::valid_server_id(id).then(|| id.to_string())
+}
+
+pub fn remember_peer(state_dir: &Path, peer_id: &str) -> io::Result<()> {
+    let path = state_dir.join("last-peer");
+    let tmp = state_dir.join(".last-peer.tmp");
+    fs::write(&tmp, format!("{peer_id}\n"))?;
+    fs::rename(&tmp, &path)
 }
 
 #[cfg(test)]

@@ -119,16 +119,30 @@ enum Req {
     Summary {
         user: String,
     },
+    /// One page of a mailbox's details: every answer fits in a frame, whatever the mailbox.
     Details {
         user: String,
         mbox: String,
+        #[serde(default)]
+        page: u32,
     },
+    /// The bodies of `uids`, the first from byte `offset` on. The answer may cover fewer UIDs
+    /// than asked (ask again for the rest) and end in part of a body (ask again from there).
     Bodies {
         user: String,
         mbox: String,
         uids: Vec<u32>,
+        #[serde(default)]
+        offset: u64,
     },
-    /// Saves take their bodies from the blobs, in order.
+    /// Part of a body that a later Apply takes by its GUID (a body too large for one frame).
+    Stage {
+        guid: String,
+        total: u64,
+        offset: u64,
+    },
+    /// Saves take their bodies from the blobs, in order, or, where `meta.staged`, from what
+    /// was staged under their GUID.
     Apply {
         user: String,
         actions: Vec<Action>,
@@ -149,11 +163,17 @@ enum Reply {
     },
     Details {
         details: Details,
+        /// More pages follow.
+        #[serde(default)]
+        more: bool,
     },
-    /// One entry per UID asked for: `None` if the mail is gone; the bodies are the blobs of
-    /// the entries that are `Some`, in order.
+    /// One entry per UID answered, in the order asked (possibly fewer than asked): `None` if
+    /// the mail is gone; the bodies are the blobs of the entries that are `Some`, in order.
+    /// With `partial`, the last blob is only part of its body, whose size is `partial`.
     Bodies {
         found: Vec<Option<BodyMeta>>,
+        #[serde(default)]
+        partial: Option<u64>,
     },
     Applied {
         changes: u64,
@@ -166,10 +186,31 @@ struct BodyMeta {
     received_date: i64,
     save_date: i64,
     guid: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    staged: bool,
+}
+
+/// What one RPC frame carries at most in bodies, and the most mails and flag marks in one page
+/// of details: far below the frame limit, so that no mail size or mailbox size can make a
+/// request or an answer too large to send.
+const RPC_BODY_BYTES: usize = 4 << 20;
+const DETAILS_PAGE: usize = 20_000;
+/// A body above this is staged in parts before the Apply that saves it.
+const STAGE_ABOVE: usize = RPC_BODY_BYTES;
+/// The most bodies one connection may have staged at once.
+const MAX_STAGED: u64 = 1 << 30;
+/// The most actions in one Apply, whatever their kind.
+const CHUNK_ACTIONS: usize = 5_000;
+
+/// What a peer's resync connection holds here: its user locks and staged bodies.
+#[derive(Default)]
+pub(super) struct RpcState {
+    locks: Vec<Lock>,
+    staged: HashMap<String, (u64, Vec<u8>)>,
 }
 
 /// Serves one request from the peer's resync (on the inbound connection's thread).
-pub(super) fn serve(ctx: &Ctx, locks: &mut Vec<Lock>, json: &str, blobs: Vec<Vec<u8>>) -> Msg {
+pub(super) fn serve(ctx: &Ctx, st: &mut RpcState, json: &str, blobs: Vec<Vec<u8>>) -> Msg {
     let (reply, out) = match serde_json::from_str::<Req>(json) {
         Err(e) => (
             Reply::Error {
@@ -177,7 +218,7 @@ pub(super) fn serve(ctx: &Ctx, locks: &mut Vec<Lock>, json: &str, blobs: Vec<Vec
             },
             Vec::new(),
         ),
-        Ok(req) => match serve_req(ctx, locks, req, blobs) {
+        Ok(req) => match serve_req(ctx, st, req, blobs) {
             Ok(x) => x,
             Err(message) => (Reply::Error { message }, Vec::new()),
         },
@@ -194,7 +235,7 @@ type Job = Box<dyn FnOnce(&Svc) -> Answer + Send>;
 
 fn serve_req(
     ctx: &Ctx,
-    locks: &mut Vec<Lock>,
+    st: &mut RpcState,
     req: Req,
     blobs: Vec<Vec<u8>>,
 ) -> Result<(Reply, Vec<Vec<u8>>), String> {
@@ -207,32 +248,76 @@ fn serve_req(
     match req {
         Req::Lock { user } => Ok(match try_lock(&user) {
             Some(l) => {
-                locks.push(l);
+                st.locks.push(l);
                 (Reply::Ok, Vec::new())
             }
-            None if locks.iter().any(|l| l.0 == user) => (Reply::Ok, Vec::new()),
+            None if st.locks.iter().any(|l| l.0 == user) => (Reply::Ok, Vec::new()),
             None => (Reply::Busy, Vec::new()),
         }),
         Req::Unlock { user } => {
-            locks.retain(|l| l.0 != user);
+            st.locks.retain(|l| l.0 != user);
+            Ok((Reply::Ok, Vec::new()))
+        }
+        Req::Stage {
+            guid,
+            total,
+            offset,
+        } => {
+            let part = blobs.into_iter().next().unwrap_or_default();
+            let held: u64 = st.staged.values().map(|(_, d)| d.len() as u64).sum();
+            let e = st.staged.entry(guid).or_insert_with(|| (total, Vec::new()));
+            if e.0 != total || e.1.len() as u64 != offset {
+                *e = (total, Vec::new());
+                if offset != 0 {
+                    return Err(format!("staged part at {offset}, expected 0"));
+                }
+            }
+            if offset + part.len() as u64 > total || held + part.len() as u64 > MAX_STAGED {
+                return Err("staged body larger than announced or than this server holds".into());
+            }
+            e.1.extend_from_slice(&part);
             Ok((Reply::Ok, Vec::new()))
         }
         Req::Summary { user } => call(Box::new(move |svc| {
             local_summary(svc, &user, &server_id)
                 .map(|summary| (Reply::Summary { summary }, vec![]))
         })),
-        Req::Details { user, mbox } => call(Box::new(move |svc| {
-            local_details(svc, &user, &mbox).map(|details| (Reply::Details { details }, vec![]))
+        Req::Details { user, mbox, page } => call(Box::new(move |svc| {
+            let details = local_details(svc, &user, &mbox)?;
+            let (details, more) = details_page(details, page as usize);
+            Ok((Reply::Details { details, more }, vec![]))
         })),
-        Req::Bodies { user, mbox, uids } => call(Box::new(move |svc| {
-            local_bodies(svc, &user, &mbox, &uids).map(|(found, b)| (Reply::Bodies { found }, b))
+        Req::Bodies {
+            user,
+            mbox,
+            uids,
+            offset,
+        } => call(Box::new(move |svc| {
+            let (found, blobs, partial) =
+                local_bodies(svc, &user, &mbox, &uids, offset, RPC_BODY_BYTES)?;
+            Ok((Reply::Bodies { found, partial }, blobs))
         })),
         Req::Apply {
             user,
             actions,
             meta,
         } => {
-            let bodies: Vec<(BodyMeta, Vec<u8>)> = meta.into_iter().zip(blobs).collect();
+            let mut blobs = blobs.into_iter();
+            let mut bodies: Vec<(BodyMeta, Vec<u8>)> = Vec::new();
+            for m in meta {
+                let data = if m.staged {
+                    match st.staged.remove(&m.guid) {
+                        Some((total, d)) if d.len() as u64 == total => d,
+                        _ => return Err(format!("body {} was not staged whole", m.guid)),
+                    }
+                } else {
+                    match blobs.next() {
+                        Some(d) => d,
+                        None => return Err("fewer bodies than saves".into()),
+                    }
+                };
+                bodies.push((m, data));
+            }
             call(Box::new(move |svc| {
                 let (changes, errors) = local_apply(svc, &user, &server_id, &actions, bodies);
                 Ok((Reply::Applied { changes, errors }, vec![]))
@@ -371,31 +456,104 @@ fn local_details(svc: &Svc, user: &str, mbox: &str) -> Result<Details, String> {
     .map_err(|e| e.to_string())?
 }
 
-/// Per UID asked for, the body's metadata if it is there; and the bodies that are.
-type Bodies = (Vec<Option<BodyMeta>>, Vec<Vec<u8>>);
+/// Per UID answered, the body's metadata if it is there; the bodies that are; and, when the
+/// last body is only a part (from the offset asked for on), its whole size.
+type Bodies = (Vec<Option<BodyMeta>>, Vec<Vec<u8>>, Option<u64>);
 
-fn local_bodies(svc: &Svc, user: &str, mbox: &str, uids: &[u32]) -> Result<Bodies, String> {
+/// Bodies of `uids` in order, the first from byte `offset`, up to about `budget` bytes: at least
+/// one entry, and a body that does not fit in what is left of the budget is cut (`partial`).
+fn local_bodies(
+    svc: &Svc,
+    user: &str,
+    mbox: &str,
+    uids: &[u32],
+    offset: u64,
+    budget: usize,
+) -> Result<Bodies, String> {
     let g = parse_box(mbox)?;
     with_user(svc, user, |u| {
         let mut found = Vec::new();
         let mut blobs = Vec::new();
-        for uid in uids {
+        let mut left = budget;
+        for (i, uid) in uids.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
             match u.read_body(&g, *uid) {
                 Ok(Some(b)) => {
+                    let skip = if i == 0 { offset as usize } else { 0 };
+                    let total = b.data.len();
+                    let rest = total.saturating_sub(skip);
+                    if rest > left && !found.is_empty() {
+                        // Whole in the next answer rather than cut here.
+                        break;
+                    }
+                    let take = rest.min(left);
                     found.push(Some(BodyMeta {
                         received_date: b.info.received_date,
                         save_date: b.info.save_date,
                         guid: b.info.guid,
+                        staged: false,
                     }));
-                    blobs.push(b.data);
+                    let end = skip.min(total) + take;
+                    blobs.push(b.data[skip.min(total)..end].to_vec());
+                    left -= take;
+                    if end < total {
+                        return Ok((found, blobs, Some(total as u64)));
+                    }
                 }
                 Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
                 Err(e) => return Err(e.to_string()),
             }
         }
-        Ok((found, blobs))
+        Ok((found, blobs, None))
     })
     .map_err(|e| e.to_string())?
+}
+
+/// Page `page` of a mailbox's details: its mails in pages of [`DETAILS_PAGE`] by UID with their
+/// flag marks, and its tombstones in pages of the same size; whether more pages follow.
+fn details_page(d: Details, page: usize) -> (Details, bool) {
+    let mut mails = d.mails;
+    mails.sort_by_key(|m| m.uid);
+    let from = (page * DETAILS_PAGE).min(mails.len());
+    let to = (from + DETAILS_PAGE).min(mails.len());
+    let (lo, hi) = match (mails.get(from), mails.get(to)) {
+        (Some(a), Some(b)) => (a.uid, b.uid),
+        (Some(a), None) => (a.uid, u32::MAX),
+        _ => (u32::MAX, u32::MAX),
+    };
+    // Marks of UIDs no mail has go with the first page.
+    let uids: BTreeSet<u32> = mails.iter().map(|m| m.uid).collect();
+    let flag_marks = d
+        .flag_marks
+        .into_iter()
+        .filter(|(uid, _, _)| {
+            if uids.contains(uid) {
+                *uid >= lo && (to >= mails.len() || *uid < hi)
+            } else {
+                page == 0
+            }
+        })
+        .collect::<Vec<_>>();
+    let exp_from = (page * DETAILS_PAGE).min(d.expunged.len());
+    let expunged: BTreeSet<String> = d
+        .expunged
+        .iter()
+        .skip(exp_from)
+        .take(DETAILS_PAGE)
+        .cloned()
+        .collect();
+    let more = to < mails.len() || exp_from + DETAILS_PAGE < d.expunged.len();
+    let mails = mails[from..to].to_vec();
+    (
+        Details {
+            mails,
+            flag_marks,
+            expunged,
+        },
+        more,
+    )
 }
 
 fn now_mark(server_id: &str) -> Mark {
@@ -714,16 +872,109 @@ impl Peer {
                     let reply: Reply = serde_json::from_str(&json)
                         .map_err(|e| format!("bad answer from the peer: {e}"))?;
                     if let Reply::Error { message } = reply {
-                        return Err(format!("the peer: {message}"));
+                        return Err(format!("the peer: {message:?}"));
                     }
                     return Ok((reply, blobs));
                 }
                 Ok(Msg::Ping { .. } | Msg::Pong { .. }) => {}
-                Ok(Msg::Error { message }) => return Err(format!("the peer reports: {message}")),
+                Ok(Msg::Error { message }) => return Err(format!("the peer reports: {message:?}")),
                 Ok(other) => return Err(format!("unexpected {} from the peer", other.name())),
                 Err(e) => return Err(format!("waiting for the peer: {e}")),
             }
         }
+    }
+}
+
+/// A mail's UID with its body's metadata and bytes.
+type UidBody = (u32, (BodyMeta, Vec<u8>));
+
+impl Peer {
+    /// A mailbox's details, page by page.
+    fn details(&mut self, user: &str, mbox: &str) -> Result<Details, String> {
+        let mut all = Details::default();
+        for page in 0.. {
+            let req = Req::Details {
+                user: user.to_string(),
+                mbox: mbox.to_string(),
+                page,
+            };
+            let (Reply::Details { details, more }, _) = self.call(&req, vec![])? else {
+                return Err("the peer answered a details request with something else".into());
+            };
+            all.mails.extend(details.mails);
+            all.flag_marks.extend(details.flag_marks);
+            all.expunged.extend(details.expunged);
+            if !more {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// The bodies of `uids` that the peer still has, in as many requests as their sizes take.
+    fn bodies(&mut self, user: &str, mbox: &str, uids: &[u32]) -> Result<Vec<UidBody>, String> {
+        let mut out = Vec::new();
+        let mut next = 0;
+        // A body arriving in parts: its UID, metadata and what came so far.
+        let mut part: Option<(u32, BodyMeta, Vec<u8>)> = None;
+        while next < uids.len() {
+            let ask = &uids[next..uids.len().min(next + 64)];
+            let offset = part.as_ref().map_or(0, |(_, _, d)| d.len() as u64);
+            let req = Req::Bodies {
+                user: user.to_string(),
+                mbox: mbox.to_string(),
+                uids: ask.to_vec(),
+                offset,
+            };
+            let (reply, blobs) = self.call(&req, vec![])?;
+            let Reply::Bodies { found, partial } = reply else {
+                return Err("the peer answered a bodies request with something else".into());
+            };
+            if found.is_empty() || found.len() > ask.len() {
+                return Err("the peer answered a bodies request with no progress".into());
+            }
+            next += found.len();
+            let mut got = pair_bodies(&ask[..found.len()], found, blobs);
+            if let Some((uid, meta, mut data)) = part.take() {
+                // The rest of the body that came in parts comes first; if it is gone now, so
+                // is what came of it.
+                if got.first().is_some_and(|(u, _)| *u == uid) {
+                    let (_, (_, rest)) = got.remove(0);
+                    data.extend_from_slice(&rest);
+                    got.insert(0, (uid, (meta, data)));
+                }
+            }
+            if let Some(total) = partial {
+                if let Some((uid, (meta, data))) = got.pop() {
+                    if (data.len() as u64) < total {
+                        if total > MAX_STAGED {
+                            return Err(format!("uid {uid} is larger than this server takes"));
+                        }
+                        // Asked for again, from where this part ends.
+                        next -= 1;
+                        part = Some((uid, meta, data));
+                    } else {
+                        got.push((uid, (meta, data)));
+                    }
+                }
+            }
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Sends a body too large for one frame in parts, for a later Apply to take.
+    fn stage(&mut self, guid: &str, data: &[u8]) -> Result<(), String> {
+        let total = data.len() as u64;
+        for (i, part) in data.chunks(RPC_BODY_BYTES).enumerate() {
+            let req = Req::Stage {
+                guid: guid.to_string(),
+                total,
+                offset: (i * RPC_BODY_BYTES) as u64,
+            };
+            self.call(&req, vec![part.to_vec()])?;
+        }
+        Ok(())
     }
 }
 
@@ -771,16 +1022,7 @@ fn gather(ctx: &Ctx, peer: &mut Peer, user: &str) -> Result<Both, String> {
             dl.insert(g, main_call(ctx, move |svc| local_details(svc, &u, &g2))?);
         }
         if let Some(g) = gb {
-            let d = match peer.call(
-                &Req::Details {
-                    user: user.to_string(),
-                    mbox: g.clone(),
-                },
-                vec![],
-            )? {
-                (Reply::Details { details }, _) => details,
-                _ => return Err("the peer answered a details request with something else".into()),
-            };
+            let d = peer.details(user, &g)?;
             dr.insert(g, d);
         }
     }
@@ -940,13 +1182,14 @@ fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     let mut start = 0;
     let mut saves = 0;
     for (i, a) in actions.iter().enumerate() {
-        if matches!(a, Action::Save { .. }) {
+        let save = matches!(a, Action::Save { .. });
+        if (save && saves + 1 > max_saves) || i - start >= CHUNK_ACTIONS {
+            out.push(&actions[start..i]);
+            start = i;
+            saves = 0;
+        }
+        if save {
             saves += 1;
-            if saves > max_saves {
-                out.push(&actions[start..i]);
-                start = i;
-                saves = 1;
-            }
         }
     }
     if start < actions.len() {
@@ -984,21 +1227,8 @@ fn execute(
         }
         let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
         for (mbox, uids) in by_box {
-            for part in uids.chunks(64) {
-                let (reply, blobs) = peer.call(
-                    &Req::Bodies {
-                        user: user.to_string(),
-                        mbox: mbox.to_string(),
-                        uids: part.to_vec(),
-                    },
-                    vec![],
-                )?;
-                let Reply::Bodies { found } = reply else {
-                    return Err("the peer answered a bodies request with something else".into());
-                };
-                for (uid, body) in pair_bodies(part, found, blobs) {
-                    fetched.insert((mbox.to_string(), uid), body);
-                }
+            for (uid, body) in peer.bodies(user, mbox, &uids)? {
+                fetched.insert((mbox.to_string(), uid), body);
             }
         }
         // Saves whose mail vanished on the peer meanwhile are left out.
@@ -1074,7 +1304,9 @@ fn execute(
         let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
         for (mbox, uids) in wanted {
             let (u, m, list) = (user.to_string(), mbox.clone(), uids.clone());
-            let (found, blobs) = main_call(ctx, move |svc| local_bodies(svc, &u, &m, &list))?;
+            let (found, blobs, _) = main_call(ctx, move |svc| {
+                local_bodies(svc, &u, &m, &list, 0, usize::MAX)
+            })?;
             for (uid, body) in pair_bodies(&uids, found, blobs) {
                 fetched.insert((mbox.clone(), uid), body);
             }
@@ -1084,7 +1316,8 @@ fn execute(
         let mut meta = Vec::new();
         let mut blobs = Vec::new();
         let mut bytes = 0usize;
-        let mut flush = |acts: &mut Vec<Action>,
+        let mut flush = |peer: &mut Peer,
+                         acts: &mut Vec<Action>,
                          meta: &mut Vec<BodyMeta>,
                          blobs: &mut Vec<Vec<u8>>,
                          bytes: &mut usize|
@@ -1125,6 +1358,13 @@ fn execute(
             } = a
             {
                 match fetched.remove(&here(src_mbox, *src_uid)) {
+                    Some((mut m, d)) if d.len() > STAGE_ABOVE => {
+                        // Too large for one frame: sent ahead in parts, taken by its GUID.
+                        flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
+                        peer.stage(&m.guid, &d)?;
+                        m.staged = true;
+                        meta.push(m);
+                    }
                     Some((m, d)) => {
                         bytes += d.len();
                         meta.push(m);
@@ -1134,11 +1374,11 @@ fn execute(
                 }
             }
             acts.push(a.clone());
-            if bytes >= CHUNK_BYTES {
-                flush(&mut acts, &mut meta, &mut blobs, &mut bytes)?;
+            if bytes >= CHUNK_BYTES || acts.len() >= CHUNK_ACTIONS {
+                flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
             }
         }
-        flush(&mut acts, &mut meta, &mut blobs, &mut bytes)?;
+        flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
     }
     Ok(())
 }
@@ -1400,7 +1640,85 @@ mod tests {
             received_date: 0,
             save_date: 0,
             guid: guid.into(),
+            staged: false,
         }
+    }
+
+    #[test]
+    fn details_pages_cover_a_large_mailbox_once_each_and_stay_small() {
+        let n = DETAILS_PAGE * 2 + 17;
+        let d = Details {
+            mails: (1..=n as u32)
+                .rev()
+                .map(|uid| MailState {
+                    uid,
+                    guid: format!("{uid:032x}"),
+                    flags: vec!["\\Seen".into()],
+                })
+                .collect(),
+            flag_marks: (1..=n as u32)
+                .map(|uid| (uid, "\\Seen".to_string(), now_mark("a")))
+                .chain([(0, "\\Flagged".to_string(), now_mark("a"))])
+                .collect(),
+            expunged: (0..DETAILS_PAGE + 3).map(|i| format!("{i:032x}")).collect(),
+        };
+        let mut all = Details::default();
+        let mut pages = 0;
+        loop {
+            let (p, more) = details_page(d.clone(), pages);
+            pages += 1;
+            let json = serde_json::to_string(&p).unwrap();
+            assert!(
+                json.len() < crate::codec::MAX_FRAME / 2,
+                "page of {}",
+                json.len()
+            );
+            all.mails.extend(p.mails);
+            all.flag_marks.extend(p.flag_marks);
+            all.expunged.extend(p.expunged);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut want = d.clone();
+        want.mails.sort_by_key(|m| m.uid);
+        assert_eq!(all.mails, want.mails);
+        all.flag_marks.sort_by_key(|(u, f, _)| (*u, f.clone()));
+        want.flag_marks.sort_by_key(|(u, f, _)| (*u, f.clone()));
+        assert_eq!(all.flag_marks, want.flag_marks);
+        assert_eq!(all.expunged, want.expunged);
+    }
+
+    #[test]
+    fn chunks_split_by_saves_and_by_actions() {
+        let save = |uid: u32| Action::Save {
+            mbox: "m".into(),
+            uid,
+            guid: format!("{uid:032x}"),
+            flags: vec![],
+            src_mbox: "s".into(),
+            src_uid: uid,
+        };
+        let flags = |uid: u32| Action::Flags {
+            mbox: "m".into(),
+            uid,
+            guid: format!("{uid:032x}"),
+            add: vec!["\\Seen".into()],
+            remove: vec![],
+        };
+        let actions: Vec<Action> = (0..3 * CHUNK_ACTIONS as u32)
+            .map(flags)
+            .chain((0..10).map(save))
+            .collect();
+        let got = chunks(&actions, 4);
+        assert!(got.iter().all(|c| c.len() <= CHUNK_ACTIONS));
+        assert!(got.iter().all(|c| c
+            .iter()
+            .filter(|a| matches!(a, Action::Save { .. }))
+            .count()
+            <= 4));
+        assert_eq!(got.iter().map(|c| c.len()).sum::<usize>(), actions.len());
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use super::dovecot::{self, Applied, ApplyError, Handler, NewMail, Svc, User};
 use super::mainloop::{self, MainHandle, MainQueue};
 use super::memstore;
-use super::positions::{Position, Positions};
+use super::positions::{self, Position, Positions};
 use super::resync;
 use super::status::{self, now_secs, Shared, Status};
 use super::tls::{self, Tls};
@@ -38,7 +38,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +51,27 @@ const LOW_SLICE: u64 = 256 << 10;
 const LOW_LANE_MAX: u64 = 64 << 20;
 /// Records per Records frame, and per apply batch on the main thread.
 const BATCH_RECORDS: usize = 500;
+/// At most this many record bytes in one Records frame, far below the frame limit (a record may
+/// be up to 1 MiB).
+const BATCH_BYTES: u64 = 1 << 20;
+/// One user's record bytes in flight (sent, not acknowledged): a user the peer cannot apply
+/// stalls alone, with at most this much waiting at the peer.
+const USER_WINDOW: u64 = 1 << 20;
+/// A user whose records have waited this long for an acknowledgement counts as stalled: it no
+/// longer counts against the shared window, so that it cannot hold up the others.
+const STALL_AFTER: Duration = Duration::from_secs(30);
+/// The receiving side keeps at most this much of one user's records queued (more than a
+/// sender's window and one batch), and of all users' together.
+const MAX_USER_QUEUE: u64 = 4 * USER_WINDOW;
+const MAX_QUEUED_BYTES: u64 = 256 << 20;
+/// The largest message body accepted from the peer, and all bodies held at once waiting for
+/// their records' turn.
+const MAX_BODY: u64 = 1 << 30;
+/// Inbound connections served at once (the peer needs one for streaming and a few for resyncs),
+/// and of those, how many may be in their handshake.
+const MAX_INBOUND: usize = 32;
+const MAX_PREAUTH: usize = 8;
+const MAX_BODIES_HELD: u64 = 1 << 30;
 /// Frames larger than this are refused before the peer has authenticated.
 const PREAUTH_MAX_FRAME: usize = 64 << 10;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +98,8 @@ pub fn main() -> i32 {
 pub(super) struct Config {
     pub(super) server_id: String,
     pub(super) peer: Option<String>,
+    /// `tandem_peer_id`: the only server id a peer may announce, when set.
+    pub(super) peer_id: Option<String>,
     pub(super) secret: Option<Arc<Vec<u8>>>,
     pub(super) state_dir: PathBuf,
     pub(super) base_dir: PathBuf,
@@ -97,6 +120,13 @@ pub(super) struct Shared_ {
     tls: Option<Tls>,
     /// Sockets to shut down on stop, so that blocked threads wake up.
     sockets: Mutex<Vec<TcpStream>>,
+    /// Inbound connections with a thread of their own.
+    inbound: AtomicUsize,
+    /// Inbound connections still in the handshake, oldest first: when there are too many, the
+    /// oldest is cut, so that a flood of idle connections cannot keep the real peer out.
+    preauth: Mutex<VecDeque<TcpStream>>,
+    /// When a refused connection was last logged (not every one of a flood).
+    refused_logged: Mutex<Option<Instant>>,
 }
 
 pub(super) type Ctx = Arc<Shared_>;
@@ -151,6 +181,21 @@ fn config(svc: &Svc) -> Result<Config, String> {
         .setting("tandem_server_id")
         .filter(|s| !s.is_empty())
         .ok_or("tandem_server_id is not set in plugin {}; the service does nothing")?;
+    if !crate::settings::valid_server_id(&server_id) {
+        return Err(format!(
+            "tandem_server_id {server_id:?} is invalid: 1 to 64 characters of A-Z a-z 0-9 . _ -, \
+             starting with a letter or digit; the service does nothing"
+        ));
+    }
+    let peer_id = svc.setting("tandem_peer_id").filter(|s| !s.is_empty());
+    if let Some(id) = &peer_id {
+        if !crate::settings::valid_server_id(id) || *id == server_id {
+            return Err(format!(
+                "tandem_peer_id {id:?} is invalid: a server id other than this server's; \
+                 the service does nothing"
+            ));
+        }
+    }
     let state_dir = svc
         .setting("tandem_state_dir")
         .filter(|s| !s.is_empty())
@@ -200,6 +245,7 @@ fn config(svc: &Svc) -> Result<Config, String> {
     Ok(Config {
         server_id,
         peer,
+        peer_id,
         secret,
         state_dir,
         base_dir: svc.base_dir(),
@@ -260,6 +306,9 @@ impl Handler for Service {
             main,
             tls,
             sockets: Mutex::new(Vec::new()),
+            inbound: AtomicUsize::new(0),
+            preauth: Mutex::new(VecDeque::new()),
+            refused_logged: Mutex::new(None),
         });
         let (rings_tx, rings_rx) = unbounded();
 
@@ -347,10 +396,29 @@ impl Handler for Service {
             return;
         };
         let stream = TcpStream::from(fd);
+        if ctx.inbound.load(Ordering::Relaxed) >= MAX_INBOUND {
+            let mut logged = ctx.refused_logged.lock().unwrap();
+            if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                *logged = Some(Instant::now());
+                log::warn!(
+                    "{MAX_INBOUND} inbound connections are open; refusing more (from {}); \
+                     only the peer should reach the tandem listener",
+                    stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".into(), |a| a.to_string())
+                );
+            }
+            drop(stream);
+            svc.client_closed();
+            return;
+        }
         let _ = stream.set_nonblocking(false);
         // Acks are small frames that must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        self.spawn("tandem-inbound", move || {
+        ctx.inbound.fetch_add(1, Ordering::Relaxed);
+        let ctx2 = ctx.clone();
+        let started = self.spawn("tandem-inbound", move || {
+            let ctx = ctx2;
             let peer = stream
                 .peer_addr()
                 .map(|a| a.to_string())
@@ -362,8 +430,14 @@ impl Handler for Service {
                     .unwrap()
                     .error(format!("inbound from {peer}: {e}"));
             }
+            ctx.inbound.fetch_sub(1, Ordering::Relaxed);
             let _ = ctx.main.post(Box::new(|svc: &Svc| svc.client_closed()));
         });
+        if !started {
+            // Dovecot's client slot is given back even though no thread took the connection.
+            ctx.inbound.fetch_sub(1, Ordering::Relaxed);
+            svc.client_closed();
+        }
     }
 
     fn stopping(&mut self, _svc: &Svc) {
@@ -392,11 +466,18 @@ fn listen_root_only(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 impl Service {
-    fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) {
+    /// Starts a thread; false (and logged) when it could not be started.
+    fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> bool {
         self.threads.retain(|t| !t.is_finished());
         match dovecot::spawn_thread(name, f) {
-            Ok(t) => self.threads.push(t),
-            Err(e) => log::error!("cannot start thread {name}: {e}"),
+            Ok(t) => {
+                self.threads.push(t);
+                true
+            }
+            Err(e) => {
+                log::error!("cannot start thread {name}: {e}");
+                false
+            }
         }
     }
 }
@@ -435,8 +516,24 @@ pub(super) enum ConnError {
     Idle,
     #[error("{0}")]
     Protocol(String),
+    /// A failure on this side (a state file, the storage): logged here, never told to the peer.
+    #[error("{0}")]
+    Local(String),
     #[error("the service is stopping")]
     Stopping,
+}
+
+impl ConnError {
+    /// What the peer is told when this ends the connection: only what it sent or did, never a
+    /// path, a file's content or another local detail (those go to our own log).
+    fn for_peer(&self) -> String {
+        match self {
+            ConnError::Io(_) | ConnError::Local(_) => {
+                "the receiving server failed; see its log".into()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<mainloop::Stopped> for ConnError {
@@ -578,6 +675,7 @@ pub(super) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), Conn
                     wr.send(&m)?;
                 }
                 Step::Done { peer_id, send } => {
+                    check_pinned(ctx, &peer_id)?;
                     if let Some(m) = send {
                         wr.send(&m)?;
                     }
@@ -592,6 +690,17 @@ pub(super) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), Conn
         close(ctx, &raw);
     }
     res
+}
+
+/// With `tandem_peer_id` set, an authenticated peer that announces another id is still refused:
+/// a secret shared by more than two servers must not let a third one in.
+fn check_pinned(ctx: &Ctx, peer_id: &str) -> Result<(), ConnError> {
+    match &ctx.cfg.peer_id {
+        Some(pinned) if pinned != peer_id => Err(ConnError::Protocol(format!(
+            "the peer announced server id {peer_id:?}, but tandem_peer_id is {pinned:?}; refused"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs TLS on a new connection (as its client when we dialed it) and splits it into a reader
@@ -639,6 +748,10 @@ struct OutUser {
     unacked: VecDeque<(u64, u64, u64)>,
     /// Record bytes sent and not acknowledged.
     inflight: u64,
+    /// When the peer last acknowledged something of this user, or records began to wait.
+    progress: Instant,
+    /// Reported as stalled (logged once per stall).
+    stalled: bool,
     last_error: Option<String>,
     /// When acknowledged journal segments were last dropped.
     last_drop: Option<Instant>,
@@ -660,18 +773,17 @@ enum Incoming {
 }
 
 fn outbound(ctx: Ctx, rings: Receiver<String>) {
-    let sent = match Positions::open(&ctx.cfg.state_dir.join("sent"), false) {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!(
-                "cannot open {}/sent: {e}; not sending",
-                ctx.cfg.state_dir.display()
-            );
-            return;
-        }
-    };
+    let peer = ctx
+        .cfg
+        .peer_id
+        .clone()
+        .or_else(|| positions::last_peer(&ctx.cfg.state_dir));
+    let sent = peer
+        .as_deref()
+        .and_then(|p| positions::sent_to(&ctx.cfg.state_dir, p).ok());
     let mut out = Outbound {
         ctx: ctx.clone(),
+        peer,
         sent,
         users: HashMap::new(),
         pending: BTreeSet::new(),
@@ -733,7 +845,9 @@ fn outbound(ctx: Ctx, rings: Receiver<String>) {
 
 struct Outbound {
     ctx: Ctx,
-    sent: Positions,
+    /// The peer whose acknowledgements `sent` holds.
+    peer: Option<String>,
+    sent: Option<Positions>,
     users: HashMap<String, OutUser>,
     pending: BTreeSet<String>,
     rings: Receiver<String>,
@@ -767,7 +881,11 @@ impl Outbound {
     /// The user's state, resolving the journal directory through the userdb on first use.
     fn user(&mut self, name: &str) -> Result<&mut OutUser, ConnError> {
         if !self.users.contains_key(name) {
-            let acked = self.sent.get(name).ok().flatten().unwrap_or_default();
+            let acked = self
+                .sent
+                .as_ref()
+                .and_then(|s| s.get(name).ok().flatten())
+                .unwrap_or_default();
             self.users.insert(
                 name.to_string(),
                 OutUser {
@@ -777,6 +895,8 @@ impl Outbound {
                     cursor: Cursor::from_lsn(acked.lsn + 1),
                     unacked: VecDeque::new(),
                     inflight: 0,
+                    progress: Instant::now(),
+                    stalled: false,
                     last_error: None,
                     last_drop: None,
                 },
@@ -922,6 +1042,25 @@ impl Outbound {
 
     fn session(&mut self) -> Result<(), ConnError> {
         let (mut rd, mut wr, peer_id) = dial(&self.ctx)?;
+        if self.peer.as_deref() != Some(peer_id.as_str()) || self.sent.is_none() {
+            // Another server than before (or the first): what it has is what *it*
+            // acknowledged, nothing more. Journals go from there, and where the start of one
+            // was dropped already, the peer finds the hole and resyncs the user.
+            let sent = positions::sent_to(&self.ctx.cfg.state_dir, &peer_id)
+                .map_err(|e| ConnError::Local(format!("positions for peer {peer_id}: {e}")))?;
+            if let Some(old) = &self.peer {
+                log::warn!(
+                    "the peer is now {peer_id}, not {old}: sending from what {peer_id} \
+                     acknowledged"
+                );
+            }
+            if let Err(e) = positions::remember_peer(&self.ctx.cfg.state_dir, &peer_id) {
+                log::warn!("cannot record the peer's id: {e}");
+            }
+            self.sent = Some(sent);
+            self.peer = Some(peer_id.clone());
+            self.users.clear();
+        }
         log::info!(
             "connected to peer {peer_id} at {}",
             self.ctx.cfg.peer.as_deref().unwrap_or("")
@@ -973,7 +1112,7 @@ impl Outbound {
                             },
                             Msg::Pong { .. } | Msg::Ping { .. } => continue,
                             Msg::Error { message } => {
-                                Incoming::Closed(format!("the peer reports: {message}"))
+                                Incoming::Closed(format!("the peer reports: {message:?}"))
                             }
                             other => Incoming::Closed(format!(
                                 "unexpected {} from the peer",
@@ -1020,11 +1159,28 @@ impl Outbound {
                 ping += 1;
                 wr.send(&Msg::Ping { seq: ping })?;
             }
-            let inflight: u64 = self.users.values().map(|u| u.inflight).sum();
+            self.note_stalls();
+            // Stalled users keep their own window's worth at the peer, but no longer count
+            // against the shared one: everyone else goes on.
+            let inflight: u64 = self
+                .users
+                .values()
+                .filter(|u| !u.stalled)
+                .map(|u| u.inflight)
+                .sum();
             let mut did = false;
             if inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX {
                 let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
                 for name in names {
+                    if self
+                        .users
+                        .get(&name)
+                        .is_some_and(|u| u.inflight >= USER_WINDOW)
+                    {
+                        // Its window is full: it goes on when the peer acknowledges.
+                        self.pending.insert(name);
+                        continue;
+                    }
                     match self.pump(&name, wr) {
                         Ok(more) => {
                             did = true;
@@ -1069,6 +1225,31 @@ impl Outbound {
         }
     }
 
+    /// Marks users whose records have waited for an acknowledgement for too long, and says so
+    /// once per stall: replication of a user never stops silently.
+    fn note_stalls(&mut self) {
+        let mut newly = Vec::new();
+        for (name, u) in self.users.iter_mut() {
+            let stalled = u.inflight > 0 && u.progress.elapsed() > STALL_AFTER;
+            if stalled && !u.stalled {
+                let msg = format!(
+                    "user {name}: the peer has acknowledged nothing for {}s ({} records waiting); \
+                     the user is stalled there (see the peer's log), the other users go on",
+                    u.progress.elapsed().as_secs(),
+                    u.unacked.len()
+                );
+                log::error!("{msg}");
+                self.ctx.status.lock().unwrap().error(msg.clone());
+                u.last_error = Some(msg);
+                newly.push(name.clone());
+            }
+            u.stalled = stalled;
+        }
+        for name in newly {
+            self.publish_user(&name);
+        }
+    }
+
     /// Sends the user's next records (and the bodies of their new mail). Returns whether more
     /// are waiting.
     fn pump(&mut self, name: &str, wr: &mut FrameWriter) -> Result<bool, ConnError> {
@@ -1087,24 +1268,37 @@ impl Outbound {
                 self.send_body(name, r.mailbox_guid, *uid)?;
             }
         }
-        let raw: u64 = records
-            .iter()
-            .map(|r| crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64 + 4))
-            .sum();
-        let n = records.len() as u64;
-        let wire = wr.send(&Msg::Records {
-            user: name.to_string(),
-            journal_id: st.journal_id,
-            records,
-        })? as u64;
-        {
-            let mut s = self.ctx.status.lock().unwrap();
-            s.records_sent += n;
-            s.record_bytes_raw += raw;
-            s.record_bytes_wire += wire;
-        }
         if let Some(u) = self.users.get_mut(name) {
-            u.inflight += raw;
+            if u.inflight == 0 {
+                u.progress = Instant::now();
+            }
+        }
+        // Split by bytes as well as by count, so that no frame nears the frame limit.
+        let mut frame = Vec::new();
+        let mut frame_bytes = 0u64;
+        let mut records = records.into_iter().peekable();
+        while let Some(r) = records.next() {
+            frame_bytes +=
+                crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64 + 4);
+            frame.push(r);
+            if frame_bytes >= BATCH_BYTES || records.peek().is_none() {
+                let n = frame.len() as u64;
+                let wire = wr.send(&Msg::Records {
+                    user: name.to_string(),
+                    journal_id: st.journal_id,
+                    records: std::mem::take(&mut frame),
+                })? as u64;
+                {
+                    let mut s = self.ctx.status.lock().unwrap();
+                    s.records_sent += n;
+                    s.record_bytes_raw += frame_bytes;
+                    s.record_bytes_wire += wire;
+                }
+                if let Some(u) = self.users.get_mut(name) {
+                    u.inflight += frame_bytes;
+                }
+                frame_bytes = 0;
+            }
         }
         Ok(st.more)
     }
@@ -1205,7 +1399,23 @@ impl Outbound {
                 if journal_id != u.journal_id || lsn <= u.acked {
                     return Ok(());
                 }
+                // The peer acknowledges only what it received on this connection. More than
+                // that is a lie (or corruption), and believing it would drop journal segments
+                // the peer never had.
+                let sent_up_to = u.unacked.back().map_or(u.acked, |(l, _, _)| *l);
+                if lsn > sent_up_to {
+                    return Err(ConnError::Protocol(format!(
+                        "user {user}: the peer acknowledged LSN {lsn}, but only up to \
+                         {sent_up_to} was sent; refusing a forged acknowledgement"
+                    )));
+                }
                 u.acked = lsn;
+                u.progress = Instant::now();
+                if u.stalled {
+                    log::info!("user {user}: the peer acknowledges again; no longer stalled");
+                    u.stalled = false;
+                    u.last_error = None;
+                }
                 while u.unacked.front().is_some_and(|(l, _, _)| *l <= lsn) {
                     let (_, b, _) = u.unacked.pop_front().unwrap();
                     u.inflight = u.inflight.saturating_sub(b + 4);
@@ -1214,7 +1424,11 @@ impl Outbound {
                     u.inflight = 0;
                 }
                 u.last_error = None;
-                if let Err(e) = self.sent.set(&user, Position { journal_id, lsn }) {
+                let recorded = match &self.sent {
+                    Some(sent) => sent.set(&user, Position { journal_id, lsn }),
+                    None => Err(std::io::Error::other("no peer")),
+                };
+                if let Err(e) = recorded {
                     log::error!("user {user}: cannot record the acknowledged position: {e}");
                 }
                 // The peer has it for good: the journal no longer needs it, once the conflict
@@ -1280,6 +1494,8 @@ struct InUser {
     need_body: BTreeSet<(Guid128, u32)>,
     /// The body the first queued record waits for, and since when.
     waiting: Option<((Guid128, u32), Instant)>,
+    /// Encoded size of the queued records.
+    queued_bytes: u64,
 }
 
 type BodyKey = (String, Guid128, u32);
@@ -1290,8 +1506,9 @@ struct Inbound<'a> {
     applied: Positions,
     users: HashMap<String, InUser>,
     bodies: HashMap<BodyKey, BodyBuf>,
-    /// Users this connection holds for the peer's resync (see [`resync::Lock`]).
-    locks: Vec<resync::Lock>,
+    /// Users this connection holds for the peer's resync (see [`resync::Lock`]), and the
+    /// bodies it staged.
+    rpc_state: resync::RpcState,
     /// The connection of a verify or resync (it served Rpc requests): its close is its end.
     rpc: bool,
 }
@@ -1303,17 +1520,37 @@ fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
         ));
     };
     ctx.sockets.lock().unwrap().push(stream.try_clone()?);
+    {
+        let mut pre = ctx.preauth.lock().unwrap();
+        while pre.len() >= MAX_PREAUTH {
+            if let Some(old) = pre.pop_front() {
+                let _ = old.shutdown(Shutdown::Both);
+            }
+        }
+        pre.push_back(stream.try_clone()?);
+    }
     let raw = stream.try_clone()?;
     let (mut rd, mut wr, channel) = match secure(ctx, stream, false) {
         Ok(c) => c,
         Err(e) => {
+            forget_preauth(ctx, &raw);
             close(ctx, &raw);
             return Err(e);
         }
     };
     let res = serve_peer(ctx, &secret, &channel, &mut rd, &mut wr);
+    forget_preauth(ctx, &wr.stream);
     close(ctx, &wr.stream);
     res
+}
+
+/// The connection is through its handshake (or gone): no longer a candidate for eviction.
+fn forget_preauth(ctx: &Ctx, stream: &TcpStream) {
+    let key = stream.peer_addr().ok();
+    ctx.preauth
+        .lock()
+        .unwrap()
+        .retain(|s| s.peer_addr().ok() != key && s.peer_addr().is_ok());
 }
 
 fn serve_peer(
@@ -1331,6 +1568,12 @@ fn serve_peer(
                 wr.send(&m)?;
             }
             Ok(Step::Done { peer_id, send }) => {
+                if let Err(e) = check_pinned(ctx, &peer_id) {
+                    let _ = wr.send(&Msg::AuthFailed {
+                        reason: "this server id is not accepted here".into(),
+                    });
+                    return Err(e);
+                }
                 if let Some(m) = send {
                     wr.send(&m)?;
                 }
@@ -1345,16 +1588,19 @@ fn serve_peer(
         }
     };
     rd.dec.set_max_frame(codec::MAX_FRAME);
+    forget_preauth(ctx, &wr.stream);
     log::info!("peer {peer_id} connected");
     ctx.status.lock().unwrap().inbound_connections += 1;
-    let applied = Positions::open(&ctx.cfg.state_dir.join("applied").join(&peer_id), true)?;
+    // The id is a validated server id (auth::check_peer), never a path.
+    let applied = Positions::open(&ctx.cfg.state_dir.join("applied").join(&peer_id), true)
+        .map_err(|e| ConnError::Local(format!("applied positions of peer {peer_id}: {e}")))?;
     let mut inb = Inbound {
         ctx,
         peer_id,
         applied,
         users: HashMap::new(),
         bodies: HashMap::new(),
-        locks: Vec::new(),
+        rpc_state: resync::RpcState::default(),
         rpc: false,
     };
     let res = match inb.run(rd, wr) {
@@ -1365,7 +1611,7 @@ fn serve_peer(
     ctx.status.lock().unwrap().inbound_connections -= 1;
     if let Err(e) = &res {
         let _ = wr.send(&Msg::Error {
-            message: e.to_string(),
+            message: e.for_peer(),
         });
     }
     res
@@ -1396,6 +1642,16 @@ impl Inbound<'_> {
         }
     }
 
+    /// Whether a queued record of the user is new mail `uid` in `mailbox_guid`.
+    fn wants_body(&self, user: &str, mailbox_guid: Guid128, uid: u32) -> bool {
+        self.users.get(user).is_some_and(|u| {
+            u.queue.iter().any(|r| {
+                r.mailbox_guid == mailbox_guid
+                    && matches!(r.change, Change::New { uid: n, .. } if n == uid)
+            })
+        })
+    }
+
     fn in_user(&mut self, user: &str, journal_id: [u8; 16]) -> Result<&mut InUser, ConnError> {
         let known = self.users.get(user).map(|u| u.journal_id);
         if known.is_none() {
@@ -1422,6 +1678,7 @@ impl Inbound<'_> {
                     backoff: Duration::from_millis(200),
                     need_body: BTreeSet::new(),
                     waiting: None,
+                    queued_bytes: 0,
                 },
             );
         }
@@ -1435,37 +1692,69 @@ impl Inbound<'_> {
                 journal_id,
                 records,
             } => {
+                // A bad record is its user's problem, never the connection's: it is skipped, and
+                // a resync of the user settles whatever it was meant to change.
                 if let Some(r) = records.iter().find(|r| r.user != user) {
-                    return Err(ConnError::Protocol(format!(
-                        "a record of user {:?} inside the stream of user {user:?}",
+                    let msg = format!(
+                        "user {user}: the peer sent a record of user {:?} in this user's stream; \
+                         skipping it and resyncing the user",
                         r.user
-                    )));
+                    );
+                    log::error!("{msg}");
+                    self.ctx.status.lock().unwrap().error(msg);
+                    resync::request(&user, "the peer sent a record of another user");
                 }
                 if let Some(r) = records.iter().find(|r| r.origin == self.ctx.cfg.server_id) {
                     // Our own change coming back would loop forever (DESIGN.md decision 6).
                     log::warn!("user {user}: skipping LSN {} that originated here", r.lsn);
                 }
+                let queued_total: u64 = self.users.values().map(|u| u.queued_bytes).sum();
                 let own = self.ctx.cfg.server_id.clone();
+                let (ctx, peer_id) = (self.ctx, self.peer_id.clone());
                 let u = self.in_user(&user, journal_id)?;
                 let mut next = u.queue.back().map_or(u.applied, |r| r.lsn) + 1;
                 let mut skipped_to = None;
+                let mut dropped = 0usize;
                 for r in records {
                     if r.lsn < next {
-                        // A replay of what is applied or queued already.
+                        // A replay of what is applied or queued already. Acknowledged only as
+                        // far as this connection carried it: the sender refuses an ack for
+                        // more than it sent.
                         if r.lsn <= u.applied {
-                            skipped_to = Some(u.applied);
+                            skipped_to = Some(r.lsn);
                         }
                         continue;
                     }
-                    if r.lsn != next {
-                        return Err(ConnError::Protocol(format!(
-                            "user {user}: LSN {} follows {}; records are missing",
-                            r.lsn,
-                            next - 1
-                        )));
+                    let size =
+                        crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64);
+                    if u.queued_bytes + size > MAX_USER_QUEUE
+                        || queued_total + size > MAX_QUEUED_BYTES
+                    {
+                        // More than any flow-control window lets a sender have in flight:
+                        // not kept. If later records come, the hole is a gap (below).
+                        dropped += 1;
+                        continue;
                     }
-                    next += 1;
-                    if r.origin == own {
+                    if r.lsn != next {
+                        // Records this server never got: its positions were lost or the peer
+                        // replaced, a frame was dropped, or the sender's journal lost them.
+                        // Refusing would stall the user (and once, the connection) forever;
+                        // take what comes and let a comparison of both sides repair the hole.
+                        let msg = format!(
+                            "user {user}: LSN {} follows {}: records from {} are missing; \
+                             continuing and resyncing the user",
+                            r.lsn,
+                            next - 1,
+                            peer_id
+                        );
+                        log::warn!("{msg}");
+                        ctx.status.lock().unwrap().error(msg);
+                        resync::request(&user, "records from the peer were missing");
+                    }
+                    next = r.lsn + 1;
+                    u.queued_bytes += size;
+                    let foreign = r.user != user;
+                    if r.origin == own || foreign {
                         // Keep the LSN sequence, change nothing.
                         u.queue.push_back(Record {
                             change: Change::Subscribe,
@@ -1476,6 +1765,13 @@ impl Inbound<'_> {
                         continue;
                     }
                     u.queue.push_back(r);
+                }
+                if dropped > 0 {
+                    log::warn!(
+                        "user {user}: {dropped} records from {} over the receiving queue's \
+                         limit were not kept",
+                        peer_id
+                    );
                 }
                 if let (Some(lsn), true) = (skipped_to, u.queue.is_empty()) {
                     wr.send(&Msg::Ack {
@@ -1497,9 +1793,30 @@ impl Inbound<'_> {
                 offset,
                 data,
             } => {
+                // Bodies follow their records: a body no queued record asks for is not kept,
+                // so what a peer can make us hold is bounded by the queues.
+                if !self.wants_body(&user, mailbox_guid, uid) {
+                    return Ok(());
+                }
                 let key = (user.clone(), mailbox_guid, uid);
+                let held = self
+                    .bodies
+                    .values()
+                    .map(|b| b.data.len() as u64)
+                    .sum::<u64>();
+                let have = self.bodies.get(&key).map_or(0, |b| b.data.len() as u64);
+                if total > MAX_BODY || held - have + data.len() as u64 > MAX_BODIES_HELD {
+                    // Not kept now: the record asks for it again once it is next in line.
+                    log::warn!(
+                        "user {user}: body of uid {uid} ({total} bytes) does not fit in the \
+                         receiving buffers now; it will be asked for again"
+                    );
+                    self.bodies.remove(&key);
+                    return Ok(());
+                }
+                // No reservation from the announced size: memory follows the bytes received.
                 let b = self.bodies.entry(key).or_insert_with(|| BodyBuf {
-                    data: Vec::with_capacity(total.min(codec::MAX_FRAME as u64) as usize),
+                    data: Vec::new(),
                     total,
                     guid: guid.clone(),
                     received_date,
@@ -1533,6 +1850,9 @@ impl Inbound<'_> {
                 mailbox_guid,
                 uid,
             } => {
+                if !self.wants_body(&user, mailbox_guid, uid) {
+                    return Ok(());
+                }
                 let b = self
                     .bodies
                     .entry((user.clone(), mailbox_guid, uid))
@@ -1557,13 +1877,13 @@ impl Inbound<'_> {
             Msg::Pong { .. } => Ok(()),
             Msg::Rpc { json, blobs } => {
                 self.rpc = true;
-                let reply = resync::serve(self.ctx, &mut self.locks, &json, blobs);
+                let reply = resync::serve(self.ctx, &mut self.rpc_state, &json, blobs);
                 wr.send(&reply)?;
                 Ok(())
             }
-            Msg::Error { message } => {
-                Err(ConnError::Protocol(format!("the peer reports: {message}")))
-            }
+            Msg::Error { message } => Err(ConnError::Protocol(format!(
+                "the peer reports: {message:?}"
+            ))),
             other => Err(ConnError::Protocol(format!(
                 "unexpected {} from the peer",
                 other.name()
@@ -1651,15 +1971,20 @@ impl Inbound<'_> {
             u.waiting = None;
             let user = name.to_string();
             let state_dir = self.ctx.cfg.state_dir.clone();
-            let outcome = self
-                .ctx
-                .main
-                .call(move |svc: &Svc| apply_batch(svc, &user, batch, bodies, &state_dir))?;
+            let peer_id = self.peer_id.clone();
+            let outcome = self.ctx.main.call(move |svc: &Svc| {
+                apply_batch(svc, &user, batch, bodies, &state_dir, &peer_id)
+            })?;
             let u = self.users.get_mut(name).unwrap();
             let mut last = None;
             for _ in 0..outcome.applied {
                 let r = u.queue.pop_front().unwrap();
+                let size = crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64);
+                u.queued_bytes = u.queued_bytes.saturating_sub(size);
                 last = Some(r.lsn);
+            }
+            if u.queue.is_empty() {
+                u.queued_bytes = 0;
             }
             // Unused bodies go back (an error stopped the batch before them).
             for ((g, uid), b) in outcome.bodies {
@@ -1746,9 +2071,9 @@ struct Local {
 }
 
 impl Local {
-    fn open(u: &User, state_dir: &Path) -> Local {
+    fn open(u: &User, state_dir: &Path, peer_id: &str) -> Local {
         let journal_dir = u.journal_dir().ok();
-        let acked = Positions::open(&state_dir.join("sent"), false)
+        let acked = positions::sent_to(state_dir, peer_id)
             .ok()
             .and_then(|p| p.get(u.name()).ok().flatten());
         Local { journal_dir, acked }
@@ -1796,6 +2121,7 @@ fn apply_batch(
     batch: Vec<Record>,
     mut bodies: HashMap<(Guid128, u32), BodyBuf>,
     state_dir: &Path,
+    peer_id: &str,
 ) -> Outcome {
     let mut out = Outcome {
         applied: 0,
@@ -1812,7 +2138,7 @@ fn apply_batch(
     loop {
         let mut stale = false;
         let r = with_user(svc, user, |u| {
-            let local = Local::open(u, state_dir);
+            let local = Local::open(u, state_dir, peer_id);
             // Every local change must be known before a peer's change is weighed against it.
             if let Some(dir) = &local.journal_dir {
                 if let Err(e) = memstore::catch_up_locked(&mut mem, dir) {

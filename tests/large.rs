@@ -1,0 +1,137 @@
+//! Sizes no frame can hold: a 30 MB mail and a folder of 150,000 mails, seeded onto an empty
+//! server by `tandem resync`, then repaired by a second resync after changes made behind
+//! Tandem's back. Every answer of the peer's resync protocol is paged or sent in parts, so
+//! neither the mail's size nor the folder's can make a resync fail.
+
+mod common;
+
+use common::{message, state, wait_for, Pair};
+use std::fs;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const USER: &str = "alice";
+const FOLDER_MAILS: usize = 150_000;
+const HUGE: usize = 30_000_000;
+
+/// A folder of `n` small mails as one mbox file, for a fast import.
+fn write_mbox(path: &std::path::Path, n: usize) {
+    let mut out = std::io::BufWriter::new(fs::File::create(path).unwrap());
+    for i in 0..n {
+        write!(
+            out,
+            "From sender@example.com Mon Jan  1 00:00:00 2024\n\
+             From: sender@example.com\n\
+             To: alice@example.com\n\
+             Subject: folder mail {i}\n\
+             Message-ID: <{i}.large@tandem.test>\n\
+             \n\
+             mail number {i}\n\n"
+        )
+        .unwrap();
+    }
+    out.flush().unwrap();
+}
+
+#[test]
+fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
+    let pair = Pair::start("large");
+    let t = Instant::now();
+    // A gets the mail without journaling it: B can only learn of it by a resync.
+    // The mbox is the mail user's: Dovecot keeps its index and locks beside it.
+    let src = tempfile::tempdir().unwrap();
+    write_mbox(&src.path().join("Big"), FOLDER_MAILS);
+    for p in [src.path(), &src.path().join("Big")] {
+        std::os::unix::fs::chown(p, Some(common::MAIL_UID), Some(common::MAIL_UID)).unwrap();
+    }
+    let loc = format!("mbox:{}", src.path().display());
+    pair.a
+        .doveadm_unjournaled(&["import", "-u", USER, &loc, "", "mailbox", "Big"]);
+    let huge = message("a 30 MB mail", HUGE);
+    pair.a
+        .doveadm_unjournaled_stdin(&["save", "-u", USER, "-m", "INBOX"], &huge);
+    let on_a = state(&pair.a, USER);
+    assert_eq!(on_a.mails.len(), FOLDER_MAILS + 1);
+    eprintln!(
+        "large: {} mails on a in {:?}",
+        on_a.mails.len(),
+        t.elapsed()
+    );
+    wait_for(Duration::from_secs(60), "both services connected", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+
+    // Seeding: B is empty.
+    let run = pair.b.tandem_resync(USER);
+    eprintln!(
+        "large: seeding resync on b: exit {} in {:?}",
+        run.code, run.took
+    );
+    run.expect_code(0);
+    assert!(
+        run.resync_changes(USER).is_some_and(|n| n > 0),
+        "{}",
+        run.stdout
+    );
+    let v = pair.a.tandem_verify(USER);
+    eprintln!("large: verify: exit {} in {:?}", v.code, v.took);
+    v.expect_identical(USER);
+    let on_b = state(&pair.b, USER);
+    assert_eq!(on_b, on_a);
+    // The huge mail arrived whole, byte for byte.
+    let fetched = pair.b.doveadm(&[
+        "fetch",
+        "-u",
+        USER,
+        "text",
+        "mailbox",
+        "INBOX",
+        "header.fields",
+        "subject",
+    ]);
+    assert!(
+        fetched.len() > HUGE - 1000,
+        "the huge mail on b has {} bytes",
+        fetched.len()
+    );
+
+    // Changes behind Tandem's back on both sides: B flags the huge mail, A expunges part of
+    // the folder and saves another huge mail; one resync from A repairs both.
+    pair.b.doveadm_unjournaled(&[
+        "flags",
+        "add",
+        "-u",
+        USER,
+        "\\Flagged",
+        "mailbox",
+        "INBOX",
+        "all",
+    ]);
+    pair.a
+        .doveadm_unjournaled(&["expunge", "-u", USER, "mailbox", "Big", "uid", "1:1000"]);
+    pair.a.doveadm_unjournaled_stdin(
+        &["save", "-u", USER, "-m", "INBOX"],
+        &message("another 30 MB mail", HUGE),
+    );
+    let run = pair.a.tandem_resync(USER);
+    eprintln!(
+        "large: repairing resync on a: exit {} in {:?}",
+        run.code, run.took
+    );
+    run.expect_code(0);
+    pair.b.tandem_verify(USER).expect_identical(USER);
+    let (sa, sb) = (state(&pair.a, USER), state(&pair.b, USER));
+    assert_eq!(sa, sb);
+    assert_eq!(sa.mails.len(), FOLDER_MAILS - 1000 + 2);
+    assert!(sa
+        .mails
+        .iter()
+        .filter(|m| m.mailbox == "INBOX")
+        .all(|m| m.flags.contains(&"\\Flagged".to_string())));
+    let again = pair.a.tandem_resync(USER);
+    again.expect_code(0);
+    assert_eq!(again.resync_changes(USER), Some(0), "{}", again.stdout);
+    eprintln!("large: all done in {:?}", t.elapsed());
+}
