@@ -1,6 +1,7 @@
 //! Peer authentication: an HMAC-SHA256 challenge-response over a shared secret, with fresh
-//! random nonces on both sides (DESIGN.md decision 9). Sans-IO: messages go in, messages to send
-//! come out; the transport owns the socket. Also the secret file's loading and checks.
+//! random nonces on both sides (DESIGN.md decision 9), bound to the TLS channel it runs in.
+//! Sans-IO: messages go in, messages to send come out; the transport owns the socket and the
+//! TLS session, and hands in the channel binding. Also the secret file's loading and checks.
 //!
 //! ```text
 //!  client                                   server
@@ -9,7 +10,10 @@
 //!    Auth{HMAC(secret, "tandem-v1 client" ‖ T)} ->
 //!                                       <-  AuthOk{HMAC(secret, "tandem-v1 server" ‖ T)}
 //!                                           or AuthFailed{reason}, then close
-//!  T = u16 version ‖ lp(client_id) ‖ lp(server_id) ‖ Nc ‖ Ns      lp(x) = u32 LE length ‖ x
+//!  T = u16 version ‖ lp(client_id) ‖ lp(server_id) ‖ Nc ‖ Ns ‖ B
+//!  lp(x) = u32 LE length ‖ x
+//!  B = the TLS session's exporter value (32 bytes, see CHANNEL_LABEL), the same on both ends
+//!      of one TLS session and different on every other
 //! ```
 //!
 //! - The secret never crosses the wire; each side proves it knows it.
@@ -20,9 +24,10 @@
 //! - Both server ids and the protocol version are bound into the MAC: a man in the middle cannot
 //!   rewrite them, and a peer announcing our own id (a loop back to ourselves) is refused.
 //!
-//! What this does not do: protect the frames after the handshake. Someone who can rewrite TCP
-//! traffic between the servers can still inject frames once both sides are authenticated; run
-//! the link over a private network, a VPN or a TLS tunnel.
+//! - The channel binding B ties the proof to the TLS session: TLS accepts any certificate, so
+//!   someone on the path can terminate TLS toward each server and relay the handshake frames,
+//!   but then each side computes its MAC over a different B and neither accepts the other's.
+//!   Once both MACs verified, the frames that follow are protected by that same TLS session.
 
 use crate::codec::{Msg, PROTOCOL_VERSION};
 use hmac::{Hmac, KeyInit, Mac};
@@ -39,6 +44,13 @@ const MAX_SECRET_FILE: u64 = 64 << 10;
 
 const CLIENT_LABEL: &[u8] = b"tandem-v1 client";
 const SERVER_LABEL: &[u8] = b"tandem-v1 server";
+
+/// The TLS exporter label (RFC 8446 §7.5) of the channel binding; both ends export 32 bytes
+/// under it, with no context, right after the TLS handshake.
+pub const CHANNEL_LABEL: &[u8] = b"EXPORTER-tandem-v1";
+
+/// The channel binding: the TLS exporter value of the connection the handshake runs in.
+pub type ChannelBinding = [u8; 32];
 
 /// Everything that can fail in the handshake or in loading the secret. The texts go to
 /// Dovecot's log.
@@ -62,12 +74,12 @@ pub enum AuthError {
     Reflected,
     #[error(
         "peer {peer:?} failed authentication: its MAC does not match (the shared secrets \
-         differ, or the handshake was replayed)"
+         differ, or the handshake was replayed or relayed by a man in the middle)"
     )]
     BadClientMac { peer: String },
     #[error(
         "server {peer:?} failed to prove that it knows the shared secret (the shared secrets \
-         differ, or it is an impostor)"
+         differ, it is an impostor, or a man in the middle relays the connection)"
     )]
     BadServerMac { peer: String },
     #[error("unexpected {got} message during the handshake, expected {expected}")]
@@ -121,7 +133,9 @@ impl AuthError {
             AuthError::BadPeerId(_) => "invalid server id".into(),
             AuthError::Reflected => "reflected nonce".into(),
             AuthError::BadClientMac { .. } => {
-                "authentication failed: the shared secrets differ".into()
+                "authentication failed: the shared secrets differ, or the connection is \
+                 relayed"
+                    .into()
             }
             AuthError::OutOfOrder { got, expected } => {
                 format!("unexpected {got} message during the handshake, expected {expected}")
@@ -159,6 +173,7 @@ struct Transcript {
     server_id: String,
     client_nonce: [u8; 32],
     server_nonce: [u8; 32],
+    channel: ChannelBinding,
 }
 
 fn put(m: &mut Hmac<Sha256>, bytes: &[u8]) {
@@ -177,6 +192,7 @@ impl Transcript {
         put(&mut m, self.server_id.as_bytes());
         m.update(&self.client_nonce);
         m.update(&self.server_nonce);
+        m.update(&self.channel);
         m
     }
     fn mac(&self, secret: &Secret, label: &[u8]) -> [u8; 32] {
@@ -249,12 +265,18 @@ enum ClientState {
 pub struct ClientHandshake {
     secret: Secret,
     my_id: String,
+    channel: ChannelBinding,
     state: ClientState,
 }
 
 impl ClientHandshake {
-    /// Starts a handshake; the returned [`Msg::Hello`] is the first thing to send.
-    pub fn new(secret: &[u8], my_id: &str) -> Result<(ClientHandshake, Msg), AuthError> {
+    /// Starts a handshake on the channel whose binding is `channel`; the returned
+    /// [`Msg::Hello`] is the first thing to send.
+    pub fn new(
+        secret: &[u8],
+        my_id: &str,
+        channel: &ChannelBinding,
+    ) -> Result<(ClientHandshake, Msg), AuthError> {
         check_setup(secret, my_id)?;
         let client_nonce = nonce()?;
         let hello = Msg::Hello {
@@ -265,6 +287,7 @@ impl ClientHandshake {
         let hs = ClientHandshake {
             secret: Secret(secret.to_vec()),
             my_id: my_id.into(),
+            channel: *channel,
             state: ClientState::AwaitChallenge { client_nonce },
         };
         Ok((hs, hello))
@@ -297,6 +320,7 @@ impl ClientHandshake {
                     server_id,
                     client_nonce,
                     server_nonce: nonce,
+                    channel: self.channel,
                 };
                 let mac = t.mac(&self.secret, CLIENT_LABEL);
                 Ok((ClientState::AwaitAuthOk(t), Step::Send(Msg::Auth { mac })))
@@ -334,17 +358,24 @@ enum ServerState {
 pub struct ServerHandshake {
     secret: Secret,
     my_id: String,
+    channel: ChannelBinding,
     server_nonce: [u8; 32],
     state: ServerState,
 }
 
 impl ServerHandshake {
-    /// Prepares for a new connection; the server speaks only after the client's `Hello`.
-    pub fn new(secret: &[u8], my_id: &str) -> Result<ServerHandshake, AuthError> {
+    /// Prepares for a new connection on the channel whose binding is `channel`; the server
+    /// speaks only after the client's `Hello`.
+    pub fn new(
+        secret: &[u8],
+        my_id: &str,
+        channel: &ChannelBinding,
+    ) -> Result<ServerHandshake, AuthError> {
         check_setup(secret, my_id)?;
         Ok(ServerHandshake {
             secret: Secret(secret.to_vec()),
             my_id: my_id.into(),
+            channel: *channel,
             server_nonce: nonce()?,
             state: ServerState::AwaitHello,
         })
@@ -379,6 +410,7 @@ impl ServerHandshake {
                     server_id: self.my_id.clone(),
                     client_nonce: nonce,
                     server_nonce: self.server_nonce,
+                    channel: self.channel,
                 };
                 let challenge = Msg::Challenge {
                     version: PROTOCOL_VERSION,
@@ -494,6 +526,8 @@ mod tests {
     use crate::codec::{encode, Decoder};
 
     const SECRET: &[u8] = b"correct horse battery staple";
+    /// The channel binding of a connection both sides share.
+    const CH: ChannelBinding = [7; 32];
 
     /// Sends a message through the real codec, as the transport would.
     fn wire(m: Msg) -> Msg {
@@ -511,10 +545,21 @@ mod tests {
         transcript: Vec<Msg>,
     }
 
-    /// Runs a whole handshake between a client and a server.
+    /// Runs a whole handshake between a client and a server on one channel.
     fn run(client_secret: &[u8], server_secret: &[u8]) -> Run {
-        let (mut c, hello) = ClientHandshake::new(client_secret, "mx1").unwrap();
-        let mut s = ServerHandshake::new(server_secret, "mx2").unwrap();
+        run_on(client_secret, &CH, server_secret, &CH)
+    }
+
+    /// Runs a whole handshake between a client on channel `cc` and a server on `sc`: the
+    /// messages pass unchanged, as a relay in the middle would pass them.
+    fn run_on(
+        client_secret: &[u8],
+        cc: &ChannelBinding,
+        server_secret: &[u8],
+        sc: &ChannelBinding,
+    ) -> Run {
+        let (mut c, hello) = ClientHandshake::new(client_secret, "mx1", cc).unwrap();
+        let mut s = ServerHandshake::new(server_secret, "mx2", sc).unwrap();
         let mut transcript = vec![hello.clone()];
         let challenge = match s.on_msg(wire(hello)).unwrap() {
             Step::Send(m) => m,
@@ -574,19 +619,20 @@ mod tests {
         assert_eq!(
             server.to_string(),
             "peer \"mx1\" failed authentication: its MAC does not match (the shared secrets \
-             differ, or the handshake was replayed)"
+             differ, or the handshake was replayed or relayed by a man in the middle)"
         );
         let client = r.client.unwrap_err();
         assert_eq!(
             client.to_string(),
-            "peer refused authentication: authentication failed: the shared secrets differ"
+            "peer refused authentication: \"authentication failed: the shared secrets differ, \
+             or the connection is relayed\""
         );
     }
 
     /// A server that does not know the secret cannot forge `AuthOk`: the client refuses it.
     #[test]
     fn an_impostor_server_is_caught_by_the_client() {
-        let (mut c, hello) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, hello) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let Msg::Hello { nonce, .. } = hello else {
             unreachable!()
         };
@@ -602,12 +648,13 @@ mod tests {
             server_id: "mx2".into(),
             client_nonce: nonce,
             server_nonce,
+            channel: CH,
         };
         let forged = t.mac(&Secret(b"a guess at the secret".to_vec()), SERVER_LABEL);
         let err = c.on_msg(Msg::AuthOk { mac: forged }).unwrap_err();
         assert!(matches!(err, AuthError::BadServerMac { .. }), "{err}");
         // Nor can it reflect the client's own MAC back: the labels differ.
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let Step::Send(Msg::Auth { mac }) = c
             .on_msg(Msg::Challenge {
                 version: PROTOCOL_VERSION,
@@ -630,7 +677,7 @@ mod tests {
         let old = run(SECRET, SECRET);
         assert!(old.server.is_ok());
         let (hello, auth) = (old.transcript[0].clone(), old.transcript[2].clone());
-        let mut s = ServerHandshake::new(SECRET, "mx2").unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx2", &CH).unwrap();
         assert!(matches!(
             s.on_msg(hello),
             Ok(Step::Send(Msg::Challenge { .. }))
@@ -645,7 +692,7 @@ mod tests {
         ));
 
         // A recorded Challenge and AuthOk replayed to a new client fail the same way.
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         assert!(matches!(
             c.on_msg(old.transcript[1].clone()),
             Ok(Step::Send(Msg::Auth { .. }))
@@ -654,6 +701,51 @@ mod tests {
             c.on_msg(old.transcript[3].clone()),
             Err(AuthError::BadServerMac { .. })
         ));
+    }
+
+    /// A man in the middle that terminates TLS toward each side and passes the handshake
+    /// messages through unchanged: each side has its own channel binding, so the server refuses
+    /// the client's MAC, whichever side's binding the relay tries to match.
+    #[test]
+    fn a_relayed_handshake_fails_on_both_sides() {
+        let (toward_client, toward_server) = ([1; 32], [2; 32]);
+        let r = run_on(SECRET, &toward_client, SECRET, &toward_server);
+        let server = r.server.unwrap_err();
+        assert!(
+            matches!(&server, AuthError::BadClientMac { peer } if peer == "mx1"),
+            "{server}"
+        );
+        assert!(matches!(r.client, Err(AuthError::Refused(_))));
+        let r = run_on(SECRET, &toward_server, SECRET, &toward_client);
+        assert!(matches!(r.server, Err(AuthError::BadClientMac { .. })));
+
+        // Nor does the client accept a server's AuthOk computed on another channel: a relay
+        // that got a genuine AuthOk from the server on its own session cannot pass it on.
+        let (mut c, hello) = ClientHandshake::new(SECRET, "mx1", &toward_client).unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx2", &toward_server).unwrap();
+        let Step::Send(challenge) = s.on_msg(wire(hello)).unwrap() else {
+            unreachable!()
+        };
+        let Msg::Challenge { nonce: ns, .. } = challenge.clone() else {
+            unreachable!()
+        };
+        let Step::Send(Msg::Auth { .. }) = c.on_msg(wire(challenge)).unwrap() else {
+            unreachable!()
+        };
+        let ClientState::AwaitAuthOk(t) = &c.state else {
+            unreachable!()
+        };
+        // The AuthOk the server computes for this transcript on its own channel.
+        let genuine = Transcript {
+            client_id: "mx1".into(),
+            server_id: "mx2".into(),
+            client_nonce: t.client_nonce,
+            server_nonce: ns,
+            channel: toward_server,
+        }
+        .mac(&Secret(SECRET.to_vec()), SERVER_LABEL);
+        let err = c.on_msg(Msg::AuthOk { mac: genuine }).unwrap_err();
+        assert!(matches!(err, AuthError::BadServerMac { .. }), "{err}");
     }
 
     #[test]
@@ -673,6 +765,7 @@ mod tests {
             server_id: "mx2".into(),
             client_nonce: [1; 32],
             server_nonce: [2; 32],
+            channel: CH,
         };
         let base = t.mac(&secret, CLIENT_LABEL);
         let variants = [
@@ -692,6 +785,10 @@ mod tests {
                 server_nonce: [1; 32],
                 ..t.clone()
             },
+            Transcript {
+                channel: [8; 32],
+                ..t.clone()
+            },
         ];
         for v in variants {
             assert_ne!(v.mac(&secret, CLIENT_LABEL), base, "{v:?}");
@@ -708,25 +805,25 @@ mod tests {
 
     #[test]
     fn a_wrong_version_is_refused_with_a_reason() {
-        let mut s = ServerHandshake::new(SECRET, "mx2").unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx2", &CH).unwrap();
         let err = s
             .on_msg(Msg::Hello {
-                version: 2,
+                version: 1,
                 server_id: "mx1".into(),
                 nonce: [1; 32],
             })
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "peer speaks protocol version 2, this server speaks 1"
+            "peer speaks protocol version 1, this server speaks 2"
         );
         assert_eq!(
             err.reply_to_peer(),
             Some(Msg::AuthFailed {
-                reason: "protocol version 2 is not supported; this server speaks 1".into()
+                reason: "protocol version 1 is not supported; this server speaks 2".into()
             })
         );
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let err = c
             .on_msg(Msg::Challenge {
                 version: 0,
@@ -734,18 +831,18 @@ mod tests {
                 nonce: [1; 32],
             })
             .unwrap_err();
-        assert!(matches!(err, AuthError::Version { peer: 0, ours: 1 }));
+        assert!(matches!(err, AuthError::Version { peer: 0, ours: 2 }));
     }
 
     #[test]
     fn a_connection_to_ourselves_is_refused() {
-        let mut s = ServerHandshake::new(SECRET, "mx1").unwrap();
-        let (_, hello) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx1", &CH).unwrap();
+        let (_, hello) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let err = s.on_msg(hello).unwrap_err();
         assert!(matches!(&err, AuthError::Loop(id) if id == "mx1"), "{err}");
         assert!(err.reply_to_peer().is_some());
 
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let err = c
             .on_msg(Msg::Challenge {
                 version: PROTOCOL_VERSION,
@@ -761,8 +858,8 @@ mod tests {
         // The receiver names a directory after the peer's id: `/etc`, `..` or `a/b` must never
         // get that far.
         for bad in ["/etc", "..", ".", "a/b", ".hidden", "x\n", &"a".repeat(65)] {
-            let mut s = ServerHandshake::new(SECRET, "mx1").unwrap();
-            let (_, hello) = ClientHandshake::new(SECRET, bad).unwrap();
+            let mut s = ServerHandshake::new(SECRET, "mx1", &CH).unwrap();
+            let (_, hello) = ClientHandshake::new(SECRET, bad, &CH).unwrap();
             let err = s.on_msg(hello).unwrap_err();
             assert!(
                 matches!(&err, AuthError::BadPeerId(id) if id == bad),
@@ -770,7 +867,7 @@ mod tests {
             );
             assert!(err.reply_to_peer().is_some());
 
-            let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+            let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
             let err = c
                 .on_msg(Msg::Challenge {
                     version: PROTOCOL_VERSION,
@@ -784,7 +881,7 @@ mod tests {
 
     #[test]
     fn a_reflected_nonce_is_refused() {
-        let (mut c, hello) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, hello) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let Msg::Hello { nonce, .. } = hello else {
             unreachable!()
         };
@@ -800,7 +897,7 @@ mod tests {
 
     #[test]
     fn messages_out_of_order_are_refused() {
-        let mut s = ServerHandshake::new(SECRET, "mx2").unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx2", &CH).unwrap();
         let err = s.on_msg(Msg::Auth { mac: [0; 32] }).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -809,7 +906,7 @@ mod tests {
         assert!(err.reply_to_peer().is_some());
 
         // Replication traffic before authentication gets nowhere.
-        let mut s = ServerHandshake::new(SECRET, "mx2").unwrap();
+        let mut s = ServerHandshake::new(SECRET, "mx2", &CH).unwrap();
         let err = s
             .on_msg(Msg::Records {
                 user: "alice".into(),
@@ -819,7 +916,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, AuthError::OutOfOrder { got: "Records", .. }));
 
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let err = c.on_msg(Msg::AuthOk { mac: [0; 32] }).unwrap_err();
         assert!(matches!(
             err,
@@ -834,7 +931,7 @@ mod tests {
         ));
 
         // An error from the peer is reported as such, and not answered.
-        let (mut c, _) = ClientHandshake::new(SECRET, "mx1").unwrap();
+        let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
         let err = c
             .on_msg(Msg::Error {
                 message: "shutting down".into(),
@@ -842,7 +939,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "peer reported an error during the handshake: shutting down"
+            "peer reported an error during the handshake: \"shutting down\""
         );
         assert_eq!(err.reply_to_peer(), None);
     }
@@ -850,15 +947,15 @@ mod tests {
     #[test]
     fn setup_is_checked() {
         assert!(matches!(
-            ClientHandshake::new(b"short", "mx1"),
+            ClientHandshake::new(b"short", "mx1", &CH),
             Err(AuthError::WeakSecret { len: 5 })
         ));
         assert!(matches!(
-            ServerHandshake::new(SECRET, ""),
+            ServerHandshake::new(SECRET, "", &CH),
             Err(AuthError::BadOwnId(_))
         ));
         // Debug output never shows the secret.
-        let s = ServerHandshake::new(SECRET, "mx2").unwrap();
+        let s = ServerHandshake::new(SECRET, "mx2", &CH).unwrap();
         assert!(!format!("{s:?}").contains("horse"));
     }
 

@@ -19,9 +19,9 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// The content of the secret file the harness gives both servers of a pair.
 const SECRET: &[u8] = b"correct horse battery staple 0123456789";
 
-/// A connection that speaks the protocol with the secret, as whoever it likes.
-struct Evil {
-    s: TcpStream,
+/// A connection that speaks the protocol with the secret, as whoever it likes, inside TLS.
+struct Evil<S: Read + Write> {
+    s: S,
     dec: Decoder,
     /// Every frame received, for checks on what the service says.
     seen: Vec<Msg>,
@@ -33,17 +33,17 @@ fn frame(m: &Msg) -> Vec<u8> {
     b
 }
 
-impl Evil {
+impl Evil<common::tls::Client> {
     /// Authenticates to the service on `port` as server `id`; the refusal reason otherwise.
-    fn connect(port: u16, id: &str) -> Result<Evil, String> {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    fn connect(port: u16, id: &str) -> Result<Self, String> {
+        let s = common::tls::connect(port);
+        let channel = common::tls::binding(&s.conn);
         let mut e = Evil {
             s,
             dec: Decoder::new(),
             seen: Vec::new(),
         };
-        let (mut hs, hello) = ClientHandshake::new(SECRET, id).unwrap();
+        let (mut hs, hello) = ClientHandshake::new(SECRET, id, &channel).unwrap();
         e.send(&hello);
         loop {
             let m = e.recv().ok_or("closed during the handshake")?;
@@ -59,9 +59,11 @@ impl Evil {
             }
         }
     }
+}
 
+impl<S: Read + Write> Evil<S> {
     fn send(&mut self, m: &Msg) {
-        let _ = self.s.write_all(&frame(m));
+        let _ = self.s.write_all(&frame(m)).and_then(|_| self.s.flush());
     }
 
     /// The next frame, or None when the connection closed or said nothing for a while.
@@ -248,13 +250,14 @@ fn a_forged_acknowledgement_drops_nothing_the_peer_never_had() {
 
     fake.set_nonblocking(false).unwrap();
     let (s, _) = fake.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let s = common::tls::accept(s, common::tls::server_config()).expect("A speaks TLS");
+    let channel = common::tls::binding(&s.conn);
     let mut e = Evil {
         s,
         dec: Decoder::new(),
         seen: Vec::new(),
     };
-    let mut hs = ServerHandshake::new(SECRET, "b").unwrap();
+    let mut hs = ServerHandshake::new(SECRET, "b", &channel).unwrap();
     loop {
         let m = e.recv().expect("the handshake");
         match hs.on_msg(m).expect("A authenticates") {
@@ -312,7 +315,7 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
     let idle: Vec<TcpStream> = (0..200)
         .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
-    let hello = frame(&ClientHandshake::new(SECRET, "slow").unwrap().1);
+    let hello = frame(&ClientHandshake::new(SECRET, "slow", &[0; 32]).unwrap().1);
     let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // Bodies nobody asked for, each claiming 16 MiB: the old code reserved that much for
     // each on its first chunk.
@@ -335,16 +338,26 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
     for seq in 0..20_000u64 {
         burst.extend(frame(&Msg::Ping { seq }));
     }
-    let mut w = e.s.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = w.write_all(&burst);
-    });
+    // A TLS stream is one object for both ways: write in slices, and take the service's
+    // answers in between, so that neither side waits for the other.
+    e.s.sock
+        .set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    for chunk in burst.chunks(64 << 10) {
+        if e.s.write_all(chunk).and_then(|_| e.s.flush()).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 65536];
+        while matches!(e.s.read(&mut buf), Ok(n) if n > 0) {}
+    }
+    e.s.sock
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let reader = std::thread::spawn(move || while e.recv().is_some() {});
     for b in hello.iter().take(5) {
         let _ = slow.write_all(&[*b]);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = writer.join();
 
     // The real peer reconnects through all that and is served.
     pair.cut();

@@ -41,7 +41,7 @@ use thiserror::Error;
 
 /// The protocol version carried by [`Msg::Hello`] and [`Msg::Challenge`], and bound into the
 /// handshake MACs. Bump it on any incompatible change to this module or to the record encoding.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame, counted as its length field counts it (type + flags + payload). Checked before
 /// anything is allocated, on both sides.

@@ -9,6 +9,8 @@ pub mod positions;
 #[cfg(feature = "service")]
 pub mod resync;
 pub mod status;
+#[cfg(feature = "service")]
+pub mod tls;
 
 #[cfg(feature = "service")]
 pub mod runtime;

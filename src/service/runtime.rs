@@ -23,6 +23,7 @@ use super::memstore;
 use super::positions::{self, Position, Positions};
 use super::resync;
 use super::status::{self, now_secs, Shared, Status};
+use super::tls::{self, Tls};
 use crate::auth::{self, ClientHandshake, ServerHandshake, Step};
 use crate::codec::{self, Decoder, Msg};
 use crate::event::{Change, Guid128, Record};
@@ -32,7 +33,6 @@ use crate::registry;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
@@ -105,6 +105,8 @@ pub(super) struct Config {
     pub(super) base_dir: PathBuf,
     /// How often users are checked for resync marks and gaps.
     pub(super) scan_every: Duration,
+    /// Certificates for the link's TLS; none needed (see [`tls`]).
+    pub(super) tls_files: tls::TlsFiles,
 }
 
 /// State shared by all threads.
@@ -113,6 +115,9 @@ pub(super) struct Shared_ {
     pub(super) status: Shared,
     pub(super) stop: AtomicBool,
     pub(super) main: MainHandle<Svc>,
+    /// TLS for every peer connection; `None` when its setup failed (logged): then no
+    /// connection is made or accepted, as without a secret.
+    tls: Option<Tls>,
     /// Sockets to shut down on stop, so that blocked threads wake up.
     sockets: Mutex<Vec<TcpStream>>,
     /// Inbound connections with a thread of their own.
@@ -244,6 +249,16 @@ fn config(svc: &Svc) -> Result<Config, String> {
     {
         crate::clock::set_test_offset(ms);
     }
+    let file = |name: &str| {
+        svc.setting(name)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    };
+    let tls_files = tls::TlsFiles {
+        cert: file("tandem_tls_cert_file"),
+        key: file("tandem_tls_key_file"),
+        ca: file("tandem_tls_ca_file"),
+    };
     Ok(Config {
         server_id,
         peer,
@@ -252,6 +267,7 @@ fn config(svc: &Svc) -> Result<Config, String> {
         state_dir,
         base_dir: svc.base_dir(),
         scan_every,
+        tls_files,
     })
 }
 
@@ -292,11 +308,20 @@ impl Handler for Service {
             disconnected_since: Some(now_secs()),
             ..Default::default()
         }));
+        let peer_host = cfg.peer.as_deref().map(peer_host).unwrap_or_default();
+        let tls = match Tls::new(&cfg.tls_files, &peer_host) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::error!("{e}: peer connections are refused and none is made");
+                None
+            }
+        };
         let ctx = Arc::new(Shared_ {
             cfg: cfg.clone(),
             status: status.clone(),
             stop: AtomicBool::new(false),
             main,
+            tls,
             sockets: Mutex::new(Vec::new()),
             inbound: AtomicUsize::new(0),
             preauth: Mutex::new(VecDeque::new()),
@@ -349,7 +374,7 @@ impl Handler for Service {
         }
 
         match (&cfg.peer, &cfg.secret) {
-            (Some(_), Some(_)) => {
+            (Some(_), Some(_)) if ctx.tls.is_some() => {
                 let ctx2 = ctx.clone();
                 self.spawn("tandem-outbound", move || outbound(ctx2, rings_rx));
                 let ctx2 = ctx.clone();
@@ -500,6 +525,8 @@ pub(super) enum ConnError {
     Codec(#[from] codec::CodecError),
     #[error("authentication failed: {0}")]
     Auth(#[from] auth::AuthError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
     #[error("the peer closed the connection")]
     Closed,
     #[error("no traffic from the peer for {}s", IDLE_TIMEOUT.as_secs())]
@@ -534,18 +561,19 @@ impl From<mainloop::Stopped> for ConnError {
 
 /// The reading half of a connection.
 pub(super) struct FrameReader {
-    stream: TcpStream,
+    link: tls::Reader,
     dec: Decoder,
+    /// Plaintext of the last read.
     buf: Vec<u8>,
     status: Shared,
 }
 
 impl FrameReader {
-    fn new(stream: TcpStream, status: Shared, max_frame: usize) -> FrameReader {
+    fn new(link: tls::Reader, status: Shared, max_frame: usize) -> FrameReader {
         FrameReader {
-            stream,
+            link,
             dec: Decoder::with_max_frame(max_frame),
-            buf: vec![0u8; 64 << 10],
+            buf: Vec::new(),
             status,
         }
     }
@@ -556,20 +584,14 @@ impl FrameReader {
             if let Some(m) = self.dec.next()? {
                 return Ok(Some(m));
             }
-            match self.stream.read(&mut self.buf) {
-                Ok(0) => return Err(ConnError::Closed),
-                Ok(n) => {
-                    self.status.lock().unwrap().bytes_received += n as u64;
-                    self.dec.feed(&self.buf[..n]);
+            self.buf.clear();
+            match self.link.recv(&mut self.buf)? {
+                tls::Recv::Closed => return Err(ConnError::Closed),
+                tls::Recv::Data { raw } => {
+                    self.status.lock().unwrap().bytes_received += raw as u64;
+                    self.dec.feed(&self.buf);
                 }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    return Ok(None)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                tls::Recv::Timeout => return Ok(None),
             }
         }
     }
@@ -590,19 +612,30 @@ impl FrameReader {
 
 /// The writing half.
 pub(super) struct FrameWriter {
+    /// The raw socket, which the writer alone writes to (and [`close`] shuts down).
     pub(super) stream: TcpStream,
+    link: tls::Writer,
     buf: Vec<u8>,
     status: Shared,
 }
 
 impl FrameWriter {
+    /// Sends one message; its frame's size (before encryption).
     pub(super) fn send(&mut self, m: &Msg) -> Result<usize, ConnError> {
         self.buf.clear();
         codec::encode(m, &mut self.buf)?;
-        self.stream.write_all(&self.buf)?;
-        self.status.lock().unwrap().bytes_sent += self.buf.len() as u64;
+        let raw = self.link.send(&self.stream, &self.buf)?;
+        self.status.lock().unwrap().bytes_sent += raw as u64;
         Ok(self.buf.len())
     }
+}
+
+/// The host part of `tandem_peer` (`host:port`, `[v6]:port`).
+fn peer_host(peer: &str) -> String {
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// Shuts the connection down (every clone of the socket: the peer sees the close at once) and
@@ -641,32 +674,39 @@ pub(super) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), Conn
         ));
     };
     let _ = stream.set_nodelay(true);
-    ctx.sockets.lock().unwrap().push(stream.try_clone()?);
-    let (mut rd, mut wr) = split(stream, &ctx.status, PREAUTH_MAX_FRAME)?;
     let secret = ctx
         .cfg
         .secret
         .clone()
         .ok_or_else(|| ConnError::Protocol("tandem_secret_file is not usable".into()))?;
-    let (mut hs, hello) = ClientHandshake::new(&secret, &ctx.cfg.server_id)?;
-    wr.send(&hello)?;
-    let peer_id = loop {
-        let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
-        match hs.on_msg(m)? {
-            Step::Send(m) => {
-                wr.send(&m)?;
-            }
-            Step::Done { peer_id, send } => {
-                check_pinned(ctx, &peer_id)?;
-                if let Some(m) = send {
+    ctx.sockets.lock().unwrap().push(stream.try_clone()?);
+    let raw = stream.try_clone()?;
+    let res = (|| {
+        let (mut rd, mut wr, channel) = secure(ctx, stream, true)?;
+        let (mut hs, hello) = ClientHandshake::new(&secret, &ctx.cfg.server_id, &channel)?;
+        wr.send(&hello)?;
+        let peer_id = loop {
+            let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
+            match hs.on_msg(m)? {
+                Step::Send(m) => {
                     wr.send(&m)?;
                 }
-                break peer_id;
+                Step::Done { peer_id, send } => {
+                    check_pinned(ctx, &peer_id)?;
+                    if let Some(m) = send {
+                        wr.send(&m)?;
+                    }
+                    break peer_id;
+                }
             }
-        }
-    };
-    rd.dec.set_max_frame(codec::MAX_FRAME);
-    Ok((rd, wr, peer_id))
+        };
+        rd.dec.set_max_frame(codec::MAX_FRAME);
+        Ok((rd, wr, peer_id))
+    })();
+    if res.is_err() {
+        close(ctx, &raw);
+    }
+    res
 }
 
 /// With `tandem_peer_id` set, an authenticated peer that announces another id is still refused:
@@ -680,20 +720,33 @@ fn check_pinned(ctx: &Ctx, peer_id: &str) -> Result<(), ConnError> {
     }
 }
 
-fn split(
+/// Runs TLS on a new connection (as its client when we dialed it) and splits it into a reader
+/// and a writer for the secret handshake (small frames only, until it is over); also the
+/// channel binding that handshake must prove.
+fn secure(
+    ctx: &Ctx,
     stream: TcpStream,
-    status: &Shared,
-    max_frame: usize,
-) -> std::io::Result<(FrameReader, FrameWriter)> {
+    dialed: bool,
+) -> Result<(FrameReader, FrameWriter, auth::ChannelBinding), ConnError> {
+    let tls = ctx
+        .tls
+        .as_ref()
+        .ok_or_else(|| ConnError::Protocol("TLS is not set up (see above)".into()))?;
+    let mut conn = if dialed { tls.client()? } else { tls.server()? };
+    tls::handshake(&mut conn, &stream, HANDSHAKE_TIMEOUT)?;
+    let channel = tls::binding(&conn)?;
     let w = stream.try_clone()?;
     stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let (r, lw) = tls::split(conn, stream);
     Ok((
-        FrameReader::new(stream, status.clone(), max_frame),
+        FrameReader::new(r, ctx.status.clone(), PREAUTH_MAX_FRAME),
         FrameWriter {
             stream: w,
+            link: lw,
             buf: Vec::new(),
-            status: status.clone(),
+            status: ctx.status.clone(),
         },
+        channel,
     ))
 }
 
@@ -1501,8 +1554,16 @@ fn inbound(ctx: &Ctx, stream: TcpStream) -> Result<(), ConnError> {
         }
         pre.push_back(stream.try_clone()?);
     }
-    let (mut rd, mut wr) = split(stream, &ctx.status, PREAUTH_MAX_FRAME)?;
-    let res = serve_peer(ctx, &secret, &mut rd, &mut wr);
+    let raw = stream.try_clone()?;
+    let (mut rd, mut wr, channel) = match secure(ctx, stream, false) {
+        Ok(c) => c,
+        Err(e) => {
+            forget_preauth(ctx, &raw);
+            close(ctx, &raw);
+            return Err(e);
+        }
+    };
+    let res = serve_peer(ctx, &secret, &channel, &mut rd, &mut wr);
     forget_preauth(ctx, &wr.stream);
     close(ctx, &wr.stream);
     res
@@ -1520,10 +1581,11 @@ fn forget_preauth(ctx: &Ctx, stream: &TcpStream) {
 fn serve_peer(
     ctx: &Ctx,
     secret: &[u8],
+    channel: &auth::ChannelBinding,
     rd: &mut FrameReader,
     wr: &mut FrameWriter,
 ) -> Result<(), ConnError> {
-    let mut hs = ServerHandshake::new(secret, &ctx.cfg.server_id)?;
+    let mut hs = ServerHandshake::new(secret, &ctx.cfg.server_id, channel)?;
     let peer_id = loop {
         let m = rd.next_within(HANDSHAKE_TIMEOUT)?;
         match hs.on_msg(m) {

@@ -20,6 +20,8 @@
 // Each test crate uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
