@@ -311,6 +311,9 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
     let port = pair.a.options().service_port.unwrap();
     let pid = service_pid(&pair.a);
 
+    // A peer with the secret (in first: while the idle flood below goes on, a newcomer is
+    // served only once the flood's connections are evicted or closed).
+    let mut e = Evil::connect(port, "mallory").expect("authenticates");
     // Idle connections that never authenticate, and one that sends a byte now and then.
     let idle: Vec<TcpStream> = (0..200)
         .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
@@ -319,7 +322,6 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
     let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // Bodies nobody asked for, each claiming 16 MiB: the old code reserved that much for
     // each on its first chunk.
-    let mut e = Evil::connect(port, "mallory").expect("authenticates");
     let mut burst = Vec::new();
     for uid in 0..100u32 {
         burst.extend(frame(&Msg::Body {

@@ -90,6 +90,14 @@ const BODY_PATIENCE: Duration = Duration::from_secs(10);
 const USER_IDLE: Duration = Duration::from_secs(30);
 
 pub fn main() -> i32 {
+    // glibc gives threads malloc arenas of 64 MiB of address space each, up to 8 per core:
+    // under Dovecot's vsz_limit (1G in the documented config) a few dozen connection threads
+    // exhausted the address space and new threads failed to start. Two arenas are plenty for a
+    // service whose threads mostly wait on sockets.
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     dovecot::run(Box::new(Service::default()))
 }
 
