@@ -71,20 +71,17 @@ fn service_pid(dc: &Dovecot) -> i32 {
 }
 
 fn count_in(dc: &Dovecot, user: &str, subject: &str) -> usize {
-    dc.doveadm_listing(&[
-        "search", "-u", user, "mailbox", "INBOX", "subject", subject,
-    ])
-    .lines()
-    .filter(|l| !l.trim().is_empty())
-    .count()
+    dc.doveadm_listing(&["search", "-u", user, "mailbox", "INBOX", "subject", subject])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 /// Alice, another user of the same uid, still replicates from A to B.
 fn alice_replicates(p: &Pair, tag: &str) {
     let subject = format!("alice still replicates {tag}");
-    let replies = p
-        .a
-        .deliver("x@example.org", &["alice"], &message(&subject, 500));
+    let replies =
+        p.a.deliver("x@example.org", &["alice"], &message(&subject, 500));
     assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
     wait_for(PATIENCE, &format!("alice's mail ({tag}) on B"), || {
         count_in(&p.b, "alice", &subject) == 1
@@ -105,9 +102,11 @@ fn service_looked_at_bob(dc: &Dovecot, seen: usize, what: &str) -> usize {
     });
     // A second look, so that a hang on the first would show.
     let now = lines(dc);
-    wait_for(PATIENCE, &format!("the service looking again after {what}"), || {
-        lines(dc) > now
-    });
+    wait_for(
+        PATIENCE,
+        &format!("the service looking again after {what}"),
+        || lines(dc) > now,
+    );
     lines(dc)
 }
 
@@ -151,7 +150,10 @@ fn a_hostile_journal_cannot_touch_root_files_or_stop_the_service() {
     // The mark, and the mark beside the journal, point at root's file; a damaged next segment
     // makes the service (root) mark bob for a resync. Before the fix, it chowned the target to
     // bob and appended to it.
-    for mark in [journal.join("resync-needed"), home.join(".tandem.resync-needed")] {
+    for mark in [
+        journal.join("resync-needed"),
+        home.join(".tandem.resync-needed"),
+    ] {
         symlink(&shadow.path, &mark).unwrap();
         as_bob(&mark);
     }
@@ -318,7 +320,11 @@ fn registration_works_in_a_state_dir_the_service_created() {
     assert!(!log.contains("cannot register"), "{log}");
     // Only users/ is reachable; the rest stays root's.
     let mode = fs::metadata(&state).unwrap().mode() & 0o777;
-    assert_eq!(mode & 0o004, 0, "others cannot list the state dir: {mode:o}");
+    assert_eq!(
+        mode & 0o004,
+        0,
+        "others cannot list the state dir: {mode:o}"
+    );
 }
 
 /// The control and status sockets answer root only, even when their mode lets others connect
@@ -373,8 +379,8 @@ fn control_sockets_refuse_other_uids_and_the_cli_escapes_output() {
 
     // A journal with a mailbox name that carries terminal escapes.
     let t = tempfile::tempdir().unwrap();
-    let mut w = tandem::journal::Writer::open(t.path(), tandem::settings::FsyncPolicy::Never)
-        .unwrap();
+    let mut w =
+        tandem::journal::Writer::open(t.path(), tandem::settings::FsyncPolicy::Never).unwrap();
     let info = tandem::capture::BoxInfo {
         name: "\u{1b}]0;owned\u{7}\u{1b}[2JINBOX".into(),
         ..Default::default()
@@ -433,7 +439,10 @@ fn helper() {
             let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
             for i in 0..20_000u32 {
                 // The queue may be full; a flood does not care.
-                let _ = sock.send_to(format!("flood-{i}-{}", i.wrapping_mul(2654435761)).as_bytes(), &arg);
+                let _ = sock.send_to(
+                    format!("flood-{i}-{}", i.wrapping_mul(2654435761)).as_bytes(),
+                    &arg,
+                );
             }
         }
         other => panic!("unknown helper {other}"),
