@@ -72,7 +72,7 @@ const USER_IDLE: Duration = Duration::from_secs(30);
 const RING_QUEUE: usize = 1024;
 /// Names not yet known resolved through the userdb (on the main thread) per second: names come
 /// from a directory any uid can write to, and must not starve the main thread or other users.
-const NEW_USERS_PER_SEC: u32 = 200;
+const NEW_USERS_PER_SEC: u32 = 500;
 
 pub fn main() -> i32 {
     dovecot::run(Box::new(Service::default()))
@@ -880,10 +880,9 @@ impl Outbound {
                     u.cursor = Cursor::from_lsn(1);
                     u.unacked.clear();
                     u.inflight = 0;
-                } else {
-                    // Nothing was ever sent for this name: nothing to remember either.
-                    self.users.remove(name);
                 }
+                // A real user (the userdb knows them) without a journal stays known: forgetting
+                // would cost a userdb lookup at every rescan.
                 return Ok((OutReadState::default(), Vec::new()));
             }
             Err(e) => return Err(ConnError::Protocol(format!("user {name}: {e}"))),
