@@ -119,6 +119,23 @@ fn last_lsn(journal: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A segment with a valid header, 100 GB long and sparse: a reader that reads it whole runs out
+/// of memory.
+fn sparse_segment(path: &Path, base_lsn: u64) {
+    let header = tandem::journal::format::SegmentHeader {
+        base_lsn,
+        journal_id: [9; 16],
+    }
+    .encode();
+    fs::write(path, header).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(100 << 30)
+        .unwrap();
+}
+
 fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -176,14 +193,21 @@ fn a_hostile_journal_cannot_touch_root_files_or_stop_the_service() {
     mkfifo(&seg);
     as_bob(&seg);
     seen = service_looked_at_bob(&p.a, seen, "a FIFO segment");
+    assert!(
+        p.a.log().contains("not a regular file"),
+        "the FIFO is refused by name"
+    );
     alice_replicates(&p, "fifo");
 
     fs::remove_file(&seg).unwrap();
-    let f = fs::File::create(&seg).unwrap();
-    f.set_len(100 << 30).unwrap();
-    drop(f);
+    sparse_segment(&seg, last_lsn(&journal) + 1);
     as_bob(&seg);
     seen = service_looked_at_bob(&p.a, seen, "a 100 GB sparse segment");
+    // Refused by its size, before anything is read (the old reader read until memory ran out).
+    assert!(
+        p.a.log().contains("107374182400 bytes, more than the"),
+        "the huge segment is refused by its size"
+    );
     alice_replicates(&p, "sparse");
 
     fs::remove_file(&seg).unwrap();
