@@ -18,6 +18,16 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+
+/// The service's state dir lets every uid through to its registry (mode 0711): the memories,
+/// with mailbox names, stay in a directory only root can enter.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long entries are kept after their change (see the module comment).
@@ -424,7 +434,7 @@ impl Memory {
         }
         if self.file.is_none() {
             if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir)?;
+                private_dir(dir)?;
             }
             self.file = Some(OpenOptions::new().create(true).append(true).open(&path)?);
         }
@@ -517,7 +527,7 @@ impl Memory {
             buf.push(b'\n');
         }
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            private_dir(dir)?;
         }
         let tmp = path.with_extension("tmp");
         {

@@ -8,10 +8,19 @@
 //! - the **registry**: `<tandem_state_dir>/users/` holds one empty file per user that has a
 //!   journal, created by the first mail process that journals for the user. After a restart the
 //!   service lists it and looks at those users' journals only.
+//!
+//! Both are open to every local uid, so neither is trusted (docs/security.md):
+//!
+//! - The state dir is mode 0711: any uid can reach `users/` (mode 1733: add a name, not list or
+//!   remove others'), and nothing else: every other directory in it is 0700.
+//! - A ring counts only when the sender (`SCM_CREDENTIALS`) is root or owns the user's registry
+//!   entry; the service resolves a name through the userdb at most once per entry, removes the
+//!   entry of a user the userdb does not know or whose journal belongs to another uid, and
+//!   reads at most [`MAX_REGISTERED`] entries per scan.
 
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +30,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/dovecot/tandem";
 /// Longest user name sent in a doorbell datagram; longer ones are sent anyway (the datagram
 /// limit is far above), but the service ignores names above it.
 pub const MAX_USER_LEN: usize = 1024;
+/// Registry entries read per scan: any local uid can add entries, so a scan must not grow with
+/// whatever a user put there. Far above the users of a large install.
+pub const MAX_REGISTERED: usize = 200_000;
 
 /// A user name as a file name: bytes outside `[A-Za-z0-9._@+-]`, and a leading `.`, become
 /// `%XX`, so any name (with `/`, with spaces) maps to exactly one file and back.
@@ -63,11 +75,25 @@ pub fn users_dir(state_dir: &Path) -> PathBuf {
 
 /// Creates the registry so that mail processes of any uid can add themselves but not list or
 /// remove others (a sticky drop box, mode 1733). Run by the service, as root.
+///
+/// The state dir must let every uid through (search, not list) to reach `users/`: the service
+/// runs under a umask that would make it 0700, and mail processes then could never register.
+/// A state dir of this process's own that lacks the search bit for others gets it; its other
+/// subdirectories are created 0700.
 pub fn prepare(state_dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o711)
         .create(state_dir)?;
+    let meta = fs::metadata(state_dir)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() == me && meta.mode() & 0o011 != 0o011 {
+        fs::set_permissions(
+            state_dir,
+            fs::Permissions::from_mode((meta.mode() & 0o7777) | 0o011),
+        )?;
+    }
     let users = users_dir(state_dir);
     fs::DirBuilder::new()
         .recursive(true)
@@ -91,16 +117,33 @@ pub fn register(state_dir: &Path, user: &str) -> io::Result<()> {
     }
 }
 
-/// Every registered user.
+/// Every registered user (at most [`MAX_REGISTERED`]).
 pub fn registered(state_dir: &Path) -> io::Result<Vec<String>> {
     let mut users = Vec::new();
-    for entry in fs::read_dir(users_dir(state_dir))? {
+    for entry in fs::read_dir(users_dir(state_dir))?.take(MAX_REGISTERED) {
         if let Some(u) = entry?.file_name().to_str().and_then(decode_user) {
             users.push(u);
         }
     }
     users.sort();
     Ok(users)
+}
+
+/// The uid that created `user`'s registry entry, if there is one (never following a symlink).
+pub fn entry_owner(state_dir: &Path, user: &str) -> Option<u32> {
+    fs::symlink_metadata(users_dir(state_dir).join(encode_user(user)))
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| m.uid())
+}
+
+/// Removes `user`'s registry entry (a name the userdb does not know, or one added by another
+/// uid). Their next mail process adds it again if it was real.
+pub fn unregister(state_dir: &Path, user: &str) -> io::Result<()> {
+    match fs::remove_file(users_dir(state_dir).join(encode_user(user))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Rings the service's doorbell for `user`. Never blocks; errors are the caller's to ignore.
@@ -146,6 +189,14 @@ mod tests {
             registered(t.path()).unwrap(),
             vec!["../alice".to_string(), "bob@example.org".to_string()]
         );
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(entry_owner(t.path(), "../alice"), Some(me));
+        unregister(t.path(), "../alice").unwrap();
+        unregister(t.path(), "../alice").unwrap();
+        assert_eq!(entry_owner(t.path(), "../alice"), None);
+        let mode = fs::metadata(t.path()).unwrap().mode();
+        assert_eq!(mode & 0o011, 0o011, "others can reach users/: {mode:o}");
         let bell_path = t.path().join(DOORBELL_NAME);
         let bell = Doorbell::new(bell_path.clone()).unwrap();
         assert!(bell.ring("nobody listening").is_err());

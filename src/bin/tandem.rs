@@ -9,6 +9,41 @@ use tandem::event::Record;
 use tandem::journal::{Cursor, JournalError, Reader};
 use tandem::locate;
 
+/// Everything printed may hold text from users (user and mailbox names, flags, error texts
+/// carrying them) or from the service: control characters, terminal escapes included, are
+/// shown as `\u{..}` escapes, so that printing never drives the terminal. Newlines between
+/// lines are the program's own.
+fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control() && c != '\n' && c != '\t'
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if bad(c) {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// `println!`, with [`clean`] applied.
+macro_rules! say {
+    ($($t:tt)*) => { println!("{}", clean(&format!($($t)*))) };
+}
+
+/// `eprintln!`, with [`clean`] applied.
+macro_rules! say_err {
+    ($($t:tt)*) => { eprintln!("{}", clean(&format!($($t)*))) };
+}
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success (for `log verify`: the journal is intact; for `verify` and `resync`: both
@@ -219,7 +254,7 @@ impl Printer {
             r.to_string()
         };
         // A closed pipe (`| head`) just ends the output.
-        if writeln!(self.out, "{line}").is_err() {
+        if writeln!(self.out, "{}", clean(&line)).is_err() {
             std::process::exit(0);
         }
     }
@@ -266,14 +301,14 @@ fn verify(loc: Locator) -> Result<ExitCode, Failure> {
     let reader = open(&loc)?;
     let rep = reader.verify()?;
     for p in &rep.problems {
-        println!("{p}");
+        say!("{p}");
     }
     let lsns = match (rep.first_lsn, rep.last_lsn) {
         (Some(a), Some(b)) => format!("LSN {a}..{b}"),
         _ => "no records".to_string(),
     };
     if rep.problems.is_empty() {
-        println!(
+        say!(
             "{}: intact: {} record(s) in {} segment(s), {lsns}",
             reader.dir().display(),
             rep.records,
@@ -281,7 +316,7 @@ fn verify(loc: Locator) -> Result<ExitCode, Failure> {
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        say!(
             "{}: DAMAGED: {} problem(s); {} good record(s) in {} segment(s), {lsns}",
             reader.dir().display(),
             rep.problems.len(),
@@ -310,26 +345,26 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
             "resync_needed": s.resync.is_some(),
             "resync_reasons": s.resync.as_ref().map(|m| m.reasons.clone()).unwrap_or_default(),
         });
-        println!("{v}");
+        say!("{v}");
         return Ok(());
     }
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    println!("journal:     {}", reader.dir().display());
+    say!("journal:     {}", reader.dir().display());
     if let Some(id) = &r.journal_id {
-        println!("journal id:  {}", hex(id));
+        say!("journal id:  {}", hex(id));
     }
-    println!("segments:    {}", r.segments);
-    println!("records:     {}", r.records);
-    println!("bytes:       {}", r.bytes);
-    println!("first lsn:   {}", opt(r.first_lsn));
-    println!("last lsn:    {}", opt(r.last_lsn));
-    println!("problems:    {}", r.problems.len());
+    say!("segments:    {}", r.segments);
+    say!("records:     {}", r.records);
+    say!("bytes:       {}", r.bytes);
+    say!("first lsn:   {}", opt(r.first_lsn));
+    say!("last lsn:    {}", opt(r.last_lsn));
+    say!("problems:    {}", r.problems.len());
     match &s.resync {
-        None => println!("resync:      not needed"),
+        None => say!("resync:      not needed"),
         Some(m) => {
-            println!("resync:      NEEDED (mark: {})", m.path.display());
+            say!("resync:      NEEDED (mark: {})", m.path.display());
             for reason in &m.reasons {
-                println!("  {reason}");
+                say!("  {reason}");
             }
         }
     }
@@ -385,7 +420,7 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
     if json {
         let mut v = serde_json::to_value(&s).expect("status serializes");
         v["compression_ratio"] = serde_json::json!(s.compression_ratio());
-        println!("{v}");
+        say!("{v}");
         return Ok(());
     }
     let peer = s.peer.as_deref().unwrap_or("(none: receive only)");
@@ -395,59 +430,70 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
         .map(|p| format!(" ({p})"))
         .unwrap_or_default();
     if s.connected {
-        println!(
+        say!(
             "server {}: peer {peer}{peer_id} CONNECTED since {}",
             s.server_id,
             ago(s.connected_since)
         );
     } else {
-        println!(
+        say!(
             "server {}: peer {peer}{peer_id} NOT CONNECTED since {}",
             s.server_id,
             ago(s.disconnected_since)
         );
     }
-    println!(
+    say!(
         "inbound connections from the peer: {}",
         s.inbound_connections
     );
-    println!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
+    say!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
     match s.compression_ratio() {
-        Some(r) => println!(
+        Some(r) => say!(
             "journal records: {} B raw, {} B on the wire, compression {r:.1}:1",
-            s.record_bytes_raw, s.record_bytes_wire
+            s.record_bytes_raw,
+            s.record_bytes_wire
         ),
-        None => println!("journal records: none sent yet"),
+        None => say!("journal records: none sent yet"),
     }
-    println!(
+    say!(
         "records sent {}, applied {}; bodies sent {}, applied {}",
-        s.records_sent, s.records_applied, s.bodies_sent, s.bodies_applied
+        s.records_sent,
+        s.records_applied,
+        s.bodies_sent,
+        s.bodies_applied
     );
     match &s.last_error {
-        Some(e) => println!("last error: {e} at {}", ago(s.last_error_at)),
-        None => println!("last error: none"),
+        Some(e) => say!("last error: {e} at {}", ago(s.last_error_at)),
+        None => say!("last error: none"),
     }
-    println!(
+    say!(
         "resyncs: {} done, {} of them repaired differences",
-        s.resyncs_done, s.resyncs_repaired
+        s.resyncs_done,
+        s.resyncs_repaired
     );
     for (user, (what, since)) in &s.resyncs {
-        println!("resync of {user}: {what} since {}", ago(Some(*since)));
+        say!("resync of {user}: {what} since {}", ago(Some(*since)));
     }
-    println!(
+    say!(
         "{:<32} {:>10} {:>12} {:>12} {:>10}",
-        "user", "unacked", "bytes", "oldest (s)", "acked lsn"
+        "user",
+        "unacked",
+        "bytes",
+        "oldest (s)",
+        "acked lsn"
     );
     for (user, u) in &s.users {
         let oldest = u
             .oldest_unacked_age
             .map_or("-".to_string(), |a| format!("{a:.1}"));
-        println!(
+        say!(
             "{user:<32} {:>10} {:>12} {oldest:>12} {:>10}",
-            u.unacked_records, u.unacked_bytes, u.acked_lsn
+            u.unacked_records,
+            u.unacked_bytes,
+            u.acked_lsn
         );
         if let Some(e) = &u.last_error {
-            println!("  error: {e}");
+            say!("  error: {e}");
         }
     }
     Ok(())
@@ -476,13 +522,13 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     for line in std::io::BufReader::new(stream).lines() {
         let line = line.map_err(|e| Failure(4, format!("reading from the service: {e}")))?;
         if c.json {
-            println!("{line}");
+            say!("{line}");
         }
         let v: serde_json::Value = serde_json::from_str(&line)
             .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))?;
         if let Some(p) = v.get("progress").and_then(|p| p.as_str()) {
             if !c.json {
-                println!("{p}");
+                say!("{p}");
             }
         } else if let Some(r) = v.get("report") {
             let user = r["user"].as_str().unwrap_or("?");
@@ -497,27 +543,27 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
             }
             if op == "verify" {
                 for d in &diffs {
-                    println!("DIFF {user}: {d}");
+                    say!("DIFF {user}: {d}");
                 }
                 if same {
-                    println!(
+                    say!(
                         "user {user}: identical ({:.2}s)",
                         r["seconds"].as_f64().unwrap_or(0.0)
                     );
                 } else {
-                    println!("user {user}: {} differences", diffs.len());
+                    say!("user {user}: {} differences", diffs.len());
                 }
             } else {
                 for e in r["errors"].as_array().into_iter().flatten() {
-                    println!("ERROR {user}: {}", e.as_str().unwrap_or(""));
+                    say!("ERROR {user}: {}", e.as_str().unwrap_or(""));
                 }
-                println!(
+                say!(
                     "user {user}: resync done: {} changes ({} differences found, {:.2}s)",
                     r["changes"].as_u64().unwrap_or(0),
                     diffs.len(),
                     r["seconds"].as_f64().unwrap_or(0.0)
                 );
-                println!(
+                say!(
                     "user {user}: {}",
                     if same { "identical" } else { "still different" }
                 );
@@ -525,8 +571,8 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
         } else if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
             failed = true;
             match v.get("user").and_then(|u| u.as_str()) {
-                Some(u) => eprintln!("tandem: user {u}: {e}"),
-                None => eprintln!("tandem: {e}"),
+                Some(u) => say_err!("tandem: user {u}: {e}"),
+                None => say_err!("tandem: {e}"),
             }
         } else if v.get("done").is_some() {
             done = true;
@@ -563,8 +609,21 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(Failure(code, msg)) => {
-            eprintln!("tandem: {msg}");
+            say_err!("tandem: {msg}");
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+
+    #[test]
+    fn terminal_escapes_are_shown_not_sent() {
+        assert_eq!(clean("INBOX\tok\n"), "INBOX\tok\n");
+        let c = clean("a\u{1b}]0;owned\u{7}b\u{9b}2J\u{202e}x\r");
+        assert!(!c.chars().any(|ch| ch.is_control()), "{c:?}");
+        assert_eq!(c, "a\\u{1b}]0;owned\\u{7}b\\u{9b}2J\\u{202e}x\\u{d}");
     }
 }

@@ -136,13 +136,28 @@ pub fn read_frame(buf: &[u8]) -> FrameRead<'_> {
 
 /// Whether some complete, valid frame starts anywhere in `buf` after offset 0. Recovery uses it
 /// to tell a torn tail from damage in the middle.
+///
+/// Checking a candidate costs a CRC over its claimed length, so a buffer full of fake frame
+/// headers (a user can write anything into their own journal) would cost up to
+/// `MAX_PAYLOAD` per byte. The work is bounded to a few passes over `buf`: past that, the bytes
+/// are answered as damage (the position of the candidate that exhausted the budget), which
+/// never truncates anything and makes the user resync.
 pub fn valid_frame_after(buf: &[u8]) -> Option<usize> {
+    let mut budget = 4 * buf.len() + 4 * MAX_PAYLOAD;
     let mut from = 1;
     while from + FRAME_HEADER_LEN <= buf.len() {
         let pos = buf[from..]
             .windows(4)
             .position(|w| w == FRAME_MAGIC)
             .map(|p| p + from)?;
+        let claimed = buf
+            .get(pos + 4..pos + 8)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+            .min(MAX_PAYLOAD);
+        if claimed > budget {
+            return Some(pos);
+        }
+        budget = budget.saturating_sub(claimed + FRAME_HEADER_LEN);
         if let FrameRead::Frame { .. } = read_frame(&buf[pos..]) {
             return Some(pos);
         }

@@ -4,10 +4,12 @@
 //! - [`writer`]: appends under an exclusive lock, safe with many processes of one user.
 //! - [`reader`]: reads from an LSN, verifies, gives stats, drops acknowledged segments.
 //! - [`resync`]: the "needs a resync" mark left when changes could not be journaled.
+//! - [`safe`]: opening files in a directory a user controls, for the root service.
 
 pub mod format;
 pub mod reader;
 pub mod resync;
+pub mod safe;
 pub mod segment;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
@@ -38,6 +40,10 @@ pub enum JournalError {
     Missing(PathBuf),
     #[error("timed out after {0:?} waiting for the journal lock")]
     LockTimeout(std::time::Duration),
+    /// A file or directory the reader will not touch: a symlink a user controls, a FIFO, a
+    /// file of the wrong owner or far too large.
+    #[error("{path}: refused: {reason}")]
+    Refused { path: PathBuf, reason: String },
     #[error("record too large to journal: {0}")]
     TooLarge(String),
 }

@@ -6,14 +6,32 @@
 //! writer may be in the middle of that append.
 
 use super::format::{self, Entry, FrameRead, SegmentHeader, HEADER_LEN};
-use super::resync::{read_resync, ResyncMark};
+use super::resync::{read_resync_in, ResyncMark};
+use super::safe::{SafeDir, SafeError};
 use super::segment::{self, ScanEnd};
-use super::writer::{segment_paths, LockGuard, LOCK_FILE, LOCK_TIMEOUT};
+use super::writer::{LockGuard, LOCK_FILE, LOCK_TIMEOUT};
 use super::JournalError;
 use crate::event::Record;
-use std::fs::File;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+/// The largest segment a reader takes. Writers rotate at 8 MiB (plus one record); anything far
+/// bigger (a 100 GB sparse file in a user's journal directory) is refused, never read into
+/// memory.
+pub const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+/// The lock file is empty; a little room for the unexpected.
+const MAX_LOCK_BYTES: u64 = 4096;
+
+impl From<SafeError> for JournalError {
+    fn from(e: SafeError) -> JournalError {
+        match e {
+            SafeError::Missing(p) => JournalError::Missing(p),
+            SafeError::Io { path, source } => JournalError::Io { path, source },
+            SafeError::Refused { path, reason } => JournalError::Refused { path, reason },
+        }
+    }
+}
 
 /// A position in the journal, for reading on from where the last read stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,24 +150,61 @@ pub struct Stats {
     pub resync: Option<ResyncMark>,
 }
 
+/// A journal opened for reading. Every file in it is opened through [`SafeDir`] (the reader
+/// runs as root in the service, on a directory the user controls).
 pub struct Reader {
     dir: PathBuf,
     skip_damage: bool,
     sync: bool,
+    safe: SafeDir,
 }
 
 impl Reader {
     /// Opens the journal in `dir` for reading. Fails with [`JournalError::Missing`] when there is
-    /// no journal there.
+    /// no journal there, and [`JournalError::Refused`] for a directory that is not safe to read
+    /// (a symlink a user controls, another user's directory).
     pub fn open(dir: &Path) -> Result<Reader, JournalError> {
-        if segment_paths(dir)?.is_empty() {
-            return Err(JournalError::Missing(dir.to_path_buf()));
-        }
-        Ok(Reader {
+        let r = Reader {
             dir: dir.to_path_buf(),
             skip_damage: false,
             sync: false,
-        })
+            safe: SafeDir::open(dir, None)?,
+        };
+        if r.segments()?.is_empty() {
+            return Err(JournalError::Missing(dir.to_path_buf()));
+        }
+        Ok(r)
+    }
+
+    /// The segments, by base LSN, oldest first.
+    fn segments(&self) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+        let mut segs: Vec<(u64, PathBuf)> = self
+            .safe
+            .list()?
+            .into_iter()
+            .filter_map(|n| {
+                let base = n.to_str().and_then(format::parse_segment_name)?;
+                Some((base, self.dir.join(n)))
+            })
+            .collect();
+        segs.sort();
+        Ok(segs)
+    }
+
+    fn open_segment(&self, path: &Path) -> Result<std::fs::File, JournalError> {
+        let name = path.file_name().unwrap_or(OsStr::new(""));
+        Ok(self.safe.open_read(name, MAX_SEGMENT_BYTES)?)
+    }
+
+    fn read_segment(&self, path: &Path) -> Result<Vec<u8>, JournalError> {
+        let name = path.file_name().unwrap_or(OsStr::new(""));
+        Ok(self.safe.read(name, MAX_SEGMENT_BYTES)?)
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File, JournalError> {
+        Ok(self
+            .safe
+            .open_read(&OsString::from(LOCK_FILE), MAX_LOCK_BYTES)?)
     }
 
     /// Makes reads go on past damage instead of failing: a bad frame is skipped to the next
@@ -201,7 +256,7 @@ impl Reader {
             if visited >= max {
                 return Ok(visited);
             }
-            let segs = segment_paths(&self.dir)?;
+            let segs = self.segments()?;
             // The segment holding next_lsn: the last one starting at or before it.
             let Some(idx) = segs.iter().rposition(|(base, _)| *base <= cursor.next_lsn) else {
                 match segs.first() {
@@ -217,7 +272,7 @@ impl Reader {
             let (base, path) = &segs[idx];
             let is_last = idx + 1 == segs.len();
             let next_base = segs.get(idx + 1).map(|(b, _)| *b);
-            let mut file = File::open(path).map_err(|e| JournalError::io(path, e))?;
+            let mut file = self.open_segment(path)?;
             let fresh = !matches!(cursor.at, Some((b, _)) if b == *base);
             let start = match cursor.at {
                 Some((b, off)) if b == *base => off,
@@ -248,7 +303,10 @@ impl Reader {
             file.seek(SeekFrom::Start(start))
                 .map_err(|e| JournalError::io(path, e))?;
             let mut buf = Vec::new();
-            file.read_to_end(&mut buf)
+            // Bounded even if the file grows after it was checked.
+            (&mut file)
+                .take(MAX_SEGMENT_BYTES.saturating_sub(start))
+                .read_to_end(&mut buf)
                 .map_err(|e| JournalError::io(path, e))?;
             let visited_before = visited;
             let mut pos = 0usize;
@@ -327,9 +385,7 @@ impl Reader {
                 if fresh {
                     // A segment created under `tandem_fsync = never` may not have its name
                     // on disk yet.
-                    File::open(&self.dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| JournalError::io(&self.dir, e))?;
+                    self.safe.sync()?;
                 }
                 synced.push(*base);
                 #[cfg(feature = "test-hooks")]
@@ -379,13 +435,13 @@ impl Reader {
 
     /// The journal's id, from its oldest segment's header.
     pub fn journal_id(&self) -> Result<[u8; 16], JournalError> {
-        let segs = segment_paths(&self.dir)?;
+        let segs = self.segments()?;
         let (_, path) = segs
             .first()
             .ok_or_else(|| JournalError::Missing(self.dir.clone()))?;
         let mut h = [0u8; HEADER_LEN];
-        File::open(path)
-            .and_then(|mut f| f.read_exact(&mut h))
+        self.open_segment(path)?
+            .read_exact(&mut h)
             .map_err(|e| JournalError::io(path, e))?;
         SegmentHeader::decode(&h)
             .map(|h| h.journal_id)
@@ -406,12 +462,12 @@ impl Reader {
     /// Checks every segment: headers, CRCs, record decoding and LSN continuity. Waits for
     /// writers in progress (shared lock) so that it does not mistake an append for damage.
     pub fn verify(&self) -> Result<VerifyReport, JournalError> {
-        let lock = File::open(self.dir.join(LOCK_FILE)).ok();
+        let lock = self.lock_file().ok();
         let _g = match &lock {
             Some(f) => Some(LockGuard::acquire(f, false, LOCK_TIMEOUT * 5)?),
             None => None,
         };
-        let segs = segment_paths(&self.dir)?;
+        let segs = self.segments()?;
         let mut rep = VerifyReport {
             segments: segs.len(),
             ..Default::default()
@@ -426,7 +482,7 @@ impl Reader {
                     reason,
                 })
             };
-            let buf = std::fs::read(path).map_err(|e| JournalError::io(path, e))?;
+            let buf = self.read_segment(path)?;
             rep.bytes += buf.len() as u64;
             let scan = match segment::scan(&buf, |_, _| {}) {
                 Ok(s) => s,
@@ -489,24 +545,25 @@ impl Reader {
     pub fn stats(&self) -> Result<Stats, JournalError> {
         Ok(Stats {
             report: self.verify()?,
-            resync: read_resync(&self.dir),
+            resync: read_resync_in(&self.dir, Some(&self.safe)),
         })
     }
 
     /// Removes the segments whose records are all at or below `acked_lsn`. The newest segment
     /// always stays, so the next LSN is never forgotten. Returns how many were removed.
     pub fn drop_below(&self, acked_lsn: u64) -> Result<usize, JournalError> {
-        let lock_path = self.dir.join(LOCK_FILE);
-        let lock = File::open(&lock_path).map_err(|e| JournalError::io(&lock_path, e))?;
+        let lock = self.lock_file()?;
         let _g = LockGuard::acquire(&lock, true, LOCK_TIMEOUT)?;
-        let segs = segment_paths(&self.dir)?;
+        let segs = self.segments()?;
         let mut removed = 0;
         for pair in segs.windows(2) {
             let (next_base, _) = pair[1];
             if next_base > acked_lsn.saturating_add(1) {
                 break;
             }
-            std::fs::remove_file(&pair[0].1).map_err(|e| JournalError::io(&pair[0].1, e))?;
+            // unlinkat in the checked directory: a symlink is removed, never its target.
+            let name = pair[0].1.file_name().unwrap_or(OsStr::new(""));
+            self.safe.remove(name)?;
             removed += 1;
         }
         Ok(removed)

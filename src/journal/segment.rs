@@ -200,6 +200,27 @@ mod tests {
         }
     }
 
+    /// A segment full of fake frame headers, each claiming a long payload: the damage scan
+    /// stays linear (quadratic, this would take hours) and reports damage, not a torn tail.
+    #[test]
+    fn fake_frame_headers_are_scanned_in_linear_time() {
+        let mut buf = SegmentHeader {
+            base_lsn: 1,
+            journal_id: [1; 16],
+        }
+        .encode()
+        .to_vec();
+        let fake_len = (format::MAX_PAYLOAD as u32).to_le_bytes();
+        while buf.len() < 8 << 20 {
+            buf.extend_from_slice(&format::FRAME_MAGIC);
+            buf.extend_from_slice(&fake_len);
+            buf.extend_from_slice(&[0; 4]);
+        }
+        let (s, got) = good(&buf);
+        assert!(got.is_empty());
+        assert!(matches!(s.end, ScanEnd::Corrupt { .. }), "{:?}", s.end);
+    }
+
     #[test]
     fn lsn_gaps_are_damage() {
         let mut recs: Vec<Record> = (0..3)

@@ -92,7 +92,9 @@ impl Positions {
 
     pub fn set(&self, user: &str, pos: Position) -> io::Result<()> {
         let path = self.path(user);
-        let tmp = path.with_extension("tmp");
+        // Encoded user names never start with '.', so this cannot be another user's file
+        // (`with_extension("tmp")` made bob's temp file user bob.tmp's position file).
+        let tmp = self.dir.join(format!(".{}.tmp", encode_user(user)));
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -139,13 +141,38 @@ pub fn last_peer(state_dir: &Path) -> Option<String> {
 pub fn remember_peer(state_dir: &Path, peer_id: &str) -> io::Result<()> {
     let path = state_dir.join("last-peer");
     let tmp = state_dir.join(".last-peer.tmp");
-    fs::write(&tmp, format!("{peer_id}\n"))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{peer_id}")?;
+    drop(f);
     fs::rename(&tmp, &path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temp_file_is_never_another_users_position() {
+        let t = tempfile::tempdir().unwrap();
+        let p = Positions::open(&t.path().join("sent"), false).unwrap();
+        let a = Position {
+            journal_id: [1; 16],
+            lsn: 7,
+        };
+        let b = Position {
+            journal_id: [2; 16],
+            lsn: 9,
+        };
+        p.set("bob.tmp", b).unwrap();
+        p.set("bob", a).unwrap();
+        assert_eq!(p.get("bob.tmp").unwrap(), Some(b));
+        assert_eq!(p.get("bob").unwrap(), Some(a));
+    }
 
     #[test]
     fn positions_round_trip_and_journal_changes_restart() {

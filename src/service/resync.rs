@@ -1391,14 +1391,56 @@ struct ControlReq {
 }
 
 /// Serves `tandem verify`/`resync` on the control socket, one client at a time.
+/// Control clients served at once; more are told to come back later.
+const MAX_CONTROL_CLIENTS: usize = 8;
+/// How long a client may take to send its request line, and its longest request.
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONTROL_REQUEST: u64 = 1 << 20;
+
+/// Serves the control socket: each client on its own thread (a verify of a large user takes
+/// minutes, and a client that sends nothing must not hold up the others), at most
+/// [`MAX_CONTROL_CLIENTS`] at once, and only for root or the service's own uid.
 pub(super) fn control(ctx: Ctx, listener: UnixListener) {
     let _ = listener.set_nonblocking(true);
+    let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !ctx.stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
-                if let Err(e) = control_client(&ctx, stream) {
-                    log::warn!("tandem control client: {e}");
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+                match super::creds::peer_uid(&stream) {
+                    Ok(uid) if super::creds::is_admin(uid) => {}
+                    Ok(uid) => {
+                        log::warn!("tandem control: refused a client of uid {uid} (root only)");
+                        let _ = send_line(
+                            &stream,
+                            serde_json::json!({"error": "permission denied: root only"}),
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("tandem control: cannot tell who the client is: {e}");
+                        continue;
+                    }
+                }
+                if clients.load(Ordering::SeqCst) >= MAX_CONTROL_CLIENTS {
+                    let _ = send_line(
+                        &stream,
+                        serde_json::json!({"error": "the service is busy with other tandem commands; try again"}),
+                    );
+                    continue;
+                }
+                clients.fetch_add(1, Ordering::SeqCst);
+                let (ctx2, clients2) = (ctx.clone(), clients.clone());
+                let spawned = super::dovecot::spawn_thread("tandem-control-client", move || {
+                    if let Err(e) = control_client(&ctx2, stream) {
+                        log::warn!("tandem control client: {e}");
+                    }
+                    clients2.fetch_sub(1, Ordering::SeqCst);
+                });
+                if let Err(e) = spawned {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    log::error!("tandem control: cannot start a thread: {e}");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1421,7 +1463,8 @@ fn send_line(mut out: &UnixStream, v: serde_json::Value) -> std::io::Result<()> 
 
 fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<()> {
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT))?;
+    BufReader::new(std::io::Read::take(&stream, MAX_CONTROL_REQUEST)).read_line(&mut line)?;
     let send = |v| send_line(&stream, v);
     let req: ControlReq = match serde_json::from_str(&line) {
         Ok(r) => r,

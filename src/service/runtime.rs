@@ -30,7 +30,7 @@ use crate::event::{Change, Guid128, Record};
 use crate::journal::{self, Cursor, JournalError, Reader};
 use crate::memory::{Mark, Memory};
 use crate::registry;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -88,6 +88,12 @@ const DROP_EVERY: Duration = Duration::from_secs(5);
 const BODY_PATIENCE: Duration = Duration::from_secs(10);
 /// Open users idle this long are closed.
 const USER_IDLE: Duration = Duration::from_secs(30);
+/// Rings waiting for the outbound thread. A ring is only a hint (the rescan finds every
+/// registered user), so when a flood fills the queue, rings are dropped.
+const RING_QUEUE: usize = 1024;
+/// Names not yet known resolved through the userdb (on the main thread) per second: names come
+/// from a directory any uid can write to, and must not starve the main thread or other users.
+const NEW_USERS_PER_SEC: u32 = 500;
 
 pub fn main() -> i32 {
     // glibc gives threads malloc arenas of 64 MiB of address space each, up to 8 per core:
@@ -335,7 +341,7 @@ impl Handler for Service {
             preauth: Mutex::new(VecDeque::new()),
             refused_logged: Mutex::new(None),
         });
-        let (rings_tx, rings_rx) = unbounded();
+        let (rings_tx, rings_rx) = bounded(RING_QUEUE);
 
         // The doorbell: mail processes of any uid send to it.
         let bell_path = cfg.base_dir.join(registry::DOORBELL_NAME);
@@ -483,11 +489,27 @@ impl Handler for Service {
 }
 
 /// A unix socket for the `tandem` tool in base_dir, replacing a stale one, for root only.
+///
+/// Bound inside a fresh 0700 directory and given mode 0600 there, then renamed into place, so
+/// that there is no moment at which another uid could connect (binding in place and then
+/// chmodding left one). The peer's uid is checked on every connection too (`creds`).
 fn listen_root_only(path: &Path) -> std::io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)?;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    Ok(l)
+    use std::os::unix::fs::DirBuilderExt;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let dir = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(dir.join("s"));
+    let _ = std::fs::remove_dir(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let res = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        // rename() replaces a stale socket atomically.
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    res
 }
 
 impl Service {
@@ -507,16 +529,50 @@ impl Service {
     }
 }
 
+/// Receives rings. The socket is open to every uid (mail processes run as their users), so a
+/// ring counts only when the kernel says it comes from root or from the uid that created the
+/// user's registry entry; the queue is bounded, and what does not fit is dropped (the rescan
+/// finds every registered user anyway). What was ignored is logged once a minute.
 fn doorbell(ctx: Ctx, sock: UnixDatagram, rings: Sender<String>) {
     let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    if let Err(e) = super::creds::pass_credentials(&sock) {
+        log::error!(
+            "doorbell: SO_PASSCRED: {e}; rings are ignored, changes are picked up every {}s",
+            RESCAN_EVERY.as_secs()
+        );
+    }
     let mut buf = vec![0u8; registry::MAX_USER_LEN + 1];
+    let (mut foreign, mut dropped) = (0u64, 0u64);
+    let mut last_report = Instant::now();
     while !ctx.stop.load(Ordering::Relaxed) {
-        if let Ok(n) = sock.recv(&mut buf) {
-            if n > 0 && n <= registry::MAX_USER_LEN {
-                if let Ok(user) = std::str::from_utf8(&buf[..n]) {
-                    let _ = rings.send(user.to_string());
-                }
-            }
+        if last_report.elapsed() > Duration::from_secs(60) && foreign + dropped > 0 {
+            log::warn!(
+                "doorbell: {foreign} rings ignored (sender not root nor the user's registered \
+                 uid), {dropped} dropped (queue full) in the last minute"
+            );
+            (foreign, dropped) = (0, 0);
+            last_report = Instant::now();
+        }
+        let Ok((n, uid)) = super::creds::recv_with_uid(&sock, &mut buf) else {
+            continue;
+        };
+        if n == 0 || n > registry::MAX_USER_LEN {
+            continue;
+        }
+        let Ok(user) = std::str::from_utf8(&buf[..n]) else {
+            continue;
+        };
+        let allowed = match uid {
+            Some(0) => true,
+            Some(uid) => registry::entry_owner(&ctx.cfg.state_dir, user) == Some(uid),
+            None => false,
+        };
+        if !allowed {
+            foreign += 1;
+            continue;
+        }
+        if let Err(TrySendError::Full(_)) = rings.try_send(user.to_string()) {
+            dropped += 1;
         }
     }
 }
@@ -546,6 +602,9 @@ pub(super) enum ConnError {
     Local(String),
     #[error("the service is stopping")]
     Stopping,
+    /// A name the userdb does not know, dropped from the outbound state.
+    #[error("unknown user, forgotten")]
+    Forgotten,
 }
 
 impl ConnError {
@@ -815,6 +874,7 @@ fn outbound(ctx: Ctx, rings: Receiver<String>) {
         rings,
         low: VecDeque::new(),
         low_bytes: 0,
+        lookups: (Instant::now(), 0),
     };
     out.rescan();
     let mut backoff = Duration::from_millis(100);
@@ -880,6 +940,8 @@ struct Outbound {
     /// them; they are sent a slice at a time between the other frames (DESIGN.md decision 9).
     low: VecDeque<Msg>,
     low_bytes: u64,
+    /// New names looked up in the current second (see [`NEW_USERS_PER_SEC`]).
+    lookups: (Instant, u32),
 }
 
 impl Outbound {
@@ -927,28 +989,77 @@ impl Outbound {
                 },
             );
         }
-        let u = self.users.get_mut(name).unwrap();
-        if u.dir.is_none() {
+        if self.users[name].dir.is_none() {
             let who = name.to_string();
             let dir = self.ctx.main.call(move |svc: &Svc| {
-                with_user(svc, &who, User::journal_dir)
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
+                match with_user(svc, &who, User::journal_dir) {
+                    Ok(r) => Ok(r),
+                    Err(dovecot::SvcError::UnknownUser(_)) => Err(None),
+                    Err(e) => Err(Some(e.to_string())),
+                }
             })?;
             match dir {
-                Ok(d) => u.dir = Some(d),
-                Err(e) => {
-                    u.last_error = Some(e.clone());
+                Ok(Ok(d)) => {
+                    // The registry is open to every uid: an entry another uid added for this
+                    // user goes (their own next mail process adds it again).
+                    let state = &self.ctx.cfg.state_dir;
+                    if let (Some(o), Ok(j)) = (
+                        registry::entry_owner(state, name),
+                        crate::journal::safe::SafeDir::open(&d, None),
+                    ) {
+                        if o != 0 && o != j.owner() {
+                            log::warn!(
+                                "user {name}: registry entry made by uid {o}, but the journal \
+                                 belongs to uid {}; entry removed",
+                                j.owner()
+                            );
+                            let _ = registry::unregister(state, name);
+                        }
+                    }
+                    self.users.get_mut(name).unwrap().dir = Some(d)
+                }
+                Ok(Err(e)) | Err(Some(e)) => {
+                    self.users.get_mut(name).unwrap().last_error = Some(e.clone());
                     return Err(ConnError::Protocol(format!("user {name}: {e}")));
+                }
+                Err(None) => {
+                    // A name from the doorbell or the registry that is nobody: forgotten, so
+                    // that it costs no lookup again.
+                    self.users.remove(name);
+                    let _ = registry::unregister(&self.ctx.cfg.state_dir, name);
+                    log::info!("user {name:?} is unknown to the userdb: forgotten");
+                    return Err(ConnError::Forgotten);
                 }
             }
         }
-        Ok(u)
+        Ok(self.users.get_mut(name).unwrap())
+    }
+
+    /// Whether a name not yet known may be looked up now (see [`NEW_USERS_PER_SEC`]).
+    fn may_look_up(&mut self, name: &str) -> bool {
+        if self.users.contains_key(name) {
+            return true;
+        }
+        let (since, n) = &mut self.lookups;
+        if since.elapsed() >= Duration::from_secs(1) {
+            *since = Instant::now();
+            *n = 0;
+        }
+        *n += 1;
+        *n <= NEW_USERS_PER_SEC
     }
 
     /// Reads the user's new records (at most `max`), keeping the backlog figures.
     fn read(&mut self, name: &str, max: usize) -> Result<(OutReadState, Vec<Record>), ConnError> {
-        let u = self.user(name)?;
+        if !self.may_look_up(name) {
+            // Later: known users go first.
+            self.pending.insert(name.to_string());
+            return Ok((OutReadState::default(), Vec::new()));
+        }
+        let u = match self.user(name) {
+            Err(ConnError::Forgotten) => return Ok((OutReadState::default(), Vec::new())),
+            other => other?,
+        };
         let dir = u.dir.clone().unwrap();
         let reader = match Reader::open(&dir) {
             Ok(r) => r.skipping_damage().syncing(),
@@ -968,6 +1079,8 @@ impl Outbound {
                     u.unacked.clear();
                     u.inflight = 0;
                 }
+                // A real user (the userdb knows them) without a journal stays known: forgetting
+                // would cost a userdb lookup at every rescan.
                 return Ok((OutReadState::default(), Vec::new()));
             }
             Err(e) => return Err(ConnError::Protocol(format!("user {name}: {e}"))),

@@ -93,6 +93,15 @@ pub fn serve(listener: UnixListener, status: Shared, stopping: impl Fn() -> bool
             Ok((mut conn, _)) => {
                 let _ = conn.set_nonblocking(false);
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                // User names and errors: for root (or the service's own uid) only.
+                match super::creds::peer_uid(&conn) {
+                    Ok(uid) if super::creds::is_admin(uid) => {}
+                    Ok(uid) => {
+                        log::warn!("tandem status: refused a client of uid {uid} (root only)");
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
                 let doc = {
                     let s = status.lock().unwrap_or_else(|e| e.into_inner());
                     serde_json::to_vec(&*s).unwrap_or_default()

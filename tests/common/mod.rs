@@ -411,7 +411,9 @@ impl Dovecot {
     pub fn doveadm_listing(&self, args: &[&str]) -> String {
         for _ in 0..20 {
             let out = self.try_doveadm(args);
-            let vanished = String::from_utf8_lossy(&out.stderr).contains("doesn't exist");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let vanished =
+                stderr.contains("doesn't exist") || stderr.contains("was deleted under us");
             if out.status.success() || !vanished {
                 return check_output("doveadm", args, &out);
             }
