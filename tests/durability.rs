@@ -19,7 +19,7 @@ mod common;
 
 use common::{
     message, settle, state, test_hooks_plugin_so, test_hooks_service_bin, wait_converged, wait_for,
-    Dovecot, Link, Options, Pair, State,
+    Dovecot, Options, Pair, State,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,31 +36,23 @@ fn pair(
     settings: &[(&str, &str)],
     only_b: &[(&str, &str)],
 ) -> Pair {
-    let (pa, pb) = (common::free_port(), common::free_port());
-    let (a_to_b, b_to_a) = (Link::new(pb), Link::new(pa));
-    let (mut oa, mut ob, secret_dir) =
-        Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
-    for (k, v) in settings {
-        oa = oa.setting(k, v);
-        ob = ob.setting(k, v);
-    }
-    for (k, v) in only_b {
-        ob = ob.setting(k, v);
-    }
-    let with_hooks = |mut o: Options, on: bool| {
+    let with_hooks = |o: &mut Options, on: bool| {
         if on {
             o.plugin_so = Some(test_hooks_plugin_so());
             o.service_bin = Some(test_hooks_service_bin());
         }
-        o
     };
-    Pair {
-        a: Dovecot::start(with_hooks(oa, hooks.0)),
-        b: Dovecot::start(with_hooks(ob, hooks.1)),
-        secret_dir,
-        a_to_b,
-        b_to_a,
-    }
+    Pair::start_custom(name, |oa, ob| {
+        for (k, v) in settings {
+            *oa = oa.clone().setting(k, v);
+            *ob = ob.clone().setting(k, v);
+        }
+        for (k, v) in only_b {
+            *ob = ob.clone().setting(k, v);
+        }
+        with_hooks(oa, hooks.0);
+        with_hooks(ob, hooks.1);
+    })
 }
 
 fn flags_of(s: &State, mailbox: &str, uid: u32) -> Vec<String> {

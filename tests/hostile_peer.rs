@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{child_pids, message, state, wait_converged, wait_for, Dovecot, Link, Pair};
+use common::{child_pids, message, state, wait_converged, wait_for, Dovecot, Pair};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -410,18 +410,10 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
 
 /// Two servers whose B cannot store anything of bob's (his mail location is not a directory).
 fn pair_with_a_broken_bob(name: &str) -> Pair {
-    let (pa, pb) = (common::free_port(), common::free_port());
-    let (a_to_b, b_to_a) = (Link::new(pb), Link::new(pa));
-    let (oa, mut ob, secret_dir) = Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
-    ob.user_fields
-        .push(("bob".into(), "userdb_mail=sdbox:/dev/null/mail".into()));
-    Pair {
-        a: Dovecot::start(oa),
-        b: Dovecot::start(ob),
-        secret_dir,
-        a_to_b,
-        b_to_a,
-    }
+    Pair::start_custom(name, |_, ob| {
+        ob.user_fields
+            .push(("bob".into(), "userdb_mail=sdbox:/dev/null/mail".into()));
+    })
 }
 
 #[test]

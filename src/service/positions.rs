@@ -95,23 +95,29 @@ impl Positions {
         // Encoded user names never start with '.', so this cannot be another user's file
         // (`with_extension("tmp")` made bob's temp file user bob.tmp's position file).
         let tmp = self.dir.join(format!(".{}.tmp", encode_user(user)));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        writeln!(f, "tandem-position 1 {} {}", hex(&pos.journal_id), pos.lsn)?;
-        if self.durable {
-            f.sync_data()?;
-        }
-        drop(f);
-        fs::rename(&tmp, &path)?;
+        let line = format!("tandem-position 1 {} {}", hex(&pos.journal_id), pos.lsn);
+        replace_file(&tmp, &path, &line, self.durable)?;
         if self.durable {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
     }
+}
+
+/// Replaces `path` with one line, through `tmp` (root's only: 0600), atomically.
+fn replace_file(tmp: &Path, path: &Path, line: &str, durable: bool) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(tmp)?;
+    writeln!(f, "{line}")?;
+    if durable {
+        f.sync_data()?;
+    }
+    drop(f);
+    fs::rename(tmp, path)
 }
 
 /// The positions the peer `peer_id` (a validated server id, never a path) acknowledged. The flat
@@ -140,16 +146,7 @@ pub fn last_peer(state_dir: &Path) -> Option<String> {
 
 pub fn remember_peer(state_dir: &Path, peer_id: &str) -> io::Result<()> {
     let path = state_dir.join("last-peer");
-    let tmp = state_dir.join(".last-peer.tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(f, "{peer_id}")?;
-    drop(f);
-    fs::rename(&tmp, &path)
+    replace_file(&state_dir.join(".last-peer.tmp"), &path, peer_id, false)
 }
 
 #[cfg(test)]

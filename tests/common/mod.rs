@@ -1003,14 +1003,21 @@ impl Pair {
 
     /// Like [`Pair::start`], with extra `plugin {}` settings on both servers.
     pub fn start_with(name: &str, settings: &[(&str, &str)]) -> Pair {
+        Pair::start_custom(name, |oa, ob| {
+            for (k, v) in settings {
+                *oa = oa.clone().setting(k, v);
+                *ob = ob.clone().setting(k, v);
+            }
+        })
+    }
+
+    /// Like [`Pair::start`], with A's and B's options changed by `custom` first.
+    pub fn start_custom(name: &str, custom: impl FnOnce(&mut Options, &mut Options)) -> Pair {
         let (pa, pb) = (free_port(), free_port());
         let (a_to_b, b_to_a) = (Link::new(pb), Link::new(pa));
         let (mut oa, mut ob, secret_dir) =
             Pair::options_via(name, (pa, pb), (a_to_b.port, b_to_a.port));
-        for (k, v) in settings {
-            oa = oa.setting(k, v);
-            ob = ob.setting(k, v);
-        }
+        custom(&mut oa, &mut ob);
         Pair {
             a: Dovecot::start(oa),
             b: Dovecot::start(ob),
