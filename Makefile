@@ -93,7 +93,7 @@ test: deps need-root test-hooks-plugin test-hooks-service all
 	@set -o pipefail; \
 	{ TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
 		TANDEM_SERVICE_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SERVICE) \
-		$(CARGO) test --release 2>&1 && \
+		$(CARGO) test --release --no-fail-fast 2>&1 && \
 	  $(CARGO) test --release --features service --lib service:: 2>&1; } \
 		| tee target/test-output.txt; status=$$?; \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' \

@@ -332,7 +332,7 @@ fn what_b_acknowledges_is_on_disk_first() {
     ia.logout();
     wait_converged(&pair.a, &pair.b, USER, CONVERGE);
     wait_for(CONVERGE, "the position synced", || {
-        std::fs::read_to_string(&out).is_ok_and(|t| t.contains("applied/a/alice"))
+        std::fs::read_to_string(&out).is_ok_and(|t| t.contains("applied/a/.alice.tmp"))
     });
     // SAFETY: our own child.
     unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
@@ -344,7 +344,7 @@ fn what_b_acknowledges_is_on_disk_first() {
             .position(|l| l.contains(what))
             .unwrap_or_else(|| panic!("no fsync of {what} by B's service:\n{trace}"))
     };
-    let position = first("applied/a/alice");
+    let position = first("applied/a/.alice.tmp");
     for what in [
         "INBOX/dbox-Mails/dovecot.index.log",
         "memory/alice.jsonl",
