@@ -143,7 +143,18 @@ pub fn read_frame(buf: &[u8]) -> FrameRead<'_> {
 /// are answered as damage (the position of the candidate that exhausted the budget), which
 /// never truncates anything and makes the user resync.
 pub fn valid_frame_after(buf: &[u8]) -> Option<usize> {
-    let mut budget = 4 * buf.len() + 4 * MAX_PAYLOAD;
+    valid_frame_after_within(buf, &mut scan_budget(buf.len()))
+}
+
+/// The work [`valid_frame_after`] may do over `len` bytes: a few passes.
+pub fn scan_budget(len: usize) -> usize {
+    4 * len + 4 * MAX_PAYLOAD
+}
+
+/// [`valid_frame_after`] drawing on a `budget` that the caller shares between calls: a reader
+/// going from one damaged spot to the next through one buffer stays linear in it, however many
+/// fake headers it holds.
+pub fn valid_frame_after_within(buf: &[u8], budget: &mut usize) -> Option<usize> {
     let mut from = 1;
     while from + FRAME_HEADER_LEN <= buf.len() {
         let pos = buf[from..]
@@ -154,10 +165,11 @@ pub fn valid_frame_after(buf: &[u8]) -> Option<usize> {
             .get(pos + 4..pos + 8)
             .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
             .min(MAX_PAYLOAD);
-        if claimed > budget {
+        if claimed > *budget {
+            *budget = 0;
             return Some(pos);
         }
-        budget = budget.saturating_sub(claimed + FRAME_HEADER_LEN);
+        *budget = budget.saturating_sub(claimed + FRAME_HEADER_LEN);
         if let FrameRead::Frame { .. } = read_frame(&buf[pos..]) {
             return Some(pos);
         }

@@ -61,6 +61,8 @@ impl Cursor {
         // The LSNs missing right after a damaged range are that damage's, not another one.
         if let Some(last) = self.skipped.last_mut() {
             if last.path == path && last.bytes.1 == from && last.lost_lsns.is_none() {
+                // Damage right after damage is one damaged range (one log line, one resync).
+                last.bytes.1 = last.bytes.1.max(to);
                 last.lost_lsns = lost;
                 self.next_lsn = self.next_lsn.max(resume);
                 return;
@@ -309,6 +311,9 @@ impl Reader {
                 .read_to_end(&mut buf)
                 .map_err(|e| JournalError::io(path, e))?;
             let visited_before = visited;
+            // One scan budget for this whole buffer, however many damaged spots it holds; once
+            // spent, the rest of the buffer counts as one damaged range.
+            let mut budget = format::scan_budget(buf.len());
             let mut pos = 0usize;
             let mut sealed = None;
             while pos < buf.len() {
@@ -323,7 +328,9 @@ impl Reader {
                     FrameRead::Incomplete if is_last => break,
                     // A torn tail, which the next writer will cut off: nothing valid after it.
                     FrameRead::Bad(_)
-                        if is_last && format::valid_frame_after(&buf[pos..]).is_none() =>
+                        if is_last
+                            && format::valid_frame_after_within(&buf[pos..], &mut budget)
+                                .is_none() =>
                     {
                         break
                     }
@@ -333,8 +340,12 @@ impl Reader {
                             _ => "incomplete frame".into(),
                         };
                         // On to the next valid frame, or past the end of this closed segment.
-                        let skip =
-                            format::valid_frame_after(&buf[pos..]).unwrap_or(buf.len() - pos);
+                        let skip = if budget == 0 {
+                            buf.len() - pos
+                        } else {
+                            format::valid_frame_after_within(&buf[pos..], &mut budget)
+                                .unwrap_or(buf.len() - pos)
+                        };
                         let next = cursor.next_lsn;
                         cursor.skip(path, at, at + skip as u64, reason, next);
                         pos += skip;
