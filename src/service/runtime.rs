@@ -530,9 +530,12 @@ impl Service {
 }
 
 /// Receives rings. The socket is open to every uid (mail processes run as their users), so a
-/// ring counts only when the kernel says it comes from root or from the uid that created the
-/// user's registry entry; the queue is bounded, and what does not fit is dropped (the rescan
-/// finds every registered user anyway). What was ignored is logged once a minute.
+/// ring counts only when the kernel says it comes from root, or names a user whose registry
+/// entry the sender created or this service did (a user whose first mail came from the peer:
+/// their own processes find the entry there already and must still be heard at once). A name
+/// without an entry is never taken from a ring. The queue is bounded, and what does not fit is
+/// dropped (the rescan finds every registered user anyway). What was ignored is logged once a
+/// minute.
 fn doorbell(ctx: Ctx, sock: UnixDatagram, rings: Sender<String>) {
     let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
     if let Err(e) = super::creds::pass_credentials(&sock) {
@@ -564,7 +567,10 @@ fn doorbell(ctx: Ctx, sock: UnixDatagram, rings: Sender<String>) {
         };
         let allowed = match uid {
             Some(0) => true,
-            Some(uid) => registry::entry_owner(&ctx.cfg.state_dir, user) == Some(uid),
+            Some(uid) => matches!(
+                registry::entry_owner(&ctx.cfg.state_dir, user),
+                Some(o) if o == uid || o == 0
+            ),
             None => false,
         };
         if !allowed {
