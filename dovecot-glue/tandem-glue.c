@@ -15,6 +15,8 @@
 #include "lib.h"
 #include "array.h"
 #include "guid.h"
+#include "maildir-storage.h"
+#include "maildir-uidlist.h"
 #include "seq-range-array.h"
 #include "mail-user.h"
 #include "mail-storage-private.h"
@@ -114,8 +116,30 @@ int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r)
 	return ret;
 }
 
+const char *tandem_glue_saved_guid(struct mailbox *box, uint32_t uid)
+{
+	struct maildir_mailbox *mbox;
+	enum maildir_uidlist_rec_flag flags;
+	const char *guid, *fname;
+
+	if (strcmp(box->storage->name, MAILDIR_STORAGE_NAME) != 0)
+		return NULL;
+	/* The commit wrote dovecot-uidlist from memory: these are lookups in
+	   the records it holds, no I/O. A GUID set at save time (e.g. by
+	   dsync) is an extension of the record, else it is the base name. */
+	mbox = MAILDIR_MAILBOX(box);
+	guid = maildir_uidlist_lookup_ext(mbox->uidlist, uid,
+					  MAILDIR_UIDLIST_REC_EXT_GUID);
+	if (guid != NULL && *guid != '\0')
+		return t_strdup(guid);
+	if (maildir_uidlist_lookup(mbox->uidlist, uid, &flags, &fname) <= 0)
+		return NULL;
+	return t_strcut(fname, MAILDIR_INFO_SEP);
+}
+
 /* Asking for the GUID of a mail that is still being saved trips an assertion
-   on maildir; sdbox and mdbox assign it before the save finishes. */
+   on maildir (tandem_glue_saved_guid() reads it after the commit); sdbox and
+   mdbox assign it before the save finishes. */
 static bool tandem_mail_guid_is_safe(struct mail *mail)
 {
 	const char *storage = mail->box->storage->name;

@@ -89,6 +89,12 @@ int tandem_glue_box_guid(struct mailbox *box,
 /* Reads name, GUID, UIDVALIDITY and HIGHESTMODSEQ. Returns 0, or -1 when some
    part was unreadable (that part is left zero). May open the mailbox. */
 int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r);
+/* The GUID of a mail that this process saved in box and just committed as
+   uid, where it could not be read during the save (maildir: the GUID is the
+   file's base name, which gets its size only at commit). NULL when the
+   storage has no such GUID to report or the mail is not known; the string is
+   valid until the data stack frame ends. */
+const char *tandem_glue_saved_guid(struct mailbox *box, uint32_t uid);
 
 /* ---- Implemented in Rust (src/ffi/callbacks.rs), called by C ---- */
 

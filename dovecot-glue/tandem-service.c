@@ -1058,6 +1058,7 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 	struct mailbox_status status;
 	struct mailbox *box;
 	uint8_t got_guid[TANDEM_SVC_GUID_SIZE];
+	enum mailbox_existence existence;
 	enum mail_error error;
 	int ret;
 
@@ -1081,7 +1082,29 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 	i_zero(&update);
 	memcpy(update.mailbox_guid, guid, TANDEM_SVC_GUID_SIZE);
 	update.uid_validity = uidvalidity;
-	if (mailbox_create(box, &update, FALSE) < 0) {
+	/* Never ask the storage to create a mailbox that exists: Dovecot
+	   2.3's maildir then fails with "already exists" only after it has
+	   given the existing mailbox the new GUID and UIDVALIDITY, which
+	   resets its index and hides its mail from every process until the
+	   next restart. The list lock (which mailbox_create() takes again,
+	   it nests) keeps other processes from creating it in between. */
+	if (mailbox_list_lock(box->list) < 0) {
+		mail_storage_copy_list_error(box->storage, box->list);
+		ret = tandem_svc_box_error(box, "Locking the mailbox list",
+					   error_r);
+		mailbox_free(&box);
+		return ret;
+	}
+	if (mailbox_exists(box, FALSE, &existence) < 0)
+		ret = -1;
+	else if (existence == MAILBOX_EXISTENCE_SELECT) {
+		mail_storage_set_error(box->storage, MAIL_ERROR_EXISTS,
+				       "Mailbox already exists");
+		ret = -1;
+	} else
+		ret = mailbox_create(box, &update, FALSE);
+	mailbox_list_unlock(box->list);
+	if (ret < 0) {
 		(void)mailbox_get_last_internal_error(box, &error);
 		if (error == MAIL_ERROR_EXISTS &&
 		    tandem_svc_metadata_guid(box, existing_guid_r,

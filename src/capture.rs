@@ -153,7 +153,8 @@ impl Txn {
     /// Turns the buffer into records (LSN and stamp still unset). `saved_uids` are the UIDs
     /// Dovecot assigned to saves and copies, in save order. Returns the records and whether
     /// detail was lost (overflow, or fewer UIDs than saves), in which case the caller marks
-    /// the user for resync.
+    /// the user for resync. `saved_guid` gives the GUID of a saved UID where the save could
+    /// not read it (maildir names a new mail's file, its GUID, only at commit).
     pub fn into_records(
         self,
         origin: &str,
@@ -161,6 +162,7 @@ impl Txn {
         info: &BoxInfo,
         uidvalidity: u32,
         saved_uids: &[u32],
+        saved_guid: &mut dyn FnMut(u32) -> Option<String>,
     ) -> (Vec<Record>, bool) {
         let Txn {
             pending,
@@ -184,7 +186,11 @@ impl Txn {
                     Some(&uid) => Change::New {
                         uidvalidity,
                         uid,
-                        guid,
+                        guid: if guid.is_empty() {
+                            saved_guid(uid).unwrap_or_default()
+                        } else {
+                            guid
+                        },
                         flags,
                         from,
                     },
@@ -291,8 +297,16 @@ impl UserCapture {
         }
     }
 
-    /// Journals the records of a committed transaction.
-    pub fn commit(&mut self, txn: Txn, info: &BoxInfo, uidvalidity: u32, saved_uids: &[u32]) {
+    /// Journals the records of a committed transaction (`saved_guid` as for
+    /// [`Txn::into_records`]).
+    pub fn commit(
+        &mut self,
+        txn: Txn,
+        info: &BoxInfo,
+        uidvalidity: u32,
+        saved_uids: &[u32],
+        saved_guid: &mut dyn FnMut(u32) -> Option<String>,
+    ) {
         if txn.is_empty() {
             return;
         }
@@ -302,6 +316,7 @@ impl UserCapture {
             info,
             uidvalidity,
             saved_uids,
+            saved_guid,
         );
         if lost {
             self.fail(&format!(
@@ -452,7 +467,7 @@ mod tests {
         t.update_keywords(5, "g5".into(), vec!["a".into()], vec!["b".into()]);
         t.save("g2".into(), FlagSet::default());
         t.expunge(3, "g3".into());
-        let (recs, lost) = t.into_records("a", "u", &info(), 0, &[10, 11]);
+        let (recs, lost) = t.into_records("a", "u", &info(), 0, &[10, 11], &mut |_| None);
         assert!(!lost);
         let kinds: Vec<_> = recs.iter().map(|r| r.change.kind().name()).collect();
         assert_eq!(kinds, ["new", "flags", "new", "expunge"]);
@@ -476,7 +491,7 @@ mod tests {
         let mut t = Txn::default();
         t.update_flags(5, "g".into(), 0, sysflag::SEEN);
         t.update_flags(5, "g".into(), sysflag::SEEN, 0);
-        let (recs, _) = t.into_records("a", "u", &info(), 1, &[]);
+        let (recs, _) = t.into_records("a", "u", &info(), 1, &[], &mut |_| None);
         assert!(recs.is_empty());
     }
 
@@ -484,7 +499,30 @@ mod tests {
     fn missing_uids_are_reported_as_lost() {
         let mut t = Txn::default();
         t.save("g".into(), FlagSet::default());
-        let (recs, lost) = t.into_records("a", "u", &info(), 1, &[]);
+        let (recs, lost) = t.into_records("a", "u", &info(), 1, &[], &mut |_| None);
         assert!(recs.is_empty() && lost);
+    }
+
+    #[test]
+    fn a_save_without_a_guid_takes_the_one_known_after_the_commit() {
+        let mut t = Txn::default();
+        t.save(String::new(), FlagSet::default());
+        t.save("known".into(), FlagSet::default());
+        let mut asked = Vec::new();
+        let (recs, lost) = t.into_records("a", "u", &info(), 1, &[4, 5], &mut |uid| {
+            asked.push(uid);
+            Some(format!("file-{uid}"))
+        });
+        assert!(!lost);
+        // Only the save whose GUID was unknown is looked up.
+        assert_eq!(asked, [4]);
+        let guids: Vec<_> = recs
+            .iter()
+            .map(|r| match &r.change {
+                Change::New { guid, .. } => guid.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(guids, ["file-4", "known"]);
     }
 }

@@ -357,12 +357,16 @@ fn no_journal_for_reads_rollbacks_or_dsync() {
     imap.command("EXAMINE INBOX");
     imap.logout();
     assert_eq!(journal(&a, "alice").len(), before, "reads were journaled");
-    a.doveadm(&[
-        "sync",
-        "-u",
-        "alice",
-        &format!("tcp:127.0.0.1:{}", b.ports().doveadm),
-    ]);
+    let remote = format!("tcp:127.0.0.1:{}", b.ports().doveadm);
+    let sync = ["sync", "-u", "alice", remote.as_str()];
+    // On maildir dsync ends with "Mailbox changes caused a desync" (exit 2) at every run
+    // between two servers whose INBOXes were created apart: it swaps their GUIDs back and
+    // forth. Its other changes are made all the same, and are what this test is about.
+    let out = a.try_doveadm(&sync);
+    assert!(
+        matches!(out.status.code(), Some(0 | 2)),
+        "doveadm sync failed: {out:?}"
+    );
     let synced: Vec<_> = a
         .fetch("alice")
         .into_iter()

@@ -803,7 +803,7 @@ fn resync_seeds_an_empty_server() {
     }
     imap.logout();
     let journaled = journal_len(&pair.a);
-    let loc = format!("sdbox:{}", src.home(USER).join("mail").display());
+    let loc = src.mail_location(USER);
     pair.a
         .doveadm_unjournaled(&["import", "-u", USER, &loc, "", "all"]);
     let subscribed: Vec<String> = (0..MAILBOXES)

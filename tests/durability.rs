@@ -19,7 +19,7 @@ mod common;
 
 use common::{
     message, settle, state, test_hooks_plugin_so, test_hooks_service_bin, wait_converged, wait_for,
-    Dovecot, Options, Pair, State,
+    Dovecot, MailFormat, Options, Pair, State,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -345,11 +345,11 @@ fn what_b_acknowledges_is_on_disk_first() {
             .unwrap_or_else(|| panic!("no fsync of {what} by B's service:\n{trace}"))
     };
     let position = first("applied/a/.alice.tmp");
-    for what in [
-        "INBOX/dbox-Mails/dovecot.index.log",
-        "memory/alice.jsonl",
-        "clock/alice",
-    ] {
+    let inbox_log = match pair.b.options().format {
+        MailFormat::Maildir => "Maildir/dovecot.index.log",
+        _ => "INBOX/dbox-Mails/dovecot.index.log",
+    };
+    for what in [inbox_log, "memory/alice.jsonl", "clock/alice"] {
         assert!(
             first(what) < position,
             "{what} synced after the position:\n{trace}"

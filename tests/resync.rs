@@ -153,7 +153,7 @@ fn an_interrupted_seeding_continues_where_it_stopped() {
         }
     }
     imap.logout();
-    let loc = format!("sdbox:{}", src.home(USER).join("mail").display());
+    let loc = src.mail_location(USER);
     pair.a
         .doveadm_unjournaled(&["import", "-u", USER, &loc, "", "all"]);
     drop(src);

@@ -428,7 +428,13 @@ pub unsafe extern "C" fn tandem_rs_txn_commit(
                 info.uidvalidity
             );
         }
-        user.commit(txn, &info, uid_validity, uids);
+        // Maildir names a new mail's file, which is its GUID, only at commit.
+        let mut saved_guid = |uid: u32| {
+            // SAFETY: the mailbox is live (above); the string lives in the commit callback's
+            // data stack frame and is copied at once.
+            unsafe { opt_string(raw::tandem_glue_saved_guid(mailbox, uid)) }
+        };
+        user.commit(txn, &info, uid_validity, uids, &mut saved_guid);
     });
 }
 

@@ -66,6 +66,53 @@ pub struct Options {
     pub service_port: Option<u16>,
     /// A specific service build instead of [`service_bin`] (e.g. the test-hooks build).
     pub service_bin: Option<PathBuf>,
+    /// The mail storage format; [`MailFormat::from_env`] by default.
+    pub format: MailFormat,
+}
+
+/// The mail storage formats Tandem replicates (`mail_location` drivers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MailFormat {
+    Sdbox,
+    Mdbox,
+    Maildir,
+}
+
+impl MailFormat {
+    pub const ALL: [MailFormat; 3] = [MailFormat::Sdbox, MailFormat::Mdbox, MailFormat::Maildir];
+
+    /// `TANDEM_TEST_FORMAT` (sdbox, mdbox or maildir; `make test` runs the suite once per
+    /// format), else sdbox.
+    pub fn from_env() -> MailFormat {
+        match std::env::var("TANDEM_TEST_FORMAT").as_deref() {
+            Err(_) | Ok("") | Ok("sdbox") => MailFormat::Sdbox,
+            Ok("mdbox") => MailFormat::Mdbox,
+            Ok("maildir") => MailFormat::Maildir,
+            Ok(other) => panic!("TANDEM_TEST_FORMAT={other}: not sdbox, mdbox or maildir"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MailFormat::Sdbox => "sdbox",
+            MailFormat::Mdbox => "mdbox",
+            MailFormat::Maildir => "maildir",
+        }
+    }
+
+    /// The mail root below the home directory.
+    pub fn dir(self) -> &'static str {
+        match self {
+            MailFormat::Sdbox => "mail",
+            MailFormat::Mdbox => "mdbox",
+            MailFormat::Maildir => "Maildir",
+        }
+    }
+
+    /// `mail_location` for a mail root at `root`.
+    pub fn location(self, root: &str) -> String {
+        format!("{}:{root}", self.name())
+    }
 }
 
 impl Default for Options {
@@ -79,6 +126,7 @@ impl Default for Options {
             plugin_so: None,
             service_port: None,
             service_bin: None,
+            format: MailFormat::from_env(),
         }
     }
 }
@@ -332,6 +380,18 @@ impl Dovecot {
     }
 
     /// A user's home directory (DIR/home/USER). The journal lives at `home(user)/.tandem`.
+    /// The user's mail root (what `mail_location` points at).
+    pub fn mail_root(&self, user: &str) -> PathBuf {
+        self.home(user).join(self.opts.format.dir())
+    }
+
+    /// `mail_location` for another process reading this user's mail directly.
+    pub fn mail_location(&self, user: &str) -> String {
+        self.opts
+            .format
+            .location(self.mail_root(user).to_str().unwrap())
+    }
+
     pub fn home(&self, user: &str) -> PathBuf {
         self.path.join("home").join(user)
     }
@@ -705,9 +765,10 @@ userdb {{
   args = username_format=%u {d}/users
   default_fields = uid={MAIL_UID} gid={MAIL_UID} home={d}/home/%u
 }}
-mail_location = sdbox:~/mail
+mail_location = {location}
 mail_plugin_dir = {d}/modules
-"
+",
+        location = opts.format.location(&format!("~/{}", opts.format.dir()))
     );
     // Before any protocol block, or the protocol won't inherit it (DOVECOT.md §1).
     if opts.plugin {
