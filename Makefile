@@ -4,7 +4,8 @@
 #   make deps      install the Debian packages the build and the tests need (only if missing)
 #
 # Every target that builds depends on `deps`, so any of them works first on a fresh machine.
-#   make test      deps + build + every test, end-to-end ones against real Dovecot (as root)
+#   make test      deps + build + every test, end-to-end ones against real Dovecot (as root),
+#                  on sdbox, mdbox and maildir
 #   make verify    fmt, clippy (plain and plugin builds), then make test
 #   make install   plugin into dovecot_moduledir, CLI into $(PREFIX)/bin; DESTDIR supported
 #   make demo | bench | clean
@@ -86,18 +87,27 @@ deps:
 # A system Dovecot that the package scripts may start is left alone: the tests run their own
 # instances with their own base_dir and free 127.0.0.1 ports, and always pass -c to doveadm.
 
-# The summary line at the end adds up every test binary's result, so that one line tells the
-# whole run's outcome.
-# The second run: the service's unit tests, which link libdovecot.
+# Every test runs on every mail format Tandem supports: the first run is all tests, with the
+# end-to-end ones on sdbox (there the soak rotates through the three formats, and
+# tests/formats.rs names its formats itself); then the end-to-end tests again on each other
+# format (TANDEM_TEST_FORMAT), without those two. TEST_FORMATS= runs sdbox only.
+# The summary line at the end adds up every run's results, so that one line tells the whole
+# outcome; every run goes on after a failure, and any failure fails the target.
+TEST_FORMATS ?= mdbox maildir
 test: deps need-root test-hooks-plugin test-hooks-service all
-	@set -o pipefail; \
-	{ TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
-		TANDEM_SERVICE_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SERVICE) \
-		$(CARGO) test --release --no-fail-fast 2>&1 && \
-	  $(CARGO) test --release --features service --lib service:: 2>&1; } \
-		| tee target/test-output.txt; status=$$?; \
-	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' \
-		target/test-output.txt; \
+	@set -o pipefail; status=0; out=target/test-output.txt; rm -f $$out; \
+	export TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_PLUGIN_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SO) \
+		TANDEM_SERVICE_TEST_HOOKS=$(CURDIR)/$(TEST_HOOKS_SERVICE); \
+	echo "== every test; end-to-end on sdbox" | tee -a $$out; \
+	$(CARGO) test --release --no-fail-fast 2>&1 | tee -a $$out || status=1; \
+	echo "== the service's unit tests (they link libdovecot)" | tee -a $$out; \
+	$(CARGO) test --release --features service --lib service:: 2>&1 | tee -a $$out || status=1; \
+	for f in $(TEST_FORMATS); do \
+		echo "== end-to-end on $$f" | tee -a $$out; \
+		TANDEM_TEST_FORMAT=$$f $(CARGO) test --release --no-fail-fast --test '*' -- \
+			--skip random_traffic --skip format_ --skip mixed_ 2>&1 | tee -a $$out || status=1; \
+	done; \
+	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' $$out; \
 	exit $$status
 
 verify: deps

@@ -19,6 +19,7 @@
 #include "maildir-uidlist.h"
 #include "seq-range-array.h"
 #include "mail-user.h"
+#include "mail-namespace.h"
 #include "mail-storage-private.h"
 #include "mail-storage-hooks.h"
 #include "notify-plugin.h"
@@ -372,6 +373,34 @@ static void tandem_mail_transaction_rollback(void *txn)
 
 /* ---- Notify callbacks: mailboxes ---- */
 
+/* Maildir++ keeps INBOX in the root directory of the other mailboxes: the
+   first mailbox created brings INBOX into being without a create of its own,
+   and its GUID is then made up by whichever process reads it first, on each
+   server apart. While INBOX never held mail, journal its create along with
+   the other mailbox's, so that the peer's INBOX takes the same GUID (or the
+   two merge under the higher one, as any name created on both sides). */
+static void tandem_implicit_inbox_create(void *rs, struct mailbox *box)
+{
+	struct mail_namespace *ns;
+	struct mailbox *inbox;
+	struct mailbox_status status;
+	struct tandem_box_info info;
+
+	ns = mail_namespace_find_inbox(box->storage->user->namespaces);
+	if (ns == NULL || ns->list != box->list)
+		return;
+	inbox = mailbox_alloc(ns->list, "INBOX", 0);
+	/* The sync opens it (creating its cur/new/tmp) before the GUID is
+	   read: see tandem_mailbox_create(). */
+	if (mailbox_sync(inbox, 0) == 0 &&
+	    mailbox_get_status(inbox, STATUS_MESSAGES | STATUS_UIDNEXT,
+			       &status) == 0 &&
+	    status.messages == 0 && status.uidnext <= 1 &&
+	    tandem_glue_box_info(inbox, &info) == 0)
+		tandem_rs_mailbox_create(rs, &info);
+	mailbox_free(&inbox);
+}
+
 static void tandem_mailbox_create(struct mailbox *box)
 {
 	void *rs = tandem_user_state(box->storage->user);
@@ -389,6 +418,9 @@ static void tandem_mailbox_create(struct mailbox *box)
 		(void)mailbox_sync(box, 0);
 		(void)tandem_glue_box_info(box, &info);
 		tandem_rs_mailbox_create(rs, &info);
+		if (!box->inbox_any &&
+		    strcmp(box->storage->name, MAILDIR_STORAGE_NAME) == 0)
+			tandem_implicit_inbox_create(rs, box);
 	} T_END;
 }
 

@@ -60,6 +60,7 @@
 #include "mail-user.h"
 #include "mailbox-list-iter.h"
 #include "mailbox-guid-cache.h"
+#include "mail-index-alloc-cache.h"
 #include "mailbox-list-private.h"
 #include "tandem-service.h"
 
@@ -470,6 +471,19 @@ static bool tandem_svc_guid_matches(const char *wanted, const char *actual)
 }
 
 /* ---- Finding mailboxes ---- */
+
+/* Dovecot keeps the index of a closed mailbox open for a while (10 s after
+   its last use, which in a busy service is never) and reuses it at the next
+   open. A reset that another process made meanwhile (a UIDVALIDITY change
+   by doveadm, for one) then goes unnoticed on maildir, and the service would
+   judge against a view that no longer exists. Reopening costs a maildir
+   sync per mailbox, so it is done where a judgement is made, not for every
+   applied change: before listing state (verify, resync, gap checks) and
+   before a mailbox takes another GUID. */
+static void tandem_svc_forget_indexes(void)
+{
+	mail_index_alloc_cache_destroy_unrefed();
+}
 
 /* Opens vname in list and checks that it has the GUID. Returns 1 (yes), 0
    (gone or another GUID now: a stale GUID cache), or an error code. */
@@ -1314,6 +1328,7 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 	struct mailbox *box;
 	int ret;
 
+	tandem_svc_forget_indexes();
 	ret = tandem_svc_box_for_save(user, old_guid, 0, &box, &status,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
@@ -2197,6 +2212,7 @@ static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
 	const char *errstr;
 	int ret = TANDEM_SVC_OK;
 
+	tandem_svc_forget_indexes();
 	/* The mailboxes that exist. */
 	iter = mailbox_list_iter_init_namespaces(
 		user->mail_user->namespaces, patterns,
@@ -2294,6 +2310,7 @@ tandem_svc_mail_list_real(struct tandem_svc_user *user,
 	const char *guid;
 	int ret;
 
+	tandem_svc_forget_indexes();
 	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;

@@ -17,6 +17,11 @@
 //! no client ever tried to expunge, move or copy it, and it went to INBOX (never renamed or
 //! deleted here) or to a folder that no client ever tried to delete or rename away.
 //!
+//! Formats: with `TANDEM_TEST_FORMAT` set, every round runs on that format, on one pair.
+//! Without it, the rounds rotate through sdbox, mdbox and maildir, each on a fresh pair (and
+//! a fresh ledger), so that one run of the suite soaks every format: `make test` runs the
+//! suite once per format and this test only in the run without the variable.
+//!
 //! Environment: `TANDEM_SEED` (default: from the clock; printed first, replay with it),
 //! `TANDEM_SOAK_ROUNDS` (default 3), `TANDEM_SOAK_SECS` (seconds of traffic per round,
 //! default 5). The seed fixes what each client and the chaos thread choose, not how the threads
@@ -24,7 +29,7 @@
 
 mod common;
 
-use common::{message, settle, Dovecot, Imap, Lmtp, Pair};
+use common::{message, settle, Dovecot, Imap, Lmtp, MailFormat, Pair};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -376,6 +381,24 @@ fn quiet_worker_panics() -> Arc<Mutex<Vec<String>>> {
     seen
 }
 
+/// A pair on `format` with one INBOX and the folders, made on A before anything races (an
+/// INBOX created on both sides is a rule of its own, tested elsewhere).
+fn start_soak_pair(format: MailFormat) -> Pair {
+    let pair = Pair::start_custom(&format!("soak-{}", format.name()), |a, b| {
+        a.format = format;
+        b.format = format;
+    });
+    let mut imap = pair.a.login(USER);
+    imap.append("INBOX", &[], &message("soak start", 500));
+    for f in FOLDERS {
+        imap.create(f);
+    }
+    imap.subscribe("F1");
+    imap.logout();
+    settle(&pair, USER, SETTLE);
+    pair
+}
+
 #[test]
 fn random_traffic_partitions_and_crashes_converge() {
     let seed = env_u64("TANDEM_SEED").unwrap_or_else(|| {
@@ -391,21 +414,25 @@ fn random_traffic_partitions_and_crashes_converge() {
     let worker_panics = quiet_worker_panics();
     let mut rng = Rng::new(seed);
 
-    let mut pair = Pair::start("soak");
-    // One INBOX and the folders, from A, before anything races: an INBOX created on both sides
-    // is a rule of its own, tested elsewhere.
-    let mut imap = pair.a.login(USER);
-    imap.append("INBOX", &[], &message("soak start", 500));
-    for f in FOLDERS {
-        imap.create(f);
-    }
-    imap.subscribe("F1");
-    imap.logout();
-    settle(&pair, USER, SETTLE);
-
-    let ledger: Arc<Mutex<Ledger>> = Arc::default();
+    let fixed = std::env::var_os("TANDEM_TEST_FORMAT").is_some();
+    let format_of = |round: u64| {
+        if fixed {
+            MailFormat::from_env()
+        } else {
+            MailFormat::ALL[round as usize % MailFormat::ALL.len()]
+        }
+    };
+    let mut pair = start_soak_pair(format_of(0));
+    let mut ledger: Arc<Mutex<Ledger>> = Arc::default();
     let caught = Arc::new(AtomicU64::new(0));
     for round in 0..rounds {
+        let format = format_of(round);
+        if format != pair.a.options().format {
+            drop(pair);
+            pair = start_soak_pair(format);
+            ledger = Arc::default();
+        }
+        eprintln!("round {round}: {}", format.name());
         let started = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();

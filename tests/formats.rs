@@ -124,16 +124,141 @@ fn both_servers_show_both_mails(format: MailFormat) {
 }
 
 #[test]
-fn maildir_both_servers_show_both_mails() {
+fn format_maildir_both_servers_show_both_mails() {
     both_servers_show_both_mails(MailFormat::Maildir);
 }
 
 #[test]
-fn mdbox_both_servers_show_both_mails() {
+fn format_mdbox_both_servers_show_both_mails() {
     both_servers_show_both_mails(MailFormat::Mdbox);
 }
 
 #[test]
-fn sdbox_both_servers_show_both_mails() {
+fn format_sdbox_both_servers_show_both_mails() {
     both_servers_show_both_mails(MailFormat::Sdbox);
+}
+
+/// Every kind of change, made on `dc` in mailboxes named with `tag`.
+fn every_operation(dc: &Dovecot, tag: &str) {
+    let mut imap = dc.login(USER);
+    let work = format!("Work-{tag}");
+    imap.create(&work);
+    imap.subscribe(&work);
+    let (_, u1) = imap.append(
+        "INBOX",
+        &["\\Seen", "$Label1"],
+        &message(&format!("{tag} one"), 1500),
+    );
+    let (_, u23) = imap.multiappend(
+        "INBOX",
+        &[
+            (&[], &message(&format!("{tag} two"), 300)),
+            (&["\\Flagged"], &message(&format!("{tag} three"), 40_000)),
+        ],
+    );
+    imap.select("INBOX");
+    imap.uid_store(&u1.to_string(), "+FLAGS (\\Flagged $Important)");
+    imap.uid_store(&u1.to_string(), "-FLAGS (\\Seen $Label1)");
+    imap.uid_copy(&u1.to_string(), &work);
+    imap.uid_move(&u23[1].to_string(), &work);
+    imap.uid_store(&u23[0].to_string(), "+FLAGS (\\Deleted)");
+    imap.uid_expunge(&u23[0].to_string());
+    let archive = format!("Archive-{tag}");
+    imap.rename(&work, &archive);
+    imap.subscribe(&archive);
+    imap.logout();
+    let replies = dc.deliver(
+        "sender@example.org",
+        &[USER],
+        &message(&format!("{tag} lmtp"), 2000),
+    );
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+}
+
+/// A maildir server paired with an sdbox one (and an mdbox one with a maildir one): every
+/// change made on either side reaches the other with the same identity, and `tandem verify`
+/// finds them identical from both sides. So an admin can move a site to another format
+/// through replication.
+fn mixed_pair(fa: MailFormat, fb: MailFormat) {
+    let pair = Pair::start_custom(&format!("mix-{}-{}", fa.name(), fb.name()), |a, b| {
+        a.format = fa;
+        b.format = fb;
+    });
+    every_operation(&pair.a, "a");
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    every_operation(&pair.b, "b");
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 8, "{s:#?}");
+    assert!(s.mails.iter().all(|m| !m.guid.is_empty()), "{s:#?}");
+    pair.a.tandem_verify(USER).expect_identical(USER);
+    pair.b.tandem_verify(USER).expect_identical(USER);
+    // A copy pairs with its source by GUID on both formats: one GUID, two mailboxes.
+    let copies = s
+        .mails
+        .iter()
+        .filter(|m| s.mails.iter().filter(|o| o.guid == m.guid).count() == 2)
+        .count();
+    assert_eq!(
+        copies, 4,
+        "each side's copy shares its source's GUID: {s:#?}"
+    );
+}
+
+#[test]
+fn mixed_maildir_and_sdbox_servers_converge() {
+    mixed_pair(MailFormat::Maildir, MailFormat::Sdbox);
+}
+
+#[test]
+fn mixed_mdbox_and_maildir_servers_converge() {
+    mixed_pair(MailFormat::Mdbox, MailFormat::Maildir);
+}
+
+/// Moving a site from maildir to sdbox: the new sdbox server starts empty, a resync seeds
+/// it from the maildir one, and from then on both replicate.
+#[test]
+fn mixed_an_empty_sdbox_server_is_seeded_from_a_maildir_one() {
+    let pair = Pair::start_custom("mix-seed", |a, b| {
+        a.format = MailFormat::Maildir;
+        b.format = MailFormat::Sdbox;
+    });
+    // A's mail exists before Tandem: imported without the plugin, with flags and folders.
+    let src = Dovecot::start({
+        let mut o = common::Options::without_plugin("mix-seed-src");
+        o.format = MailFormat::Maildir;
+        o
+    });
+    let mut imap = src.login(USER);
+    for b in 0..3 {
+        let name = format!("Old{b}");
+        imap.create(&name);
+        let msgs: Vec<Vec<u8>> = (0..40)
+            .map(|i| message(&format!("old {b} {i}"), 1200))
+            .collect();
+        let items: Vec<(&[&str], &[u8])> = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let f: &[&str] = if i % 3 == 0 { &["\\Seen", "$Old"] } else { &[] };
+                (f, m.as_slice())
+            })
+            .collect();
+        imap.multiappend(&name, &items);
+    }
+    imap.append("INBOX", &["\\Flagged"], &message("old inbox", 700));
+    imap.logout();
+    let loc = src.mail_location(USER);
+    pair.a
+        .doveadm_unjournaled(&["import", "-u", USER, &loc, "", "all"]);
+    drop(src);
+
+    pair.a.tandem_resync(USER).expect_code(0);
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 121, "{} mails", s.mails.len());
+    pair.b.tandem_verify(USER).expect_identical(USER);
+    // And the two replicate from then on.
+    every_operation(&pair.b, "after");
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 125);
+    pair.a.tandem_verify(USER).expect_identical(USER);
 }

@@ -698,7 +698,20 @@ fn apply_action(
             uidvalidity,
         } => {
             let g = parse_box(mbox)?;
-            let r = with_name(u, &g, name, |n| u.mailbox_create(n, &g, *uidvalidity))?;
+            let r = if name.eq_ignore_ascii_case("INBOX") {
+                // INBOX cannot step aside under another name, and on maildir it exists as
+                // soon as any mailbox does: it takes the peer's GUID, and its mail is merged.
+                match u.mailbox_create(name, &g, *uidvalidity) {
+                    Err(ApplyError::NameTaken { existing, .. }) if existing != g => {
+                        touched.insert(existing);
+                        u.mailbox_adopt_guid(&existing, &g, *uidvalidity, true)
+                            .map_err(e)?
+                    }
+                    r => r.map_err(e)?,
+                }
+            } else {
+                with_name(u, &g, name, |n| u.mailbox_create(n, &g, *uidvalidity))?
+            };
             if let Some(t) = mem.deleted.get(&g).cloned() {
                 // Back for mail the deleting side never saw.
                 mem.note_survived(&g, t.mark);

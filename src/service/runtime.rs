@@ -2615,6 +2615,11 @@ fn apply_one(
                 // loser's create; the loser takes the winner's GUID if its mailbox is still
                 // empty. Otherwise the resync merges the two mailboxes.
                 Err(ApplyError::NameTaken { existing, .. }) if existing > *mbox => {
+                    // Maildir's INBOX comes into being with the first mailbox, with no create
+                    // the peer could have received: have a resync settle the two INBOXes.
+                    if r.mailbox.eq_ignore_ascii_case("INBOX") {
+                        resync::request(u.name(), "INBOX was created on both servers");
+                    }
                     Ok(Step1::Done(false))
                 }
                 Err(ApplyError::NameTaken { existing, .. }) => {
