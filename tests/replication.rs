@@ -9,64 +9,17 @@ use std::time::Duration;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-/// Every kind of change, made by IMAP, LMTP and doveadm on `dc`, in mailboxes named with
-/// `tag` so that two runs on two servers don't collide.
-fn every_operation(dc: &Dovecot, tag: &str) {
-    let mut imap = dc.login("alice");
-    let work = format!("Work-{tag}");
-    let old = format!("Old-{tag}");
-    imap.create(&work);
-    imap.subscribe(&work);
-    let (_, u1) = imap.append(
-        "INBOX",
-        &["\\Seen", "$Label1"],
-        &message(&format!("{tag} one"), 1500),
-    );
-    let (_, u23) = imap.multiappend(
-        "INBOX",
-        &[
-            (&[], &message(&format!("{tag} two"), 300)),
-            (&["\\Flagged"], &message(&format!("{tag} three"), 40_000)),
-        ],
-    );
-    imap.select("INBOX");
-    imap.uid_store(&u1.to_string(), "+FLAGS (\\Flagged $Important)");
-    imap.uid_store(&u1.to_string(), "-FLAGS (\\Seen $Label1)");
-    imap.uid_store(&u23[0].to_string(), "FLAGS (\\Answered \\Draft)");
-    imap.uid_copy(&u1.to_string(), &work);
-    imap.uid_move(&u23[1].to_string(), &work);
-    imap.uid_store(&u23[0].to_string(), "+FLAGS (\\Deleted)");
-    imap.uid_expunge(&u23[0].to_string());
-    imap.create(&old);
-    imap.append(&old, &[], &message("old one", 100));
-    imap.append(&old, &["\\Seen"], &message("old two", 100));
-    imap.select("INBOX");
-    imap.delete(&old);
-    let archive = format!("Archive-{tag}");
-    imap.rename(&work, &archive);
-    imap.subscribe(&archive);
-    imap.unsubscribe(&work);
-    imap.logout();
-    let replies = dc.deliver(
-        "sender@example.org",
-        &["alice"],
-        &message(&format!("{tag} lmtp"), 2000),
-    );
-    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
-    dc.save("alice", "INBOX", &message(&format!("{tag} doveadm"), 500));
-}
-
 #[test]
 fn every_change_replicates_in_both_directions() {
     let pair = Pair::start("repl-both");
-    every_operation(&pair.a, "a");
+    common::every_operation(&pair.a, "a");
     let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
     assert!(s.mails.len() >= 5, "{s:#?}");
     assert!(s.mailboxes.iter().any(|(name, _, _)| name == "Archive-a"));
     assert!(s.subscriptions.contains(&"Archive-a".to_string()));
 
     // Now from B, including changes to mail that came from A.
-    every_operation(&pair.b, "b");
+    common::every_operation(&pair.b, "b");
     let mut imap = pair.b.login("alice");
     imap.select("INBOX");
     imap.uid_store("1:*", "+FLAGS ($FromB)");

@@ -1100,6 +1100,55 @@ impl Pair {
     }
 }
 
+/// Every kind of change, made by IMAP, LMTP and doveadm on `dc`, in mailboxes named with
+/// `tag` so that two runs on two servers don't collide: for alice, five mails in INBOX and
+/// `Archive-{tag}` (one of them a copy of another), a mailbox created, filled and deleted, one
+/// renamed, subscriptions.
+pub fn every_operation(dc: &Dovecot, tag: &str) {
+    let mut imap = dc.login("alice");
+    let work = format!("Work-{tag}");
+    let old = format!("Old-{tag}");
+    imap.create(&work);
+    imap.subscribe(&work);
+    let (_, u1) = imap.append(
+        "INBOX",
+        &["\\Seen", "$Label1"],
+        &message(&format!("{tag} one"), 1500),
+    );
+    let (_, u23) = imap.multiappend(
+        "INBOX",
+        &[
+            (&[], &message(&format!("{tag} two"), 300)),
+            (&["\\Flagged"], &message(&format!("{tag} three"), 40_000)),
+        ],
+    );
+    imap.select("INBOX");
+    imap.uid_store(&u1.to_string(), "+FLAGS (\\Flagged $Important)");
+    imap.uid_store(&u1.to_string(), "-FLAGS (\\Seen $Label1)");
+    imap.uid_store(&u23[0].to_string(), "FLAGS (\\Answered \\Draft)");
+    imap.uid_copy(&u1.to_string(), &work);
+    imap.uid_move(&u23[1].to_string(), &work);
+    imap.uid_store(&u23[0].to_string(), "+FLAGS (\\Deleted)");
+    imap.uid_expunge(&u23[0].to_string());
+    imap.create(&old);
+    imap.append(&old, &[], &message("old one", 100));
+    imap.append(&old, &["\\Seen"], &message("old two", 100));
+    imap.select("INBOX");
+    imap.delete(&old);
+    let archive = format!("Archive-{tag}");
+    imap.rename(&work, &archive);
+    imap.subscribe(&archive);
+    imap.unsubscribe(&work);
+    imap.logout();
+    let replies = dc.deliver(
+        "sender@example.org",
+        &["alice"],
+        &message(&format!("{tag} lmtp"), 2000),
+    );
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+    dc.save("alice", "INBOX", &message(&format!("{tag} doveadm"), 500));
+}
+
 /// Everything a user would compare between two servers: every mail (mailbox, mailbox GUID,
 /// UID, GUID, flags without \Recent), every mailbox's GUID and UIDVALIDITY, and the
 /// subscriptions. Never modseqs: they are per server.
