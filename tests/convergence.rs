@@ -388,11 +388,15 @@ fn start_soak_pair(format: MailFormat) -> Pair {
         a.format = format;
         b.format = format;
     });
+    // The folders first: on maildir a CREATE can fail with "already exists" when another
+    // process (here the service, reading INBOX's first mail) lists the mailboxes in the instant
+    // between the folder's directory and its cur/new/tmp (README, known limits). The traffic
+    // below races creates against everything, and takes such a NO as any other.
     let mut imap = pair.a.login(USER);
-    imap.append("INBOX", &[], &message("soak start", 500));
     for f in FOLDERS {
         imap.create(f);
     }
+    imap.append("INBOX", &[], &message("soak start", 500));
     imap.subscribe("F1");
     imap.logout();
     settle(&pair, USER, SETTLE);
