@@ -532,8 +532,11 @@ fn a_mail_process_killed_mid_append_loses_at_most_its_unfinished_record() {
     let acked: Vec<u32> = appender.join().unwrap();
     assert!(acked.len() > 50);
 
-    // The next session's first append recovers the journal.
+    // The next session's first append recovers the journal. On maildir it may first wait for
+    // the dovecot-uidlist dotlock the killed process left behind to turn stale (Dovecot's
+    // MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT, 2 minutes).
     let mut imap = dc.login("alice");
+    imap.set_read_timeout(Duration::from_secs(180));
     let (_, last) = imap.append("INBOX", &[], &message("after", 100));
     imap.logout();
     let conf = dc.conf().to_str().unwrap();

@@ -1602,6 +1602,11 @@ impl Imap {
 
     /// Sends `raw` (without tag or CRLF). Returns (untagged responses, tagged status line without
     /// the tag). Panics on NO/BAD.
+    /// How long a read may wait (IO_TIMEOUT by default), for a command that waits on a lock.
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.writer.set_read_timeout(Some(d)).unwrap();
+    }
+
     pub fn command(&mut self, raw: &str) -> (Vec<String>, String) {
         self.run(raw)
     }
