@@ -19,6 +19,11 @@ const SERVICE_HEADER: &str = "dovecot-glue/tandem-service.h";
 const SERVICE_SOURCE: &str = "dovecot-glue/tandem-service.c";
 const LOG_HEADER: &str = "dovecot-glue/tandem-log.h";
 const LOG_SOURCE: &str = "dovecot-glue/tandem-log.c";
+const COMPAT_HEADER: &str = "dovecot-glue/tandem-compat.h";
+const COMPAT_23: &str = "dovecot-glue/tandem-compat-2.3.c";
+const COMPAT_24: &str = "dovecot-glue/tandem-compat-2.4.c";
+const SETTINGS_HEADER: &str = "dovecot-glue/tandem-settings.h";
+const SETTINGS_24: &str = "dovecot-glue/tandem-settings.c";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -35,6 +40,11 @@ fn main() {
         SERVICE_SOURCE,
         LOG_HEADER,
         LOG_SOURCE,
+        COMPAT_HEADER,
+        COMPAT_23,
+        COMPAT_24,
+        SETTINGS_HEADER,
+        SETTINGS_24,
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -60,17 +70,43 @@ fn main() {
     println!("cargo:rerun-if-changed={}", config_h.display());
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    // One tree for both Dovecots: what differs is in one C file per version (tandem-compat.h),
+    // plus 2.4's declared settings; the Rust side sees the version as `cfg(dovecot_2_4)`.
+    println!("cargo::rustc-check-cfg=cfg(dovecot_2_4)");
+    let version = dovecot_version(&config_h);
+    let (compat, extra): (&str, &[&str]) = match version {
+        (2, 3) => (COMPAT_23, &[]),
+        (2, 4) => (COMPAT_24, &[SETTINGS_24]),
+        (major, minor) => fail(&format!(
+            "Dovecot {major}.{minor} (from {}): Tandem builds for Dovecot 2.3 and 2.4",
+            config_h.display()
+        )),
+    };
+    if version == (2, 4) {
+        println!("cargo:rustc-cfg=dovecot_2_4");
+    }
     // Static libraries are linked in the order they are compiled: users before tandem_log.
     if plugin {
         write_abi_version(&config_h, &out_dir.join("abi_version.rs"));
-        compile_c(&config, &include_dir, GLUE_SOURCE, "tandem_glue");
+        let sources: Vec<&str> = [GLUE_SOURCE, compat].iter().chain(extra).copied().collect();
+        compile_c(&config, &include_dir, &sources, &[], "tandem_glue");
         generate_bindings(GLUE_HEADER, &out_dir.join("tandem_glue.rs"));
     }
     if service {
-        compile_c(&config, &include_dir, SERVICE_SOURCE, "tandem_service");
+        // The compat file again, with its service part, as its own library: an object file
+        // cannot be in two static libraries built with different defines.
+        let sources: Vec<&str> = [SERVICE_SOURCE].iter().chain(extra).copied().collect();
+        compile_c(&config, &include_dir, &sources, &[], "tandem_service");
+        compile_c(
+            &config,
+            &include_dir,
+            &[compat],
+            &["TANDEM_COMPAT_SERVICE"],
+            "tandem_service_compat",
+        );
         generate_bindings(SERVICE_HEADER, &out_dir.join("tandem_service.rs"));
     }
-    compile_c(&config, &include_dir, LOG_SOURCE, "tandem_log");
+    compile_c(&config, &include_dir, &[LOG_SOURCE], &[], "tandem_log");
     generate_bindings(LOG_HEADER, &out_dir.join("tandem_log.rs"));
     if service {
         link_dovecot(&config, &config_path);
@@ -138,10 +174,37 @@ fn write_abi_version(config_h: &Path, out: &Path) {
     fs::write(out, code).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
 }
 
-fn compile_c(config: &HashMap<String, String>, include_dir: &str, source: &str, lib: &str) {
+/// `DOVECOT_VERSION_MAJOR` and `_MINOR` from Dovecot's config.h.
+fn dovecot_version(config_h: &Path) -> (u32, u32) {
+    let text = fs::read_to_string(config_h)
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", config_h.display())));
+    let number = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let rest = l.trim().strip_prefix("#define")?.trim_start();
+                rest.strip_prefix(name)?.trim().parse::<u32>().ok()
+            })
+            .unwrap_or_else(|| fail(&format!("{}: no {name}", config_h.display())))
+    };
+    (
+        number("DOVECOT_VERSION_MAJOR"),
+        number("DOVECOT_VERSION_MINOR"),
+    )
+}
+
+fn compile_c(
+    config: &HashMap<String, String>,
+    include_dir: &str,
+    sources: &[&str],
+    defines: &[&str],
+    lib: &str,
+) {
     let mut build = cc::Build::new();
+    build.files(sources);
+    for define in defines {
+        build.define(define, None);
+    }
     build
-        .file(source)
         .include("dovecot-glue")
         .include(include_dir)
         .define("HAVE_CONFIG_H", None)
@@ -163,8 +226,15 @@ fn compile_c(config: &HashMap<String, String>, include_dir: &str, source: &str, 
             build.flag(flag);
         }
     }
-    // DOVECOT_CFLAGS has it too; be sure even when a custom dovecot-config lacks it.
-    build.flag("-std=gnu99");
+    // DOVECOT_CFLAGS names the C standard Dovecot was built with (2.3: gnu99, 2.4: gnu11);
+    // a custom dovecot-config without one gets the older, which both versions' headers accept.
+    let cflags = config
+        .get("DOVECOT_CFLAGS")
+        .map(String::as_str)
+        .unwrap_or("");
+    if !cflags.split_whitespace().any(|f| f.starts_with("-std=")) {
+        build.flag("-std=gnu99");
+    }
     build.compile(lib);
 }
 

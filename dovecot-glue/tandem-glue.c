@@ -9,8 +9,8 @@
    _dependencies) are defined in Rust (src/ffi/mod.rs), because a cdylib does
    not export symbols of C objects linked into it; they forward here.
 
-   Dovecot 2.3 specific: notify_unregister(ctx) takes a pointer (2.4 takes
-   **), and settings come from mail_user_plugin_getenv() (gone in 2.4). */
+   What differs between Dovecot 2.3 and 2.4 (settings, notify_unregister())
+   is in tandem-compat-2.3.c and tandem-compat-2.4.c. */
 
 #include "lib.h"
 #include "array.h"
@@ -24,6 +24,7 @@
 #include "mail-storage-hooks.h"
 #include "notify-plugin.h"
 #include "tandem-glue.h"
+#include "tandem-compat.h"
 
 #include <string.h>
 
@@ -64,7 +65,7 @@ static struct notify_context *tandem_notify_ctx;
 
 const char *tandem_glue_user_getenv(struct mail_user *user, const char *name)
 {
-	return mail_user_plugin_getenv(user, name);
+	return tandem_compat_user_setting(user, name);
 }
 
 const char *tandem_glue_user_home(struct mail_user *user)
@@ -514,6 +515,5 @@ void tandem_glue_init(struct module *module)
 void tandem_glue_deinit(void)
 {
 	mail_storage_hooks_remove(&tandem_mail_storage_hooks);
-	notify_unregister(tandem_notify_ctx);
-	tandem_notify_ctx = NULL;
+	tandem_compat_notify_unregister(&tandem_notify_ctx);
 }

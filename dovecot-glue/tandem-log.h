@@ -16,4 +16,22 @@ enum tandem_log_level {
 /* Logs one line through Dovecot's log (never used as a format string). */
 void tandem_glue_log(enum tandem_log_level level, const char *msg);
 
+/* One field of a named event: a string when str is not NULL, else the
+   integer value. */
+struct tandem_event_field {
+	const char *key;
+	const char *str;
+	long long value;
+};
+
+/* Sends a named event (e.g. "tandem_change_applied") with a "user" field
+   (when user is not NULL) and more fields, for Dovecot's statistics:
+   `metric {}` blocks count and time it, and 2.4's OpenMetrics exporter
+   shows it. It is a debug-level event: it costs almost nothing unless a
+   metric or log_debug filter wants it, and then it appears in the log only
+   if log_debug matches it. */
+void tandem_glue_event(const char *name, const char *user,
+		       const struct tandem_event_field *fields,
+		       unsigned int count);
+
 #endif

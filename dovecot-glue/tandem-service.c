@@ -37,8 +37,8 @@
    marked dsyncing, which the tandem plugin checks for mailbox-level events
    (and which makes quota and ACLs not apply, as for dsync).
 
-   Dovecot 2.3 specific: plugin {} settings (gone in 2.4), and
-   mail_storage_service_lookup_next()'s service user. */
+   What differs between Dovecot 2.3 and 2.4 (settings, start-up, the user
+   lookup) is in tandem-compat-2.3.c and tandem-compat-2.4.c. */
 
 /* getresuid(), getresgid() */
 #define _GNU_SOURCE
@@ -58,6 +58,8 @@
 #include "mail-storage-service.h"
 #include "mail-storage-settings.h"
 #include "mail-user.h"
+#define TANDEM_COMPAT_SERVICE
+#include "tandem-compat.h"
 #include "mailbox-list-iter.h"
 #include "mailbox-guid-cache.h"
 #include "mail-index-alloc-cache.h"
@@ -123,7 +125,6 @@ static void *tandem_svc_cb_ctx;
 
 /* Settings read once at start-up. */
 static pool_t tandem_svc_pool;
-static ARRAY_TYPE(const_string) tandem_svc_plugin_envs;
 static const char *tandem_svc_base_dir_value, *tandem_svc_state_dir_value;
 
 /* Strings handed to Rust, valid until the next call. */
@@ -757,17 +758,7 @@ void tandem_svc_stop(void)
 
 const char *tandem_svc_setting(const char *name)
 {
-	const char *const *envs;
-	unsigned int i, count;
-
-	if (!array_is_created(&tandem_svc_plugin_envs))
-		return NULL;
-	envs = array_get(&tandem_svc_plugin_envs, &count);
-	for (i = 0; i + 1 < count; i += 2) {
-		if (strcmp(envs[i], name) == 0)
-			return envs[i + 1];
-	}
-	return NULL;
+	return tandem_compat_global_setting(name);
 }
 
 const char *tandem_svc_base_dir(void)
@@ -780,55 +771,6 @@ const char *tandem_svc_state_dir(void)
 	return tandem_svc_state_dir_value;
 }
 
-static void tandem_svc_storage_input(struct mail_storage_service_input *input_r,
-				     const char *username)
-{
-	i_zero(input_r);
-	input_r->module = "mail";
-	/* Settings filters: `protocol tandem { ... }` applies here. */
-	input_r->service = "tandem";
-	input_r->username = username;
-}
-
-/* Reads the settings without a user (the global ones, with any
-   `protocol tandem {}` filter) and keeps what the service needs before any
-   user exists. User lookups re-read settings later (with userdb overrides),
-   so these are copied now. */
-static void tandem_svc_read_global_settings(void)
-{
-	struct mail_storage_service_input input;
-	const struct master_service_settings *master_set;
-	const struct mail_user_settings *user_set;
-	const char *const *envs;
-	unsigned int i, count;
-	void **sets;
-
-	tandem_svc_storage_input(&input, NULL);
-	mail_storage_service_init_settings(tandem_svc_storage, &input);
-	/* That was the process's first settings read, so master_service holds
-	   exactly its result. */
-	sets = master_service_settings_get_others(master_service);
-	/* mail_storage_service puts mail_user_settings first. */
-	user_set = sets[0];
-	p_array_init(&tandem_svc_plugin_envs, tandem_svc_pool, 16);
-	if (array_is_created(&user_set->plugin_envs)) {
-		envs = array_get(&user_set->plugin_envs, &count);
-		for (i = 0; i + 1 < count; i += 2) {
-			const char *key = p_strdup(tandem_svc_pool, envs[i]);
-			const char *value = p_strdup(tandem_svc_pool,
-						     envs[i + 1]);
-
-			array_push_back(&tandem_svc_plugin_envs, &key);
-			array_push_back(&tandem_svc_plugin_envs, &value);
-		}
-	}
-	master_set = master_service_settings_get(master_service);
-	tandem_svc_base_dir_value = p_strdup(tandem_svc_pool,
-					     master_set->base_dir);
-	tandem_svc_state_dir_value = p_strdup(tandem_svc_pool,
-					      master_set->state_dir);
-}
-
 int tandem_svc_main(int argc, char **argv,
 		    const struct tandem_svc_callbacks *callbacks, void *ctx)
 {
@@ -836,8 +778,7 @@ int tandem_svc_main(int argc, char **argv,
 	   master's idle SIGINT must not stop it (it keeps outgoing connections
 	   that master does not count as clients). */
 	const enum master_service_flags service_flags =
-		MASTER_SERVICE_FLAG_KEEP_CONFIG_OPEN |
-		MASTER_SERVICE_FLAG_NO_IDLE_DIE;
+		tandem_compat_service_flags;
 	/* As indexer-worker and doveadm-server: many users, as root, each
 	   looked up in userdb; the auth connection stays open. */
 	const enum mail_storage_service_flags storage_flags =
@@ -853,6 +794,7 @@ int tandem_svc_main(int argc, char **argv,
 					     &argc, &argv, "");
 	if (master_getopt(master_service) > 0)
 		return FATAL_DEFAULT;
+	tandem_compat_service_settings_read(master_service);
 	master_service_init_log_with_pid(master_service);
 	/* Apply the service's user/chroot settings from master; root stays
 	   root. */
@@ -869,9 +811,11 @@ int tandem_svc_main(int argc, char **argv,
 		pool_alloconly_create("tandem service results", 1024);
 	i_array_init(&tandem_svc_watches, 4);
 
-	tandem_svc_storage = mail_storage_service_init(master_service, NULL,
-						       storage_flags);
-	tandem_svc_read_global_settings();
+	tandem_svc_storage = tandem_compat_storage_init(master_service,
+							storage_flags);
+	tandem_compat_global_settings_read(tandem_svc_storage, tandem_svc_pool,
+					   &tandem_svc_base_dir_value,
+					   &tandem_svc_state_dir_value);
 	master_service_init_finish(master_service);
 
 	T_BEGIN {
@@ -913,7 +857,6 @@ int tandem_svc_user_open(const char *username,
 			 struct tandem_svc_user **user_r,
 			 const char **error_r)
 {
-	struct mail_storage_service_input input;
 	struct mail_storage_service_user *service_user;
 	struct mail_user *mail_user;
 	struct tandem_svc_user *user;
@@ -937,36 +880,10 @@ int tandem_svc_user_open(const char *username,
 	}
 	tandem_svc_main_thread_root();
 
-	tandem_svc_storage_input(&input, username);
-
 	T_BEGIN {
-		/* lookup_next() in two steps, to force mail_fsync=always in
-		   between: the service acknowledges what it applied, and the
-		   sender then drops it, so every change it makes must be on
-		   disk first (under mail_fsync=optimized Dovecot leaves flag
-		   changes in the page cache). Only the service's own users
-		   get this; mail processes keep the admin's setting. */
-		ret = mail_storage_service_lookup(tandem_svc_storage, &input,
-						  &service_user, &error);
-		if (ret > 0 &&
-		    mail_storage_service_user_set_setting(service_user,
-				"mail_fsync", "always", &error) <= 0) {
-			/* Replication goes on; what it acknowledges may
-			   then sit in the page cache for a moment. */
-			i_warning("tandem: user %s: cannot set mail_fsync=always "
-				  "(%s); applied changes are synced as "
-				  "mail_fsync says", username,
-				  error == NULL ? "unknown setting" : error);
-		}
-		if (ret > 0) {
-			ret = mail_storage_service_next(tandem_svc_storage,
-							service_user,
-							&mail_user, &error);
-			if (ret < 0)
-				mail_storage_service_user_unref(&service_user);
-			else
-				ret = 1;
-		}
+		ret = tandem_compat_user_open(tandem_svc_storage, username,
+					      &service_user, &mail_user,
+					      &error);
 		if (ret <= 0)
 			*error_r = ret == 0 ? "Unknown user" :
 				tandem_svc_printf("User %s: %s", username,
@@ -1056,7 +973,7 @@ const char *tandem_svc_user_setting(struct tandem_svc_user *user,
 {
 	if (user->mail_user == NULL)
 		return NULL;
-	return mail_user_plugin_getenv(user->mail_user, name);
+	return tandem_compat_user_setting(user->mail_user, name);
 }
 
 /* ---- Mailboxes ---- */

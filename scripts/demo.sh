@@ -18,9 +18,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PLUGIN_SO=$REPO/target/release/libtandem.so
-SERVICE_BIN=$REPO/target/release/tandem-service
-TANDEM=target/release/tandem
+# TARGET=target/trixie: the build for Dovecot 2.4 (`make demo DOVECOT=2.4` runs this script in
+# the Debian 13 chroot with it).
+TARGET=${TARGET:-target}
+PLUGIN_SO=$REPO/$TARGET/release/libtandem.so
+SERVICE_BIN=$REPO/$TARGET/release/tandem-service
+TANDEM=$TARGET/release/tandem
 NOTIFY_SO=/usr/lib/dovecot/modules/lib15_notify_plugin.so
 MAIL_UID=5000
 PORT_BASE=${DEMO_PORT_BASE:-21100}
@@ -50,58 +53,11 @@ show() {
 	"$@"
 }
 
-# ---------------------------------------------------------------------------------------------
-# Starting and stopping instances
-# ---------------------------------------------------------------------------------------------
-
-port_free() {
-	# Bind the way Dovecot does (SO_REUSEADDR), so a port in TIME_WAIT counts as free.
-	python3 - "$1" <<'PY'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-PY
-}
-
-# start_instance NAME PORT_BASE SERVER_ID PEER_TANDEM_PORT: writes $DEMO_DIR/NAME (config, users
-# file, home, private module dir), starts `dovecot -F` on it and waits until IMAP answers. Its
-# tandem service listens on PORT_BASE+44 and connects to 127.0.0.1:PEER_TANDEM_PORT.
-start_instance() {
-	local name=$1 base=$2 server_id=$3 peer_port=$4
-	local dir=$DEMO_DIR/$name
-	local imap=$((base + 43)) lmtp=$((base + 24)) doveadm=$((base + 25)) tandem=$((base + 44))
-	local p
-	for p in "$imap" "$lmtp" "$doveadm" "$tandem"; do
-		port_free "$p" || die "port $p on 127.0.0.1 is already in use (another program, or an" \
-			"earlier KEEP=1 demo still running). Stop it, or pick other ports:" \
-			"DEMO_PORT_BASE=31100 make demo"
-	done
-
-	mkdir -p "$dir/state" "$dir/modules" "$dir/home/alice"
-	# tandem_state_dir: the registry of users with journals, which every mail process (running as
-	# the mail user) adds itself to, hence sticky and world-writable like /tmp but not listable.
-	# The service keeps its own state (sent-to/, applied/) beside it.
-	mkdir -m 755 "$dir/tandem-state"
-	mkdir -m 1733 "$dir/tandem-state/users"
-	# The auth (dovecot), login (dovenull) and mail (uid 5000) processes all read below it.
-	chmod 755 "$dir"
-	chown "$MAIL_UID:$MAIL_UID" "$dir/home" "$dir/home/alice"
-	chmod 700 "$dir/home/alice"
-
-	# A private module dir: a copy of the plugin, named as `make install` names it, plus the
-	# system notify plugin it needs. Nothing is installed into Dovecot's module dir.
-	install -m 0644 "$PLUGIN_SO" "$dir/modules/lib90_tandem_plugin.so"
-	ln -s "$NOTIFY_SO" "$dir/modules/lib15_notify_plugin.so"
-
-	echo "alice:{PLAIN}pass:$MAIL_UID:$MAIL_UID::$dir/home/alice::" >"$dir/users"
-	chmod 644 "$dir/users"
-
+# One server's dovecot.conf in Dovecot 2.3 syntax (README "Configuration", 2.3).
+write_config_2_3() {
+	local name=$1 dir=$2 server_id=$3 peer_port=$4 imap=$5 lmtp=$6 doveadm=$7 tandem=$8
 	cat >"$dir/dovecot.conf" <<EOF
-# Tandem demo server "$name", written by scripts/demo.sh.
+# Tandem demo server "$name" (Dovecot 2.3), written by scripts/demo.sh.
 instance_name = tandem-demo-$name
 base_dir = $dir/run
 state_dir = $dir/state
@@ -185,6 +141,154 @@ service tandem {
   }
 }
 EOF
+}
+
+# The same server in Dovecot 2.4 syntax (README "Configuration", 2.4). The tandem_* settings are
+# global: Tandem's settings module declares them, and `service tandem` with its defaults (root,
+# one process, always running, a listener named tandem on port 14400).
+write_config_2_4() {
+	local name=$1 dir=$2 server_id=$3 peer_port=$4 imap=$5 lmtp=$6 doveadm=$7 tandem=$8
+	cat >"$dir/dovecot.conf" <<EOF
+# Tandem demo server "$name" (Dovecot 2.4), written by scripts/demo.sh.
+dovecot_config_version = 2.4.0
+dovecot_storage_version = 2.4.0
+instance_name = tandem-demo-$name
+base_dir = $dir/run
+state_dir = $dir/state
+log_path = $dir/dovecot.log
+protocols = imap lmtp
+listen = 127.0.0.1
+ssl = no
+auth_allow_cleartext = yes
+auth_mechanisms = plain login
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = $MAIL_UID
+last_valid_uid = $MAIL_UID
+first_valid_gid = $MAIL_UID
+last_valid_gid = $MAIL_UID
+passdb passwd-file {
+  default_password_scheme = PLAIN
+  passwd_file_path = $dir/users
+}
+userdb passwd-file {
+  passwd_file_path = $dir/users
+  fields {
+    uid = $MAIL_UID
+    gid = $MAIL_UID
+    home = $dir/home/%{user}
+  }
+}
+mail_driver = sdbox
+mail_path = ~/mail
+mail_plugin_dir = $dir/modules
+mail_plugins {
+  notify = yes
+  tandem = yes
+}
+tandem_server_id = $server_id
+tandem_state_dir = $dir/tandem-state
+tandem_peer = 127.0.0.1:$peer_port
+tandem_secret_file = $SECRET
+namespace inbox {
+  inbox = yes
+  separator = /
+}
+service imap-login {
+  inet_listener imap {
+    port = $imap
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    port = 0
+  }
+  inet_listener pop3s {
+    port = 0
+  }
+}
+service lmtp {
+  inet_listener lmtp {
+    port = $lmtp
+  }
+}
+service doveadm {
+  inet_listener doveadm {
+    port = $doveadm
+  }
+}
+doveadm_password = secret
+doveadm_port = $doveadm
+# Installed, the service is \`executable = tandem\` beside Dovecot's own, declared by Tandem's
+# settings module with a listener on port 14400: no block at all. The demo runs the build, on
+# its own port.
+service tandem {
+  executable = $SERVICE_BIN
+  inet_listener tandem {
+    port = $tandem
+  }
+}
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Starting and stopping instances
+# ---------------------------------------------------------------------------------------------
+
+port_free() {
+	# Bind the way Dovecot does (SO_REUSEADDR), so a port in TIME_WAIT counts as free.
+	python3 - "$1" <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+PY
+}
+
+# start_instance NAME PORT_BASE SERVER_ID PEER_TANDEM_PORT: writes $DEMO_DIR/NAME (config, users
+# file, home, private module dir), starts `dovecot -F` on it and waits until IMAP answers. Its
+# tandem service listens on PORT_BASE+44 and connects to 127.0.0.1:PEER_TANDEM_PORT.
+start_instance() {
+	local name=$1 base=$2 server_id=$3 peer_port=$4
+	local dir=$DEMO_DIR/$name
+	local imap=$((base + 43)) lmtp=$((base + 24)) doveadm=$((base + 25)) tandem=$((base + 44))
+	local p
+	for p in "$imap" "$lmtp" "$doveadm" "$tandem"; do
+		port_free "$p" || die "port $p on 127.0.0.1 is already in use (another program, or an" \
+			"earlier KEEP=1 demo still running). Stop it, or pick other ports:" \
+			"DEMO_PORT_BASE=31100 make demo"
+	done
+
+	mkdir -p "$dir/state" "$dir/modules" "$dir/home/alice"
+	# tandem_state_dir: the registry of users with journals, which every mail process (running as
+	# the mail user) adds itself to, hence sticky and world-writable like /tmp but not listable.
+	# The service keeps its own state (sent-to/, applied/) beside it.
+	mkdir -m 755 "$dir/tandem-state"
+	mkdir -m 1733 "$dir/tandem-state/users"
+	# The auth (dovecot), login (dovenull) and mail (uid 5000) processes all read below it.
+	chmod 755 "$dir"
+	chown "$MAIL_UID:$MAIL_UID" "$dir/home" "$dir/home/alice"
+	chmod 700 "$dir/home/alice"
+
+	# A private module dir: a copy of the plugin, named as `make install` names it, plus the
+	# system notify plugin it needs. Nothing is installed into Dovecot's module dir.
+	install -m 0644 "$PLUGIN_SO" "$dir/modules/lib90_tandem_plugin.so"
+	ln -s "$NOTIFY_SO" "$dir/modules/lib15_notify_plugin.so"
+
+	echo "alice:{PLAIN}pass:$MAIL_UID:$MAIL_UID::$dir/home/alice::" >"$dir/users"
+	chmod 644 "$dir/users"
+
+	if [[ $DOVECOT_VERSION == 2.4* ]]; then
+		write_config_2_4 "$name" "$dir" "$server_id" "$peer_port" "$imap" "$lmtp" "$doveadm" "$tandem"
+	else
+		write_config_2_3 "$name" "$dir" "$server_id" "$peer_port" "$imap" "$lmtp" "$doveadm" "$tandem"
+	fi
 
 	doveconf -c "$dir/dovecot.conf" -n >/dev/null 2>"$dir/doveconf.err" || {
 		cat "$dir/doveconf.err" >&2
@@ -578,7 +682,12 @@ for cmd in dovecot doveadm doveconf python3; do
 done
 [[ -e $NOTIFY_SO ]] || die "$NOTIFY_SO not found: run \`make deps\` (dovecot-core) first"
 [[ -f $PLUGIN_SO && -x $TANDEM && -x $SERVICE_BIN ]] ||
-	die "no build in target/release: run \`make demo\` (or \`make\`)"
+	die "no build in $TARGET/release: run \`make demo\` (or \`make\`)"
+DOVECOT_VERSION=$(dovecot --version | cut -d' ' -f1)
+case $DOVECOT_VERSION in
+2.3* | 2.4*) ;;
+*) die "Dovecot $DOVECOT_VERSION: the demo knows 2.3 and 2.4" ;;
+esac
 
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -588,7 +697,7 @@ trap 'exit 143' TERM
 DEMO_DIR=$(mktemp -d /tmp/tandem-demo.XXXXXX)
 chmod 755 "$DEMO_DIR"
 
-echo "Tandem demo: two local Dovecot servers, a and b, replicating each other through Tandem."
+echo "Tandem demo: two local Dovecot $DOVECOT_VERSION servers, a and b, replicating each other through Tandem."
 echo "Mail is delivered and changed on both; each change is looked for on the other server."
 echo "Everything runs under $DEMO_DIR, on 127.0.0.1 only."
 

@@ -379,6 +379,16 @@ impl UserCapture {
             self.fail(&msg);
             return;
         }
+        // For `metric {}` blocks (counted by kind); nearly free when no metric wants them.
+        #[cfg(feature = "plugin")]
+        for r in records.iter() {
+            use crate::ffi::logger::{event, Field};
+            event(
+                "tandem_record_journaled",
+                Some(&self.user),
+                vec![Field::Str("kind", r.change.kind().name().into())],
+            );
+        }
         self.tell_service();
     }
 

@@ -87,11 +87,16 @@ pub fn journal_dir(user: &str, conf: &Path) -> Result<PathBuf, LocateError> {
             _ => {}
         }
     }
-    if dir.is_none() {
+    // Dovecot 2.4 knows the setting by its own name (and answers an empty line for a `plugin/`
+    // name); 2.3 refuses that name and keeps it in the `plugin {}` block.
+    for name in ["tandem_journal_dir", "plugin/tandem_journal_dir"] {
+        if dir.is_some() {
+            break;
+        }
         let (code, out, _) = run(Command::new("doveconf")
             .arg("-c")
             .arg(conf)
-            .args(["-h", "plugin/tandem_journal_dir"]))?;
+            .args(["-h", name]))?;
         let v = out.trim();
         if code == 0 && !v.is_empty() {
             dir = Some(v.to_string());

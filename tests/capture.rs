@@ -426,11 +426,72 @@ fn missing_or_invalid_settings_leave_the_plugin_inert_with_one_clear_error() {
     assert!(ours.iter().all(|l| l.contains("alice")), "{ours:?}");
     assert!(!dc.home("alice").join(".tandem").exists());
 
-    let dc = Dovecot::start(Options::new("capture-badfsync").setting("tandem_fsync", "sometimes"));
+    // A bad value for one user (a userdb field): mail works, and the error names the setting.
+    // (Dovecot 2.4 refuses a bad global value outright: see the next test.)
+    let mut opts = Options::new("capture-badfsync");
+    opts.user_fields
+        .push(("alice".into(), "userdb_tandem_fsync=sometimes".into()));
+    let dc = Dovecot::start(opts);
     let mut imap = dc.login("alice");
     imap.append("INBOX", &[], &message("fine", 100));
     imap.logout();
-    assert!(dc.log_errors().iter().any(|l| l.contains("tandem_fsync")));
+    assert_eq!(dc.fetch("alice").len(), 1);
+    let errors = dc.log_errors();
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("tandem_fsync") && l.contains("alice")),
+        "{errors:?}"
+    );
+    assert!(!dc.home("alice").join(".tandem").exists());
+}
+
+/// Dovecot 2.4 knows Tandem's settings from its settings module: `doveconf -n` shows them, and
+/// a mistyped name or a value of the wrong type stops the configuration with a line naming it.
+/// (Dovecot 2.3 keeps `plugin {}` keys as free text: there the plugin checks each value for each
+/// user, as the test above shows.)
+#[test]
+fn on_2_4_doveconf_shows_and_checks_tandem_settings() {
+    let dc =
+        Dovecot::start(Options::new("capture-doveconf").setting("tandem_clock_max_ahead", "2 min"));
+    let release = dc.options().release;
+    if !release.is_2_4() {
+        eprintln!("Dovecot 2.3: doveconf does not check plugin {{}} settings");
+        return;
+    }
+    let doveconf = |conf: &std::path::Path| {
+        release
+            .command("doveconf")
+            .arg("-c")
+            .arg(conf)
+            .arg("-n")
+            .output()
+            .unwrap()
+    };
+    let out = doveconf(dc.conf());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(shown.contains("tandem_server_id = a"), "{shown}");
+    assert!(shown.contains("tandem_clock_max_ahead = 2 mins"), "{shown}");
+
+    let text = std::fs::read_to_string(dc.conf()).unwrap();
+    for (bad, named) in [
+        ("tandem_sever_id = b\n", "tandem_sever_id"),
+        ("tandem_fsync = sometimes\n", "tandem_fsync"),
+        (
+            "tandem_resync_scan_interval = often\n",
+            "tandem_resync_scan_interval",
+        ),
+    ] {
+        let conf = dc.conf().with_file_name("bad.conf");
+        std::fs::write(&conf, format!("{text}{bad}")).unwrap();
+        let out = doveconf(&conf);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(named),
+            "doveconf accepted {bad:?}: {out:?}"
+        );
+    }
 }
 
 #[test]

@@ -205,11 +205,12 @@ fn plugin_instance_loads_tandem() {
 
     let mut imap = dc.login("alice");
     let (_, uid) = imap.append("INBOX", &["\\Seen"], &message("with plugin", 1000));
-    // The imap process of this session (mpid= in the login line) has the plugin mapped.
+    // The imap process of this session (mpid= in the login line: "Login:" in 2.3, "Logged in:"
+    // in 2.4) has the plugin mapped.
     let mpid = dc
         .log()
         .lines()
-        .filter(|l| l.contains("Login: user=<alice>"))
+        .filter(|l| l.contains("Login: user=<alice>") || l.contains("Logged in: user=<alice>"))
         .find_map(|l| {
             l.split("mpid=")
                 .nth(1)?

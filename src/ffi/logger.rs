@@ -88,6 +88,116 @@ pub(crate) fn emit(level: Level, message: &str) {
     unsafe { raw::tandem_glue_log(c_level, c_text.as_ptr()) };
 }
 
+/// A field of a named event.
+#[derive(Clone, Debug)]
+pub(crate) enum Field {
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
+    Int(&'static str, i64),
+    Str(&'static str, String),
+}
+
+/// An event sent off Dovecot's main thread, waiting for it.
+struct Pending {
+    name: &'static str,
+    user: Option<String>,
+    fields: Vec<Field>,
+}
+
+/// Beyond this many waiting events, new ones are dropped: they are statistics.
+const MAX_PENDING_EVENTS: usize = 10_000;
+static PENDING_EVENTS: std::sync::Mutex<std::collections::VecDeque<Pending>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+/// Wakes the main thread to send the waiting events (the service's thread-log pipe).
+static EVENT_WAKE: OnceLock<fn()> = OnceLock::new();
+
+/// Lets events sent off the main thread wait for it; `wake` makes it call [`flush_events`].
+#[cfg_attr(not(feature = "service"), allow(dead_code))]
+pub(crate) fn set_event_wake(wake: fn()) {
+    let _ = EVENT_WAKE.set(wake);
+}
+
+/// Sends the named Dovecot event `name` (for `metric {}` blocks and 2.4's OpenMetrics exporter)
+/// with a `user` field and more fields. Off the main thread it waits for the main thread where
+/// the process has said how to wake it, and is dropped elsewhere, as it is once Dovecot is gone:
+/// events are statistics, never the only record of anything.
+pub(crate) fn event(name: &'static str, user: Option<&str>, fields: Vec<Field>) {
+    if DOVECOT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    if !guard::on_main_thread() {
+        let Some(wake) = EVENT_WAKE.get() else {
+            return;
+        };
+        {
+            let mut q = PENDING_EVENTS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if q.len() >= MAX_PENDING_EVENTS {
+                return;
+            }
+            q.push_back(Pending {
+                name,
+                user: user.map(str::to_string),
+                fields,
+            });
+        }
+        wake();
+        return;
+    }
+    send_event(name, user, &fields);
+}
+
+/// Sends the events that waited for the main thread (called on it).
+#[cfg_attr(not(feature = "service"), allow(dead_code))]
+pub(crate) fn flush_events() {
+    let pending = std::mem::take(
+        &mut *PENDING_EVENTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for p in pending {
+        send_event(p.name, p.user.as_deref(), &p.fields);
+    }
+}
+
+fn send_event(name: &str, user: Option<&str>, fields: &[Field]) {
+    if DOVECOT_GONE.load(Ordering::Relaxed) || !guard::on_main_thread() {
+        return;
+    }
+    let c = |s: &str| CString::new(s.replace('\0', " ")).expect("no NUL left");
+    let c_name = c(name);
+    let c_user = user.map(c);
+    let strings: Vec<(CString, Option<CString>)> = fields
+        .iter()
+        .map(|f| match f {
+            Field::Int(k, _) => (c(k), None),
+            Field::Str(k, v) => (c(k), Some(c(v))),
+        })
+        .collect();
+    let raw_fields: Vec<raw::tandem_event_field> = strings
+        .iter()
+        .zip(fields)
+        .map(|((k, v), f)| raw::tandem_event_field {
+            key: k.as_ptr(),
+            str_: v.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+            value: match f {
+                Field::Int(_, n) => *n as std::ffi::c_longlong,
+                Field::Str(..) => 0,
+            },
+        })
+        .collect();
+    // SAFETY: main thread (checked above); every pointer is to a NUL-terminated string or an
+    // array that outlives the call, and the shim only reads them.
+    unsafe {
+        raw::tandem_glue_event(
+            c_name.as_ptr(),
+            c_user.as_ref().map_or(std::ptr::null(), |u| u.as_ptr()),
+            raw_fields.as_ptr(),
+            raw_fields.len() as u32,
+        )
+    };
+}
+
 /// Escapes NUL, CR and LF, and cuts the text to [`MAX_MESSAGE`] bytes on a char boundary.
 fn sanitize(message: &str) -> String {
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE) + 8);

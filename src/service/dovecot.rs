@@ -1120,6 +1120,7 @@ mod thread_log {
         PIPE_READ.store(fds[0], Ordering::SeqCst);
         PIPE_WRITE.store(fds[1], Ordering::SeqCst);
         logger::set_thread_sink(sink);
+        logger::set_event_wake(wake);
         Some(pipe)
     }
 
@@ -1136,6 +1137,15 @@ mod thread_log {
 
     pub(super) fn is_pipe(fd: i32) -> bool {
         fd >= 0 && fd == PIPE_READ.load(Ordering::SeqCst)
+    }
+
+    /// Rings the main thread for events sent off it (they wait in the logger).
+    fn wake() {
+        let fd = PIPE_WRITE.load(Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: one byte from a valid buffer to an fd that stays open while set.
+            let _ = unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) };
+        }
     }
 
     fn sink(level: Level, text: &str) -> bool {
@@ -1173,6 +1183,7 @@ mod thread_log {
         for (level, line) in lines {
             logger::emit(level, &line);
         }
+        logger::flush_events();
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             logger::emit(

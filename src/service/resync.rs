@@ -1046,15 +1046,38 @@ pub(super) fn run(
     repair: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report, String> {
+    let started = Instant::now();
     let res = run_phases(ctx, user, repair, progress);
-    let mut st = ctx.status.lock().unwrap();
-    st.resyncs.remove(user);
-    if repair {
-        st.resyncs_done += 1;
-        if res.as_ref().is_ok_and(|r| r.changes > 0) {
-            st.resyncs_repaired += 1;
+    {
+        let mut st = ctx.status.lock().unwrap();
+        st.resyncs.remove(user);
+        if repair {
+            st.resyncs_done += 1;
+            if res.as_ref().is_ok_and(|r| r.changes > 0) {
+                st.resyncs_repaired += 1;
+            }
         }
     }
+    use crate::ffi::logger::{event, Field};
+    let (result, differences, changes) = match &res {
+        Ok(r) if r.identical => ("identical", r.differences.len(), r.changes),
+        Ok(r) => ("differences_left", r.differences.len(), r.changes),
+        Err(_) => ("failed", 0, 0),
+    };
+    event(
+        if repair {
+            "tandem_resync_finished"
+        } else {
+            "tandem_verify_finished"
+        },
+        Some(user),
+        vec![
+            Field::Str("result", result.into()),
+            Field::Int("differences", differences as i64),
+            Field::Int("changes", changes as i64),
+            Field::Int("duration_msecs", started.elapsed().as_millis() as i64),
+        ],
+    );
     res
 }
 

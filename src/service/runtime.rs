@@ -27,6 +27,7 @@ use super::tls::{self, Tls};
 use crate::auth::{self, ClientHandshake, ServerHandshake, Step};
 use crate::codec::{self, Decoder, Msg};
 use crate::event::{Change, Guid128, Record};
+use crate::ffi::logger::Field;
 use crate::journal::{self, Cursor, JournalError, Reader};
 use crate::memory::{Mark, Memory};
 use crate::registry;
@@ -2147,8 +2148,19 @@ impl Inbound<'_> {
             })?;
             let u = self.users.get_mut(name).unwrap();
             let mut last = None;
+            let now_ms = crate::clock::now_ms();
             for _ in 0..outcome.applied {
                 let r = u.queue.pop_front().unwrap();
+                // For `metric {}` blocks: a histogram of the lag from the commit on the peer.
+                crate::ffi::logger::event(
+                    "tandem_change_applied",
+                    Some(name),
+                    vec![
+                        Field::Str("kind", r.change.kind().name().into()),
+                        Field::Str("origin", r.origin.clone()),
+                        Field::Int("lag_msecs", now_ms.saturating_sub(r.stamp.millis()) as i64),
+                    ],
+                );
                 let size = crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64);
                 u.queued_bytes = u.queued_bytes.saturating_sub(size);
                 last = Some(r.lsn);

@@ -68,6 +68,102 @@ pub struct Options {
     pub service_bin: Option<PathBuf>,
     /// The mail storage format; [`MailFormat::from_env`] by default.
     pub format: MailFormat,
+    /// Which Dovecot runs it: the one on PATH by default.
+    pub release: Release,
+}
+
+/// Which Dovecot runs an instance. The harness writes 2.3 or 2.4 configuration syntax to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The `dovecot` on PATH: the host's 2.3, or 2.4 when the suite itself runs in the Debian 13
+    /// chroot (`make test` does both).
+    Native,
+    /// Dovecot 2.4 in the Debian 13 chroot that `make trixie` prepares, run from a test on the
+    /// host through `scripts/trixie.sh run` (the chroot shares the host's loopback and /tmp):
+    /// the 2.4 half of a mixed 2.3 + 2.4 pair. Plugin and service are the chroot's builds.
+    Trixie,
+}
+
+impl Release {
+    /// Whether this Dovecot is 2.4 (else 2.3).
+    pub fn is_2_4(self) -> bool {
+        match self {
+            Release::Trixie => true,
+            Release::Native => native_version().starts_with("2.4"),
+        }
+    }
+
+    /// "2.3" or "2.4", for messages.
+    pub fn label(self) -> &'static str {
+        if self.is_2_4() {
+            "2.4"
+        } else {
+            "2.3"
+        }
+    }
+
+    /// A command running `program` with this Dovecot (inside the chroot for [`Release::Trixie`];
+    /// the PID is the program's own either way, scripts/trixie.sh execs it).
+    pub fn command(self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match self {
+            Release::Native => Command::new(program),
+            Release::Trixie => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/trixie.sh");
+                let mut cmd = Command::new(script);
+                cmd.arg("run").arg(program);
+                cmd
+            }
+        }
+    }
+
+    /// The plugin build for this Dovecot.
+    pub fn plugin_so(self) -> PathBuf {
+        match self {
+            Release::Native => plugin_so(),
+            Release::Trixie => trixie_build("TANDEM_TRIXIE_PLUGIN", "libtandem.so"),
+        }
+    }
+
+    /// The service build for this Dovecot.
+    pub fn service_bin(self) -> PathBuf {
+        match self {
+            Release::Native => service_bin(),
+            Release::Trixie => trixie_build("TANDEM_TRIXIE_SERVICE", "tandem-service"),
+        }
+    }
+}
+
+/// `dovecot --version` of the Dovecot on PATH, e.g. "2.3.19.1 (9b53102964)".
+pub fn native_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let out = Command::new("dovecot")
+            .arg("--version")
+            .output()
+            .expect("run dovecot --version (is dovecot-core installed?)");
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            v.starts_with("2.3") || v.starts_with("2.4"),
+            "dovecot --version says {v:?}: the harness knows 2.3 and 2.4"
+        );
+        v
+    })
+}
+
+/// A build made inside the Debian 13 chroot (`make trixie`): `$var`, else target/trixie/release/NAME.
+fn trixie_build(var: &str, name: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/trixie/release")
+            .join(name)
+    });
+    assert!(
+        p.is_file(),
+        "no Dovecot 2.4 build at {}: run `make trixie` (it creates the Debian 13 chroot and \
+         builds Tandem inside it)",
+        p.display()
+    );
+    p
 }
 
 /// The mail storage formats Tandem replicates (`mail_location` drivers).
@@ -127,6 +223,7 @@ impl Default for Options {
             service_port: None,
             service_bin: None,
             format: MailFormat::from_env(),
+            release: Release::Native,
         }
     }
 }
@@ -183,9 +280,11 @@ impl Dovecot {
     /// Writes a fresh instance directory and starts `dovecot -F` on it; returns once the IMAP,
     /// LMTP and doveadm ports accept connections. Panics (with the logs) if it doesn't start.
     pub fn start(opts: Options) -> Dovecot {
-        let plugin_path = opts
-            .plugin
-            .then(|| opts.plugin_so.clone().unwrap_or_else(plugin_so));
+        let plugin_path = opts.plugin.then(|| {
+            opts.plugin_so
+                .clone()
+                .unwrap_or_else(|| opts.release.plugin_so())
+        });
         let label: String = opts
             .name
             .chars()
@@ -249,7 +348,7 @@ impl Dovecot {
         let conf = path.join("dovecot.conf");
         fs::write(&conf, config_text(&path, &instance, ports, &opts)).unwrap();
 
-        let child = spawn_master(&path, &conf);
+        let child = spawn_master(&path, &conf, opts.release);
         let mut dovecot = Dovecot {
             child,
             dir: Some(dir),
@@ -284,6 +383,37 @@ impl Dovecot {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Stops this instance and starts it again on the same directory, mail and ports under
+    /// another Dovecot (the config rewritten in its syntax, its builds of the plugin and the
+    /// service): what an admin does who upgrades one server of a pair.
+    pub fn restart_as(&mut self, release: Release) {
+        self.stop();
+        let old = fs::read_to_string(&self.conf).unwrap();
+        let instance = old
+            .lines()
+            .find_map(|l| l.strip_prefix("instance_name = "))
+            .expect("instance_name in dovecot.conf")
+            .to_string();
+        self.opts.release = release;
+        self.opts.service_bin = None;
+        if self.plugin_path.is_some() {
+            let so = self
+                .opts
+                .plugin_so
+                .clone()
+                .unwrap_or_else(|| release.plugin_so());
+            let dst = self.path.join("modules").join(PLUGIN_FILE_NAME);
+            fs::copy(&so, &dst).unwrap_or_else(|e| panic!("copy {} failed: {e}", so.display()));
+            self.plugin_path = Some(so);
+        }
+        fs::write(
+            &self.conf,
+            config_text(&self.path, &instance, self.ports, &self.opts),
+        )
+        .unwrap();
+        self.start_again();
+    }
+
     /// Starts Dovecot again on the same directory, configuration and ports.
     pub fn start_again(&mut self) {
         assert!(
@@ -310,7 +440,7 @@ impl Dovecot {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.child = spawn_master(&self.path, &self.conf);
+        self.child = spawn_master(&self.path, &self.conf, self.opts.release);
         self.wait_ready();
     }
 
@@ -503,7 +633,7 @@ impl Dovecot {
     }
 
     fn doveadm_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("doveadm");
+        let mut cmd = self.opts.release.command("doveadm");
         cmd.arg("-c").arg(&self.conf).args(args);
         cmd
     }
@@ -641,7 +771,13 @@ impl Dovecot {
 
     /// Runs the tandem CLI with exactly `args` (add `-c CONF` yourself where the command wants it).
     pub fn tandem(&self, args: &[&str]) -> Output {
-        tandem(args)
+        self.opts
+            .release
+            .command(tandem_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tandem CLI")
     }
 }
 
@@ -665,13 +801,14 @@ impl Drop for Dovecot {
 }
 
 /// SIGTERM to `child` (by PID), then wait up to `grace`, then SIGKILL and reap.
-fn spawn_master(dir: &Path, conf: &Path) -> Child {
+fn spawn_master(dir: &Path, conf: &Path, release: Release) -> Child {
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("master.out"))
         .unwrap();
-    Command::new("dovecot")
+    release
+        .command("dovecot")
         .arg("-F")
         .arg("-c")
         .arg(conf)
@@ -737,18 +874,26 @@ fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// dovecot.conf for an instance, in the syntax of its Dovecot (DOVECOT.md §6 and §7). The two
+/// versions differ in the auth blocks, the mail location, the plugin list, where Tandem's
+/// settings go (2.3: `plugin {}`; 2.4: global, declared by Tandem's settings module) and the
+/// service (2.4: declared by that module with its defaults, so only the executable and the
+/// listener are written here; a 2.4 instance without a service still needs the executable).
 fn config_text(dir: &Path, instance: &str, ports: Ports, opts: &Options) -> String {
     let d = dir.display();
-    let mut c = format!(
-        "# Written by tests/common/mod.rs (DOVECOT.md section 6).
-instance_name = {instance}
+    let v24 = opts.release.is_2_4();
+    let mut c = String::from("# Written by tests/common/mod.rs (DOVECOT.md sections 6 and 7).\n");
+    if v24 {
+        c.push_str("dovecot_config_version = 2.4.0\ndovecot_storage_version = 2.4.0\n");
+    }
+    c.push_str(&format!(
+        "instance_name = {instance}
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap lmtp pop3
 listen = 127.0.0.1
 ssl = no
-disable_plaintext_auth = no
 auth_mechanisms = plain login
 default_internal_user = dovecot
 default_login_user = dovenull
@@ -756,6 +901,36 @@ first_valid_uid = {MAIL_UID}
 last_valid_uid = {MAIL_UID}
 first_valid_gid = {MAIL_UID}
 last_valid_gid = {MAIL_UID}
+mail_plugin_dir = {d}/modules
+"
+    ));
+    let root = format!("~/{}", opts.format.dir());
+    if v24 {
+        c.push_str(&format!(
+            "auth_allow_cleartext = yes
+passdb passwd-file {{
+  default_password_scheme = PLAIN
+  passwd_file_path = {d}/users
+}}
+userdb passwd-file {{
+  passwd_file_path = {d}/users
+  fields {{
+    uid = {MAIL_UID}
+    gid = {MAIL_UID}
+    home = {d}/home/%{{user}}
+  }}
+}}
+mail_driver = {driver}
+mail_path = {root}
+",
+            driver = opts.format.name()
+        ));
+        if opts.plugin {
+            c.push_str("mail_plugins {\n  notify = yes\n  tandem = yes\n}\n");
+        }
+    } else {
+        c.push_str(&format!(
+            "disable_plaintext_auth = no
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {d}/users
@@ -766,26 +941,35 @@ userdb {{
   default_fields = uid={MAIL_UID} gid={MAIL_UID} home={d}/home/%u
 }}
 mail_location = {location}
-mail_plugin_dir = {d}/modules
 ",
-        location = opts.format.location(&format!("~/{}", opts.format.dir()))
-    );
-    // Before any protocol block, or the protocol won't inherit it (DOVECOT.md §1).
-    if opts.plugin {
-        c.push_str("mail_plugins = $mail_plugins notify tandem\n");
+            location = opts.format.location(&root)
+        ));
+        // Before any protocol block, or the protocol won't inherit it (DOVECOT.md §1).
+        if opts.plugin {
+            c.push_str("mail_plugins = $mail_plugins notify tandem\n");
+        }
     }
-    c.push_str("plugin {\n");
+    let mut settings: Vec<(String, String)> = Vec::new();
     if !opts
         .plugin_settings
         .iter()
         .any(|(k, _)| k == "tandem_state_dir")
     {
-        c.push_str(&format!("  tandem_state_dir = {d}/tandem-state\n"));
+        settings.push(("tandem_state_dir".into(), format!("{d}/tandem-state")));
     }
-    for (k, v) in &opts.plugin_settings {
-        c.push_str(&format!("  {k} = {v}\n"));
+    settings.extend(opts.plugin_settings.iter().cloned());
+    let (open, indent, close) = if v24 {
+        ("", "", "")
+    } else {
+        ("plugin {\n", "  ", "}\n")
+    };
+    c.push_str(open);
+    for (k, v) in &settings {
+        c.push_str(&format!("{indent}{k} = {v}\n"));
     }
-    c.push_str("}\n");
+    c.push_str(close);
+    // 2.4 names every inet_listener and takes the address from the global `listen`.
+    let address = if v24 { "" } else { "    address = 127.0.0.1\n" };
     c.push_str(&format!(
         "namespace inbox {{
   inbox = yes
@@ -793,8 +977,7 @@ mail_plugin_dir = {d}/modules
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
-    port = {imap}
+{address}    port = {imap}
   }}
   inet_listener imaps {{
     port = 0
@@ -802,8 +985,7 @@ service imap-login {{
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {pop3}
+{address}    port = {pop3}
   }}
   inet_listener pop3s {{
     port = 0
@@ -811,14 +993,12 @@ service pop3-login {{
 }}
 service lmtp {{
   inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {lmtp}
+{address}    port = {lmtp}
   }}
 }}
 service doveadm {{
-  inet_listener {{
-    address = 127.0.0.1
-    port = {doveadm}
+  inet_listener doveadm {{
+{address}    port = {doveadm}
   }}
 }}
 doveadm_password = secret
@@ -829,8 +1009,15 @@ doveadm_port = {doveadm}
         lmtp = ports.lmtp,
         doveadm = ports.doveadm,
     ));
-    if let Some(port) = opts.service_port {
-        c.push_str(&format!(
+    let exe = || {
+        opts.service_bin
+            .clone()
+            .unwrap_or_else(|| opts.release.service_bin())
+            .display()
+            .to_string()
+    };
+    match (opts.service_port, v24) {
+        (Some(port), false) => c.push_str(&format!(
             "service tandem {{
   executable = {exe}
   user = root
@@ -843,12 +1030,32 @@ doveadm_port = {doveadm}
   }}
 }}
 ",
-            exe = opts
-                .service_bin
-                .clone()
-                .unwrap_or_else(service_bin)
-                .display()
-        ));
+            exe = exe()
+        )),
+        (Some(port), true) => c.push_str(&format!(
+            "service tandem {{
+  executable = {exe}
+  inet_listener tandem {{
+    port = {port}
+  }}
+}}
+",
+            exe = exe()
+        )),
+        (None, false) => {}
+        // The settings module declares the service for every 2.4 instance; master refuses to
+        // start without its executable even when it never runs.
+        (None, true) => c.push_str(&format!(
+            "service tandem {{
+  executable = {exe}
+  process_min_avail = 0
+  inet_listener tandem {{
+    port = 0
+  }}
+}}
+",
+            exe = exe()
+        )),
     }
     c.push_str(&opts.extra_conf);
     c.push('\n');
@@ -2161,13 +2368,13 @@ impl Dovecot {
     /// `tandem verify -c CONF -u USER` on this server.
     pub fn tandem_verify(&self, user: &str) -> CliRun {
         let conf = self.conf().to_str().unwrap();
-        CliRun::run(&["verify", "-c", conf, "-u", user])
+        CliRun::run_in(self.opts.release, &["verify", "-c", conf, "-u", user])
     }
 
     /// `tandem resync -c CONF -u USER` on this server.
     pub fn tandem_resync(&self, user: &str) -> CliRun {
         let conf = self.conf().to_str().unwrap();
-        CliRun::run(&["resync", "-c", conf, "-u", user])
+        CliRun::run_in(self.opts.release, &["resync", "-c", conf, "-u", user])
     }
 }
 
@@ -2184,8 +2391,19 @@ pub struct CliRun {
 
 impl CliRun {
     pub fn run(args: &[&str]) -> CliRun {
+        CliRun::run_in(Release::Native, args)
+    }
+
+    /// Like [`CliRun::run`], with the CLI run beside that Dovecot (it asks doveconf and
+    /// doveadm about the instance).
+    pub fn run_in(release: Release, args: &[&str]) -> CliRun {
         let start = Instant::now();
-        let out = tandem(args);
+        let out = release
+            .command(tandem_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tandem CLI");
         CliRun {
             args: args.iter().map(|s| s.to_string()).collect(),
             code: out.status.code().unwrap_or(-1),
