@@ -472,7 +472,7 @@ fn on_2_4_doveconf_shows_and_checks_tandem_settings() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(shown.contains("tandem_server_id = a"), "{shown}");
-    assert!(shown.contains("tandem_clock_max_ahead = 2 mins"), "{shown}");
+    assert!(shown.contains("tandem_clock_max_ahead = 2 min"), "{shown}");
 
     let text = std::fs::read_to_string(dc.conf()).unwrap();
     for (bad, named) in [

@@ -411,8 +411,13 @@ fn floods_leave_the_service_up_and_the_real_peer_served() {
 /// Two servers whose B cannot store anything of bob's (his mail location is not a directory).
 fn pair_with_a_broken_bob(name: &str) -> Pair {
     Pair::start_custom(name, |_, ob| {
-        ob.user_fields
-            .push(("bob".into(), "userdb_mail=sdbox:/dev/null/mail".into()));
+        // 2.3's userdb field is the whole mail_location; 2.4 has the path on its own.
+        let field = if ob.release.is_2_4() {
+            "userdb_mail_path=/dev/null/mail"
+        } else {
+            "userdb_mail=sdbox:/dev/null/mail"
+        };
+        ob.user_fields.push(("bob".into(), field.into()));
     })
 }
 
