@@ -14,7 +14,8 @@
 #   make verify    fmt, clippy (plain and plugin builds), then make test
 #   make install   plugin into dovecot_moduledir, CLI into $(PREFIX)/bin; DESTDIR supported
 #   make demo      a local pair on the host's Dovecot; DOVECOT=2.4: in the Debian 13 chroot
-#   make bench | clean
+#   make bench     measurements against baselines from the same run; DOVECOT=2.4 as for demo
+#   make clean
 
 # Prefer a cargo already on PATH; otherwise the rustup one (non-login shells, sudo, CI).
 ifeq ($(shell command -v cargo 2>/dev/null),)
@@ -56,7 +57,7 @@ DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-d
 	libclang-dev clang pkg-config python3
 
 .PHONY: all plugin cli service settings-module test-hooks-plugin test-hooks-service deps need-root \
-	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench clean
+	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench bench-run clean
 
 all: deps plugin cli service settings-module
 
@@ -229,10 +230,19 @@ demo: deps need-root
 		$(MAKE) --no-print-directory all && scripts/demo.sh; \
 	fi
 
-# benches/journal.rs needs nothing prebuilt; benches/imap.rs loads the plugin build into private
-# Dovecot instances (as root), so build it (and the CLI) first and point the harness at it.
-bench: deps all
-	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) $(CARGO) bench
+# benches/journal.rs needs nothing prebuilt; benches/imap.rs and benches/replication.rs load
+# the builds into private Dovecot instances (as root), so build them first and point the
+# harness at them. DOVECOT=2.4: the same benches on Dovecot 2.4, in the Debian 13 chroot.
+bench: deps
+	@if [ "$(DOVECOT)" = 2.4 ]; then \
+		$(MAKE) --no-print-directory trixie && \
+		scripts/trixie.sh run $(MAKE) --no-print-directory TARGET=target/trixie bench-run; \
+	else \
+		$(MAKE) --no-print-directory all && $(MAKE) --no-print-directory bench-run; \
+	fi
+
+bench-run:
+	TANDEM_PLUGIN=$(CURDIR)/$(PLUGIN_SO) TANDEM_SERVICE=$(CURDIR)/$(SERVICE_BIN) $(CARGO) bench
 
 clean:
 	$(CARGO) clean

@@ -39,11 +39,16 @@ fn run(cmd: &mut Command) -> Result<(i32, String, String), LocateError> {
 }
 
 /// Expands the mail-user variables Dovecot would expand in a plugin setting: `%u`, `%n`, `%d`,
-/// `%h` (and their long forms), plus `~/`.
+/// `%h` and their long forms (2.3), and 2.4's `%{user}`, `%{user | username}`,
+/// `%{user | domain}` and `%{home}`, plus `~/`.
 pub fn expand_vars(value: &str, user: &str, home: Option<&str>) -> String {
     let (name, domain) = user.split_once('@').unwrap_or((user, ""));
     let home_s = home.unwrap_or("");
     value
+        .replace("%{user | username}", name)
+        .replace("%{user|username}", name)
+        .replace("%{user | domain}", domain)
+        .replace("%{user|domain}", domain)
         .replace("%{user}", user)
         .replace("%{username}", name)
         .replace("%{domain}", domain)
@@ -126,5 +131,18 @@ mod tests {
             "/var/tandem/example.org/bob"
         );
         assert_eq!(expand_vars("%h/.j", "a", Some("/home/a")), "/home/a/.j");
+        // Dovecot 2.4's syntax.
+        assert_eq!(
+            expand_vars(
+                "/var/tandem/%{user | domain}/%{user|username}",
+                "bob@example.org",
+                None
+            ),
+            "/var/tandem/example.org/bob"
+        );
+        assert_eq!(
+            expand_vars("%{home}/.j/%{user}", "a@b", Some("/home/a")),
+            "/home/a/.j/a@b"
+        );
     }
 }

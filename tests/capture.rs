@@ -832,3 +832,27 @@ fn tail_follows_records_as_they_are_committed() {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = child.wait();
 }
+
+/// `tandem_journal_dir` with Dovecot's user variable (the long form, which 2.3 and 2.4 both
+/// expand): each user's journal lands in a directory of its own name, and the CLI finds it
+/// the same way.
+#[test]
+fn a_journal_dir_with_the_user_variable_is_expanded_per_user() {
+    let dc = Dovecot::start(
+        Options::new("capture-jdirvar").setting("tandem_journal_dir", "~/journal-%{user}"),
+    );
+    for user in ["alice", "bob"] {
+        let mut imap = dc.login(user);
+        imap.append("INBOX", &[], &message(&format!("for {user}"), 200));
+        imap.logout();
+        let dir = dc.home(user).join(format!("journal-{user}"));
+        assert!(dir.is_dir(), "no journal at {}", dir.display());
+        assert!(!dc.home(user).join(".tandem").exists());
+        let records = journal(&dc, user);
+        assert!(
+            records.iter().any(|r| r["kind"] == "new"),
+            "the CLI did not find {user}'s journal: {records:?}"
+        );
+    }
+    dc.assert_log_clean();
+}
