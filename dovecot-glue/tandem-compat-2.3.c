@@ -107,6 +107,11 @@ const char *tandem_compat_global_setting(const char *name)
 	return NULL;
 }
 
+void tandem_compat_global_settings_free(void)
+{
+	/* The copies live in the service's pool. */
+}
+
 int tandem_compat_user_open(struct mail_storage_service_ctx *ctx,
 			    const char *username,
 			    struct mail_storage_service_user **service_user_r,

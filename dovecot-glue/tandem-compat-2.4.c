@@ -100,6 +100,12 @@ const char *tandem_compat_global_setting(const char *name)
 	return value;
 }
 
+void tandem_compat_global_settings_free(void)
+{
+	/* Dovecot warns at exit about settings never freed. */
+	settings_free(tandem_compat_global_set);
+}
+
 int tandem_compat_user_open(struct mail_storage_service_ctx *ctx,
 			    const char *username,
 			    struct mail_storage_service_user **service_user_r,

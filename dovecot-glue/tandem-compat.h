@@ -49,6 +49,8 @@ void tandem_compat_global_settings_read(struct mail_storage_service_ctx *ctx,
 					const char **state_dir_r);
 /* A global tandem_* setting read by the call above; NULL if unset. */
 const char *tandem_compat_global_setting(const char *name);
+/* Lets go of what the global settings read holds (at exit). */
+void tandem_compat_global_settings_free(void);
 
 /* Looks the user up (userdb) and creates its mail user, with mail_fsync
    forced to "always": the service acknowledges what it applied, so every

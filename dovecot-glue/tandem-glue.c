@@ -379,7 +379,12 @@ static void tandem_mail_transaction_rollback(void *txn)
    and its GUID is then made up by whichever process reads it first, on each
    server apart. While INBOX never held mail, journal its create along with
    the other mailbox's, so that the peer's INBOX takes the same GUID (or the
-   two merge under the higher one, as any name created on both sides). */
+   two merge under the higher one, as any name created on both sides).
+   Dovecot 2.4 creates INBOX explicitly when the sync below first opens it,
+   and that create reaches tandem_mailbox_create() (nested): then it is
+   journaled already, and once is enough. */
+static bool tandem_inbox_create_seen;
+
 static void tandem_implicit_inbox_create(void *rs, struct mailbox *box)
 {
 	struct mail_namespace *ns;
@@ -391,9 +396,10 @@ static void tandem_implicit_inbox_create(void *rs, struct mailbox *box)
 	if (ns == NULL || ns->list != box->list)
 		return;
 	inbox = mailbox_alloc(ns->list, "INBOX", 0);
+	tandem_inbox_create_seen = FALSE;
 	/* The sync opens it (creating its cur/new/tmp) before the GUID is
 	   read: see tandem_mailbox_create(). */
-	if (mailbox_sync(inbox, 0) == 0 &&
+	if (mailbox_sync(inbox, 0) == 0 && !tandem_inbox_create_seen &&
 	    mailbox_get_status(inbox, STATUS_MESSAGES | STATUS_UIDNEXT,
 			       &status) == 0 &&
 	    status.messages == 0 && status.uidnext <= 1 &&
@@ -415,6 +421,8 @@ static void tandem_mailbox_create(struct mailbox *box)
 	   UIDVALIDITY of its own, which the first sync then finds different
 	   from the index's ("UIDVALIDITY changed"). A directory-only create
 	   fails to sync and reads zeroes, which is right. */
+	if (box->inbox_any)
+		tandem_inbox_create_seen = TRUE;
 	T_BEGIN {
 		(void)mailbox_sync(box, 0);
 		(void)tandem_glue_box_info(box, &info);

@@ -843,6 +843,7 @@ int tandem_svc_main(int argc, char **argv,
 	}
 	array_free(&tandem_svc_watches);
 
+	tandem_compat_global_settings_free();
 	mail_storage_service_deinit(&tandem_svc_storage);
 	pool_unref(&tandem_svc_result_pool);
 	pool_unref(&tandem_svc_pool);

@@ -2219,6 +2219,11 @@ impl Lmtp {
         lmtp
     }
 
+    /// How long a read may wait (IO_TIMEOUT by default), for deliveries that wait on a lock.
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.writer.set_read_timeout(Some(d)).unwrap();
+    }
+
     fn send(&mut self, bytes: &[u8]) {
         self.writer
             .write_all(bytes)
