@@ -56,7 +56,7 @@ PLUGIN_NAME := lib90_tandem_plugin.so
 DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev strace \
 	libclang-dev clang pkg-config python3
 
-.PHONY: all plugin cli service settings-module test-hooks-plugin test-hooks-service deps need-root \
+.PHONY: all plugin cli service settings-module test-hooks-plugin test-hooks-service deps need-root lint \
 	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench bench-run clean
 
 all: deps plugin cli service settings-module
@@ -191,13 +191,18 @@ test-run: need-root
 	awk -v v="$$v" '/^test result:/ { p += $$4; f += $$6 } END { printf "%s: %d passed, %d failed\n", v, p, f }' $$out; \
 	exit $$status
 
-verify: deps
+# Formatting and clippy over every feature set that is built: the default lib, tests and
+# benches, the plugin, the test-hooks plugin, the service and the test-hooks service.
+lint: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --lib --features plugin -- -D warnings
 	$(CARGO) clippy --lib --features plugin,test-hooks -- -D warnings
 	$(CARGO) clippy --features service --bins -- -D warnings
-	$(MAKE) test
+	$(CARGO) clippy --features service,test-hooks --bins -- -D warnings
+
+# What CI runs after `make demo`: the lint, then every test.
+verify: lint test
 
 install: all
 	@test -n "$(dovecot_moduledir)" || \

@@ -727,25 +727,6 @@ int tandem_svc_watch_fd(int fd)
 	return 0;
 }
 
-int tandem_svc_unwatch_fd(int fd)
-{
-	struct tandem_svc_watch *const *watchp;
-	unsigned int i, count;
-
-	watchp = array_get(&tandem_svc_watches, &count);
-	for (i = 0; i < count; i++) {
-		if (watchp[i]->fd == fd) {
-			struct tandem_svc_watch *watch = watchp[i];
-
-			io_remove(&watch->io);
-			i_free(watch);
-			array_delete(&tandem_svc_watches, i, 1);
-			return 0;
-		}
-	}
-	return -1;
-}
-
 void tandem_svc_client_closed(void)
 {
 	master_service_client_connection_destroyed(master_service);

@@ -96,8 +96,6 @@ void tandem_svc_stop(void);
 /* Calls wakeup(fd) whenever fd is readable. Returns 0, or -1 if fd is
    already watched or invalid. */
 int tandem_svc_watch_fd(int fd);
-/* Stops watching fd (does not close it). Returns 0, or -1 if not watched. */
-int tandem_svc_unwatch_fd(int fd);
 /* A connection handed out by client_connected() is closed: master may send
    this process another one. Call exactly once per connection. */
 void tandem_svc_client_closed(void);

@@ -8,7 +8,8 @@
 # for the verdict, connects once to the service's listener, shows the mail state with doveadm,
 # and stops the Dovecot it started (by PID).
 #
-# Run as root (Dovecot's master, and mail access as uid 5000). Builds the service (debug):
+# Run as root (Dovecot's master, and mail access as uid 5000). Builds the service (debug, with
+# the test-hooks feature: production builds do not contain the self-test):
 #   scripts/service-selftest.sh            KEEP=1 leaves the instance running
 #   PORT_BASE=26000                        ports +143 IMAP, +24 LMTP, +25 doveadm, +400 tandem
 #   TANDEM_PLUGIN=/path/libtandem.so       also load the plugin (mail_plugins = notify tandem)
@@ -21,7 +22,7 @@ PORT_BASE=${PORT_BASE:-26000}
 KEEP=${KEEP:-}
 [[ $KEEP == 0 ]] && KEEP=""
 
-cargo build --features service --bin tandem-service
+cargo build --features service,test-hooks --bin tandem-service
 SERVICE=$REPO/target/debug/tandem-service
 
 D=$(mktemp -d /tmp/tandem-service-selftest.XXXXXX)

@@ -92,16 +92,11 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
         Msg::Ack {
             user,
             journal_id,
-            lsn: position,
-        }
-        | Msg::Resume {
-            user,
-            journal_id,
-            next_lsn: position,
+            lsn,
         } => {
             w.str(user, "user")?;
             w.bytes(journal_id);
-            w.u64(*position);
+            w.u64(*lsn);
         }
         Msg::Ping { seq } | Msg::Pong { seq } => w.u64(*seq),
         Msg::Rpc { json, blobs } => {
@@ -245,11 +240,6 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
             user: r.str("user")?,
             journal_id: r.array("journal id")?,
             lsn: r.u64("lsn")?,
-        },
-        ty::RESUME => Msg::Resume {
-            user: r.str("user")?,
-            journal_id: r.array("journal id")?,
-            next_lsn: r.u64("next lsn")?,
         },
         ty::PING => Msg::Ping { seq: r.u64("seq")? },
         ty::RPC => {

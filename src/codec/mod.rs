@@ -128,12 +128,6 @@ pub enum Msg {
         journal_id: [u8; 16],
         lsn: u64,
     },
-    /// Receiver → sender after connecting, optional: restart this user's stream at `next_lsn`.
-    Resume {
-        user: String,
-        journal_id: [u8; 16],
-        next_lsn: u64,
-    },
     Ping {
         seq: u64,
     },
@@ -164,7 +158,7 @@ pub mod ty {
     pub const BODY_GONE: u8 = 0x12;
     pub const NEED_BODY: u8 = 0x13;
     pub const ACK: u8 = 0x14;
-    pub const RESUME: u8 = 0x15;
+    // 0x15 was Resume, never sent; the number stays unused so that old frames fail clearly.
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
     pub const ERROR: u8 = 0x22;
@@ -185,7 +179,6 @@ impl Msg {
             Msg::BodyGone { .. } => ty::BODY_GONE,
             Msg::NeedBody { .. } => ty::NEED_BODY,
             Msg::Ack { .. } => ty::ACK,
-            Msg::Resume { .. } => ty::RESUME,
             Msg::Ping { .. } => ty::PING,
             Msg::Pong { .. } => ty::PONG,
             Msg::Error { .. } => ty::ERROR,
@@ -212,7 +205,6 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::BODY_GONE => "BodyGone",
         ty::NEED_BODY => "NeedBody",
         ty::ACK => "Ack",
-        ty::RESUME => "Resume",
         ty::PING => "Ping",
         ty::PONG => "Pong",
         ty::ERROR => "Error",

@@ -76,13 +76,6 @@ pub fn arb_msg() -> impl Strategy<Value = Msg> {
             journal_id,
             lsn
         }),
-        (user, any::<[u8; 16]>(), any::<u64>()).prop_map(|(user, journal_id, next_lsn)| {
-            Msg::Resume {
-                user,
-                journal_id,
-                next_lsn,
-            }
-        }),
         any::<u64>().prop_map(|seq| Msg::Ping { seq }),
         any::<u64>().prop_map(|seq| Msg::Pong { seq }),
         text.prop_map(|message| Msg::Error { message }),
@@ -196,11 +189,6 @@ fn every_variant() -> Vec<Msg> {
             journal_id: [13; 16],
             lsn: 14,
         },
-        Msg::Resume {
-            user,
-            journal_id: [15; 16],
-            next_lsn: 16,
-        },
         Msg::Ping { seq: 17 },
         Msg::Pong { seq: u64::MAX },
         Msg::Error {
@@ -244,7 +232,6 @@ fn type_bytes_are_stable() {
         ("BodyGone", 0x12),
         ("NeedBody", 0x13),
         ("Ack", 0x14),
-        ("Resume", 0x15),
         ("Ping", 0x20),
         ("Pong", 0x21),
         ("Error", 0x22),

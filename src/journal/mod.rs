@@ -7,16 +7,16 @@
 //! - [`safe`]: opening files in a directory a user controls, for the root service.
 
 pub mod format;
+pub mod mark;
 pub mod reader;
-pub mod resync;
 pub mod safe;
 pub mod segment;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 pub mod writer;
 
+pub use mark::{clear_resync, mark_resync, read_resync, ResyncMark};
 pub use reader::{Cursor, Damage, Problem, Reader, Stats, VerifyReport};
-pub use resync::{clear_resync, mark_resync, read_resync, ResyncMark};
 pub use writer::Writer;
 
 use std::path::PathBuf;

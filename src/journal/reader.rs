@@ -6,7 +6,7 @@
 //! writer may be in the middle of that append.
 
 use super::format::{self, Entry, FrameRead, SegmentHeader, HEADER_LEN};
-use super::resync::{read_resync_in, ResyncMark};
+use super::mark::{read_resync_in, ResyncMark};
 use super::safe::{SafeDir, SafeError};
 use super::segment::{self, ScanEnd};
 use super::writer::{LockGuard, LOCK_FILE, LOCK_TIMEOUT};

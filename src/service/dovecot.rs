@@ -67,7 +67,7 @@ use crate::ffi::{guard, logger};
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::ptr::{self, NonNull};
 
@@ -285,8 +285,8 @@ impl Svc {
         PathBuf::from(unsafe { string(raw::tandem_svc_state_dir()) })
     }
 
-    /// Calls [`Handler::wakeup`] whenever `fd` is readable, until [`Svc::unwatch_fd`] or the
-    /// ioloop stops (before [`Handler::stopping`]). The fd must stay open while watched.
+    /// Calls [`Handler::wakeup`] whenever `fd` is readable, until the ioloop stops (before
+    /// [`Handler::stopping`]). The fd must stay open while watched.
     pub fn watch_fd(&self, fd: BorrowedFd<'_>) -> Result<(), SvcError> {
         // SAFETY: main thread; C only stores the number.
         if unsafe { raw::tandem_svc_watch_fd(fd.as_raw_fd()) } < 0 {
@@ -298,25 +298,10 @@ impl Svc {
         Ok(())
     }
 
-    /// Stops watching `fd` (it is not closed).
-    pub fn unwatch_fd(&self, fd: RawFd) -> Result<(), SvcError> {
-        // SAFETY: main thread.
-        if unsafe { raw::tandem_svc_unwatch_fd(fd) } < 0 {
-            return Err(SvcError::Other(format!("fd {fd} is not watched")));
-        }
-        Ok(())
-    }
-
     /// A connection from [`Handler::client_connected`] is closed: call once per connection.
     pub fn client_closed(&self) {
         // SAFETY: main thread.
         unsafe { raw::tandem_svc_client_closed() }
-    }
-
-    /// Makes the service stop after the current callback ([`Handler::stopping`] follows).
-    pub fn stop(&self) {
-        // SAFETY: main thread.
-        unsafe { raw::tandem_svc_stop() }
     }
 
     /// Looks `name` up in userdb and opens its mail storage, as doveadm does.

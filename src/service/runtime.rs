@@ -288,6 +288,7 @@ fn config(svc: &Svc) -> Result<Config, String> {
 
 impl Handler for Service {
     fn started(&mut self, svc: &Svc) {
+        #[cfg(feature = "test-hooks")]
         if let Some(user) = svc.setting("tandem_svc_selftest") {
             super::selftest::selftest(svc, &user);
         }
