@@ -27,7 +27,7 @@
 //!   rules can tell which side changed what since the two last agreed.
 //! - [`merge`]: resync planning: two servers' full states in, the actions that make them equal
 //!   out; pure.
-//! - [`service`]: the tandem service; `service::dovecot` (feature `service`) is its safe
+//! - [`service`]: the tandem service; `service::host::dovecot` (feature `service`) is its safe
 //!   wrapper over Dovecot's master service and lib-storage.
 //! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger (the
 //!   guard and the logger also with feature `service`).

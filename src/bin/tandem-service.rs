@@ -2,5 +2,5 @@
 //! streams this server's journals to the peer and applies the peer's (src/service/runtime.rs).
 
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::from(tandem::service::runtime::main().clamp(0, 255) as u8)
+    std::process::ExitCode::from(tandem::service::process::main().clamp(0, 255) as u8)
 }

@@ -2,7 +2,7 @@
 //! callbacks the C shim (dovecot-glue/) calls. The only code that talks to the shim.
 //!
 //! The panic guard and the logger serve the tandem service too (feature `service`,
-//! [`crate::service::dovecot`]); the rest is the plugin's (feature `plugin`).
+//! [`crate::service::host::dovecot`]); the rest is the plugin's (feature `plugin`).
 //!
 //! ```text
 //!  Dovecot ──dlopen──> tandem_plugin_init (here) ──> tandem_glue_init (C: notify_register)

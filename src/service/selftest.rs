@@ -3,8 +3,8 @@
 //! recreates that user's mailboxes TandemTest, TandemTest2, TandemRenamed and TandemDel, and logs
 //! each check's result.
 
-use super::dovecot::{self, Applied, ApplyError, NewMail, Svc, SvcError, User};
 use crate::event::{sysflag, FlagSet, Guid128};
+use crate::service::host::dovecot::{self, Applied, ApplyError, NewMail, Svc, SvcError, User};
 use std::sync::mpsc;
 
 const BOX1: Guid128 = Guid128([0x11; 16]);

@@ -94,8 +94,8 @@ pub fn serve(listener: UnixListener, status: Shared, stopping: impl Fn() -> bool
                 let _ = conn.set_nonblocking(false);
                 let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
                 // User names and errors: for root (or the service's own uid) only.
-                match super::creds::peer_uid(&conn) {
-                    Ok(uid) if super::creds::is_admin(uid) => {}
+                match crate::service::transport::creds::peer_uid(&conn) {
+                    Ok(uid) if crate::service::transport::creds::is_admin(uid) => {}
                     Ok(uid) => {
                         log::warn!("tandem status: refused a client of uid {uid} (root only)");
                         continue;

@@ -1,0 +1,120 @@
+//! The service's settings, read once at start-up.
+
+use crate::auth::{self};
+use crate::registry;
+use crate::service::host::dovecot::Svc;
+use crate::service::transport::tls::{self};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The service's configuration, from the `plugin {}` block.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(super) server_id: String,
+    pub(super) peer: Option<String>,
+    /// `tandem_peer_id`: the only server id a peer may announce, when set.
+    pub(super) peer_id: Option<String>,
+    pub(super) secret: Option<Arc<Vec<u8>>>,
+    pub(super) state_dir: PathBuf,
+    pub(super) base_dir: PathBuf,
+    /// How often users are checked for resync marks and gaps.
+    pub(super) scan_every: Duration,
+    /// Certificates for the link's TLS; none needed (see [`tls`]).
+    pub(super) tls_files: tls::TlsFiles,
+}
+
+pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
+    let server_id = svc
+        .setting("tandem_server_id")
+        .filter(|s| !s.is_empty())
+        .ok_or("tandem_server_id is not set in plugin {}; the service does nothing")?;
+    if !crate::settings::valid_server_id(&server_id) {
+        return Err(format!(
+            "tandem_server_id {server_id:?} is invalid: 1 to 64 characters of A-Z a-z 0-9 . _ -, \
+             starting with a letter or digit; the service does nothing"
+        ));
+    }
+    let peer_id = svc.setting("tandem_peer_id").filter(|s| !s.is_empty());
+    if let Some(id) = &peer_id {
+        if !crate::settings::valid_server_id(id) || *id == server_id {
+            return Err(format!(
+                "tandem_peer_id {id:?} is invalid: a server id other than this server's; \
+                 the service does nothing"
+            ));
+        }
+    }
+    let state_dir = svc
+        .setting("tandem_state_dir")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(registry::DEFAULT_STATE_DIR));
+    let peer = svc.setting("tandem_peer").filter(|s| !s.is_empty());
+    let secret = match svc.setting("tandem_secret_file").filter(|s| !s.is_empty()) {
+        None => {
+            log::error!(
+                "tandem_secret_file is not set: peer connections are refused and none is made"
+            );
+            None
+        }
+        Some(path) => match auth::load_secret(std::path::Path::new(&path)) {
+            Ok(s) => {
+                if let Some(w) = s.warning() {
+                    log::warn!("{w}");
+                }
+                Some(Arc::new(s.secret))
+            }
+            Err(e) => {
+                log::error!("{e}: peer connections are refused and none is made");
+                None
+            }
+        },
+    };
+    let scan_every = match svc.setting("tandem_resync_scan_interval") {
+        None => Duration::from_secs(30),
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
+            .filter(|d| !d.is_zero())
+            .ok_or(format!(
+                "tandem_resync_scan_interval {v:?} is not a duration (like 30s or 5min)"
+            ))?,
+    };
+    let max_ahead = match svc.setting("tandem_clock_max_ahead") {
+        None => crate::clock::DEFAULT_MAX_AHEAD,
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
+            .ok_or(format!(
+                "tandem_clock_max_ahead {v:?} is not a duration (like 5min or 1h)"
+            ))?,
+    };
+    crate::clock::set_max_ahead(max_ahead);
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = svc
+        .setting("tandem_test_clock_offset")
+        .and_then(|v| v.trim().parse().ok())
+    {
+        crate::clock::set_test_offset(ms);
+    }
+    let file = |name: &str| {
+        svc.setting(name)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    };
+    let tls_files = tls::TlsFiles {
+        cert: file("tandem_tls_cert_file"),
+        key: file("tandem_tls_key_file"),
+        ca: file("tandem_tls_ca_file"),
+    };
+    Ok(Config {
+        server_id,
+        peer,
+        peer_id,
+        secret,
+        state_dir,
+        base_dir: svc.base_dir(),
+        scan_every,
+        tls_files,
+    })
+}

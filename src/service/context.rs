@@ -1,0 +1,34 @@
+//! What every thread of the service shares.
+
+use crate::service::config::Config;
+use crate::service::host::dovecot::Svc;
+use crate::service::host::mainloop::MainHandle;
+use crate::service::status::Shared;
+use crate::service::transport::tls::Tls;
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// State shared by all threads.
+pub(crate) struct Shared_ {
+    pub(super) cfg: Config,
+    pub(super) status: Shared,
+    pub(super) stop: AtomicBool,
+    pub(super) main: MainHandle<Svc>,
+    /// TLS for every peer connection; `None` when its setup failed (logged): then no
+    /// connection is made or accepted, as without a secret.
+    pub(crate) tls: Option<Tls>,
+    /// Sockets to shut down on stop, so that blocked threads wake up.
+    pub(crate) sockets: Mutex<Vec<TcpStream>>,
+    /// Inbound connections with a thread of their own.
+    pub(crate) inbound: AtomicUsize,
+    /// Inbound connections still in the handshake, oldest first: when there are too many, the
+    /// oldest is cut, so that a flood of idle connections cannot keep the real peer out.
+    pub(crate) preauth: Mutex<VecDeque<TcpStream>>,
+    /// When a refused connection was last logged (not every one of a flood).
+    pub(crate) refused_logged: Mutex<Option<Instant>>,
+}
+
+pub(crate) type Ctx = Arc<Shared_>;

@@ -1,0 +1,236 @@
+//! Gathering this server's state for a verify or resync, on the main thread.
+
+use crate::event::Guid128;
+use crate::merge::{self, BoxState, Details, MailState, Summary};
+use crate::service::apply::resync::parse_box;
+use crate::service::apply::BodyMeta;
+use crate::service::host::dovecot::{ApplyError, Svc, User};
+use crate::service::host::users::with_user;
+use crate::service::memstore;
+use crate::service::resync::rpc::DETAILS_PAGE;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+
+/// (name, UIDVALIDITY, UIDNEXT, messages, HIGHESTMODSEQ) and the digest they had.
+pub(crate) type DigestEntry = (String, u32, u32, u32, u64, String);
+
+thread_local! {
+    /// Mailbox digests by (user, mailbox GUID), valid while name, UIDVALIDITY, UIDNEXT,
+    /// message count and HIGHESTMODSEQ are unchanged: an unchanged mailbox is not listed again.
+    static DIGESTS: RefCell<HashMap<(String, Guid128), DigestEntry>> = RefCell::new(HashMap::new());
+}
+
+pub(crate) fn mails_of(u: &User, g: &Guid128) -> Result<Vec<MailState>, String> {
+    Ok(u.mails(g)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|m| MailState {
+            uid: m.uid,
+            guid: m.guid,
+            flags: merge::flag_names(&m.flags),
+        })
+        .collect())
+}
+
+pub(crate) fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Summary, String> {
+    with_user(svc, user, |u| {
+        let mem = memstore::get(user);
+        let mut mem = mem.lock().unwrap();
+        if let Ok(dir) = u.journal_dir() {
+            memstore::catch_up_locked(&mut mem, &dir)?;
+        }
+        let mut s = Summary {
+            server_id: server_id.to_string(),
+            ..Summary::default()
+        };
+        for b in u.mailboxes().map_err(|e| e.to_string())? {
+            if b.subscribed {
+                s.subscriptions.insert(b.name.clone());
+            }
+            if !b.exists || b.guid.is_zero() {
+                continue;
+            }
+            let key = (user.to_string(), b.guid);
+            let cached = DIGESTS.with(|d| {
+                d.borrow().get(&key).and_then(|(n, v, next, msgs, ms, dg)| {
+                    (n == &b.name
+                        && *v == b.uidvalidity
+                        && *next == b.uidnext
+                        && *msgs == b.messages
+                        && *ms == b.highest_modseq)
+                        .then(|| dg.clone())
+                })
+            });
+            let digest = match cached {
+                Some(d) => d,
+                None => {
+                    let mails = mails_of(u, &b.guid)?;
+                    let d = merge::digest(&b.name, b.uidvalidity, &mails);
+                    DIGESTS.with(|x| {
+                        x.borrow_mut().insert(
+                            key,
+                            (
+                                b.name.clone(),
+                                b.uidvalidity,
+                                b.uidnext,
+                                b.messages,
+                                b.highest_modseq,
+                                d.clone(),
+                            ),
+                        )
+                    });
+                    d
+                }
+            };
+            s.boxes.push(BoxState {
+                guid: b.guid.to_hex(),
+                name: b.name.clone(),
+                uidvalidity: b.uidvalidity,
+                uidnext: b.uidnext,
+                messages: b.messages,
+                digest,
+            });
+        }
+        for (g, t) in &mem.deleted {
+            s.deleted.insert(g.to_hex(), t.clone());
+        }
+        for (g, m) in &mem.survived {
+            s.survived.insert(g.to_hex(), m.clone());
+        }
+        for (g, (_, m)) in &mem.names {
+            s.names.insert(g.to_hex(), m.clone());
+        }
+        for (n, (_, m)) in &mem.subs {
+            s.subs.insert(n.clone(), m.clone());
+        }
+        Ok(s)
+    })
+    .map_err(|e| e.to_string())?
+}
+
+pub(crate) fn local_details(svc: &Svc, user: &str, mbox: &str) -> Result<Details, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| {
+        let mails = mails_of(u, &g)?;
+        let mem = memstore::get(user);
+        let mem = mem.lock().unwrap();
+        let flag_marks = mem
+            .flags
+            .iter()
+            .filter(|((b, _, _), _)| *b == g)
+            .map(|((_, uid, f), (_, m))| (*uid, f.clone(), m.clone()))
+            .collect();
+        let expunged = mem
+            .expunged
+            .keys()
+            .filter(|(b, _)| *b == g)
+            .map(|(_, guid)| guid.clone())
+            .collect();
+        Ok(Details {
+            mails,
+            flag_marks,
+            expunged,
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Per UID answered, the body's metadata if it is there; the bodies that are; and, when the
+/// last body is only a part (from the offset asked for on), its whole size.
+pub(crate) type Bodies = (Vec<Option<BodyMeta>>, Vec<Vec<u8>>, Option<u64>);
+
+/// Bodies of `uids` in order, the first from byte `offset`, up to about `budget` bytes: at least
+/// one entry, and a body that does not fit in what is left of the budget is cut (`partial`).
+pub(crate) fn local_bodies(
+    svc: &Svc,
+    user: &str,
+    mbox: &str,
+    uids: &[u32],
+    offset: u64,
+    budget: usize,
+) -> Result<Bodies, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| {
+        let mut found = Vec::new();
+        let mut blobs = Vec::new();
+        let mut left = budget;
+        for (i, uid) in uids.iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            match u.read_body(&g, *uid) {
+                Ok(Some(b)) => {
+                    let skip = if i == 0 { offset as usize } else { 0 };
+                    let total = b.data.len();
+                    let rest = total.saturating_sub(skip);
+                    if rest > left && !found.is_empty() {
+                        // Whole in the next answer rather than cut here.
+                        break;
+                    }
+                    let take = rest.min(left);
+                    found.push(Some(BodyMeta {
+                        received_date: b.info.received_date,
+                        save_date: b.info.save_date,
+                        guid: b.info.guid,
+                        staged: false,
+                    }));
+                    let end = skip.min(total) + take;
+                    blobs.push(b.data[skip.min(total)..end].to_vec());
+                    left -= take;
+                    if end < total {
+                        return Ok((found, blobs, Some(total as u64)));
+                    }
+                }
+                Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok((found, blobs, None))
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// Page `page` of a mailbox's details: its mails in pages of [`DETAILS_PAGE`] by UID with their
+/// flag marks, and its tombstones in pages of the same size; whether more pages follow.
+pub(crate) fn details_page(d: Details, page: usize) -> (Details, bool) {
+    let mut mails = d.mails;
+    mails.sort_by_key(|m| m.uid);
+    let from = (page * DETAILS_PAGE).min(mails.len());
+    let to = (from + DETAILS_PAGE).min(mails.len());
+    let (lo, hi) = match (mails.get(from), mails.get(to)) {
+        (Some(a), Some(b)) => (a.uid, b.uid),
+        (Some(a), None) => (a.uid, u32::MAX),
+        _ => (u32::MAX, u32::MAX),
+    };
+    // Marks of UIDs no mail has go with the first page.
+    let uids: BTreeSet<u32> = mails.iter().map(|m| m.uid).collect();
+    let flag_marks = d
+        .flag_marks
+        .into_iter()
+        .filter(|(uid, _, _)| {
+            if uids.contains(uid) {
+                *uid >= lo && (to >= mails.len() || *uid < hi)
+            } else {
+                page == 0
+            }
+        })
+        .collect::<Vec<_>>();
+    let exp_from = (page * DETAILS_PAGE).min(d.expunged.len());
+    let expunged: BTreeSet<String> = d
+        .expunged
+        .iter()
+        .skip(exp_from)
+        .take(DETAILS_PAGE)
+        .cloned()
+        .collect();
+    let more = to < mails.len() || exp_from + DETAILS_PAGE < d.expunged.len();
+    let mails = mails[from..to].to_vec();
+    (
+        Details {
+            mails,
+            flag_marks,
+            expunged,
+        },
+        more,
+    )
+}

@@ -1,0 +1,591 @@
+//! The sending side of replication: this server's journals to the peer.
+
+use crate::codec::{self, Msg};
+use crate::event::{Change, Guid128};
+use crate::journal::{self, Cursor, Reader};
+use crate::registry;
+use crate::service::context::Ctx;
+use crate::service::host::dovecot::{self, ApplyError, Svc};
+use crate::service::host::users::{forget_user, with_user};
+use crate::service::limits::{
+    BATCH_BYTES, BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, LOW_LANE_MAX, LOW_SLICE, MAX_BACKOFF,
+    PING_EVERY, RESCAN_EVERY, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
+};
+use crate::service::memstore;
+use crate::service::positions::{self, Position, Positions};
+use crate::service::status::now_secs;
+use crate::service::transport::conn::{ConnError, FrameWriter};
+use crate::service::transport::dial::{close, dial};
+use crossbeam_channel::{unbounded, Receiver};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What the outbound side knows about one user.
+pub(crate) struct OutUser {
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) journal_id: [u8; 16],
+    pub(crate) acked: u64,
+    pub(crate) cursor: Cursor,
+    /// Records read and sent (or, while disconnected, read) but not acknowledged:
+    /// (lsn, encoded bytes, stamp millis).
+    pub(crate) unacked: VecDeque<(u64, u64, u64)>,
+    /// Record bytes sent and not acknowledged.
+    pub(crate) inflight: u64,
+    /// When the peer last acknowledged something of this user, or records began to wait.
+    pub(crate) progress: Instant,
+    /// Reported as stalled (logged once per stall).
+    pub(crate) stalled: bool,
+    pub(crate) last_error: Option<String>,
+    /// When acknowledged journal segments were last dropped.
+    pub(crate) last_drop: Option<Instant>,
+}
+
+/// What the reader thread of an outbound connection hands back.
+pub(crate) enum Incoming {
+    Ack {
+        user: String,
+        journal_id: [u8; 16],
+        lsn: u64,
+    },
+    NeedBody {
+        user: String,
+        mailbox_guid: Guid128,
+        uid: u32,
+    },
+    Closed(String),
+}
+
+pub(crate) fn outbound(ctx: Ctx, rings: Receiver<String>) {
+    let peer = ctx
+        .cfg
+        .peer_id
+        .clone()
+        .or_else(|| positions::last_peer(&ctx.cfg.state_dir));
+    let sent = peer
+        .as_deref()
+        .and_then(|p| positions::sent_to(&ctx.cfg.state_dir, p).ok());
+    let mut out = Outbound {
+        ctx: ctx.clone(),
+        peer,
+        sent,
+        users: HashMap::new(),
+        pending: BTreeSet::new(),
+        rings,
+        low: VecDeque::new(),
+        low_bytes: 0,
+        lookups: (Instant::now(), 0),
+    };
+    out.rescan();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    let mut reported_down = false;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        match out.session() {
+            Ok(()) => {}
+            Err(ConnError::Stopping) => break,
+            Err(e) => {
+                let msg = format!(
+                    "connection to peer {}: {e}",
+                    ctx.cfg.peer.as_deref().unwrap_or("")
+                );
+                // A peer that is restarting is routine: a warning. One that stays away is an
+                // error, logged once per kind of failure rather than at every retry.
+                let down_for = ctx
+                    .status
+                    .lock()
+                    .unwrap()
+                    .disconnected_since
+                    .map_or(0.0, |t| now_secs() - t);
+                if msg != last_error {
+                    log::warn!("{msg}");
+                    last_error = msg.clone();
+                    reported_down = false;
+                } else if down_for > 60.0 && !reported_down {
+                    log::error!("{msg} (for {down_for:.0}s now; changes wait in the journals)");
+                    reported_down = true;
+                }
+                let mut s = ctx.status.lock().unwrap();
+                s.error(msg);
+                if s.connected {
+                    s.connected = false;
+                    s.connected_since = None;
+                    s.disconnected_since = Some(now_secs());
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        // While the peer is away, keep the backlog figures up to date.
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !ctx.stop.load(Ordering::Relaxed) {
+            out.take_rings(Duration::from_millis(100));
+            out.scan_offline();
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+pub(crate) struct Outbound {
+    pub(crate) ctx: Ctx,
+    /// The peer whose acknowledgements `sent` holds.
+    peer: Option<String>,
+    pub(crate) sent: Option<Positions>,
+    pub(crate) users: HashMap<String, OutUser>,
+    pub(crate) pending: BTreeSet<String>,
+    rings: Receiver<String>,
+    /// The low-priority lane: body chunks waiting to go. Records and acks never wait behind
+    /// them; they are sent a slice at a time between the other frames (DESIGN.md decision 9).
+    pub(crate) low: VecDeque<Msg>,
+    pub(crate) low_bytes: u64,
+    /// New names looked up in the current second (see [`NEW_USERS_PER_SEC`]).
+    pub(crate) lookups: (Instant, u32),
+}
+
+impl Outbound {
+    pub(crate) fn rescan(&mut self) {
+        match registry::registered(&self.ctx.cfg.state_dir) {
+            Ok(users) => self.pending.extend(users),
+            Err(e) => log::warn!(
+                "cannot list {}: {e}",
+                registry::users_dir(&self.ctx.cfg.state_dir).display()
+            ),
+        }
+        self.pending.extend(self.users.keys().cloned());
+    }
+
+    fn take_rings(&mut self, wait: Duration) {
+        if let Ok(u) = self.rings.recv_timeout(wait) {
+            self.pending.insert(u);
+        }
+        while let Ok(u) = self.rings.try_recv() {
+            self.pending.insert(u);
+        }
+    }
+
+    fn session(&mut self) -> Result<(), ConnError> {
+        let (mut rd, mut wr, peer_id) = dial(&self.ctx)?;
+        if self.peer.as_deref() != Some(peer_id.as_str()) || self.sent.is_none() {
+            // Another server than before (or the first): what it has is what *it*
+            // acknowledged, nothing more. Journals go from there, and where the start of one
+            // was dropped already, the peer finds the hole and resyncs the user.
+            let sent = positions::sent_to(&self.ctx.cfg.state_dir, &peer_id)
+                .map_err(|e| ConnError::Local(format!("positions for peer {peer_id}: {e}")))?;
+            if let Some(old) = &self.peer {
+                log::warn!(
+                    "the peer is now {peer_id}, not {old}: sending from what {peer_id} \
+                     acknowledged"
+                );
+            }
+            if let Err(e) = positions::remember_peer(&self.ctx.cfg.state_dir, &peer_id) {
+                log::warn!("cannot record the peer's id: {e}");
+            }
+            self.sent = Some(sent);
+            self.peer = Some(peer_id.clone());
+            self.users.clear();
+        }
+        log::info!(
+            "connected to peer {peer_id} at {}",
+            self.ctx.cfg.peer.as_deref().unwrap_or("")
+        );
+        {
+            let mut s = self.ctx.status.lock().unwrap();
+            s.connected = true;
+            s.peer_id = Some(peer_id.clone());
+            s.connected_since = Some(now_secs());
+            s.disconnected_since = None;
+        }
+        self.rewind();
+
+        // The reader thread turns the peer's frames into events.
+        let (tx, incoming) = unbounded();
+        let ctx = self.ctx.clone();
+        let reader = dovecot::spawn_thread("tandem-outbound-rd", move || {
+            let mut last = Instant::now();
+            loop {
+                if ctx.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let ev = match rd.next() {
+                    Ok(None) if last.elapsed() > IDLE_TIMEOUT => {
+                        Incoming::Closed(ConnError::Idle.to_string())
+                    }
+                    Ok(None) => continue,
+                    Ok(Some(m)) => {
+                        last = Instant::now();
+                        match m {
+                            Msg::Ack {
+                                user,
+                                journal_id,
+                                lsn,
+                            } => Incoming::Ack {
+                                user,
+                                journal_id,
+                                lsn,
+                            },
+                            Msg::NeedBody {
+                                user,
+                                mailbox_guid,
+                                uid,
+                                ..
+                            } => Incoming::NeedBody {
+                                user,
+                                mailbox_guid,
+                                uid,
+                            },
+                            Msg::Pong { .. } | Msg::Ping { .. } => continue,
+                            Msg::Error { message } => {
+                                Incoming::Closed(format!("the peer reports: {message:?}"))
+                            }
+                            other => Incoming::Closed(format!(
+                                "unexpected {} from the peer",
+                                other.name()
+                            )),
+                        }
+                    }
+                    Err(e) => Incoming::Closed(e.to_string()),
+                };
+                let closed = matches!(ev, Incoming::Closed(_));
+                if tx.send(ev).is_err() || closed {
+                    return;
+                }
+            }
+        })?;
+        let res = self.stream_loop(&mut wr, &incoming);
+        close(&self.ctx, &wr.stream);
+        let _ = reader.join();
+        res
+    }
+
+    fn stream_loop(
+        &mut self,
+        wr: &mut FrameWriter,
+        incoming: &Receiver<Incoming>,
+    ) -> Result<(), ConnError> {
+        let mut last_rescan = Instant::now();
+        let mut last_ping = Instant::now();
+        let mut ping = 0u64;
+        loop {
+            if self.ctx.stop.load(Ordering::Relaxed) {
+                return Err(ConnError::Stopping);
+            }
+            while let Ok(ev) = incoming.try_recv() {
+                self.on_incoming(ev)?;
+            }
+            self.take_rings(Duration::ZERO);
+            if last_rescan.elapsed() > RESCAN_EVERY {
+                last_rescan = Instant::now();
+                self.rescan();
+            }
+            if last_ping.elapsed() > PING_EVERY {
+                last_ping = Instant::now();
+                ping += 1;
+                wr.send(&Msg::Ping { seq: ping })?;
+            }
+            self.note_stalls();
+            // Stalled users keep their own window's worth at the peer, but no longer count
+            // against the shared one: everyone else goes on.
+            let inflight: u64 = self
+                .users
+                .values()
+                .filter(|u| !u.stalled)
+                .map(|u| u.inflight)
+                .sum();
+            let mut did = false;
+            if inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX {
+                let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
+                for name in names {
+                    if self
+                        .users
+                        .get(&name)
+                        .is_some_and(|u| u.inflight >= USER_WINDOW)
+                    {
+                        // Its window is full: it goes on when the peer acknowledges.
+                        self.pending.insert(name);
+                        continue;
+                    }
+                    match self.pump(&name, wr) {
+                        Ok(more) => {
+                            did = true;
+                            if more {
+                                self.pending.insert(name.clone());
+                            }
+                        }
+                        Err(ConnError::Protocol(e)) => {
+                            // This user's problem only: the others go on.
+                            log::error!("{e}");
+                            self.ctx.status.lock().unwrap().error(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    self.publish_user(&name);
+                }
+            }
+            // Then one slice of bodies, so that a large one never holds the rest up.
+            let mut budget = LOW_SLICE;
+            while let Some(m) = self.low.pop_front() {
+                let n = wr.send(&m)? as u64;
+                self.low_bytes = self.low_bytes.saturating_sub(n);
+                if n >= budget {
+                    break;
+                }
+                budget -= n;
+            }
+            if self.low.is_empty() {
+                self.low_bytes = 0;
+            }
+            if (!did || inflight >= WINDOW_BYTES) && self.low.is_empty() {
+                // Wait for an ack, a ring or the next rescan.
+                crossbeam_channel::select! {
+                    recv(incoming) -> ev => match ev {
+                        Ok(ev) => self.on_incoming(ev)?,
+                        Err(_) => return Err(ConnError::Closed),
+                    },
+                    recv(self.rings) -> u => if let Ok(u) = u { self.pending.insert(u); },
+                    default(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    }
+
+    /// Marks users whose records have waited for an acknowledgement for too long, and says so
+    /// once per stall: replication of a user never stops silently.
+    fn note_stalls(&mut self) {
+        let mut newly = Vec::new();
+        for (name, u) in self.users.iter_mut() {
+            let stalled = u.inflight > 0 && u.progress.elapsed() > STALL_AFTER;
+            if stalled && !u.stalled {
+                let msg = format!(
+                    "user {name}: the peer has acknowledged nothing for {}s ({} records waiting); \
+                     the user is stalled there (see the peer's log), the other users go on",
+                    u.progress.elapsed().as_secs(),
+                    u.unacked.len()
+                );
+                log::error!("{msg}");
+                self.ctx.status.lock().unwrap().error(msg.clone());
+                u.last_error = Some(msg);
+                newly.push(name.clone());
+            }
+            u.stalled = stalled;
+        }
+        for name in newly {
+            self.publish_user(&name);
+        }
+    }
+
+    /// Sends the user's next records (and the bodies of their new mail). Returns whether more
+    /// are waiting.
+    fn pump(&mut self, name: &str, wr: &mut FrameWriter) -> Result<bool, ConnError> {
+        let (st, records) = self.read(name, BATCH_RECORDS)?;
+        if records.is_empty() {
+            return Ok(false);
+        }
+        // Bodies of new mail go on the low-priority lane, so that other users' records and all
+        // acks pass them. The peer applies one user's records in order, so that user's later
+        // records wait for the body. Copies go as instructions (DESIGN.md 9).
+        for r in &records {
+            if let Change::New {
+                uid, from: None, ..
+            } = &r.change
+            {
+                self.send_body(name, r.mailbox_guid, *uid)?;
+            }
+        }
+        if let Some(u) = self.users.get_mut(name) {
+            if u.inflight == 0 {
+                u.progress = Instant::now();
+            }
+        }
+        // Split by bytes as well as by count, so that no frame nears the frame limit.
+        let mut frame = Vec::new();
+        let mut frame_bytes = 0u64;
+        let mut records = records.into_iter().peekable();
+        while let Some(r) = records.next() {
+            frame_bytes +=
+                crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64 + 4);
+            frame.push(r);
+            if frame_bytes >= BATCH_BYTES || records.peek().is_none() {
+                let n = frame.len() as u64;
+                let wire = wr.send(&Msg::Records {
+                    user: name.to_string(),
+                    journal_id: st.journal_id,
+                    records: std::mem::take(&mut frame),
+                })? as u64;
+                {
+                    let mut s = self.ctx.status.lock().unwrap();
+                    s.records_sent += n;
+                    s.record_bytes_raw += frame_bytes;
+                    s.record_bytes_wire += wire;
+                }
+                if let Some(u) = self.users.get_mut(name) {
+                    u.inflight += frame_bytes;
+                }
+                frame_bytes = 0;
+            }
+        }
+        Ok(st.more)
+    }
+
+    fn send_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) -> Result<(), ConnError> {
+        let who = user.to_string();
+        let body = self.ctx.main.call(move |svc: &Svc| {
+            // A user opened before the mailbox existed may not find it by GUID: retry once
+            // with a freshly opened user before calling it gone.
+            let mut fresh = false;
+            loop {
+                match with_user(svc, &who, |u| u.read_body(&mailbox_guid, uid)) {
+                    Ok(Ok(b)) => return Ok(b),
+                    Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
+                        forget_user(&who);
+                        fresh = true;
+                    }
+                    Ok(Err(e)) => {
+                        forget_user(&who);
+                        return Err(e);
+                    }
+                    Err(e) => return Err(ApplyError::Other(e.to_string())),
+                }
+            }
+        })?;
+        let body = match body {
+            Ok(b) => b,
+            // The mailbox was deleted since: the mail is gone with it.
+            Err(ApplyError::NoMailbox(_)) => None,
+            Err(e) => {
+                // Reported to the peer as gone, so that it skips the mail rather than stall;
+                // the user is marked for a resync, which compares both sides.
+                let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
+                log::error!("user {user}: {msg}");
+                if let Some(dir) = self.users.get(user).and_then(|u| u.dir.clone()) {
+                    let _ = journal::mark_resync(&dir, &msg);
+                }
+                None
+            }
+        };
+        match body {
+            None => {
+                log::info!(
+                    "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
+                     deleted); the peer skips it"
+                );
+                self.low.push_back(Msg::BodyGone {
+                    user: user.to_string(),
+                    mailbox_guid,
+                    uid,
+                });
+            }
+            Some(b) => {
+                let total = b.data.len() as u64;
+                let mut offset = 0usize;
+                loop {
+                    let end = (offset + codec::BODY_CHUNK).min(b.data.len());
+                    let chunk = (end - offset) as u64;
+                    self.low_bytes += chunk;
+                    self.low.push_back(Msg::Body {
+                        user: user.to_string(),
+                        mailbox_guid,
+                        uid,
+                        guid: b.info.guid.clone(),
+                        received_date: b.info.received_date,
+                        save_date: b.info.save_date,
+                        total,
+                        offset: offset as u64,
+                        data: b.data[offset..end].to_vec(),
+                    });
+                    offset = end;
+                    if offset >= b.data.len() {
+                        break;
+                    }
+                }
+                self.ctx.status.lock().unwrap().bodies_sent += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_incoming(&mut self, ev: Incoming) -> Result<(), ConnError> {
+        match ev {
+            Incoming::Closed(why) => Err(ConnError::Protocol(why)),
+            Incoming::NeedBody {
+                user,
+                mailbox_guid,
+                uid,
+            } => self.send_body(&user, mailbox_guid, uid),
+            Incoming::Ack {
+                user,
+                journal_id,
+                lsn,
+            } => {
+                let Some(u) = self.users.get_mut(&user) else {
+                    return Ok(());
+                };
+                if journal_id != u.journal_id || lsn <= u.acked {
+                    return Ok(());
+                }
+                // The peer acknowledges only what it received on this connection. More than
+                // that is a lie (or corruption), and believing it would drop journal segments
+                // the peer never had.
+                let sent_up_to = u.unacked.back().map_or(u.acked, |(l, _, _)| *l);
+                if lsn > sent_up_to {
+                    return Err(ConnError::Protocol(format!(
+                        "user {user}: the peer acknowledged LSN {lsn}, but only up to \
+                         {sent_up_to} was sent; refusing a forged acknowledgement"
+                    )));
+                }
+                u.acked = lsn;
+                u.progress = Instant::now();
+                if u.stalled {
+                    log::info!("user {user}: the peer acknowledges again; no longer stalled");
+                    u.stalled = false;
+                    u.last_error = None;
+                }
+                while u.unacked.front().is_some_and(|(l, _, _)| *l <= lsn) {
+                    let (_, b, _) = u.unacked.pop_front().unwrap();
+                    u.inflight = u.inflight.saturating_sub(b + 4);
+                }
+                if u.unacked.is_empty() {
+                    u.inflight = 0;
+                }
+                u.last_error = None;
+                let recorded = match &self.sent {
+                    Some(sent) => sent.set(&user, Position { journal_id, lsn }),
+                    None => Err(std::io::Error::other("no peer")),
+                };
+                if let Err(e) = recorded {
+                    log::error!("user {user}: cannot record the acknowledged position: {e}");
+                }
+                // The peer has it for good: the journal no longer needs it, once the conflict
+                // memory has taken what it needs from it (durably: an fsync, hence not on
+                // every ack).
+                let due = u.last_drop.is_none_or(|t| t.elapsed() >= DROP_EVERY);
+                if let (Some(dir), true) = (u.dir.clone(), due) {
+                    u.last_drop = Some(Instant::now());
+                    if let Err(e) = memstore::catch_up(&user, &dir) {
+                        log::warn!("user {user}: {e}; journal segments are kept");
+                    } else if let Ok(r) = Reader::open(&dir) {
+                        if let Err(e) = r.drop_below(lsn) {
+                            log::warn!(
+                                "user {user}: cannot drop acknowledged journal segments: {e}"
+                            );
+                        }
+                    }
+                }
+                self.publish_user(&user);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct OutReadState {
+    pub(crate) journal_id: [u8; 16],
+    pub(crate) more: bool,
+}
+
+pub(crate) fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
