@@ -18,6 +18,8 @@
 //! - [`settings`]: the plugin settings and their validation.
 //! - [`codec`]: the replication wire format: frames, LZ4, messages; pure, no sockets.
 //! - [`auth`]: the peers' HMAC challenge-response handshake, sans-IO, and the secret file.
+//! - [`merge`]: the resync planner; [`rules`]: the conflict rules as pure functions, which
+//!   the planner and `service::apply` both ask.
 //! - [`registry`]: how the service learns which users have records (doorbell, user registry).
 //! - [`service`]: the tandem service; `service::dovecot` (feature `service`) is its safe
 //!   wrapper over Dovecot's master service and lib-storage.
@@ -34,6 +36,7 @@ pub mod locate;
 pub mod memory;
 pub mod merge;
 pub mod registry;
+pub mod rules;
 pub mod service;
 pub mod settings;
 
