@@ -1,6 +1,7 @@
 //! The tandem service: the long-running process Dovecot's master starts, which streams journals
 //! to the peer and applies the peer's changes.
 
+pub mod apply;
 pub mod creds;
 #[cfg(feature = "service")]
 pub mod dovecot;
