@@ -25,8 +25,9 @@
 //! - [`registry`]: how the service learns which users have records (doorbell, user registry).
 //! - [`memory`]: what a server remembers about past changes (marks), so that the conflict
 //!   rules can tell which side changed what since the two last agreed.
+//! - [`rules`]: the conflict rules of docs/conflicts.md as pure functions, one per rule.
 //! - [`merge`]: resync planning: two servers' full states in, the actions that make them equal
-//!   out; pure.
+//!   out, by [`rules`]; pure.
 //! - [`service`]: the tandem service; `service::host::dovecot` (feature `service`) is its safe
 //!   wrapper over Dovecot's master service and lib-storage.
 //! - `ffi` (feature `plugin`): the exported Dovecot entry points, panic guard and logger (the
@@ -42,6 +43,7 @@ pub mod locate;
 pub mod memory;
 pub mod merge;
 pub mod registry;
+pub mod rules;
 pub mod service;
 pub mod settings;
 

@@ -12,7 +12,7 @@
 //! forgotten at compaction: conflicts are between changes made while the servers were apart,
 //! and tombstones older than that are only needed if a server was away longer.
 
-use crate::event::{sysflag, Change, FlagSet, Guid128, Record};
+use crate::event::{Change, FlagSet, Guid128, Record};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -370,7 +370,7 @@ impl Memory {
     }
 
     /// The part of a remote flag change that is newer than what this server knows of each
-    /// flag: per (message, flag), the later stamp wins.
+    /// flag: rule 1, [`crate::rules::newer_flags`].
     pub fn newer_flags(
         &self,
         mbox: &Guid128,
@@ -379,22 +379,9 @@ impl Memory {
         removed: &FlagSet,
         mark: &Mark,
     ) -> (FlagSet, FlagSet) {
-        let keep = |set: &FlagSet| {
-            let system = sysflag::NAMES
-                .iter()
-                .filter(|(bit, name)| {
-                    set.system & bit != 0
-                        && self.flag(mbox, uid, name).is_none_or(|(_, m)| m < mark)
-                })
-                .fold(0u8, |acc, (bit, _)| acc | bit);
-            let keywords = set
-                .keywords
-                .iter()
-                .filter(|k| self.flag(mbox, uid, k).is_none_or(|(_, m)| m < mark))
-                .cloned();
-            FlagSet::new(system, keywords)
-        };
-        (keep(added), keep(removed))
+        crate::rules::newer_flags(added, removed, mark, |f| {
+            self.flag(mbox, uid, f).map(|(_, m)| m)
+        })
     }
 
     /// Writes what changed since the last flush (to the page cache: a crash of the process
@@ -546,7 +533,7 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Stamp;
+    use crate::event::{sysflag, Stamp};
 
     fn rec(stamp: u64, origin: &str, change: Change) -> Record {
         Record {

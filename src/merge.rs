@@ -7,6 +7,7 @@
 
 use crate::event::{sysflag, FlagSet};
 use crate::memory::{Mark, Tombstone};
+use crate::rules;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -369,15 +370,12 @@ fn one_side(
     let tomb = lack.sum.deleted.get(&x.guid);
     let survivors: Vec<&MailState> = match tomb {
         // Kept or recreated here after that delete: it holds only mail the deleter never saw.
-        Some(t) if have.sum.survived.get(&x.guid).is_some_and(|m| *m >= t.mark) => {
-            d.mails.iter().collect()
-        }
-        // Deleted there: only mail the deleting side never saw survives, and the deleter had
-        // seen every UID below its UIDNEXT.
+        // Deleted there: only mail the deleting side never saw survives (all of it when this
+        // mailbox was kept or recreated after that delete).
         Some(t) => d
             .mails
             .iter()
-            .filter(|m| t.uidnext != 0 && m.uid >= t.uidnext)
+            .filter(|m| rules::resync_survives(m.uid, t, have.sum.survived.get(&x.guid)))
             .collect(),
         None => d.mails.iter().collect(),
     };
@@ -439,12 +437,7 @@ fn both_sides(
         // Rename against rename: the later one wins.
         let ma = sa.sum.names.get(&x.guid);
         let mb = sb.sum.names.get(&y.guid);
-        let a_wins = match (ma, mb) {
-            (Some(p), Some(q)) => p > q,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => sa.sum.server_id > sb.sum.server_id,
-        };
+        let a_wins = rules::side_a_wins(ma, mb, sa.sum.server_id > sb.sum.server_id);
         diffs.push(format!(
             "mailbox {}: named {:?} on {}, {:?} on {}",
             x.guid, x.name, sa.sum.server_id, y.name, sb.sum.server_id
@@ -464,7 +457,8 @@ fn both_sides(
     if x.uidvalidity != y.uidvalidity {
         // dsync's rule: more messages wins, then the higher value. The loser takes it and its
         // mails are merged UID by UID.
-        let a_wins = (x.messages, x.uidvalidity) > (y.messages, y.uidvalidity);
+        let a_wins =
+            rules::uidvalidity_a_wins(x.messages, x.uidvalidity, y.messages, y.uidvalidity);
         diffs.push(format!(
             "mailbox {:?} ({}): UIDVALIDITY {} on {}, {} on {}",
             x.name, x.guid, x.uidvalidity, sa.sum.server_id, y.uidvalidity, sb.sum.server_id
@@ -734,12 +728,7 @@ fn flags(
     for f in fa.symmetric_difference(&fb) {
         let on_a = fa.contains(f);
         let (m1, m2) = (mark(da, p.uid, f), mark(db, q.uid, f));
-        let a_wins = match (&m1, &m2) {
-            (Some(x), Some(y)) => x > y,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => on_a,
-        };
+        let a_wins = rules::flag_on_a_wins(m1.as_ref(), m2.as_ref(), on_a);
         match (a_wins, on_a) {
             (true, true) => add_b.push((*f).clone()),
             (true, false) => rm_b.push((*f).clone()),
@@ -778,12 +767,7 @@ fn subscriptions(sa: &mut Side<'_>, sb: &mut Side<'_>, diffs: &mut Vec<String>) 
                 &sb.sum.server_id
             }
         ));
-        let a_wins = match (sa.sum.subs.get(&n), sb.sum.subs.get(&n)) {
-            (Some(x), Some(y)) => x > y,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => on_a,
-        };
+        let a_wins = rules::side_a_wins(sa.sum.subs.get(&n), sb.sum.subs.get(&n), on_a);
         let (loser, on) = if a_wins {
             (&mut sb.acts, on_a)
         } else {

@@ -23,7 +23,6 @@
 //! Positions are persisted ([`positions`]) so that every restart resumes where the peer
 //! acknowledged, and applying is idempotent.
 
-#[cfg(feature = "service")]
 pub mod apply;
 #[cfg(feature = "service")]
 pub mod config;

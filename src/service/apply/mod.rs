@@ -1,12 +1,28 @@
-//! Applying changes to this server's mail: streamed records ([`stream`]) and a resync plan's
-//! actions ([`resync`]).
+//! Applying changes to this server's mail.
+//!
+//! - [`applier`]: the one applier to come: the peer's records applied to any [`MailStore`]
+//!   under the rules of [`crate::rules`], sans-IO, tested on [`FakeStore`]; not yet what the
+//!   service runs.
+//! - [`store`]: the [`MailStore`] trait, the single operations a host performs;
+//!   [`fake`]: the in-memory store of the tests.
+//! - [`stream`] and [`resync`] (feature `service`): what the service runs today, on
+//!   lib-storage: streamed records, and a resync plan's actions.
 
+pub mod applier;
+pub mod fake;
+#[cfg(feature = "service")]
 pub mod resync;
+pub mod store;
+#[cfg(feature = "service")]
 pub mod stream;
 
+pub use fake::FakeStore;
+#[cfg(feature = "service")]
 use serde::{Deserialize, Serialize};
+pub use store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 
 /// A body being received.
+#[cfg(feature = "service")]
 pub(crate) struct BodyBuf {
     pub(crate) data: Vec<u8>,
     pub(crate) total: u64,
@@ -16,6 +32,7 @@ pub(crate) struct BodyBuf {
     pub(crate) gone: bool,
 }
 
+#[cfg(feature = "service")]
 impl BodyBuf {
     pub(crate) fn complete(&self) -> bool {
         self.gone || self.data.len() as u64 == self.total
@@ -23,6 +40,7 @@ impl BodyBuf {
 }
 
 /// A mail's metadata for a resync's save: what the peer sends with the body.
+#[cfg(feature = "service")]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct BodyMeta {
     pub(crate) received_date: i64,
