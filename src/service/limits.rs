@@ -4,53 +4,53 @@
 use std::time::Duration;
 
 /// Unacknowledged record bytes in flight before the sender waits for acks.
-pub(crate) const WINDOW_BYTES: u64 = 8 << 20;
+pub const WINDOW_BYTES: u64 = 8 << 20;
 /// Body bytes sent between two rounds of records and acks.
-pub(crate) const LOW_SLICE: u64 = 256 << 10;
+pub const LOW_SLICE: u64 = 256 << 10;
 /// Body bytes queued before the sender stops reading more records.
-pub(crate) const LOW_LANE_MAX: u64 = 64 << 20;
+pub const LOW_LANE_MAX: u64 = 64 << 20;
 /// Records per Records frame, and per apply batch on the main thread.
-pub(crate) const BATCH_RECORDS: usize = 500;
+pub const BATCH_RECORDS: usize = 500;
 /// At most this many record bytes in one Records frame, far below the frame limit (a record may
 /// be up to 1 MiB).
-pub(crate) const BATCH_BYTES: u64 = 1 << 20;
+pub const BATCH_BYTES: u64 = 1 << 20;
 /// One user's record bytes in flight (sent, not acknowledged): a user the peer cannot apply
 /// stalls alone, with at most this much waiting at the peer.
-pub(crate) const USER_WINDOW: u64 = 1 << 20;
+pub const USER_WINDOW: u64 = 1 << 20;
 /// A user whose records have waited this long for an acknowledgement counts as stalled: it no
 /// longer counts against the shared window, so that it cannot hold up the others.
-pub(crate) const STALL_AFTER: Duration = Duration::from_secs(30);
+pub const STALL_AFTER: Duration = Duration::from_secs(30);
 /// The receiving side keeps at most this much of one user's records queued (more than a
 /// sender's window and one batch), and of all users' together.
-pub(crate) const MAX_USER_QUEUE: u64 = 4 * USER_WINDOW;
-pub(crate) const MAX_QUEUED_BYTES: u64 = 256 << 20;
+pub const MAX_USER_QUEUE: u64 = 4 * USER_WINDOW;
+pub const MAX_QUEUED_BYTES: u64 = 256 << 20;
 /// The largest message body accepted from the peer, and all bodies held at once waiting for
 /// their records' turn.
-pub(crate) const MAX_BODY: u64 = 1 << 30;
+pub const MAX_BODY: u64 = 1 << 30;
 /// Inbound connections served at once (the peer needs one for streaming and a few for resyncs),
 /// and of those, how many may be in their handshake.
-pub(crate) const MAX_INBOUND: usize = 32;
-pub(crate) const MAX_PREAUTH: usize = 8;
-pub(crate) const MAX_BODIES_HELD: u64 = 1 << 30;
+pub const MAX_INBOUND: usize = 32;
+pub const MAX_PREAUTH: usize = 8;
+pub const MAX_BODIES_HELD: u64 = 1 << 30;
 /// Frames larger than this are refused before the peer has authenticated.
-pub(crate) const PREAUTH_MAX_FRAME: usize = 64 << 10;
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PREAUTH_MAX_FRAME: usize = 64 << 10;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// No frame at all from the peer for this long: the connection is dead.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub(crate) const PING_EVERY: Duration = Duration::from_secs(10);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Every known user is looked at this often, even without a doorbell ring.
-pub(crate) const RESCAN_EVERY: Duration = Duration::from_secs(5);
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
-pub(crate) const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
+pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
 /// Acknowledged journal segments are dropped at most this often per user.
-pub(crate) const DROP_EVERY: Duration = Duration::from_secs(5);
+pub const DROP_EVERY: Duration = Duration::from_secs(5);
 /// How long the first queued record of a user waits for its body before asking again.
-pub(crate) const BODY_PATIENCE: Duration = Duration::from_secs(10);
+pub const BODY_PATIENCE: Duration = Duration::from_secs(10);
 /// Open users idle this long are closed.
-pub(crate) const USER_IDLE: Duration = Duration::from_secs(30);
+pub const USER_IDLE: Duration = Duration::from_secs(30);
 /// Rings waiting for the outbound thread. A ring is only a hint (the rescan finds every
 /// registered user), so when a flood fills the queue, rings are dropped.
-pub(crate) const RING_QUEUE: usize = 1024;
+pub const RING_QUEUE: usize = 1024;
 /// Names not yet known resolved through the userdb (on the main thread) per second: names come
 /// from a directory any uid can write to, and must not starve the main thread or other users.
-pub(crate) const NEW_USERS_PER_SEC: u32 = 500;
+pub const NEW_USERS_PER_SEC: u32 = 500;

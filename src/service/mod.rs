@@ -29,7 +29,6 @@ pub mod config;
 #[cfg(feature = "service")]
 pub mod context;
 pub mod host;
-#[cfg(feature = "service")]
 pub mod limits;
 pub mod memstore;
 pub mod positions;
@@ -37,7 +36,6 @@ pub mod positions;
 pub mod process;
 #[cfg(feature = "service")]
 pub mod resync;
-#[cfg(feature = "service")]
 pub mod session;
 pub mod status;
 pub mod transport;

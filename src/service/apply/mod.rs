@@ -22,19 +22,18 @@ use serde::{Deserialize, Serialize};
 pub use store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 
 /// A body being received.
-#[cfg(feature = "service")]
-pub(crate) struct BodyBuf {
-    pub(crate) data: Vec<u8>,
-    pub(crate) total: u64,
-    pub(crate) guid: String,
-    pub(crate) received_date: i64,
-    pub(crate) save_date: i64,
-    pub(crate) gone: bool,
+#[derive(Debug)]
+pub struct BodyBuf {
+    pub data: Vec<u8>,
+    pub total: u64,
+    pub guid: String,
+    pub received_date: i64,
+    pub save_date: i64,
+    pub gone: bool,
 }
 
-#[cfg(feature = "service")]
 impl BodyBuf {
-    pub(crate) fn complete(&self) -> bool {
+    pub fn complete(&self) -> bool {
         self.gone || self.data.len() as u64 == self.total
     }
 }

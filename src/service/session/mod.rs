@@ -1,6 +1,10 @@
 //! The replication protocol's two ends: [`sender`] streams this server's journals to the peer,
 //! [`receiver`] takes the peer's and has them applied.
 
+#[cfg(feature = "service")]
 pub mod journals;
+pub mod receive;
+#[cfg(feature = "service")]
 pub mod receiver;
+#[cfg(feature = "service")]
 pub mod sender;

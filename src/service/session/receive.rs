@@ -1,0 +1,611 @@
+//! The receiving end of a replication stream as a state machine: the peer's records and bodies
+//! in, batches to apply and frames to send out.
+//!
+//! No sockets, threads, clocks or Dovecot calls (as in quinn-proto): the driver
+//! ([`super::receiver`]) passes the time in, persists positions, runs batches on the main
+//! thread and carries the [`Action`]s out. That keeps every decision of the receiving side here,
+//! where unit and property tests drive it with a simulated network.
+//!
+//! Per user, records are taken in LSN order: a replay of what is applied or queued is dropped,
+//! a hole is taken as a gap (the user is resynced, the stream goes on), and one user's queue
+//! and all users' together are bounded, as are the bodies held. A user waiting for a body or
+//! retrying after an error never holds up another.
+
+use crate::codec::Msg;
+use crate::event::{Change, Guid128, Record};
+use crate::service::apply::BodyBuf;
+use crate::service::limits::{
+    BATCH_RECORDS, BODY_PATIENCE, MAX_APPLY_BACKOFF, MAX_BODIES_HELD, MAX_BODY, MAX_QUEUED_BYTES,
+    MAX_USER_QUEUE,
+};
+use crate::service::positions::Position;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// The first wait after a failed batch; it doubles up to [`MAX_APPLY_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Send(Msg),
+    /// The streaming rules cannot settle something: a comparison of both sides must.
+    Resync {
+        user: String,
+        why: String,
+    },
+    /// For the log; `shown` ones also become the status' last error.
+    Log {
+        level: log::Level,
+        msg: String,
+        shown: bool,
+    },
+}
+
+/// What comes next for a user's queue.
+#[derive(Debug)]
+pub enum Next {
+    /// Apply these records (with the bodies of their new mail) and report with
+    /// [`Receiver::applied`].
+    Apply(Batch),
+    /// Records that are not applied here (this server's own changes coming back, records of
+    /// another user) were passed over: persist this position, then send the ack.
+    Passed(Position),
+    /// The first record waits for its body; `Some` asks the sender for it again.
+    Wait(Option<Msg>),
+    /// Nothing queued.
+    Idle,
+}
+
+#[derive(Debug)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub bodies: HashMap<(Guid128, u32), BodyBuf>,
+}
+
+/// How a batch went, from the applier.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// Records from the front of the batch that are done (applied, or nothing to do).
+    pub applied: usize,
+    /// A copy's source is missing here: the record after the applied ones needs this body.
+    pub need_body: Option<(Guid128, u32)>,
+    /// A failure that may go away: the record after the applied ones is retried later.
+    pub error: Option<String>,
+    /// Bodies the batch did not use (it stopped before their records).
+    pub unused_bodies: HashMap<(Guid128, u32), BodyBuf>,
+}
+
+/// What [`Receiver::applied`] leaves for the driver.
+#[derive(Debug, Default)]
+pub struct AfterBatch {
+    /// The records done, for metrics.
+    pub records: Vec<Record>,
+    /// Persist this, durably, and only then send [`AfterBatch::ack`]: the sender drops what is
+    /// acknowledged.
+    pub persist: Option<Position>,
+    pub ack: Option<Msg>,
+    pub actions: Vec<Action>,
+    /// Whether the user's queue can go on now (no body awaited, no error to wait out).
+    pub go_on: bool,
+}
+
+/// A queued record: `record` is `None` for one that keeps the LSN sequence but is not applied
+/// here.
+#[derive(Clone, Debug)]
+struct Queued {
+    lsn: u64,
+    size: u64,
+    record: Option<Record>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    journal_id: [u8; 16],
+    applied: u64,
+    queue: VecDeque<Queued>,
+    queued_bytes: u64,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Copies whose source is missing here: they wait for a body like new mail.
+    need_body: BTreeSet<(Guid128, u32)>,
+    /// The body the first queued record waits for, and since when.
+    waiting: Option<((Guid128, u32), Instant)>,
+}
+
+type BodyKey = (String, Guid128, u32);
+
+/// The receiving side of one connection from the peer.
+#[derive(Debug)]
+pub struct Receiver {
+    own_id: String,
+    peer_id: String,
+    max_ahead: Duration,
+    users: HashMap<String, Stream>,
+    bodies: HashMap<BodyKey, BodyBuf>,
+}
+
+fn encoded_size(r: &Record) -> u64 {
+    crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64)
+}
+
+fn log(level: log::Level, msg: String, shown: bool) -> Action {
+    Action::Log { level, msg, shown }
+}
+
+impl Receiver {
+    /// `own_id` is this server's id: records stamped with it came back and are not applied.
+    /// Remote stamps more than `max_ahead` ahead of the wall clock are clamped.
+    pub fn new(own_id: &str, peer_id: &str, max_ahead: Duration) -> Receiver {
+        Receiver {
+            own_id: own_id.to_string(),
+            peer_id: peer_id.to_string(),
+            max_ahead,
+            users: HashMap::new(),
+            bodies: HashMap::new(),
+        }
+    }
+
+    /// Whether the user's stream is open for journal `journal_id`; if not, the driver opens
+    /// it with [`Receiver::open`] and what it has persisted.
+    pub fn is_open(&self, user: &str, journal_id: &[u8; 16]) -> bool {
+        self.users
+            .get(user)
+            .is_some_and(|u| &u.journal_id == journal_id)
+    }
+
+    /// Whether the user was ever seen on this connection.
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Opens (or, for another journal, reopens) the user's stream, continuing after `stored`,
+    /// the position persisted as applied.
+    pub fn open(&mut self, user: &str, journal_id: [u8; 16], stored: Option<Position>) {
+        let applied = stored
+            .filter(|p| p.journal_id == journal_id)
+            .map_or(0, |p| p.lsn);
+        self.users.insert(
+            user.to_string(),
+            Stream {
+                journal_id,
+                applied,
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                retry_at: None,
+                backoff: FIRST_BACKOFF,
+                need_body: BTreeSet::new(),
+                waiting: None,
+            },
+        );
+    }
+
+    /// Takes a Records frame of `user`'s stream, which must be open. `now_ms` is the wall
+    /// clock, for clamping stamps from the future.
+    pub fn on_records(
+        &mut self,
+        user: &str,
+        journal_id: [u8; 16],
+        records: Vec<Record>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        // A bad record is its user's problem, never the connection's: it is passed over, and a
+        // resync of the user settles whatever it was meant to change.
+        if let Some(r) = records.iter().find(|r| r.user != user) {
+            actions.push(log(
+                log::Level::Error,
+                format!(
+                    "user {user}: the peer sent a record of user {:?} in this user's stream; \
+                     skipping it and resyncing the user",
+                    r.user
+                ),
+                true,
+            ));
+            actions.push(Action::Resync {
+                user: user.to_string(),
+                why: "the peer sent a record of another user".into(),
+            });
+        }
+        if let Some(r) = records.iter().find(|r| r.origin == self.own_id) {
+            // Our own change coming back would loop forever (DESIGN.md decision 6).
+            actions.push(log(
+                log::Level::Warn,
+                format!("user {user}: skipping LSN {} that originated here", r.lsn),
+                false,
+            ));
+        }
+        let queued_total: u64 = self.users.values().map(|u| u.queued_bytes).sum();
+        let Some(u) = self
+            .users
+            .get_mut(user)
+            .filter(|u| u.journal_id == journal_id)
+        else {
+            // The driver opens the stream first; a frame for another journal than the open
+            // one would be a driver bug, and is refused rather than mixed in.
+            actions.push(log(
+                log::Level::Error,
+                format!("user {user}: records for a journal that is not open; not taken"),
+                true,
+            ));
+            return actions;
+        };
+        let mut next = u.queue.back().map_or(u.applied, |q| q.lsn) + 1;
+        let mut replayed_upto = None;
+        let mut dropped = 0usize;
+        let mut clamped = None;
+        for mut r in records {
+            if r.lsn < next {
+                // A replay of what is applied or queued already. Acknowledged only as far as
+                // this connection carried it: the sender refuses an ack for more than it sent.
+                if r.lsn <= u.applied {
+                    replayed_upto = Some(r.lsn);
+                }
+                continue;
+            }
+            let size = encoded_size(&r);
+            if u.queued_bytes + size > MAX_USER_QUEUE || queued_total + size > MAX_QUEUED_BYTES {
+                // More than any flow-control window lets a sender have in flight: not kept.
+                // If later records come, the hole is a gap (below).
+                dropped += 1;
+                continue;
+            }
+            if r.lsn != next {
+                // Records this server never got: its positions were lost or the peer replaced,
+                // a frame was dropped, or the sender's journal lost them. Refusing would stall
+                // the user (and once, the connection) forever; take what comes and let a
+                // comparison of both sides repair the hole.
+                actions.push(log(
+                    log::Level::Warn,
+                    format!(
+                        "user {user}: LSN {} follows {}: records from {} are missing; \
+                         continuing and resyncing the user",
+                        r.lsn,
+                        next - 1,
+                        self.peer_id
+                    ),
+                    true,
+                ));
+                actions.push(Action::Resync {
+                    user: user.to_string(),
+                    why: "records from the peer were missing".into(),
+                });
+            }
+            next = r.lsn + 1;
+            u.queued_bytes += size;
+            if r.origin == self.own_id || r.user != user {
+                u.queue.push_back(Queued {
+                    lsn: r.lsn,
+                    size,
+                    record: None,
+                });
+                continue;
+            }
+            if let Err(limit) = crate::clock::receive(r.stamp, now_ms, self.max_ahead) {
+                // A stamp this far ahead would win every conflict and drag this server's clock
+                // along: it is taken as the limit instead.
+                clamped.get_or_insert((r.lsn, r.stamp));
+                r.stamp = limit;
+            }
+            u.queue.push_back(Queued {
+                lsn: r.lsn,
+                size,
+                record: Some(r),
+            });
+        }
+        if dropped > 0 {
+            actions.push(log(
+                log::Level::Warn,
+                format!(
+                    "user {user}: {dropped} records from {} over the receiving queue's limit \
+                     were not kept",
+                    self.peer_id
+                ),
+                false,
+            ));
+        }
+        if let Some((lsn, stamp)) = clamped {
+            actions.push(log(
+                log::Level::Error,
+                format!(
+                    "user {user}: LSN {lsn} from {} is stamped {stamp}, more than {} ahead of \
+                     this server's clock: clamped (check both servers' clocks; changes made \
+                     here right after it may not be ordered after it)",
+                    self.peer_id,
+                    humantime::format_duration(self.max_ahead)
+                ),
+                false,
+            ));
+        }
+        if let (Some(lsn), true) = (replayed_upto, u.queue.is_empty()) {
+            actions.push(Action::Send(Msg::Ack {
+                user: user.to_string(),
+                journal_id,
+                lsn,
+            }));
+        }
+        actions
+    }
+
+    /// Whether a queued record of the user is new mail `uid` in `mailbox_guid`.
+    fn wants_body(&self, user: &str, mailbox_guid: Guid128, uid: u32) -> bool {
+        self.users.get(user).is_some_and(|u| {
+            u.queue.iter().any(|q| {
+                q.record.as_ref().is_some_and(|r| {
+                    r.mailbox_guid == mailbox_guid
+                        && matches!(r.change, Change::New { uid: n, .. } if n == uid)
+                })
+            })
+        })
+    }
+
+    /// Takes a chunk of a body. `Err` is a protocol violation (the connection goes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_body(
+        &mut self,
+        user: &str,
+        mailbox_guid: Guid128,
+        uid: u32,
+        guid: &str,
+        received_date: i64,
+        save_date: i64,
+        total: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Vec<Action>, String> {
+        // Bodies follow their records: a body no queued record asks for is not kept, so what
+        // a peer can make us hold is bounded by the queues.
+        if !self.wants_body(user, mailbox_guid, uid) {
+            return Ok(Vec::new());
+        }
+        let key = (user.to_string(), mailbox_guid, uid);
+        let held = self
+            .bodies
+            .values()
+            .map(|b| b.data.len() as u64)
+            .sum::<u64>();
+        let have = self.bodies.get(&key).map_or(0, |b| b.data.len() as u64);
+        if total > MAX_BODY || held - have + data.len() as u64 > MAX_BODIES_HELD {
+            // Not kept now: the record asks for it again once it is next in line.
+            self.bodies.remove(&key);
+            return Ok(vec![log(
+                log::Level::Warn,
+                format!(
+                    "user {user}: body of uid {uid} ({total} bytes) does not fit in the \
+                     receiving buffers now; it will be asked for again"
+                ),
+                false,
+            )]);
+        }
+        // No reservation from the announced size: memory follows the bytes received.
+        let b = self.bodies.entry(key).or_insert_with(|| BodyBuf {
+            data: Vec::new(),
+            total,
+            guid: guid.to_string(),
+            received_date,
+            save_date,
+            gone: false,
+        });
+        if offset != b.data.len() as u64 || total != b.total || b.gone || b.guid != guid {
+            // A restart of this body (the sender reconnected), or the body of another mail
+            // under the same key (a mailbox recreated with its GUID reuses UIDs): begin again,
+            // with this body's identity.
+            b.data.clear();
+            b.total = total;
+            b.gone = false;
+            b.guid = guid.to_string();
+            b.received_date = received_date;
+            b.save_date = save_date;
+            if offset != 0 {
+                return Err(format!(
+                    "user {user}: body chunk of uid {uid} at offset {offset}, expected 0"
+                ));
+            }
+        }
+        b.data.extend_from_slice(data);
+        if let Some(u) = self.users.get_mut(user) {
+            u.need_body.remove(&(mailbox_guid, uid));
+        }
+        Ok(Vec::new())
+    }
+
+    /// The sender found the mail gone (expunged, or its mailbox deleted): its record is
+    /// passed over when it comes to it.
+    pub fn on_body_gone(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) {
+        if !self.wants_body(user, mailbox_guid, uid) {
+            return;
+        }
+        let b = self
+            .bodies
+            .entry((user.to_string(), mailbox_guid, uid))
+            .or_insert_with(|| BodyBuf {
+                data: Vec::new(),
+                total: 0,
+                guid: String::new(),
+                received_date: 0,
+                save_date: 0,
+                gone: true,
+            });
+        b.gone = true;
+        if let Some(u) = self.users.get_mut(user) {
+            u.need_body.remove(&(mailbox_guid, uid));
+        }
+    }
+
+    /// Users with records to apply now: not waiting out an error, and not held by a resync
+    /// (`locked`), which compares both sides meanwhile.
+    pub fn ready(&self, now: Instant, locked: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(n, u)| {
+                !u.queue.is_empty() && u.retry_at.is_none_or(|t| now >= t) && !locked(n)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// What to do next with the user's queue.
+    pub fn next(&mut self, user: &str, now: Instant) -> Next {
+        let Some(u) = self.users.get_mut(user) else {
+            return Next::Idle;
+        };
+        // Records not applied here go without a batch.
+        let mut passed = None;
+        while u.queue.front().is_some_and(|q| q.record.is_none()) {
+            let q = u.queue.pop_front().unwrap();
+            u.queued_bytes = u.queued_bytes.saturating_sub(q.size);
+            u.applied = q.lsn;
+            passed = Some(q.lsn);
+        }
+        if let Some(lsn) = passed {
+            return Next::Passed(Position {
+                journal_id: u.journal_id,
+                lsn,
+            });
+        }
+        // The batch: leading records whose bodies are here (or not needed).
+        let mut batch = Batch {
+            records: Vec::new(),
+            bodies: HashMap::new(),
+        };
+        for q in u.queue.iter().take(BATCH_RECORDS) {
+            let Some(r) = &q.record else { break };
+            if let Change::New { uid, from, .. } = &r.change {
+                let key = (user.to_string(), r.mailbox_guid, *uid);
+                let wants_body = from.is_none()
+                    || u.need_body.contains(&(r.mailbox_guid, *uid))
+                    || self.bodies.contains_key(&key);
+                if wants_body {
+                    match self.bodies.get(&key) {
+                        Some(b) if b.complete() => {
+                            let b = self.bodies.remove(&key).unwrap();
+                            batch.bodies.insert((r.mailbox_guid, *uid), b);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            batch.records.push(r.clone());
+        }
+        if !batch.records.is_empty() {
+            u.waiting = None;
+            return Next::Apply(batch);
+        }
+        // The first record waits for its body. Bodies follow their records, but a body can be
+        // lost on the way (a connection that died between the two, a service restarted in
+        // between): ask for it again after a while rather than wait forever.
+        let Some(Queued {
+            record: Some(first),
+            ..
+        }) = u.queue.front()
+        else {
+            return Next::Idle;
+        };
+        let Change::New { uid, .. } = first.change else {
+            return Next::Idle;
+        };
+        let key = (first.mailbox_guid, uid);
+        match u.waiting {
+            Some((k, since)) if k == key && now.duration_since(since) < BODY_PATIENCE => {
+                Next::Wait(None)
+            }
+            Some((k, _)) if k == key => {
+                self.bodies.remove(&(user.to_string(), key.0, key.1));
+                u.waiting = Some((key, now));
+                Next::Wait(Some(Msg::NeedBody {
+                    user: user.to_string(),
+                    mailbox_guid: key.0,
+                    uid: key.1,
+                    offset: 0,
+                }))
+            }
+            _ => {
+                u.waiting = Some((key, now));
+                Next::Wait(None)
+            }
+        }
+    }
+
+    /// Takes the result of a batch from [`Next::Apply`].
+    pub fn applied(&mut self, user: &str, done: Done, now: Instant) -> AfterBatch {
+        let mut after = AfterBatch::default();
+        for ((g, uid), b) in done.unused_bodies {
+            self.bodies.insert((user.to_string(), g, uid), b);
+        }
+        let Some(u) = self.users.get_mut(user) else {
+            return after;
+        };
+        for _ in 0..done.applied {
+            let Some(q) = u.queue.pop_front() else { break };
+            u.queued_bytes = u.queued_bytes.saturating_sub(q.size);
+            u.applied = q.lsn;
+            after.records.extend(q.record);
+        }
+        if u.queue.is_empty() {
+            u.queued_bytes = 0;
+        }
+        if done.applied > 0 {
+            let pos = Position {
+                journal_id: u.journal_id,
+                lsn: u.applied,
+            };
+            after.persist = Some(pos);
+            after.ack = Some(Msg::Ack {
+                user: user.to_string(),
+                journal_id: pos.journal_id,
+                lsn: pos.lsn,
+            });
+        }
+        if let Some((g, uid)) = done.need_body {
+            u.need_body.insert((g, uid));
+            after.actions.push(Action::Send(Msg::NeedBody {
+                user: user.to_string(),
+                mailbox_guid: g,
+                uid,
+                offset: 0,
+            }));
+            return after;
+        }
+        if let Some(e) = done.error {
+            after.actions.push(log(
+                log::Level::Error,
+                format!(
+                    "user {user}: applying LSN {} from {} failed: {e}; retrying in {:?}",
+                    u.queue.front().map_or(0, |q| q.lsn),
+                    self.peer_id,
+                    u.backoff
+                ),
+                true,
+            ));
+            u.retry_at = Some(now + u.backoff);
+            u.backoff = (u.backoff * 2).min(MAX_APPLY_BACKOFF);
+            return after;
+        }
+        u.retry_at = None;
+        u.backoff = FIRST_BACKOFF;
+        after.go_on = !u.queue.is_empty();
+        after
+    }
+
+    /// The last LSN applied of the user's stream, for tests and the status.
+    pub fn applied_lsn(&self, user: &str) -> Option<u64> {
+        self.users.get(user).map(|u| u.applied)
+    }
+
+    /// Record bytes queued, all users together.
+    pub fn queued_bytes(&self) -> u64 {
+        self.users.values().map(|u| u.queued_bytes).sum()
+    }
+
+    /// Body bytes held, all users together.
+    pub fn body_bytes(&self) -> u64 {
+        self.bodies.values().map(|b| b.data.len() as u64).sum()
+    }
+}
+
+#[cfg(test)]
+#[path = "receive_tests.rs"]
+mod tests;

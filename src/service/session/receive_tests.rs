@@ -1,0 +1,526 @@
+//! The receiving state machine, driven without sockets or Dovecot: frames in, and what it
+//! decides out. The simulation at the end plays a sender, a lossy series of connections and a
+//! failing store against it.
+
+use super::*;
+use crate::event::{FlagSet, Stamp};
+use proptest::prelude::*;
+
+const JID: [u8; 16] = [7; 16];
+/// The wall clock in the tests: the records' stamps are a little before it.
+const NOW: u64 = 2_000_000;
+const INBOX: Guid128 = Guid128([1; 16]);
+
+fn flags(lsn: u64) -> Record {
+    Record {
+        lsn,
+        stamp: Stamp::from_parts(1_000_000 + lsn, 0),
+        origin: "b".into(),
+        user: "alice".into(),
+        mailbox: "INBOX".into(),
+        mailbox_guid: INBOX,
+        modseq: 0,
+        change: Change::Flags {
+            uidvalidity: 1,
+            uid: 1,
+            guid: String::new(),
+            added: FlagSet::new(crate::event::sysflag::SEEN, []),
+            removed: FlagSet::default(),
+        },
+    }
+}
+
+fn new_mail(lsn: u64, uid: u32) -> Record {
+    Record {
+        change: Change::New {
+            uidvalidity: 1,
+            uid,
+            guid: format!("g{uid}"),
+            flags: FlagSet::default(),
+            from: None,
+        },
+        ..flags(lsn)
+    }
+}
+
+fn rx() -> Receiver {
+    let mut rx = Receiver::new("a", "b", Duration::from_secs(300));
+    rx.open("alice", JID, None);
+    rx
+}
+
+fn lsns(b: &Batch) -> Vec<u64> {
+    b.records.iter().map(|r| r.lsn).collect()
+}
+
+fn resyncs(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Resync { .. }))
+        .count()
+}
+
+fn body(rx: &mut Receiver, uid: u32, data: &[u8]) -> Result<Vec<Action>, String> {
+    rx.on_body(
+        "alice",
+        INBOX,
+        uid,
+        &format!("g{uid}"),
+        0,
+        0,
+        data.len() as u64,
+        0,
+        data,
+    )
+}
+
+fn done(n: usize) -> Done {
+    Done {
+        applied: n,
+        ..Done::default()
+    }
+}
+
+#[test]
+fn records_in_order_make_one_batch_and_its_ack_follows_the_position() {
+    let mut rx = rx();
+    let now = Instant::now();
+    assert!(rx
+        .on_records("alice", JID, (1..=3).map(flags).collect(), NOW)
+        .is_empty());
+    assert_eq!(rx.ready(now, |_| false), vec!["alice".to_string()]);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!("no batch")
+    };
+    assert_eq!(lsns(&b), vec![1, 2, 3]);
+    let after = rx.applied("alice", done(3), now);
+    assert_eq!(after.persist.map(|p| p.lsn), Some(3));
+    assert!(matches!(after.ack, Some(Msg::Ack { lsn: 3, .. })));
+    assert!(!after.go_on);
+    assert!(rx.ready(now, |_| false).is_empty());
+}
+
+#[test]
+fn a_replay_is_not_applied_again_and_is_acknowledged_as_far_as_it_came() {
+    let mut rx = rx();
+    let now = Instant::now();
+    rx.on_records("alice", JID, (1..=2).map(flags).collect(), NOW);
+    let Next::Apply(_) = rx.next("alice", now) else {
+        panic!()
+    };
+    rx.applied("alice", done(2), now);
+    // The sender reconnected and sends 1 and 2 again.
+    let actions = rx.on_records("alice", JID, (1..=2).map(flags).collect(), NOW);
+    assert_eq!(
+        actions,
+        vec![Action::Send(Msg::Ack {
+            user: "alice".into(),
+            journal_id: JID,
+            lsn: 2
+        })]
+    );
+    assert!(matches!(rx.next("alice", now), Next::Idle));
+}
+
+#[test]
+fn a_stream_reopened_from_its_stored_position_skips_what_was_applied() {
+    let mut rx = Receiver::new("a", "b", Duration::from_secs(300));
+    rx.open(
+        "alice",
+        JID,
+        Some(Position {
+            journal_id: JID,
+            lsn: 5,
+        }),
+    );
+    rx.on_records("alice", JID, (4..=7).map(flags).collect(), NOW);
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![6, 7]);
+    // Another journal: from its start, whatever the old one's position was.
+    rx.open(
+        "alice",
+        [9; 16],
+        Some(Position {
+            journal_id: JID,
+            lsn: 5,
+        }),
+    );
+    assert_eq!(rx.applied_lsn("alice"), Some(0));
+}
+
+#[test]
+fn a_gap_asks_for_a_resync_and_the_stream_goes_on() {
+    let mut rx = rx();
+    let actions = rx.on_records("alice", JID, vec![flags(1), flags(4), flags(5)], NOW);
+    assert_eq!(resyncs(&actions), 1);
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![1, 4, 5]);
+}
+
+#[test]
+fn own_changes_and_other_users_records_keep_the_sequence_but_are_not_applied() {
+    let mut rx = rx();
+    let now = Instant::now();
+    let mut own = flags(2);
+    own.origin = "a".into();
+    let mut other = flags(3);
+    other.user = "bob".into();
+    let actions = rx.on_records("alice", JID, vec![flags(1), own, other, flags(4)], NOW);
+    assert_eq!(resyncs(&actions), 1, "another user's record: resync");
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(
+        lsns(&b),
+        vec![1],
+        "a batch stops before a record not applied here"
+    );
+    rx.applied("alice", done(1), now);
+    let Next::Passed(p) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(p.lsn, 3);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![4]);
+}
+
+#[test]
+fn new_mail_waits_for_its_body_and_the_body_goes_with_the_batch() {
+    let mut rx = rx();
+    let now = Instant::now();
+    rx.on_records("alice", JID, vec![flags(1), new_mail(2, 10), flags(3)], NOW);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![1], "the new mail waits for its body");
+    rx.applied("alice", done(1), now);
+    assert!(matches!(rx.next("alice", now), Next::Wait(None)));
+    // A body no record asks for is not kept.
+    body(&mut rx, 99, b"stray").unwrap();
+    assert_eq!(rx.body_bytes(), 0);
+    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
+        .unwrap();
+    assert!(matches!(rx.next("alice", now), Next::Wait(None)));
+    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 3, b"def")
+        .unwrap();
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![2, 3]);
+    assert_eq!(b.bodies[&(INBOX, 10)].data, b"abcdef");
+}
+
+#[test]
+fn a_body_chunk_out_of_place_restarts_the_body_or_breaks_the_connection() {
+    let mut rx = rx();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
+        .unwrap();
+    // The sender reconnected: the body comes again from 0.
+    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
+        .unwrap();
+    assert_eq!(rx.body_bytes(), 3);
+    assert!(rx
+        .on_body("alice", INBOX, 10, "g10", 0, 0, 6, 5, b"f")
+        .is_err());
+}
+
+#[test]
+fn a_body_that_does_not_come_is_asked_for_again_after_a_while() {
+    let mut rx = rx();
+    let t0 = Instant::now();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    assert!(matches!(rx.next("alice", t0), Next::Wait(None)));
+    assert!(matches!(
+        rx.next("alice", t0 + BODY_PATIENCE / 2),
+        Next::Wait(None)
+    ));
+    let Next::Wait(Some(Msg::NeedBody { uid: 10, .. })) = rx.next("alice", t0 + BODY_PATIENCE)
+    else {
+        panic!("not asked again")
+    };
+}
+
+#[test]
+fn a_gone_body_lets_its_record_through() {
+    let mut rx = rx();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    rx.on_body_gone("alice", INBOX, 10);
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    assert!(b.bodies[&(INBOX, 10)].gone);
+}
+
+#[test]
+fn a_copy_whose_source_is_missing_waits_for_the_body_it_asked_for() {
+    let mut rx = rx();
+    let now = Instant::now();
+    let mut copy = new_mail(1, 10);
+    if let Change::New { from, .. } = &mut copy.change {
+        *from = Some(crate::event::CopySource {
+            mailbox: "Archive".into(),
+            mailbox_guid: Guid128([2; 16]),
+            uid: 3,
+        });
+    }
+    rx.on_records("alice", JID, vec![copy], NOW);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!("a copy needs no body")
+    };
+    assert!(b.bodies.is_empty());
+    let after = rx.applied(
+        "alice",
+        Done {
+            need_body: Some((INBOX, 10)),
+            ..Done::default()
+        },
+        now,
+    );
+    assert!(matches!(
+        after.actions[..],
+        [Action::Send(Msg::NeedBody { uid: 10, .. })]
+    ));
+    assert!(matches!(rx.next("alice", now), Next::Wait(None)));
+    body(&mut rx, 10, b"x").unwrap();
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(b.bodies.len(), 1);
+}
+
+#[test]
+fn a_failed_batch_waits_longer_each_time_and_holds_only_its_user() {
+    let mut rx = rx();
+    rx.open("bob", JID, None);
+    let t0 = Instant::now();
+    rx.on_records("alice", JID, vec![flags(1)], NOW);
+    let mut bob = flags(1);
+    bob.user = "bob".into();
+    rx.on_records("bob", JID, vec![bob], NOW);
+    let Next::Apply(_) = rx.next("alice", t0) else {
+        panic!()
+    };
+    let after = rx.applied(
+        "alice",
+        Done {
+            error: Some("lock timeout".into()),
+            ..Done::default()
+        },
+        t0,
+    );
+    assert!(after.persist.is_none() && !after.go_on);
+    assert_eq!(rx.ready(t0, |_| false), vec!["bob".to_string()]);
+    assert_eq!(rx.ready(t0 + FIRST_BACKOFF, |_| false).len(), 2);
+    let Next::Apply(_) = rx.next("alice", t0 + FIRST_BACKOFF) else {
+        panic!()
+    };
+    rx.applied(
+        "alice",
+        Done {
+            error: Some("lock timeout".into()),
+            ..Done::default()
+        },
+        t0 + FIRST_BACKOFF,
+    );
+    assert_eq!(
+        rx.ready(t0 + FIRST_BACKOFF * 2, |_| false),
+        vec!["bob".to_string()],
+        "the second wait is twice the first"
+    );
+}
+
+#[test]
+fn a_user_held_by_a_resync_is_not_applied() {
+    let mut rx = rx();
+    rx.on_records("alice", JID, vec![flags(1)], NOW);
+    assert!(rx.ready(Instant::now(), |n| n == "alice").is_empty());
+}
+
+#[test]
+fn a_stamp_far_in_the_future_is_clamped() {
+    let mut rx = rx();
+    let mut r = flags(1);
+    r.stamp = Stamp::from_parts(10_000_000_000, 0);
+    let actions = rx.on_records("alice", JID, vec![r], 1_000);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::Log {
+            level: log::Level::Error,
+            ..
+        }
+    )));
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    assert!(b.records[0].stamp <= Stamp::from_parts(1_000 + 300_000, 0));
+}
+
+#[test]
+fn one_users_queue_is_bounded_and_what_did_not_fit_becomes_a_gap() {
+    let mut rx = rx();
+    let size = encoded_size(&flags(1));
+    let fit = MAX_USER_QUEUE / size;
+    let actions = rx.on_records("alice", JID, (1..=fit + 10).map(flags).collect(), NOW);
+    assert!(rx.queued_bytes() <= MAX_USER_QUEUE);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Log { msg, .. } if msg.contains("not kept"))));
+    // Once applied, the queue takes records again; the dropped ones are a gap: a resync.
+    let now = Instant::now();
+    while let Next::Apply(b) = rx.next("alice", now) {
+        let n = b.records.len();
+        rx.applied("alice", done(n), now);
+    }
+    assert_eq!(rx.applied_lsn("alice"), Some(fit));
+    let actions = rx.on_records("alice", JID, vec![flags(fit + 11)], NOW);
+    assert_eq!(resyncs(&actions), 1);
+}
+
+// ---- a simulated network ------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// The sender sends its next `n` records in one frame.
+    Send(usize),
+    /// The last frame arrives a second time (a retransmission the sender made after a
+    /// reconnect it did not notice in time).
+    Duplicate,
+    /// The receiver applies; the store takes `n` records of the batch, then fails if `fail`.
+    Apply { n: usize, fail: bool },
+    /// The connection breaks: acks in flight are lost; both sides start over from what is
+    /// durable.
+    Reconnect,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1usize..6).prop_map(Op::Send),
+        1 => Just(Op::Duplicate),
+        4 => (0usize..6, any::<bool>()).prop_map(|(n, fail)| Op::Apply { n, fail }),
+        1 => Just(Op::Reconnect),
+    ]
+}
+
+proptest! {
+    /// Whatever the connections do, every record is applied once, in LSN order, and with a
+    /// sender that resends from what was acknowledged, nothing is missing and no resync is
+    /// needed.
+    #[test]
+    fn reconnects_duplicates_and_failures_apply_each_record_once_in_order(
+        ops in prop::collection::vec(op(), 1..60),
+        own in prop::collection::btree_set(1u64..40, 0..5),
+    ) {
+        let total = 40u64;
+        let record = |lsn: u64| {
+            let mut r = flags(lsn);
+            if own.contains(&lsn) {
+                r.origin = "a".into();
+            }
+            r
+        };
+        // Durable state: the receiver's applied position, the sender's acknowledged LSN.
+        let mut stored: Option<Position> = None;
+        let mut sender_acked = 0u64;
+        let mut store: Vec<u64> = Vec::new();
+        let now = Instant::now();
+        let mut rx = Receiver::new("a", "b", Duration::from_secs(300));
+        let mut sent_upto = 0u64;
+        let mut last_frame: Vec<Record> = Vec::new();
+        let mut acks: Vec<u64> = Vec::new();
+        let mut resync_asked = 0;
+        // Play the ops, then let a clean connection finish the work.
+        let finish = std::iter::once(Op::Reconnect)
+            .chain((0..20).flat_map(|_| [Op::Send(5), Op::Apply { n: 5, fail: false }]));
+        for op in ops.into_iter().chain(finish) {
+            match op {
+                Op::Send(n) => {
+                    let from = sent_upto + 1;
+                    let to = (sent_upto + n as u64).min(total);
+                    if from > to {
+                        continue;
+                    }
+                    last_frame = (from..=to).map(record).collect();
+                    sent_upto = to;
+                    if !rx.is_open("alice", &JID) {
+                        rx.open("alice", JID, stored);
+                    }
+                    let a = rx.on_records("alice", JID, last_frame.clone(), NOW);
+                    resync_asked += resyncs(&a);
+                    acks.extend(a.iter().filter_map(|a| match a {
+                        Action::Send(Msg::Ack { lsn, .. }) => Some(*lsn),
+                        _ => None,
+                    }));
+                }
+                Op::Duplicate => {
+                    if rx.is_open("alice", &JID) {
+                        let a = rx.on_records("alice", JID, last_frame.clone(), NOW);
+                        resync_asked += resyncs(&a);
+                    }
+                }
+                Op::Apply { n, fail } => loop {
+                    match rx.next("alice", now) {
+                        Next::Apply(b) => {
+                            let take = n.min(b.records.len());
+                            for r in &b.records[..take] {
+                                prop_assert_ne!(&r.origin, "a", "own change applied");
+                                store.push(r.lsn);
+                            }
+                            let after = rx.applied(
+                                "alice",
+                                Done {
+                                    applied: take,
+                                    error: fail.then(|| "disk".to_string()),
+                                    ..Done::default()
+                                },
+                                now,
+                            );
+                            if let Some(p) = after.persist {
+                                stored = Some(p);
+                            }
+                            if let Some(Msg::Ack { lsn, .. }) = after.ack {
+                                acks.push(lsn);
+                            }
+                            // A failed user waits out its backoff: reopen the stream the way
+                            // a reconnect would, so the sim does not need a clock.
+                            if fail || take == 0 {
+                                break;
+                            }
+                        }
+                        Next::Passed(p) => {
+                            stored = Some(p);
+                            acks.push(p.lsn);
+                        }
+                        Next::Wait(_) | Next::Idle => break,
+                    }
+                },
+                Op::Reconnect => {
+                    // Acks that reached the sender count; the sender goes on from there.
+                    for a in acks.drain(..) {
+                        prop_assert!(a <= sent_upto, "ack for more than was sent");
+                        sender_acked = sender_acked.max(a);
+                    }
+                    sent_upto = sender_acked;
+                    rx = Receiver::new("a", "b", Duration::from_secs(300));
+                }
+            }
+            // Acks reach the sender in order while the connection holds.
+            for a in acks.drain(..) {
+                sender_acked = sender_acked.max(a);
+            }
+        }
+        let mut sorted = store.clone();
+        sorted.dedup();
+        prop_assert_eq!(&sorted, &store, "a record applied twice in a row");
+        prop_assert!(store.windows(2).all(|w| w[0] < w[1]), "out of order: {:?}", store);
+        let want: Vec<u64> = (1..=total).filter(|l| !own.contains(l)).collect();
+        prop_assert_eq!(store, want);
+        prop_assert_eq!(resync_asked, 0);
+    }
+}
