@@ -9,9 +9,8 @@ use crate::service::host::users::with_user;
 use crate::service::limits::NEW_USERS_PER_SEC;
 use crate::service::resync;
 use crate::service::session::sender::{hex, OutReadState, OutUser, Outbound};
-use crate::service::status::{self, now_secs};
+use crate::service::status::now_secs;
 use crate::service::transport::conn::ConnError;
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 impl Outbound {
@@ -27,17 +26,11 @@ impl Outbound {
                 name.to_string(),
                 OutUser {
                     dir: None,
-                    journal_id: acked.journal_id,
-                    acked: acked.lsn,
                     cursor: Cursor::from_lsn(acked.lsn + 1),
-                    unacked: VecDeque::new(),
-                    inflight: 0,
-                    progress: Instant::now(),
-                    stalled: false,
-                    last_error: None,
                     last_drop: None,
                 },
             );
+            self.tx.open(name, acked, Instant::now());
         }
         if self.users[name].dir.is_none() {
             let who = name.to_string();
@@ -50,6 +43,7 @@ impl Outbound {
             })?;
             match dir {
                 Ok(Ok(d)) => {
+                    self.tx.set_error(name, None);
                     // The registry is open to every uid: an entry another uid added for this
                     // user goes (their own next mail process adds it again).
                     let state = &self.ctx.cfg.state_dir;
@@ -69,13 +63,14 @@ impl Outbound {
                     self.users.get_mut(name).unwrap().dir = Some(d)
                 }
                 Ok(Err(e)) | Err(Some(e)) => {
-                    self.users.get_mut(name).unwrap().last_error = Some(e.clone());
+                    self.tx.set_error(name, Some(e.clone()));
                     return Err(ConnError::Protocol(format!("user {name}: {e}")));
                 }
                 Err(None) => {
                     // A name from the doorbell or the registry that is nobody: forgotten, so
                     // that it costs no lookup again.
                     self.users.remove(name);
+                    self.tx.forget(name);
                     let _ = registry::unregister(&self.ctx.cfg.state_dir, name);
                     log::info!("user {name:?} is unknown to the userdb: forgotten");
                     return Err(ConnError::Forgotten);
@@ -115,23 +110,22 @@ impl Outbound {
             other => other?,
         };
         let dir = u.dir.clone().unwrap();
+        let sending = self.tx.position(name).unwrap_or_default().journal_id;
+        let u = self.users.get_mut(name).unwrap();
         let reader = match Reader::open(&dir) {
             Ok(r) => r.skipping_damage().syncing(),
             Err(JournalError::Missing(_)) => {
-                if u.journal_id != [0; 16] {
+                if sending != [0; 16] {
                     // The journal we were sending is gone, with whatever the peer had not
                     // acknowledged: only a comparison of both sides can tell what that was.
                     log::warn!(
                         "user {name}: journal {} in {} is gone; resyncing the user",
-                        hex(&u.journal_id),
+                        hex(&sending),
                         dir.display()
                     );
                     resync::request(name, "the journal was lost");
-                    u.journal_id = [0; 16];
-                    u.acked = 0;
                     u.cursor = Cursor::from_lsn(1);
-                    u.unacked.clear();
-                    u.inflight = 0;
+                    self.tx.restart(name, [0; 16]);
                 }
                 // A real user (the userdb knows them) without a journal stays known: forgetting
                 // would cost a userdb lookup at every rescan.
@@ -142,11 +136,11 @@ impl Outbound {
         let jid = reader
             .journal_id()
             .map_err(|e| ConnError::Protocol(format!("user {name}: {e}")))?;
-        if jid != u.journal_id {
-            if u.journal_id != [0; 16] {
+        if jid != sending {
+            if sending != [0; 16] {
                 log::warn!(
                     "user {name}: journal {} was replaced by {}; resyncing the user",
-                    hex(&u.journal_id),
+                    hex(&sending),
                     hex(&jid)
                 );
                 resync::request(name, "the journal was replaced");
@@ -156,17 +150,14 @@ impl Outbound {
                 "user {name}: journal {} begins; sending it from LSN 1",
                 hex(&jid)
             );
-            u.journal_id = jid;
-            u.acked = 0;
             u.cursor = Cursor::from_lsn(1);
-            u.unacked.clear();
-            u.inflight = 0;
+            self.tx.restart(name, jid);
         }
         let mut records = Vec::new();
         let res = reader.read_up_to(&mut u.cursor, max, |r| records.push(r));
         if let Err(e) = res {
             let msg = format!("user {name}: journal unreadable: {e}; the user needs a resync");
-            u.last_error = Some(msg.clone());
+            self.tx.set_error(name, Some(msg.clone()));
             let _ = journal::mark_resync(&dir, &msg);
             return Err(ConnError::Protocol(msg));
         }
@@ -178,10 +169,7 @@ impl Outbound {
             let _ = journal::mark_resync(&dir, &msg);
             resync::request(name, &msg);
         }
-        for r in &records {
-            let bytes = crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64);
-            u.unacked.push_back((r.lsn, bytes, r.stamp.millis()));
-        }
+        self.tx.read(name, &records);
         Ok((
             OutReadState {
                 journal_id: jid,
@@ -192,26 +180,15 @@ impl Outbound {
     }
 
     pub(crate) fn publish_user(&self, name: &str) {
-        let Some(u) = self.users.get(name) else {
-            return;
-        };
         let now_ms = (now_secs() * 1000.0) as u64;
-        let us = status::UserStatus {
-            unacked_records: u.unacked.len() as u64,
-            unacked_bytes: u.unacked.iter().map(|(_, b, _)| b).sum(),
-            oldest_unacked_age: u
-                .unacked
-                .front()
-                .map(|(_, _, ms)| now_ms.saturating_sub(*ms) as f64 / 1000.0),
-            acked_lsn: u.acked,
-            last_error: u.last_error.clone(),
-        };
-        self.ctx
-            .status
-            .lock()
-            .unwrap()
-            .users
-            .insert(name.to_string(), us);
+        if let Some(us) = self.tx.status(name, now_ms) {
+            self.ctx
+                .status
+                .lock()
+                .unwrap()
+                .users
+                .insert(name.to_string(), us);
+        }
     }
 
     /// While disconnected: read what is pending, only to show the backlog.
@@ -230,12 +207,10 @@ impl Outbound {
 
     /// Reconnecting: everything not acknowledged goes again, from the acknowledged position.
     pub(crate) fn rewind(&mut self) {
-        self.low.clear();
-        self.low_bytes = 0;
-        for u in self.users.values_mut() {
-            u.cursor = Cursor::from_lsn(u.acked + 1);
-            u.unacked.clear();
-            u.inflight = 0;
+        self.tx.rewind();
+        for (name, u) in self.users.iter_mut() {
+            let acked = self.tx.position(name).map_or(0, |p| p.lsn);
+            u.cursor = Cursor::from_lsn(acked + 1);
         }
         self.rescan();
     }

@@ -6,5 +6,6 @@ pub mod journals;
 pub mod receive;
 #[cfg(feature = "service")]
 pub mod receiver;
+pub mod send;
 #[cfg(feature = "service")]
 pub mod sender;

@@ -1,43 +1,32 @@
 //! The sending side of replication: this server's journals to the peer.
 
-use crate::codec::{self, Msg};
+use super::send::Sender;
+use crate::codec::Msg;
 use crate::event::{Change, Guid128};
 use crate::journal::{self, Cursor, Reader};
 use crate::registry;
+use crate::service::apply::Body;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::{self, ApplyError, Svc};
 use crate::service::host::users::{forget_user, with_user};
 use crate::service::limits::{
-    BATCH_BYTES, BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, LOW_LANE_MAX, LOW_SLICE, MAX_BACKOFF,
-    PING_EVERY, RESCAN_EVERY, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
+    BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, RESCAN_EVERY,
 };
 use crate::service::memstore;
-use crate::service::positions::{self, Position, Positions};
+use crate::service::positions::{self, Positions};
 use crate::service::status::now_secs;
 use crate::service::transport::conn::{ConnError, FrameWriter};
 use crate::service::transport::dial::{close, dial};
 use crossbeam_channel::{unbounded, Receiver};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// What the outbound side knows about one user.
+/// Where the driver is in one user's journal; the stream's flow state is the [`Sender`]'s.
 pub(crate) struct OutUser {
     pub(crate) dir: Option<PathBuf>,
-    pub(crate) journal_id: [u8; 16],
-    pub(crate) acked: u64,
     pub(crate) cursor: Cursor,
-    /// Records read and sent (or, while disconnected, read) but not acknowledged:
-    /// (lsn, encoded bytes, stamp millis).
-    pub(crate) unacked: VecDeque<(u64, u64, u64)>,
-    /// Record bytes sent and not acknowledged.
-    pub(crate) inflight: u64,
-    /// When the peer last acknowledged something of this user, or records began to wait.
-    pub(crate) progress: Instant,
-    /// Reported as stalled (logged once per stall).
-    pub(crate) stalled: bool,
-    pub(crate) last_error: Option<String>,
     /// When acknowledged journal segments were last dropped.
     pub(crate) last_drop: Option<Instant>,
 }
@@ -71,10 +60,9 @@ pub(crate) fn outbound(ctx: Ctx, rings: Receiver<String>) {
         peer,
         sent,
         users: HashMap::new(),
+        tx: Sender::new(),
         pending: BTreeSet::new(),
         rings,
-        low: VecDeque::new(),
-        low_bytes: 0,
         lookups: (Instant::now(), 0),
     };
     out.rescan();
@@ -135,12 +123,10 @@ pub(crate) struct Outbound {
     peer: Option<String>,
     pub(crate) sent: Option<Positions>,
     pub(crate) users: HashMap<String, OutUser>,
+    /// The stream's state: windows, acknowledgements, stalls, the body lane.
+    pub(crate) tx: Sender,
     pub(crate) pending: BTreeSet<String>,
     rings: Receiver<String>,
-    /// The low-priority lane: body chunks waiting to go. Records and acks never wait behind
-    /// them; they are sent a slice at a time between the other frames (DESIGN.md decision 9).
-    pub(crate) low: VecDeque<Msg>,
-    pub(crate) low_bytes: u64,
     /// New names looked up in the current second (see [`NEW_USERS_PER_SEC`]).
     pub(crate) lookups: (Instant, u32),
 }
@@ -186,6 +172,7 @@ impl Outbound {
             self.sent = Some(sent);
             self.peer = Some(peer_id.clone());
             self.users.clear();
+            self.tx.forget_all();
         }
         log::info!(
             "connected to peer {peer_id} at {}",
@@ -285,24 +272,16 @@ impl Outbound {
                 ping += 1;
                 wr.send(&Msg::Ping { seq: ping })?;
             }
-            self.note_stalls();
-            // Stalled users keep their own window's worth at the peer, but no longer count
-            // against the shared one: everyone else goes on.
-            let inflight: u64 = self
-                .users
-                .values()
-                .filter(|u| !u.stalled)
-                .map(|u| u.inflight)
-                .sum();
+            for (name, msg) in self.tx.stalls(Instant::now()) {
+                log::error!("{msg}");
+                self.ctx.status.lock().unwrap().error(msg);
+                self.publish_user(&name);
+            }
             let mut did = false;
-            if inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX {
+            if self.tx.window_open() {
                 let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
                 for name in names {
-                    if self
-                        .users
-                        .get(&name)
-                        .is_some_and(|u| u.inflight >= USER_WINDOW)
-                    {
+                    if !self.tx.user_window_open(&name) {
                         // Its window is full: it goes on when the peer acknowledges.
                         self.pending.insert(name);
                         continue;
@@ -325,19 +304,10 @@ impl Outbound {
                 }
             }
             // Then one slice of bodies, so that a large one never holds the rest up.
-            let mut budget = LOW_SLICE;
-            while let Some(m) = self.low.pop_front() {
-                let n = wr.send(&m)? as u64;
-                self.low_bytes = self.low_bytes.saturating_sub(n);
-                if n >= budget {
-                    break;
-                }
-                budget -= n;
+            for m in self.tx.body_slice() {
+                wr.send(&m)?;
             }
-            if self.low.is_empty() {
-                self.low_bytes = 0;
-            }
-            if (!did || inflight >= WINDOW_BYTES) && self.low.is_empty() {
+            if (!did || !self.tx.window_open()) && !self.tx.bodies_waiting() {
                 // Wait for an ack, a ring or the next rescan.
                 crossbeam_channel::select! {
                     recv(incoming) -> ev => match ev {
@@ -348,31 +318,6 @@ impl Outbound {
                     default(Duration::from_millis(250)) => {}
                 }
             }
-        }
-    }
-
-    /// Marks users whose records have waited for an acknowledgement for too long, and says so
-    /// once per stall: replication of a user never stops silently.
-    fn note_stalls(&mut self) {
-        let mut newly = Vec::new();
-        for (name, u) in self.users.iter_mut() {
-            let stalled = u.inflight > 0 && u.progress.elapsed() > STALL_AFTER;
-            if stalled && !u.stalled {
-                let msg = format!(
-                    "user {name}: the peer has acknowledged nothing for {}s ({} records waiting); \
-                     the user is stalled there (see the peer's log), the other users go on",
-                    u.progress.elapsed().as_secs(),
-                    u.unacked.len()
-                );
-                log::error!("{msg}");
-                self.ctx.status.lock().unwrap().error(msg.clone());
-                u.last_error = Some(msg);
-                newly.push(name.clone());
-            }
-            u.stalled = stalled;
-        }
-        for name in newly {
-            self.publish_user(&name);
         }
     }
 
@@ -394,37 +339,16 @@ impl Outbound {
                 self.send_body(name, r.mailbox_guid, *uid)?;
             }
         }
-        if let Some(u) = self.users.get_mut(name) {
-            if u.inflight == 0 {
-                u.progress = Instant::now();
-            }
-        }
-        // Split by bytes as well as by count, so that no frame nears the frame limit.
-        let mut frame = Vec::new();
-        let mut frame_bytes = 0u64;
-        let mut records = records.into_iter().peekable();
-        while let Some(r) = records.next() {
-            frame_bytes +=
-                crate::journal::format::encode_record(&r).map_or(0, |b| b.len() as u64 + 4);
-            frame.push(r);
-            if frame_bytes >= BATCH_BYTES || records.peek().is_none() {
-                let n = frame.len() as u64;
-                let wire = wr.send(&Msg::Records {
-                    user: name.to_string(),
-                    journal_id: st.journal_id,
-                    records: std::mem::take(&mut frame),
-                })? as u64;
-                {
-                    let mut s = self.ctx.status.lock().unwrap();
-                    s.records_sent += n;
-                    s.record_bytes_raw += frame_bytes;
-                    s.record_bytes_wire += wire;
-                }
-                if let Some(u) = self.users.get_mut(name) {
-                    u.inflight += frame_bytes;
-                }
-                frame_bytes = 0;
-            }
+        for (frame, raw) in self.tx.frames(name, st.journal_id, records, Instant::now()) {
+            let n = match &frame {
+                Msg::Records { records, .. } => records.len() as u64,
+                _ => 0,
+            };
+            let wire = wr.send(&frame)? as u64;
+            let mut s = self.ctx.status.lock().unwrap();
+            s.records_sent += n;
+            s.record_bytes_raw += raw;
+            s.record_bytes_wire += wire;
         }
         Ok(st.more)
     }
@@ -465,44 +389,20 @@ impl Outbound {
                 None
             }
         };
-        match body {
-            None => {
-                log::info!(
-                    "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
-                     deleted); the peer skips it"
-                );
-                self.low.push_back(Msg::BodyGone {
-                    user: user.to_string(),
-                    mailbox_guid,
-                    uid,
-                });
-            }
-            Some(b) => {
-                let total = b.data.len() as u64;
-                let mut offset = 0usize;
-                loop {
-                    let end = (offset + codec::BODY_CHUNK).min(b.data.len());
-                    let chunk = (end - offset) as u64;
-                    self.low_bytes += chunk;
-                    self.low.push_back(Msg::Body {
-                        user: user.to_string(),
-                        mailbox_guid,
-                        uid,
-                        guid: b.info.guid.clone(),
-                        received_date: b.info.received_date,
-                        save_date: b.info.save_date,
-                        total,
-                        offset: offset as u64,
-                        data: b.data[offset..end].to_vec(),
-                    });
-                    offset = end;
-                    if offset >= b.data.len() {
-                        break;
-                    }
-                }
-                self.ctx.status.lock().unwrap().bodies_sent += 1;
-            }
+        match &body {
+            None => log::info!(
+                "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
+                 deleted); the peer skips it"
+            ),
+            Some(_) => self.ctx.status.lock().unwrap().bodies_sent += 1,
         }
+        let body = body.map(|b| Body {
+            guid: b.info.guid,
+            received_date: b.info.received_date,
+            save_date: b.info.save_date,
+            data: b.data,
+        });
+        self.tx.queue_body(user, mailbox_guid, uid, body);
         Ok(())
     }
 
@@ -519,39 +419,18 @@ impl Outbound {
                 journal_id,
                 lsn,
             } => {
-                let Some(u) = self.users.get_mut(&user) else {
+                let Some(acked) = self
+                    .tx
+                    .on_ack(&user, journal_id, lsn, Instant::now())
+                    .map_err(ConnError::Protocol)?
+                else {
                     return Ok(());
                 };
-                if journal_id != u.journal_id || lsn <= u.acked {
-                    return Ok(());
-                }
-                // The peer acknowledges only what it received on this connection. More than
-                // that is a lie (or corruption), and believing it would drop journal segments
-                // the peer never had.
-                let sent_up_to = u.unacked.back().map_or(u.acked, |(l, _, _)| *l);
-                if lsn > sent_up_to {
-                    return Err(ConnError::Protocol(format!(
-                        "user {user}: the peer acknowledged LSN {lsn}, but only up to \
-                         {sent_up_to} was sent; refusing a forged acknowledgement"
-                    )));
-                }
-                u.acked = lsn;
-                u.progress = Instant::now();
-                if u.stalled {
+                if acked.resumed {
                     log::info!("user {user}: the peer acknowledges again; no longer stalled");
-                    u.stalled = false;
-                    u.last_error = None;
                 }
-                while u.unacked.front().is_some_and(|(l, _, _)| *l <= lsn) {
-                    let (_, b, _) = u.unacked.pop_front().unwrap();
-                    u.inflight = u.inflight.saturating_sub(b + 4);
-                }
-                if u.unacked.is_empty() {
-                    u.inflight = 0;
-                }
-                u.last_error = None;
                 let recorded = match &self.sent {
-                    Some(sent) => sent.set(&user, Position { journal_id, lsn }),
+                    Some(sent) => sent.set(&user, acked.position),
                     None => Err(std::io::Error::other("no peer")),
                 };
                 if let Err(e) = recorded {
@@ -560,16 +439,18 @@ impl Outbound {
                 // The peer has it for good: the journal no longer needs it, once the conflict
                 // memory has taken what it needs from it (durably: an fsync, hence not on
                 // every ack).
-                let due = u.last_drop.is_none_or(|t| t.elapsed() >= DROP_EVERY);
-                if let (Some(dir), true) = (u.dir.clone(), due) {
-                    u.last_drop = Some(Instant::now());
-                    if let Err(e) = memstore::catch_up(&user, &dir) {
-                        log::warn!("user {user}: {e}; journal segments are kept");
-                    } else if let Ok(r) = Reader::open(&dir) {
-                        if let Err(e) = r.drop_below(lsn) {
-                            log::warn!(
-                                "user {user}: cannot drop acknowledged journal segments: {e}"
-                            );
+                if let Some(u) = self.users.get_mut(&user) {
+                    let due = u.last_drop.is_none_or(|t| t.elapsed() >= DROP_EVERY);
+                    if let (Some(dir), true) = (u.dir.clone(), due) {
+                        u.last_drop = Some(Instant::now());
+                        if let Err(e) = memstore::catch_up(&user, &dir) {
+                            log::warn!("user {user}: {e}; journal segments are kept");
+                        } else if let Ok(r) = Reader::open(&dir) {
+                            if let Err(e) = r.drop_below(lsn) {
+                                log::warn!(
+                                    "user {user}: cannot drop acknowledged journal segments: {e}"
+                                );
+                            }
                         }
                     }
                 }

@@ -1,0 +1,355 @@
+//! The sending end of a replication stream as a state machine: what was read from the
+//! journals and what the peer acknowledged in, frames to send out.
+//!
+//! No sockets, threads, journal files or Dovecot calls: the driver ([`super::sender`]) reads
+//! the journals and the bodies, passes the time in, sends the frames and persists what this
+//! decides. Flow control lives here, per user and shared:
+//!
+//! - the records of all users together in flight (sent, not acknowledged) are bounded by
+//!   [`WINDOW_BYTES`], and one user's by [`USER_WINDOW`], so that a user the peer cannot apply
+//!   stalls alone with a bounded amount waiting at the peer;
+//! - a user with nothing acknowledged for [`STALL_AFTER`] is stalled: reported once, and no
+//!   longer counted against the shared window, so that everyone else goes on;
+//! - bodies of new mail wait in a low-priority lane sent a slice at a time between rounds of
+//!   records (DESIGN.md decision 9), so that records and acks never queue behind a large body.
+
+use crate::codec::{Msg, BODY_CHUNK};
+use crate::event::{Guid128, Record};
+use crate::service::apply::Body;
+use crate::service::limits::{
+    BATCH_BYTES, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
+};
+use crate::service::positions::Position;
+use crate::service::status::UserStatus;
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+/// A record read and sent (or, while disconnected, read) but not acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Unacked {
+    lsn: u64,
+    bytes: u64,
+    stamp_ms: u64,
+}
+
+/// One user's stream as the sender sees it.
+#[derive(Debug)]
+struct Flow {
+    journal_id: [u8; 16],
+    acked: u64,
+    unacked: VecDeque<Unacked>,
+    /// Record bytes sent and not acknowledged.
+    inflight: u64,
+    /// When the peer last acknowledged something of this user, or records began to wait.
+    progress: Instant,
+    /// Reported as stalled (once per stall).
+    stalled: bool,
+    last_error: Option<String>,
+}
+
+/// What an acknowledgement changed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// Persist it: the journal up to here may go.
+    pub position: Position,
+    /// The user was stalled and is not any more.
+    pub resumed: bool,
+}
+
+/// The sending side of the stream to the peer.
+#[derive(Debug, Default)]
+pub struct Sender {
+    users: HashMap<String, Flow>,
+    /// The low-priority lane: body chunks waiting to go, and their raw bytes.
+    low: VecDeque<Msg>,
+    low_bytes: u64,
+}
+
+fn encoded_size(r: &Record) -> u64 {
+    crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64)
+}
+
+impl Sender {
+    pub fn new() -> Sender {
+        Sender::default()
+    }
+
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Starts following the user from `acked`, what the peer acknowledged (persisted).
+    pub fn open(&mut self, user: &str, acked: Position, now: Instant) {
+        self.users.entry(user.to_string()).or_insert(Flow {
+            journal_id: acked.journal_id,
+            acked: acked.lsn,
+            unacked: VecDeque::new(),
+            inflight: 0,
+            progress: now,
+            stalled: false,
+            last_error: None,
+        });
+    }
+
+    pub fn forget(&mut self, user: &str) {
+        self.users.remove(user);
+    }
+
+    /// Forgets every user (another peer: what it has is what it acknowledged).
+    pub fn forget_all(&mut self) {
+        self.users.clear();
+        self.low.clear();
+        self.low_bytes = 0;
+    }
+
+    /// The journal the user's stream is in, and the LSN acknowledged in it.
+    pub fn position(&self, user: &str) -> Option<Position> {
+        self.users.get(user).map(|f| Position {
+            journal_id: f.journal_id,
+            lsn: f.acked,
+        })
+    }
+
+    /// The user's journal is another one now (a new journal, or the old one lost): its stream
+    /// starts at LSN 1 and nothing of the old one is waiting any more.
+    pub fn restart(&mut self, user: &str, journal_id: [u8; 16]) {
+        if let Some(f) = self.users.get_mut(user) {
+            f.journal_id = journal_id;
+            f.acked = 0;
+            f.unacked.clear();
+            f.inflight = 0;
+        }
+    }
+
+    /// Records read from the user's journal: they wait for an acknowledgement from now on.
+    pub fn read(&mut self, user: &str, records: &[Record]) {
+        if let Some(f) = self.users.get_mut(user) {
+            for r in records {
+                f.unacked.push_back(Unacked {
+                    lsn: r.lsn,
+                    bytes: encoded_size(r),
+                    stamp_ms: r.stamp.millis(),
+                });
+            }
+        }
+    }
+
+    pub fn set_error(&mut self, user: &str, error: Option<String>) {
+        if let Some(f) = self.users.get_mut(user) {
+            f.last_error = error;
+        }
+    }
+
+    /// Whether records of anyone may be read and sent now: the shared window has room (stalled
+    /// users do not count) and the body lane is not full.
+    pub fn window_open(&self) -> bool {
+        let inflight: u64 = self
+            .users
+            .values()
+            .filter(|f| !f.stalled)
+            .map(|f| f.inflight)
+            .sum();
+        inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX
+    }
+
+    /// Whether the user's own window has room; when it has none, the user goes on when the
+    /// peer acknowledges.
+    pub fn user_window_open(&self, user: &str) -> bool {
+        self.users
+            .get(user)
+            .is_none_or(|f| f.inflight < USER_WINDOW)
+    }
+
+    /// The Records frames for records read with [`Sender::read`], split by bytes as well as
+    /// by count so that no frame nears the frame limit; each with its raw record bytes. They
+    /// count as in flight from now on.
+    pub fn frames(
+        &mut self,
+        user: &str,
+        journal_id: [u8; 16],
+        records: Vec<Record>,
+        now: Instant,
+    ) -> Vec<(Msg, u64)> {
+        let mut out = Vec::new();
+        let Some(f) = self.users.get_mut(user) else {
+            return out;
+        };
+        if f.inflight == 0 {
+            f.progress = now;
+        }
+        let mut frame = Vec::new();
+        let mut frame_bytes = 0u64;
+        let mut records = records.into_iter().peekable();
+        while let Some(r) = records.next() {
+            frame_bytes += encoded_size(&r) + 4;
+            frame.push(r);
+            if frame_bytes >= BATCH_BYTES || records.peek().is_none() {
+                f.inflight += frame_bytes;
+                out.push((
+                    Msg::Records {
+                        user: user.to_string(),
+                        journal_id,
+                        records: std::mem::take(&mut frame),
+                    },
+                    frame_bytes,
+                ));
+                frame_bytes = 0;
+            }
+        }
+        out
+    }
+
+    /// Takes an acknowledgement. `Err` is a forged one (more than was sent), which ends the
+    /// connection: believing it would drop journal records the peer never had.
+    pub fn on_ack(
+        &mut self,
+        user: &str,
+        journal_id: [u8; 16],
+        lsn: u64,
+        now: Instant,
+    ) -> Result<Option<Acked>, String> {
+        let Some(f) = self.users.get_mut(user) else {
+            return Ok(None);
+        };
+        if journal_id != f.journal_id || lsn <= f.acked {
+            return Ok(None);
+        }
+        let sent_up_to = f.unacked.back().map_or(f.acked, |u| u.lsn);
+        if lsn > sent_up_to {
+            return Err(format!(
+                "user {user}: the peer acknowledged LSN {lsn}, but only up to {sent_up_to} was \
+                 sent; refusing a forged acknowledgement"
+            ));
+        }
+        f.acked = lsn;
+        f.progress = now;
+        let resumed = std::mem::take(&mut f.stalled);
+        f.last_error = None;
+        while f.unacked.front().is_some_and(|u| u.lsn <= lsn) {
+            let u = f.unacked.pop_front().unwrap();
+            f.inflight = f.inflight.saturating_sub(u.bytes + 4);
+        }
+        if f.unacked.is_empty() {
+            f.inflight = 0;
+        }
+        Ok(Some(Acked {
+            position: Position { journal_id, lsn },
+            resumed,
+        }))
+    }
+
+    /// Users newly stalled (records in flight and nothing acknowledged for [`STALL_AFTER`]),
+    /// with the message to report once: replication of a user never stops silently.
+    pub fn stalls(&mut self, now: Instant) -> Vec<(String, String)> {
+        let mut newly = Vec::new();
+        for (name, f) in self.users.iter_mut() {
+            let waited = now.saturating_duration_since(f.progress);
+            let stalled = f.inflight > 0 && waited > STALL_AFTER;
+            if stalled && !f.stalled {
+                let msg = format!(
+                    "user {name}: the peer has acknowledged nothing for {}s ({} records \
+                     waiting); the user is stalled there (see the peer's log), the other users \
+                     go on",
+                    waited.as_secs(),
+                    f.unacked.len()
+                );
+                f.last_error = Some(msg.clone());
+                newly.push((name.clone(), msg));
+            }
+            f.stalled = stalled;
+        }
+        newly.sort();
+        newly
+    }
+
+    /// Queues the body of new mail `uid` in `mailbox_guid` on the low-priority lane, in chunks;
+    /// `None` tells the peer the mail is gone, so that it passes the record over.
+    pub fn queue_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32, body: Option<Body>) {
+        let Some(b) = body else {
+            self.low.push_back(Msg::BodyGone {
+                user: user.to_string(),
+                mailbox_guid,
+                uid,
+            });
+            return;
+        };
+        let total = b.data.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + BODY_CHUNK).min(b.data.len());
+            self.low_bytes += (end - offset) as u64;
+            self.low.push_back(Msg::Body {
+                user: user.to_string(),
+                mailbox_guid,
+                uid,
+                guid: b.guid.clone(),
+                received_date: b.received_date,
+                save_date: b.save_date,
+                total,
+                offset: offset as u64,
+                data: b.data[offset..end].to_vec(),
+            });
+            offset = end;
+            if offset >= b.data.len() {
+                break;
+            }
+        }
+    }
+
+    /// The next slice of the body lane: about [`LOW_SLICE`] bytes, at least one frame.
+    pub fn body_slice(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let mut budget = LOW_SLICE;
+        while let Some(m) = self.low.pop_front() {
+            let n = match &m {
+                Msg::Body { data, .. } => data.len() as u64,
+                _ => 0,
+            };
+            self.low_bytes = self.low_bytes.saturating_sub(n);
+            out.push(m);
+            if n >= budget {
+                break;
+            }
+            budget -= n;
+        }
+        if self.low.is_empty() {
+            self.low_bytes = 0;
+        }
+        out
+    }
+
+    pub fn bodies_waiting(&self) -> bool {
+        !self.low.is_empty()
+    }
+
+    /// Reconnecting: nothing is in flight any more, and everything not acknowledged goes
+    /// again, from the acknowledged position (the driver rewinds its journal cursors to
+    /// [`Sender::position`]).
+    pub fn rewind(&mut self) {
+        self.low.clear();
+        self.low_bytes = 0;
+        for f in self.users.values_mut() {
+            f.unacked.clear();
+            f.inflight = 0;
+        }
+    }
+
+    /// The user's figures for `tandem status`.
+    pub fn status(&self, user: &str, now_ms: u64) -> Option<UserStatus> {
+        let f = self.users.get(user)?;
+        Some(UserStatus {
+            unacked_records: f.unacked.len() as u64,
+            unacked_bytes: f.unacked.iter().map(|u| u.bytes).sum(),
+            oldest_unacked_age: f
+                .unacked
+                .front()
+                .map(|u| now_ms.saturating_sub(u.stamp_ms) as f64 / 1000.0),
+            acked_lsn: f.acked,
+            last_error: f.last_error.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "send_tests.rs"]
+mod tests;

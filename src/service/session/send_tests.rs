@@ -1,0 +1,340 @@
+//! The sending state machine alone, and paired with the receiving one over a simulated
+//! network that loses connections and stalls users.
+
+use super::*;
+use crate::event::{Change, FlagSet, Stamp};
+use crate::service::session::receive::{self, Done, Next, Receiver};
+use proptest::prelude::*;
+use std::time::Duration;
+
+const JID: [u8; 16] = [7; 16];
+const INBOX: Guid128 = Guid128([1; 16]);
+
+fn flags(user: &str, lsn: u64) -> Record {
+    Record {
+        lsn,
+        stamp: Stamp::from_parts(1_000_000 + lsn, 0),
+        origin: "a".into(),
+        user: user.into(),
+        mailbox: "INBOX".into(),
+        mailbox_guid: INBOX,
+        modseq: 0,
+        change: Change::Flags {
+            uidvalidity: 1,
+            uid: 1,
+            guid: String::new(),
+            added: FlagSet::new(crate::event::sysflag::SEEN, []),
+            removed: FlagSet::default(),
+        },
+    }
+}
+
+fn start() -> Position {
+    Position {
+        journal_id: JID,
+        lsn: 0,
+    }
+}
+
+/// Reads and frames `lsns` of `user`, as the driver does.
+fn send(tx: &mut Sender, user: &str, lsns: std::ops::RangeInclusive<u64>, now: Instant) -> u64 {
+    let recs: Vec<Record> = lsns.map(|l| flags(user, l)).collect();
+    tx.read(user, &recs);
+    tx.frames(user, JID, recs, now).iter().map(|(_, b)| b).sum()
+}
+
+#[test]
+fn an_ack_frees_the_window_and_gives_the_position_to_persist() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), now);
+    let raw = send(&mut tx, "alice", 1..=3, now);
+    assert!(raw > 0);
+    let got = tx.on_ack("alice", JID, 2, now).unwrap().unwrap();
+    assert_eq!(got.position.lsn, 2);
+    assert_eq!(tx.status("alice", 0).unwrap().unacked_records, 1);
+    // Old and repeated acks change nothing.
+    assert_eq!(tx.on_ack("alice", JID, 2, now), Ok(None));
+    assert_eq!(tx.on_ack("alice", [9; 16], 3, now), Ok(None));
+}
+
+#[test]
+fn an_ack_for_more_than_was_sent_is_refused() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), now);
+    send(&mut tx, "alice", 1..=3, now);
+    let e = tx.on_ack("alice", JID, 4, now).unwrap_err();
+    assert!(e.contains("forged"), "{e}");
+    assert_eq!(tx.position("alice").unwrap().lsn, 0);
+}
+
+#[test]
+fn a_full_user_window_holds_only_that_user() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), now);
+    tx.open("bob", start(), now);
+    let mut lsn = 0;
+    while tx.user_window_open("alice") {
+        lsn += 1;
+        send(&mut tx, "alice", lsn..=lsn, now);
+    }
+    assert!(tx.user_window_open("bob"));
+    assert!(
+        tx.window_open(),
+        "one user's window is far below the shared one"
+    );
+    tx.on_ack("alice", JID, lsn, now).unwrap();
+    assert!(tx.user_window_open("alice"));
+}
+
+#[test]
+fn a_stalled_user_is_reported_once_and_stops_counting_against_the_others() {
+    let t0 = Instant::now();
+    let mut tx = Sender::new();
+    let big = WINDOW_BYTES / USER_WINDOW + 1;
+    for i in 0..big {
+        let u = format!("u{i}");
+        tx.open(&u, start(), t0);
+        let mut lsn = 0;
+        while tx.user_window_open(&u) {
+            lsn += 1;
+            send(&mut tx, &u, lsn..=lsn, t0);
+        }
+    }
+    assert!(
+        !tx.window_open(),
+        "everyone's windows full: the shared one is too"
+    );
+    assert!(tx.stalls(t0 + STALL_AFTER / 2).is_empty());
+    let stalled = tx.stalls(t0 + STALL_AFTER + Duration::from_secs(1));
+    assert_eq!(stalled.len(), big as usize);
+    assert!(stalled[0].1.contains("stalled"));
+    assert!(tx.window_open(), "stalled users no longer hold the others");
+    assert!(tx
+        .stalls(t0 + STALL_AFTER + Duration::from_secs(2))
+        .is_empty());
+    let acked = tx
+        .on_ack("u0", JID, 1, t0 + STALL_AFTER * 2)
+        .unwrap()
+        .unwrap();
+    assert!(acked.resumed);
+    assert_eq!(tx.status("u0", 0).unwrap().last_error, None);
+}
+
+#[test]
+fn bodies_go_in_slices_and_a_gone_mail_is_said_so() {
+    let mut tx = Sender::new();
+    let data = vec![b'x'; LOW_SLICE as usize * 3];
+    tx.queue_body(
+        "alice",
+        INBOX,
+        10,
+        Some(Body {
+            guid: "g10".into(),
+            data: data.clone(),
+            ..Body::default()
+        }),
+    );
+    tx.queue_body("alice", INBOX, 11, None);
+    let mut got = Vec::new();
+    let mut slices = 0;
+    while tx.bodies_waiting() {
+        slices += 1;
+        for m in tx.body_slice() {
+            match m {
+                Msg::Body { offset, data, .. } => {
+                    assert_eq!(offset as usize, got.len());
+                    got.extend(data);
+                }
+                Msg::BodyGone { uid, .. } => assert_eq!(uid, 11),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(got, data);
+    assert!(
+        slices >= 3,
+        "a large body goes over several rounds: {slices}"
+    );
+}
+
+#[test]
+fn large_batches_are_split_into_frames_below_the_limit() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), now);
+    let size = encoded_size(&flags("alice", 1)) + 4;
+    let n = 3 * BATCH_BYTES / size;
+    let recs: Vec<Record> = (1..=n).map(|l| flags("alice", l)).collect();
+    tx.read("alice", &recs);
+    let frames = tx.frames("alice", JID, recs, now);
+    assert!(frames.len() >= 3);
+    assert!(frames.iter().all(|(_, b)| *b < BATCH_BYTES + size));
+}
+
+// ---- both ends over a simulated network ----------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// The user's mail process journals `n` more records.
+    Journal(u8, u8),
+    /// The sender sends what its windows allow.
+    Pump,
+    /// The network delivers up to `n` frames in one direction or the other.
+    Deliver(bool, u8),
+    /// The receiver applies; one user's store is broken meanwhile.
+    Apply { broken: Option<u8> },
+    /// The connection drops with whatever is in flight, and a new one starts.
+    Reconnect,
+    /// Time passes.
+    Wait(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..3, 1u8..20).prop_map(|(u, n)| Op::Journal(u, n)),
+        3 => Just(Op::Pump),
+        4 => (any::<bool>(), 1u8..10).prop_map(|(d, n)| Op::Deliver(d, n)),
+        3 => prop::option::of(0u8..3).prop_map(|broken| Op::Apply { broken }),
+        1 => Just(Op::Reconnect),
+        1 => (1u8..60).prop_map(Op::Wait),
+    ]
+}
+
+proptest! {
+    /// Sender and receiver agree whatever the network does: every journaled record reaches
+    /// the store once and in order, acknowledgements never run ahead of what was sent, a user
+    /// whose store is broken holds nobody else, and once the network behaves, everything is
+    /// applied and acknowledged.
+    #[test]
+    fn sender_and_receiver_converge_over_a_lossy_network(
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let users = ["alice", "bob", "carol"];
+        let mut journaled = [0u64; 3];
+        let mut read_upto = [0u64; 3];
+        let mut acked_durable = [0u64; 3];
+        let mut applied_durable: [Option<Position>; 3] = [None; 3];
+        let mut store: [Vec<u64>; 3] = Default::default();
+        let mut now = Instant::now();
+        let mut tx = Sender::new();
+        let mut rx = Receiver::new("b", "a", Duration::from_secs(300));
+        let mut to_rx: VecDeque<Msg> = VecDeque::new();
+        let mut to_tx: VecDeque<Msg> = VecDeque::new();
+        for u in users {
+            tx.open(u, start(), now);
+        }
+        let calm = std::iter::once(Op::Reconnect).chain(
+            (0..30).flat_map(|_| [Op::Pump, Op::Deliver(true, 50), Op::Apply { broken: None },
+                Op::Deliver(false, 50)]),
+        );
+        for op in ops.into_iter().chain(calm) {
+            match op {
+                Op::Journal(u, n) => journaled[u as usize] += n as u64,
+                Op::Pump => {
+                    for (i, u) in users.iter().enumerate() {
+                        if !tx.window_open() || !tx.user_window_open(u) {
+                            continue;
+                        }
+                        let from = read_upto[i] + 1;
+                        let to = journaled[i].min(read_upto[i] + 7);
+                        if from > to {
+                            continue;
+                        }
+                        read_upto[i] = to;
+                        let recs: Vec<Record> = (from..=to).map(|l| flags(u, l)).collect();
+                        tx.read(u, &recs);
+                        for (m, _) in tx.frames(u, JID, recs, now) {
+                            to_rx.push_back(m);
+                        }
+                    }
+                }
+                Op::Deliver(forward, n) => {
+                    for _ in 0..n {
+                        if forward {
+                            let Some(m) = to_rx.pop_front() else { break };
+                            let Msg::Records { user, journal_id, records } = m else {
+                                continue;
+                            };
+                            if !rx.is_open(&user, &journal_id) {
+                                let i = users.iter().position(|u| *u == user).unwrap();
+                                rx.open(&user, journal_id, applied_durable[i]);
+                            }
+                            for a in rx.on_records(&user, journal_id, records, 2_000_000) {
+                                match a {
+                                    receive::Action::Send(m) => to_tx.push_back(m),
+                                    receive::Action::Resync { why, .. } => {
+                                        prop_assert!(false, "resync asked: {why}")
+                                    }
+                                    receive::Action::Log { .. } => {}
+                                }
+                            }
+                        } else {
+                            let Some(Msg::Ack { user, journal_id, lsn }) = to_tx.pop_front()
+                            else {
+                                break;
+                            };
+                            let i = users.iter().position(|u| *u == user).unwrap();
+                            prop_assert!(lsn <= read_upto[i], "ack beyond what was read");
+                            if let Some(a) = tx.on_ack(&user, journal_id, lsn, now)
+                                .map_err(TestCaseError::fail)?
+                            {
+                                acked_durable[i] = a.position.lsn;
+                            }
+                        }
+                    }
+                }
+                Op::Apply { broken } => {
+                    for name in rx.ready(now, |_| false) {
+                        let i = users.iter().position(|u| *u == name).unwrap();
+                        loop {
+                            match rx.next(&name, now) {
+                                Next::Apply(b) => {
+                                    let ok = broken != Some(i as u8);
+                                    let n = if ok { b.records.len() } else { 0 };
+                                    store[i].extend(b.records[..n].iter().map(|r| r.lsn));
+                                    let after = rx.applied(&name, Done {
+                                        applied: n,
+                                        error: (!ok).then(|| "broken".into()),
+                                        ..Done::default()
+                                    }, now);
+                                    if let Some(p) = after.persist {
+                                        applied_durable[i] = Some(p);
+                                    }
+                                    to_tx.extend(after.ack);
+                                    if !after.go_on {
+                                        break;
+                                    }
+                                }
+                                Next::Passed(_) => prop_assert!(false, "nothing to pass over"),
+                                Next::Wait(_) | Next::Idle => break,
+                            }
+                        }
+                    }
+                }
+                Op::Reconnect => {
+                    to_rx.clear();
+                    to_tx.clear();
+                    tx.rewind();
+                    for (i, u) in users.iter().enumerate() {
+                        read_upto[i] = tx.position(u).unwrap().lsn;
+                        prop_assert_eq!(read_upto[i], acked_durable[i]);
+                    }
+                    rx = Receiver::new("b", "a", Duration::from_secs(300));
+                    // A new connection waits out no backoff of the old one.
+                }
+                Op::Wait(s) => {
+                    now += Duration::from_secs(s as u64);
+                    tx.stalls(now);
+                }
+            }
+        }
+        for i in 0..3 {
+            let want: Vec<u64> = (1..=journaled[i]).collect();
+            prop_assert_eq!(&store[i], &want, "user {}", users[i]);
+            prop_assert_eq!(acked_durable[i], journaled[i]);
+        }
+    }
+}
