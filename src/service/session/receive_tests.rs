@@ -524,3 +524,122 @@ proptest! {
         prop_assert_eq!(resync_asked, 0);
     }
 }
+
+#[derive(Clone, Debug)]
+enum Hostile {
+    Records {
+        stream: u8,
+        journal: u8,
+        lsns: Vec<u64>,
+        foreign: bool,
+        own: bool,
+    },
+    Body {
+        stream: u8,
+        uid: u32,
+        total: u64,
+        offset: u64,
+        len: usize,
+    },
+    Gone {
+        stream: u8,
+        uid: u32,
+    },
+    Apply {
+        fail: bool,
+    },
+}
+
+fn hostile() -> impl Strategy<Value = Hostile> {
+    prop_oneof![
+        4 => (0u8..3, 0u8..2, prop::collection::vec(0u64..30, 0..12), any::<bool>(), any::<bool>())
+            .prop_map(|(stream, journal, lsns, foreign, own)| Hostile::Records {
+                stream, journal, lsns, foreign, own
+            }),
+        2 => (0u8..3, 1u32..5, 0u64..5000, 0u64..5000, 0usize..3000)
+            .prop_map(|(stream, uid, total, offset, len)| Hostile::Body {
+                stream, uid, total, offset, len
+            }),
+        1 => (0u8..3, 1u32..5).prop_map(|(stream, uid)| Hostile::Gone { stream, uid }),
+        3 => any::<bool>().prop_map(|fail| Hostile::Apply { fail }),
+    ]
+}
+
+proptest! {
+    /// Whatever a peer sends (LSNs in any order, repeated or far ahead, records of other users
+    /// or of this server, bodies at any offset, for any mail, of any announced size, journals
+    /// switched back and forth), the receiver never panics, stays within its bounds, applies
+    /// LSNs in increasing order from the position it persisted, never one twice while the
+    /// journal stays the same, and never this server's own or another user's.
+    #[test]
+    fn hostile_frames_keep_order_and_bounds(ops in prop::collection::vec(hostile(), 1..80)) {
+        let users = ["alice", "bob", "carol"];
+        let mut rx = Receiver::new("a", "b", Duration::from_secs(300));
+        let now = Instant::now();
+        // What the driver persists: one applied position per user.
+        let mut stored: HashMap<String, Position> = HashMap::new();
+        for op in ops {
+            match op {
+                Hostile::Records { stream, journal, lsns, foreign, own } => {
+                    let user = users[stream as usize];
+                    let jid = [journal; 16];
+                    if !rx.is_open(user, &jid) {
+                        rx.open(user, jid, stored.get(user).copied());
+                    }
+                    let recs = lsns.into_iter().map(|l| {
+                        let mut r = if l % 2 == 0 { flags(l) } else { new_mail(l, l as u32 % 5) };
+                        r.user = if foreign { "mallory".into() } else { user.into() };
+                        if own {
+                            r.origin = "a".into();
+                        }
+                        r
+                    }).collect();
+                    rx.on_records(user, jid, recs, NOW);
+                }
+                Hostile::Body { stream, uid, total, offset, len } => {
+                    let user = users[stream as usize];
+                    let data = vec![b'x'; len];
+                    let _ = rx.on_body(user, INBOX, uid, &format!("g{uid}"), 0, 0, total, offset,
+                        &data);
+                }
+                Hostile::Gone { stream, uid } => rx.on_body_gone(users[stream as usize], INBOX, uid),
+                Hostile::Apply { fail } => {
+                    for user in rx.ready(now, |_| false) {
+                        loop {
+                            match rx.next(&user, now) {
+                                Next::Apply(b) => {
+                                    let n = if fail { 0 } else { b.records.len() };
+                                    let mut prev = rx.applied_lsn(&user).unwrap();
+                                    for r in &b.records[..n] {
+                                        prop_assert_eq!(&r.user, &user);
+                                        prop_assert_ne!(&r.origin, "a");
+                                        prop_assert!(prev < r.lsn, "{} after {}", r.lsn, prev);
+                                        prev = r.lsn;
+                                    }
+                                    let after = rx.applied(&user, Done {
+                                        applied: n,
+                                        error: fail.then(|| "disk".to_string()),
+                                        ..Done::default()
+                                    }, now);
+                                    if let Some(p) = after.persist {
+                                        prop_assert_eq!(p.lsn, prev);
+                                        stored.insert(user.clone(), p);
+                                    }
+                                    if !after.go_on {
+                                        break;
+                                    }
+                                }
+                                Next::Passed(p) => {
+                                    stored.insert(user.clone(), p);
+                                }
+                                Next::Wait(_) | Next::Idle => break,
+                            }
+                        }
+                    }
+                }
+            }
+            prop_assert!(rx.queued_bytes() <= MAX_QUEUED_BYTES);
+            prop_assert!(rx.body_bytes() <= MAX_BODIES_HELD);
+        }
+    }
+}
