@@ -3,6 +3,7 @@
 use crate::service::config::Config;
 use crate::service::host::dovecot::Svc;
 use crate::service::host::mainloop::MainHandle;
+use crate::service::repairs::Repairs;
 use crate::service::status::Shared;
 use crate::service::transport::tls::Tls;
 use std::collections::VecDeque;
@@ -29,6 +30,8 @@ pub(crate) struct Shared_ {
     pub(crate) preauth: Mutex<VecDeque<TcpStream>>,
     /// When a refused connection was last logged (not every one of a flood).
     pub(crate) refused_logged: Mutex<Option<Instant>>,
+    /// Users waiting for a resync, and users a resync holds.
+    pub(crate) repairs: Arc<Repairs>,
 }
 
 pub(crate) type Ctx = Arc<Shared_>;

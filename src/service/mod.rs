@@ -34,6 +34,7 @@ pub mod memstore;
 pub mod positions;
 #[cfg(feature = "service")]
 pub mod process;
+pub mod repairs;
 #[cfg(feature = "service")]
 pub mod resync;
 pub mod session;

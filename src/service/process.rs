@@ -8,6 +8,7 @@ use crate::service::host::dovecot::{self, Handler, Svc};
 use crate::service::host::mainloop::{self, MainQueue};
 use crate::service::host::users::sweep_users;
 use crate::service::limits::{MAX_INBOUND, RESCAN_EVERY, RING_QUEUE, USER_IDLE};
+use crate::service::repairs::Repairs;
 use crate::service::session::sender::outbound;
 use crate::service::status::{self, now_secs, Shared, Status};
 use crate::service::transport::accept::accept;
@@ -104,6 +105,7 @@ impl Handler for Service {
             inbound: AtomicUsize::new(0),
             preauth: Mutex::new(VecDeque::new()),
             refused_logged: Mutex::new(None),
+            repairs: Repairs::new(),
         });
         let (rings_tx, rings_rx) = bounded(RING_QUEUE);
 

@@ -7,7 +7,7 @@ use crate::service::context::Ctx;
 use crate::service::resync::client::{gather, main_call, Peer};
 use crate::service::resync::gather::local_bodies;
 use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS, STAGE_ABOVE};
-use crate::service::resync::{try_lock, CHUNK_BYTES, CHUNK_MAILS, LOCAL_CHUNK_MAILS};
+use crate::service::resync::{CHUNK_BYTES, CHUNK_MAILS, LOCAL_CHUNK_MAILS};
 use crate::service::transport::dial::{close, dial};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -97,7 +97,7 @@ pub(crate) fn run_phases(
                 "user {user}: another resync of the user is running"
             ));
         }
-        let Some(lock) = try_lock(user) else {
+        let Some(lock) = ctx.repairs.try_lock(user) else {
             phase(ctx, user, "waiting for another resync of the user here");
             std::thread::sleep(Duration::from_millis(100));
             continue;

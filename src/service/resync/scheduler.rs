@@ -7,7 +7,7 @@ use crate::service::memstore;
 use crate::service::resync::client::main_call;
 use crate::service::resync::control::clear_mark;
 use crate::service::resync::execute::run;
-use crate::service::resync::{retry_later, FAILURES, REQUESTS, SCAN_USERS};
+use crate::service::resync::SCAN_USERS;
 use crate::{journal, registry};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -25,19 +25,7 @@ pub(crate) fn auto(ctx: Ctx) {
     let mut scan_next = 0;
     while !ctx.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
-        let due: Vec<(String, String)> = {
-            let mut r = REQUESTS.lock().unwrap();
-            let due: Vec<(String, String)> = r
-                .iter()
-                .filter(|(_, (due, _))| Instant::now() >= *due)
-                .map(|(u, (_, why))| (u.clone(), why.clone()))
-                .collect();
-            for (u, _) in &due {
-                r.remove(u);
-            }
-            due
-        };
-        for (user, why) in due {
+        for (user, why) in ctx.repairs.due(Instant::now()) {
             auto_resync(&ctx, &user, &why);
         }
         if last_scan.elapsed() >= ctx.cfg.scan_every {
@@ -60,18 +48,20 @@ pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
                 );
             }
             clear_mark(ctx, user);
-            FAILURES.lock().unwrap().remove(user);
+            ctx.repairs.succeeded(user);
         }
         Ok(r) => {
             log::warn!(
                 "user {user}: resync left differences (retrying later): {}",
                 r.errors.join("; ")
             );
-            retry_later(user, "the last resync left differences");
+            ctx.repairs
+                .failed(user, "the last resync left differences", Instant::now());
         }
         Err(e) => {
             log::warn!("user {user}: resync failed (retrying later): {e}");
-            retry_later(user, "the last resync failed");
+            ctx.repairs
+                .failed(user, "the last resync failed", Instant::now());
         }
     }
 }

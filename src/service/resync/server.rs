@@ -5,9 +5,9 @@ use crate::service::apply::resync::local_apply;
 use crate::service::apply::BodyMeta;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
+use crate::service::repairs::Lock;
 use crate::service::resync::gather::{details_page, local_bodies, local_details, local_summary};
 use crate::service::resync::rpc::{Reply, Req, MAX_STAGED, RPC_BODY_BYTES};
-use crate::service::resync::{try_lock, Lock};
 use std::collections::HashMap;
 
 /// What a peer's resync connection holds here: its user locks and staged bodies.
@@ -54,16 +54,16 @@ pub(crate) fn serve_req(
             .map_err(|_| "the service is stopping".to_string())?
     };
     match req {
-        Req::Lock { user } => Ok(match try_lock(&user) {
+        Req::Lock { user } => Ok(match ctx.repairs.try_lock(&user) {
             Some(l) => {
                 st.locks.push(l);
                 (Reply::Ok, Vec::new())
             }
-            None if st.locks.iter().any(|l| l.0 == user) => (Reply::Ok, Vec::new()),
+            None if st.locks.iter().any(|l| l.user() == user) => (Reply::Ok, Vec::new()),
             None => (Reply::Busy, Vec::new()),
         }),
         Req::Unlock { user } => {
-            st.locks.retain(|l| l.0 != user);
+            st.locks.retain(|l| l.user() != user);
             Ok((Reply::Ok, Vec::new()))
         }
         Req::Stage {

@@ -7,7 +7,6 @@ use crate::registry;
 use crate::service::host::dovecot::{self, Svc, User};
 use crate::service::host::users::with_user;
 use crate::service::limits::NEW_USERS_PER_SEC;
-use crate::service::resync;
 use crate::service::session::sender::{hex, OutReadState, OutUser, Outbound};
 use crate::service::status::now_secs;
 use crate::service::transport::conn::ConnError;
@@ -123,7 +122,9 @@ impl Outbound {
                         hex(&sending),
                         dir.display()
                     );
-                    resync::request(name, "the journal was lost");
+                    self.ctx
+                        .repairs
+                        .request(name, "the journal was lost", Instant::now());
                     u.cursor = Cursor::from_lsn(1);
                     self.tx.restart(name, [0; 16]);
                 }
@@ -143,7 +144,9 @@ impl Outbound {
                     hex(&sending),
                     hex(&jid)
                 );
-                resync::request(name, "the journal was replaced");
+                self.ctx
+                    .repairs
+                    .request(name, "the journal was replaced", Instant::now());
             }
             // A new journal (first contact, or the old one was lost): from its start.
             log::info!(
@@ -167,7 +170,7 @@ impl Outbound {
             let msg = format!("journal damaged: {d}; skipped, the user is resynced");
             log::error!("user {name}: {msg}");
             let _ = journal::mark_resync(&dir, &msg);
-            resync::request(name, &msg);
+            self.ctx.repairs.request(name, &msg, Instant::now());
         }
         self.tx.read(name, &records);
         Ok((

@@ -101,7 +101,9 @@ impl Inbound<'_> {
                 Action::Send(m) => {
                     wr.send(&m)?;
                 }
-                Action::Resync { user, why } => resync::request(&user, &why),
+                Action::Resync { user, why } => {
+                    self.ctx.repairs.request(&user, &why, Instant::now())
+                }
                 Action::Log { level, msg, shown } => {
                     log::log!(level, "{msg}");
                     if shown {
@@ -195,7 +197,10 @@ impl Inbound<'_> {
     /// Applies what can be applied, user by user: one user waiting for a body or retrying
     /// after an error never holds up the others.
     fn apply_ready(&mut self, wr: &mut FrameWriter) -> Result<(), ConnError> {
-        for name in self.rx.ready(Instant::now(), resync::is_locked) {
+        for name in self
+            .rx
+            .ready(Instant::now(), |u| self.ctx.repairs.is_locked(u))
+        {
             self.apply_user(&name, wr)?;
         }
         Ok(())
@@ -245,7 +250,7 @@ impl Inbound<'_> {
                 )
             })?;
             for why in &outcome.resyncs {
-                resync::request(name, why);
+                self.ctx.repairs.request(name, why, Instant::now());
             }
             {
                 let mut s = self.ctx.status.lock().unwrap();
