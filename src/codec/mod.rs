@@ -138,7 +138,7 @@ pub enum Msg {
     Error {
         message: String,
     },
-    /// A verify/resync request or its answer (src/service/resync.rs): a JSON document and
+    /// A verify/resync request or its answer (src/service/resync/rpc.rs): a JSON document and
     /// the raw bodies it refers to by index.
     Rpc {
         json: String,

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const STATUS_SOCKET: &str = "tandem-status";
 /// The socket in base_dir that `tandem verify` and `tandem resync` talk to (root only): one
-/// JSON request line, then JSON lines of progress and reports (src/service/resync.rs).
+/// JSON request line, then JSON lines of progress and reports (src/service/resync/control.rs).
 pub const CONTROL_SOCKET: &str = "tandem-control";
 
 /// Seconds since the epoch, for JSON.
