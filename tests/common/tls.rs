@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The exporter label of the channel binding (src/auth.rs `CHANNEL_LABEL`).
+/// The exporter label of the channel binding (src/auth/mod.rs `CHANNEL_LABEL`).
 pub const CHANNEL_LABEL: &[u8] = b"EXPORTER-tandem-v1";
 
 pub type Client = StreamOwned<ClientConnection, TcpStream>;
