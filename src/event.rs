@@ -154,6 +154,39 @@ impl fmt::Display for Guid128 {
     }
 }
 
+/// A journal's identity: 16 random bytes chosen when the journal is created, so that a journal
+/// recreated at the same path is never taken for the old one. All zeroes: no journal yet.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JournalId(pub [u8; 16]);
+
+impl JournalId {
+    pub const NONE: JournalId = JournalId([0; 16]);
+
+    pub fn is_none(&self) -> bool {
+        *self == JournalId::NONE
+    }
+
+    pub fn to_hex(&self) -> String {
+        Guid128(self.0).to_hex()
+    }
+
+    pub fn from_hex(s: &str) -> Option<JournalId> {
+        Guid128::from_hex(s).map(|g| JournalId(g.0))
+    }
+}
+
+impl fmt::Display for JournalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for JournalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JournalId({self})")
+    }
+}
+
 /// Where a copied (or moved) message came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopySource {

@@ -12,7 +12,7 @@
 //! forgotten at compaction: conflicts are between changes made while the servers were apart,
 //! and tombstones older than that are only needed if a server was away longer.
 
-use crate::event::{Change, FlagSet, Guid128, Record};
+use crate::event::{Change, FlagSet, Guid128, JournalId, Record};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -131,16 +131,12 @@ pub struct Memory {
     /// Mailbox → HIGHESTMODSEQ accounted for (see `Line::Modseq`).
     pub modseq: HashMap<Guid128, u64>,
     /// The local journal's id and the next LSN to read from it.
-    pub journal: Option<([u8; 16], u64)>,
+    pub journal: Option<(JournalId, u64)>,
     pending: Vec<Line>,
 }
 
 fn parse_guid(s: &str) -> Option<Guid128> {
     Guid128::from_hex(s)
-}
-
-fn hex16(b: &[u8; 16]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Memory {
@@ -211,10 +207,7 @@ impl Memory {
                 journal_id,
                 next_lsn,
             } => {
-                let mut id = [0u8; 16];
-                if let Some(g) = Guid128::from_hex(&journal_id) {
-                    id = g.0;
-                }
+                let id = JournalId::from_hex(&journal_id).unwrap_or_default();
                 self.journal = Some((id, next_lsn));
             }
         }
@@ -360,10 +353,10 @@ impl Memory {
     }
 
     /// Records that the local journal `journal_id` has been read up to `next_lsn`.
-    pub fn set_cursor(&mut self, journal_id: [u8; 16], next_lsn: u64) {
+    pub fn set_cursor(&mut self, journal_id: JournalId, next_lsn: u64) {
         if self.journal != Some((journal_id, next_lsn)) {
             self.push(Line::Cursor {
-                journal_id: hex16(&journal_id),
+                journal_id: journal_id.to_hex(),
                 next_lsn,
             });
         }
@@ -504,7 +497,7 @@ impl Memory {
         }
         if let Some((id, next)) = self.journal {
             lines.push(Line::Cursor {
-                journal_id: hex16(&id),
+                journal_id: id.to_hex(),
                 next_lsn: next,
             });
         }
@@ -625,13 +618,13 @@ mod tests {
                 uidnext: 12,
             },
         ));
-        m.set_cursor([9; 16], 77);
+        m.set_cursor(JournalId([9; 16]), 77);
         m.flush().unwrap();
         let lines = fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines < 2000, "compacted: {lines} lines");
         let m2 = Memory::load(&path);
         assert_eq!(m2.flags, m.flags);
         assert_eq!(m2.deleted[&Guid128([1; 16])].uidnext, 12);
-        assert_eq!(m2.journal, Some(([9; 16], 77)));
+        assert_eq!(m2.journal, Some((JournalId([9; 16]), 77)));
     }
 }

@@ -124,7 +124,7 @@ fn last_lsn(journal: &Path) -> u64 {
 fn sparse_segment(path: &Path, base_lsn: u64) {
     let header = tandem::journal::format::SegmentHeader {
         base_lsn,
-        journal_id: [9; 16],
+        journal_id: tandem::event::JournalId([9; 16]),
     }
     .encode();
     fs::write(path, header).unwrap();
@@ -213,7 +213,7 @@ fn a_hostile_journal_cannot_touch_root_files_or_stop_the_service() {
     fs::remove_file(&seg).unwrap();
     let mut fake = tandem::journal::format::SegmentHeader {
         base_lsn: last_lsn(&journal) + 1,
-        journal_id: [7; 16],
+        journal_id: tandem::event::JournalId([7; 16]),
     }
     .encode()
     .to_vec();

@@ -113,7 +113,7 @@ fn create_record(user: &str, lsn: u64, mailbox: &str, guid: u8) -> Record {
 fn records(user: &str, journal_id: u8, records: Vec<Record>) -> Msg {
     Msg::Records {
         user: user.into(),
-        journal_id: [journal_id; 16],
+        journal_id: tandem::event::JournalId([journal_id; 16]),
         records,
     }
 }

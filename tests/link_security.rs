@@ -298,7 +298,7 @@ fn pump(
 fn evil_records() -> Msg {
     Msg::Records {
         user: "bob".into(),
-        journal_id: [0xee; 16],
+        journal_id: tandem::event::JournalId([0xee; 16]),
         records: vec![tandem::event::Record {
             lsn: 1,
             stamp: tandem::event::Stamp(1),

@@ -259,7 +259,7 @@ fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served(
     };
     let records = Msg::Records {
         user: "alice".into(),
-        journal_id: [0xee; 16],
+        journal_id: tandem::event::JournalId([0xee; 16]),
         records: vec![evil],
     };
     let closed = |mut s: TcpStream| {

@@ -38,7 +38,7 @@ fn shape(rest: &[u8], mode: u8) -> Vec<u8> {
     base[..lsn.len()].copy_from_slice(lsn);
     let mut seg = SegmentHeader {
         base_lsn: u64::from_le_bytes(base),
-        journal_id: [7; 16],
+        journal_id: tandem::event::JournalId([7; 16]),
     }
     .encode()
     .to_vec();

@@ -1,5 +1,6 @@
 use super::*;
 use crate::codec::{encode, Decoder};
+use crate::event::JournalId;
 
 const SECRET: &[u8] = b"correct horse battery staple";
 /// The channel binding of a connection both sides share.
@@ -386,7 +387,7 @@ fn messages_out_of_order_are_refused() {
     let err = s
         .on_msg(Msg::Records {
             user: "alice".into(),
-            journal_id: [0; 16],
+            journal_id: JournalId([0; 16]),
             records: Vec::new(),
         })
         .unwrap_err();

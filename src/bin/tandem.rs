@@ -331,11 +331,10 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
     let reader = open(&loc)?;
     let s = reader.stats()?;
     let r = &s.report;
-    let hex = |id: &[u8; 16]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
     if json {
         let v = serde_json::json!({
             "dir": reader.dir(),
-            "journal_id": r.journal_id.as_ref().map(hex),
+            "journal_id": r.journal_id.map(|id| id.to_hex()),
             "segments": r.segments,
             "records": r.records,
             "bytes": r.bytes,
@@ -351,7 +350,7 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     say!("journal:     {}", reader.dir().display());
     if let Some(id) = &r.journal_id {
-        say!("journal id:  {}", hex(id));
+        say!("journal id:  {id}");
     }
     say!("segments:    {}", r.segments);
     say!("records:     {}", r.records);

@@ -3,6 +3,7 @@
 
 use super::{ty, type_name, CodecError, Msg};
 use crate::event::Guid128;
+use crate::event::JournalId;
 use crate::journal::format::{decode_entry, encode_record, Entry};
 
 /// Appends `msg`'s payload to `out`. On error `out` may hold a partial payload: the caller
@@ -35,7 +36,7 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
             records,
         } => {
             w.str(user, "user")?;
-            w.bytes(journal_id);
+            w.bytes(&journal_id.0);
             w.len32(records.len(), "record count")?;
             for (index, r) in records.iter().enumerate() {
                 let bytes = encode_record(r).map_err(|e| CodecError::BadRecord {
@@ -95,7 +96,7 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
             lsn,
         } => {
             w.str(user, "user")?;
-            w.bytes(journal_id);
+            w.bytes(&journal_id.0);
             w.u64(*lsn);
         }
         Msg::Ping { seq } | Msg::Pong { seq } => w.u64(*seq),
@@ -167,7 +168,7 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
         },
         ty::RECORDS => {
             let user = r.str("user")?;
-            let journal_id = r.array("journal id")?;
+            let journal_id = JournalId(r.array("journal id")?);
             let count = r.u32("record count")? as usize;
             // Each record takes at least its 4-byte length: a count that cannot fit in what is
             // left is refused before anything is reserved for it.
@@ -238,7 +239,7 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
         },
         ty::ACK => Msg::Ack {
             user: r.str("user")?,
-            journal_id: r.array("journal id")?,
+            journal_id: JournalId(r.array("journal id")?),
             lsn: r.u64("lsn")?,
         },
         ty::PING => Msg::Ping { seq: r.u64("seq")? },

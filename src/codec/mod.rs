@@ -36,6 +36,7 @@ mod tests;
 
 pub use frame::{decode_frame, encode, Decoder};
 
+use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use thiserror::Error;
 
@@ -88,7 +89,7 @@ pub enum Msg {
     /// The sender's journal records for one user, in LSN order.
     Records {
         user: String,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         records: Vec<Record>,
     },
     /// One chunk of a message body. The receiver reassembles by (user, mailbox_guid, uid);
@@ -125,7 +126,7 @@ pub enum Msg {
     /// Receiver → sender, cumulative: every record of this journal up to `lsn` is durably applied.
     Ack {
         user: String,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         lsn: u64,
     },
     Ping {

@@ -33,7 +33,7 @@ pub fn arb_msg() -> impl Strategy<Value = Msg> {
         )
             .prop_map(|(user, journal_id, records)| Msg::Records {
                 user,
-                journal_id,
+                journal_id: JournalId(journal_id),
                 records
             }),
         (
@@ -73,7 +73,7 @@ pub fn arb_msg() -> impl Strategy<Value = Msg> {
         }),
         (user, any::<[u8; 16]>(), any::<u64>()).prop_map(|(user, journal_id, lsn)| Msg::Ack {
             user,
-            journal_id,
+            journal_id: JournalId(journal_id),
             lsn
         }),
         any::<u64>().prop_map(|seq| Msg::Ping { seq }),
@@ -154,12 +154,12 @@ fn every_variant() -> Vec<Msg> {
         },
         Msg::Records {
             user: user.clone(),
-            journal_id: [5; 16],
+            journal_id: JournalId([5; 16]),
             records: (0..3).map(flag_change).collect(),
         },
         Msg::Records {
             user: user.clone(),
-            journal_id: [5; 16],
+            journal_id: JournalId([5; 16]),
             records: Vec::new(),
         },
         Msg::Body {
@@ -186,7 +186,7 @@ fn every_variant() -> Vec<Msg> {
         },
         Msg::Ack {
             user: user.clone(),
-            journal_id: [13; 16],
+            journal_id: JournalId([13; 16]),
             lsn: 14,
         },
         Msg::Ping { seq: 17 },
@@ -282,7 +282,7 @@ fn oversized_length_is_refused_before_allocation() {
     let mut d = Decoder::with_max_frame(4096);
     d.feed(&frame(&Msg::Records {
         user: "u".into(),
-        journal_id: [0; 16],
+        journal_id: JournalId([0; 16]),
         records: (0..200).map(flag_change).collect(),
     }));
     assert!(matches!(
@@ -569,7 +569,7 @@ fn compression_shrinks_a_batch_of_flag_changes() {
         .sum();
     let m = Msg::Records {
         user: "alice@example.org".into(),
-        journal_id: [7; 16],
+        journal_id: JournalId([7; 16]),
         records,
     };
     let buf = frame(&m);
@@ -601,7 +601,7 @@ fn compression_with_random_guids_for_the_record() {
         .collect();
     let buf = frame(&Msg::Records {
         user: "alice@example.org".into(),
-        journal_id: [7; 16],
+        journal_id: JournalId([7; 16]),
         records,
     });
     println!(

@@ -3,6 +3,7 @@
 //!
 //! All integers are little-endian. Strings are a u16 byte length then UTF-8 bytes.
 
+use crate::event::JournalId;
 use crate::event::{Change, CopySource, FlagSet, Guid128, Kind, Record, Stamp};
 
 /// First 8 bytes of every segment file.
@@ -32,7 +33,7 @@ pub struct SegmentHeader {
     pub base_lsn: u64,
     /// Random, fixed when the journal is created; a new id means a new journal (for example one
     /// that was lost and recreated), so LSNs from the old one no longer apply.
-    pub journal_id: [u8; 16],
+    pub journal_id: JournalId,
 }
 
 impl SegmentHeader {
@@ -43,7 +44,7 @@ impl SegmentHeader {
         h[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         // 12..16 reserved, zero.
         h[16..24].copy_from_slice(&self.base_lsn.to_le_bytes());
-        h[24..40].copy_from_slice(&self.journal_id);
+        h[24..40].copy_from_slice(&self.journal_id.0);
         // 40..44 reserved, zero.
         let crc = crc32c::crc32c(&h[0..44]);
         h[44..48].copy_from_slice(&crc.to_le_bytes());
@@ -74,7 +75,7 @@ impl SegmentHeader {
         }
         Ok(SegmentHeader {
             base_lsn,
-            journal_id: buf[24..40].try_into().unwrap(),
+            journal_id: JournalId(buf[24..40].try_into().unwrap()),
         })
     }
 }

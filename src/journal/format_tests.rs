@@ -206,7 +206,7 @@ fn lsns_out_of_range_are_damage() {
     assert!(decode_entry(&encode_seal(u64::MAX)).is_err());
     let h = SegmentHeader {
         base_lsn: u64::MAX,
-        journal_id: [0; 16],
+        journal_id: JournalId([0; 16]),
     };
     assert!(SegmentHeader::decode(&h.encode()).is_err());
 }
@@ -224,7 +224,7 @@ fn oversized_lengths_are_refused_before_allocation() {
 fn header_round_trip_and_names() {
     let h = SegmentHeader {
         base_lsn: 1234,
-        journal_id: [9; 16],
+        journal_id: JournalId([9; 16]),
     };
     assert_eq!(SegmentHeader::decode(&h.encode()).unwrap(), h);
     let mut bad = h.encode();

@@ -11,6 +11,7 @@ use super::safe::{SafeDir, SafeError};
 use super::segment::{self, ScanEnd};
 use super::writer::{LockGuard, LOCK_FILE, LOCK_TIMEOUT};
 use super::JournalError;
+use crate::event::JournalId;
 use crate::event::Record;
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Seek, SeekFrom};
@@ -141,7 +142,7 @@ pub struct VerifyReport {
     pub bytes: u64,
     pub first_lsn: Option<u64>,
     pub last_lsn: Option<u64>,
-    pub journal_id: Option<[u8; 16]>,
+    pub journal_id: Option<JournalId>,
     pub problems: Vec<Problem>,
 }
 
@@ -445,7 +446,7 @@ impl Reader {
     }
 
     /// The journal's id, from its oldest segment's header.
-    pub fn journal_id(&self) -> Result<[u8; 16], JournalError> {
+    pub fn journal_id(&self) -> Result<JournalId, JournalError> {
         let segs = self.segments()?;
         let (_, path) = segs
             .first()

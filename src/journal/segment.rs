@@ -124,6 +124,7 @@ fn tail_or_damage(rest: &[u8], pos: usize, reason: String) -> ScanEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::JournalId;
     use crate::journal::format::tests::arb_record;
     use crate::journal::format::{encode_record, write_frame};
     use proptest::prelude::*;
@@ -131,7 +132,7 @@ mod tests {
     fn segment(records: &mut [Record]) -> (Vec<u8>, Vec<usize>) {
         let mut buf = SegmentHeader {
             base_lsn: 1,
-            journal_id: [1; 16],
+            journal_id: JournalId([1; 16]),
         }
         .encode()
         .to_vec();
@@ -206,7 +207,7 @@ mod tests {
     fn fake_frame_headers_are_scanned_in_linear_time() {
         let mut buf = SegmentHeader {
             base_lsn: 1,
-            journal_id: [1; 16],
+            journal_id: JournalId([1; 16]),
         }
         .encode()
         .to_vec();
@@ -238,7 +239,7 @@ mod tests {
         let (_, _) = segment(&mut recs);
         let mut buf = SegmentHeader {
             base_lsn: 1,
-            journal_id: [1; 16],
+            journal_id: JournalId([1; 16]),
         }
         .encode()
         .to_vec();

@@ -8,6 +8,7 @@
 use super::format::{self, SegmentHeader, HEADER_LEN};
 use super::segment::{self, ScanEnd};
 use super::JournalError;
+use crate::event::JournalId;
 use crate::event::{Record, Stamp};
 use crate::settings::FsyncPolicy;
 use std::fs::{self, File, OpenOptions};
@@ -102,7 +103,7 @@ struct Active {
     len: u64,
     next_lsn: u64,
     last_stamp: Stamp,
-    journal_id: [u8; 16],
+    journal_id: JournalId,
 }
 
 /// Appends records to one user's journal.
@@ -288,7 +289,7 @@ impl Writer {
         Ok(())
     }
 
-    fn previous_journal_id(&self, segs: &[(u64, PathBuf)]) -> Option<[u8; 16]> {
+    fn previous_journal_id(&self, segs: &[(u64, PathBuf)]) -> Option<JournalId> {
         let (_, prev) = segs.iter().rev().nth(1)?;
         let mut h = [0u8; HEADER_LEN];
         File::open(prev).ok()?.read_exact(&mut h).ok()?;
@@ -300,7 +301,7 @@ impl Writer {
     fn create_segment(
         &self,
         base_lsn: u64,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         last_stamp: Stamp,
     ) -> Result<Active, JournalError> {
         let path = self.dir.join(format::segment_name(base_lsn));
@@ -492,7 +493,7 @@ const TAIL_WINDOW: u64 = 64 << 10;
 /// A frame found by searching backwards could in theory sit inside another frame's payload;
 /// it would need a NUL in its length field, which no string from Dovecot (all C strings) can
 /// hold, and a matching CRC.
-fn clean_tail(file: &File) -> Option<(u64, u64, Stamp, [u8; 16])> {
+fn clean_tail(file: &File) -> Option<(u64, u64, Stamp, JournalId)> {
     use std::os::unix::fs::FileExt;
     let len = file.metadata().ok()?.len();
     let mut h = [0u8; HEADER_LEN];
@@ -533,9 +534,9 @@ fn sync_dir(dir: &Path) -> Result<(), JournalError> {
         .map_err(|e| JournalError::io(dir, e))
 }
 
-fn new_journal_id() -> Result<[u8; 16], JournalError> {
+fn new_journal_id() -> Result<JournalId, JournalError> {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)
         .map_err(|e| JournalError::io("getrandom", std::io::Error::other(e.to_string())))?;
-    Ok(id)
+    Ok(JournalId(id))
 }

@@ -9,6 +9,7 @@
 //!
 //! Each file is one line, `tandem-position 1 <journal id hex> <lsn>`, replaced atomically.
 
+use crate::event::JournalId;
 use crate::registry::encode_user;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -18,14 +19,14 @@ use std::path::{Path, PathBuf};
 /// A position in one journal: everything up to and including `lsn` is done.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Position {
-    pub journal_id: [u8; 16],
+    pub journal_id: JournalId,
     pub lsn: u64,
 }
 
 impl Position {
     /// The LSN to continue from in the journal `journal_id`: after this position if it is the
     /// same journal, from the start if the journal was recreated.
-    pub fn next_in(&self, journal_id: &[u8; 16]) -> u64 {
+    pub fn next_in(&self, journal_id: &JournalId) -> u64 {
         if &self.journal_id == journal_id {
             self.lsn + 1
         } else {
@@ -39,15 +40,6 @@ impl Position {
 pub struct Positions {
     dir: PathBuf,
     durable: bool,
-}
-
-fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<[u8; 16]> {
-    let g = crate::event::Guid128::from_hex(s)?;
-    Some(g.0)
 }
 
 impl Positions {
@@ -85,7 +77,7 @@ impl Positions {
         if parts.next() != Some("tandem-position") || parts.next() != Some("1") {
             return Err(bad());
         }
-        let journal_id = parts.next().and_then(unhex).ok_or_else(bad)?;
+        let journal_id = parts.next().and_then(JournalId::from_hex).ok_or_else(bad)?;
         let lsn = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
         Ok(Some(Position { journal_id, lsn }))
     }
@@ -95,7 +87,7 @@ impl Positions {
         // Encoded user names never start with '.', so this cannot be another user's file
         // (`with_extension("tmp")` made bob's temp file user bob.tmp's position file).
         let tmp = self.dir.join(format!(".{}.tmp", encode_user(user)));
-        let line = format!("tandem-position 1 {} {}", hex(&pos.journal_id), pos.lsn);
+        let line = format!("tandem-position 1 {} {}", pos.journal_id, pos.lsn);
         replace_file(&tmp, &path, &line, self.durable)?;
         if self.durable {
             File::open(&self.dir)?.sync_all()?;
@@ -158,11 +150,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = Positions::open(&t.path().join("sent"), false).unwrap();
         let a = Position {
-            journal_id: [1; 16],
+            journal_id: JournalId([1; 16]),
             lsn: 7,
         };
         let b = Position {
-            journal_id: [2; 16],
+            journal_id: JournalId([2; 16]),
             lsn: 9,
         };
         p.set("bob.tmp", b).unwrap();
@@ -177,13 +169,13 @@ mod tests {
         let p = Positions::open(&t.path().join("applied/a"), true).unwrap();
         assert_eq!(p.get("bob@x").unwrap(), None);
         let pos = Position {
-            journal_id: [7; 16],
+            journal_id: JournalId([7; 16]),
             lsn: 42,
         };
         p.set("bob@x", pos).unwrap();
         assert_eq!(p.get("bob@x").unwrap(), Some(pos));
-        assert_eq!(pos.next_in(&[7; 16]), 43);
-        assert_eq!(pos.next_in(&[8; 16]), 1);
+        assert_eq!(pos.next_in(&JournalId([7; 16])), 43);
+        assert_eq!(pos.next_in(&JournalId([8; 16])), 1);
         std::fs::write(t.path().join("applied/a/bob@x"), "junk").unwrap();
         assert!(p.get("bob@x").is_err());
     }

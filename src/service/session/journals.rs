@@ -1,13 +1,14 @@
 //! The sender's view of the journals: finding users' journals, reading new records, and
 //! the backlog figures.
 
+use crate::event::JournalId;
 use crate::event::Record;
 use crate::journal::{self, Cursor, JournalError, Reader};
 use crate::registry;
 use crate::service::host::dovecot::{self, Svc, User};
 use crate::service::host::users::with_user;
 use crate::service::limits::NEW_USERS_PER_SEC;
-use crate::service::session::sender::{hex, OutReadState, OutUser, Outbound};
+use crate::service::session::sender::{OutReadState, OutUser, Outbound};
 use crate::service::status::now_secs;
 use crate::service::transport::conn::ConnError;
 use std::time::{Duration, Instant};
@@ -114,19 +115,19 @@ impl Outbound {
         let reader = match Reader::open(&dir) {
             Ok(r) => r.skipping_damage().syncing(),
             Err(JournalError::Missing(_)) => {
-                if sending != [0; 16] {
+                if sending != JournalId::NONE {
                     // The journal we were sending is gone, with whatever the peer had not
                     // acknowledged: only a comparison of both sides can tell what that was.
                     log::warn!(
                         "user {name}: journal {} in {} is gone; resyncing the user",
-                        hex(&sending),
+                        sending,
                         dir.display()
                     );
                     self.ctx
                         .repairs
                         .request(name, "the journal was lost", Instant::now());
                     u.cursor = Cursor::from_lsn(1);
-                    self.tx.restart(name, [0; 16]);
+                    self.tx.restart(name, JournalId::NONE);
                 }
                 // A real user (the userdb knows them) without a journal stays known: forgetting
                 // would cost a userdb lookup at every rescan.
@@ -138,21 +139,18 @@ impl Outbound {
             .journal_id()
             .map_err(|e| ConnError::Protocol(format!("user {name}: {e}")))?;
         if jid != sending {
-            if sending != [0; 16] {
+            if sending != JournalId::NONE {
                 log::warn!(
                     "user {name}: journal {} was replaced by {}; resyncing the user",
-                    hex(&sending),
-                    hex(&jid)
+                    sending,
+                    jid
                 );
                 self.ctx
                     .repairs
                     .request(name, "the journal was replaced", Instant::now());
             }
             // A new journal (first contact, or the old one was lost): from its start.
-            log::info!(
-                "user {name}: journal {} begins; sending it from LSN 1",
-                hex(&jid)
-            );
+            log::info!("user {name}: journal {} begins; sending it from LSN 1", jid);
             u.cursor = Cursor::from_lsn(1);
             self.tx.restart(name, jid);
         }

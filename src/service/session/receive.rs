@@ -12,6 +12,7 @@
 //! retrying after an error never holds up another.
 
 use crate::codec::Msg;
+use crate::event::JournalId;
 use crate::event::{Change, Guid128, Record};
 use crate::service::apply::BodyBuf;
 use crate::service::limits::{
@@ -101,7 +102,7 @@ struct Queued {
 
 #[derive(Debug)]
 struct Stream {
-    journal_id: [u8; 16],
+    journal_id: JournalId,
     applied: u64,
     queue: VecDeque<Queued>,
     queued_bytes: u64,
@@ -148,7 +149,7 @@ impl Receiver {
 
     /// Whether the user's stream is open for journal `journal_id`; if not, the driver opens
     /// it with [`Receiver::open`] and what it has persisted.
-    pub fn is_open(&self, user: &str, journal_id: &[u8; 16]) -> bool {
+    pub fn is_open(&self, user: &str, journal_id: &JournalId) -> bool {
         self.users
             .get(user)
             .is_some_and(|u| &u.journal_id == journal_id)
@@ -161,7 +162,7 @@ impl Receiver {
 
     /// Opens (or, for another journal, reopens) the user's stream, continuing after `stored`,
     /// the position persisted as applied.
-    pub fn open(&mut self, user: &str, journal_id: [u8; 16], stored: Option<Position>) {
+    pub fn open(&mut self, user: &str, journal_id: JournalId, stored: Option<Position>) {
         let applied = stored
             .filter(|p| p.journal_id == journal_id)
             .map_or(0, |p| p.lsn);
@@ -185,7 +186,7 @@ impl Receiver {
     pub fn on_records(
         &mut self,
         user: &str,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         records: Vec<Record>,
         now_ms: u64,
     ) -> Vec<Action> {

@@ -6,7 +6,7 @@ use super::*;
 use crate::event::{FlagSet, Stamp};
 use proptest::prelude::*;
 
-const JID: [u8; 16] = [7; 16];
+const JID: JournalId = JournalId([7; 16]);
 /// The wall clock in the tests: the records' stamps are a little before it.
 const NOW: u64 = 2_000_000;
 const INBOX: Guid128 = Guid128([1; 16]);
@@ -141,7 +141,7 @@ fn a_stream_reopened_from_its_stored_position_skips_what_was_applied() {
     // Another journal: from its start, whatever the old one's position was.
     rx.open(
         "alice",
-        [9; 16],
+        JournalId([9; 16]),
         Some(Position {
             journal_id: JID,
             lsn: 5,
@@ -582,7 +582,7 @@ proptest! {
             match op {
                 Hostile::Records { stream, journal, lsns, foreign, own } => {
                     let user = users[stream as usize];
-                    let jid = [journal; 16];
+                    let jid = JournalId([journal; 16]);
                     if !rx.is_open(user, &jid) {
                         rx.open(user, jid, stored.get(user).copied());
                     }

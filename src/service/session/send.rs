@@ -14,6 +14,7 @@
 //!   records (DESIGN.md decision 9), so that records and acks never queue behind a large body.
 
 use crate::codec::{Msg, BODY_CHUNK};
+use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use crate::service::apply::Body;
 use crate::service::limits::{
@@ -35,7 +36,7 @@ struct Unacked {
 /// One user's stream as the sender sees it.
 #[derive(Debug)]
 struct Flow {
-    journal_id: [u8; 16],
+    journal_id: JournalId,
     acked: u64,
     unacked: VecDeque<Unacked>,
     /// Record bytes sent and not acknowledged.
@@ -112,7 +113,7 @@ impl Sender {
 
     /// The user's journal is another one now (a new journal, or the old one lost): its stream
     /// starts at LSN 1 and nothing of the old one is waiting any more.
-    pub fn restart(&mut self, user: &str, journal_id: [u8; 16]) {
+    pub fn restart(&mut self, user: &str, journal_id: JournalId) {
         if let Some(f) = self.users.get_mut(user) {
             f.journal_id = journal_id;
             f.acked = 0;
@@ -166,7 +167,7 @@ impl Sender {
     pub fn frames(
         &mut self,
         user: &str,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         records: Vec<Record>,
         now: Instant,
     ) -> Vec<(Msg, u64)> {
@@ -204,7 +205,7 @@ impl Sender {
     pub fn on_ack(
         &mut self,
         user: &str,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         lsn: u64,
         now: Instant,
     ) -> Result<Option<Acked>, String> {

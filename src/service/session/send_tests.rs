@@ -7,7 +7,7 @@ use crate::service::session::receive::{self, Done, Next, Receiver};
 use proptest::prelude::*;
 use std::time::Duration;
 
-const JID: [u8; 16] = [7; 16];
+const JID: JournalId = JournalId([7; 16]);
 const INBOX: Guid128 = Guid128([1; 16]);
 
 fn flags(user: &str, lsn: u64) -> Record {
@@ -55,7 +55,7 @@ fn an_ack_frees_the_window_and_gives_the_position_to_persist() {
     assert_eq!(tx.status("alice", 0).unwrap().unacked_records, 1);
     // Old and repeated acks change nothing.
     assert_eq!(tx.on_ack("alice", JID, 2, now), Ok(None));
-    assert_eq!(tx.on_ack("alice", [9; 16], 3, now), Ok(None));
+    assert_eq!(tx.on_ack("alice", JournalId([9; 16]), 3, now), Ok(None));
 }
 
 #[test]

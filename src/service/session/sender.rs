@@ -2,6 +2,7 @@
 
 use super::send::Sender;
 use crate::codec::Msg;
+use crate::event::JournalId;
 use crate::event::{Change, Guid128};
 use crate::journal::{self, Cursor, Reader};
 use crate::registry;
@@ -35,7 +36,7 @@ pub(crate) struct OutUser {
 pub(crate) enum Incoming {
     Ack {
         user: String,
-        journal_id: [u8; 16],
+        journal_id: JournalId,
         lsn: u64,
     },
     NeedBody {
@@ -463,10 +464,6 @@ impl Outbound {
 
 #[derive(Default)]
 pub(crate) struct OutReadState {
-    pub(crate) journal_id: [u8; 16],
+    pub(crate) journal_id: JournalId,
     pub(crate) more: bool,
-}
-
-pub(crate) fn hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
