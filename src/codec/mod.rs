@@ -24,7 +24,6 @@
 //! | `0x12` | [`Msg::BodyGone`] | sender → receiver |
 //! | `0x13` | [`Msg::NeedBody`] | receiver → sender |
 //! | `0x14` | [`Msg::Ack`] | receiver → sender |
-//! | `0x15` | [`Msg::Resume`] | receiver → sender |
 //! | `0x20` | [`Msg::Ping`] | either |
 //! | `0x21` | [`Msg::Pong`] | either |
 //! | `0x22` | [`Msg::Error`] | either |

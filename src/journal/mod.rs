@@ -3,7 +3,7 @@
 //! - [`format`]: the byte layout, pure encode/decode (documented in docs/journal-format.md).
 //! - [`writer`]: appends under an exclusive lock, safe with many processes of one user.
 //! - [`reader`]: reads from an LSN, verifies, gives stats, drops acknowledged segments.
-//! - [`resync`]: the "needs a resync" mark left when changes could not be journaled.
+//! - [`mark`]: the "needs a resync" mark left when changes could not be journaled.
 //! - [`safe`]: opening files in a directory a user controls, for the root service.
 
 pub mod format;

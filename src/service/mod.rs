@@ -5,20 +5,42 @@
 //!  doorbell (unix dgram) ──> rings ──┐
 //!  registry (state_dir/users) ───────┤
 //!                                    v
-//!  tandem-outbound thread (session::sender): journals ──> Records/Body frames ──> TCP ──┐
-//!        ^   Ack, NeedBody <── tandem-reader thread <── TCP <──┐                        │
-//!        └── bodies read on the main thread                    │                        v
-//!                                                              │   peer's tandem-inbound thread
-//!  tandem-inbound thread (one per connection from the peer, session::receiver):
-//!        frames ──> per-user queues ──> apply batches on the main thread (apply) ──> Ack
+//!  tandem-outbound thread (session::sender, driving session::send):
+//!        journals ──> Records frames, bodies in slices ──> TCP ──> the peer's tandem-inbound
+//!        ^   Ack, NeedBody <── tandem-outbound-rd thread <── TCP <──┘
+//!        └── bodies read on the main thread
+//!  tandem-inbound thread, one per connection from the peer (session::receiver, driving
+//!  session::receive):
+//!        frames ──> per-user queues ──> batches applied on the main thread (apply) ──> Ack
 //!        Rpc frames of the peer's resync ──> resync::server, on the main thread
 //!  tandem-doorbell thread (transport::doorbell): rings ──> outbound
-//!  tandem-control thread (resync::control) and one thread per `tandem` client: verify, resync
+//!  tandem-control thread (resync::control) and a thread per `tandem` client: verify, resync
 //!  tandem-resync thread (resync::scheduler): requested resyncs, marked users, gap scans
 //!  tandem-status thread (status): the status socket
-//!  main thread (host): Dovecot's ioloop; the only thread that calls lib-storage, running jobs
-//!        that the other threads post to its queue (host::mainloop)
+//!  main thread (host): Dovecot's ioloop, the only thread that calls lib-storage: it runs the
+//!        jobs the other threads post to its queue (host::mainloop)
 //! ```
+//!
+//! Modules, in the order data flows through them:
+//! - [`session`]: the replication protocol. [`session::send`] and [`session::receive`] are
+//!   sans-IO state machines (windows, acknowledgements, stalls, LSN order, bounds, bodies);
+//!   `sender`, `journals` and `receiver` drive them with sockets, journals and the main thread.
+//! - [`apply`]: applying the peer's changes to this server's mail, under [`crate::rules`];
+//!   [`apply::applier`] over the [`apply::MailStore`] trait, tested on [`apply::FakeStore`].
+//! - `resync`: verify and resync: RPC types, the server half, gathering state, the client
+//!   half, executing plans in chunks, the control socket, and the scheduler.
+//! - [`repairs`]: which users wait for a resync or are held by one.
+//! - `transport`: connections (framing, TLS, dialing, accepting), the doorbell, the `tandem`
+//!   tool's unix sockets, peer credentials.
+//! - [`host`]: the main-thread boundary: the safe wrapper over the C shim, the job queue, the
+//!   cache of open users.
+//! - `process`, `config`, `context`, [`limits`]: the process Dovecot's master starts, its
+//!   settings, what every thread shares, and every bound and period in one place.
+//! - [`positions`], [`memstore`], [`status`]: what is persisted (positions, the conflict
+//!   memory) and shown (`tandem status`).
+//!
+//! Imports run one way: session uses resync, apply, transport and host; resync uses apply,
+//! transport and host; apply and transport use host; host uses none of them.
 //!
 //! Positions are persisted ([`positions`]) so that every restart resumes where the peer
 //! acknowledged, and applying is idempotent.

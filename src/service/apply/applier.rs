@@ -4,7 +4,7 @@
 //! Sans-IO: it calls the store and the memory it is handed and reports what else must happen
 //! (conflicts to log, resyncs to request, bodies to ask for) in its [`Outcome`]; it logs,
 //! sends and persists nothing itself. The service hands it the Dovecot store and the user's
-//! memory (caught up with the local journal first); the tests hand it a [`FakeStore`].
+//! memory (caught up with the local journal first); the tests hand it a [`super::FakeStore`].
 
 #[cfg(test)]
 mod sim;

@@ -9,7 +9,7 @@
 //! run again: what is already the same on both sides is not touched again.
 //!
 //! Triggers without anyone asking: a change from the peer that the streaming rules could not
-//! settle ([`request`]), a user marked as needing a resync (a failed journal write, a lost or
+//! settle ([`crate::service::repairs::Repairs::request`]), a user marked as needing a resync (a failed journal write, a lost or
 //! damaged journal), and gap detection: a mailbox whose HIGHESTMODSEQ moved past every change
 //! the journal and the service account for.
 
