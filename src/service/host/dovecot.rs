@@ -103,7 +103,7 @@ pub trait Handler {
     /// non-blocking and belongs to the handler, which may move it to a thread. Once it is
     /// closed, call [`Svc::client_closed`] (on the main thread), so master can send more.
     fn client_connected(&mut self, svc: &Svc, fd: OwnedFd);
-    /// The ioloop stopped (SIGTERM from master, or a panic in a callback). Join threads and drop users
+    /// The ioloop stopped (SIGTERM from master, or `started` failed). Join threads and drop users
     /// here; the handler itself is dropped right after, before Dovecot's deinit. Watches
     /// ([`Svc::watch_fd`]) have already ended, so their fds may be closed.
     fn stopping(&mut self, svc: &Svc);
