@@ -2258,3 +2258,147 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 		tandem_svc_mail_list_real(user, mailbox_guid, cb, ctx,
 					  error_r));
 }
+
+/* ---- Single lookups ---- */
+
+static int
+tandem_svc_mailbox_named_real(struct tandem_svc_user *user, const char *vname,
+			      uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r)
+{
+	enum mailbox_existence existence;
+	struct mailbox *box;
+	int ret;
+
+	memset(guid_r, 0, TANDEM_SVC_GUID_SIZE);
+	ret = tandem_svc_box_by_name(user, vname, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mailbox_exists(box, FALSE, &existence) < 0)
+		ret = tandem_svc_box_error(box, "Looking up", error_r);
+	else if (existence != MAILBOX_EXISTENCE_SELECT) {
+		*error_r = tandem_svc_printf("No mailbox named %s", vname);
+		ret = TANDEM_SVC_ERROR_NO_MAILBOX;
+	} else
+		ret = tandem_svc_metadata_guid(box, guid_r, error_r);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
+			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			     const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_named_real(user, vname, guid_r, error_r));
+}
+
+static int
+tandem_svc_mail_real(struct tandem_svc_user *user,
+		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		     uint32_t uid, struct tandem_svc_mail_info *info_r,
+		     const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	const char *const *keywords;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *guid;
+	int ret;
+
+	i_zero(info_r);
+	info_r->guid = "";
+	info_r->keywords = tandem_svc_no_keywords;
+	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	trans = mailbox_transaction_begin(box, 0, "tandem mail");
+	mail = mail_alloc(trans, MAIL_FETCH_FLAGS | MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(mail, uid))
+		ret = TANDEM_SVC_ALREADY;
+	else if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0)
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+	else {
+		/* Copied: the mail's strings go with the transaction. */
+		info_r->uid = uid;
+		info_r->guid = tandem_svc_strdup(guid);
+		info_r->flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+		keywords = mail_get_keywords(mail);
+		if (keywords != NULL)
+			info_r->keywords = (const char *const *)
+				p_strarray_dup(tandem_svc_result_pool, keywords);
+	}
+	mail_free(&mail);
+	mailbox_transaction_rollback(&trans);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mail(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uid, struct tandem_svc_mail_info *info_r,
+		    const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mail_real(user, mailbox_guid, uid, info_r, error_r));
+}
+
+static int tandem_svc_subscriptions_real(struct tandem_svc_user *user,
+					 tandem_svc_name_cb *cb, void *ctx,
+					 const char **error_r)
+{
+	static const char *const patterns[] = { "*", NULL };
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	enum mail_error error;
+	const char *errstr;
+	int ret = TANDEM_SVC_OK;
+
+	iter = mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES |
+		MAILBOX_LIST_ITER_SELECT_SUBSCRIBED |
+		MAILBOX_LIST_ITER_RETURN_NO_FLAGS);
+	while (ret == TANDEM_SVC_OK &&
+	       (info = mailbox_list_iter_next(iter)) != NULL) {
+		if (cb(ctx, info->vname) < 0) {
+			*error_r = "Subscription listing stopped by the caller";
+			ret = TANDEM_SVC_ERROR;
+		}
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
+		errstr = mailbox_list_get_last_internal_error(
+			user->mail_user->namespaces->list, &error);
+		*error_r = tandem_svc_printf(
+			"Listing subscriptions failed: %s", errstr);
+		ret = tandem_svc_mail_error_code(error);
+	}
+	return ret;
+}
+
+int tandem_svc_subscriptions(struct tandem_svc_user *user,
+			     tandem_svc_name_cb *cb, void *ctx,
+			     const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_subscriptions_real(user, cb, ctx, error_r));
+}
+
+static int tandem_svc_refresh_real(struct tandem_svc_user *user)
+{
+	struct mail_namespace *ns;
+
+	tandem_svc_forget_indexes();
+	for (ns = user->mail_user->namespaces; ns != NULL; ns = ns->next) {
+		if (ns->type == MAIL_NAMESPACE_TYPE_PRIVATE &&
+		    ns->alias_for == NULL)
+			mailbox_guid_cache_refresh(ns->list);
+	}
+	return TANDEM_SVC_OK;
+}
+
+int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r, tandem_svc_refresh_real(user));
+}

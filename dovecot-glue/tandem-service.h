@@ -309,4 +309,27 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 			 tandem_svc_mail_cb *cb, void *ctx,
 			 const char **error_r);
 
+/* ---- Single lookups ---- */
+
+/* The GUID of the mailbox named vname (NO_MAILBOX if none). */
+int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
+			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			     const char **error_r);
+/* The message at uid, as of now (the mailbox is synced first). ALREADY if
+   there is none. info_r's strings are valid until the next call. */
+int tandem_svc_mail(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uid, struct tandem_svc_mail_info *info_r,
+		    const char **error_r);
+
+/* Returns 0 to go on, -1 to stop the iteration (which then fails). */
+typedef int tandem_svc_name_cb(void *ctx, const char *vname);
+/* Every subscribed name, mailbox or not. */
+int tandem_svc_subscriptions(struct tandem_svc_user *user,
+			     tandem_svc_name_cb *cb, void *ctx,
+			     const char **error_r);
+/* Forgets cached views: open indexes kept for reuse and the GUID cache, so
+   that the next call sees what other processes committed. */
+int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r);
+
 #endif

@@ -5,10 +5,13 @@
 //!   service runs.
 //! - [`store`]: the [`MailStore`] trait, the single operations a host performs;
 //!   [`fake`]: the in-memory store of the tests.
+//! - [`dovecot_store`] (feature `service`): the [`MailStore`] of the service, over lib-storage.
 //! - [`stream`] and [`resync`] (feature `service`): what the service runs today, on
 //!   lib-storage: streamed records, and a resync plan's actions.
 
 pub mod applier;
+#[cfg(feature = "service")]
+pub(crate) mod dovecot_store;
 pub mod fake;
 #[cfg(feature = "service")]
 pub mod resync;

@@ -975,6 +975,83 @@ impl User {
     }
 }
 
+impl User {
+    /// The GUID of the mailbox named `name`, `None` if there is none.
+    pub fn mailbox_named(&self, name: &str) -> Result<Option<Guid128>, ApplyError> {
+        let name = c_string(name)?;
+        let mut guid = [0u8; 16];
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_mailbox_named(
+                self.raw(),
+                name.as_ptr(),
+                guid.as_mut_ptr(),
+                &mut error,
+            );
+            match applied(ret, error) {
+                Ok(_) => Ok(Some(Guid128(guid))),
+                Err(ApplyError::NoMailbox(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// The message at `uid` as of now, `None` if there is none.
+    pub fn mail(&self, mailbox: &Guid128, uid: u32) -> Result<Option<MailInfo>, ApplyError> {
+        let mut info = raw::tandem_svc_mail_info {
+            uid: 0,
+            guid: ptr::null(),
+            flags: 0,
+            keywords: ptr::null(),
+        };
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; info's strings and error are
+        // copied at once.
+        unsafe {
+            let ret =
+                raw::tandem_svc_mail(self.raw(), mailbox.0.as_ptr(), uid, &mut info, &mut error);
+            Ok(match applied(ret, error)? {
+                Applied::AlreadyApplied => None,
+                Applied::Done => Some(MailInfo {
+                    uid: info.uid,
+                    guid: string(info.guid),
+                    flags: FlagSet::new(info.flags, string_list(info.keywords)),
+                }),
+            })
+        }
+    }
+
+    /// Every subscribed name, mailbox or not.
+    pub fn subscriptions(&self) -> Result<Vec<String>, ApplyError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut error = ptr::null();
+        // SAFETY: main thread; out outlives the call and is only used by on_name during it;
+        // error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_subscriptions(
+                self.raw(),
+                Some(on_name),
+                (&mut out as *mut Vec<String>).cast(),
+                &mut error,
+            );
+            applied(ret, error)?;
+        }
+        Ok(out)
+    }
+
+    /// Forgets cached views (open indexes, the GUID cache): the next call sees what other
+    /// processes committed meanwhile.
+    pub fn refresh(&self) -> Result<(), ApplyError> {
+        let mut error = ptr::null();
+        // SAFETY: main thread; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_refresh(self.raw(), &mut error);
+            applied(ret, error).map(|_| ())
+        }
+    }
+}
+
 fn empty_status() -> raw::tandem_svc_mailbox_status {
     raw::tandem_svc_mailbox_status {
         vname: ptr::null(),
@@ -1030,6 +1107,16 @@ unsafe extern "C" fn on_mailbox(
         let (out, status) = unsafe { (&mut *ctx.cast::<Vec<MailboxStatus>>(), &*status) };
         // SAFETY: status was filled by the C side for this call.
         out.push(unsafe { mailbox_status(status) });
+        0
+    })
+}
+
+unsafe extern "C" fn on_name(ctx: *mut c_void, name: *const c_char) -> c_int {
+    guard::guard("service_subscriptions", -1, || {
+        // SAFETY: ctx is subscriptions()'s Vec, alive for the listing; name is a string valid
+        // for the call.
+        let (out, name) = unsafe { (&mut *ctx.cast::<Vec<String>>(), string(name)) };
+        out.push(name);
         0
     })
 }
