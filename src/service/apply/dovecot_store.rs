@@ -2,9 +2,6 @@
 //! with the shim's answers translated into [`StoreError`]s. Nothing is decided here: what to
 //! change is the applier's.
 
-// Not run yet: the streaming applier moves onto it next.
-#![allow(dead_code)]
-
 use super::store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 use crate::event::{FlagSet, Guid128};
 use crate::service::host::dovecot::{self, Applied, ApplyError, User};
