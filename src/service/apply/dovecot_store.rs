@@ -4,7 +4,7 @@
 
 use super::store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 use crate::event::{FlagSet, Guid128};
-use crate::service::host::dovecot::{self, Applied, ApplyError, User};
+use crate::service::host::dovecot::{self, ApplyError, User};
 
 /// One open user's mail, for the applier, on the main thread.
 pub(crate) struct DovecotStore<'u> {
@@ -16,11 +16,27 @@ impl<'u> DovecotStore<'u> {
         DovecotStore { user }
     }
 
-    /// For the error of a save below UIDNEXT: the shim does not say where UIDNEXT is, and the
-    /// message should.
+    /// The shim says "below UIDNEXT" in words; the error carries the number.
     fn below(&self, mailbox: &Guid128, uid: u32) -> StoreError {
         let uidnext = self.user.mailbox_status(mailbox).map_or(0, |s| s.uidnext);
         StoreError::BelowUidNext { uid, uidnext }
+    }
+
+    /// The shim says "not the message named" in words; the error carries what is there.
+    fn not_there(&self, mailbox: &Guid128, uid: u32) -> StoreError {
+        let found = self.user.mail(mailbox, uid).ok().flatten().map(|m| m.guid);
+        StoreError::NotThere { uid, found }
+    }
+
+    /// The shim says "the name is taken"; the error carries by which mailbox.
+    fn name_taken(&self, name: &str, message: String) -> StoreError {
+        match self.user.mailbox_named(name) {
+            Ok(Some(holder)) => StoreError::NameTaken {
+                name: name.to_string(),
+                holder,
+            },
+            _ => StoreError::Failed(message),
+        }
     }
 }
 
@@ -32,6 +48,9 @@ fn common(mailbox: &Guid128, e: ApplyError) -> StoreError {
         other => StoreError::Failed(other.to_string()),
     }
 }
+
+/// No mailbox in particular (user-wide lookups).
+const ANY: Guid128 = Guid128([0; 16]);
 
 fn host_mail<'a>(m: &NewMail<'a>) -> dovecot::NewMail<'a> {
     dovecot::NewMail {
@@ -64,10 +83,7 @@ fn mail_info(m: dovecot::MailInfo) -> MailInfo {
 
 impl MailStore for DovecotStore<'_> {
     fn mailboxes(&mut self) -> Result<Vec<MailboxInfo>, StoreError> {
-        let all = self
-            .user
-            .mailboxes()
-            .map_err(|e| common(&Guid128([0; 16]), e))?;
+        let all = self.user.mailboxes().map_err(|e| common(&ANY, e))?;
         Ok(all.into_iter().filter(|s| s.exists).map(info).collect())
     }
 
@@ -80,9 +96,7 @@ impl MailStore for DovecotStore<'_> {
     }
 
     fn mailbox_named(&mut self, name: &str) -> Result<Option<Guid128>, StoreError> {
-        self.user
-            .mailbox_named(name)
-            .map_err(|e| common(&Guid128([0; 16]), e))
+        self.user.mailbox_named(name).map_err(|e| common(&ANY, e))
     }
 
     fn mails(&mut self, mailbox: &Guid128) -> Result<Vec<MailInfo>, StoreError> {
@@ -112,9 +126,7 @@ impl MailStore for DovecotStore<'_> {
     }
 
     fn subscriptions(&mut self) -> Result<Vec<String>, StoreError> {
-        self.user
-            .subscriptions()
-            .map_err(|e| common(&Guid128([0; 16]), e))
+        self.user.subscriptions().map_err(|e| common(&ANY, e))
     }
 
     fn create_mailbox(
@@ -124,34 +136,26 @@ impl MailStore for DovecotStore<'_> {
         uidvalidity: u32,
     ) -> Result<(), StoreError> {
         match self.user.mailbox_create(name, guid, uidvalidity) {
-            Ok(Applied::Done) => Ok(()),
-            // The shim's "already": a mailbox has this GUID, under whatever name.
-            Ok(Applied::AlreadyApplied) => Err(StoreError::GuidTaken(*guid)),
-            Err(ApplyError::NameTaken { existing, .. }) => Err(StoreError::NameTaken {
-                name: name.to_string(),
-                holder: existing,
-            }),
+            Ok(()) => Ok(()),
+            Err(ApplyError::GuidTaken(_)) => Err(StoreError::GuidTaken(*guid)),
+            Err(ApplyError::NameTaken(m)) => Err(self.name_taken(name, m)),
             Err(e) => Err(common(guid, e)),
         }
     }
 
     fn rename_mailbox(&mut self, guid: &Guid128, name: &str) -> Result<(), StoreError> {
         match self.user.mailbox_rename(guid, name) {
-            Ok(_) => Ok(()),
-            Err(ApplyError::NameTaken { existing, .. }) => Err(StoreError::NameTaken {
-                name: name.to_string(),
-                holder: existing,
-            }),
+            Ok(()) => Ok(()),
+            Err(e @ ApplyError::NoMailbox(_)) => Err(common(guid, e)),
+            // lib-storage refuses a rename onto the mailbox's own name: it has it already.
+            Err(_) if self.user.mailbox_named(name) == Ok(Some(*guid)) => Ok(()),
+            Err(ApplyError::NameTaken(m)) => Err(self.name_taken(name, m)),
             Err(e) => Err(common(guid, e)),
         }
     }
 
     fn delete_mailbox(&mut self, guid: &Guid128) -> Result<(), StoreError> {
-        match self.user.mailbox_delete(guid) {
-            Ok(Applied::Done) => Ok(()),
-            Ok(Applied::AlreadyApplied) => Err(StoreError::NoMailbox(*guid)),
-            Err(e) => Err(common(guid, e)),
-        }
+        self.user.mailbox_delete(guid).map_err(|e| common(guid, e))
     }
 
     fn adopt_guid(
@@ -163,10 +167,10 @@ impl MailStore for DovecotStore<'_> {
     ) -> Result<(), StoreError> {
         match self
             .user
-            .mailbox_adopt_guid(old, new, uidvalidity, !only_if_unused)
+            .mailbox_adopt_guid(old, new, uidvalidity, only_if_unused)
         {
-            Ok(_) => Ok(()),
-            Err(ApplyError::Conflict(_)) => Err(StoreError::NotEmpty(*old)),
+            Ok(()) => Ok(()),
+            Err(ApplyError::NotEmpty(_)) => Err(StoreError::NotEmpty(*old)),
             Err(e) => Err(common(old, e)),
         }
     }
@@ -174,15 +178,13 @@ impl MailStore for DovecotStore<'_> {
     fn raise_uidnext(&mut self, mailbox: &Guid128, uidnext: u32) -> Result<(), StoreError> {
         self.user
             .mailbox_min_uidnext(mailbox, uidnext)
-            .map(|_| ())
             .map_err(|e| common(mailbox, e))
     }
 
     fn set_subscribed(&mut self, name: &str, on: bool) -> Result<(), StoreError> {
         self.user
             .mailbox_subscribe(name, on)
-            .map(|_| ())
-            .map_err(|e| common(&Guid128([0; 16]), e))
+            .map_err(|e| common(&ANY, e))
     }
 
     fn save(
@@ -190,30 +192,20 @@ impl MailStore for DovecotStore<'_> {
         mailbox: &Guid128,
         mails: &[(NewMail<'_>, &Body)],
     ) -> Result<(), StoreError> {
-        let Some((first, body)) = mails.first() else {
+        let Some((first, _)) = mails.first() else {
             return Ok(());
         };
-        if mails.len() == 1 {
-            return match self.user.save(mailbox, 0, &host_mail(first), &body.data) {
-                Ok(Applied::Done) => Ok(()),
-                // Below UIDNEXT the shim only compares GUIDs; the applier asked to save.
-                Ok(Applied::AlreadyApplied) | Err(ApplyError::Conflict(_)) => {
-                    Err(self.below(mailbox, first.uid))
-                }
-                Err(ApplyError::UidReassigned { uid, .. }) => Err(StoreError::UidReassigned {
-                    wanted: first.uid,
-                    got: uid,
-                }),
-                Err(e) => Err(common(mailbox, e)),
-            };
-        }
         let batch: Vec<(dovecot::NewMail<'_>, &[u8])> = mails
             .iter()
             .map(|(m, b)| (host_mail(m), b.data.as_slice()))
             .collect();
-        match self.user.save_batch(mailbox, 0, &batch) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(self.below(mailbox, first.uid)),
+        match self.user.save(mailbox, &batch) {
+            Ok(()) => Ok(()),
+            Err(ApplyError::BelowUidNext(_)) => Err(self.below(mailbox, first.uid)),
+            Err(ApplyError::UidReassigned { uid, .. }) => Err(StoreError::UidReassigned {
+                wanted: first.uid,
+                got: uid,
+            }),
             Err(e) => Err(common(mailbox, e)),
         }
     }
@@ -227,12 +219,10 @@ impl MailStore for DovecotStore<'_> {
     ) -> Result<(), StoreError> {
         match self
             .user
-            .copy(mailbox, 0, &host_mail(mail), src_mailbox, src_uid)
+            .copy(mailbox, &host_mail(mail), src_mailbox, src_uid)
         {
-            Ok(Applied::Done) => Ok(()),
-            Ok(Applied::AlreadyApplied) | Err(ApplyError::Conflict(_)) => {
-                Err(self.below(mailbox, mail.uid))
-            }
+            Ok(()) => Ok(()),
+            Err(ApplyError::BelowUidNext(_)) => Err(self.below(mailbox, mail.uid)),
             Err(ApplyError::SourceMissing(_)) => Err(StoreError::SourceMissing {
                 mailbox: *src_mailbox,
                 uid: src_uid,
@@ -253,17 +243,9 @@ impl MailStore for DovecotStore<'_> {
         new_uid: u32,
     ) -> Result<(), StoreError> {
         match self.user.renumber(mailbox, uid, guid, new_uid) {
-            Ok(Applied::Done) => Ok(()),
-            Ok(Applied::AlreadyApplied) => Err(StoreError::NotThere { uid, found: None }),
-            Err(ApplyError::Conflict(_)) => match self.user.mail(mailbox, uid) {
-                Ok(Some(m)) if !crate::rules::guid_matches(guid, &m.guid) => {
-                    Err(StoreError::NotThere {
-                        uid,
-                        found: Some(m.guid),
-                    })
-                }
-                _ => Err(self.below(mailbox, new_uid)),
-            },
+            Ok(()) => Ok(()),
+            Err(ApplyError::NotThere(_)) => Err(self.not_there(mailbox, uid)),
+            Err(ApplyError::BelowUidNext(_)) => Err(self.below(mailbox, new_uid)),
             Err(ApplyError::UidReassigned { uid: got, .. }) => Err(StoreError::UidReassigned {
                 wanted: new_uid,
                 got,
@@ -281,18 +263,16 @@ impl MailStore for DovecotStore<'_> {
         remove: &FlagSet,
     ) -> Result<(), StoreError> {
         match self.user.update_flags(mailbox, uid, guid, add, remove) {
-            Ok(_) => Ok(()),
-            Err(ApplyError::Conflict(_)) => Err(StoreError::NotThere { uid, found: None }),
+            Ok(()) => Ok(()),
+            Err(ApplyError::NotThere(_)) => Err(self.not_there(mailbox, uid)),
             Err(e) => Err(common(mailbox, e)),
         }
     }
 
     fn expunge(&mut self, mailbox: &Guid128, uid: u32, guid: &str) -> Result<(), StoreError> {
         match self.user.expunge(mailbox, uid, guid) {
-            Ok(Applied::Done) => Ok(()),
-            Ok(Applied::AlreadyApplied) | Err(ApplyError::Conflict(_)) => {
-                Err(StoreError::NotThere { uid, found: None })
-            }
+            Ok(()) => Ok(()),
+            Err(ApplyError::NotThere(_)) => Err(self.not_there(mailbox, uid)),
             Err(e) => Err(common(mailbox, e)),
         }
     }
