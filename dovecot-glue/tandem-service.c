@@ -6,8 +6,10 @@
    mail_storage_service user lookups, and the lib-storage calls (with their
    macros) that apply replicated changes the way dsync's importer does
    (src/doveadm/dsync/dsync-mailbox-import.c). Every decision about *what* to
-   apply is in Rust (src/service/); this file only answers "done", "already
-   so", or why not.
+   apply is in Rust (src/service/apply/): each function here states one fact
+   or performs one storage operation, and answers "done" or why not. A check
+   stays here only where it must be one step with the change against
+   concurrent clients (a GUID at a UID, "still never held mail", UIDNEXT).
 
    Privileges. The service runs as root and serves users of any uid, as
    doveadm-server does, with MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP. On
@@ -646,36 +648,21 @@ static int tandem_svc_box_by_name(struct tandem_svc_user *user,
 	return TANDEM_SVC_OK;
 }
 
-/* Opens the mailbox by GUID for a save or copy, syncs it (so UIDNEXT is
-   current, as dsync does before importing) and checks UIDVALIDITY. */
+/* Opens the mailbox by GUID for a save, copy or renumber, synced (so
+   UIDNEXT is current, as dsync does before importing). */
 static int tandem_svc_box_for_save(struct tandem_svc_user *user,
 				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				   uint32_t uidvalidity, struct mailbox **box_r,
-				   struct mailbox_status *status_r,
+				   struct mailbox **box_r, uint32_t *uidnext_r,
 				   const char **error_r)
 {
-	struct mailbox *box;
+	struct mailbox_status status;
 	int ret;
 
-	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	ret = tandem_svc_box_synced(user, guid, box_r, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (mailbox_sync(box, 0) < 0) {
-		ret = tandem_svc_box_error(box, "Sync", error_r);
-		mailbox_free(&box);
-		return ret;
-	}
-	mailbox_get_open_status(box, STATUS_UIDVALIDITY | STATUS_UIDNEXT,
-				status_r);
-	if (uidvalidity != 0 && status_r->uidvalidity != uidvalidity) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: UIDVALIDITY is %u, not %u",
-			mailbox_get_vname(box), status_r->uidvalidity,
-			uidvalidity);
-		mailbox_free(&box);
-		return TANDEM_SVC_ERROR_UIDVALIDITY;
-	}
-	*box_r = box;
+	mailbox_get_open_status(*box_r, STATUS_UIDNEXT, &status);
+	*uidnext_r = status.uidnext;
 	return TANDEM_SVC_OK;
 }
 
@@ -963,9 +950,7 @@ const char *tandem_svc_user_setting(struct tandem_svc_user *user,
 static int
 tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       uint32_t uidvalidity,
-			       uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			       const char **error_r)
+			       uint32_t uidvalidity, const char **error_r)
 {
 	struct mailbox_update update;
 	struct mailbox_status status;
@@ -975,15 +960,15 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 	enum mail_error error;
 	int ret;
 
-	memset(existing_guid_r, 0, TANDEM_SVC_GUID_SIZE);
-	/* A mailbox with this GUID, under any name, means the create was
-	   applied (and maybe renamed since). */
+	/* Two mailboxes with one GUID would break every lookup by GUID. */
 	ret = tandem_svc_box_by_guid(user, guid, &box, error_r);
 	if (ret != 0) {
 		if (ret > 0) {
+			*error_r = tandem_svc_printf(
+				"Mailbox %s has GUID %s already",
+				mailbox_get_vname(box), guid_128_to_string(guid));
 			mailbox_free(&box);
-			*error_r = NULL;
-			return TANDEM_SVC_ALREADY;
+			return TANDEM_SVC_ERROR_GUID_TAKEN;
 		}
 		return ret;
 	}
@@ -1019,17 +1004,9 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 	mailbox_list_unlock(box->list);
 	if (ret < 0) {
 		(void)mailbox_get_last_internal_error(box, &error);
-		if (error == MAIL_ERROR_EXISTS &&
-		    tandem_svc_metadata_guid(box, existing_guid_r,
-					     error_r) == TANDEM_SVC_OK) {
-			*error_r = tandem_svc_printf(
-				"Mailbox %s exists with GUID %s, not %s",
-				vname, guid_128_to_string(existing_guid_r),
-				guid_128_to_string(guid));
+		ret = tandem_svc_box_error(box, "Creating", error_r);
+		if (error == MAIL_ERROR_EXISTS)
 			ret = TANDEM_SVC_ERROR_NAME_TAKEN;
-		} else {
-			ret = tandem_svc_box_error(box, "Creating", error_r);
-		}
 		mailbox_free(&box);
 		return ret;
 	}
@@ -1060,13 +1037,11 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 
 int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      uint32_t uidvalidity,
-			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r)
+			      uint32_t uidvalidity, const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_mailbox_create_real(user, vname, guid, uidvalidity,
-					       existing_guid_r, error_r));
+					       error_r));
 }
 
 static int
@@ -1077,16 +1052,11 @@ tandem_svc_mailbox_delete_real(struct tandem_svc_user *user,
 	struct mailbox *box;
 	int ret;
 
-	ret = tandem_svc_box_by_guid(user, guid, &box, error_r);
-	if (ret <= 0) {
-		if (ret == 0)
-			*error_r = NULL;
-		return ret == 0 ? TANDEM_SVC_ALREADY : ret;
-	}
+	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
 	if (mailbox_delete(box) < 0)
 		ret = tandem_svc_box_error(box, "Deleting", error_r);
-	else
-		ret = TANDEM_SVC_OK;
 	mailbox_free(&box);
 	return ret;
 }
@@ -1102,50 +1072,33 @@ int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
 static int
 tandem_svc_mailbox_rename_real(struct tandem_svc_user *user,
 			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       const char *new_vname,
-			       uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			       const char **error_r)
+			       const char *new_vname, const char **error_r)
 {
 	struct mailbox *box, *dest;
-	enum mailbox_existence existence;
+	const char *old_vname;
+	struct mail_namespace *ns;
+	enum mail_error error;
 	int ret;
 
-	memset(existing_guid_r, 0, TANDEM_SVC_GUID_SIZE);
 	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (strcmp(mailbox_get_vname(box), new_vname) == 0) {
-		mailbox_free(&box);
-		return TANDEM_SVC_ALREADY;
-	}
 	/* Rename unopened boxes, as dsync does: reallocate by name. */
-	{
-		const char *old_vname = t_strdup(mailbox_get_vname(box));
-		struct mail_namespace *ns = mailbox_get_namespace(box);
-
-		mailbox_free(&box);
-		box = mailbox_alloc(ns->list, old_vname, TANDEM_SVC_BOX_FLAGS);
-		mailbox_skip_create_name_restrictions(box, TRUE);
-	}
+	old_vname = t_strdup(mailbox_get_vname(box));
+	ns = mailbox_get_namespace(box);
+	mailbox_free(&box);
+	box = mailbox_alloc(ns->list, old_vname, TANDEM_SVC_BOX_FLAGS);
+	mailbox_skip_create_name_restrictions(box, TRUE);
 	ret = tandem_svc_box_by_name(user, new_vname, &dest, error_r);
 	if (ret != TANDEM_SVC_OK) {
 		mailbox_free(&box);
 		return ret;
 	}
-	if (mailbox_exists(dest, FALSE, &existence) == 0 &&
-	    existence == MAILBOX_EXISTENCE_SELECT) {
-		if (tandem_svc_metadata_guid(dest, existing_guid_r,
-					     error_r) == TANDEM_SVC_OK) {
-			*error_r = tandem_svc_printf(
-				"Mailbox %s exists with GUID %s, not %s",
-				new_vname, guid_128_to_string(existing_guid_r),
-				guid_128_to_string(guid));
-			ret = TANDEM_SVC_ERROR_NAME_TAKEN;
-		} else {
-			ret = TANDEM_SVC_ERROR;
-		}
-	} else if (mailbox_rename(box, dest) < 0) {
+	if (mailbox_rename(box, dest) < 0) {
+		(void)mailbox_get_last_internal_error(box, &error);
 		ret = tandem_svc_box_error(box, "Renaming", error_r);
+		if (error == MAIL_ERROR_EXISTS)
+			ret = TANDEM_SVC_ERROR_NAME_TAKEN;
 	}
 	mailbox_free(&dest);
 	mailbox_free(&box);
@@ -1154,32 +1107,10 @@ tandem_svc_mailbox_rename_real(struct tandem_svc_user *user,
 
 int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      const char *new_vname,
-			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r)
+			      const char *new_vname, const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_rename_real(user, guid, new_vname,
-					       existing_guid_r, error_r));
-}
-
-static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,
-				    const char **error_r)
-{
-	struct mailbox_list *list = mailbox_get_namespace(box)->list;
-
-	if (mailbox_list_iter_subscriptions_refresh(list) < 0) {
-		enum mail_error error;
-		const char *errstr =
-			mailbox_list_get_last_internal_error(list, &error);
-
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: reading subscriptions failed: %s",
-			mailbox_get_vname(box), errstr);
-		return tandem_svc_mail_error_code(error);
-	}
-	*subscribed_r = mailbox_is_subscribed(box);
-	return TANDEM_SVC_OK;
+		tandem_svc_mailbox_rename_real(user, guid, new_vname, error_r));
 }
 
 static int
@@ -1188,20 +1119,15 @@ tandem_svc_mailbox_subscribe_real(struct tandem_svc_user *user,
 				  const char **error_r)
 {
 	struct mailbox *box;
-	bool cur;
 	int ret;
 
 	ret = tandem_svc_box_by_name(user, vname, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	ret = tandem_svc_is_subscribed(box, &cur, error_r);
-	if (ret == TANDEM_SVC_OK) {
-		if (cur == subscribed)
-			ret = TANDEM_SVC_ALREADY;
-		else if (mailbox_set_subscribed(box, subscribed) < 0)
-			ret = tandem_svc_box_error(box, subscribed ?
-				"Subscribing" : "Unsubscribing", error_r);
-	}
+	/* Setting what is already set is a no-op in lib-storage. */
+	if (mailbox_set_subscribed(box, subscribed) < 0)
+		ret = tandem_svc_box_error(box, subscribed ?
+			"Subscribing" : "Unsubscribing", error_r);
 	mailbox_free(&box);
 	return ret;
 }
@@ -1219,7 +1145,7 @@ static int
 tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 				   const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				   const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				   uint32_t uidvalidity, bool keep_mail,
+				   uint32_t uidvalidity, bool only_if_unused,
 				   const char **error_r)
 {
 	struct mailbox_update update;
@@ -1227,23 +1153,21 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 	struct mailbox *box;
 	int ret;
 
+	/* Another process may have reset the mailbox meanwhile (see
+	   tandem_svc_forget_indexes()): the guard must see it. */
 	tandem_svc_forget_indexes();
-	ret = tandem_svc_box_for_save(user, old_guid, 0, &box, &status,
-				      error_r);
+	ret = tandem_svc_box_synced(user, old_guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	/* Without keep_mail, only a mailbox that never held mail: its GUID
-	   and UIDVALIDITY can change without any client or message noticing
-	   (dsync does the same for a mailbox created on both sides). With it,
-	   the resync merges the mails afterwards, as dsync does after a
-	   UIDVALIDITY change. */
-	if (!keep_mail && (status.messages != 0 || status.uidnext > 1)) {
+	mailbox_get_open_status(box, STATUS_MESSAGES | STATUS_UIDNEXT, &status);
+	/* The guard and the change in one call: a delivery in between would
+	   otherwise be renumbered under clients' feet. */
+	if (only_if_unused && (status.messages != 0 || status.uidnext > 1)) {
 		*error_r = tandem_svc_printf(
-			"Mailbox %s: not empty (%u messages, UIDNEXT %u): "
-			"cannot take the peer's GUID",
+			"Mailbox %s: not empty (%u messages, UIDNEXT %u)",
 			mailbox_get_vname(box), status.messages,
 			status.uidnext);
-		ret = TANDEM_SVC_ERROR_CONFLICT;
+		ret = TANDEM_SVC_ERROR_NOT_EMPTY;
 	} else {
 		i_zero(&update);
 		memcpy(update.mailbox_guid, new_guid, TANDEM_SVC_GUID_SIZE);
@@ -1259,12 +1183,12 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
 				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				  uint32_t uidvalidity, bool keep_mail,
+				  uint32_t uidvalidity, bool only_if_unused,
 				  const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_mailbox_adopt_guid_real(user, old_guid, new_guid,
-						   uidvalidity, keep_mail,
+						   uidvalidity, only_if_unused,
 						   error_r));
 }
 
@@ -1274,22 +1198,17 @@ tandem_svc_mailbox_min_uidnext_real(struct tandem_svc_user *user,
 				    uint32_t uidnext, const char **error_r)
 {
 	struct mailbox_update update;
-	struct mailbox_status status;
 	struct mailbox *box;
 	int ret;
 
-	ret = tandem_svc_box_for_save(user, guid, 0, &box, &status, error_r);
+	ret = tandem_svc_box_synced(user, guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (status.uidnext >= uidnext)
-		ret = TANDEM_SVC_ALREADY;
-	else {
-		i_zero(&update);
-		update.min_next_uid = uidnext;
-		if (mailbox_update(box, &update) < 0)
-			ret = tandem_svc_box_error(box, "Raising UIDNEXT",
-						   error_r);
-	}
+	/* A lower min_next_uid than the current UIDNEXT changes nothing. */
+	i_zero(&update);
+	update.min_next_uid = uidnext;
+	if (mailbox_update(box, &update) < 0)
+		ret = tandem_svc_box_error(box, "Raising UIDNEXT", error_r);
 	mailbox_free(&box);
 	return ret;
 }
@@ -1304,37 +1223,6 @@ int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
 }
 
 /* ---- Messages ---- */
-
-/* For a UID below UIDNEXT: ALREADY if it holds the GUID or is gone (never
-   resurrect an expunged UID), CONFLICT if it holds another message. */
-static int tandem_svc_check_old_uid(struct mailbox *box, uint32_t uid,
-				    const char *guid, uint32_t *saved_uid_r,
-				    const char **error_r)
-{
-	struct mailbox_transaction_context *trans;
-	struct mail *mail;
-	const char *cur_guid;
-	int ret;
-
-	trans = mailbox_transaction_begin(box, 0, "tandem check uid");
-	mail = mail_alloc(trans, MAIL_FETCH_GUID, NULL);
-	if (!mail_set_uid(mail, uid))
-		ret = TANDEM_SVC_ALREADY;
-	else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
-		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
-	else if (tandem_svc_guid_matches(guid, cur_guid)) {
-		*saved_uid_r = uid;
-		ret = TANDEM_SVC_ALREADY;
-	} else {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: UID %u holds GUID %s, not %s",
-			mailbox_get_vname(box), uid, cur_guid, guid);
-		ret = TANDEM_SVC_ERROR_CONFLICT;
-	}
-	mail_free(&mail);
-	mailbox_transaction_rollback(&trans);
-	return ret;
-}
 
 static void tandem_svc_save_set_mail(struct mailbox *box,
 				     struct mail_save_context *save,
@@ -1423,90 +1311,79 @@ static int tandem_svc_commit_save(struct mailbox *box,
 	return ret;
 }
 
-static int tandem_svc_save_real(struct tandem_svc_user *user,
-				const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-				uint32_t uidvalidity,
-				const struct tandem_svc_mail *mail,
-				const unsigned char *body, size_t body_len,
-				uint32_t *saved_uid_r, const char **error_r)
+/* Positions mail at uid, which must be the message named by guid ("" or
+   NULL: any): OK, or NOT_THERE. */
+static int tandem_svc_mail_at(struct mailbox *box, struct mail *mail,
+			      uint32_t uid, const char *guid,
+			      const char **error_r)
+{
+	const char *cur_guid;
+
+	if (!mail_set_uid(mail, uid)) {
+		*error_r = tandem_svc_printf("Mailbox %s: no UID %u",
+					     mailbox_get_vname(box), uid);
+		return TANDEM_SVC_ERROR_NOT_THERE;
+	}
+	if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
+		return tandem_svc_box_error(box, "Reading the GUID", error_r);
+	if (!tandem_svc_guid_matches(guid, cur_guid)) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u holds GUID %s, not %s",
+			mailbox_get_vname(box), uid, cur_guid, guid);
+		return TANDEM_SVC_ERROR_NOT_THERE;
+	}
+	return TANDEM_SVC_OK;
+}
+
+/* lib-storage silently gives a UID below UIDNEXT another one: refused, so
+   that no mail ends up under a UID nobody chose. */
+static int tandem_svc_check_uidnext(struct mailbox *box, uint32_t uid,
+				    uint32_t uidnext, const char **error_r)
+{
+	if (uid >= uidnext)
+		return TANDEM_SVC_OK;
+	*error_r = tandem_svc_printf("Mailbox %s: UID %u is below UIDNEXT %u",
+				     mailbox_get_vname(box), uid, uidnext);
+	return TANDEM_SVC_ERROR_BELOW_UIDNEXT;
+}
+
+/* Saves count new messages into one mailbox in ONE transaction, so that a
+   backlog costs one commit (and one fsync) per batch instead of one per
+   mail, as dsync does. All or nothing. */
+static int
+tandem_svc_save_real(struct tandem_svc_user *user,
+		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		     const struct tandem_svc_mail *mails,
+		     const unsigned char *const *bodies,
+		     const size_t *body_lens, unsigned int count,
+		     uint32_t *saved_uid_r, const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
-	struct mailbox_status status;
+	struct mail_transaction_commit_changes changes;
+	struct seq_range_iter iter;
 	struct mailbox *box;
 	bool failed = FALSE;
+	uint32_t next, uid;
+	unsigned int i;
 	int ret;
 
 	*saved_uid_r = 0;
-	if (mail->uid == 0) {
-		*error_r = "Saving needs a UID";
-		return TANDEM_SVC_ERROR;
-	}
-	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
-				      &status, error_r);
+	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
+				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (mail->uid < status.uidnext) {
-		ret = tandem_svc_check_old_uid(box, mail->uid, mail->guid,
-					       saved_uid_r, error_r);
+	for (i = 0; i < count && ret == TANDEM_SVC_OK; i++) {
+		ret = tandem_svc_check_uidnext(box, mails[i].uid, next,
+					       error_r);
+		next = mails[i].uid + 1;
+	}
+	if (ret != TANDEM_SVC_OK) {
 		mailbox_free(&box);
 		return ret;
 	}
 
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
 					  "tandem save");
-	failed = !tandem_svc_save_body(box, trans, mail, body, body_len);
-
-	if (failed) {
-		ret = tandem_svc_box_error(box, "Saving", error_r);
-		mailbox_transaction_rollback(&trans);
-	} else {
-		ret = tandem_svc_commit_save(box, &trans, mail->uid,
-					     saved_uid_r, error_r);
-	}
-	mailbox_free(&box);
-	return ret;
-}
-
-/* Saves count new messages (UIDs at or above UIDNEXT, strictly increasing)
-   into one mailbox in ONE transaction, so that a backlog costs one commit
-   (and one fsync) per batch instead of one per mail, as dsync does. All or
-   nothing: on any failure the transaction is rolled back, and the caller
-   saves them one by one (which sorts out replays and conflicts).
-   TANDEM_SVC_ALREADY when the batch does not qualify (a UID below UIDNEXT or
-   out of order). */
-static int
-tandem_svc_save_batch_real(struct tandem_svc_user *user,
-			   const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			   uint32_t uidvalidity,
-			   const struct tandem_svc_mail *mails,
-			   const unsigned char *const *bodies,
-			   const size_t *body_lens, unsigned int count,
-			   const char **error_r)
-{
-	struct mailbox_transaction_context *trans;
-	struct mail_transaction_commit_changes changes;
-	struct mailbox_status status;
-	struct seq_range_iter iter;
-	struct mailbox *box;
-	bool failed = FALSE;
-	uint32_t prev = 0, uid;
-	unsigned int i;
-	int ret;
-
-	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
-				      &status, error_r);
-	if (ret != TANDEM_SVC_OK)
-		return ret;
-	for (i = 0; i < count; i++) {
-		if (mails[i].uid < status.uidnext || mails[i].uid <= prev) {
-			mailbox_free(&box);
-			return TANDEM_SVC_ALREADY;
-		}
-		prev = mails[i].uid;
-	}
-
-	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
-					  "tandem save batch");
 	for (i = 0; i < count && !failed; i++) {
 		failed = !tandem_svc_save_body(box, trans, &mails[i], bodies[i],
 					       body_lens[i]);
@@ -1522,16 +1399,17 @@ tandem_svc_save_batch_real(struct tandem_svc_user *user,
 		mailbox_free(&box);
 		return ret;
 	}
-	/* Every message must have its chosen UID. */
-	ret = TANDEM_SVC_OK;
 	seq_range_array_iter_init(&iter, &changes.saved_uids);
 	for (i = 0; i < count; i++) {
-		if (!seq_range_array_iter_nth(&iter, i, &uid) ||
-		    uid != mails[i].uid) {
+		if (!seq_range_array_iter_nth(&iter, i, &uid))
+			uid = 0;
+		if (uid != mails[i].uid) {
 			*error_r = tandem_svc_printf(
-				"Mailbox %s: batch saved UID %u as %u",
+				"Mailbox %s: saved UID %u as %u",
 				mailbox_get_vname(box), mails[i].uid, uid);
-			ret = TANDEM_SVC_ERROR_UID_REASSIGNED;
+			*saved_uid_r = uid;
+			ret = uid == 0 ? TANDEM_SVC_ERROR :
+				TANDEM_SVC_ERROR_UID_REASSIGNED;
 			break;
 		}
 	}
@@ -1540,60 +1418,41 @@ tandem_svc_save_batch_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_save_batch(struct tandem_svc_user *user,
-			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			  uint32_t uidvalidity,
-			  const struct tandem_svc_mail *mails,
-			  const unsigned char *const *bodies,
-			  const size_t *body_lens, unsigned int count,
-			  const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_save_batch_real(user, mailbox_guid, uidvalidity,
-					   mails, bodies, body_lens, count,
-					   error_r));
-}
-
 int tandem_svc_save(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
-		    const unsigned char *body, size_t body_len,
+		    const struct tandem_svc_mail *mails,
+		    const unsigned char *const *bodies,
+		    const size_t *body_lens, unsigned int count,
 		    uint32_t *saved_uid_r, const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_save_real(user, mailbox_guid, uidvalidity, mail,
-				     body, body_len, saved_uid_r, error_r));
+		tandem_svc_save_real(user, mailbox_guid, mails, bodies,
+				     body_lens, count, saved_uid_r, error_r));
 }
 
 static int
 tandem_svc_copy_real(struct tandem_svc_user *user,
 		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		     uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		     const struct tandem_svc_mail *mail,
 		     const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		     uint32_t src_uid, uint32_t *saved_uid_r,
 		     const char **error_r)
 {
 	struct mailbox_transaction_context *trans, *src_trans;
 	struct mail_save_context *save;
-	struct mailbox_status status;
 	struct mailbox *box, *src_box;
 	struct mail *src_mail;
-	const char *src_guid;
 	enum mail_error error;
+	uint32_t next;
 	int ret;
 
 	*saved_uid_r = 0;
-	if (mail->uid == 0) {
-		*error_r = "Copying needs a UID";
-		return TANDEM_SVC_ERROR;
-	}
-	ret = tandem_svc_box_for_save(user, mailbox_guid, uidvalidity, &box,
-				      &status, error_r);
+	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
+				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (mail->uid < status.uidnext) {
-		ret = tandem_svc_check_old_uid(box, mail->uid, mail->guid,
-					       saved_uid_r, error_r);
+	ret = tandem_svc_check_uidnext(box, mail->uid, next, error_r);
+	if (ret != TANDEM_SVC_OK) {
 		mailbox_free(&box);
 		return ret;
 	}
@@ -1606,22 +1465,12 @@ tandem_svc_copy_real(struct tandem_svc_user *user,
 	}
 	src_trans = mailbox_transaction_begin(src_box, 0, "tandem copy source");
 	src_mail = mail_alloc(src_trans, MAIL_FETCH_GUID, NULL);
-	if (!mail_set_uid(src_mail, src_uid)) {
-		*error_r = tandem_svc_printf("Mailbox %s: no source UID %u",
-					     mailbox_get_vname(src_box),
-					     src_uid);
+	/* Never a body under another mail's GUID. */
+	ret = tandem_svc_mail_at(src_box, src_mail, src_uid, mail->guid,
+				 error_r);
+	if (ret == TANDEM_SVC_ERROR_NOT_THERE)
 		ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
-	} else if (mail_get_special(src_mail, MAIL_FETCH_GUID,
-				    &src_guid) < 0) {
-		ret = tandem_svc_box_error(src_box, "Reading the GUID",
-					   error_r);
-	} else if (!tandem_svc_guid_matches(mail->guid, src_guid)) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: source UID %u has GUID %s, not %s",
-			mailbox_get_vname(src_box), src_uid, src_guid,
-			mail->guid);
-		ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
-	} else {
+	if (ret == TANDEM_SVC_OK) {
 		trans = mailbox_transaction_begin(box,
 						  TANDEM_SVC_SAVE_TRANS_FLAGS,
 						  "tandem copy");
@@ -1647,13 +1496,13 @@ tandem_svc_copy_real(struct tandem_svc_user *user,
 
 int tandem_svc_copy(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const struct tandem_svc_mail *mail,
 		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		    uint32_t src_uid, uint32_t *saved_uid_r,
 		    const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_copy_real(user, mailbox_guid, uidvalidity, mail,
+		tandem_svc_copy_real(user, mailbox_guid, mail,
 				     src_mailbox_guid, src_uid, saved_uid_r,
 				     error_r));
 }
@@ -1666,24 +1515,22 @@ tandem_svc_renumber_real(struct tandem_svc_user *user,
 {
 	struct mailbox_transaction_context *trans, *src_trans;
 	struct mail_save_context *save;
-	struct mailbox_status status;
 	struct mailbox *box;
 	struct mail *mail;
 	const char *cur_guid;
 	time_t save_date;
+	uint32_t next;
 	int ret;
 
 	*saved_uid_r = 0;
-	ret = tandem_svc_box_for_save(user, mailbox_guid, 0, &box, &status,
+	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (new_uid < status.uidnext) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: new UID %u is below UIDNEXT %u",
-			mailbox_get_vname(box), new_uid, status.uidnext);
+	ret = tandem_svc_check_uidnext(box, new_uid, next, error_r);
+	if (ret != TANDEM_SVC_OK) {
 		mailbox_free(&box);
-		return TANDEM_SVC_ERROR_CONFLICT;
+		return ret;
 	}
 	/* A move within the mailbox, as dsync's reassign_uids_in_seq_range(),
 	   but in two transactions, like a MOVE between mailboxes: an expunge
@@ -1697,16 +1544,11 @@ tandem_svc_renumber_real(struct tandem_svc_user *user,
 					  "tandem renumber");
 	mail = mail_alloc(src_trans, MAIL_FETCH_GUID | MAIL_FETCH_SAVE_DATE,
 			  NULL);
-	if (!mail_set_uid(mail, uid)) {
-		ret = TANDEM_SVC_ALREADY;
-	} else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0) {
+	ret = tandem_svc_mail_at(box, mail, uid, guid, error_r);
+	if (ret == TANDEM_SVC_OK &&
+	    mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
 		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
-	} else if (!tandem_svc_guid_matches(guid, cur_guid)) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: UID %u holds GUID %s, not %s",
-			mailbox_get_vname(box), uid, cur_guid, guid);
-		ret = TANDEM_SVC_ERROR_CONFLICT;
-	} else {
+	if (ret == TANDEM_SVC_OK) {
 		save = mailbox_save_alloc(trans);
 		mailbox_save_copy_flags(save, mail);
 		mailbox_save_set_uid(save, new_uid);
@@ -1746,34 +1588,17 @@ int tandem_svc_renumber(struct tandem_svc_user *user,
 					 saved_uid_r, error_r));
 }
 
-static bool tandem_svc_str_in(const char *const *list, const char *str)
+static void tandem_svc_update_keywords(struct mailbox *box, struct mail *mail,
+				       enum modify_type how,
+				       const char *const *names)
 {
-	if (list == NULL)
-		return FALSE;
-	for (; *list != NULL; list++) {
-		if (strcmp(*list, str) == 0)
-			return TRUE;
-	}
-	return FALSE;
-}
+	struct mail_keywords *keywords;
 
-/* The valid keywords of `list` that are not in `except`, as a
-   NULL-terminated data stack array. */
-static const char *const *
-tandem_svc_keywords_filter(struct mailbox *box, const char *const *list,
-			   const char *const *except)
-{
-	ARRAY_TYPE(const_string) out;
-	const char *error;
-
-	t_array_init(&out, 8);
-	for (; list != NULL && *list != NULL; list++) {
-		if (!tandem_svc_str_in(except, *list) &&
-		    mailbox_keyword_is_valid(box, *list, &error))
-			array_push_back(&out, list);
-	}
-	array_append_zero(&out);
-	return array_front(&out);
+	if (names == NULL || names[0] == NULL)
+		return;
+	keywords = mailbox_keywords_create_valid(box, names);
+	mail_update_keywords(mail, how, keywords);
+	mailbox_keywords_unref(&keywords);
 }
 
 static int
@@ -1786,74 +1611,29 @@ tandem_svc_update_flags_real(struct tandem_svc_user *user,
 			     const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
-	struct mail_keywords *keywords;
+	enum mail_flags add, remove;
 	struct mailbox *box;
 	struct mail *mail;
-	const char *const *cur_keywords, *const *add_kw, *const *remove_kw;
-	const char *cur_guid;
-	enum mail_flags cur, add, remove;
-	bool change = FALSE;
 	int ret;
 
 	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	add = add_flags & MAIL_FLAGS_NONRECENT;
-	remove = remove_flags & MAIL_FLAGS_NONRECENT & ENUM_NEGATE(add);
-	add_kw = tandem_svc_keywords_filter(box, add_keywords, NULL);
-	remove_kw = tandem_svc_keywords_filter(box, remove_keywords,
-					       add_keywords);
-
+	remove = remove_flags & MAIL_FLAGS_NONRECENT;
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
 					  "tandem flags");
-	mail = mail_alloc(trans, MAIL_FETCH_FLAGS | MAIL_FETCH_GUID, NULL);
-	if (!mail_set_uid(mail, uid)) {
-		ret = TANDEM_SVC_ALREADY;
-		goto out;
+	mail = mail_alloc(trans, MAIL_FETCH_GUID, NULL);
+	ret = tandem_svc_mail_at(box, mail, uid, guid, error_r);
+	if (ret == TANDEM_SVC_OK) {
+		if (add != 0)
+			mail_update_flags(mail, MODIFY_ADD, add);
+		if (remove != 0)
+			mail_update_flags(mail, MODIFY_REMOVE, remove);
+		tandem_svc_update_keywords(box, mail, MODIFY_ADD, add_keywords);
+		tandem_svc_update_keywords(box, mail, MODIFY_REMOVE,
+					   remove_keywords);
 	}
-	if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0) {
-		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
-		goto out;
-	}
-	if (!tandem_svc_guid_matches(guid, cur_guid)) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: UID %u holds GUID %s, not %s",
-			mailbox_get_vname(box), uid, cur_guid, guid);
-		ret = TANDEM_SVC_ERROR_CONFLICT;
-		goto out;
-	}
-
-	cur = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
-	cur_keywords = mail_get_keywords(mail);
-	if ((cur & add) != add) {
-		mail_update_flags(mail, MODIFY_ADD, add);
-		change = TRUE;
-	}
-	if ((cur & remove) != 0) {
-		mail_update_flags(mail, MODIFY_REMOVE, remove);
-		change = TRUE;
-	}
-	for (const char *const *kw = add_kw; *kw != NULL; kw++) {
-		if (!tandem_svc_str_in(cur_keywords, *kw)) {
-			keywords = mailbox_keywords_create_valid(box, add_kw);
-			mail_update_keywords(mail, MODIFY_ADD, keywords);
-			mailbox_keywords_unref(&keywords);
-			change = TRUE;
-			break;
-		}
-	}
-	for (const char *const *kw = remove_kw; *kw != NULL; kw++) {
-		if (tandem_svc_str_in(cur_keywords, *kw)) {
-			keywords = mailbox_keywords_create_valid(box,
-								 remove_kw);
-			mail_update_keywords(mail, MODIFY_REMOVE, keywords);
-			mailbox_keywords_unref(&keywords);
-			change = TRUE;
-			break;
-		}
-	}
-	ret = change ? TANDEM_SVC_OK : TANDEM_SVC_ALREADY;
-out:
 	mail_free(&mail);
 	if (ret != TANDEM_SVC_OK)
 		mailbox_transaction_rollback(&trans);
@@ -1888,7 +1668,6 @@ tandem_svc_expunge_real(struct tandem_svc_user *user,
 	struct mailbox_transaction_context *trans;
 	struct mailbox *box;
 	struct mail *mail;
-	const char *cur_guid;
 	int ret;
 
 	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
@@ -1897,18 +1676,9 @@ tandem_svc_expunge_real(struct tandem_svc_user *user,
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
 					  "tandem expunge");
 	mail = mail_alloc(trans, MAIL_FETCH_GUID, NULL);
-	if (!mail_set_uid(mail, uid))
-		ret = TANDEM_SVC_ALREADY;
-	else if (mail_get_special(mail, MAIL_FETCH_GUID, &cur_guid) < 0)
-		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
-	else if (!tandem_svc_guid_matches(guid, cur_guid)) {
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: UID %u holds GUID %s, not %s",
-			mailbox_get_vname(box), uid, cur_guid, guid);
-		ret = TANDEM_SVC_ERROR_CONFLICT;
-	} else {
+	ret = tandem_svc_mail_at(box, mail, uid, guid, error_r);
+	if (ret == TANDEM_SVC_OK)
 		mail_expunge(mail);
-	}
 	mail_free(&mail);
 	if (ret != TANDEM_SVC_OK)
 		mailbox_transaction_rollback(&trans);
@@ -1973,7 +1743,7 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 			(void)mailbox_get_last_internal_error(box, &sync_error);
 			/* Deleted meanwhile: the mail is gone with it. */
 			ret = sync_error == MAIL_ERROR_NOTFOUND ?
-				TANDEM_SVC_ALREADY :
+				TANDEM_SVC_NONE :
 				tandem_svc_box_error(box, "Syncing", error_r);
 			mailbox_free(&box);
 			return ret;
@@ -1984,7 +1754,7 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 				  MAIL_FETCH_RECEIVED_DATE |
 				  MAIL_FETCH_SAVE_DATE, NULL);
 		if (!mail_set_uid(mail, uid)) {
-			ret = TANDEM_SVC_ALREADY;
+			ret = TANDEM_SVC_NONE;
 			goto out;
 		}
 	}
@@ -1996,7 +1766,7 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 		(void)mailbox_get_last_internal_error(box, &error);
 		/* Expunged, or its mailbox deleted, since: gone. */
 		ret = error == MAIL_ERROR_EXPUNGED ||
-			error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_ALREADY :
+			error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_NONE :
 			tandem_svc_box_error(box, "Reading the message",
 					     error_r);
 		goto out;
@@ -2043,6 +1813,25 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_read_body_real(user, mailbox_guid, uid, chunk, ctx,
 					  info_r, error_r));
+}
+
+static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,
+				    const char **error_r)
+{
+	struct mailbox_list *list = mailbox_get_namespace(box)->list;
+
+	if (mailbox_list_iter_subscriptions_refresh(list) < 0) {
+		enum mail_error error;
+		const char *errstr =
+			mailbox_list_get_last_internal_error(list, &error);
+
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: reading subscriptions failed: %s",
+			mailbox_get_vname(box), errstr);
+		return tandem_svc_mail_error_code(error);
+	}
+	*subscribed_r = mailbox_is_subscribed(box);
+	return TANDEM_SVC_OK;
 }
 
 /* Fills status_r for an allocated box (opening it). */
@@ -2257,4 +2046,148 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_mail_list_real(user, mailbox_guid, cb, ctx,
 					  error_r));
+}
+
+/* ---- Single lookups ---- */
+
+static int
+tandem_svc_mailbox_named_real(struct tandem_svc_user *user, const char *vname,
+			      uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			      const char **error_r)
+{
+	enum mailbox_existence existence;
+	struct mailbox *box;
+	int ret;
+
+	memset(guid_r, 0, TANDEM_SVC_GUID_SIZE);
+	ret = tandem_svc_box_by_name(user, vname, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	if (mailbox_exists(box, FALSE, &existence) < 0)
+		ret = tandem_svc_box_error(box, "Looking up", error_r);
+	else if (existence != MAILBOX_EXISTENCE_SELECT) {
+		*error_r = tandem_svc_printf("No mailbox named %s", vname);
+		ret = TANDEM_SVC_ERROR_NO_MAILBOX;
+	} else
+		ret = tandem_svc_metadata_guid(box, guid_r, error_r);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
+			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			     const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mailbox_named_real(user, vname, guid_r, error_r));
+}
+
+static int
+tandem_svc_mail_real(struct tandem_svc_user *user,
+		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		     uint32_t uid, struct tandem_svc_mail_info *info_r,
+		     const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	const char *const *keywords;
+	struct mailbox *box;
+	struct mail *mail;
+	const char *guid;
+	int ret;
+
+	i_zero(info_r);
+	info_r->guid = "";
+	info_r->keywords = tandem_svc_no_keywords;
+	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	trans = mailbox_transaction_begin(box, 0, "tandem mail");
+	mail = mail_alloc(trans, MAIL_FETCH_FLAGS | MAIL_FETCH_GUID, NULL);
+	if (!mail_set_uid(mail, uid))
+		ret = TANDEM_SVC_NONE;
+	else if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0)
+		ret = tandem_svc_box_error(box, "Reading the GUID", error_r);
+	else {
+		/* Copied: the mail's strings go with the transaction. */
+		info_r->uid = uid;
+		info_r->guid = tandem_svc_strdup(guid);
+		info_r->flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+		keywords = mail_get_keywords(mail);
+		if (keywords != NULL)
+			info_r->keywords = (const char *const *)
+				p_strarray_dup(tandem_svc_result_pool, keywords);
+	}
+	mail_free(&mail);
+	mailbox_transaction_rollback(&trans);
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_mail(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uid, struct tandem_svc_mail_info *info_r,
+		    const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_mail_real(user, mailbox_guid, uid, info_r, error_r));
+}
+
+static int tandem_svc_subscriptions_real(struct tandem_svc_user *user,
+					 tandem_svc_name_cb *cb, void *ctx,
+					 const char **error_r)
+{
+	static const char *const patterns[] = { "*", NULL };
+	struct mailbox_list_iterate_context *iter;
+	const struct mailbox_info *info;
+	enum mail_error error;
+	const char *errstr;
+	int ret = TANDEM_SVC_OK;
+
+	iter = mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES |
+		MAILBOX_LIST_ITER_SELECT_SUBSCRIBED |
+		MAILBOX_LIST_ITER_RETURN_NO_FLAGS);
+	while (ret == TANDEM_SVC_OK &&
+	       (info = mailbox_list_iter_next(iter)) != NULL) {
+		if (cb(ctx, info->vname) < 0) {
+			*error_r = "Subscription listing stopped by the caller";
+			ret = TANDEM_SVC_ERROR;
+		}
+	}
+	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
+		errstr = mailbox_list_get_last_internal_error(
+			user->mail_user->namespaces->list, &error);
+		*error_r = tandem_svc_printf(
+			"Listing subscriptions failed: %s", errstr);
+		ret = tandem_svc_mail_error_code(error);
+	}
+	return ret;
+}
+
+int tandem_svc_subscriptions(struct tandem_svc_user *user,
+			     tandem_svc_name_cb *cb, void *ctx,
+			     const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r,
+		tandem_svc_subscriptions_real(user, cb, ctx, error_r));
+}
+
+static int tandem_svc_refresh_real(struct tandem_svc_user *user)
+{
+	struct mail_namespace *ns;
+
+	tandem_svc_forget_indexes();
+	for (ns = user->mail_user->namespaces; ns != NULL; ns = ns->next) {
+		if (ns->type == MAIL_NAMESPACE_TYPE_PRIVATE &&
+		    ns->alias_for == NULL)
+			mailbox_guid_cache_refresh(ns->list);
+	}
+	return TANDEM_SVC_OK;
+}
+
+int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r)
+{
+	TANDEM_SVC_USER_CALL(user, error_r, tandem_svc_refresh_real(user));
 }

@@ -19,9 +19,11 @@
      not call back into tandem_svc_*() (the call fails with
      TANDEM_SVC_ERROR).
 
-   Return codes of the apply functions (enum tandem_svc_result): 0 applied,
-   1 already applied or not applicable (replaying is harmless), negative on
-   error, with *error_r naming the mailbox and the reason. */
+   Return codes (enum tandem_svc_result): 0 done, 1 for a lookup that found
+   nothing, negative when the operation was refused or failed, with *error_r
+   naming the mailbox and the reason. Each function performs one storage
+   operation or states one fact; what to change, and whether a refusal is a
+   conflict or a replay, is for the caller to decide. */
 
 #ifndef TANDEM_SERVICE_H
 #define TANDEM_SERVICE_H
@@ -38,33 +40,36 @@ struct tandem_svc_user;
 
 enum tandem_svc_result {
 	TANDEM_SVC_OK = 0,
-	/* Already applied, or nothing to do (the message is gone, the flags
-	   are already so, the mailbox is already deleted...). */
-	TANDEM_SVC_ALREADY = 1,
+	/* A lookup found nothing (the message is gone). */
+	TANDEM_SVC_NONE = 1,
 	/* Any other error; *error_r says what. */
 	TANDEM_SVC_ERROR = -1,
 	/* Temporary failure (lock timeout, storage temporarily unavailable):
 	   retrying later may succeed. */
 	TANDEM_SVC_ERROR_TEMP = -2,
-	/* No mailbox with that GUID (or name, for subscribe). */
+	/* No mailbox with that GUID (or name, for a lookup by name). */
 	TANDEM_SVC_ERROR_NO_MAILBOX = -3,
-	/* The UID is taken by a message with another GUID, or the message at
-	   the UID is not the one named by the GUID. */
-	TANDEM_SVC_ERROR_CONFLICT = -4,
-	/* Copy: the source message is not there (with that GUID). Send the
-	   body instead. */
+	/* The message at the UID is not the one named by the GUID, or there
+	   is none. */
+	TANDEM_SVC_ERROR_NOT_THERE = -4,
+	/* Copy: the source message is not there (with that GUID). */
 	TANDEM_SVC_ERROR_SOURCE_MISSING = -5,
-	/* The mailbox has another UIDVALIDITY than the caller's. */
-	TANDEM_SVC_ERROR_UIDVALIDITY = -6,
-	/* Create/rename: the name is taken by a mailbox with another GUID
-	   (given in existing_guid_r). */
+	/* Save, copy or renumber: the UID is below UIDNEXT, where lib-storage
+	   would hand out another one. Nothing was done. */
+	TANDEM_SVC_ERROR_BELOW_UIDNEXT = -6,
+	/* Create/rename: another mailbox has the name. */
 	TANDEM_SVC_ERROR_NAME_TAKEN = -7,
-	/* Save/copy: the storage gave the message another UID than the one
-	   asked for (someone took it concurrently). The message IS saved, under
-	   *saved_uid_r. */
+	/* Save/copy/renumber: the storage gave the message another UID than
+	   the one asked for (someone took it concurrently). The message IS
+	   saved, under *saved_uid_r. */
 	TANDEM_SVC_ERROR_UID_REASSIGNED = -8,
 	/* User lookup: no such user. */
 	TANDEM_SVC_ERROR_UNKNOWN_USER = -9,
+	/* Create: a mailbox has this GUID already (under whatever name). */
+	TANDEM_SVC_ERROR_GUID_TAKEN = -10,
+	/* Adopt: the mailbox holds or held mail, and only an unused one was
+	   to change. */
+	TANDEM_SVC_ERROR_NOT_EMPTY = -11,
 };
 
 /* ---- The service ---- */
@@ -145,89 +150,70 @@ struct tandem_svc_mail {
 };
 
 /* Creates the mailbox with this GUID and UIDVALIDITY (0: the storage picks
-   one). ALREADY if a mailbox with this GUID exists (under any name).
-   NAME_TAKEN if the name belongs to a mailbox with another GUID, written to
-   existing_guid_r. */
+   one). GUID_TAKEN if a mailbox has this GUID, NAME_TAKEN if another has
+   the name. */
 int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      uint32_t uidvalidity,
-			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r);
-/* Deletes the mailbox with this GUID. ALREADY if there is none. */
+			      uint32_t uidvalidity, const char **error_r);
+/* Deletes the mailbox with this GUID (NO_MAILBOX if none). */
 int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 			      const char **error_r);
 /* Renames the mailbox with this GUID (its children follow, as with IMAP
-   RENAME). ALREADY if it already has that name. NAME_TAKEN (with
-   existing_guid_r) if another mailbox has the new name. */
+   RENAME). NAME_TAKEN if a mailbox has the new name. */
 int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      const char *new_vname,
-			      uint8_t existing_guid_r[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r);
-/* (Un)subscribes a name (which need not exist). ALREADY if it already is. */
+			      const char *new_vname, const char **error_r);
+/* (Un)subscribes a name (which need not exist). */
 int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
 				 const char *vname, bool subscribed,
 				 const char **error_r);
-/* Gives a mailbox the GUID and UIDVALIDITY of the peer's mailbox of the same
-   name (or, with old == new, only another UIDVALIDITY). Unless keep_mail, only
-   an EMPTY mailbox (no message ever: UIDNEXT 1), else CONFLICT; with
-   keep_mail, its mails keep their UIDs for the resync to merge. */
+/* Gives a mailbox another GUID and UIDVALIDITY (or, with old == new, only
+   another UIDVALIDITY); its mails keep their UIDs. With only_if_unused,
+   NOT_EMPTY if it holds or ever held mail (UIDNEXT above 1), checked in the
+   same call. */
 int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
 				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
 				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				  uint32_t uidvalidity, bool keep_mail,
+				  uint32_t uidvalidity, bool only_if_unused,
 				  const char **error_r);
-/* Raises UIDNEXT to at least uidnext. ALREADY if it already is. */
+/* Raises UIDNEXT to at least uidnext. */
 int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
 				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 				   uint32_t uidnext, const char **error_r);
 
-/* Saves count new messages into one mailbox in one transaction (one commit
-   for the batch). Their UIDs must be at or above UIDNEXT and increasing, or
-   it returns ALREADY having done nothing; on any failure nothing is saved.
-   Either way the caller then saves them one by one. */
-int tandem_svc_save_batch(struct tandem_svc_user *user,
-			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			  uint32_t uidvalidity,
-			  const struct tandem_svc_mail *mails,
-			  const unsigned char *const *bodies,
-			  const size_t *body_lens, unsigned int count,
-			  const char **error_r);
-/* Saves a message with the chosen UID, GUID, flags, keywords and dates.
-   - uid < UIDNEXT: ALREADY if that UID holds this GUID, or is free
-     (expunged: never resurrected); CONFLICT if it holds another GUID.
-   - otherwise saves, and checks that the commit gave exactly that UID
-     (UID_REASSIGNED if not).
-   *saved_uid_r is the UID the message has now (0 if none). UIDVALIDITY if
-   the mailbox's differs from uidvalidity (0 skips the check). */
+/* Saves count new messages with their chosen UIDs, GUIDs, flags, keywords
+   and dates into one mailbox, in one transaction (one commit): all or
+   nothing. The UIDs must be at or above UIDNEXT and increasing
+   (BELOW_UIDNEXT otherwise). UID_REASSIGNED if the commit gave one of them
+   another UID (*saved_uid_r). */
 int tandem_svc_save(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
-		    const unsigned char *body, size_t body_len,
+		    const struct tandem_svc_mail *mails,
+		    const unsigned char *const *bodies,
+		    const size_t *body_lens, unsigned int count,
 		    uint32_t *saved_uid_r, const char **error_r);
-/* Like tandem_svc_save(), but the body comes from a local message: src_uid
-   in the mailbox src_mailbox_guid, which must have mail->guid
+/* Like tandem_svc_save() for one message, with the body of a local message:
+   src_uid in the mailbox src_mailbox_guid, which must have mail->guid
    (SOURCE_MISSING otherwise). Flags and keywords are mail's; the received
    date is the source's (a hard-linked copy shares the file). */
 int tandem_svc_copy(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t uidvalidity, const struct tandem_svc_mail *mail,
+		    const struct tandem_svc_mail *mail,
 		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		    uint32_t src_uid, uint32_t *saved_uid_r,
 		    const char **error_r);
 /* Gives the message at uid (which must have guid, unless guid is "" or
-   NULL) the new UID new_uid (>= UIDNEXT), keeping its GUID, flags, keywords
-   and dates: how a UID collision is resolved (a move within the mailbox).
-   ALREADY if uid is gone. *saved_uid_r as for save. */
+   NULL: NOT_THERE otherwise) the new UID new_uid (BELOW_UIDNEXT under
+   UIDNEXT), keeping its GUID, flags, keywords and dates: a move within the
+   mailbox. *saved_uid_r as for save. */
 int tandem_svc_renumber(struct tandem_svc_user *user,
 			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 			uint32_t uid, const char *guid, uint32_t new_uid,
 			uint32_t *saved_uid_r, const char **error_r);
 /* Adds and removes flags and keywords (NULL-terminated lists, NULL for
-   none; a flag in both is added). ALREADY if the message is gone or already
-   has exactly that state for these flags. CONFLICT if the message at uid
-   has another GUID (guid "" or NULL skips the check). */
+   none; invalid keywords are dropped) on the message at uid, which must
+   have guid ("" or NULL: any), NOT_THERE otherwise. */
 int tandem_svc_update_flags(struct tandem_svc_user *user,
 			    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 			    uint32_t uid, const char *guid,
@@ -235,8 +221,8 @@ int tandem_svc_update_flags(struct tandem_svc_user *user,
 			    const char *const *add_keywords,
 			    const char *const *remove_keywords,
 			    const char **error_r);
-/* Expunges the message, after checking its GUID (CONFLICT on a mismatch;
-   "" or NULL skips the check). ALREADY if it is gone. */
+/* Expunges the message at uid, which must have guid ("" or NULL: any),
+   NOT_THERE otherwise. */
 int tandem_svc_expunge(struct tandem_svc_user *user,
 		       const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		       uint32_t uid, const char *guid, const char **error_r);
@@ -258,7 +244,7 @@ struct tandem_svc_body_info {
 };
 
 /* Streams the full message (headers and body, as stored) to chunk.
-   ALREADY (and no chunks) if the message is gone. */
+   NONE (and no chunks) if the message is gone. */
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 			 uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
@@ -308,5 +294,28 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 			 tandem_svc_mail_cb *cb, void *ctx,
 			 const char **error_r);
+
+/* ---- Single lookups ---- */
+
+/* The GUID of the mailbox named vname (NO_MAILBOX if none). */
+int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
+			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			     const char **error_r);
+/* The message at uid, as of now (the mailbox is synced first). NONE if
+   there is none. info_r's strings are valid until the next call. */
+int tandem_svc_mail(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uid, struct tandem_svc_mail_info *info_r,
+		    const char **error_r);
+
+/* Returns 0 to go on, -1 to stop the iteration (which then fails). */
+typedef int tandem_svc_name_cb(void *ctx, const char *vname);
+/* Every subscribed name, mailbox or not. */
+int tandem_svc_subscriptions(struct tandem_svc_user *user,
+			     tandem_svc_name_cb *cb, void *ctx,
+			     const char **error_r);
+/* Forgets cached views: open indexes kept for reuse and the GUID cache, so
+   that the next call sees what other processes committed. */
+int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r);
 
 #endif

@@ -1,14 +1,18 @@
 //! Applying changes to this server's mail.
 //!
-//! - [`applier`]: the one applier to come: the peer's records applied to any [`MailStore`]
-//!   under the rules of [`crate::rules`], sans-IO, tested on [`FakeStore`]; not yet what the
-//!   service runs.
+//! - [`applier`]: the peer's records applied to any [`MailStore`] under the rules of
+//!   [`crate::rules`], sans-IO, tested on [`FakeStore`].
 //! - [`store`]: the [`MailStore`] trait, the single operations a host performs;
 //!   [`fake`]: the in-memory store of the tests.
-//! - [`stream`] and [`resync`] (feature `service`): what the service runs today, on
-//!   lib-storage: streamed records, and a resync plan's actions.
+//! - [`dovecot_store`] (feature `service`): the [`MailStore`] of the service, over lib-storage,
+//!   the only way the service changes mail (the live selftest aside).
+//! - [`stream`] (feature `service`): the receiver's batches through the [`applier`];
+//!   [`resync`]: a resync plan's actions, one store operation each (not yet through the
+//!   [`applier`]).
 
 pub mod applier;
+#[cfg(feature = "service")]
+pub(crate) mod dovecot_store;
 pub mod fake;
 #[cfg(feature = "service")]
 pub mod resync;

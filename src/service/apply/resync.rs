@@ -1,13 +1,15 @@
-//! Executing a resync plan's actions on this server.
+//! Executing a resync plan's actions on this server, through the [`MailStore`].
 
 use crate::event::{Guid128, Stamp};
-use crate::memory::Mark;
+use crate::memory::{Mark, Memory};
 use crate::merge::{self, Action};
-use crate::service::apply::BodyMeta;
-use crate::service::host::dovecot::{Applied, ApplyError, NewMail, Svc, User};
+use crate::rules::{self, NameClash};
+use crate::service::apply::dovecot_store::DovecotStore;
+use crate::service::apply::{Body, BodyMeta, MailStore, NewMail, StoreError};
+use crate::service::host::dovecot::Svc;
 use crate::service::host::users::{forget_user, with_user};
 use crate::service::memstore;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Executes actions here, in order. Saves take `bodies` in order. Returns how many changes
 /// were made and what failed (the rest goes on: a later resync retries what failed).
@@ -20,8 +22,17 @@ pub(crate) fn local_apply(
 ) -> (u64, Vec<String>) {
     let mut changes = 0u64;
     let mut errors = Vec::new();
-    let mut bodies: std::collections::VecDeque<(BodyMeta, Vec<u8>)> = bodies.into();
+    let mut bodies: VecDeque<Body> = bodies
+        .into_iter()
+        .map(|(meta, data)| Body {
+            guid: meta.guid,
+            received_date: meta.received_date,
+            save_date: meta.save_date,
+            data,
+        })
+        .collect();
     let r = with_user(svc, user, |u| {
+        let mut store = DovecotStore::new(u);
         let mem = memstore::get(user);
         let mut mem = mem.lock().unwrap();
         let mut touched = BTreeSet::new();
@@ -30,16 +41,14 @@ pub(crate) fn local_apply(
             // A run of saves into one mailbox goes in one transaction, as the stream does:
             // seeding a replica is mostly that.
             let run = save_run(&actions[i..], &bodies);
-            if run >= 2 {
-                if let Ok(n) = save_batch(u, &actions[i..i + run], &bodies) {
-                    bodies.drain(..run);
-                    changes += n;
-                    if let Action::Save { mbox, .. } = &actions[i] {
-                        touched.extend(parse_box(mbox).ok());
-                    }
-                    i += run;
-                    continue;
+            if run >= 2 && save_batch(&mut store, &actions[i..i + run], &bodies).is_ok() {
+                bodies.drain(..run);
+                changes += run as u64;
+                if let Action::Save { mbox, .. } = &actions[i] {
+                    touched.extend(parse_box(mbox).ok());
                 }
+                i += run;
+                continue;
             }
             let a = &actions[i];
             i += 1;
@@ -47,17 +56,16 @@ pub(crate) fn local_apply(
                 Action::Save { .. } => bodies.pop_front(),
                 _ => None,
             };
-            let res = apply_action(u, a, body, &mut mem, server_id, &mut touched);
-            match res {
-                Ok(Applied::Done) => changes += 1,
-                Ok(Applied::AlreadyApplied) => {}
+            match apply_action(&mut store, a, body, &mut mem, server_id, &mut touched) {
+                Ok(true) => changes += 1,
+                Ok(false) => {}
                 Err(e) => errors.push(format!("{a:?}: {e}")),
             }
         }
         // What the resync changed here is accounted for: no gap.
         for g in touched {
-            if let Ok(st) = u.mailbox_status(&g) {
-                mem.note_modseq(&g, st.highest_modseq);
+            if let Ok(Some(b)) = store.mailbox(&g) {
+                mem.note_modseq(&g, b.highest_modseq);
             }
         }
         if let Err(e) = mem.flush() {
@@ -74,30 +82,27 @@ pub(crate) fn local_apply(
 
 /// How many actions from the start are saves into one mailbox, with their bodies here and of
 /// the GUID planned.
-pub(crate) fn save_run(
-    actions: &[Action],
-    bodies: &std::collections::VecDeque<(BodyMeta, Vec<u8>)>,
-) -> usize {
+fn save_run(actions: &[Action], bodies: &VecDeque<Body>) -> usize {
     let Some(Action::Save { mbox: first, .. }) = actions.first() else {
         return 0;
     };
     actions
         .iter()
         .zip(bodies)
-        .take_while(|(a, (meta, _))| {
+        .take_while(|(a, body)| {
             matches!(a, Action::Save { mbox, guid, .. }
-                if mbox == first && (guid.is_empty() || meta.guid.is_empty() || meta.guid == *guid))
+                if mbox == first && rules::body_fits(guid, &body.guid))
         })
         .count()
 }
 
-/// Saves a run from [`save_run`] in one transaction: the number saved, or an error after
-/// which nothing was saved and the caller saves them one by one.
-pub(crate) fn save_batch(
-    u: &User,
+/// Saves a run from [`save_run`] in one transaction; after an error nothing was saved and the
+/// caller saves them one by one.
+fn save_batch<S: MailStore>(
+    store: &mut S,
     run: &[Action],
-    bodies: &std::collections::VecDeque<(BodyMeta, Vec<u8>)>,
-) -> Result<u64, String> {
+    bodies: &VecDeque<Body>,
+) -> Result<(), String> {
     let flags: Vec<_> = run
         .iter()
         .map(|a| match a {
@@ -107,7 +112,7 @@ pub(crate) fn save_batch(
         .collect();
     let mut mbox = Guid128([0; 16]);
     let mut mails = Vec::with_capacity(run.len());
-    for ((a, (meta, data)), flags) in run.iter().zip(bodies).zip(&flags) {
+    for ((a, body), flags) in run.iter().zip(bodies).zip(&flags) {
         let Action::Save {
             mbox: m, uid, guid, ..
         } = a
@@ -117,29 +122,33 @@ pub(crate) fn save_batch(
         mbox = parse_box(m)?;
         let mail = NewMail {
             uid: *uid,
-            guid: if guid.is_empty() { &meta.guid } else { guid },
+            guid: if guid.is_empty() { &body.guid } else { guid },
             flags,
-            received_date: meta.received_date,
-            save_date: meta.save_date,
+            received_date: body.received_date,
+            save_date: body.save_date,
         };
-        mails.push((mail, data.as_slice()));
+        mails.push((mail, body));
     }
-    match u.save_batch(&mbox, 0, &mails) {
-        Ok(true) => Ok(mails.len() as u64),
-        Ok(false) => Err("not a batch".into()),
-        Err(e) => Err(e.to_string()),
+    let uids: Vec<u32> = mails.iter().map(|(m, _)| m.uid).collect();
+    let Some(b) = store.mailbox(&mbox).map_err(|e| e.to_string())? else {
+        return Err(format!("no mailbox {mbox}"));
+    };
+    if !rules::batch_fits(b.uidnext, &uids) {
+        return Err("not a batch".into());
     }
+    store.save(&mbox, &mails).map_err(|e| e.to_string())
 }
 
-pub(crate) fn apply_action(
-    u: &User,
+/// One action; `Ok(true)` when it changed something, `Ok(false)` when it was so already.
+fn apply_action<S: MailStore>(
+    store: &mut S,
     a: &Action,
-    body: Option<(BodyMeta, Vec<u8>)>,
-    mem: &mut crate::memory::Memory,
+    body: Option<Body>,
+    mem: &mut Memory,
     server_id: &str,
     touched: &mut BTreeSet<Guid128>,
-) -> Result<Applied, String> {
-    let e = |e: ApplyError| e.to_string();
+) -> Result<bool, String> {
+    let e = |e: StoreError| e.to_string();
     Ok(match a {
         Action::Create {
             mbox,
@@ -147,19 +156,23 @@ pub(crate) fn apply_action(
             uidvalidity,
         } => {
             let g = parse_box(mbox)?;
-            let r = if name.eq_ignore_ascii_case("INBOX") {
-                // INBOX cannot step aside under another name, and on maildir it exists as
-                // soon as any mailbox does: it takes the peer's GUID, and its mail is merged.
-                match u.mailbox_create(name, &g, *uidvalidity) {
-                    Err(ApplyError::NameTaken { existing, .. }) if existing != g => {
-                        touched.insert(existing);
-                        u.mailbox_adopt_guid(&existing, &g, *uidvalidity, true)
-                            .map_err(e)?
-                    }
-                    r => r.map_err(e)?,
+            let r = match store.create_mailbox(name, &g, *uidvalidity) {
+                Err(StoreError::NameTaken { holder, .. })
+                    if rules::inbox_create_adopts(name, holder, g) =>
+                {
+                    touched.insert(holder);
+                    store
+                        .adopt_guid(&holder, &g, *uidvalidity, false)
+                        .map_err(e)?;
+                    true
                 }
-            } else {
-                with_name(u, &g, name, |n| u.mailbox_create(n, &g, *uidvalidity))?
+                Err(StoreError::GuidTaken(_)) => false,
+                Err(StoreError::NameTaken { holder, .. }) if holder != g => {
+                    with_name(store, name, g, holder, |s, n| {
+                        s.create_mailbox(n, &g, *uidvalidity)
+                    })?
+                }
+                r => r.map(|()| true).map_err(e)?,
             };
             if let Some(t) = mem.deleted.get(&g).cloned() {
                 // Back for mail the deleting side never saw.
@@ -170,11 +183,16 @@ pub(crate) fn apply_action(
         }
         Action::Rename { mbox, name } => {
             let g = parse_box(mbox)?;
-            with_name(u, &g, name, |n| u.mailbox_rename(&g, n))?
+            match store.rename_mailbox(&g, name) {
+                Err(StoreError::NameTaken { holder, .. }) if holder != g => {
+                    with_name(store, name, g, holder, |s, n| s.rename_mailbox(&g, n))?
+                }
+                r => r.map(|()| true).map_err(e)?,
+            }
         }
-        Action::Delete { mbox } => match u.mailbox_delete(&parse_box(mbox)?) {
-            Err(ApplyError::NoMailbox(_)) => Applied::AlreadyApplied,
-            r => r.map_err(e)?,
+        Action::Delete { mbox } => match store.delete_mailbox(&parse_box(mbox)?) {
+            Err(StoreError::NoMailbox(_)) => false,
+            r => r.map(|()| true).map_err(e)?,
         },
         Action::Adopt {
             from,
@@ -183,14 +201,17 @@ pub(crate) fn apply_action(
         } => {
             let (f, t) = (parse_box(from)?, parse_box(to)?);
             touched.insert(t);
-            u.mailbox_adopt_guid(&f, &t, *uidvalidity, true)
-                .map_err(e)?
+            store.adopt_guid(&f, &t, *uidvalidity, false).map_err(e)?;
+            true
         }
-        Action::Subscribe { name, on } => u.mailbox_subscribe(name, *on).map_err(e)?,
+        Action::Subscribe { name, on } => {
+            store.set_subscribed(name, *on).map_err(e)?;
+            true
+        }
         Action::Expunge { mbox, uid, guid } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            let r = u.expunge(&g, *uid, guid).map_err(e)?;
+            let r = gone_is_done(store.expunge(&g, *uid, guid)).map_err(e)?;
             mem.note_expunge(&g, guid, now_mark(server_id));
             r
         }
@@ -202,7 +223,7 @@ pub(crate) fn apply_action(
         } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            u.renumber(&g, *uid, guid, *to).map_err(e)?
+            gone_is_done(store.renumber(&g, *uid, guid, *to)).map_err(e)?
         }
         Action::Save {
             mbox,
@@ -213,26 +234,38 @@ pub(crate) fn apply_action(
         } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            let Some((meta, data)) = body else {
+            let Some(body) = body else {
                 return Err("no body came with the save".into());
             };
             // The body was read by UID; a delivery racing the plan can have put another mail
             // there (a renumber that failed). Never save one mail's body under another's GUID.
-            if !guid.is_empty() && !meta.guid.is_empty() && meta.guid != *guid {
+            if !rules::body_fits(guid, &body.guid) {
                 return Err(format!(
                     "the body read for {guid} is {}: it moved meanwhile; left to the next resync",
-                    meta.guid
+                    body.guid
                 ));
             }
             let flags = merge::flag_set(flags);
             let mail = NewMail {
                 uid: *uid,
-                guid: if guid.is_empty() { &meta.guid } else { guid },
+                guid: if guid.is_empty() { &body.guid } else { guid },
                 flags: &flags,
-                received_date: meta.received_date,
-                save_date: meta.save_date,
+                received_date: body.received_date,
+                save_date: body.save_date,
             };
-            u.save(&g, 0, &mail, &data).map_err(e)?
+            match store.save(&g, &[(mail, &body)]) {
+                // Saved by an earlier, interrupted run of the same plan.
+                Err(StoreError::BelowUidNext { .. })
+                    if store
+                        .mail(&g, *uid)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|m| !guid.is_empty() && m.guid == *guid) =>
+                {
+                    false
+                }
+                r => r.map(|()| true).map_err(e)?,
+            }
         }
         Action::Flags {
             mbox,
@@ -243,50 +276,47 @@ pub(crate) fn apply_action(
         } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            u.update_flags(
-                &g,
-                *uid,
-                guid,
-                &merge::flag_set(add),
-                &merge::flag_set(remove),
-            )
-            .map_err(e)?
+            let (add, remove) = (merge::flag_set(add), merge::flag_set(remove));
+            gone_is_done(store.change_flags(&g, *uid, guid, &add, &remove)).map_err(e)?
         }
         Action::MinUidNext { mbox, uidnext } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
-            u.mailbox_min_uidnext(&g, *uidnext).map_err(e)?
+            store.raise_uidnext(&g, *uidnext).map_err(e)?;
+            true
         }
     })
 }
 
-/// The name a mailbox takes when another mailbox wins the name it should have: the same on
-/// both servers, so that they agree without talking.
-pub fn yielded_name(name: &str, guid: &Guid128) -> String {
-    format!("{name}-{}", &guid.to_hex()[..8])
+/// A change to a message that is gone (expunged since the plan was made) has nothing left to
+/// do; another message at its UID is an error, left to the next resync.
+fn gone_is_done(r: Result<(), StoreError>) -> Result<bool, StoreError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(StoreError::NotThere { found: None, .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
-/// Creates or renames the mailbox `g` to `name` with `op`. If another mailbox holds the name,
-/// the higher GUID gets it (as for the same name created on both sides) and the other one
-/// yields to [`yielded_name`]: both servers decide the same, whichever order they met in.
-pub(crate) fn with_name(
-    u: &User,
-    g: &Guid128,
+/// Rule 5c: `op` (a create or rename of `g` to `name`) met `holder` there. Both servers
+/// decide the same, whichever order they met in.
+fn with_name<S: MailStore>(
+    store: &mut S,
     name: &str,
-    op: impl Fn(&str) -> Result<Applied, ApplyError>,
-) -> Result<Applied, String> {
-    match op(name) {
-        Err(ApplyError::NameTaken { existing, .. }) if existing != *g => {
-            if *g > existing {
-                u.mailbox_rename(&existing, &yielded_name(name, &existing))
-                    .map_err(|e| e.to_string())?;
-                op(name).map_err(|e| e.to_string())
-            } else {
-                op(&yielded_name(name, g)).map_err(|e| e.to_string())
-            }
+    g: Guid128,
+    holder: Guid128,
+    op: impl Fn(&mut S, &str) -> Result<(), StoreError>,
+) -> Result<bool, String> {
+    match rules::name_clash(name, g, holder) {
+        NameClash::MoveHolderTo(aside) => {
+            store
+                .rename_mailbox(&holder, &aside)
+                .map_err(|e| e.to_string())?;
+            op(store, name).map_err(|e| e.to_string())?;
         }
-        r => r.map_err(|e| e.to_string()),
+        NameClash::TakeInstead(other) => op(store, &other).map_err(|e| e.to_string())?,
     }
+    Ok(true)
 }
 
 pub(crate) fn parse_box(hex: &str) -> Result<Guid128, String> {

@@ -1,10 +1,12 @@
-//! Applying streamed records on the main thread, with the streaming conflict rules.
+//! Applying streamed records on the main thread: the receiver's batches handed to the
+//! [`Applier`] over the Dovecot store, and its outcome turned into what the receiver acts on.
 
 use crate::event::{Change, Guid128, Record};
 use crate::journal::{self, Reader};
-use crate::memory::{Mark, Memory};
-use crate::service::apply::BodyBuf;
-use crate::service::host::dovecot::{Applied, ApplyError, NewMail, Svc, User};
+use crate::service::apply::applier::{Applier, Bodies, BodyState};
+use crate::service::apply::dovecot_store::DovecotStore;
+use crate::service::apply::{Body, BodyBuf};
+use crate::service::host::dovecot::{Svc, User};
 use crate::service::host::users::{forget_user, with_user};
 use crate::service::memstore;
 use crate::service::positions::{self, Position};
@@ -78,13 +80,13 @@ impl Local {
     }
 }
 
-/// Applies records in order on the main thread, through lib-storage, with dsync's identity
-/// rules (same UIDs, GUIDs, flags and dates) and the conflict rules of docs/conflicts.md.
+/// Applies records in order on the main thread: the [`Applier`] over lib-storage, weighing
+/// each record against the user's memory (docs/conflicts.md).
 pub(crate) fn apply_batch(
     svc: &Svc,
     user: &str,
     batch: Vec<Record>,
-    mut bodies: HashMap<(Guid128, u32), BodyBuf>,
+    bodies: HashMap<(Guid128, u32), BodyBuf>,
     state_dir: &Path,
     peer_id: &str,
 ) -> Outcome {
@@ -97,163 +99,54 @@ pub(crate) fn apply_batch(
         resyncs: Vec::new(),
         bodies: HashMap::new(),
     };
+    // The receiver passes complete bodies only.
+    let mut bodies: Bodies = bodies
+        .into_iter()
+        .map(|(k, b)| (k, body_state(b)))
+        .collect();
+    let own_id = svc.setting("tandem_server_id").unwrap_or_default();
     let mem = memstore::get(user);
     let mut mem = mem.lock().unwrap();
-    let mut fresh = false;
-    let mut i = 0;
-    loop {
-        let mut stale = false;
-        let r = with_user(svc, user, |u| {
-            let local = Local::open(u, state_dir, peer_id);
-            // Every local change must be known before a peer's change is weighed against it.
-            if let Some(dir) = &local.journal_dir {
-                if let Err(e) = memstore::catch_up_locked(&mut mem, dir) {
-                    out.error = Some(format!("reading the local journal: {e}"));
-                    return;
-                }
+    let mut newest = None;
+    let r = with_user(svc, user, |u| {
+        let local = Local::open(u, state_dir, peer_id);
+        // Every local change must be known before a peer's change is weighed against it.
+        if let Some(dir) = &local.journal_dir {
+            if let Err(e) = memstore::catch_up_locked(&mut mem, dir) {
+                out.error = Some(format!("reading the local journal: {e}"));
+                return;
             }
-            while i < batch.len() {
-                let r = &batch[i];
-                if r.origin == "skip" {
-                    out.applied += 1;
-                    i += 1;
-                    continue;
-                }
-                // A run of new mails for one mailbox goes in one transaction.
-                let run = new_mail_run(&batch[i..], &bodies);
-                if run >= 2 {
-                    let recs = &batch[i..i + run];
-                    let mails: Vec<(NewMail<'_>, &[u8])> = recs
-                        .iter()
-                        .map(|r| {
-                            let Change::New {
-                                uid, guid, flags, ..
-                            } = &r.change
-                            else {
-                                unreachable!("new_mail_run checked the kind")
-                            };
-                            let b = &bodies[&(r.mailbox_guid, *uid)];
-                            let mail = NewMail {
-                                uid: *uid,
-                                guid: if guid.is_empty() { &b.guid } else { guid },
-                                flags,
-                                received_date: b.received_date,
-                                save_date: b.save_date,
-                            };
-                            (mail, b.data.as_slice())
-                        })
-                        .collect();
-                    let uidvalidity = match &recs[0].change {
-                        Change::New { uidvalidity, .. } => *uidvalidity,
-                        _ => 0,
-                    };
-                    if let Ok(true) = u.save_batch(&recs[0].mailbox_guid, uidvalidity, &mails) {
-                        for r in recs {
-                            if let Change::New { uid, .. } = &r.change {
-                                bodies.remove(&(r.mailbox_guid, *uid));
-                            }
-                        }
-                        out.applied += run;
-                        out.bodies_applied += run as u64;
-                        i += run;
-                        continue;
-                    }
-                    // Otherwise one by one, which sorts out replays and conflicts.
-                }
-                let mut res = apply_one(u, r, &mut bodies, &mut mem, &local, &mut out.resyncs);
-                if let (Err(ApplyError::NoMailbox(_)), Change::New { uidvalidity, .. }) =
-                    (&res, &r.change)
-                {
-                    if let Some(t) = mem.deleted.get(&r.mailbox_guid).cloned() {
-                        // New mail for a mailbox deleted here, which this side never saw:
-                        // the mailbox comes back holding it (delete against new mail).
-                        let created = u.mailbox_create(&r.mailbox, &r.mailbox_guid, *uidvalidity);
-                        if created.is_ok() {
-                            log::info!(
-                                "user {user}: mailbox {:?} deleted here is recreated for new \
-                                 mail from the peer that was never seen here",
-                                r.mailbox
-                            );
-                            mem.note_survived(&r.mailbox_guid, t.mark.clone());
-                            out.resyncs.push("a deleted mailbox got new mail".into());
-                            res = apply_one(u, r, &mut bodies, &mut mem, &local, &mut out.resyncs);
-                        }
-                    }
-                }
-                if let (Err(ApplyError::NoMailbox(_)), false) = (&res, fresh) {
-                    // Maybe a stale GUID cache of a long-open user: once more, fresh.
-                    stale = true;
-                    return;
-                }
-                i += 1;
-                match res {
-                    Ok(Step1::Done(body)) => {
-                        mem.ingest(r);
-                        out.applied += 1;
-                        out.bodies_applied += body as u64;
-                    }
-                    Ok(Step1::NeedBody(g, uid)) => {
-                        out.need_body = Some((g, uid));
-                        return;
-                    }
-                    Err(ApplyError::Temporary(e)) | Err(ApplyError::Other(e)) => {
-                        out.error = Some(e);
-                        return;
-                    }
-                    Err(e) => {
-                        // A conflict with local state that the streaming rules do not settle
-                        // (a UID collision, a name taken by another mailbox): skipped here so
-                        // that replication goes on, and settled by a resync of the user, which
-                        // compares both sides and applies the conflict rules.
-                        if let Change::New { uid, .. } = &r.change {
-                            bodies.remove(&(r.mailbox_guid, *uid));
-                        }
-                        let what = format!(
-                            "LSN {} ({} in {:?}): {e}",
-                            r.lsn,
-                            r.change.kind().name(),
-                            r.mailbox
-                        );
-                        local.mark(&format!("change from the peer not applied: {what}"));
-                        out.resyncs.push(what.clone());
-                        out.conflicts.push(what);
-                        out.applied += 1;
-                    }
-                }
-            }
-        });
-        if let Err(e) = r {
-            out.error = Some(e.to_string());
-            break;
         }
-        if !stale {
-            break;
+        let unacked = |g: &Guid128| local.unacked_new(g);
+        let applier = Applier {
+            own_id: &own_id,
+            user,
+            unacked_new: &unacked,
+        };
+        let done = applier.apply(&mut DovecotStore::new(u), &mut mem, &batch, &mut bodies);
+        for c in &done.conflicts {
+            // Skipped so that replication goes on, and settled by a resync of the user, which
+            // compares both sides.
+            let what = c.to_string();
+            local.mark(&format!("change from the peer not applied: {what}"));
+            out.resyncs.push(what.clone());
+            out.conflicts.push(what);
         }
-        forget_user(user);
-        fresh = true;
-    }
-    // Applying changed the modseqs of these mailboxes: accounted for, not a gap.
-    let touched: BTreeSet<Guid128> = batch[..out.applied.min(batch.len())]
-        .iter()
-        .filter(|r| r.origin != "skip")
-        .map(|r| r.mailbox_guid)
-        .collect();
-    if !touched.is_empty() {
-        let _ = with_user(svc, user, |u| {
-            for g in touched {
-                if let Ok(st) = u.mailbox_status(&g) {
-                    mem.note_modseq(&g, st.highest_modseq);
-                }
-            }
-        });
+        for why in &done.resync {
+            log::info!("user {user}: {why}: resyncing the user");
+            out.resyncs.push(why.to_string());
+        }
+        out.applied = done.applied;
+        out.bodies_applied = done.bodies_applied;
+        out.need_body = done.need_body;
+        out.error = done.error.map(|e| e.to_string());
+        newest = done.newest;
+    });
+    if let Err(e) = r {
+        out.error = Some(e.to_string());
     }
     // The user's later changes here are stamped after the peer's changes just applied (the
     // hybrid logical clock), before the ack, so that it holds after a restart too.
-    let newest = batch[..out.applied.min(batch.len())]
-        .iter()
-        .filter(|r| r.origin != "skip")
-        .map(|r| r.stamp)
-        .max();
     if let Some(stamp) = newest {
         if let Err(e) = crate::clock::advance_floor(state_dir, user, stamp) {
             log::error!("user {user}: cannot record the clock floor: {e}");
@@ -267,212 +160,42 @@ pub(crate) fn apply_batch(
         log::error!("user {user}: cannot save the conflict memory: {e}");
     }
     if out.error.is_some() {
+        // A retry starts from a freshly opened user, whatever state the failure left.
         forget_user(user);
     }
-    out.bodies = bodies;
+    out.bodies = bodies.into_iter().map(|(k, b)| (k, body_buf(b))).collect();
     out
 }
 
-/// How many records from the start of `recs` are new mails (not copies) for one mailbox whose
-/// bodies are all here, and so can be saved in one transaction.
-pub(crate) fn new_mail_run(recs: &[Record], bodies: &HashMap<(Guid128, u32), BodyBuf>) -> usize {
-    let first = match recs.first() {
-        Some(r) => r,
-        None => return 0,
-    };
-    recs.iter()
-        .take_while(|r| {
-            r.origin != "skip"
-                && r.mailbox_guid == first.mailbox_guid
-                && matches!(&r.change, Change::New { from: None, uid, guid, .. }
-                if bodies.get(&(r.mailbox_guid, *uid)).is_some_and(|b| {
-                    !b.gone
-                        && b.complete()
-                        && (guid.is_empty() || b.guid.is_empty() || b.guid == *guid)
-                }))
-        })
-        .count()
-}
-
-pub(crate) enum Step1 {
-    /// Applied, or nothing to do under the conflict rules (true when a body was saved).
-    Done(bool),
-    NeedBody(Guid128, u32),
-}
-
-pub(crate) fn ok(r: Result<Applied, ApplyError>) -> Result<Step1, ApplyError> {
-    r.map(|_| Step1::Done(false))
-}
-
-/// A change to a mailbox that was deleted here: the delete wins, nothing to do.
-pub(crate) fn unless_deleted(
-    r: Result<Applied, ApplyError>,
-    mem: &Memory,
-    mbox: &Guid128,
-) -> Result<Step1, ApplyError> {
-    match r {
-        Err(ApplyError::NoMailbox(_)) if mem.deleted.contains_key(mbox) => Ok(Step1::Done(false)),
-        other => ok(other),
+fn body_state(b: BodyBuf) -> BodyState {
+    if b.gone {
+        return BodyState::Gone;
     }
+    BodyState::Here(Body {
+        guid: b.guid,
+        received_date: b.received_date,
+        save_date: b.save_date,
+        data: b.data,
+    })
 }
 
-pub(crate) fn apply_one(
-    u: &User,
-    r: &Record,
-    bodies: &mut HashMap<(Guid128, u32), BodyBuf>,
-    mem: &mut Memory,
-    local: &Local,
-    resyncs: &mut Vec<String>,
-) -> Result<Step1, ApplyError> {
-    let mbox = &r.mailbox_guid;
-    let mark = Mark::of(r);
-    match &r.change {
-        Change::New {
-            uidvalidity,
-            uid,
-            guid,
-            flags,
-            from,
-        } => {
-            // The body stays in the map until the save is done or given up: a retry with a
-            // freshly opened user needs it again.
-            let key = (*mbox, *uid);
-            let body = bodies.get(&key);
-            if let (Some(src), None) = (from, body) {
-                let mail = NewMail {
-                    uid: *uid,
-                    guid,
-                    flags,
-                    received_date: 0,
-                    save_date: 0,
-                };
-                return match u.copy(mbox, *uidvalidity, &mail, &src.mailbox_guid, src.uid) {
-                    Err(ApplyError::SourceMissing(_)) => Ok(Step1::NeedBody(*mbox, *uid)),
-                    other => ok(other),
-                };
-            }
-            let res = match body {
-                None => return Ok(Step1::NeedBody(*mbox, *uid)),
-                Some(b) if b.gone => Ok(Step1::Done(false)),
-                // The sender read another mail at that UID (it was renumbered there meanwhile):
-                // never save one mail's body under another's GUID; the resync sorts it out.
-                Some(b) if !guid.is_empty() && !b.guid.is_empty() && b.guid != *guid => {
-                    Err(ApplyError::Conflict(format!(
-                        "the body sent for {guid} at UID {uid} is {}",
-                        b.guid
-                    )))
-                }
-                Some(b) => {
-                    let mail = NewMail {
-                        uid: *uid,
-                        guid: if guid.is_empty() { &b.guid } else { guid },
-                        flags,
-                        received_date: b.received_date,
-                        save_date: b.save_date,
-                    };
-                    u.save(mbox, *uidvalidity, &mail, &b.data)
-                        .map(|a| Step1::Done(a == Applied::Done))
-                }
-            };
-            if !matches!(
-                res,
-                Err(ApplyError::NoMailbox(_))
-                    | Err(ApplyError::Temporary(_))
-                    | Err(ApplyError::Other(_))
-            ) {
-                bodies.remove(&key);
-            }
-            res
-        }
-        Change::Flags {
-            uid,
-            guid,
-            added,
-            removed,
-            ..
-        } => {
-            // Per (message, flag), the later change wins: drop what a newer change here
-            // overrides, keep the rest.
-            let (added, removed) = mem.newer_flags(mbox, *uid, added, removed, &mark);
-            if added.is_empty() && removed.is_empty() {
-                return Ok(Step1::Done(false));
-            }
-            unless_deleted(
-                u.update_flags(mbox, *uid, guid, &added, &removed),
-                mem,
-                mbox,
-            )
-        }
-        // Expunge wins over flag changes: a flag change for a mail that is gone does nothing.
-        Change::Expunge { uid, guid, .. } => unless_deleted(u.expunge(mbox, *uid, guid), mem, mbox),
-        Change::MailboxCreate { uidvalidity } => {
-            match u.mailbox_create(&r.mailbox, mbox, *uidvalidity) {
-                // The same name created on both sides (INBOX, created on first use on each
-                // server, above all): the higher GUID wins on both. The winner ignores the
-                // loser's create; the loser takes the winner's GUID if its mailbox is still
-                // empty. Otherwise the resync merges the two mailboxes.
-                Err(ApplyError::NameTaken { existing, .. }) if existing > *mbox => {
-                    // Maildir's INBOX comes into being with the first mailbox, with no create
-                    // the peer could have received: have a resync settle the two INBOXes.
-                    if r.mailbox.eq_ignore_ascii_case("INBOX") {
-                        resyncs.push("INBOX was created on both servers".into());
-                    }
-                    Ok(Step1::Done(false))
-                }
-                Err(ApplyError::NameTaken { existing, .. }) => {
-                    ok(u.mailbox_adopt_guid(&existing, mbox, *uidvalidity, false))
-                }
-                other => ok(other),
-            }
-        }
-        Change::MailboxDelete { uidnext, .. } => {
-            // Delete against new mail: mail the deleting side never saw survives. It had seen
-            // every UID below its UIDNEXT, and none that we journaled and it has not
-            // acknowledged.
-            let mails = match u.mails(mbox) {
-                Ok(m) => m,
-                Err(ApplyError::NoMailbox(_)) => return Ok(Step1::Done(false)),
-                Err(e) => return Err(e),
-            };
-            let unseen = local.unacked_new(mbox);
-            let (keep, gone): (Vec<_>, Vec<_>) = mails
-                .into_iter()
-                .partition(|m| (*uidnext != 0 && m.uid >= *uidnext) || unseen.contains(&m.uid));
-            if keep.is_empty() {
-                return match u.mailbox_delete(mbox) {
-                    Err(ApplyError::NoMailbox(_)) => Ok(Step1::Done(false)),
-                    other => ok(other),
-                };
-            }
-            for m in &gone {
-                u.expunge(mbox, m.uid, &m.guid)?;
-            }
-            log::info!(
-                "user {}: mailbox {:?} deleted on {} keeps {} mails that {} never saw",
-                u.name(),
-                r.mailbox,
-                r.origin,
-                keep.len(),
-                r.origin
-            );
-            mem.ingest(r);
-            mem.note_survived(mbox, mark);
-            resyncs.push("a deleted mailbox kept mail its deleter never saw".into());
-            Ok(Step1::Done(false))
-        }
-        Change::MailboxRename { .. } => {
-            // Rename against rename: the later one wins.
-            if mem.names.get(mbox).is_some_and(|(_, m)| *m > mark) {
-                return Ok(Step1::Done(false));
-            }
-            unless_deleted(u.mailbox_rename(mbox, &r.mailbox), mem, mbox)
-        }
-        Change::Subscribe | Change::Unsubscribe => {
-            // Subscribe against unsubscribe: the later one wins.
-            if mem.subs.get(&r.mailbox).is_some_and(|(_, m)| *m > mark) {
-                return Ok(Step1::Done(false));
-            }
-            ok(u.mailbox_subscribe(&r.mailbox, matches!(r.change, Change::Subscribe)))
-        }
+fn body_buf(b: BodyState) -> BodyBuf {
+    match b {
+        BodyState::Gone => BodyBuf {
+            data: Vec::new(),
+            total: 0,
+            guid: String::new(),
+            received_date: 0,
+            save_date: 0,
+            gone: true,
+        },
+        BodyState::Here(b) => BodyBuf {
+            total: b.data.len() as u64,
+            data: b.data,
+            guid: b.guid,
+            received_date: b.received_date,
+            save_date: b.save_date,
+            gone: false,
+        },
     }
 }

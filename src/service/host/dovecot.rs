@@ -349,36 +349,32 @@ impl Drop for User {
     }
 }
 
-/// An apply operation went through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// The change is made now.
-    Done,
-    /// It was already so (a replay), or there is nothing to change (the message is gone).
-    AlreadyApplied,
-}
-
-/// Why an apply (or read) operation failed. The message names the mailbox and the reason.
+/// Why an operation was refused or failed. The message names the mailbox and the reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
     /// No mailbox has that GUID.
     #[error("{0}")]
     NoMailbox(String),
-    /// The UID holds a message with another GUID (or the message at the UID is not the one
-    /// named): a UID collision for the conflict rules.
+    /// The message at the UID is not the one named (by its GUID), or there is none.
     #[error("{0}")]
-    Conflict(String),
-    /// Copy: the source message is not there; send the body instead.
+    NotThere(String),
+    /// Copy: the source message is not there.
     #[error("{0}")]
     SourceMissing(String),
-    /// The mailbox has another UIDVALIDITY than the change.
+    /// Save, copy or renumber below UIDNEXT: nothing was done.
     #[error("{0}")]
-    UidValidity(String),
-    /// Create or rename: another mailbox (GUID `existing`) has that name.
-    #[error("{message}")]
-    NameTaken { existing: Guid128, message: String },
-    /// Save or copy: the message was saved, but under `uid`, not the wanted UID (someone took
-    /// it concurrently).
+    BelowUidNext(String),
+    /// Create or rename: another mailbox has that name.
+    #[error("{0}")]
+    NameTaken(String),
+    /// Create: a mailbox has that GUID already.
+    #[error("{0}")]
+    GuidTaken(String),
+    /// Adopt: the mailbox holds or held mail.
+    #[error("{0}")]
+    NotEmpty(String),
+    /// Save, copy or renumber: the message was saved, but under `uid`, not the wanted UID
+    /// (someone took it concurrently).
     #[error("{message}")]
     UidReassigned { uid: u32, message: String },
     /// A failure that may go away (lock timeout, storage temporarily unavailable).
@@ -468,25 +464,39 @@ fn c_string(s: &str) -> Result<CString, ApplyError> {
     CString::new(s).map_err(|_| ApplyError::Other(format!("{s:?} contains a NUL byte")))
 }
 
-/// Maps a C result code (and its error string) to the Rust result.
+/// Maps a C result code (and its error string): `Ok(true)` done, `Ok(false)` a lookup that
+/// found nothing.
 ///
 /// # Safety
 ///
 /// `error` is NULL or a NUL-terminated string valid for the call.
-unsafe fn applied(ret: c_int, error: *const c_char) -> Result<Applied, ApplyError> {
+unsafe fn result(ret: c_int, error: *const c_char) -> Result<bool, ApplyError> {
     // SAFETY: per this function's contract.
     let message = || unsafe { string(error) };
     match ret {
-        raw::TANDEM_SVC_OK => Ok(Applied::Done),
-        raw::TANDEM_SVC_ALREADY => Ok(Applied::AlreadyApplied),
+        raw::TANDEM_SVC_OK => Ok(true),
+        raw::TANDEM_SVC_NONE => Ok(false),
         raw::TANDEM_SVC_ERROR_TEMP => Err(ApplyError::Temporary(message())),
         raw::TANDEM_SVC_ERROR_NO_MAILBOX => Err(ApplyError::NoMailbox(message())),
-        raw::TANDEM_SVC_ERROR_CONFLICT => Err(ApplyError::Conflict(message())),
+        raw::TANDEM_SVC_ERROR_NOT_THERE => Err(ApplyError::NotThere(message())),
         raw::TANDEM_SVC_ERROR_SOURCE_MISSING => Err(ApplyError::SourceMissing(message())),
-        raw::TANDEM_SVC_ERROR_UIDVALIDITY => Err(ApplyError::UidValidity(message())),
-        // Callers with more to say (NAME_TAKEN, UID_REASSIGNED) handle those codes first.
+        raw::TANDEM_SVC_ERROR_BELOW_UIDNEXT => Err(ApplyError::BelowUidNext(message())),
+        raw::TANDEM_SVC_ERROR_NAME_TAKEN => Err(ApplyError::NameTaken(message())),
+        raw::TANDEM_SVC_ERROR_GUID_TAKEN => Err(ApplyError::GuidTaken(message())),
+        raw::TANDEM_SVC_ERROR_NOT_EMPTY => Err(ApplyError::NotEmpty(message())),
+        // Callers with more to say (UID_REASSIGNED) handle those codes first.
         _ => Err(ApplyError::Other(message())),
     }
+}
+
+/// [`result`] for an operation, which has nothing to find.
+///
+/// # Safety
+///
+/// As [`result`].
+unsafe fn done(ret: c_int, error: *const c_char) -> Result<(), ApplyError> {
+    // SAFETY: per this function's contract.
+    unsafe { result(ret, error) }.map(|_| ())
 }
 
 /// The C view of a [`NewMail`], with the strings it points to.
@@ -519,8 +529,8 @@ impl CMail {
 ///
 /// # Safety
 ///
-/// As [`applied`].
-unsafe fn saved(ret: c_int, saved_uid: u32, error: *const c_char) -> Result<Applied, ApplyError> {
+/// As [`result`].
+unsafe fn saved(ret: c_int, saved_uid: u32, error: *const c_char) -> Result<(), ApplyError> {
     if ret == raw::TANDEM_SVC_ERROR_UID_REASSIGNED {
         return Err(ApplyError::UidReassigned {
             uid: saved_uid,
@@ -529,28 +539,7 @@ unsafe fn saved(ret: c_int, saved_uid: u32, error: *const c_char) -> Result<Appl
         });
     }
     // SAFETY: per this function's contract.
-    unsafe { applied(ret, error) }
-}
-
-/// Maps a create/rename result, with the GUID holding the name.
-///
-/// # Safety
-///
-/// As [`applied`].
-unsafe fn renamed(
-    ret: c_int,
-    existing: [u8; 16],
-    error: *const c_char,
-) -> Result<Applied, ApplyError> {
-    if ret == raw::TANDEM_SVC_ERROR_NAME_TAKEN {
-        return Err(ApplyError::NameTaken {
-            existing: Guid128(existing),
-            // SAFETY: per this function's contract.
-            message: unsafe { string(error) },
-        });
-    }
-    // SAFETY: per this function's contract.
-    unsafe { applied(ret, error) }
+    unsafe { done(ret, error) }
 }
 
 impl User {
@@ -586,16 +575,15 @@ impl User {
     }
 
     /// Creates mailbox `name` with this GUID and UIDVALIDITY (0: the storage picks).
-    /// `AlreadyApplied` if a mailbox has this GUID (under any name); `NameTaken` if another
+    /// `GuidTaken` if a mailbox has this GUID (under any name); `NameTaken` if another
     /// mailbox has the name.
     pub fn mailbox_create(
         &self,
         name: &str,
         guid: &Guid128,
         uidvalidity: u32,
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(), ApplyError> {
         let name = c_string(name)?;
-        let mut existing = [0u8; 16];
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
@@ -604,28 +592,26 @@ impl User {
                 name.as_ptr(),
                 guid.0.as_ptr(),
                 uidvalidity,
-                existing.as_mut_ptr(),
                 &mut error,
             );
-            renamed(ret, existing, error)
+            done(ret, error)
         }
     }
 
-    /// Deletes the mailbox with this GUID; `AlreadyApplied` if there is none.
-    pub fn mailbox_delete(&self, guid: &Guid128) -> Result<Applied, ApplyError> {
+    /// Deletes the mailbox with this GUID.
+    pub fn mailbox_delete(&self, guid: &Guid128) -> Result<(), ApplyError> {
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
             let ret = raw::tandem_svc_mailbox_delete(self.raw(), guid.0.as_ptr(), &mut error);
-            applied(ret, error)
+            done(ret, error)
         }
     }
 
-    /// Renames the mailbox with this GUID (children follow); `AlreadyApplied` if it already
-    /// has the name, `NameTaken` if another mailbox has it.
-    pub fn mailbox_rename(&self, guid: &Guid128, new_name: &str) -> Result<Applied, ApplyError> {
+    /// Renames the mailbox with this GUID (children follow); `NameTaken` if a mailbox has
+    /// the name.
+    pub fn mailbox_rename(&self, guid: &Guid128, new_name: &str) -> Result<(), ApplyError> {
         let new_name = c_string(new_name)?;
-        let mut existing = [0u8; 16];
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
@@ -633,15 +619,14 @@ impl User {
                 self.raw(),
                 guid.0.as_ptr(),
                 new_name.as_ptr(),
-                existing.as_mut_ptr(),
                 &mut error,
             );
-            renamed(ret, existing, error)
+            done(ret, error)
         }
     }
 
     /// (Un)subscribes `name`, which need not exist.
-    pub fn mailbox_subscribe(&self, name: &str, subscribed: bool) -> Result<Applied, ApplyError> {
+    pub fn mailbox_subscribe(&self, name: &str, subscribed: bool) -> Result<(), ApplyError> {
         let name = c_string(name)?;
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
@@ -652,19 +637,19 @@ impl User {
                 subscribed,
                 &mut error,
             );
-            applied(ret, error)
+            done(ret, error)
         }
     }
 
-    /// Gives the mailbox `old` the GUID `new` and UIDVALIDITY `uidvalidity` (the peer's
-    /// mailbox of the same name). Unless `keep_mail`, `Conflict` if it holds or ever held mail.
+    /// Gives the mailbox `old` the GUID `new` and UIDVALIDITY `uidvalidity`, its mails
+    /// keeping their UIDs. With `only_if_unused`, `NotEmpty` if it holds or ever held mail.
     pub fn mailbox_adopt_guid(
         &self,
         old: &Guid128,
         new: &Guid128,
         uidvalidity: u32,
-        keep_mail: bool,
-    ) -> Result<Applied, ApplyError> {
+        only_if_unused: bool,
+    ) -> Result<(), ApplyError> {
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
@@ -673,23 +658,35 @@ impl User {
                 old.0.as_ptr(),
                 new.0.as_ptr(),
                 uidvalidity,
-                keep_mail,
+                only_if_unused,
                 &mut error,
             );
-            applied(ret, error)
+            done(ret, error)
         }
     }
 
-    /// Saves new mails (UIDs at or above UIDNEXT, increasing) into `mailbox` in one
-    /// transaction. `Ok(true)`: all saved with their UIDs. `Ok(false)`: the batch did not
-    /// qualify and nothing was done. `Err`: nothing was saved. After `Ok(false)` or `Err` the
-    /// caller saves them one by one.
-    pub fn save_batch(
+    /// Raises the mailbox's UIDNEXT to at least `uidnext`.
+    pub fn mailbox_min_uidnext(&self, guid: &Guid128, uidnext: u32) -> Result<(), ApplyError> {
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_mailbox_min_uidnext(
+                self.raw(),
+                guid.0.as_ptr(),
+                uidnext,
+                &mut error,
+            );
+            done(ret, error)
+        }
+    }
+
+    /// Saves new mails with their chosen UIDs (at or above UIDNEXT, increasing: `BelowUidNext`
+    /// otherwise), GUIDs, flags and dates into `mailbox`, in one transaction: all or nothing.
+    pub fn save(
         &self,
         mailbox: &Guid128,
-        uidvalidity: u32,
         mails: &[(NewMail<'_>, &[u8])],
-    ) -> Result<bool, ApplyError> {
+    ) -> Result<(), ApplyError> {
         let c_mails = mails
             .iter()
             .map(|(m, _)| CMail::new(m))
@@ -701,64 +698,20 @@ impl User {
             .collect();
         let bodies: Vec<*const u8> = mails.iter().map(|(_, b)| b.as_ptr()).collect();
         let lens: Vec<usize> = mails.iter().map(|(_, b)| b.len()).collect();
+        let count = u32::try_from(mails.len())
+            .map_err(|_| ApplyError::Other("too many mails in one save".into()))?;
+        let mut saved_uid = 0;
         let mut error = ptr::null();
         // SAFETY: main thread; the arrays hold `mails.len()` elements and, with the strings
         // they point to, outlive the call; error is copied at once.
         unsafe {
-            let ret = raw::tandem_svc_save_batch(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                uidvalidity,
-                raw_mails.as_ptr(),
-                bodies.as_ptr(),
-                lens.as_ptr(),
-                mails.len() as u32,
-                &mut error,
-            );
-            applied(ret, error).map(|a| a == Applied::Done)
-        }
-    }
-
-    /// Raises the mailbox's UIDNEXT to at least `uidnext`.
-    pub fn mailbox_min_uidnext(&self, guid: &Guid128, uidnext: u32) -> Result<Applied, ApplyError> {
-        let mut error = ptr::null();
-        // SAFETY: main thread; all pointers valid for the call; error copied at once.
-        unsafe {
-            let ret = raw::tandem_svc_mailbox_min_uidnext(
-                self.raw(),
-                guid.0.as_ptr(),
-                uidnext,
-                &mut error,
-            );
-            applied(ret, error)
-        }
-    }
-
-    /// Saves a message with the chosen UID, GUID, flags and dates into the mailbox `mailbox`
-    /// (whose UIDVALIDITY must be `uidvalidity`, unless 0). Below UIDNEXT: `AlreadyApplied` if
-    /// the UID holds this GUID or is expunged (never resurrected), `Conflict` if it holds
-    /// another message.
-    pub fn save(
-        &self,
-        mailbox: &Guid128,
-        uidvalidity: u32,
-        mail: &NewMail<'_>,
-        body: &[u8],
-    ) -> Result<Applied, ApplyError> {
-        let c_mail = CMail::new(mail)?;
-        let raw_mail = c_mail.raw(mail);
-        let mut saved_uid = 0;
-        let mut error = ptr::null();
-        // SAFETY: main thread; all pointers (c_mail's strings included) valid for the call;
-        // error copied at once.
-        unsafe {
             let ret = raw::tandem_svc_save(
                 self.raw(),
                 mailbox.0.as_ptr(),
-                uidvalidity,
-                &raw_mail,
-                body.as_ptr(),
-                body.len(),
+                raw_mails.as_ptr(),
+                bodies.as_ptr(),
+                lens.as_ptr(),
+                count,
                 &mut saved_uid,
                 &mut error,
             );
@@ -766,16 +719,15 @@ impl User {
         }
     }
 
-    /// Like [`User::save`], with the body of the local message `src_uid` of `src_mailbox`,
-    /// which must have `mail.guid`: `SourceMissing` otherwise (send the body then).
+    /// Like [`User::save`] for one mail, with the body of the local message `src_uid` of
+    /// `src_mailbox`, which must have `mail.guid`: `SourceMissing` otherwise.
     pub fn copy(
         &self,
         mailbox: &Guid128,
-        uidvalidity: u32,
         mail: &NewMail<'_>,
         src_mailbox: &Guid128,
         src_uid: u32,
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(), ApplyError> {
         let c_mail = CMail::new(mail)?;
         let raw_mail = c_mail.raw(mail);
         let mut saved_uid = 0;
@@ -785,7 +737,6 @@ impl User {
             let ret = raw::tandem_svc_copy(
                 self.raw(),
                 mailbox.0.as_ptr(),
-                uidvalidity,
                 &raw_mail,
                 src_mailbox.0.as_ptr(),
                 src_uid,
@@ -804,7 +755,7 @@ impl User {
         uid: u32,
         guid: &str,
         new_uid: u32,
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(), ApplyError> {
         let guid = c_string(guid)?;
         let mut saved_uid = 0;
         let mut error = ptr::null();
@@ -823,9 +774,8 @@ impl User {
         }
     }
 
-    /// Adds `add` and removes `remove` (flags and keywords; what is in both is added) on the
-    /// message at `uid`, which must have `guid` (unless ""). `AlreadyApplied` if the message
-    /// is gone or already so.
+    /// Adds `add` and removes `remove` (flags and keywords) on the message at `uid`, which
+    /// must have `guid` (unless ""): `NotThere` otherwise.
     pub fn update_flags(
         &self,
         mailbox: &Guid128,
@@ -833,7 +783,7 @@ impl User {
         guid: &str,
         add: &FlagSet,
         remove: &FlagSet,
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(), ApplyError> {
         let guid = c_string(guid)?;
         let add_keywords = CStrList::new(&add.keywords)?;
         let remove_keywords = CStrList::new(&remove.keywords)?;
@@ -851,12 +801,13 @@ impl User {
                 remove_keywords.as_ptr(),
                 &mut error,
             );
-            applied(ret, error)
+            done(ret, error)
         }
     }
 
-    /// Expunges the message at `uid` if it has `guid` (unless ""); `AlreadyApplied` if gone.
-    pub fn expunge(&self, mailbox: &Guid128, uid: u32, guid: &str) -> Result<Applied, ApplyError> {
+    /// Expunges the message at `uid`, which must have `guid` (unless ""): `NotThere`
+    /// otherwise.
+    pub fn expunge(&self, mailbox: &Guid128, uid: u32, guid: &str) -> Result<(), ApplyError> {
         let guid = c_string(guid)?;
         let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
@@ -868,7 +819,7 @@ impl User {
                 guid.as_ptr(),
                 &mut error,
             );
-            applied(ret, error)
+            done(ret, error)
         }
     }
 
@@ -900,15 +851,12 @@ impl User {
                 &mut info,
                 &mut error,
             );
-            match applied(ret, error)? {
-                Applied::AlreadyApplied => Ok(None),
-                Applied::Done => Ok(Some(BodyInfo {
-                    received_date: info.received_date,
-                    save_date: info.save_date,
-                    guid: string(info.guid),
-                    size: info.size,
-                })),
-            }
+            Ok(result(ret, error)?.then(|| BodyInfo {
+                received_date: info.received_date,
+                save_date: info.save_date,
+                guid: string(info.guid),
+                size: info.size,
+            }))
         }
     }
 
@@ -932,7 +880,7 @@ impl User {
                 &mut status,
                 &mut error,
             );
-            applied(ret, error)?;
+            done(ret, error)?;
             Ok(mailbox_status(&status))
         }
     }
@@ -950,7 +898,7 @@ impl User {
                 (&mut out as *mut Vec<MailboxStatus>).cast(),
                 &mut error,
             );
-            applied(ret, error)?;
+            done(ret, error)?;
         }
         Ok(out)
     }
@@ -969,9 +917,81 @@ impl User {
                 (&mut out as *mut Vec<MailInfo>).cast(),
                 &mut error,
             );
-            applied(ret, error)?;
+            done(ret, error)?;
         }
         Ok(out)
+    }
+
+    /// The GUID of the mailbox named `name`, `None` if there is none.
+    pub fn mailbox_named(&self, name: &str) -> Result<Option<Guid128>, ApplyError> {
+        let name = c_string(name)?;
+        let mut guid = [0u8; 16];
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_mailbox_named(
+                self.raw(),
+                name.as_ptr(),
+                guid.as_mut_ptr(),
+                &mut error,
+            );
+            match done(ret, error) {
+                Ok(()) => Ok(Some(Guid128(guid))),
+                Err(ApplyError::NoMailbox(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// The message at `uid` as of now, `None` if there is none.
+    pub fn mail(&self, mailbox: &Guid128, uid: u32) -> Result<Option<MailInfo>, ApplyError> {
+        let mut info = raw::tandem_svc_mail_info {
+            uid: 0,
+            guid: ptr::null(),
+            flags: 0,
+            keywords: ptr::null(),
+        };
+        let mut error = ptr::null();
+        // SAFETY: main thread; all pointers valid for the call; info's strings and error are
+        // copied at once.
+        unsafe {
+            let ret =
+                raw::tandem_svc_mail(self.raw(), mailbox.0.as_ptr(), uid, &mut info, &mut error);
+            Ok(result(ret, error)?.then(|| MailInfo {
+                uid: info.uid,
+                guid: string(info.guid),
+                flags: FlagSet::new(info.flags, string_list(info.keywords)),
+            }))
+        }
+    }
+
+    /// Every subscribed name, mailbox or not.
+    pub fn subscriptions(&self) -> Result<Vec<String>, ApplyError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut error = ptr::null();
+        // SAFETY: main thread; out outlives the call and is only used by on_name during it;
+        // error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_subscriptions(
+                self.raw(),
+                Some(on_name),
+                (&mut out as *mut Vec<String>).cast(),
+                &mut error,
+            );
+            done(ret, error)?;
+        }
+        Ok(out)
+    }
+
+    /// Forgets cached views (open indexes, the GUID cache): the next call sees what other
+    /// processes committed meanwhile.
+    pub fn refresh(&self) -> Result<(), ApplyError> {
+        let mut error = ptr::null();
+        // SAFETY: main thread; error copied at once.
+        unsafe {
+            let ret = raw::tandem_svc_refresh(self.raw(), &mut error);
+            done(ret, error)
+        }
     }
 }
 
@@ -1030,6 +1050,16 @@ unsafe extern "C" fn on_mailbox(
         let (out, status) = unsafe { (&mut *ctx.cast::<Vec<MailboxStatus>>(), &*status) };
         // SAFETY: status was filled by the C side for this call.
         out.push(unsafe { mailbox_status(status) });
+        0
+    })
+}
+
+unsafe extern "C" fn on_name(ctx: *mut c_void, name: *const c_char) -> c_int {
+    guard::guard("service_subscriptions", -1, || {
+        // SAFETY: ctx is subscriptions()'s Vec, alive for the listing; name is a string valid
+        // for the call.
+        let (out, name) = unsafe { (&mut *ctx.cast::<Vec<String>>(), string(name)) };
+        out.push(name);
         0
     })
 }

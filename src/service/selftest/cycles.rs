@@ -4,7 +4,7 @@
 
 use super::{message, Check, RECEIVED, SAVED};
 use crate::event::{FlagSet, Guid128};
-use crate::service::host::dovecot::{self, Applied, NewMail, Svc, User};
+use crate::service::host::dovecot::{self, ApplyError, NewMail, Svc, User};
 use std::sync::mpsc;
 
 const BOX_CYCLE: Guid128 = Guid128([0x55; 16]);
@@ -177,7 +177,7 @@ fn cycle_op(user: &User, seq: &mut u32, root: &Creds, c: &mut Check) -> Option<u
     let n = *seq;
     let who = format!("{} #{n}", user.name());
     let created = user.mailbox_create("TandemCycle", &BOX_CYCLE, UIDVALIDITY_CYCLE);
-    let ok = matches!(created, Ok(Applied::Done | Applied::AlreadyApplied));
+    let ok = matches!(created, Ok(()) | Err(ApplyError::GuidTaken(_)));
     c.expect(&format!("{who}: create TandemCycle"), created, ok);
     let guid = format!("{:032x}", 0x000c_1c1e_0000_u64 + u64::from(n));
     let none = FlagSet::default();
@@ -189,10 +189,9 @@ fn cycle_op(user: &User, seq: &mut u32, root: &Creds, c: &mut Check) -> Option<u
         save_date: SAVED,
     };
     let body = message(&format!("cycle{n}"), 300);
-    c.applied(
+    c.done(
         &format!("{who}: save uid {n}"),
-        user.save(&BOX_CYCLE, UIDVALIDITY_CYCLE, &mail, &body),
-        Applied::Done,
+        user.save(&BOX_CYCLE, &[(mail, &body[..])]),
     );
     let main = gettid();
     let mut during = None;
