@@ -47,8 +47,12 @@ const FLAGS: [&str; 7] = [
     "$Later",
     "$Label1",
 ];
-/// Settling after a chaotic round can take a service restart and a resync.
-const SETTLE: Duration = Duration::from_secs(120);
+/// Settling after a chaotic round can take a service restart and a resync. On maildir, a
+/// service killed while it held dovecot-uidlist.lock leaves a stale lock: the next process waits
+/// Dovecot's stale-lock timeout holding the mailbox list's index lock, and everyone else (IMAP,
+/// LMTP, the restarted service) waits up to 180 s behind it (seen on 2.4 with "kill service b").
+/// That is Dovecot's recovery, not a loss; the wait allows for it and a resync after.
+const SETTLE: Duration = Duration::from_secs(300);
 /// The name prefix of worker threads: their panics (a server crashed under them) are expected,
 /// collected, and not printed by the panic hook.
 const WORKER: &str = "soak-";
