@@ -235,6 +235,12 @@ impl Enc {
     }
 }
 
+/// The size of a record's payload as [`encode_record`] writes it, 0 for one it refuses: what
+/// the service counts against its windows and queues.
+pub fn encoded_len(r: &Record) -> u64 {
+    encode_record(r).map_or(0, |b| b.len() as u64)
+}
+
 /// Encodes a record's payload (the bytes inside its frame).
 pub fn encode_record(r: &Record) -> Result<Vec<u8>, TooLong> {
     let mut e = Enc(Vec::with_capacity(96 + r.mailbox.len()));

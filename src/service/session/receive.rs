@@ -14,6 +14,7 @@
 use crate::codec::Msg;
 use crate::event::JournalId;
 use crate::event::{Change, Guid128, Record};
+use crate::journal::format::encoded_len;
 use crate::service::apply::BodyBuf;
 use crate::service::limits::{
     BATCH_RECORDS, BODY_PATIENCE, MAX_APPLY_BACKOFF, MAX_BODIES_HELD, MAX_BODY, MAX_QUEUED_BYTES,
@@ -124,10 +125,6 @@ pub struct Receiver {
     max_ahead: Duration,
     users: HashMap<String, Stream>,
     bodies: HashMap<BodyKey, BodyBuf>,
-}
-
-fn encoded_size(r: &Record) -> u64 {
-    crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64)
 }
 
 fn log(level: log::Level, msg: String, shown: bool) -> Action {
@@ -244,7 +241,7 @@ impl Receiver {
                 }
                 continue;
             }
-            let size = encoded_size(&r);
+            let size = encoded_len(&r);
             if u.queued_bytes + size > MAX_USER_QUEUE || queued_total + size > MAX_QUEUED_BYTES {
                 // More than any flow-control window lets a sender have in flight: not kept.
                 // If later records come, the hole is a gap (below).

@@ -365,7 +365,7 @@ fn a_stamp_far_in_the_future_is_clamped() {
 #[test]
 fn one_users_queue_is_bounded_and_what_did_not_fit_becomes_a_gap() {
     let mut rx = rx();
-    let size = encoded_size(&flags(1));
+    let size = encoded_len(&flags(1));
     let fit = MAX_USER_QUEUE / size;
     let actions = rx.on_records("alice", JID, (1..=fit + 10).map(flags).collect(), NOW);
     assert!(rx.queued_bytes() <= MAX_USER_QUEUE);

@@ -16,6 +16,7 @@
 use crate::codec::{Msg, BODY_CHUNK};
 use crate::event::JournalId;
 use crate::event::{Guid128, Record};
+use crate::journal::format::encoded_len;
 use crate::service::apply::Body;
 use crate::service::limits::{
     BATCH_BYTES, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
@@ -64,10 +65,6 @@ pub struct Sender {
     /// The low-priority lane: body chunks waiting to go, and their raw bytes.
     low: VecDeque<Msg>,
     low_bytes: u64,
-}
-
-fn encoded_size(r: &Record) -> u64 {
-    crate::journal::format::encode_record(r).map_or(0, |b| b.len() as u64)
 }
 
 impl Sender {
@@ -128,7 +125,7 @@ impl Sender {
             for r in records {
                 f.unacked.push_back(Unacked {
                     lsn: r.lsn,
-                    bytes: encoded_size(r),
+                    bytes: encoded_len(r),
                     stamp_ms: r.stamp.millis(),
                 });
             }
@@ -182,7 +179,7 @@ impl Sender {
         let mut frame_bytes = 0u64;
         let mut records = records.into_iter().peekable();
         while let Some(r) = records.next() {
-            frame_bytes += encoded_size(&r) + 4;
+            frame_bytes += encoded_len(&r) + 4;
             frame.push(r);
             if frame_bytes >= BATCH_BYTES || records.peek().is_none() {
                 f.inflight += frame_bytes;

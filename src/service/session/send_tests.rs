@@ -165,7 +165,7 @@ fn large_batches_are_split_into_frames_below_the_limit() {
     let now = Instant::now();
     let mut tx = Sender::new();
     tx.open("alice", start(), now);
-    let size = encoded_size(&flags("alice", 1)) + 4;
+    let size = encoded_len(&flags("alice", 1)) + 4;
     let n = 3 * BATCH_BYTES / size;
     let recs: Vec<Record> = (1..=n).map(|l| flags("alice", l)).collect();
     tx.read("alice", &recs);
