@@ -117,6 +117,19 @@ struct Stream {
 
 type BodyKey = (String, Guid128, u32);
 
+/// A chunk of a body from the peer: `data` is the body's bytes at `offset`, of `total`.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyChunk<'a> {
+    pub mailbox_guid: Guid128,
+    pub uid: u32,
+    pub guid: &'a str,
+    pub received_date: i64,
+    pub save_date: i64,
+    pub total: u64,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
 /// The receiving side of one connection from the peer.
 #[derive(Debug)]
 pub struct Receiver {
@@ -338,19 +351,17 @@ impl Receiver {
     }
 
     /// Takes a chunk of a body. `Err` is a protocol violation (the connection goes).
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_body(
-        &mut self,
-        user: &str,
-        mailbox_guid: Guid128,
-        uid: u32,
-        guid: &str,
-        received_date: i64,
-        save_date: i64,
-        total: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Vec<Action>, String> {
+    pub fn on_body(&mut self, user: &str, c: BodyChunk<'_>) -> Result<Vec<Action>, String> {
+        let BodyChunk {
+            mailbox_guid,
+            uid,
+            guid,
+            received_date,
+            save_date,
+            total,
+            offset,
+            data,
+        } = c;
         // Bodies follow their records: a body no queued record asks for is not kept, so what
         // a peer can make us hold is bounded by the queues.
         if !self.wants_body(user, mailbox_guid, uid) {

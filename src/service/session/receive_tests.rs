@@ -61,16 +61,31 @@ fn resyncs(actions: &[Action]) -> usize {
 }
 
 fn body(rx: &mut Receiver, uid: u32, data: &[u8]) -> Result<Vec<Action>, String> {
+    chunk(rx, "alice", uid, data.len() as u64, 0, data)
+}
+
+/// A chunk of the body of `uid` in INBOX, of GUID "g{uid}".
+fn chunk(
+    rx: &mut Receiver,
+    user: &str,
+    uid: u32,
+    total: u64,
+    offset: u64,
+    data: &[u8],
+) -> Result<Vec<Action>, String> {
+    let guid = format!("g{uid}");
     rx.on_body(
-        "alice",
-        INBOX,
-        uid,
-        &format!("g{uid}"),
-        0,
-        0,
-        data.len() as u64,
-        0,
-        data,
+        user,
+        BodyChunk {
+            mailbox_guid: INBOX,
+            uid,
+            guid: &guid,
+            received_date: 0,
+            save_date: 0,
+            total,
+            offset,
+            data,
+        },
     )
 }
 
@@ -204,11 +219,9 @@ fn new_mail_waits_for_its_body_and_the_body_goes_with_the_batch() {
     // A body no record asks for is not kept.
     body(&mut rx, 99, b"stray").unwrap();
     assert_eq!(rx.body_bytes(), 0);
-    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
-        .unwrap();
+    chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
     assert!(matches!(rx.next("alice", now), Next::Wait(None)));
-    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 3, b"def")
-        .unwrap();
+    chunk(&mut rx, "alice", 10, 6, 3, b"def").unwrap();
     let Next::Apply(b) = rx.next("alice", now) else {
         panic!()
     };
@@ -220,15 +233,11 @@ fn new_mail_waits_for_its_body_and_the_body_goes_with_the_batch() {
 fn a_body_chunk_out_of_place_restarts_the_body_or_breaks_the_connection() {
     let mut rx = rx();
     rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
-    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
-        .unwrap();
+    chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
     // The sender reconnected: the body comes again from 0.
-    rx.on_body("alice", INBOX, 10, "g10", 0, 0, 6, 0, b"abc")
-        .unwrap();
+    chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
     assert_eq!(rx.body_bytes(), 3);
-    assert!(rx
-        .on_body("alice", INBOX, 10, "g10", 0, 0, 6, 5, b"f")
-        .is_err());
+    assert!(chunk(&mut rx, "alice", 10, 6, 5, b"f").is_err());
 }
 
 #[test]
@@ -599,8 +608,7 @@ proptest! {
                 Hostile::Body { stream, uid, total, offset, len } => {
                     let user = users[stream as usize];
                     let data = vec![b'x'; len];
-                    let _ = rx.on_body(user, INBOX, uid, &format!("g{uid}"), 0, 0, total, offset,
-                        &data);
+                    let _ = chunk(&mut rx, user, uid, total, offset, &data);
                 }
                 Hostile::Gone { stream, uid } => rx.on_body_gone(users[stream as usize], INBOX, uid),
                 Hostile::Apply { fail } => {

@@ -2,7 +2,7 @@
 //! [`Receiver`] state machine, its batches onto the main thread, its positions to disk, and its
 //! frames back. Every decision is the state machine's; this file does the I/O.
 
-use super::receive::{Action, AfterBatch, Done, Next, Receiver};
+use super::receive::{Action, AfterBatch, BodyChunk, Done, Next, Receiver};
 use crate::codec::Msg;
 use crate::ffi::logger::Field;
 use crate::registry;
@@ -153,14 +153,16 @@ impl Inbound<'_> {
                     .rx
                     .on_body(
                         &user,
-                        mailbox_guid,
-                        uid,
-                        &guid,
-                        received_date,
-                        save_date,
-                        total,
-                        offset,
-                        &data,
+                        BodyChunk {
+                            mailbox_guid,
+                            uid,
+                            guid: &guid,
+                            received_date,
+                            save_date,
+                            total,
+                            offset,
+                            data: &data,
+                        },
                     )
                     .map_err(ConnError::Protocol)?;
                 self.carry_out(actions, wr)
