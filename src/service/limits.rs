@@ -32,6 +32,9 @@ pub const MAX_BODY: u64 = 1 << 30;
 pub const MAX_INBOUND: usize = 32;
 pub const MAX_PREAUTH: usize = 8;
 pub const MAX_BODIES_HELD: u64 = 1 << 30;
+/// Body bytes held in spool files (bodies past the spool's memory part) at once, all bodies
+/// together, under the state directory.
+pub const MAX_SPOOL_BYTES: u64 = 4 << 30;
 /// Frames larger than this are refused before the peer has authenticated.
 pub const PREAUTH_MAX_FRAME: usize = 64 << 10;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -121,7 +121,7 @@ impl MailStore for DovecotStore<'_> {
             guid: b.info.guid,
             received_date: b.info.received_date,
             save_date: b.info.save_date,
-            data: b.data,
+            data: b.data.into(),
         }))
     }
 
@@ -195,9 +195,27 @@ impl MailStore for DovecotStore<'_> {
         let Some((first, _)) = mails.first() else {
             return Ok(());
         };
+        // Spooled bodies are read back whole for now.
+        let mut owned = Vec::new();
+        for (_, b) in mails {
+            if b.data.bytes().is_none() {
+                owned.push(
+                    b.data.to_vec().map_err(|e| {
+                        StoreError::Temporary(format!("reading a spooled body: {e}"))
+                    })?,
+                );
+            }
+        }
+        let mut owned = owned.iter();
         let batch: Vec<(dovecot::NewMail<'_>, &[u8])> = mails
             .iter()
-            .map(|(m, b)| (host_mail(m), b.data.as_slice()))
+            .map(|(m, b)| {
+                let data = match b.data.bytes() {
+                    Some(d) => d,
+                    None => owned.next().unwrap().as_slice(),
+                };
+                (host_mail(m), data)
+            })
             .collect();
         match self.user.save(mailbox, &batch) {
             Ok(()) => Ok(()),

@@ -404,7 +404,7 @@ mod tests {
     fn body(guid: &str) -> Body {
         Body {
             guid: guid.into(),
-            data: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+            data: b"Subject: x\r\n\r\nhi\r\n".to_vec().into(),
             ..Body::default()
         }
     }

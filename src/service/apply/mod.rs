@@ -16,6 +16,7 @@ pub(crate) mod dovecot_store;
 pub mod fake;
 #[cfg(feature = "service")]
 pub mod resync;
+pub mod spool;
 pub mod store;
 #[cfg(feature = "service")]
 pub mod stream;
@@ -23,12 +24,13 @@ pub mod stream;
 pub use fake::FakeStore;
 #[cfg(feature = "service")]
 use serde::{Deserialize, Serialize};
+pub use spool::Spool;
 pub use store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 
 /// A body being received.
 #[derive(Debug)]
 pub struct BodyBuf {
-    pub data: Vec<u8>,
+    pub data: Spool,
     pub total: u64,
     pub guid: String,
     pub received_date: i64,
@@ -38,7 +40,7 @@ pub struct BodyBuf {
 
 impl BodyBuf {
     pub fn complete(&self) -> bool {
-        self.gone || self.data.len() as u64 == self.total
+        self.gone || self.data.len() == self.total
     }
 }
 

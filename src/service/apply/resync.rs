@@ -28,7 +28,7 @@ pub(crate) fn local_apply(
             guid: meta.guid,
             received_date: meta.received_date,
             save_date: meta.save_date,
-            data,
+            data: data.into(),
         })
         .collect();
     let r = with_user(svc, user, |u| {

@@ -36,7 +36,7 @@ pub struct Body {
     pub received_date: i64,
     /// Unix time; 0 means now.
     pub save_date: i64,
-    pub data: Vec<u8>,
+    pub data: super::Spool,
 }
 
 /// A new message with the identity its origin chose.

@@ -182,7 +182,7 @@ fn body_state(b: BodyBuf) -> BodyState {
 fn body_buf(b: BodyState) -> BodyBuf {
     match b {
         BodyState::Gone => BodyBuf {
-            data: Vec::new(),
+            data: Default::default(),
             total: 0,
             guid: String::new(),
             received_date: 0,
@@ -190,7 +190,7 @@ fn body_buf(b: BodyState) -> BodyBuf {
             gone: true,
         },
         BodyState::Here(b) => BodyBuf {
-            total: b.data.len() as u64,
+            total: b.data.len(),
             data: b.data,
             guid: b.guid,
             received_date: b.received_date,

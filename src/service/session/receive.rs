@@ -15,13 +15,15 @@ use crate::codec::Msg;
 use crate::event::JournalId;
 use crate::event::{Change, Guid128, Record};
 use crate::journal::format::encoded_len;
+use crate::service::apply::spool::{Spool, SpoolDir, SPOOL_MEMORY};
 use crate::service::apply::BodyBuf;
 use crate::service::limits::{
     BATCH_RECORDS, BODY_PATIENCE, MAX_APPLY_BACKOFF, MAX_BODIES_HELD, MAX_BODY, MAX_QUEUED_BYTES,
-    MAX_USER_QUEUE,
+    MAX_SPOOL_BYTES, MAX_USER_QUEUE,
 };
 use crate::service::positions::Position;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The first wait after a failed batch; it doubles up to [`MAX_APPLY_BACKOFF`].
@@ -138,6 +140,7 @@ pub struct Receiver {
     max_ahead: Duration,
     users: HashMap<String, Stream>,
     bodies: HashMap<BodyKey, BodyBuf>,
+    spool_dir: Option<Arc<SpoolDir>>,
 }
 
 fn log(level: log::Level, msg: String, shown: bool) -> Action {
@@ -154,6 +157,7 @@ impl Receiver {
             max_ahead,
             users: HashMap::new(),
             bodies: HashMap::new(),
+            spool_dir: None,
         }
     }
 
@@ -368,13 +372,21 @@ impl Receiver {
             return Ok(Vec::new());
         }
         let key = (user.to_string(), mailbox_guid, uid);
-        let held = self
-            .bodies
-            .values()
-            .map(|b| b.data.len() as u64)
-            .sum::<u64>();
-        let have = self.bodies.get(&key).map_or(0, |b| b.data.len() as u64);
-        if total > MAX_BODY || held - have + data.len() as u64 > MAX_BODIES_HELD {
+        let (mut mem, mut disk) = (0, 0);
+        for (k, b) in &self.bodies {
+            if *k != key {
+                mem += b.data.in_memory();
+                disk += b.data.on_disk();
+            }
+        }
+        let have = self.bodies.get(&key).map_or(0, |b| b.data.len());
+        let after = have + data.len() as u64;
+        let fits = if self.spool_dir.is_some() && after > SPOOL_MEMORY as u64 {
+            disk + after <= MAX_SPOOL_BYTES
+        } else {
+            mem + after <= MAX_BODIES_HELD
+        };
+        if total > MAX_BODY || !fits {
             // Not kept now: the record asks for it again once it is next in line.
             self.bodies.remove(&key);
             return Ok(vec![log(
@@ -386,16 +398,17 @@ impl Receiver {
                 false,
             )]);
         }
-        // No reservation from the announced size: memory follows the bytes received.
-        let b = self.bodies.entry(key).or_insert_with(|| BodyBuf {
-            data: Vec::new(),
+        // No reservation from the announced size: memory and disk follow the bytes received.
+        let dir = self.spool_dir.clone();
+        let b = self.bodies.entry(key.clone()).or_insert_with(|| BodyBuf {
+            data: Spool::new(dir),
             total,
             guid: guid.to_string(),
             received_date,
             save_date,
             gone: false,
         });
-        if offset != b.data.len() as u64 || total != b.total || b.gone || b.guid != guid {
+        if offset != b.data.len() || total != b.total || b.gone || b.guid != guid {
             // A restart of this body (the sender reconnected), or the body of another mail
             // under the same key (a mailbox recreated with its GUID reuses UIDs): begin again,
             // with this body's identity.
@@ -411,7 +424,17 @@ impl Receiver {
                 ));
             }
         }
-        b.data.extend_from_slice(data);
+        if let Err(e) = b.data.append(data) {
+            self.bodies.remove(&key);
+            return Ok(vec![log(
+                log::Level::Warn,
+                format!(
+                    "user {user}: cannot spool the body of uid {uid}: {e}; it will be asked \
+                     for again"
+                ),
+                true,
+            )]);
+        }
         if let Some(u) = self.users.get_mut(user) {
             u.need_body.remove(&(mailbox_guid, uid));
         }
@@ -428,7 +451,7 @@ impl Receiver {
             .bodies
             .entry((user.to_string(), mailbox_guid, uid))
             .or_insert_with(|| BodyBuf {
-                data: Vec::new(),
+                data: Spool::default(),
                 total: 0,
                 guid: String::new(),
                 received_date: 0,
@@ -611,7 +634,18 @@ impl Receiver {
 
     /// Body bytes held, all users together.
     pub fn body_bytes(&self) -> u64 {
-        self.bodies.values().map(|b| b.data.len() as u64).sum()
+        self.bodies.values().map(|b| b.data.len()).sum()
+    }
+
+    /// Body bytes held in spool files, all users together.
+    pub fn body_bytes_on_disk(&self) -> u64 {
+        self.bodies.values().map(|b| b.data.on_disk()).sum()
+    }
+
+    /// Bodies longer than [`SPOOL_MEMORY`] go to unnamed files in `dir` (without, they are
+    /// held in memory).
+    pub fn spool_in(&mut self, dir: Arc<SpoolDir>) {
+        self.spool_dir = Some(dir);
     }
 }
 

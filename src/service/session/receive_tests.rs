@@ -241,6 +241,34 @@ fn a_body_chunk_out_of_place_restarts_the_body_or_breaks_the_connection() {
 }
 
 #[test]
+fn a_large_body_waits_in_a_spool_file_not_in_memory() {
+    use crate::service::apply::spool::{SpoolDir, SPOOL_MEMORY};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rx = rx();
+    rx.spool_in(SpoolDir::open(&tmp.path().join("spool")).unwrap());
+    rx.on_records("alice", JID, vec![new_mail(1, 10), new_mail(2, 11)], NOW);
+    let total = 3 * SPOOL_MEMORY as u64 + 5;
+    let want: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+    for (i, c) in want.chunks(64 << 10).enumerate() {
+        chunk(&mut rx, "alice", 10, total, i as u64 * (64 << 10), c).unwrap();
+    }
+    body(&mut rx, 11, b"small").unwrap();
+    assert_eq!(rx.body_bytes(), total + 5);
+    assert_eq!(
+        rx.body_bytes_on_disk(),
+        total,
+        "the small one stays in memory"
+    );
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    let spool = &b.bodies[&(INBOX, 10)].data;
+    assert!(spool.fd().is_some());
+    assert_eq!(spool.to_vec().unwrap(), want);
+    assert_eq!(b.bodies[&(INBOX, 11)].data, b"small");
+}
+
+#[test]
 fn a_body_that_does_not_come_is_asked_for_again_after_a_while() {
     let mut rx = rx();
     let t0 = Instant::now();

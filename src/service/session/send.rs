@@ -271,11 +271,12 @@ impl Sender {
             });
             return;
         };
-        let total = b.data.len() as u64;
-        let mut offset = 0usize;
+        let total = b.data.len();
+        let mut offset = 0u64;
         loop {
-            let end = (offset + BODY_CHUNK).min(b.data.len());
-            self.low_bytes += (end - offset) as u64;
+            let data = b.data.read_at(offset, BODY_CHUNK).unwrap_or_default();
+            let end = offset + data.len() as u64;
+            self.low_bytes += end - offset;
             self.low.push_back(Msg::Body {
                 user: user.to_string(),
                 mailbox_guid,
@@ -284,11 +285,11 @@ impl Sender {
                 received_date: b.received_date,
                 save_date: b.save_date,
                 total,
-                offset: offset as u64,
-                data: b.data[offset..end].to_vec(),
+                offset,
+                data,
             });
             offset = end;
-            if offset >= b.data.len() {
+            if offset >= total {
                 break;
             }
         }

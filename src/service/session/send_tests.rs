@@ -133,7 +133,7 @@ fn bodies_go_in_slices_and_a_gone_mail_is_said_so() {
         10,
         Some(Body {
             guid: "g10".into(),
-            data: data.clone(),
+            data: data.clone().into(),
             ..Body::default()
         }),
     );

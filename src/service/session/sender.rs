@@ -401,7 +401,7 @@ impl Outbound {
             guid: b.info.guid,
             received_date: b.info.received_date,
             save_date: b.info.save_date,
-            data: b.data,
+            data: b.data.into(),
         });
         self.tx.queue_body(user, mailbox_guid, uid, body);
         Ok(())

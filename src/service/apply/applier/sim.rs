@@ -137,7 +137,7 @@ impl Pair {
                 let guid = format!("{}-m{n}", s.id);
                 let body = Body {
                     guid: guid.clone(),
-                    data: format!("Subject: {guid}\r\n\r\n").into_bytes(),
+                    data: format!("Subject: {guid}\r\n\r\n").into_bytes().into(),
                     ..Body::default()
                 };
                 let flags = FlagSet::default();

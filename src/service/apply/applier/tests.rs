@@ -31,7 +31,7 @@ fn new(uid: u32, guid: &str) -> Change {
 fn body(guid: &str) -> BodyState {
     BodyState::Here(Body {
         guid: guid.into(),
-        data: format!("Subject: {guid}\r\n\r\n").into_bytes(),
+        data: format!("Subject: {guid}\r\n\r\n").into_bytes().into(),
         ..Body::default()
     })
 }
