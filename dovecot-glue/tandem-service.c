@@ -1247,21 +1247,32 @@ static void tandem_svc_save_set_mail(struct mailbox *box,
 		mailbox_keywords_unref(&keywords);
 }
 
-/* Saves one message with its chosen identity into trans. FALSE on failure
-   (the save is cancelled; the caller rolls the transaction back). */
+/* Saves one message with its chosen identity into trans: the body is
+   body_len bytes at body, or with fd >= 0, the first body_len bytes of the
+   file fd (read from its current offset, which the caller set to 0; fd is
+   not closed), copied by lib-storage in bounded chunks. FALSE on failure
+   (the save is cancelled; the caller rolls the transaction back; a read
+   error or a file shorter than body_len is in *error_r). */
 static bool tandem_svc_save_body(struct mailbox *box,
 				 struct mailbox_transaction_context *trans,
 				 const struct tandem_svc_mail *mail,
-				 const unsigned char *body, size_t body_len)
+				 const unsigned char *body, size_t body_len,
+				 int fd, const char **error_r)
 {
 	struct mail_save_context *save;
-	struct istream *input;
+	struct istream *input, *file;
 	bool failed = FALSE;
 	ssize_t n;
 
 	save = mailbox_save_alloc(trans);
 	tandem_svc_save_set_mail(box, save, mail, FALSE);
-	input = i_stream_create_from_data(body, body_len);
+	if (fd >= 0) {
+		file = i_stream_create_fd(fd, IO_BLOCK_SIZE);
+		input = i_stream_create_limit(file, body_len);
+		i_stream_unref(&file);
+	} else {
+		input = i_stream_create_from_data(body, body_len);
+	}
 	if (mailbox_save_begin(&save, input) < 0) {
 		failed = TRUE;
 	} else {
@@ -1272,6 +1283,17 @@ static bool tandem_svc_save_body(struct mailbox *box,
 			}
 			n = i_stream_read(input);
 		} while (n != -1);
+		if (!failed && (input->stream_errno != 0 ||
+				input->v_offset != body_len)) {
+			*error_r = tandem_svc_printf(
+				"Reading the body of UID %u: %s (%llu of %llu "
+				"bytes)", mail->uid,
+				input->stream_errno != 0 ?
+				i_stream_get_error(input) : "short",
+				(unsigned long long)input->v_offset,
+				(unsigned long long)body_len);
+			failed = TRUE;
+		}
 		if (failed)
 			mailbox_save_cancel(&save);
 		else if (mailbox_save_finish(&save) < 0)
@@ -1355,9 +1377,11 @@ tandem_svc_save_real(struct tandem_svc_user *user,
 		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		     const struct tandem_svc_mail *mails,
 		     const unsigned char *const *bodies,
-		     const size_t *body_lens, unsigned int count,
-		     uint32_t *saved_uid_r, const char **error_r)
+		     const size_t *body_lens, const int *body_fds,
+		     unsigned int count, uint32_t *saved_uid_r,
+		     const char **error_r)
 {
+	const char *read_error = NULL;
 	struct mailbox_transaction_context *trans;
 	struct mail_transaction_commit_changes changes;
 	struct seq_range_iter iter;
@@ -1386,10 +1410,16 @@ tandem_svc_save_real(struct tandem_svc_user *user,
 					  "tandem save");
 	for (i = 0; i < count && !failed; i++) {
 		failed = !tandem_svc_save_body(box, trans, &mails[i], bodies[i],
-					       body_lens[i]);
+					       body_lens[i], body_fds[i],
+					       &read_error);
 	}
 	if (failed) {
-		ret = tandem_svc_box_error(box, "Saving", error_r);
+		if (read_error != NULL) {
+			*error_r = read_error;
+			ret = TANDEM_SVC_ERROR;
+		} else {
+			ret = tandem_svc_box_error(box, "Saving", error_r);
+		}
 		mailbox_transaction_rollback(&trans);
 		mailbox_free(&box);
 		return ret;
@@ -1422,12 +1452,14 @@ int tandem_svc_save(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		    const struct tandem_svc_mail *mails,
 		    const unsigned char *const *bodies,
-		    const size_t *body_lens, unsigned int count,
-		    uint32_t *saved_uid_r, const char **error_r)
+		    const size_t *body_lens, const int *body_fds,
+		    unsigned int count, uint32_t *saved_uid_r,
+		    const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
 		tandem_svc_save_real(user, mailbox_guid, mails, bodies,
-				     body_lens, count, saved_uid_r, error_r));
+				     body_lens, body_fds, count, saved_uid_r,
+				     error_r));
 }
 
 static int

@@ -186,13 +186,16 @@ int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
    and dates into one mailbox, in one transaction (one commit): all or
    nothing. The UIDs must be at or above UIDNEXT and increasing
    (BELOW_UIDNEXT otherwise). UID_REASSIGNED if the commit gave one of them
-   another UID (*saved_uid_r). */
+   another UID (*saved_uid_r). Body i is body_lens[i] bytes at bodies[i], or
+   where body_fds[i] >= 0, the first body_lens[i] bytes of that file, read
+   from its current offset (the caller seeks it to 0) and not closed. */
 int tandem_svc_save(struct tandem_svc_user *user,
 		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
 		    const struct tandem_svc_mail *mails,
 		    const unsigned char *const *bodies,
-		    const size_t *body_lens, unsigned int count,
-		    uint32_t *saved_uid_r, const char **error_r);
+		    const size_t *body_lens, const int *body_fds,
+		    unsigned int count, uint32_t *saved_uid_r,
+		    const char **error_r);
 /* Like tandem_svc_save() for one message, with the body of a local message:
    src_uid in the mailbox src_mailbox_guid, which must have mail->guid
    (SOURCE_MISSING otherwise). Flags and keywords are mail's; the received

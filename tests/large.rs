@@ -156,3 +156,34 @@ fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
     assert_eq!(again.resync_changes(USER), Some(0), "{}", again.stdout);
     eprintln!("large: all done in {:?}", t.elapsed());
 }
+
+/// A mail far over the spool's memory part streams to the peer: the receiving service holds
+/// it in an unnamed file under its state directory and lib-storage saves it from there; it
+/// arrives byte for byte, and no spool file is left with a name.
+#[test]
+fn a_40_mb_mail_streams_to_the_peer_through_the_spool() {
+    let pair = Pair::start("large-stream");
+    wait_for(Duration::from_secs(60), "both services connected", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    let big = message("a 40 MB mail", 40_000_000);
+    pair.a.save(USER, "INBOX", &big);
+    let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(180));
+    assert_eq!(s.mails.len(), 1);
+    let text =
+        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
+    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
+    assert!(text_b.len() > 36_000_000, "{} bytes on b", text_b.len());
+    assert!(
+        text_a == text_b,
+        "the mail differs: {} and {} bytes",
+        text_a.len(),
+        text_b.len()
+    );
+    let spool = pair.b.dir().join("tandem-state").join("spool");
+    assert!(spool.is_dir(), "no spool directory at {}", spool.display());
+    assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+    pair.b.assert_log_clean();
+}

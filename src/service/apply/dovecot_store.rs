@@ -4,7 +4,7 @@
 
 use super::store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 use crate::event::{FlagSet, Guid128};
-use crate::service::host::dovecot::{self, ApplyError, User};
+use crate::service::host::dovecot::{self, ApplyError, BodySource, User};
 
 /// One open user's mail, for the applier, on the main thread.
 pub(crate) struct DovecotStore<'u> {
@@ -195,29 +195,20 @@ impl MailStore for DovecotStore<'_> {
         let Some((first, _)) = mails.first() else {
             return Ok(());
         };
-        // Spooled bodies are read back whole for now.
-        let mut owned = Vec::new();
-        for (_, b) in mails {
-            if b.data.bytes().is_none() {
-                owned.push(
-                    b.data.to_vec().map_err(|e| {
-                        StoreError::Temporary(format!("reading a spooled body: {e}"))
-                    })?,
-                );
-            }
-        }
-        let mut owned = owned.iter();
-        let batch: Vec<(dovecot::NewMail<'_>, &[u8])> = mails
+        let batch: Vec<(dovecot::NewMail<'_>, BodySource<'_>)> = mails
             .iter()
             .map(|(m, b)| {
-                let data = match b.data.bytes() {
-                    Some(d) => d,
-                    None => owned.next().unwrap().as_slice(),
+                let src = match b.data.fd() {
+                    Some(fd) => BodySource::File {
+                        fd,
+                        len: b.data.len(),
+                    },
+                    None => BodySource::Memory(b.data.bytes().unwrap_or_default()),
                 };
-                (host_mail(m), data)
+                (host_mail(m), src)
             })
             .collect();
-        match self.user.save(mailbox, &batch) {
+        match self.user.save_from(mailbox, &batch) {
             Ok(()) => Ok(()),
             Err(ApplyError::BelowUidNext(_)) => Err(self.below(mailbox, first.uid)),
             Err(ApplyError::UidReassigned { uid, .. }) => Err(StoreError::UidReassigned {

@@ -407,6 +407,17 @@ pub struct BodyInfo {
     pub size: u64,
 }
 
+/// Where the body of a mail to save is.
+#[derive(Clone, Copy, Debug)]
+pub enum BodySource<'a> {
+    Memory(&'a [u8]),
+    /// The first `len` bytes of an open file (read from its start; not closed).
+    File {
+        fd: std::os::fd::RawFd,
+        len: u64,
+    },
+}
+
 /// A whole message and its metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Body {
@@ -687,6 +698,20 @@ impl User {
         mailbox: &Guid128,
         mails: &[(NewMail<'_>, &[u8])],
     ) -> Result<(), ApplyError> {
+        let mails: Vec<_> = mails
+            .iter()
+            .map(|(m, b)| (*m, BodySource::Memory(b)))
+            .collect();
+        self.save_from(mailbox, &mails)
+    }
+
+    /// [`User::save`] with bodies in memory or in files: lib-storage copies a file's bytes in
+    /// bounded chunks, so a large body is never whole in memory.
+    pub fn save_from(
+        &self,
+        mailbox: &Guid128,
+        mails: &[(NewMail<'_>, BodySource<'_>)],
+    ) -> Result<(), ApplyError> {
         let c_mails = mails
             .iter()
             .map(|(m, _)| CMail::new(m))
@@ -696,8 +721,33 @@ impl User {
             .zip(mails)
             .map(|(c, (m, _))| c.raw(m))
             .collect();
-        let bodies: Vec<*const u8> = mails.iter().map(|(_, b)| b.as_ptr()).collect();
-        let lens: Vec<usize> = mails.iter().map(|(_, b)| b.len()).collect();
+        let mut bodies: Vec<*const u8> = Vec::with_capacity(mails.len());
+        let mut lens: Vec<usize> = Vec::with_capacity(mails.len());
+        let mut fds: Vec<c_int> = Vec::with_capacity(mails.len());
+        for (_, b) in mails {
+            match b {
+                BodySource::Memory(d) => {
+                    bodies.push(d.as_ptr());
+                    lens.push(d.len());
+                    fds.push(-1);
+                }
+                BodySource::File { fd, len } => {
+                    // The shim reads from the file's offset: from the start.
+                    // SAFETY: lseek on a descriptor the caller keeps open.
+                    if unsafe { libc::lseek(*fd, 0, libc::SEEK_SET) } != 0 {
+                        return Err(ApplyError::Other(format!(
+                            "seeking a spooled body: {}",
+                            std::io::Error::last_os_error()
+                        )));
+                    }
+                    bodies.push(ptr::null());
+                    lens.push(usize::try_from(*len).map_err(|_| {
+                        ApplyError::Other("a body too large for this platform".into())
+                    })?);
+                    fds.push(*fd);
+                }
+            }
+        }
         let count = u32::try_from(mails.len())
             .map_err(|_| ApplyError::Other("too many mails in one save".into()))?;
         let mut saved_uid = 0;
@@ -711,6 +761,7 @@ impl User {
                 raw_mails.as_ptr(),
                 bodies.as_ptr(),
                 lens.as_ptr(),
+                fds.as_ptr(),
                 count,
                 &mut saved_uid,
                 &mut error,
