@@ -187,3 +187,64 @@ fn a_40_mb_mail_streams_to_the_peer_through_the_spool() {
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
     pair.b.assert_log_clean();
 }
+
+/// The link dies while a 40 MB mail is half across: the receiving service keeps what arrived
+/// (in its spool), asks on the next connection for the rest from where it ends, and the
+/// sender sends only that: the body bytes it puts on the wire stay well under twice the
+/// mail's size, and the mail arrives byte for byte.
+#[test]
+fn a_mail_cut_off_half_way_resumes_where_it_stopped() {
+    const SIZE: u64 = 40_000_000;
+    let pair = Pair::start("large-resume");
+    wait_for(Duration::from_secs(60), "both services connected", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    let sent = || {
+        pair.a
+            .tandem_status()
+            .and_then(|st| st["body_bytes_sent"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = sent();
+    // Slow enough to cut it half way.
+    pair.a_to_b
+        .rate
+        .store(3_000_000, std::sync::atomic::Ordering::Relaxed);
+    pair.a.save(
+        USER,
+        "INBOX",
+        &message("a 40 MB mail cut off", SIZE as usize),
+    );
+    wait_for(Duration::from_secs(120), "half the body sent", || {
+        sent() - before > SIZE / 2
+    });
+    pair.cut();
+    std::thread::sleep(Duration::from_secs(1));
+    pair.a_to_b
+        .rate
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    pair.restore();
+    let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(180));
+    assert_eq!(s.mails.len(), 1);
+    let total = sent() - before;
+    eprintln!(
+        "large-resume: {total} body bytes sent for a {SIZE} byte mail ({:.2}x)",
+        total as f64 / SIZE as f64
+    );
+    assert!(
+        total < SIZE * 3 / 2,
+        "{total} body bytes sent for a {SIZE} byte mail: it went again from 0"
+    );
+    let text =
+        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
+    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
+    assert!(
+        text_a == text_b,
+        "the mail differs: {} and {} bytes",
+        text_a.len(),
+        text_b.len()
+    );
+    assert!(pair.b.log().contains("kept to resume"), "no body was kept");
+}

@@ -455,10 +455,11 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
         None => say!("journal records: none sent yet"),
     }
     say!(
-        "records sent {}, applied {}; bodies sent {}, applied {}",
+        "records sent {}, applied {}; bodies sent {} ({} B), applied {}",
         s.records_sent,
         s.records_applied,
         s.bodies_sent,
+        s.body_bytes_sent,
         s.bodies_applied
     );
     match &s.last_error {

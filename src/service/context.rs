@@ -1,9 +1,11 @@
 //! What every thread of the service shares.
 
+use crate::service::apply::BodyBuf;
 use crate::service::config::Config;
 use crate::service::host::dovecot::Svc;
 use crate::service::host::mainloop::MainHandle;
 use crate::service::repairs::Repairs;
+use crate::service::session::receive::BodyKey;
 use crate::service::status::Shared;
 use crate::service::transport::tls::Tls;
 use std::collections::VecDeque;
@@ -32,6 +34,8 @@ pub(crate) struct Shared_ {
     pub(crate) refused_logged: Mutex<Option<Instant>>,
     /// Users waiting for a resync, and users a resync holds.
     pub(crate) repairs: Arc<Repairs>,
+    /// Bodies an inbound connection left incomplete, for the next one to resume.
+    pub(crate) partial_bodies: Mutex<Vec<(BodyKey, BodyBuf)>>,
 }
 
 pub(crate) type Ctx = Arc<Shared_>;

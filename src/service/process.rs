@@ -106,6 +106,7 @@ impl Handler for Service {
             preauth: Mutex::new(VecDeque::new()),
             refused_logged: Mutex::new(None),
             repairs: Repairs::new(),
+            partial_bodies: Mutex::new(Vec::new()),
         });
         let (rings_tx, rings_rx) = bounded(RING_QUEUE);
 

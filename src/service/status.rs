@@ -56,6 +56,10 @@ pub struct Status {
     pub records_sent: u64,
     pub records_applied: u64,
     pub bodies_sent: u64,
+    /// Body bytes put on the wire (before compression), a body resumed after a reconnect
+    /// counting only what went again.
+    #[serde(default)]
+    pub body_bytes_sent: u64,
     pub bodies_applied: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<f64>,

@@ -16,6 +16,8 @@ pub struct Link {
     pub port: u16,
     /// Bytes forwarded so far, both directions.
     pub bytes: std::sync::Arc<AtomicU64>,
+    /// At most this many bytes a second in each direction of each connection; 0: no limit.
+    pub rate: std::sync::Arc<AtomicU64>,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -32,7 +34,9 @@ impl Link {
         let stop = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let bytes = Arc::new(AtomicU64::new(0));
+        let rate = Arc::new(AtomicU64::new(0));
         let (up2, stop2, live2, bytes2) = (up.clone(), stop.clone(), live.clone(), bytes.clone());
+        let rate2 = rate.clone();
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -60,13 +64,18 @@ impl Link {
                     (server, client),
                 ] {
                     let bytes = bytes2.clone();
+                    let rate = rate2.clone();
                     std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 64 << 10];
+                        let mut buf = vec![0u8; 16 << 10];
                         while let Ok(n) = from.read(&mut buf) {
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
                             bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            let r = rate.load(Ordering::Relaxed);
+                            if r > 0 {
+                                std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+                            }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
@@ -77,6 +86,7 @@ impl Link {
         Link {
             port,
             bytes,
+            rate,
             up,
             live,
             stop,

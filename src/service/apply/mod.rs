@@ -28,7 +28,7 @@ pub use spool::Spool;
 pub use store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
 
 /// A body being received.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct BodyBuf {
     pub data: Spool,
     pub total: u64,

@@ -117,7 +117,8 @@ struct Stream {
     waiting: Option<((Guid128, u32), Instant)>,
 }
 
-type BodyKey = (String, Guid128, u32);
+/// A body's user, mailbox GUID and UID.
+pub type BodyKey = (String, Guid128, u32);
 
 /// A chunk of a body from the peer: `data` is the body's bytes at `offset`, of `total`.
 #[derive(Clone, Copy, Debug)]
@@ -140,6 +141,9 @@ pub struct Receiver {
     max_ahead: Duration,
     users: HashMap<String, Stream>,
     bodies: HashMap<BodyKey, BodyBuf>,
+    /// Bodies a previous connection left incomplete, until their records come again: then
+    /// they resume where they end.
+    partials: HashMap<BodyKey, BodyBuf>,
     spool_dir: Option<Arc<SpoolDir>>,
 }
 
@@ -157,6 +161,7 @@ impl Receiver {
             max_ahead,
             users: HashMap::new(),
             bodies: HashMap::new(),
+            partials: HashMap::new(),
             spool_dir: None,
         }
     }
@@ -302,6 +307,21 @@ impl Receiver {
                 clamped.get_or_insert((r.lsn, r.stamp));
                 r.stamp = limit;
             }
+            if let Change::New { uid, guid, .. } = &r.change {
+                // A body a previous connection left incomplete resumes where it ends.
+                let key = (user.to_string(), r.mailbox_guid, *uid);
+                if let Some(p) = self.partials.remove(&key) {
+                    if guid.is_empty() || *guid == p.guid {
+                        actions.push(Action::Send(Msg::NeedBody {
+                            user: user.to_string(),
+                            mailbox_guid: r.mailbox_guid,
+                            uid: *uid,
+                            offset: p.data.len(),
+                        }));
+                        self.bodies.insert(key, p);
+                    }
+                }
+            }
             u.queue.push_back(Queued {
                 lsn: r.lsn,
                 size,
@@ -372,14 +392,46 @@ impl Receiver {
             return Ok(Vec::new());
         }
         let key = (user.to_string(), mailbox_guid, uid);
+        // Where this chunk goes: bodies resume where the copy held here ends (the receiver
+        // asks with that offset), so a chunk may overlap what is held (trimmed), lie wholly
+        // below it (dropped), or come after a hole (dropped: the body is asked for again).
+        let mut restart = false;
+        let skip = match self.bodies.get(&key) {
+            Some(b) if b.gone || b.total != total || b.guid != guid => {
+                // Another body under this key (a mailbox recreated with its GUID reuses
+                // UIDs, or the mail changed): begin again from 0.
+                if offset != 0 {
+                    self.bodies.remove(&key);
+                    return Ok(vec![Action::Send(Msg::NeedBody {
+                        user: user.to_string(),
+                        mailbox_guid,
+                        uid,
+                        offset: 0,
+                    })]);
+                }
+                restart = true;
+                0
+            }
+            Some(b) if offset <= b.data.len() => b.data.len() - offset,
+            Some(_) => return Ok(Vec::new()),
+            None if offset == 0 => 0,
+            None => return Ok(Vec::new()),
+        };
+        if skip > 0 && skip >= data.len() as u64 {
+            return Ok(Vec::new());
+        }
+        let data = &data[skip as usize..];
         let (mut mem, mut disk) = (0, 0);
-        for (k, b) in &self.bodies {
+        for (k, b) in self.bodies.iter().chain(self.partials.iter()) {
             if *k != key {
                 mem += b.data.in_memory();
                 disk += b.data.on_disk();
             }
         }
-        let have = self.bodies.get(&key).map_or(0, |b| b.data.len());
+        let have = match self.bodies.get(&key) {
+            Some(b) if !restart => b.data.len(),
+            _ => 0,
+        };
         let after = have + data.len() as u64;
         let fits = if self.spool_dir.is_some() && after > SPOOL_MEMORY as u64 {
             disk + after <= MAX_SPOOL_BYTES
@@ -408,21 +460,13 @@ impl Receiver {
             save_date,
             gone: false,
         });
-        if offset != b.data.len() || total != b.total || b.gone || b.guid != guid {
-            // A restart of this body (the sender reconnected), or the body of another mail
-            // under the same key (a mailbox recreated with its GUID reuses UIDs): begin again,
-            // with this body's identity.
+        if restart {
             b.data.clear();
             b.total = total;
             b.gone = false;
             b.guid = guid.to_string();
             b.received_date = received_date;
             b.save_date = save_date;
-            if offset != 0 {
-                return Err(format!(
-                    "user {user}: body chunk of uid {uid} at offset {offset}, expected 0"
-                ));
-            }
         }
         if let Err(e) = b.data.append(data) {
             self.bodies.remove(&key);
@@ -545,13 +589,21 @@ impl Receiver {
                 Next::Wait(None)
             }
             Some((k, _)) if k == key => {
-                self.bodies.remove(&(user.to_string(), key.0, key.1));
+                // What is held of it stays: the sender resumes where it ends.
+                let bkey = (user.to_string(), key.0, key.1);
+                let offset = match self.bodies.get(&bkey) {
+                    Some(b) if !b.gone => b.data.len(),
+                    _ => 0,
+                };
+                if offset == 0 {
+                    self.bodies.remove(&bkey);
+                }
                 u.waiting = Some((key, now));
                 Next::Wait(Some(Msg::NeedBody {
                     user: user.to_string(),
                     mailbox_guid: key.0,
                     uid: key.1,
-                    offset: 0,
+                    offset,
                 }))
             }
             _ => {
@@ -640,6 +692,32 @@ impl Receiver {
     /// Body bytes held in spool files, all users together.
     pub fn body_bytes_on_disk(&self) -> u64 {
         self.bodies.values().map(|b| b.data.on_disk()).sum()
+    }
+
+    /// The bodies this connection leaves incomplete (some bytes, not all), for the next
+    /// connection to resume with [`Receiver::adopt_partials`]. Those it adopted itself and
+    /// no record claimed are not carried on.
+    pub fn take_partials(&mut self) -> Vec<(BodyKey, BodyBuf)> {
+        self.partials.clear();
+        let keys: Vec<BodyKey> = self
+            .bodies
+            .iter()
+            .filter(|(_, b)| !b.gone && !b.data.is_empty() && !b.complete())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.bodies.remove(&k).map(|b| (k, b)))
+            .collect()
+    }
+
+    /// Takes bodies a previous connection left incomplete: when their records come, the
+    /// sender is asked to resume them where they end.
+    pub fn adopt_partials(&mut self, partials: Vec<(BodyKey, BodyBuf)>) {
+        for (k, b) in partials {
+            if !self.bodies.contains_key(&k) {
+                self.partials.insert(k, b);
+            }
+        }
     }
 
     /// Bodies longer than [`SPOOL_MEMORY`] go to unnamed files in `dir` (without, they are

@@ -230,14 +230,82 @@ fn new_mail_waits_for_its_body_and_the_body_goes_with_the_batch() {
 }
 
 #[test]
-fn a_body_chunk_out_of_place_restarts_the_body_or_breaks_the_connection() {
+fn chunks_overlapping_what_is_held_are_trimmed_and_others_dropped() {
     let mut rx = rx();
     rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
     chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
-    // The sender reconnected: the body comes again from 0.
+    // The body comes again from 0 (a copy queued before the sender heard where to resume):
+    // wholly below what is held, it is dropped.
     chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
     assert_eq!(rx.body_bytes(), 3);
-    assert!(chunk(&mut rx, "alice", 10, 6, 5, b"f").is_err());
+    // After a hole: dropped (the body is asked for again from where it ends).
+    chunk(&mut rx, "alice", 10, 6, 5, b"f").unwrap();
+    assert_eq!(rx.body_bytes(), 3);
+    // Overlapping: only the new part is kept.
+    chunk(&mut rx, "alice", 10, 6, 2, b"cde").unwrap();
+    assert_eq!(rx.body_bytes(), 5);
+    // Another body under the key, from 0: it starts again; not from 0: it is asked from 0.
+    chunk(&mut rx, "alice", 10, 7, 0, b"xy").unwrap();
+    assert_eq!(rx.body_bytes(), 2);
+    let a = chunk(&mut rx, "alice", 10, 8, 2, b"zz").unwrap();
+    assert!(matches!(
+        a[..],
+        [Action::Send(Msg::NeedBody { offset: 0, .. })]
+    ));
+    assert_eq!(rx.body_bytes(), 0);
+}
+
+#[test]
+fn a_body_cut_off_resumes_on_the_next_connection_where_it_ended() {
+    let mut rx = rx();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    chunk(&mut rx, "alice", 10, 6, 0, b"abcd").unwrap();
+    let partials = rx.take_partials();
+    assert_eq!(partials.len(), 1);
+    // The next connection: the record comes again, and the body is asked from byte 4.
+    let mut rx = Receiver::new("a", "b", Duration::from_secs(300));
+    rx.open("alice", JID, None);
+    rx.adopt_partials(partials);
+    let a = rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    assert!(
+        matches!(
+            a[..],
+            [Action::Send(Msg::NeedBody {
+                uid: 10,
+                offset: 4,
+                ..
+            })]
+        ),
+        "{a:?}"
+    );
+    // The copy queued from 0 before the sender heard it is dropped, then the rest follows.
+    chunk(&mut rx, "alice", 10, 6, 0, b"ab").unwrap();
+    chunk(&mut rx, "alice", 10, 6, 4, b"ef").unwrap();
+    let Next::Apply(b) = rx.next("alice", Instant::now()) else {
+        panic!()
+    };
+    assert_eq!(b.bodies[&(INBOX, 10)].data, b"abcdef");
+    // Partials nobody claimed are not carried on forever.
+    let mut rx2 = Receiver::new("a", "b", Duration::from_secs(300));
+    rx2.adopt_partials(vec![(
+        ("alice".into(), INBOX, 99),
+        b.bodies[&(INBOX, 10)].clone(),
+    )]);
+    assert!(rx2.take_partials().is_empty());
+}
+
+#[test]
+fn a_body_asked_for_again_resumes_where_the_held_part_ends() {
+    let mut rx = rx();
+    let t0 = Instant::now();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    chunk(&mut rx, "alice", 10, 6, 0, b"abc").unwrap();
+    assert!(matches!(rx.next("alice", t0), Next::Wait(None)));
+    let Next::Wait(Some(Msg::NeedBody { offset: 3, .. })) = rx.next("alice", t0 + BODY_PATIENCE)
+    else {
+        panic!("not asked from where it ends")
+    };
+    assert_eq!(rx.body_bytes(), 3);
 }
 
 #[test]

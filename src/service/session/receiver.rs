@@ -51,6 +51,16 @@ pub(crate) fn serve(
                 Err(ConnError::Closed) if inb.rpc => Ok(()),
                 r => r,
             };
+            // What arrived of a body cut off stays for the next connection to resume.
+            let partials = inb.rx.take_partials();
+            if !partials.is_empty() {
+                log::info!(
+                    "{} incomplete bodies ({} bytes) kept to resume",
+                    partials.len(),
+                    partials.iter().map(|(_, b)| b.data.len()).sum::<u64>()
+                );
+                ctx.partial_bodies.lock().unwrap().extend(partials);
+            }
             ctx.status.lock().unwrap().inbound_connections -= 1;
             res
         });
@@ -128,6 +138,12 @@ impl Inbound<'_> {
                 journal_id,
                 records,
             } => {
+                // Bodies the previous connection left incomplete (it may end after this one
+                // began): their records, sent again, resume them.
+                let partials = std::mem::take(&mut *self.ctx.partial_bodies.lock().unwrap());
+                if !partials.is_empty() {
+                    self.rx.adopt_partials(partials);
+                }
                 if !self.rx.is_open(&user, &journal_id) {
                     if !self.rx.knows(&user) {
                         // Known here from now on, even if it never journals anything on this

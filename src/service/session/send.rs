@@ -260,9 +260,19 @@ impl Sender {
         newly
     }
 
-    /// Queues the body of new mail `uid` in `mailbox_guid` on the low-priority lane, in chunks;
-    /// `None` tells the peer the mail is gone, so that it passes the record over.
-    pub fn queue_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32, body: Option<Body>) {
+    /// Queues the body of new mail `uid` in `mailbox_guid` on the low-priority lane, in chunks
+    /// from `from` (where the peer's copy ends: it resumes there), instead of any copy of the
+    /// same body still queued; `None` tells the peer the mail is gone, so that it passes the
+    /// record over. A `from` past the body's end (the peer held another body) starts at 0.
+    pub fn queue_body(
+        &mut self,
+        user: &str,
+        mailbox_guid: Guid128,
+        uid: u32,
+        body: Option<Body>,
+        from: u64,
+    ) {
+        self.cancel_body(user, mailbox_guid, uid);
         let Some(b) = body else {
             self.low.push_back(Msg::BodyGone {
                 user: user.to_string(),
@@ -272,7 +282,7 @@ impl Sender {
             return;
         };
         let total = b.data.len();
-        let mut offset = 0u64;
+        let mut offset = if from < total { from } else { 0 };
         loop {
             let data = b.data.read_at(offset, BODY_CHUNK).unwrap_or_default();
             let end = offset + data.len() as u64;
@@ -293,6 +303,30 @@ impl Sender {
                 break;
             }
         }
+    }
+
+    /// Drops the chunks of this body still queued.
+    fn cancel_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) {
+        let mut dropped = 0;
+        self.low.retain(|m| match m {
+            Msg::Body {
+                user: u,
+                mailbox_guid: g,
+                uid: n,
+                data,
+                ..
+            } if u == user && *g == mailbox_guid && *n == uid => {
+                dropped += data.len() as u64;
+                false
+            }
+            Msg::BodyGone {
+                user: u,
+                mailbox_guid: g,
+                uid: n,
+            } => !(u == user && *g == mailbox_guid && *n == uid),
+            _ => true,
+        });
+        self.low_bytes = self.low_bytes.saturating_sub(dropped);
     }
 
     /// The next slice of the body lane: about [`LOW_SLICE`] bytes, at least one frame.

@@ -43,6 +43,7 @@ pub(crate) enum Incoming {
         user: String,
         mailbox_guid: Guid128,
         uid: u32,
+        offset: u64,
     },
     Closed(String),
 }
@@ -218,11 +219,12 @@ impl Outbound {
                                 user,
                                 mailbox_guid,
                                 uid,
-                                ..
+                                offset,
                             } => Incoming::NeedBody {
                                 user,
                                 mailbox_guid,
                                 uid,
+                                offset,
                             },
                             Msg::Pong { .. } | Msg::Ping { .. } => continue,
                             Msg::Error { message } => {
@@ -307,6 +309,9 @@ impl Outbound {
             // Then one slice of bodies, so that a large one never holds the rest up.
             for m in self.tx.body_slice() {
                 wr.send(&m)?;
+                if let Msg::Body { data, .. } = &m {
+                    self.ctx.status.lock().unwrap().body_bytes_sent += data.len() as u64;
+                }
             }
             if (!did || !self.tx.window_open()) && !self.tx.bodies_waiting() {
                 // Wait for an ack, a ring or the next rescan.
@@ -337,7 +342,7 @@ impl Outbound {
                 uid, from: None, ..
             } = &r.change
             {
-                self.send_body(name, r.mailbox_guid, *uid)?;
+                self.send_body(name, r.mailbox_guid, *uid, 0)?;
             }
         }
         for (frame, raw) in self.tx.frames(name, st.journal_id, records, Instant::now()) {
@@ -354,7 +359,13 @@ impl Outbound {
         Ok(st.more)
     }
 
-    fn send_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) -> Result<(), ConnError> {
+    fn send_body(
+        &mut self,
+        user: &str,
+        mailbox_guid: Guid128,
+        uid: u32,
+        from: u64,
+    ) -> Result<(), ConnError> {
         let who = user.to_string();
         let body = self.ctx.main.call(move |svc: &Svc| {
             // A user opened before the mailbox existed may not find it by GUID: retry once
@@ -403,7 +414,7 @@ impl Outbound {
             save_date: b.info.save_date,
             data: b.data.into(),
         });
-        self.tx.queue_body(user, mailbox_guid, uid, body);
+        self.tx.queue_body(user, mailbox_guid, uid, body, from);
         Ok(())
     }
 
@@ -414,7 +425,8 @@ impl Outbound {
                 user,
                 mailbox_guid,
                 uid,
-            } => self.send_body(&user, mailbox_guid, uid),
+                offset,
+            } => self.send_body(&user, mailbox_guid, uid, offset),
             Incoming::Ack {
                 user,
                 journal_id,
