@@ -158,24 +158,50 @@ fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
 }
 
 /// A mail far over the spool's memory part streams to the peer: the receiving service holds
-/// it in an unnamed file under its state directory and lib-storage saves it from there; it
-/// arrives byte for byte, and no spool file is left with a name.
+/// it in an unnamed file under its state directory and lib-storage saves it from there, so
+/// the receiving service's peak memory stays far below the mail's size; it arrives byte for
+/// byte, and no spool file is left with a name.
 #[test]
-fn a_40_mb_mail_streams_to_the_peer_through_the_spool() {
+fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
+    const SIZE: usize = 100_000_000;
     let pair = Pair::start("large-stream");
     wait_for(Duration::from_secs(60), "both services connected", || {
         [&pair.a, &pair.b]
             .iter()
             .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
     });
-    let big = message("a 40 MB mail", 40_000_000);
+    let big = message("a 100 MB mail", SIZE);
     pair.a.save(USER, "INBOX", &big);
-    let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(180));
+    drop(big);
+    let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(300));
     assert_eq!(s.mails.len(), 1);
+    let peak = |dc: &common::Dovecot| -> u64 {
+        common::child_pids(dc, "tandem-service")
+            .iter()
+            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let (peak_a, peak_b) = (peak(&pair.a), peak(&pair.b));
+    eprintln!(
+        "large-stream: peak RSS (VmHWM) of tandem-service: sending {} MB, receiving {} MB",
+        peak_a / 1024,
+        peak_b / 1024
+    );
+    assert!(peak_b > 0, "no tandem-service process found on b");
+    assert!(
+        peak_b < 64 * 1024,
+        "the receiving service peaked at {peak_b} kB for a {SIZE} byte mail"
+    );
     let text =
         |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
     let (text_a, text_b) = (text(&pair.a), text(&pair.b));
-    assert!(text_b.len() > 36_000_000, "{} bytes on b", text_b.len());
+    assert!(text_b.len() > SIZE * 9 / 10, "{} bytes on b", text_b.len());
     assert!(
         text_a == text_b,
         "the mail differs: {} and {} bytes",
