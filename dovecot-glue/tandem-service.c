@@ -1738,10 +1738,13 @@ int tandem_svc_expunge(struct tandem_svc_user *user,
 static int
 tandem_svc_read_body_real(struct tandem_svc_user *user,
 			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			  uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			  uint32_t uid, uint64_t offset, uint64_t max_len,
+			  tandem_svc_chunk_cb *chunk, void *ctx,
 			  struct tandem_svc_body_info *info_r,
 			  const char **error_r)
 {
+	uoff_t full_size;
+	uint64_t passed = 0;
 	struct mailbox_transaction_context *trans;
 	struct mailbox *box;
 	struct mail *mail;
@@ -1806,8 +1809,18 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 	info_r->guid = tandem_svc_strdup(guid);
 	info_r->received_date = received_date;
 	info_r->save_date = save_date;
+	if (i_stream_get_size(input, TRUE, &full_size) <= 0 &&
+	    mail_get_physical_size(mail, &full_size) < 0) {
+		ret = tandem_svc_box_error(box, "Reading the size", error_r);
+		goto out;
+	}
+	info_r->size = full_size;
 
-	while (i_stream_read_more(input, &data, &size) > 0) {
+	i_stream_seek(input, offset);
+	while (passed < max_len &&
+	       i_stream_read_more(input, &data, &size) > 0) {
+		if (size > max_len - passed)
+			size = max_len - passed;
 		if (chunk(ctx, data, size) < 0) {
 			*error_r = tandem_svc_printf(
 				"Mailbox %s: reading UID %u: stopped by the "
@@ -1815,7 +1828,7 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 			ret = TANDEM_SVC_ERROR;
 			goto out;
 		}
-		info_r->size += size;
+		passed += size;
 		i_stream_skip(input, size);
 	}
 	if (input->stream_errno != 0) {
@@ -1823,10 +1836,18 @@ tandem_svc_read_body_real(struct tandem_svc_user *user,
 			"Mailbox %s: read(UID %u) failed: %s",
 			mailbox_get_vname(box), uid, i_stream_get_error(input));
 		ret = TANDEM_SVC_ERROR;
-	} else if (!input->eof) {
+	} else if (passed < max_len && !input->eof) {
 		*error_r = tandem_svc_printf(
 			"Mailbox %s: read(UID %u) stopped before the end",
 			mailbox_get_vname(box), uid);
+		ret = TANDEM_SVC_ERROR;
+	} else if (passed < max_len && offset < full_size &&
+		   offset + passed != full_size) {
+		*error_r = tandem_svc_printf(
+			"Mailbox %s: UID %u has %llu bytes, not %llu",
+			mailbox_get_vname(box), uid,
+			(unsigned long long)(offset + passed),
+			(unsigned long long)full_size);
 		ret = TANDEM_SVC_ERROR;
 	}
 out:
@@ -1838,13 +1859,15 @@ out:
 
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			 uint32_t uid, uint64_t offset, uint64_t max_len,
+			 tandem_svc_chunk_cb *chunk, void *ctx,
 			 struct tandem_svc_body_info *info_r,
 			 const char **error_r)
 {
 	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_read_body_real(user, mailbox_guid, uid, chunk, ctx,
-					  info_r, error_r));
+		tandem_svc_read_body_real(user, mailbox_guid, uid, offset,
+					  max_len, chunk, ctx, info_r,
+					  error_r));
 }
 
 static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,

@@ -246,11 +246,14 @@ struct tandem_svc_body_info {
 	uint64_t size;
 };
 
-/* Streams the full message (headers and body, as stored) to chunk.
-   NONE (and no chunks) if the message is gone. */
+/* Streams the message (headers and body, as stored) to chunk: at most
+   max_len bytes from offset (nothing when offset is at or past the end).
+   info_r->size is the whole message's size. NONE (and no chunks) if the
+   message is gone. */
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, tandem_svc_chunk_cb *chunk, void *ctx,
+			 uint32_t uid, uint64_t offset, uint64_t max_len,
+			 tandem_svc_chunk_cb *chunk, void *ctx,
 			 struct tandem_svc_body_info *info_r,
 			 const char **error_r);
 

@@ -159,7 +159,8 @@ fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
 
 /// A mail far over the spool's memory part streams to the peer: the receiving service holds
 /// it in an unnamed file under its state directory and lib-storage saves it from there, so
-/// the receiving service's peak memory stays far below the mail's size; it arrives byte for
+/// the receiving service's peak memory stays far below the mail's size, as does the sending
+/// one's, which reads it a chunk at a time; it arrives byte for
 /// byte, and no spool file is left with a name.
 #[test]
 fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
@@ -197,6 +198,10 @@ fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
     assert!(
         peak_b < 64 * 1024,
         "the receiving service peaked at {peak_b} kB for a {SIZE} byte mail"
+    );
+    assert!(
+        peak_a > 0 && peak_a < 64 * 1024,
+        "the sending service peaked at {peak_a} kB for a {SIZE} byte mail"
     );
     let text =
         |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);

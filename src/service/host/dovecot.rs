@@ -882,6 +882,19 @@ impl User {
         uid: u32,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<BodyInfo>, ApplyError> {
+        self.read_body_part_with(mailbox, uid, 0, u64::MAX, sink)
+    }
+
+    /// Streams at most `max_len` bytes of the message at `uid` from `offset` to `sink`; the
+    /// info's size is the whole message's. `None` if it is gone.
+    pub fn read_body_part_with(
+        &self,
+        mailbox: &Guid128,
+        uid: u32,
+        offset: u64,
+        max_len: u64,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<BodyInfo>, ApplyError> {
         let mut info = raw::tandem_svc_body_info {
             received_date: 0,
             save_date: 0,
@@ -897,6 +910,8 @@ impl User {
                 self.raw(),
                 mailbox.0.as_ptr(),
                 uid,
+                offset,
+                max_len,
                 Some(on_chunk),
                 (&mut sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
                 &mut info,
@@ -915,6 +930,22 @@ impl User {
     pub fn read_body(&self, mailbox: &Guid128, uid: u32) -> Result<Option<Body>, ApplyError> {
         let mut data = Vec::new();
         let info = self.read_body_with(mailbox, uid, &mut |chunk| data.extend_from_slice(chunk))?;
+        Ok(info.map(|info| Body { info, data }))
+    }
+
+    /// At most `max_len` bytes of the message at `uid` from `offset`, with its metadata and
+    /// whole size (`info.size`); `None` if it is gone.
+    pub fn read_body_part(
+        &self,
+        mailbox: &Guid128,
+        uid: u32,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<Option<Body>, ApplyError> {
+        let mut data = Vec::new();
+        let info = self.read_body_part_with(mailbox, uid, offset, max_len, &mut |chunk| {
+            data.extend_from_slice(chunk)
+        })?;
         Ok(info.map(|info| Body { info, data }))
     }
 

@@ -17,7 +17,6 @@ use crate::codec::{Msg, BODY_CHUNK};
 use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use crate::journal::format::encoded_len;
-use crate::service::apply::Body;
 use crate::service::limits::{
     BATCH_BYTES, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
 };
@@ -62,9 +61,36 @@ pub struct Acked {
 #[derive(Debug, Default)]
 pub struct Sender {
     users: HashMap<String, Flow>,
-    /// The low-priority lane: body chunks waiting to go, and their raw bytes.
-    low: VecDeque<Msg>,
-    low_bytes: u64,
+    /// The low-priority lane: bodies waiting to go, read a chunk at a time when their turn
+    /// comes.
+    low: VecDeque<BodyJob>,
+}
+
+/// A body on the low-priority lane: what is left of it to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BodyJob {
+    pub user: String,
+    pub mailbox_guid: Guid128,
+    pub uid: u32,
+    /// The offset of the next chunk.
+    pub next: u64,
+    /// The body's size, known once a chunk was read.
+    pub total: Option<u64>,
+}
+
+/// A part of a body, as the store gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The mail is gone (expunged, or its mailbox deleted), or cannot be read.
+    Gone,
+    Here {
+        guid: String,
+        received_date: i64,
+        save_date: i64,
+        /// The whole body's size.
+        total: u64,
+        data: Vec<u8>,
+    },
 }
 
 impl Sender {
@@ -97,7 +123,6 @@ impl Sender {
     pub fn forget_all(&mut self) {
         self.users.clear();
         self.low.clear();
-        self.low_bytes = 0;
     }
 
     /// The journal the user's stream is in, and the LSN acknowledged in it.
@@ -147,7 +172,7 @@ impl Sender {
             .filter(|f| !f.stalled)
             .map(|f| f.inflight)
             .sum();
-        inflight < WINDOW_BYTES && self.low_bytes < LOW_LANE_MAX
+        inflight < WINDOW_BYTES && self.low_bytes() < LOW_LANE_MAX
     }
 
     /// Whether the user's own window has room; when it has none, the user goes on when the
@@ -260,93 +285,88 @@ impl Sender {
         newly
     }
 
-    /// Queues the body of new mail `uid` in `mailbox_guid` on the low-priority lane, in chunks
-    /// from `from` (where the peer's copy ends: it resumes there), instead of any copy of the
-    /// same body still queued; `None` tells the peer the mail is gone, so that it passes the
-    /// record over. A `from` past the body's end (the peer held another body) starts at 0.
-    pub fn queue_body(
-        &mut self,
-        user: &str,
-        mailbox_guid: Guid128,
-        uid: u32,
-        body: Option<Body>,
-        from: u64,
-    ) {
+    /// Queues the body of new mail `uid` in `mailbox_guid` on the low-priority lane, to be
+    /// read and sent a chunk at a time from `from` (where the peer's copy ends: it resumes
+    /// there), instead of any copy of the same body still queued.
+    pub fn queue_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32, from: u64) {
         self.cancel_body(user, mailbox_guid, uid);
-        let Some(b) = body else {
-            self.low.push_back(Msg::BodyGone {
-                user: user.to_string(),
-                mailbox_guid,
-                uid,
-            });
-            return;
-        };
-        let total = b.data.len();
-        let mut offset = if from < total { from } else { 0 };
-        loop {
-            let data = b.data.read_at(offset, BODY_CHUNK).unwrap_or_default();
-            let end = offset + data.len() as u64;
-            self.low_bytes += end - offset;
-            self.low.push_back(Msg::Body {
-                user: user.to_string(),
-                mailbox_guid,
-                uid,
-                guid: b.guid.clone(),
-                received_date: b.received_date,
-                save_date: b.save_date,
-                total,
-                offset,
-                data,
-            });
-            offset = end;
-            if offset >= total {
-                break;
-            }
-        }
-    }
-
-    /// Drops the chunks of this body still queued.
-    fn cancel_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) {
-        let mut dropped = 0;
-        self.low.retain(|m| match m {
-            Msg::Body {
-                user: u,
-                mailbox_guid: g,
-                uid: n,
-                data,
-                ..
-            } if u == user && *g == mailbox_guid && *n == uid => {
-                dropped += data.len() as u64;
-                false
-            }
-            Msg::BodyGone {
-                user: u,
-                mailbox_guid: g,
-                uid: n,
-            } => !(u == user && *g == mailbox_guid && *n == uid),
-            _ => true,
+        self.low.push_back(BodyJob {
+            user: user.to_string(),
+            mailbox_guid,
+            uid,
+            next: from,
+            total: None,
         });
-        self.low_bytes = self.low_bytes.saturating_sub(dropped);
     }
 
-    /// The next slice of the body lane: about [`LOW_SLICE`] bytes, at least one frame.
-    pub fn body_slice(&mut self) -> Vec<Msg> {
+    /// Drops the queued copy of this body.
+    fn cancel_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) {
+        self.low
+            .retain(|j| !(j.user == user && j.mailbox_guid == mailbox_guid && j.uid == uid));
+    }
+
+    /// Body bytes known to be waiting in the lane (a body not read yet counts once its first
+    /// chunk is read).
+    fn low_bytes(&self) -> u64 {
+        self.low
+            .iter()
+            .map(|j| j.total.map_or(0, |t| t.saturating_sub(j.next)))
+            .sum()
+    }
+
+    /// The next slice of the body lane: about [`LOW_SLICE`] bytes, read a chunk at a time with
+    /// `read` (at most the `u64` it is given, from the job's `next` offset), so that only the
+    /// bytes about to go are in memory. A mail `read` finds gone is said so, so that the peer
+    /// passes its record over; a resume point past the body's end (the peer held another
+    /// body) starts again at 0.
+    pub fn body_slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
         let mut out = Vec::new();
         let mut budget = LOW_SLICE;
-        while let Some(m) = self.low.pop_front() {
-            let n = match &m {
-                Msg::Body { data, .. } => data.len() as u64,
-                _ => 0,
-            };
-            self.low_bytes = self.low_bytes.saturating_sub(n);
-            out.push(m);
-            if n >= budget {
+        while budget > 0 {
+            let Some(mut job) = self.low.pop_front() else {
                 break;
+            };
+            let max = budget.min(BODY_CHUNK as u64);
+            let mut part = read(&job, max);
+            if let Part::Here { total, .. } = &part {
+                if job.next > 0 && job.next >= *total {
+                    job.next = 0;
+                    part = read(&job, max);
+                }
             }
-            budget -= n;
-        }
-        if self.low.is_empty() {
-            self.low_bytes = 0;
+            let Part::Here {
+                guid,
+                received_date,
+                save_date,
+                total,
+                data,
+            } = part
+            else {
+                out.push(Msg::BodyGone {
+                    user: job.user,
+                    mailbox_guid: job.mailbox_guid,
+                    uid: job.uid,
+                });
+                continue;
+            };
+            let n = data.len() as u64;
+            out.push(Msg::Body {
+                user: job.user.clone(),
+                mailbox_guid: job.mailbox_guid,
+                uid: job.uid,
+                guid,
+                received_date,
+                save_date,
+                total,
+                offset: job.next,
+                data,
+            });
+            job.next += n;
+            job.total = Some(total);
+            budget = budget.saturating_sub(n.max(1));
+            if n > 0 && job.next < total {
+                self.low.push_front(job);
+            }
         }
         out
     }
@@ -360,7 +380,6 @@ impl Sender {
     /// [`Sender::position`]).
     pub fn rewind(&mut self) {
         self.low.clear();
-        self.low_bytes = 0;
         for f in self.users.values_mut() {
             f.unacked.clear();
             f.inflight = 0;

@@ -123,27 +123,56 @@ fn a_stalled_user_is_reported_once_and_stops_counting_against_the_others() {
     assert_eq!(tx.status("u0", 0).unwrap().last_error, None);
 }
 
+/// A store of bodies for [`Sender::body_slice`], counting the bytes read and the most read at
+/// once.
+struct Store {
+    bodies: HashMap<u32, Vec<u8>>,
+    read: u64,
+    largest: u64,
+}
+
+impl Store {
+    fn new(bodies: &[(u32, &Vec<u8>)]) -> Store {
+        Store {
+            bodies: bodies.iter().map(|(u, b)| (*u, (*b).clone())).collect(),
+            read: 0,
+            largest: 0,
+        }
+    }
+
+    fn read(&mut self, job: &BodyJob, max: u64) -> Part {
+        let Some(b) = self.bodies.get(&job.uid) else {
+            return Part::Gone;
+        };
+        let from = (job.next as usize).min(b.len());
+        let to = (from + max as usize).min(b.len());
+        self.read += (to - from) as u64;
+        self.largest = self.largest.max((to - from) as u64);
+        Part::Here {
+            guid: format!("g{}", job.uid),
+            received_date: 0,
+            save_date: 0,
+            total: b.len() as u64,
+            data: b[from..to].to_vec(),
+        }
+    }
+}
+
 #[test]
-fn bodies_go_in_slices_and_a_gone_mail_is_said_so() {
+fn bodies_are_read_and_go_a_chunk_at_a_time_and_a_gone_mail_is_said_so() {
     let mut tx = Sender::new();
     let data = vec![b'x'; LOW_SLICE as usize * 3];
-    tx.queue_body(
-        "alice",
-        INBOX,
-        10,
-        Some(Body {
-            guid: "g10".into(),
-            data: data.clone().into(),
-            ..Body::default()
-        }),
-        0,
-    );
-    tx.queue_body("alice", INBOX, 11, None, 0);
+    let mut store = Store::new(&[(10, &data)]);
+    tx.queue_body("alice", INBOX, 10, 0);
+    tx.queue_body("alice", INBOX, 11, 0);
     let mut got = Vec::new();
     let mut slices = 0;
     while tx.bodies_waiting() {
         slices += 1;
-        for m in tx.body_slice() {
+        let before = store.read;
+        let slice = tx.body_slice(&mut |j, max| store.read(j, max));
+        assert!(store.read - before <= LOW_SLICE, "read ahead of the slice");
+        for m in slice {
             match m {
                 Msg::Body { offset, data, .. } => {
                     assert_eq!(offset as usize, got.len());
@@ -159,6 +188,7 @@ fn bodies_go_in_slices_and_a_gone_mail_is_said_so() {
         slices >= 3,
         "a large body goes over several rounds: {slices}"
     );
+    assert!(store.largest <= BODY_CHUNK as u64);
 }
 
 #[test]
@@ -242,13 +272,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
         let now = Instant::now();
         let total = 10 * LOW_SLICE as usize + 123;
         let data: Vec<u8> = (0..total).map(|i| (i * 7 % 251) as u8).collect();
-        let body = || {
-            Some(Body {
-                guid: "g10".into(),
-                data: data.clone().into(),
-                ..Body::default()
-            })
-        };
+        let mut store = Store::new(&[(10, &data)]);
         let mut tx = Sender::new();
         tx.open("alice", start(), now);
         let mut rx = Receiver::new("b", "a", Duration::from_secs(300));
@@ -257,7 +281,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
         let mut wire = 0;
         // The first connection carries the record and half the body, then dies.
         tx.read("alice", &recs);
-        tx.queue_body("alice", INBOX, 10, body(), 0);
+        tx.queue_body("alice", INBOX, 10, 0);
         for (m, _) in tx.frames("alice", JID, recs.clone(), now) {
             let Msg::Records { records, .. } = m else {
                 panic!()
@@ -265,7 +289,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
             assert!(rx.on_records("alice", JID, records, 2_000_000).is_empty());
         }
         for _ in 0..5 {
-            for m in tx.body_slice() {
+            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -279,7 +303,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
         // receiver asks from where its copy ends, and a few slices of the copy from 0 may
         // cross before the sender hears it.
         tx.read("alice", &recs);
-        tx.queue_body("alice", INBOX, 10, body(), 0);
+        tx.queue_body("alice", INBOX, 10, 0);
         let mut asks = Vec::new();
         for (m, _) in tx.frames("alice", JID, recs.clone(), now) {
             let Msg::Records { records, .. } = m else {
@@ -288,7 +312,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
             asks.extend(rx.on_records("alice", JID, records, 2_000_000));
         }
         for _ in 0..early_slices {
-            for m in tx.body_slice() {
+            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -296,9 +320,9 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
             panic!("{asks:?}")
         };
         assert_eq!(offset, held);
-        tx.queue_body("alice", INBOX, 10, body(), offset);
+        tx.queue_body("alice", INBOX, 10, offset);
         while tx.bodies_waiting() {
-            for m in tx.body_slice() {
+            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -462,4 +486,27 @@ proptest! {
             prop_assert_eq!(acked_durable[i], journaled[i]);
         }
     }
+}
+
+#[test]
+fn a_resume_point_past_the_end_of_the_body_starts_it_again_from_0() {
+    let mut tx = Sender::new();
+    let data = b"Subject: x\r\n\r\nshort\r\n".to_vec();
+    let mut store = Store::new(&[(10, &data)]);
+    tx.queue_body("alice", INBOX, 10, 1000);
+    // A copy queued earlier is replaced, not sent as well.
+    tx.queue_body("alice", INBOX, 10, 2000);
+    let slice = tx.body_slice(&mut |j, max| store.read(j, max));
+    let [Msg::Body {
+        offset: 0,
+        total,
+        data: got,
+        ..
+    }] = &slice[..]
+    else {
+        panic!("{slice:?}")
+    };
+    assert_eq!(*total, data.len() as u64);
+    assert_eq!(got, &data);
+    assert!(!tx.bodies_waiting());
 }

@@ -1,12 +1,11 @@
 //! The sending side of replication: this server's journals to the peer.
 
-use super::send::Sender;
+use super::send::{BodyJob, Part, Sender};
 use crate::codec::Msg;
 use crate::event::JournalId;
 use crate::event::{Change, Guid128};
 use crate::journal::{self, Cursor, Reader};
 use crate::registry;
-use crate::service::apply::Body;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::{self, ApplyError, Svc};
 use crate::service::host::users::{forget_user, with_user};
@@ -307,10 +306,31 @@ impl Outbound {
                 }
             }
             // Then one slice of bodies, so that a large one never holds the rest up.
-            for m in self.tx.body_slice() {
+            let (ctx, users) = (&self.ctx, &self.users);
+            let mut stopped = None;
+            let slice = self.tx.body_slice(&mut |job, max| {
+                read_part(ctx, users, job, max).unwrap_or_else(|e| {
+                    stopped = Some(e);
+                    Part::Gone
+                })
+            });
+            if let Some(e) = stopped {
+                return Err(e);
+            }
+            for m in slice {
                 wr.send(&m)?;
-                if let Msg::Body { data, .. } = &m {
-                    self.ctx.status.lock().unwrap().body_bytes_sent += data.len() as u64;
+                if let Msg::Body {
+                    data,
+                    offset,
+                    total,
+                    ..
+                } = &m
+                {
+                    let mut st = self.ctx.status.lock().unwrap();
+                    st.body_bytes_sent += data.len() as u64;
+                    if offset + data.len() as u64 == *total {
+                        st.bodies_sent += 1;
+                    }
                 }
             }
             if (!did || !self.tx.window_open()) && !self.tx.bodies_waiting() {
@@ -359,6 +379,8 @@ impl Outbound {
         Ok(st.more)
     }
 
+    /// Queues the body of new mail on the body lane from `from`; it is read a chunk at a
+    /// time when its turn comes ([`read_part`]).
     fn send_body(
         &mut self,
         user: &str,
@@ -366,55 +388,7 @@ impl Outbound {
         uid: u32,
         from: u64,
     ) -> Result<(), ConnError> {
-        let who = user.to_string();
-        let body = self.ctx.main.call(move |svc: &Svc| {
-            // A user opened before the mailbox existed may not find it by GUID: retry once
-            // with a freshly opened user before calling it gone.
-            let mut fresh = false;
-            loop {
-                match with_user(svc, &who, |u| u.read_body(&mailbox_guid, uid)) {
-                    Ok(Ok(b)) => return Ok(b),
-                    Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
-                        forget_user(&who);
-                        fresh = true;
-                    }
-                    Ok(Err(e)) => {
-                        forget_user(&who);
-                        return Err(e);
-                    }
-                    Err(e) => return Err(ApplyError::Other(e.to_string())),
-                }
-            }
-        })?;
-        let body = match body {
-            Ok(b) => b,
-            // The mailbox was deleted since: the mail is gone with it.
-            Err(ApplyError::NoMailbox(_)) => None,
-            Err(e) => {
-                // Reported to the peer as gone, so that it skips the mail rather than stall;
-                // the user is marked for a resync, which compares both sides.
-                let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
-                log::error!("user {user}: {msg}");
-                if let Some(dir) = self.users.get(user).and_then(|u| u.dir.clone()) {
-                    let _ = journal::mark_resync(&dir, &msg);
-                }
-                None
-            }
-        };
-        match &body {
-            None => log::info!(
-                "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
-                 deleted); the peer skips it"
-            ),
-            Some(_) => self.ctx.status.lock().unwrap().bodies_sent += 1,
-        }
-        let body = body.map(|b| Body {
-            guid: b.info.guid,
-            received_date: b.info.received_date,
-            save_date: b.info.save_date,
-            data: b.data.into(),
-        });
-        self.tx.queue_body(user, mailbox_guid, uid, body, from);
+        self.tx.queue_body(user, mailbox_guid, uid, from);
         Ok(())
     }
 
@@ -478,4 +452,69 @@ impl Outbound {
 pub(crate) struct OutReadState {
     pub(crate) journal_id: JournalId,
     pub(crate) more: bool,
+}
+
+/// Reads a chunk of at most `max` bytes of a queued body at its next offset, on the main
+/// thread. A mail gone (or whose mailbox is) is [`Part::Gone`]; so is one that cannot be read,
+/// after it is logged and the user marked for a resync, which compares both sides, so that
+/// the peer skips the mail rather than stall. `Err` only when the service stops.
+fn read_part(
+    ctx: &Ctx,
+    users: &HashMap<String, OutUser>,
+    job: &BodyJob,
+    max: u64,
+) -> Result<Part, ConnError> {
+    let who = job.user.clone();
+    let (mailbox_guid, uid, offset) = (job.mailbox_guid, job.uid, job.next);
+    let body = ctx.main.call(move |svc: &Svc| {
+        // A user opened before the mailbox existed may not find it by GUID: retry once
+        // with a freshly opened user before calling it gone.
+        let mut fresh = false;
+        loop {
+            match with_user(svc, &who, |u| {
+                u.read_body_part(&mailbox_guid, uid, offset, max)
+            }) {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
+                    forget_user(&who);
+                    fresh = true;
+                }
+                Ok(Err(e)) => {
+                    forget_user(&who);
+                    return Err(e);
+                }
+                Err(e) => return Err(ApplyError::Other(e.to_string())),
+            }
+        }
+    })?;
+    let user = &job.user;
+    let body = match body {
+        Ok(b) => b,
+        // The mailbox was deleted since: the mail is gone with it.
+        Err(ApplyError::NoMailbox(_)) => None,
+        Err(e) => {
+            let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
+            log::error!("user {user}: {msg}");
+            if let Some(dir) = users.get(user).and_then(|u| u.dir.clone()) {
+                let _ = journal::mark_resync(&dir, &msg);
+            }
+            None
+        }
+    };
+    Ok(match body {
+        None => {
+            log::info!(
+                "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
+                 deleted); the peer skips it"
+            );
+            Part::Gone
+        }
+        Some(b) => Part::Here {
+            guid: b.info.guid,
+            received_date: b.info.received_date,
+            save_date: b.info.save_date,
+            total: b.info.size,
+            data: b.data,
+        },
+    })
 }
