@@ -11,6 +11,10 @@
 //!   journaled (`tandem resync`) against the first `doveadm sync` of the same store, and
 //!   comparing identical stores (`tandem verify`) against a `doveadm sync` with nothing to do.
 //!
+//! - one 100 MB mail streamed to the peer: the time, and the peak RSS (VmHWM) of the sending
+//!   and the receiving tandem-service, which read, spool and save bodies in bounded chunks.
+//!   `TANDEM_BENCH_ONLY=large-body` runs only this case.
+//!
 //! A measurement, not a test: nothing asserts on time. Writes the table to stdout; `make bench`
 //! also keeps it in target/bench-replication.txt for docs/benchmarks.md.
 
@@ -120,6 +124,11 @@ fn main() {
     // SAFETY: geteuid(2) cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         println!("replication bench: skipped, it must run as root (it starts Dovecot masters)");
+        return;
+    }
+    if std::env::var("TANDEM_BENCH_ONLY").as_deref() == Ok("large-body") {
+        let (m, t) = large_body();
+        println!("\n| measure | Tandem |\n|---|---|\n| {m} | {t} |");
         return;
     }
     let samples = env_number("TANDEM_BENCH_LAG_SAMPLES", 100);
@@ -409,8 +418,53 @@ fn main() {
             dsync_noop.as_secs_f64()
         ),
     ));
+    let (m, t) = large_body();
+    rows.push((m, t, "-".into()));
     println!("\n| measure | Tandem | doveadm sync |\n|---|---|---|");
     for (m, t, d) in &rows {
         println!("| {m} | {t} | {d} |");
     }
+}
+
+/// The peak RSS (VmHWM, kB) of the instance's tandem-service.
+fn service_peak_kb(dc: &Dovecot) -> u64 {
+    common::child_pids(dc, "tandem-service")
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// One 100 MB mail saved on A, until B has it: the time and both services' peak RSS.
+fn large_body() -> (String, String) {
+    const SIZE: usize = 100_000_000;
+    eprintln!("replication bench: one 100 MB mail...");
+    let pair = Pair::start("bench-large");
+    until(Duration::from_secs(60), || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    let big = message("a 100 MB mail", SIZE);
+    let t = Instant::now();
+    pair.a.save("alice", "INBOX", &big);
+    drop(big);
+    let mut b = pair.b.login("alice");
+    let arrived = until(Duration::from_secs(300), || messages_in_inbox(&mut b) >= 1);
+    let took = t.elapsed();
+    (
+        "stream one 100 MB mail".into(),
+        format!(
+            "{:.2} s{}; peak RSS of tandem-service: sending {} MB, receiving {} MB",
+            took.as_secs_f64(),
+            if arrived { "" } else { " (NOT ARRIVED)" },
+            service_peak_kb(&pair.a) / 1024,
+            service_peak_kb(&pair.b) / 1024
+        ),
+    )
 }
