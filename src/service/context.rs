@@ -3,7 +3,9 @@
 use crate::service::config::Config;
 use crate::service::host::dovecot::Svc;
 use crate::service::host::mainloop::MainHandle;
+use crate::service::memstore::Memories;
 use crate::service::repairs::Repairs;
+use crate::service::resync::gather::Digests;
 use crate::service::status::Shared;
 use crate::service::transport::tls::Tls;
 use std::collections::VecDeque;
@@ -32,6 +34,10 @@ pub(crate) struct Shared_ {
     pub(crate) refused_logged: Mutex<Option<Instant>>,
     /// Users waiting for a resync, and users a resync holds.
     pub(crate) repairs: Arc<Repairs>,
+    /// Every user's conflict memory the service has loaded.
+    pub(crate) memories: Arc<Memories>,
+    /// Mailbox digests of the last verify or resync, by user and mailbox.
+    pub(crate) digests: Arc<Mutex<Digests>>,
 }
 
 pub(crate) type Ctx = Arc<Shared_>;

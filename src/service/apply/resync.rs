@@ -8,13 +8,14 @@ use crate::service::apply::dovecot_store::DovecotStore;
 use crate::service::apply::{Body, BodyMeta, MailStore, NewMail, StoreError};
 use crate::service::host::dovecot::Svc;
 use crate::service::host::users::{forget_user, with_user};
-use crate::service::memstore;
+use crate::service::memstore::Memories;
 use std::collections::{BTreeSet, VecDeque};
 
 /// Executes actions here, in order. Saves take `bodies` in order. Returns how many changes
 /// were made and what failed (the rest goes on: a later resync retries what failed).
 pub(crate) fn local_apply(
     svc: &Svc,
+    memories: &Memories,
     user: &str,
     server_id: &str,
     actions: &[Action],
@@ -33,7 +34,7 @@ pub(crate) fn local_apply(
         .collect();
     let r = with_user(svc, user, |u| {
         let mut store = DovecotStore::new(u);
-        let mem = memstore::get(user);
+        let mem = memories.get(user);
         let mut mem = mem.lock().unwrap();
         let mut touched = BTreeSet::new();
         let mut i = 0;
@@ -76,7 +77,7 @@ pub(crate) fn local_apply(
         errors.push(e.to_string());
     }
     // Renumbering and GUID changes leave cached mailboxes stale.
-    forget_user(user);
+    forget_user(svc, user);
     (changes, errors)
 }
 

@@ -64,7 +64,8 @@
 use crate::event::{FlagSet, Guid128};
 use crate::ffi::cstr::{opt_string, string, string_list};
 use crate::ffi::{guard, logger};
-use std::cell::Cell;
+use crate::service::host::users::OpenUsers;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -112,6 +113,8 @@ pub trait Handler {
 /// The main-thread token for the running service. Only [`run`] makes one, and handlers only
 /// see it by reference, so Dovecot is only called from its main thread.
 pub struct Svc {
+    /// Users opened and kept open between jobs (see [`super::users`]).
+    pub(super) users: RefCell<OpenUsers>,
     _main_thread_only: PhantomData<*const ()>,
 }
 
@@ -147,6 +150,7 @@ pub fn run(handler: Box<dyn Handler>) -> i32 {
     let mut state = Box::new(RunState {
         handler: Some(handler),
         svc: Svc {
+            users: RefCell::default(),
             _main_thread_only: PhantomData,
         },
         in_callback: false,
