@@ -547,6 +547,29 @@ unsafe fn saved(ret: c_int, saved_uid: u32, error: *const c_char) -> Result<(), 
 }
 
 impl User {
+    /// Runs one operation of the shim as this user, between `tandem_svc_enter` and
+    /// `tandem_svc_leave`: its code, and its error string, valid until the next call.
+    ///
+    /// # Safety
+    ///
+    /// Main thread; `op` calls one shim function with the pointers it is given, which are
+    /// valid for that call only.
+    unsafe fn call(
+        &self,
+        op: impl FnOnce(*mut raw::tandem_svc_user, *mut *const c_char) -> c_int,
+    ) -> (c_int, *const c_char) {
+        let mut error = ptr::null();
+        // SAFETY: per this function's contract; the user is open while `self` lives.
+        unsafe {
+            if raw::tandem_svc_enter(self.raw(), &mut error) < 0 {
+                return (raw::TANDEM_SVC_ERROR, error);
+            }
+            let ret = op(self.raw(), &mut error);
+            raw::tandem_svc_leave(self.raw());
+            (ret, error)
+        }
+    }
+
     /// The user name it was opened with.
     pub fn name(&self) -> &str {
         &self.name
@@ -588,26 +611,27 @@ impl User {
         uidvalidity: u32,
     ) -> Result<(), ApplyError> {
         let name = c_string(name)?;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_create(
-                self.raw(),
-                name.as_ptr(),
-                guid.0.as_ptr(),
-                uidvalidity,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_create(
+                    user,
+                    name.as_ptr(),
+                    guid.0.as_ptr(),
+                    uidvalidity,
+                    error,
+                )
+            });
             done(ret, error)
         }
     }
 
     /// Deletes the mailbox with this GUID.
     pub fn mailbox_delete(&self, guid: &Guid128) -> Result<(), ApplyError> {
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_delete(self.raw(), guid.0.as_ptr(), &mut error);
+            let (ret, error) = self
+                .call(|user, error| raw::tandem_svc_mailbox_delete(user, guid.0.as_ptr(), error));
             done(ret, error)
         }
     }
@@ -616,15 +640,11 @@ impl User {
     /// the name.
     pub fn mailbox_rename(&self, guid: &Guid128, new_name: &str) -> Result<(), ApplyError> {
         let new_name = c_string(new_name)?;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_rename(
-                self.raw(),
-                guid.0.as_ptr(),
-                new_name.as_ptr(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_rename(user, guid.0.as_ptr(), new_name.as_ptr(), error)
+            });
             done(ret, error)
         }
     }
@@ -632,15 +652,11 @@ impl User {
     /// (Un)subscribes `name`, which need not exist.
     pub fn mailbox_subscribe(&self, name: &str, subscribed: bool) -> Result<(), ApplyError> {
         let name = c_string(name)?;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_subscribe(
-                self.raw(),
-                name.as_ptr(),
-                subscribed,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_subscribe(user, name.as_ptr(), subscribed, error)
+            });
             done(ret, error)
         }
     }
@@ -654,32 +670,29 @@ impl User {
         uidvalidity: u32,
         only_if_unused: bool,
     ) -> Result<(), ApplyError> {
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_adopt_guid(
-                self.raw(),
-                old.0.as_ptr(),
-                new.0.as_ptr(),
-                uidvalidity,
-                only_if_unused,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_adopt_guid(
+                    user,
+                    old.0.as_ptr(),
+                    new.0.as_ptr(),
+                    uidvalidity,
+                    only_if_unused,
+                    error,
+                )
+            });
             done(ret, error)
         }
     }
 
     /// Raises the mailbox's UIDNEXT to at least `uidnext`.
     pub fn mailbox_min_uidnext(&self, guid: &Guid128, uidnext: u32) -> Result<(), ApplyError> {
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_min_uidnext(
-                self.raw(),
-                guid.0.as_ptr(),
-                uidnext,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_min_uidnext(user, guid.0.as_ptr(), uidnext, error)
+            });
             done(ret, error)
         }
     }
@@ -735,18 +748,19 @@ impl User {
         let c_mail = CMail::new(mail)?;
         let raw_mail = c_mail.raw(mail);
         let mut saved_uid = 0;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_copy(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                &raw_mail,
-                src_mailbox.0.as_ptr(),
-                src_uid,
-                &mut saved_uid,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_copy(
+                    user,
+                    mailbox.0.as_ptr(),
+                    &raw_mail,
+                    src_mailbox.0.as_ptr(),
+                    src_uid,
+                    &mut saved_uid,
+                    error,
+                )
+            });
             saved(ret, saved_uid, error)
         }
     }
@@ -762,18 +776,19 @@ impl User {
     ) -> Result<(), ApplyError> {
         let guid = c_string(guid)?;
         let mut saved_uid = 0;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_renumber(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                uid,
-                guid.as_ptr(),
-                new_uid,
-                &mut saved_uid,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_renumber(
+                    user,
+                    mailbox.0.as_ptr(),
+                    uid,
+                    guid.as_ptr(),
+                    new_uid,
+                    &mut saved_uid,
+                    error,
+                )
+            });
             saved(ret, saved_uid, error)
         }
     }
@@ -791,20 +806,21 @@ impl User {
         let guid = c_string(guid)?;
         let add_keywords = CStrList::new(&add.keywords)?;
         let remove_keywords = CStrList::new(&remove.keywords)?;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_update_flags(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                uid,
-                guid.as_ptr(),
-                add.system,
-                remove.system,
-                add_keywords.as_ptr(),
-                remove_keywords.as_ptr(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_update_flags(
+                    user,
+                    mailbox.0.as_ptr(),
+                    uid,
+                    guid.as_ptr(),
+                    add.system,
+                    remove.system,
+                    add_keywords.as_ptr(),
+                    remove_keywords.as_ptr(),
+                    error,
+                )
+            });
             done(ret, error)
         }
     }
@@ -813,16 +829,11 @@ impl User {
     /// otherwise.
     pub fn expunge(&self, mailbox: &Guid128, uid: u32, guid: &str) -> Result<(), ApplyError> {
         let guid = c_string(guid)?;
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_expunge(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                uid,
-                guid.as_ptr(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_expunge(user, mailbox.0.as_ptr(), uid, guid.as_ptr(), error)
+            });
             done(ret, error)
         }
     }
@@ -874,16 +885,12 @@ impl User {
     /// The status of the mailbox with this GUID.
     pub fn mailbox_status(&self, guid: &Guid128) -> Result<MailboxStatus, ApplyError> {
         let mut status = empty_status();
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; status and error copied at
         // once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_status(
-                self.raw(),
-                guid.0.as_ptr(),
-                &mut status,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_status(user, guid.0.as_ptr(), &mut status, error)
+            });
             done(ret, error)?;
             Ok(mailbox_status(&status))
         }
@@ -892,16 +899,17 @@ impl User {
     /// Every mailbox of the user, then every subscription to a name that is not a mailbox.
     pub fn mailboxes(&self) -> Result<Vec<MailboxStatus>, ApplyError> {
         let mut out: Vec<MailboxStatus> = Vec::new();
-        let mut error = ptr::null();
         // SAFETY: main thread; out outlives the call and is only used by on_mailbox during it;
         // error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_list(
-                self.raw(),
-                Some(on_mailbox),
-                (&mut out as *mut Vec<MailboxStatus>).cast(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_list(
+                    user,
+                    Some(on_mailbox),
+                    (&mut out as *mut Vec<MailboxStatus>).cast(),
+                    error,
+                )
+            });
             done(ret, error)?;
         }
         Ok(out)
@@ -910,17 +918,18 @@ impl User {
     /// Every message of the mailbox, in UID order.
     pub fn mails(&self, mailbox: &Guid128) -> Result<Vec<MailInfo>, ApplyError> {
         let mut out: Vec<MailInfo> = Vec::new();
-        let mut error = ptr::null();
         // SAFETY: main thread; out outlives the call and is only used by on_mail during it;
         // error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mail_list(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                Some(on_mail),
-                (&mut out as *mut Vec<MailInfo>).cast(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mail_list(
+                    user,
+                    mailbox.0.as_ptr(),
+                    Some(on_mail),
+                    (&mut out as *mut Vec<MailInfo>).cast(),
+                    error,
+                )
+            });
             done(ret, error)?;
         }
         Ok(out)
@@ -930,15 +939,11 @@ impl User {
     pub fn mailbox_named(&self, name: &str) -> Result<Option<Guid128>, ApplyError> {
         let name = c_string(name)?;
         let mut guid = [0u8; 16];
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_mailbox_named(
-                self.raw(),
-                name.as_ptr(),
-                guid.as_mut_ptr(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mailbox_named(user, name.as_ptr(), guid.as_mut_ptr(), error)
+            });
             match done(ret, error) {
                 Ok(()) => Ok(Some(Guid128(guid))),
                 Err(ApplyError::NoMailbox(_)) => Ok(None),
@@ -955,12 +960,12 @@ impl User {
             flags: 0,
             keywords: ptr::null(),
         };
-        let mut error = ptr::null();
         // SAFETY: main thread; all pointers valid for the call; info's strings and error are
         // copied at once.
         unsafe {
-            let ret =
-                raw::tandem_svc_mail(self.raw(), mailbox.0.as_ptr(), uid, &mut info, &mut error);
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_mail(user, mailbox.0.as_ptr(), uid, &mut info, error)
+            });
             Ok(result(ret, error)?.then(|| MailInfo {
                 uid: info.uid,
                 guid: string(info.guid),
@@ -972,16 +977,17 @@ impl User {
     /// Every subscribed name, mailbox or not.
     pub fn subscriptions(&self) -> Result<Vec<String>, ApplyError> {
         let mut out: Vec<String> = Vec::new();
-        let mut error = ptr::null();
         // SAFETY: main thread; out outlives the call and is only used by on_name during it;
         // error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_subscriptions(
-                self.raw(),
-                Some(on_name),
-                (&mut out as *mut Vec<String>).cast(),
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_subscriptions(
+                    user,
+                    Some(on_name),
+                    (&mut out as *mut Vec<String>).cast(),
+                    error,
+                )
+            });
             done(ret, error)?;
         }
         Ok(out)
@@ -990,10 +996,9 @@ impl User {
     /// Forgets cached views (open indexes, the GUID cache): the next call sees what other
     /// processes committed meanwhile.
     pub fn refresh(&self) -> Result<(), ApplyError> {
-        let mut error = ptr::null();
         // SAFETY: main thread; error copied at once.
         unsafe {
-            let ret = raw::tandem_svc_refresh(self.raw(), &mut error);
+            let (ret, error) = self.call(|user, error| raw::tandem_svc_refresh(user, error));
             done(ret, error)
         }
     }
