@@ -1,5 +1,5 @@
 /* tandem-service.h: the plain-C interface between the tandem service's
-   Dovecot side (tandem-service.c) and its Rust side (src/service/dovecot.rs).
+   Dovecot side (tandem-service.c) and its Rust side (src/service/host/dovecot/).
    bindgen reads this header (and tandem-log.h, which it includes).
 
    The service is an executable that Dovecot's master starts from a
