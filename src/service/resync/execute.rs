@@ -413,7 +413,7 @@ pub(crate) fn execute(
 mod tests {
     use super::*;
     use crate::merge::{Details, MailState};
-    use crate::service::apply::resync::now_mark;
+    use crate::service::apply::applier::now_mark;
     use crate::service::resync::gather::details_page;
     use crate::service::resync::rpc::DETAILS_PAGE;
 

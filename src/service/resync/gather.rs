@@ -2,7 +2,7 @@
 
 use crate::event::Guid128;
 use crate::merge::{self, BoxState, Details, MailState, Summary};
-use crate::service::apply::resync::parse_box;
+use crate::service::apply::applier::parse_box;
 use crate::service::apply::BodyMeta;
 use crate::service::host::dovecot::{ApplyError, Svc, User};
 use crate::service::host::users::with_user;
