@@ -397,7 +397,10 @@ static const char *ATTR_FORMAT(1, 2) tandem_svc_printf(const char *fmt, ...)
 	return str;
 }
 
-static int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r)
+/* The data stack frame of the call in progress. */
+static data_stack_frame_t tandem_svc_frame;
+
+int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r)
 {
 	struct ioloop_context *cur;
 
@@ -412,6 +415,7 @@ static int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r)
 		return -1;
 	}
 	tandem_svc_busy = TRUE;
+	tandem_svc_frame = t_push("tandem_svc_enter");
 	cur = io_loop_get_current_context(current_ioloop);
 	if (cur != user->ioloop_ctx) {
 		if (cur != NULL)
@@ -421,22 +425,23 @@ static int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r)
 	return 0;
 }
 
-static void tandem_svc_leave(struct tandem_svc_user *user)
+void tandem_svc_leave(struct tandem_svc_user *user)
 {
+	if (!t_pop(&tandem_svc_frame))
+		i_panic("tandem service: leaked data stack frame");
 	if (io_loop_get_current_context(current_ioloop) == user->ioloop_ctx)
 		io_loop_context_deactivate(user->ioloop_ctx);
 	tandem_svc_main_thread_root();
 	tandem_svc_busy = FALSE;
 }
 
-/* Runs `call` (an int expression) as the user, inside a data stack frame. */
+/* Runs `call` (an int expression) between tandem_svc_enter() and
+   tandem_svc_leave(), for the calls that take a chunk callback. */
 #define TANDEM_SVC_USER_CALL(user, error_r, call) STMT_START { \
 	int tandem_ret; \
 	if (tandem_svc_enter(user, error_r) < 0) \
 		return TANDEM_SVC_ERROR; \
-	T_BEGIN { \
-		tandem_ret = (call); \
-	} T_END; \
+	tandem_ret = (call); \
 	tandem_svc_leave(user); \
 	return tandem_ret; \
 } STMT_END
@@ -947,10 +952,9 @@ const char *tandem_svc_user_setting(struct tandem_svc_user *user,
 
 /* ---- Mailboxes ---- */
 
-static int
-tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
-			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       uint32_t uidvalidity, const char **error_r)
+int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      uint32_t uidvalidity, const char **error_r)
 {
 	struct mailbox_update update;
 	struct mailbox_status status;
@@ -1035,19 +1039,9 @@ tandem_svc_mailbox_create_real(struct tandem_svc_user *user, const char *vname,
 	return ret;
 }
 
-int tandem_svc_mailbox_create(struct tandem_svc_user *user, const char *vname,
+int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      uint32_t uidvalidity, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_create_real(user, vname, guid, uidvalidity,
-					       error_r));
-}
-
-static int
-tandem_svc_mailbox_delete_real(struct tandem_svc_user *user,
-			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       const char **error_r)
+			      const char **error_r)
 {
 	struct mailbox *box;
 	int ret;
@@ -1061,18 +1055,9 @@ tandem_svc_mailbox_delete_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
+int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
 			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_delete_real(user, guid, error_r));
-}
-
-static int
-tandem_svc_mailbox_rename_real(struct tandem_svc_user *user,
-			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       const char *new_vname, const char **error_r)
+			      const char *new_vname, const char **error_r)
 {
 	struct mailbox *box, *dest;
 	const char *old_vname;
@@ -1105,18 +1090,9 @@ tandem_svc_mailbox_rename_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
-			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      const char *new_vname, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_rename_real(user, guid, new_vname, error_r));
-}
-
-static int
-tandem_svc_mailbox_subscribe_real(struct tandem_svc_user *user,
-				  const char *vname, bool subscribed,
-				  const char **error_r)
+int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
+				 const char *vname, bool subscribed,
+				 const char **error_r)
 {
 	struct mailbox *box;
 	int ret;
@@ -1132,21 +1108,11 @@ tandem_svc_mailbox_subscribe_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_subscribe(struct tandem_svc_user *user,
-				 const char *vname, bool subscribed,
-				 const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_subscribe_real(user, vname, subscribed,
-						  error_r));
-}
-
-static int
-tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
-				   const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
-				   const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				   uint32_t uidvalidity, bool only_if_unused,
-				   const char **error_r)
+int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
+				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
+				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
+				  uint32_t uidvalidity, bool only_if_unused,
+				  const char **error_r)
 {
 	struct mailbox_update update;
 	struct mailbox_status status;
@@ -1180,22 +1146,9 @@ tandem_svc_mailbox_adopt_guid_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
-				  const uint8_t old_guid[TANDEM_SVC_GUID_SIZE],
-				  const uint8_t new_guid[TANDEM_SVC_GUID_SIZE],
-				  uint32_t uidvalidity, bool only_if_unused,
-				  const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_adopt_guid_real(user, old_guid, new_guid,
-						   uidvalidity, only_if_unused,
-						   error_r));
-}
-
-static int
-tandem_svc_mailbox_min_uidnext_real(struct tandem_svc_user *user,
-				    const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				    uint32_t uidnext, const char **error_r)
+int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
+				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				   uint32_t uidnext, const char **error_r)
 {
 	struct mailbox_update update;
 	struct mailbox *box;
@@ -1211,15 +1164,6 @@ tandem_svc_mailbox_min_uidnext_real(struct tandem_svc_user *user,
 		ret = tandem_svc_box_error(box, "Raising UIDNEXT", error_r);
 	mailbox_free(&box);
 	return ret;
-}
-
-int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
-				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				   uint32_t uidnext, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_min_uidnext_real(user, guid, uidnext,
-						    error_r));
 }
 
 /* ---- Messages ---- */
@@ -1462,13 +1406,12 @@ int tandem_svc_save(struct tandem_svc_user *user,
 				     error_r));
 }
 
-static int
-tandem_svc_copy_real(struct tandem_svc_user *user,
-		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		     const struct tandem_svc_mail *mail,
-		     const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		     uint32_t src_uid, uint32_t *saved_uid_r,
-		     const char **error_r)
+int tandem_svc_copy(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    const struct tandem_svc_mail *mail,
+		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t src_uid, uint32_t *saved_uid_r,
+		    const char **error_r)
 {
 	struct mailbox_transaction_context *trans, *src_trans;
 	struct mail_save_context *save;
@@ -1526,24 +1469,10 @@ tandem_svc_copy_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_copy(struct tandem_svc_user *user,
-		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    const struct tandem_svc_mail *mail,
-		    const uint8_t src_mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t src_uid, uint32_t *saved_uid_r,
-		    const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_copy_real(user, mailbox_guid, mail,
-				     src_mailbox_guid, src_uid, saved_uid_r,
-				     error_r));
-}
-
-static int
-tandem_svc_renumber_real(struct tandem_svc_user *user,
-			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, const char *guid, uint32_t new_uid,
-			 uint32_t *saved_uid_r, const char **error_r)
+int tandem_svc_renumber(struct tandem_svc_user *user,
+			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			uint32_t uid, const char *guid, uint32_t new_uid,
+			uint32_t *saved_uid_r, const char **error_r)
 {
 	struct mailbox_transaction_context *trans, *src_trans;
 	struct mail_save_context *save;
@@ -1610,16 +1539,6 @@ tandem_svc_renumber_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_renumber(struct tandem_svc_user *user,
-			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			uint32_t uid, const char *guid, uint32_t new_uid,
-			uint32_t *saved_uid_r, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_renumber_real(user, mailbox_guid, uid, guid, new_uid,
-					 saved_uid_r, error_r));
-}
-
 static void tandem_svc_update_keywords(struct mailbox *box, struct mail *mail,
 				       enum modify_type how,
 				       const char *const *names)
@@ -1633,14 +1552,13 @@ static void tandem_svc_update_keywords(struct mailbox *box, struct mail *mail,
 	mailbox_keywords_unref(&keywords);
 }
 
-static int
-tandem_svc_update_flags_real(struct tandem_svc_user *user,
-			     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			     uint32_t uid, const char *guid,
-			     uint8_t add_flags, uint8_t remove_flags,
-			     const char *const *add_keywords,
-			     const char *const *remove_keywords,
-			     const char **error_r)
+int tandem_svc_update_flags(struct tandem_svc_user *user,
+			    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			    uint32_t uid, const char *guid, uint8_t add_flags,
+			    uint8_t remove_flags,
+			    const char *const *add_keywords,
+			    const char *const *remove_keywords,
+			    const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
 	enum mail_flags add, remove;
@@ -1677,25 +1595,9 @@ tandem_svc_update_flags_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_update_flags(struct tandem_svc_user *user,
-			    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			    uint32_t uid, const char *guid,
-			    uint8_t add_flags, uint8_t remove_flags,
-			    const char *const *add_keywords,
-			    const char *const *remove_keywords,
-			    const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_update_flags_real(user, mailbox_guid, uid, guid,
-					     add_flags, remove_flags,
-					     add_keywords, remove_keywords,
-					     error_r));
-}
-
-static int
-tandem_svc_expunge_real(struct tandem_svc_user *user,
-			const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			uint32_t uid, const char *guid, const char **error_r)
+int tandem_svc_expunge(struct tandem_svc_user *user,
+		       const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		       uint32_t uid, const char *guid, const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
 	struct mailbox *box;
@@ -1722,15 +1624,6 @@ tandem_svc_expunge_real(struct tandem_svc_user *user,
 		ret = tandem_svc_box_error(box, "Sync", error_r);
 	mailbox_free(&box);
 	return ret;
-}
-
-int tandem_svc_expunge(struct tandem_svc_user *user,
-		       const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		       uint32_t uid, const char *guid, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_expunge_real(user, mailbox_guid, uid, guid,
-					error_r));
 }
 
 /* ---- Reading ---- */
@@ -1914,11 +1807,10 @@ static int tandem_svc_box_status(struct mailbox *box,
 	return tandem_svc_is_subscribed(box, &status_r->subscribed, error_r);
 }
 
-static int
-tandem_svc_mailbox_status_real(struct tandem_svc_user *user,
-			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			       struct tandem_svc_mailbox_status *status_r,
-			       const char **error_r)
+int tandem_svc_mailbox_status(struct tandem_svc_user *user,
+			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			      struct tandem_svc_mailbox_status *status_r,
+			      const char **error_r)
 {
 	struct mailbox *box;
 	int ret;
@@ -1933,18 +1825,9 @@ tandem_svc_mailbox_status_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_status(struct tandem_svc_user *user,
-			      const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-			      struct tandem_svc_mailbox_status *status_r,
-			      const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_status_real(user, guid, status_r, error_r));
-}
-
-static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
-					tandem_svc_mailbox_cb *cb, void *ctx,
-					const char **error_r)
+int tandem_svc_mailbox_list(struct tandem_svc_user *user,
+			    tandem_svc_mailbox_cb *cb, void *ctx,
+			    const char **error_r)
 {
 	static const char *const patterns[] = { "*", NULL };
 	struct mailbox_list_iterate_context *iter;
@@ -2030,19 +1913,10 @@ static int tandem_svc_mailbox_list_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mailbox_list(struct tandem_svc_user *user,
-			    tandem_svc_mailbox_cb *cb, void *ctx,
-			    const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_list_real(user, cb, ctx, error_r));
-}
-
-static int
-tandem_svc_mail_list_real(struct tandem_svc_user *user,
-			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			  tandem_svc_mail_cb *cb, void *ctx,
-			  const char **error_r)
+int tandem_svc_mail_list(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 tandem_svc_mail_cb *cb, void *ctx,
+			 const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
 	struct mail_search_context *search;
@@ -2093,22 +1967,11 @@ tandem_svc_mail_list_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mail_list(struct tandem_svc_user *user,
-			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 tandem_svc_mail_cb *cb, void *ctx,
-			 const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mail_list_real(user, mailbox_guid, cb, ctx,
-					  error_r));
-}
-
 /* ---- Single lookups ---- */
 
-static int
-tandem_svc_mailbox_named_real(struct tandem_svc_user *user, const char *vname,
-			      uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
-			      const char **error_r)
+int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
+			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
+			     const char **error_r)
 {
 	enum mailbox_existence existence;
 	struct mailbox *box;
@@ -2129,19 +1992,10 @@ tandem_svc_mailbox_named_real(struct tandem_svc_user *user, const char *vname,
 	return ret;
 }
 
-int tandem_svc_mailbox_named(struct tandem_svc_user *user, const char *vname,
-			     uint8_t guid_r[TANDEM_SVC_GUID_SIZE],
-			     const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mailbox_named_real(user, vname, guid_r, error_r));
-}
-
-static int
-tandem_svc_mail_real(struct tandem_svc_user *user,
-		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		     uint32_t uid, struct tandem_svc_mail_info *info_r,
-		     const char **error_r)
+int tandem_svc_mail(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    uint32_t uid, struct tandem_svc_mail_info *info_r,
+		    const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
 	const char *const *keywords;
@@ -2178,18 +2032,9 @@ tandem_svc_mail_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_mail(struct tandem_svc_user *user,
-		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    uint32_t uid, struct tandem_svc_mail_info *info_r,
-		    const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_mail_real(user, mailbox_guid, uid, info_r, error_r));
-}
-
-static int tandem_svc_subscriptions_real(struct tandem_svc_user *user,
-					 tandem_svc_name_cb *cb, void *ctx,
-					 const char **error_r)
+int tandem_svc_subscriptions(struct tandem_svc_user *user,
+			     tandem_svc_name_cb *cb, void *ctx,
+			     const char **error_r)
 {
 	static const char *const patterns[] = { "*", NULL };
 	struct mailbox_list_iterate_context *iter;
@@ -2221,15 +2066,8 @@ static int tandem_svc_subscriptions_real(struct tandem_svc_user *user,
 	return ret;
 }
 
-int tandem_svc_subscriptions(struct tandem_svc_user *user,
-			     tandem_svc_name_cb *cb, void *ctx,
-			     const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_subscriptions_real(user, cb, ctx, error_r));
-}
-
-static int tandem_svc_refresh_real(struct tandem_svc_user *user)
+int tandem_svc_refresh(struct tandem_svc_user *user,
+		       const char **error_r ATTR_UNUSED)
 {
 	struct mail_namespace *ns;
 
@@ -2242,7 +2080,3 @@ static int tandem_svc_refresh_real(struct tandem_svc_user *user)
 	return TANDEM_SVC_OK;
 }
 
-int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r, tandem_svc_refresh_real(user));
-}

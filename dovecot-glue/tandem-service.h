@@ -1,5 +1,5 @@
 /* tandem-service.h: the plain-C interface between the tandem service's
-   Dovecot side (tandem-service.c) and its Rust side (src/service/dovecot.rs).
+   Dovecot side (tandem-service.c) and its Rust side (src/service/host/dovecot/).
    bindgen reads this header (and tandem-log.h, which it includes).
 
    The service is an executable that Dovecot's master starts from a
@@ -123,6 +123,15 @@ int tandem_svc_user_open(const char *username,
 			 struct tandem_svc_user **user_r,
 			 const char **error_r);
 void tandem_svc_user_close(struct tandem_svc_user *user);
+/* Every call on a user's mail below goes between these two: enter makes
+   the main thread the user (its ioloop context and credentials), opens a
+   data stack frame and forgets the strings the previous call handed out;
+   leave closes the frame and makes the main thread root again. Enter
+   fails (TANDEM_SVC_ERROR) on a closed user or from inside a callback.
+   tandem_svc_save() and tandem_svc_read_body() still enter and leave by
+   themselves. */
+int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r);
+void tandem_svc_leave(struct tandem_svc_user *user);
 /* The home directory, NULL if none. Valid until the user is closed. */
 const char *tandem_svc_user_home(struct tandem_svc_user *user);
 /* mail_user_plugin_getenv(): the global plugin {} block with the user's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Live check of the tandem service's Dovecot side (src/service/dovecot.rs, tandem-service.c):
+# Live check of the tandem service's Dovecot side (src/service/host/dovecot/, tandem-service.c):
 # starts a throwaway Dovecot whose master runs `tandem-service` from a `service tandem {}` block
 # with the test-only setting `tandem_svc_selftest = alice bob`. At start-up the service then
 # exercises every lib-storage operation on alice's mail and logs each result, and then opens,

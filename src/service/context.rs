@@ -4,7 +4,9 @@ use crate::service::apply::BodyBuf;
 use crate::service::config::Config;
 use crate::service::host::dovecot::Svc;
 use crate::service::host::mainloop::MainHandle;
+use crate::service::memstore::Memories;
 use crate::service::repairs::Repairs;
+use crate::service::resync::gather::Digests;
 use crate::service::session::receive::BodyKey;
 use crate::service::status::Shared;
 use crate::service::transport::tls::Tls;
@@ -36,6 +38,10 @@ pub(crate) struct Shared_ {
     pub(crate) repairs: Arc<Repairs>,
     /// Bodies an inbound connection left incomplete, for the next one to resume.
     pub(crate) partial_bodies: Mutex<Vec<(BodyKey, BodyBuf)>>,
+    /// Every user's conflict memory the service has loaded.
+    pub(crate) memories: Arc<Memories>,
+    /// Mailbox digests of the last verify or resync, by user and mailbox.
+    pub(crate) digests: Arc<Mutex<Digests>>,
 }
 
 pub(crate) type Ctx = Arc<Shared_>;

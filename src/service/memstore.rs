@@ -6,41 +6,49 @@ use crate::memory::Memory;
 use crate::registry::encode_user;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-static DIR: OnceLock<PathBuf> = OnceLock::new();
-type Mems = Mutex<HashMap<String, Arc<Mutex<Memory>>>>;
-static MEMS: OnceLock<Mems> = OnceLock::new();
-
-/// Where memories are kept: `<state_dir>/memory`.
-pub fn init(state_dir: &Path) {
-    let _ = DIR.set(state_dir.join("memory"));
+/// Every user's memory the service has loaded, owned by the service's context: one per user,
+/// shared by the threads that stream, apply and resync (each locks it for one step).
+pub struct Memories {
+    /// `<state_dir>/memory`; `None` keeps memories in RAM only (tests).
+    dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<String, Arc<Mutex<Memory>>>>,
 }
 
-/// The user's memory, loaded on first use.
-pub fn get(user: &str) -> Arc<Mutex<Memory>> {
-    let mems = MEMS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = mems.lock().unwrap();
-    map.entry(user.to_string())
-        .or_insert_with(|| {
-            let m = match DIR.get() {
-                Some(d) => Memory::load(&d.join(format!("{}.jsonl", encode_user(user)))),
-                None => Memory::default(),
-            };
-            Arc::new(Mutex::new(m))
-        })
-        .clone()
-}
+impl Memories {
+    /// Memories kept in `<state_dir>/memory`.
+    pub fn new(state_dir: &Path) -> Memories {
+        Memories {
+            dir: Some(state_dir.join("memory")),
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
 
-/// Reads the user's local journal from where the memory stopped to its end, so that every
-/// local change is known before a peer's change is weighed against it, and before journal
-/// segments are dropped.
-pub fn catch_up(user: &str, journal_dir: &Path) -> Result<(), String> {
-    let mem = get(user);
-    let mut m = mem.lock().unwrap();
-    catch_up_locked(&mut m, journal_dir)?;
-    m.flush_durable()
-        .map_err(|e| format!("cannot save the conflict memory: {e}"))
+    /// The user's memory, loaded on first use.
+    pub fn get(&self, user: &str) -> Arc<Mutex<Memory>> {
+        let mut map = self.loaded.lock().unwrap();
+        map.entry(user.to_string())
+            .or_insert_with(|| {
+                let m = match &self.dir {
+                    Some(d) => Memory::load(&d.join(format!("{}.jsonl", encode_user(user)))),
+                    None => Memory::default(),
+                };
+                Arc::new(Mutex::new(m))
+            })
+            .clone()
+    }
+
+    /// Reads the user's local journal from where the memory stopped to its end, so that
+    /// every local change is known before a peer's change is weighed against it, and before
+    /// journal segments are dropped.
+    pub fn catch_up(&self, user: &str, journal_dir: &Path) -> Result<(), String> {
+        let mem = self.get(user);
+        let mut m = mem.lock().unwrap();
+        catch_up_locked(&mut m, journal_dir)?;
+        m.flush_durable()
+            .map_err(|e| format!("cannot save the conflict memory: {e}"))
+    }
 }
 
 pub fn catch_up_locked(m: &mut Memory, journal_dir: &Path) -> Result<(), String> {

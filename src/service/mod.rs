@@ -42,6 +42,10 @@
 //! Imports run one way: session uses resync, apply, transport and host; resync uses apply,
 //! transport and host; apply and transport use host; host uses none of them.
 //!
+//! State has one owner each, no statics: what every thread shares is in `context` (the
+//! repairs, the conflict memories, the mailbox digests); what only the main thread may touch
+//! (open users) is in [`host::dovecot::Svc`]; each state machine owns its own.
+//!
 //! Positions are persisted ([`positions`]) so that every restart resumes where the peer
 //! acknowledged, and applying is idempotent.
 

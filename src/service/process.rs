@@ -8,6 +8,7 @@ use crate::service::host::dovecot::{self, Handler, Svc};
 use crate::service::host::mainloop::{self, MainQueue};
 use crate::service::host::users::sweep_users;
 use crate::service::limits::{MAX_INBOUND, RESCAN_EVERY, RING_QUEUE, USER_IDLE};
+use crate::service::memstore::Memories;
 use crate::service::repairs::Repairs;
 use crate::service::session::sender::outbound;
 use crate::service::status::{self, now_secs, Shared, Status};
@@ -16,7 +17,7 @@ use crate::service::transport::dial::peer_host;
 use crate::service::transport::doorbell::doorbell;
 use crate::service::transport::tls::Tls;
 use crate::service::transport::unix::listen_root_only;
-use crate::service::{memstore, resync, session};
+use crate::service::{resync, session};
 use crossbeam_channel::{bounded, Sender};
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
@@ -107,6 +108,8 @@ impl Handler for Service {
             refused_logged: Mutex::new(None),
             repairs: Repairs::new(),
             partial_bodies: Mutex::new(Vec::new()),
+            memories: Arc::new(Memories::new(&cfg.state_dir)),
+            digests: Arc::default(),
         });
         let (rings_tx, rings_rx) = bounded(RING_QUEUE);
 
@@ -141,7 +144,6 @@ impl Handler for Service {
             ),
         }
 
-        memstore::init(&cfg.state_dir);
         let control_path = cfg.base_dir.join(resync::CONTROL_SOCKET);
         match listen_root_only(&control_path) {
             Ok(l) => {
@@ -182,7 +184,7 @@ impl Handler for Service {
         }
         if self.last_sweep.is_none_or(|t| t.elapsed() > USER_IDLE) {
             self.last_sweep = Some(Instant::now());
-            sweep_users();
+            sweep_users(svc);
         }
     }
 
@@ -240,7 +242,7 @@ impl Handler for Service {
         }
     }
 
-    fn stopping(&mut self, _svc: &Svc) {
+    fn stopping(&mut self, svc: &Svc) {
         if let Some(ctx) = &self.ctx {
             ctx.stop.store(true, Ordering::Relaxed);
             for s in ctx.sockets.lock().unwrap().iter() {
@@ -253,7 +255,7 @@ impl Handler for Service {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        crate::service::host::users::close_all();
+        crate::service::host::users::close_all(svc);
     }
 }
 

@@ -6,8 +6,11 @@
 //! sends and persists nothing itself. The service hands it the Dovecot store and the user's
 //! memory (caught up with the local journal first); the tests hand it a [`super::FakeStore`].
 
+mod actions;
 #[cfg(test)]
 mod sim;
+
+pub use actions::{now_mark, parse_box, Executed};
 
 #[cfg(test)]
 use super::fake::FakeStore;

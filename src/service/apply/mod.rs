@@ -1,14 +1,14 @@
 //! Applying changes to this server's mail.
 //!
-//! - [`applier`]: the peer's records applied to any [`MailStore`] under the rules of
-//!   [`crate::rules`], sans-IO, tested on [`FakeStore`].
+//! - [`applier`]: the peer's records, and a resync plan's actions, applied to any
+//!   [`MailStore`] under the rules of [`crate::rules`], sans-IO, tested on [`FakeStore`].
 //! - [`store`]: the [`MailStore`] trait, the single operations a host performs;
 //!   [`fake`]: the in-memory store of the tests.
 //! - [`dovecot_store`] (feature `service`): the [`MailStore`] of the service, over lib-storage,
 //!   the only way the service changes mail (the live selftest aside).
 //! - [`stream`] (feature `service`): the receiver's batches through the [`applier`];
-//!   [`resync`]: a resync plan's actions, one store operation each (not yet through the
-//!   [`applier`]).
+//!   [`resync`]: a resync plan's actions through the [`applier`]. Both open the user, lock
+//!   its conflict memory and hand the applier a [`dovecot_store`] over it.
 
 pub mod applier;
 #[cfg(feature = "service")]

@@ -8,7 +8,7 @@ use crate::service::apply::dovecot_store::DovecotStore;
 use crate::service::apply::{Body, BodyBuf};
 use crate::service::host::dovecot::{Svc, User};
 use crate::service::host::users::{forget_user, with_user};
-use crate::service::memstore;
+use crate::service::memstore::{catch_up_locked, Memories};
 use crate::service::positions::{self, Position};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -84,6 +84,7 @@ impl Local {
 /// each record against the user's memory (docs/conflicts.md).
 pub(crate) fn apply_batch(
     svc: &Svc,
+    memories: &Memories,
     user: &str,
     batch: Vec<Record>,
     bodies: HashMap<(Guid128, u32), BodyBuf>,
@@ -105,14 +106,14 @@ pub(crate) fn apply_batch(
         .map(|(k, b)| (k, body_state(b)))
         .collect();
     let own_id = svc.setting("tandem_server_id").unwrap_or_default();
-    let mem = memstore::get(user);
+    let mem = memories.get(user);
     let mut mem = mem.lock().unwrap();
     let mut newest = None;
     let r = with_user(svc, user, |u| {
         let local = Local::open(u, state_dir, peer_id);
         // Every local change must be known before a peer's change is weighed against it.
         if let Some(dir) = &local.journal_dir {
-            if let Err(e) = memstore::catch_up_locked(&mut mem, dir) {
+            if let Err(e) = catch_up_locked(&mut mem, dir) {
                 out.error = Some(format!("reading the local journal: {e}"));
                 return;
             }
@@ -161,7 +162,7 @@ pub(crate) fn apply_batch(
     }
     if out.error.is_some() {
         // A retry starts from a freshly opened user, whatever state the failure left.
-        forget_user(user);
+        forget_user(svc, user);
     }
     out.bodies = bodies.into_iter().map(|(k, b)| (k, body_buf(b))).collect();
     out

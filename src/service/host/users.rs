@@ -2,15 +2,13 @@
 
 use crate::service::host::dovecot::{self, Svc, User};
 use crate::service::limits::USER_IDLE;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Instant;
 
-thread_local! {
-    /// Users opened on the main thread, kept open between jobs: opening a user costs a userdb
-    /// lookup and namespace setup, too much to pay per message.
-    static USERS: RefCell<HashMap<String, (User, Instant)>> = RefCell::new(HashMap::new());
-}
+/// Users opened on the main thread, kept open between jobs: opening a user costs a userdb
+/// lookup and namespace setup, too much to pay per message. Held by [`Svc`], as only the main
+/// thread may touch them.
+pub(crate) type OpenUsers = HashMap<String, (User, Instant)>;
 
 /// Runs `f` with the user `name` opened, on the main thread.
 pub(crate) fn with_user<R>(
@@ -18,31 +16,29 @@ pub(crate) fn with_user<R>(
     name: &str,
     f: impl FnOnce(&User) -> R,
 ) -> Result<R, dovecot::SvcError> {
-    let cached = USERS.with(|u| u.borrow_mut().remove(name));
+    let cached = svc.users.borrow_mut().remove(name);
     let user = match cached {
         Some((u, _)) => u,
         None => svc.user(name)?,
     };
     let r = f(&user);
-    USERS.with(|u| {
-        u.borrow_mut()
-            .insert(name.to_string(), (user, Instant::now()))
-    });
+    svc.users
+        .borrow_mut()
+        .insert(name.to_string(), (user, Instant::now()));
     Ok(r)
 }
 
-pub(crate) fn forget_user(name: &str) {
-    USERS.with(|u| u.borrow_mut().remove(name));
+pub(crate) fn forget_user(svc: &Svc, name: &str) {
+    svc.users.borrow_mut().remove(name);
 }
 
-pub(crate) fn sweep_users() {
-    USERS.with(|u| {
-        u.borrow_mut()
-            .retain(|_, (_, used)| used.elapsed() < USER_IDLE)
-    });
+pub(crate) fn sweep_users(svc: &Svc) {
+    svc.users
+        .borrow_mut()
+        .retain(|_, (_, used)| used.elapsed() < USER_IDLE);
 }
 
 /// Closes every user still open (the service is stopping).
-pub(crate) fn close_all() {
-    USERS.with(|u| u.borrow_mut().clear());
+pub(crate) fn close_all(svc: &Svc) {
+    svc.users.borrow_mut().clear();
 }

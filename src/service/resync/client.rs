@@ -173,7 +173,8 @@ pub(crate) type Both = (
 
 pub(crate) fn gather(ctx: &Ctx, peer: &mut Peer, user: &str) -> Result<Both, String> {
     let (id, u) = (ctx.cfg.server_id.clone(), user.to_string());
-    let local = main_call(ctx, move |svc| local_summary(svc, &u, &id))?;
+    let (mems, digests) = (ctx.memories.clone(), ctx.digests.clone());
+    let local = main_call(ctx, move |svc| local_summary(svc, &mems, &digests, &u, &id))?;
     let remote = match peer.call(
         &Req::Summary {
             user: user.to_string(),
@@ -195,7 +196,11 @@ pub(crate) fn gather(ctx: &Ctx, peer: &mut Peer, user: &str) -> Result<Both, Str
         if let Some(g) = ga {
             let u = user.to_string();
             let g2 = g.clone();
-            dl.insert(g, main_call(ctx, move |svc| local_details(svc, &u, &g2))?);
+            let mems = ctx.memories.clone();
+            dl.insert(
+                g,
+                main_call(ctx, move |svc| local_details(svc, &mems, &u, &g2))?,
+            );
         }
         if let Some(g) = gb {
             let d = peer.details(user, &g)?;

@@ -266,13 +266,18 @@ pub(crate) fn execute(
             }
             acts.push(a.clone());
         }
-        let (u, id) = (user.to_string(), ctx.cfg.server_id.clone());
+        let (u, id, mems) = (
+            user.to_string(),
+            ctx.cfg.server_id.clone(),
+            ctx.memories.clone(),
+        );
         let n = acts
             .iter()
             .filter(|a| matches!(a, Action::Save { .. }))
             .count();
-        let (changes, errors) =
-            main_call(ctx, move |svc| Ok(local_apply(svc, &u, &id, &acts, bodies)))?;
+        let (changes, errors) = main_call(ctx, move |svc| {
+            Ok(local_apply(svc, &mems, &u, &id, &acts, bodies))
+        })?;
         report.changes += changes;
         report.errors.extend(errors);
         done += n;
@@ -408,7 +413,7 @@ pub(crate) fn execute(
 mod tests {
     use super::*;
     use crate::merge::{Details, MailState};
-    use crate::service::apply::resync::now_mark;
+    use crate::service::apply::applier::now_mark;
     use crate::service::resync::gather::details_page;
     use crate::service::resync::rpc::DETAILS_PAGE;
 

@@ -2,23 +2,21 @@
 
 use crate::event::Guid128;
 use crate::merge::{self, BoxState, Details, MailState, Summary};
-use crate::service::apply::resync::parse_box;
+use crate::service::apply::applier::parse_box;
 use crate::service::apply::BodyMeta;
 use crate::service::host::dovecot::{ApplyError, Svc, User};
 use crate::service::host::users::with_user;
-use crate::service::memstore;
+use crate::service::memstore::{catch_up_locked, Memories};
 use crate::service::resync::rpc::DETAILS_PAGE;
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 /// (name, UIDVALIDITY, UIDNEXT, messages, HIGHESTMODSEQ) and the digest they had.
 pub(crate) type DigestEntry = (String, u32, u32, u32, u64, String);
 
-thread_local! {
-    /// Mailbox digests by (user, mailbox GUID), valid while name, UIDVALIDITY, UIDNEXT,
-    /// message count and HIGHESTMODSEQ are unchanged: an unchanged mailbox is not listed again.
-    static DIGESTS: RefCell<HashMap<(String, Guid128), DigestEntry>> = RefCell::new(HashMap::new());
-}
+/// Mailbox digests by (user, mailbox GUID), valid while name, UIDVALIDITY, UIDNEXT, message
+/// count and HIGHESTMODSEQ are unchanged: an unchanged mailbox is not listed again.
+pub(crate) type Digests = HashMap<(String, Guid128), DigestEntry>;
 
 pub(crate) fn mails_of(u: &User, g: &Guid128) -> Result<Vec<MailState>, String> {
     Ok(u.mails(g)
@@ -32,12 +30,18 @@ pub(crate) fn mails_of(u: &User, g: &Guid128) -> Result<Vec<MailState>, String> 
         .collect())
 }
 
-pub(crate) fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Summary, String> {
+pub(crate) fn local_summary(
+    svc: &Svc,
+    memories: &Memories,
+    digests: &Mutex<Digests>,
+    user: &str,
+    server_id: &str,
+) -> Result<Summary, String> {
     with_user(svc, user, |u| {
-        let mem = memstore::get(user);
+        let mem = memories.get(user);
         let mut mem = mem.lock().unwrap();
         if let Ok(dir) = u.journal_dir() {
-            memstore::catch_up_locked(&mut mem, &dir)?;
+            catch_up_locked(&mut mem, &dir)?;
         }
         let mut s = Summary {
             server_id: server_id.to_string(),
@@ -51,34 +55,36 @@ pub(crate) fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Su
                 continue;
             }
             let key = (user.to_string(), b.guid);
-            let cached = DIGESTS.with(|d| {
-                d.borrow().get(&key).and_then(|(n, v, next, msgs, ms, dg)| {
-                    (n == &b.name
-                        && *v == b.uidvalidity
-                        && *next == b.uidnext
-                        && *msgs == b.messages
-                        && *ms == b.highest_modseq)
-                        .then(|| dg.clone())
-                })
-            });
+            let cached = {
+                digests
+                    .lock()
+                    .unwrap()
+                    .get(&key)
+                    .and_then(|(n, v, next, msgs, ms, dg)| {
+                        (n == &b.name
+                            && *v == b.uidvalidity
+                            && *next == b.uidnext
+                            && *msgs == b.messages
+                            && *ms == b.highest_modseq)
+                            .then(|| dg.clone())
+                    })
+            };
             let digest = match cached {
                 Some(d) => d,
                 None => {
                     let mails = mails_of(u, &b.guid)?;
                     let d = merge::digest(&b.name, b.uidvalidity, &mails);
-                    DIGESTS.with(|x| {
-                        x.borrow_mut().insert(
-                            key,
-                            (
-                                b.name.clone(),
-                                b.uidvalidity,
-                                b.uidnext,
-                                b.messages,
-                                b.highest_modseq,
-                                d.clone(),
-                            ),
-                        )
-                    });
+                    digests.lock().unwrap().insert(
+                        key,
+                        (
+                            b.name.clone(),
+                            b.uidvalidity,
+                            b.uidnext,
+                            b.messages,
+                            b.highest_modseq,
+                            d.clone(),
+                        ),
+                    );
                     d
                 }
             };
@@ -108,11 +114,16 @@ pub(crate) fn local_summary(svc: &Svc, user: &str, server_id: &str) -> Result<Su
     .map_err(|e| e.to_string())?
 }
 
-pub(crate) fn local_details(svc: &Svc, user: &str, mbox: &str) -> Result<Details, String> {
+pub(crate) fn local_details(
+    svc: &Svc,
+    memories: &Memories,
+    user: &str,
+    mbox: &str,
+) -> Result<Details, String> {
     let g = parse_box(mbox)?;
     with_user(svc, user, |u| {
         let mails = mails_of(u, &g)?;
-        let mem = memstore::get(user);
+        let mem = memories.get(user);
         let mem = mem.lock().unwrap();
         let flag_marks = mem
             .flags

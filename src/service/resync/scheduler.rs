@@ -3,7 +3,7 @@
 use crate::event::Guid128;
 use crate::service::context::Ctx;
 use crate::service::host::users::with_user;
-use crate::service::memstore;
+use crate::service::memstore::catch_up_locked;
 use crate::service::resync::client::main_call;
 use crate::service::resync::control::clear_mark;
 use crate::service::resync::execute::run;
@@ -84,7 +84,7 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
         if ctx.stop.load(Ordering::Relaxed) {
             return;
         }
-        let u = user.clone();
+        let (u, mems) = (user.clone(), ctx.memories.clone());
         let found = main_call(ctx, move |svc| {
             with_user(svc, &u, |usr| {
                 let mut why = None;
@@ -95,10 +95,10 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                         mark.reasons.last().cloned().unwrap_or_default()
                     ));
                 }
-                let mem = memstore::get(&u);
+                let mem = mems.get(&u);
                 let mut mem = mem.lock().unwrap();
                 if let Some(dir) = &dir {
-                    let _ = memstore::catch_up_locked(&mut mem, dir);
+                    let _ = catch_up_locked(&mut mem, dir);
                 }
                 let mut gaps = Vec::new();
                 if let Ok(boxes) = usr.mailboxes() {
@@ -138,10 +138,10 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
         if let Some(why) = reason {
             auto_resync(ctx, &user, &why);
             // What the resync found is accounted for now.
-            let u = user.clone();
+            let (u, mems) = (user.clone(), ctx.memories.clone());
             let _ = main_call(ctx, move |svc| {
                 with_user(svc, &u, |usr| {
-                    let mem = memstore::get(&u);
+                    let mem = mems.get(&u);
                     let mut mem = mem.lock().unwrap();
                     if let Ok(boxes) = usr.mailboxes() {
                         for b in boxes.iter().filter(|b| b.exists && !b.guid.is_zero()) {

@@ -48,6 +48,7 @@ pub(crate) fn serve_req(
     blobs: Vec<Vec<u8>>,
 ) -> Result<(Reply, Vec<Vec<u8>>), String> {
     let server_id = ctx.cfg.server_id.clone();
+    let mems = ctx.memories.clone();
     let call = |f: Job| {
         ctx.main
             .call(f)
@@ -86,12 +87,15 @@ pub(crate) fn serve_req(
             e.1.extend_from_slice(&part);
             Ok((Reply::Ok, Vec::new()))
         }
-        Req::Summary { user } => call(Box::new(move |svc| {
-            local_summary(svc, &user, &server_id)
-                .map(|summary| (Reply::Summary { summary }, vec![]))
-        })),
+        Req::Summary { user } => {
+            let digests = ctx.digests.clone();
+            call(Box::new(move |svc| {
+                local_summary(svc, &mems, &digests, &user, &server_id)
+                    .map(|summary| (Reply::Summary { summary }, vec![]))
+            }))
+        }
         Req::Details { user, mbox, page } => call(Box::new(move |svc| {
-            let details = local_details(svc, &user, &mbox)?;
+            let details = local_details(svc, &mems, &user, &mbox)?;
             let (details, more) = details_page(details, page as usize);
             Ok((Reply::Details { details, more }, vec![]))
         })),
@@ -127,7 +131,8 @@ pub(crate) fn serve_req(
                 bodies.push((m, data));
             }
             call(Box::new(move |svc| {
-                let (changes, errors) = local_apply(svc, &user, &server_id, &actions, bodies);
+                let (changes, errors) =
+                    local_apply(svc, &mems, &user, &server_id, &actions, bodies);
                 Ok((Reply::Applied { changes, errors }, vec![]))
             }))
         }

@@ -263,9 +263,11 @@ impl Inbound<'_> {
             let user = name.to_string();
             let state_dir = self.ctx.cfg.state_dir.clone();
             let peer_id = self.peer_id.clone();
+            let mems = self.ctx.memories.clone();
             let outcome = self.ctx.main.call(move |svc: &Svc| {
                 apply_batch(
                     svc,
+                    &mems,
                     &user,
                     batch.records,
                     batch.bodies,

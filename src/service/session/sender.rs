@@ -12,7 +12,6 @@ use crate::service::host::users::{forget_user, with_user};
 use crate::service::limits::{
     BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, RESCAN_EVERY,
 };
-use crate::service::memstore;
 use crate::service::positions::{self, Positions};
 use crate::service::status::now_secs;
 use crate::service::transport::conn::{ConnError, FrameWriter};
@@ -430,7 +429,7 @@ impl Outbound {
                     let due = u.last_drop.is_none_or(|t| t.elapsed() >= DROP_EVERY);
                     if let (Some(dir), true) = (u.dir.clone(), due) {
                         u.last_drop = Some(Instant::now());
-                        if let Err(e) = memstore::catch_up(&user, &dir) {
+                        if let Err(e) = self.ctx.memories.catch_up(&user, &dir) {
                             log::warn!("user {user}: {e}; journal segments are kept");
                         } else if let Ok(r) = Reader::open(&dir) {
                             if let Err(e) = r.drop_below(lsn) {
@@ -476,11 +475,11 @@ fn read_part(
             }) {
                 Ok(Ok(b)) => return Ok(b),
                 Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
-                    forget_user(&who);
+                    forget_user(svc, &who);
                     fresh = true;
                 }
                 Ok(Err(e)) => {
-                    forget_user(&who);
+                    forget_user(svc, &who);
                     return Err(e);
                 }
                 Err(e) => return Err(ApplyError::Other(e.to_string())),
