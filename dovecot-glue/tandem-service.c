@@ -435,17 +435,6 @@ void tandem_svc_leave(struct tandem_svc_user *user)
 	tandem_svc_busy = FALSE;
 }
 
-/* Runs `call` (an int expression) between tandem_svc_enter() and
-   tandem_svc_leave(), for the calls that take a chunk callback. */
-#define TANDEM_SVC_USER_CALL(user, error_r, call) STMT_START { \
-	int tandem_ret; \
-	if (tandem_svc_enter(user, error_r) < 0) \
-		return TANDEM_SVC_ERROR; \
-	tandem_ret = (call); \
-	tandem_svc_leave(user); \
-	return tandem_ret; \
-} STMT_END
-
 /* ---- Errors ---- */
 
 static int tandem_svc_mail_error_code(enum mail_error error)
@@ -1316,14 +1305,13 @@ static int tandem_svc_check_uidnext(struct mailbox *box, uint32_t uid,
 /* Saves count new messages into one mailbox in ONE transaction, so that a
    backlog costs one commit (and one fsync) per batch instead of one per
    mail, as dsync does. All or nothing. */
-static int
-tandem_svc_save_real(struct tandem_svc_user *user,
-		     const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		     const struct tandem_svc_mail *mails,
-		     const unsigned char *const *bodies,
-		     const size_t *body_lens, const int *body_fds,
-		     unsigned int count, uint32_t *saved_uid_r,
-		     const char **error_r)
+int tandem_svc_save(struct tandem_svc_user *user,
+		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+		    const struct tandem_svc_mail *mails,
+		    const unsigned char *const *bodies,
+		    const size_t *body_lens, const int *body_fds,
+		    unsigned int count, uint32_t *saved_uid_r,
+		    const char **error_r)
 {
 	const char *read_error = NULL;
 	struct mailbox_transaction_context *trans;
@@ -1390,20 +1378,6 @@ tandem_svc_save_real(struct tandem_svc_user *user,
 	pool_unref(&changes.pool);
 	mailbox_free(&box);
 	return ret;
-}
-
-int tandem_svc_save(struct tandem_svc_user *user,
-		    const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-		    const struct tandem_svc_mail *mails,
-		    const unsigned char *const *bodies,
-		    const size_t *body_lens, const int *body_fds,
-		    unsigned int count, uint32_t *saved_uid_r,
-		    const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_save_real(user, mailbox_guid, mails, bodies,
-				     body_lens, body_fds, count, saved_uid_r,
-				     error_r));
 }
 
 int tandem_svc_copy(struct tandem_svc_user *user,
@@ -1628,13 +1602,12 @@ int tandem_svc_expunge(struct tandem_svc_user *user,
 
 /* ---- Reading ---- */
 
-static int
-tandem_svc_read_body_real(struct tandem_svc_user *user,
-			  const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			  uint32_t uid, uint64_t offset, uint64_t max_len,
-			  tandem_svc_chunk_cb *chunk, void *ctx,
-			  struct tandem_svc_body_info *info_r,
-			  const char **error_r)
+int tandem_svc_read_body(struct tandem_svc_user *user,
+			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
+			 uint32_t uid, uint64_t offset, uint64_t max_len,
+			 tandem_svc_chunk_cb *chunk, void *ctx,
+			 struct tandem_svc_body_info *info_r,
+			 const char **error_r)
 {
 	uoff_t full_size;
 	uint64_t passed = 0;
@@ -1748,19 +1721,6 @@ out:
 	mailbox_transaction_rollback(&trans);
 	mailbox_free(&box);
 	return ret;
-}
-
-int tandem_svc_read_body(struct tandem_svc_user *user,
-			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, uint64_t offset, uint64_t max_len,
-			 tandem_svc_chunk_cb *chunk, void *ctx,
-			 struct tandem_svc_body_info *info_r,
-			 const char **error_r)
-{
-	TANDEM_SVC_USER_CALL(user, error_r,
-		tandem_svc_read_body_real(user, mailbox_guid, uid, offset,
-					  max_len, chunk, ctx, info_r,
-					  error_r));
 }
 
 static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,

@@ -127,9 +127,7 @@ void tandem_svc_user_close(struct tandem_svc_user *user);
    the main thread the user (its ioloop context and credentials), opens a
    data stack frame and forgets the strings the previous call handed out;
    leave closes the frame and makes the main thread root again. Enter
-   fails (TANDEM_SVC_ERROR) on a closed user or from inside a callback.
-   tandem_svc_save() and tandem_svc_read_body() still enter and leave by
-   themselves. */
+   fails (TANDEM_SVC_ERROR) on a closed user or from inside a callback. */
 int tandem_svc_enter(struct tandem_svc_user *user, const char **error_r);
 void tandem_svc_leave(struct tandem_svc_user *user);
 /* The home directory, NULL if none. Valid until the user is closed. */

@@ -241,21 +241,22 @@ impl User {
         let count = u32::try_from(mails.len())
             .map_err(|_| ApplyError::Other("too many mails in one save".into()))?;
         let mut saved_uid = 0;
-        let mut error = ptr::null();
         // SAFETY: main thread; the arrays hold `mails.len()` elements and, with the strings
         // they point to, outlive the call; error is copied at once.
         unsafe {
-            let ret = raw::tandem_svc_save(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                raw_mails.as_ptr(),
-                bodies.as_ptr(),
-                lens.as_ptr(),
-                fds.as_ptr(),
-                count,
-                &mut saved_uid,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_save(
+                    user,
+                    mailbox.0.as_ptr(),
+                    raw_mails.as_ptr(),
+                    bodies.as_ptr(),
+                    lens.as_ptr(),
+                    fds.as_ptr(),
+                    count,
+                    &mut saved_uid,
+                    error,
+                )
+            });
             saved(ret, saved_uid, error)
         }
     }
@@ -389,22 +390,23 @@ impl User {
             guid: ptr::null(),
             size: 0,
         };
-        let mut error = ptr::null();
         let mut sink_ref: &mut dyn FnMut(&[u8]) = sink;
         // SAFETY: main thread; sink_ref outlives the call and is only used by on_chunk during
         // it; info and error are copied at once.
         unsafe {
-            let ret = raw::tandem_svc_read_body(
-                self.raw(),
-                mailbox.0.as_ptr(),
-                uid,
-                offset,
-                max_len,
-                Some(on_chunk),
-                (&mut sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
-                &mut info,
-                &mut error,
-            );
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_read_body(
+                    user,
+                    mailbox.0.as_ptr(),
+                    uid,
+                    offset,
+                    max_len,
+                    Some(on_chunk),
+                    (&mut sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
+                    &mut info,
+                    error,
+                )
+            });
             Ok(result(ret, error)?.then(|| BodyInfo {
                 received_date: info.received_date,
                 save_date: info.save_date,
