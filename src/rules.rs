@@ -9,7 +9,7 @@
 //!
 //! Where the old places disagreed, the function says `Disagreement:` and which side it took.
 
-use crate::event::{FlagSet, Guid128, Record};
+use crate::event::{Change, FlagSet, Guid128, Record};
 use crate::memory::{Mark, Tombstone};
 use std::collections::BTreeSet;
 
@@ -445,6 +445,16 @@ pub fn resync_survives(uid: u32, tomb: &Tombstone, survived: Option<&Mark>) -> b
 /// that `apply_batch` and `new_mail_run` step over).
 pub fn not_for_here(r: &Record, own_id: &str, user: &str) -> bool {
     r.origin == own_id || r.user != user
+}
+
+/// A change that names its mailbox by a GUID the capturing side could not read (all zeroes:
+/// a mail saved into a mailbox while another process deleted it, seen on maildir) cannot be
+/// applied by GUID anywhere: it is skipped and the user resynced, which compares what is
+/// really there. Subscriptions go by name and are unaffected.
+///
+/// Was: nowhere; the shim refused such a record as an error and the stream retried it forever.
+pub fn mailbox_unknown(r: &Record) -> bool {
+    r.mailbox_guid.is_zero() && !matches!(r.change, Change::Subscribe | Change::Unsubscribe)
 }
 
 /// A change to a mailbox that is not here: when this server deleted it, the delete wins over

@@ -51,6 +51,8 @@ pub enum Why {
     NameTaken { holder: Guid128 },
     /// The message named is not the one at its UID.
     OtherMail { uid: u32, found: String },
+    /// The change names no mailbox GUID: the capturing side could not read it.
+    MailboxUnknown,
 }
 
 impl fmt::Display for Why {
@@ -70,6 +72,9 @@ impl fmt::Display for Why {
             }
             Why::NameTaken { holder } => write!(f, "the name is mailbox {holder} here"),
             Why::OtherMail { uid, found } => write!(f, "UID {uid} holds {found}"),
+            Why::MailboxUnknown => {
+                f.write_str("the change names no mailbox GUID (unreadable where it was made)")
+            }
         }
     }
 }
@@ -175,6 +180,11 @@ impl Applier<'_> {
             let r = &batch[i];
             if rules::not_for_here(r, self.own_id, self.user) {
                 out.applied += 1;
+                i += 1;
+                continue;
+            }
+            if rules::mailbox_unknown(r) {
+                skip(r, Why::MailboxUnknown, bodies, &mut out);
                 i += 1;
                 continue;
             }

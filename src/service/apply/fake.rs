@@ -83,6 +83,10 @@ impl FakeStore {
     }
 
     fn get(&mut self, guid: &Guid128) -> Result<&mut Mailbox, StoreError> {
+        // As lib-storage through the shim: no mailbox can be looked up by a zero GUID.
+        if guid.is_zero() {
+            return Err(StoreError::Failed("Mailbox GUID is all zeroes".into()));
+        }
         self.boxes.get_mut(guid).ok_or(StoreError::NoMailbox(*guid))
     }
 

@@ -506,3 +506,25 @@ fn subscriptions_follow_the_later_change() {
     apply(&mut s, &mut mem, &[sub(30)], &mut Bodies::new());
     assert_eq!(s.subscriptions().unwrap(), ["Lists"]);
 }
+
+#[test]
+fn a_change_without_a_mailbox_guid_goes_to_the_resync_and_the_stream_goes_on() {
+    // Seen on maildir: a mail saved into a mailbox another process was deleting is journaled
+    // with no mailbox GUID. It cannot be applied by GUID; it must not hold the user's stream.
+    let mut s = store();
+    let mut mem = Memory::default();
+    let zero = Guid128([0; 16]);
+    let batch = [
+        rec(1, 10, "F2", zero, new(2, "")),
+        rec(2, 11, "INBOX", INBOX, new(1, "m1")),
+    ];
+    let mut bodies = Bodies::new();
+    bodies.insert((zero, 2), BodyState::Gone);
+    bodies.insert((INBOX, 1), body("m1"));
+    let out = apply(&mut s, &mut mem, &batch, &mut bodies);
+    assert!(out.error.is_none(), "{:?}", out.error);
+    assert_eq!(out.applied, 2);
+    assert_eq!(out.conflicts.len(), 1);
+    assert!(matches!(out.conflicts[0].why, Why::MailboxUnknown));
+    assert_eq!(guids(&mut s, &INBOX), vec![(1, "m1".to_string())]);
+}
