@@ -262,13 +262,7 @@ impl Applier<'_> {
             if !rules::uidvalidity_fits(b.uidvalidity, *uidvalidity) {
                 return false;
             }
-            let mail = NewMail {
-                uid: *uid,
-                guid: if guid.is_empty() { &body.guid } else { guid },
-                flags,
-                received_date: body.received_date,
-                save_date: body.save_date,
-            };
+            let mail = NewMail::with_body(*uid, guid, flags, body);
             mails.push((mail, body));
         }
         let uids: Vec<u32> = mails.iter().map(|(m, _)| m.uid).collect();
@@ -552,13 +546,7 @@ impl Applier<'_> {
                     bodies.remove(&key);
                     return Ok(Step::Conflict(why));
                 }
-                let mail = NewMail {
-                    uid: *uid,
-                    guid: if guid.is_empty() { &body.guid } else { guid },
-                    flags,
-                    received_date: body.received_date,
-                    save_date: body.save_date,
-                };
+                let mail = NewMail::with_body(*uid, guid, flags, body);
                 // The body stays until the save is done or given up: a retry needs it again.
                 let res = store.save(mbox, &[(mail, body)]);
                 match res {

@@ -51,6 +51,20 @@ pub struct NewMail<'a> {
     pub save_date: i64,
 }
 
+impl<'a> NewMail<'a> {
+    /// The mail `guid` (the body's own GUID when the record names none) at `uid`, with the
+    /// dates the body came with.
+    pub fn with_body(uid: u32, guid: &'a str, flags: &'a FlagSet, body: &'a Body) -> Self {
+        NewMail {
+            uid,
+            guid: if guid.is_empty() { &body.guid } else { guid },
+            flags,
+            received_date: body.received_date,
+            save_date: body.save_date,
+        }
+    }
+}
+
 /// Why a store operation did not happen.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

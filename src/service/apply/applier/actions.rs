@@ -108,13 +108,7 @@ fn save_batch<S: MailStore>(
             unreachable!("save_run checked the kind")
         };
         mbox = parse_box(m)?;
-        let mail = NewMail {
-            uid: *uid,
-            guid: if guid.is_empty() { &body.guid } else { guid },
-            flags,
-            received_date: body.received_date,
-            save_date: body.save_date,
-        };
+        let mail = NewMail::with_body(*uid, guid, flags, body);
         mails.push((mail, body));
     }
     let uids: Vec<u32> = mails.iter().map(|(m, _)| m.uid).collect();
@@ -234,13 +228,7 @@ fn apply_action<S: MailStore>(
                 ));
             }
             let flags = merge::flag_set(flags);
-            let mail = NewMail {
-                uid: *uid,
-                guid: if guid.is_empty() { &body.guid } else { guid },
-                flags: &flags,
-                received_date: body.received_date,
-                save_date: body.save_date,
-            };
+            let mail = NewMail::with_body(*uid, guid, &flags, &body);
             match store.save(&g, &[(mail, &body)]) {
                 // Saved by an earlier, interrupted run of the same plan.
                 Err(StoreError::BelowUidNext { .. })
