@@ -181,6 +181,11 @@ test-run: need-root
 	$(CARGO) test --release --no-fail-fast -- --skip pair_of_2_3_and_2_4 2>&1 | tee -a $$out || status=1; \
 	echo "== $$v: the service's unit tests (they link libdovecot)" | tee -a $$out; \
 	$(CARGO) test --release --features service --lib service:: 2>&1 | tee -a $$out || status=1; \
+	if dovecot --version | grep -q '^2\.3'; then \
+		echo "== $$v: the service's self-test (two users of two uids, threads' credentials)" | tee -a $$out; \
+		scripts/service-selftest.sh >>$$out 2>&1 || { status=1; echo "service self-test FAILED" | tee -a $$out; }; \
+		grep "selftest: .*checks passed" $$out | tail -1; \
+	fi; \
 	for f in $(TEST_FORMATS); do \
 		echo "== $$v: end-to-end on $$f" | tee -a $$out; \
 		skip="--skip random_traffic --skip format_ --skip mixed_ --skip pair_of_2_3_and_2_4"; \

@@ -11,28 +11,12 @@
    stays here only where it must be one step with the change against
    concurrent clients (a GUID at a UID, "still never held mail", UIDNEXT).
 
-   Privileges. The service runs as root and serves users of any uid, as
-   doveadm-server does, with MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP. On
-   Linux credentials belong to each thread, and only glibc's set*id()
-   wrappers change them for every thread (from a signal handler, aborting
-   the process if the result differs between threads). Rust's threads must
-   stay root, so that they can keep using the state directory, and so:
-   - this file defines setuid(), seteuid(), setgid(), setegid(),
-     setresgid(), setgroups(), initgroups() (and the rest of the family)
-     for the executable, as raw per-thread syscalls. Dovecot's libraries
-     and plugins call these instead of glibc's, so every privilege change
-     Dovecot makes (the drop at a user open, process-stat.c's seteuid(0)
-     and back, mbox's privileged group) touches the main thread only;
-   - opening a user lets Dovecot drop the main thread's privileges to the
-     user's (real, effective and saved gids and groups, effective uid), and
-     we record that and go back to root;
-   - each later call on a user activates that user's ioloop context, and
-     our callbacks on it give the main thread the recorded credentials, and
-     root's again on deactivation. Timeouts or ios that lib-storage leaves
-     on a user's context get the same switch whenever they fire.
-   So between calls every thread is root, and during a call only the main
-   thread is the user. Elsewhere than Linux credentials are per process,
-   and the other threads follow the main thread.
+   Privileges. The service runs as root and serves users of any uid, with
+   MAIL_STORAGE_SERVICE_FLAG_TEMP_PRIV_DROP; the main thread takes each
+   user's credentials during a call on that user, and every other thread
+   stays root. How, and why it takes replacing libc's set*id() family:
+   src/service/host/creds.rs. Here the user's ioloop context callbacks
+   switch the main thread through the creds_* callbacks.
 
    Loops. Applied changes must not be journaled again (DESIGN.md decision
    6): transactions carry MAILBOX_TRANSACTION_FLAG_SYNC, and each user is
@@ -42,8 +26,6 @@
    What differs between Dovecot 2.3 and 2.4 (settings, start-up, the user
    lookup) is in tandem-compat-2.3.c and tandem-compat-2.4.c. */
 
-/* getresuid(), getresgid() */
-#define _GNU_SOURCE
 #include "lib.h"
 #include "array.h"
 #include "llist.h"
@@ -68,15 +50,7 @@
 #include "mailbox-list-private.h"
 #include "tandem-service.h"
 
-#include <errno.h>
-#include <grp.h>
-#include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#ifdef __linux__
-#  include <dlfcn.h>
-#  include <sys/syscall.h>
-#endif
 
 _Static_assert(sizeof(guid_128_t) == TANDEM_SVC_GUID_SIZE,
 	       "guid_128_t size differs from TANDEM_SVC_GUID_SIZE");
@@ -91,14 +65,6 @@ _Static_assert(MAIL_FLAGS_NONRECENT == 0x1f, "MAIL_FLAGS_NONRECENT changed");
    is "for copying and appends, but nothing else"). */
 #define TANDEM_SVC_UPDATE_TRANS_FLAGS MAILBOX_TRANSACTION_FLAG_SYNC
 
-/* A thread's credentials. */
-struct tandem_creds {
-	uid_t ruid, euid, suid;
-	gid_t rgid, egid, sgid;
-	gid_t *groups;
-	int groups_count;
-};
-
 struct tandem_svc_user {
 	struct mail_storage_service_user *service_user;
 	struct mail_user *mail_user;
@@ -107,11 +73,8 @@ struct tandem_svc_user {
 	struct ioloop_context *ioloop_ctx;
 
 	/* The main thread's credentials right after Dovecot's privilege drop
-	   at open: set again for each call on the user. */
-	struct tandem_creds creds;
-	bool creds_switch;
-	/* For messages, also while mail_user is being freed. */
-	char *username;
+	   at open (from creds_capture): set again for each call on the user. */
+	void *creds;
 
 	struct tandem_svc_user *prev, *next;
 };
@@ -139,235 +102,21 @@ static bool tandem_svc_stopped;
 static struct tandem_svc_user *tandem_svc_users;
 
 /* Root's credentials (the main thread's at start-up), restored after each
-   user call. */
-static bool tandem_svc_temp_priv_drop;
-static struct tandem_creds tandem_svc_root_creds;
+   user call; NULL when not running as root. */
+static void *tandem_svc_root_creds;
 
 static const char *const tandem_svc_no_keywords[] = { NULL };
 
 /* ---- Credentials ---- */
 
-#ifdef __linux__
-/* Raw syscalls change only the calling thread's credentials (see the top of
-   the file). The 32-bit-id variants exist on 32-bit x86 and ARM only. */
-#  ifdef SYS_setresuid32
-#    define TANDEM_SYS(name) SYS_##name##32
-#  else
-#    define TANDEM_SYS(name) SYS_##name
-#  endif
-#  define TANDEM_ID(id) ((long)(unsigned long)(id))
-
-static int tandem_thread_setresuid(uid_t ruid, uid_t euid, uid_t suid)
-{
-	return syscall(TANDEM_SYS(setresuid), TANDEM_ID(ruid), TANDEM_ID(euid),
-		       TANDEM_ID(suid)) < 0 ? -1 : 0;
-}
-static int tandem_thread_setresgid(gid_t rgid, gid_t egid, gid_t sgid)
-{
-	return syscall(TANDEM_SYS(setresgid), TANDEM_ID(rgid), TANDEM_ID(egid),
-		       TANDEM_ID(sgid)) < 0 ? -1 : 0;
-}
-static int tandem_thread_setgroups(size_t count, const gid_t *groups)
-{
-	return syscall(TANDEM_SYS(setgroups), (long)count, groups) < 0 ? -1 : 0;
-}
-
-/* glibc's set*id() and setgroups() change every thread of the process: the
-   caller's, then each other thread's from a signal handler, and they abort
-   the process (setxid_error) when the result differs between threads. So
-   Dovecot's own calls, made on the main thread, would both change Rust's
-   threads and abort whenever the main thread's credentials differ from
-   theirs: e.g. restrict_access()'s setgid() at a user open after another
-   user's call, or process-stat.c's seteuid(0)/seteuid(uid) around opening
-   /proc/self/io, which mail_user_deinit() runs as the user and which left
-   every thread with the user's euid.
-
-   These definitions, in the executable, take precedence over libc's for
-   libdovecot and for plugins (the executable comes first in symbol lookup),
-   and change only the calling thread, with the kernel's own rules for each
-   call. Dovecot runs on the main thread only, so this is all it needs.
-   tandem_svc_check_overrides() checks at start-up that they are in effect. */
-int setuid(uid_t uid)
-{
-	return syscall(TANDEM_SYS(setuid), TANDEM_ID(uid)) < 0 ? -1 : 0;
-}
-int setgid(gid_t gid)
-{
-	return syscall(TANDEM_SYS(setgid), TANDEM_ID(gid)) < 0 ? -1 : 0;
-}
-int setreuid(uid_t ruid, uid_t euid)
-{
-	return syscall(TANDEM_SYS(setreuid), TANDEM_ID(ruid),
-		       TANDEM_ID(euid)) < 0 ? -1 : 0;
-}
-int setregid(gid_t rgid, gid_t egid)
-{
-	return syscall(TANDEM_SYS(setregid), TANDEM_ID(rgid),
-		       TANDEM_ID(egid)) < 0 ? -1 : 0;
-}
-int setresuid(uid_t ruid, uid_t euid, uid_t suid)
-{
-	return tandem_thread_setresuid(ruid, euid, suid);
-}
-int setresgid(gid_t rgid, gid_t egid, gid_t sgid)
-{
-	return tandem_thread_setresgid(rgid, egid, sgid);
-}
-int seteuid(uid_t euid)
-{
-	/* As glibc: -1 is not "unchanged" here. */
-	if (euid == (uid_t)-1) {
-		errno = EINVAL;
-		return -1;
-	}
-	return tandem_thread_setresuid((uid_t)-1, euid, (uid_t)-1);
-}
-int setegid(gid_t egid)
-{
-	if (egid == (gid_t)-1) {
-		errno = EINVAL;
-		return -1;
-	}
-	return tandem_thread_setresgid((gid_t)-1, egid, (gid_t)-1);
-}
-int setgroups(size_t count, const gid_t *groups)
-{
-	return tandem_thread_setgroups(count, groups);
-}
-/* glibc's initgroups() calls its internal setgroups(), not ours. */
-int initgroups(const char *user, gid_t group)
-{
-	int size = 64, count, ret;
-	gid_t *groups;
-
-	for (;;) {
-		groups = malloc(sizeof(gid_t) * (size_t)size);
-		if (groups == NULL) {
-			errno = ENOMEM;
-			return -1;
-		}
-		count = size;
-		if (getgrouplist(user, group, groups, &count) >= 0)
-			break;
-		free(groups);
-		if (size >= 65536) {
-			errno = EINVAL;
-			return -1;
-		}
-		size = count > size ? count : size * 2;
-	}
-	ret = tandem_thread_setgroups((size_t)count, groups);
-	free(groups);
-	return ret;
-}
-
-/* Every function that Dovecot 2.3's libraries import must resolve to ours
-   (the linker exports them from the executable because libdovecot imports
-   them). Without this, Rust's threads would follow the main thread to the
-   user and back, and the process could abort. setresuid(), setreuid() and
-   setregid() are overridden too, but Dovecot does not call them. */
-static void tandem_svc_check_overrides(void)
-{
-	static const char *const names[] = {
-		"setuid", "setgid", "seteuid", "setegid", "setresgid",
-		"setgroups", "initgroups",
-	};
-	Dl_info own, found;
-	unsigned int i;
-	void *fn;
-
-	/* The object this file is in: the executable. */
-	if (dladdr((void *)tandem_svc_check_overrides, &own) == 0)
-		i_fatal("tandem: dladdr() failed for tandem-service itself");
-	for (i = 0; i < N_ELEMENTS(names); i++) {
-		fn = dlsym(RTLD_DEFAULT, names[i]);
-		if (fn == NULL || dladdr(fn, &found) == 0 ||
-		    found.dli_fbase != own.dli_fbase) {
-			i_fatal("tandem: %s() resolves to libc's, not to "
-				"tandem-service's per-thread one: the "
-				"executable must export it (as the linker "
-				"does when libdovecot imports it, or with "
-				"-Wl,--export-dynamic-symbol=%s)",
-				names[i], names[i]);
-		}
-	}
-}
-#else
-/* Elsewhere credentials are per process: Rust threads then follow the main
-   thread's switches. */
-static int tandem_thread_setresuid(uid_t ruid, uid_t euid, uid_t suid)
-{
-	return setresuid(ruid, euid, suid);
-}
-static int tandem_thread_setresgid(gid_t rgid, gid_t egid, gid_t sgid)
-{
-	return setresgid(rgid, egid, sgid);
-}
-static int tandem_thread_setgroups(size_t count, const gid_t *groups)
-{
-	return setgroups(count, groups);
-}
-static void tandem_svc_check_overrides(void)
-{
-}
-#endif
-
-/* The calling thread's credentials. */
-static void tandem_creds_get(struct tandem_creds *creds_r)
-{
-	int count;
-
-	if (getresuid(&creds_r->ruid, &creds_r->euid, &creds_r->suid) < 0)
-		i_fatal("tandem: getresuid() failed: %m");
-	if (getresgid(&creds_r->rgid, &creds_r->egid, &creds_r->sgid) < 0)
-		i_fatal("tandem: getresgid() failed: %m");
-	count = getgroups(0, NULL);
-	if (count < 0)
-		i_fatal("tandem: getgroups() failed: %m");
-	creds_r->groups = i_new(gid_t, count + 1);
-	if (count > 0 && (count = getgroups(count, creds_r->groups)) < 0)
-		i_fatal("tandem: getgroups() failed: %m");
-	creds_r->groups_count = count;
-}
-
-static void tandem_creds_free(struct tandem_creds *creds)
-{
-	i_free_and_null(creds->groups);
-}
-
-/* Gives the calling (main) thread exactly these credentials: real,
-   effective and saved ids and groups. Going on with others would create
-   files with the wrong owner: better to die, as Dovecot itself does. */
-static void tandem_creds_set(const struct tandem_creds *creds,
-			     const char *whose)
-{
-	/* Effective root first (the real and saved uids stay root in both
-	   root's and a user's credentials), for the right to set the rest. */
-	if (tandem_thread_setresuid((uid_t)-1, 0, (uid_t)-1) < 0)
-		i_fatal("tandem: seteuid(0) failed: %m");
-	if (tandem_thread_setgroups((size_t)creds->groups_count,
-				    creds->groups) < 0)
-		i_fatal("tandem: setgroups(%s) failed: %m", whose);
-	if (tandem_thread_setresgid(creds->rgid, creds->egid, creds->sgid) < 0)
-		i_fatal("tandem: setresgid(%s, %s, %s) for %s failed: %m",
-			dec2str(creds->rgid), dec2str(creds->egid),
-			dec2str(creds->sgid), whose);
-	if (tandem_thread_setresuid(creds->ruid, creds->euid, creds->suid) < 0)
-		i_fatal("tandem: setresuid(%s, %s, %s) for %s failed: %m",
-			dec2str(creds->ruid), dec2str(creds->euid),
-			dec2str(creds->suid), whose);
-}
-
 static void tandem_svc_user_activated(struct tandem_svc_user *user)
 {
-	if (user->creds_switch)
-		tandem_creds_set(&user->creds, user->username);
+	tandem_svc_cb->creds_set(tandem_svc_cb_ctx, user->creds);
 }
 
-static void tandem_svc_user_deactivated(struct tandem_svc_user *user)
+static void tandem_svc_user_deactivated(struct tandem_svc_user *user ATTR_UNUSED)
 {
-	if (user->creds_switch)
-		tandem_creds_set(&tandem_svc_root_creds, "root");
+	tandem_svc_cb->creds_set(tandem_svc_cb_ctx, tandem_svc_root_creds);
 }
 
 /* Back to exactly root's credentials for the main thread: between calls,
@@ -375,8 +124,7 @@ static void tandem_svc_user_deactivated(struct tandem_svc_user *user)
    anything that may have left a user's credentials (a failed open). */
 static void tandem_svc_main_thread_root(void)
 {
-	if (tandem_svc_temp_priv_drop)
-		tandem_creds_set(&tandem_svc_root_creds, "root");
+	tandem_svc_cb->creds_set(tandem_svc_cb_ctx, tandem_svc_root_creds);
 }
 
 /* ---- Call frame: user context, credentials, returned strings ---- */
@@ -763,10 +511,8 @@ int tandem_svc_main(int argc, char **argv,
 	restrict_access_by_env(RESTRICT_ACCESS_FLAG_ALLOW_ROOT, NULL);
 	restrict_access_allow_coredumps(TRUE);
 
-	tandem_svc_temp_priv_drop = getuid() == 0;
-	tandem_creds_get(&tandem_svc_root_creds);
-	if (tandem_svc_temp_priv_drop)
-		tandem_svc_check_overrides();
+	tandem_svc_root_creds = tandem_svc_cb->creds_capture(tandem_svc_cb_ctx,
+							    "root");
 
 	tandem_svc_pool = pool_alloconly_create("tandem service", 1024);
 	tandem_svc_result_pool =
@@ -809,7 +555,7 @@ int tandem_svc_main(int argc, char **argv,
 	mail_storage_service_deinit(&tandem_svc_storage);
 	pool_unref(&tandem_svc_result_pool);
 	pool_unref(&tandem_svc_pool);
-	tandem_creds_free(&tandem_svc_root_creds);
+	tandem_svc_cb->creds_free(tandem_svc_cb_ctx, tandem_svc_root_creds);
 	master_service_deinit(&master_service);
 	return 0;
 }
@@ -873,9 +619,8 @@ int tandem_svc_user_open(const char *username,
 	mail_user->dsyncing = TRUE;
 
 	/* The main thread is still the user: remember what Dovecot chose. */
-	user->creds_switch = tandem_svc_temp_priv_drop;
-	tandem_creds_get(&user->creds);
-	user->username = i_strdup(mail_user->username);
+	user->creds = tandem_svc_cb->creds_capture(tandem_svc_cb_ctx,
+						   mail_user->username);
 
 	/* lookup_next() left the user's context active. */
 	user->ioloop_ctx = io_loop_get_current_context(current_ioloop);
@@ -916,8 +661,7 @@ void tandem_svc_user_close(struct tandem_svc_user *user)
 	mail_storage_service_user_unref(&user->service_user);
 	tandem_svc_main_thread_root();
 	DLLIST_REMOVE(&tandem_svc_users, user);
-	tandem_creds_free(&user->creds);
-	i_free(user->username);
+	tandem_svc_cb->creds_free(tandem_svc_cb_ctx, user->creds);
 	i_free(user);
 }
 

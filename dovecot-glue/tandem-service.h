@@ -88,6 +88,15 @@ struct tandem_svc_callbacks {
 	/* The ioloop stopped (SIGTERM from master, or tandem_svc_stop()). Users
 	   still open are closed after this returns. */
 	void (*stopping)(void *ctx);
+
+	/* Credentials, for the main thread only (src/service/host/creds.rs):
+	   the calling thread's, captured (NULL when there is nothing to
+	   switch: the service does not run as root); given to the main thread
+	   (NULL: nothing), which must not fail (the callee ends the process
+	   rather than go on as someone else); freed. */
+	void *(*creds_capture)(void *ctx, const char *whose);
+	void (*creds_set)(void *ctx, const void *creds);
+	void (*creds_free)(void *ctx, void *creds);
 };
 
 /* Runs the service: master_service init, settings, mail storage service,

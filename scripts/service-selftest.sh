@@ -9,7 +9,8 @@
 # and stops the Dovecot it started (by PID).
 #
 # Run as root (Dovecot's master, and mail access as uid 5000). Builds the service (debug, with
-# the test-hooks feature: production builds do not contain the self-test):
+# the test-hooks feature: production builds do not contain the self-test), unless
+# TANDEM_SERVICE_TEST_HOOKS names a test-hooks build (as in `make test`):
 #   scripts/service-selftest.sh            KEEP=1 leaves the instance running
 #   PORT_BASE=26000                        ports +143 IMAP, +24 LMTP, +25 doveadm, +400 tandem
 #   TANDEM_PLUGIN=/path/libtandem.so       also load the plugin (mail_plugins = notify tandem)
@@ -22,8 +23,12 @@ PORT_BASE=${PORT_BASE:-26000}
 KEEP=${KEEP:-}
 [[ $KEEP == 0 ]] && KEEP=""
 
-cargo build --features service,test-hooks --bin tandem-service
-SERVICE=$REPO/target/debug/tandem-service
+if [[ -n ${TANDEM_SERVICE_TEST_HOOKS:-} ]]; then
+	SERVICE=$TANDEM_SERVICE_TEST_HOOKS
+else
+	cargo build --features service,test-hooks --bin tandem-service
+	SERVICE=$REPO/target/debug/tandem-service
+fi
 
 D=$(mktemp -d /tmp/tandem-service-selftest.XXXXXX)
 MASTER_PID=""

@@ -19,9 +19,10 @@
 //!   and the C side keeps no pointer into Rust memory after a call returns.
 //! - Privileges: the process runs as root, and only the *main thread* ever becomes a user: during
 //!   [`Svc::user`] (Dovecot's own privilege drop) and each [`User`] call, and back to root after.
-//!   On Linux credentials are per thread; tandem-service.c overrides glibc's set*id() family
+//!   On Linux credentials are per thread; the executable overrides glibc's set*id() family
 //!   (which would change every thread, and abort the process when threads differ) with
-//!   per-thread versions, so Dovecot's calls never touch other threads. Threads therefore stay
+//!   per-thread versions, so Dovecot's calls never touch other threads (see
+//!   [`crate::service::host::creds`]). Threads therefore stay
 //!   root, but a thread spawned *during* a user call (e.g. from a [`User::read_body_with`]
 //!   sink) would start as the user: spawn threads between calls.
 //! - Applying never journals again (DESIGN.md decision 6): the transactions are

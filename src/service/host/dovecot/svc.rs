@@ -6,6 +6,7 @@
 use super::*;
 use crate::ffi::cstr::{opt_string, string};
 use crate::ffi::{guard, logger};
+use crate::service::host::creds;
 use crate::service::host::users::OpenUsers;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CString};
@@ -77,18 +78,12 @@ pub fn run(handler: Box<dyn Handler>) -> i32 {
         in_callback: false,
         start_failed: false,
     });
-    let callbacks = raw::tandem_svc_callbacks {
-        started: Some(on_started),
-        wakeup: Some(on_wakeup),
-        client_connected: Some(on_client_connected),
-        stopping: Some(on_stopping),
-    };
     ALIVE.with(|a| a.set(true));
     let state_ptr: *mut RunState = &mut *state;
     // SAFETY: argv is a NULL-terminated array of NUL-terminated strings that lives until the
     // process exits (process_argv), which Dovecot may rewrite; callbacks and state_ptr outlive
     // the call, and the callbacks only use state_ptr during it.
-    let ret = unsafe { raw::tandem_svc_main(argc, argv, &callbacks, state_ptr.cast()) };
+    let ret = unsafe { raw::tandem_svc_main(argc, argv, &CALLBACKS, state_ptr.cast()) };
     ALIVE.with(|a| a.set(false));
     logger::dovecot_gone();
     thread_log::flush();
@@ -133,6 +128,13 @@ unsafe extern "C" fn on_started(ctx: *mut c_void) {
     // Dovecot's log works from here on (master_service_init has run).
     guard::set_main_thread();
     thread_log::start();
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        if let Err(e) = creds::check_overrides() {
+            log::error!("Fatal: {e}");
+            std::process::exit(89);
+        }
+    }
     // SAFETY: called by tandem_svc_main with the ctx run() gave it.
     if !unsafe { with_handler(ctx, "service_started", |h, svc| h.started(svc)) } {
         log::error!("the service could not start; stopping");
@@ -178,14 +180,15 @@ unsafe extern "C" fn on_stopping(ctx: *mut c_void) {
     guard::guard("service_thread_log", (), thread_log::flush);
 }
 
-// The callbacks have the signatures bindgen read from tandem-service.h.
-const _: () = {
-    let _: raw::tandem_svc_callbacks = raw::tandem_svc_callbacks {
-        started: Some(on_started),
-        wakeup: Some(on_wakeup),
-        client_connected: Some(on_client_connected),
-        stopping: Some(on_stopping),
-    };
+/// What the shim calls back, with the signatures bindgen read from tandem-service.h.
+static CALLBACKS: raw::tandem_svc_callbacks = raw::tandem_svc_callbacks {
+    started: Some(on_started),
+    wakeup: Some(on_wakeup),
+    client_connected: Some(on_client_connected),
+    stopping: Some(on_stopping),
+    creds_capture: Some(creds::capture),
+    creds_set: Some(creds::set),
+    creds_free: Some(creds::free),
 };
 
 impl Svc {
