@@ -230,6 +230,37 @@ static void tandem_svc_forget_indexes(void)
 	mail_index_alloc_cache_destroy_unrefed();
 }
 
+/* Every mailbox (or with SELECT_SUBSCRIBED, subscribed name) of the user's
+   private namespaces. */
+static struct mailbox_list_iterate_context *
+tandem_svc_iter_init(struct tandem_svc_user *user,
+		     enum mailbox_list_iter_flags flags)
+{
+	static const char *const patterns[] = { "*", NULL };
+
+	return mailbox_list_iter_init_namespaces(
+		user->mail_user->namespaces, patterns,
+		MAIL_NAMESPACE_TYPE_PRIVATE,
+		MAILBOX_LIST_ITER_SKIP_ALIASES | flags);
+}
+
+/* Ends a listing: ret, or the listing's own failure. */
+static int tandem_svc_iter_deinit(struct tandem_svc_user *user,
+				  struct mailbox_list_iterate_context **iter,
+				  const char *what, int ret,
+				  const char **error_r)
+{
+	enum mail_error error;
+	const char *errstr;
+
+	if (mailbox_list_iter_deinit(iter) == 0 || ret != TANDEM_SVC_OK)
+		return ret;
+	errstr = mailbox_list_get_last_internal_error(
+		user->mail_user->namespaces->list, &error);
+	*error_r = tandem_svc_printf("Listing %s failed: %s", what, errstr);
+	return tandem_svc_mail_error_code(error);
+}
+
 /* Opens vname in list and checks that it has the GUID. Returns 1 (yes), 0
    (gone or another GUID now: a stale GUID cache), or an error code. */
 static int tandem_svc_box_try(struct mailbox_list *list, const char *vname,
@@ -265,16 +296,11 @@ static int tandem_svc_box_by_guid_scan(struct tandem_svc_user *user,
 				       struct mailbox **box_r,
 				       const char **error_r)
 {
-	static const char *const patterns[] = { "*", NULL };
 	struct mailbox_list_iterate_context *iter;
 	const struct mailbox_info *info;
 	int ret = 0;
 
-	iter = mailbox_list_iter_init_namespaces(
-		user->mail_user->namespaces, patterns,
-		MAIL_NAMESPACE_TYPE_PRIVATE,
-		MAILBOX_LIST_ITER_SKIP_ALIASES |
-		MAILBOX_LIST_ITER_NO_AUTO_BOXES);
+	iter = tandem_svc_iter_init(user, MAILBOX_LIST_ITER_NO_AUTO_BOXES);
 	while (ret == 0 && (info = mailbox_list_iter_next(iter)) != NULL) {
 		if ((info->flags & (MAILBOX_NOSELECT |
 				    MAILBOX_NONEXISTENT)) != 0)
@@ -340,32 +366,21 @@ static int tandem_svc_box_by_guid(struct tandem_svc_user *user,
 	return 0;
 }
 
-/* Like tandem_svc_box_by_guid(), with NO_MAILBOX for none. */
-static int tandem_svc_box_by_guid_must(struct tandem_svc_user *user,
-				       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				       struct mailbox **box_r,
-				       const char **error_r)
+/* The mailbox with this GUID, opened (NO_MAILBOX if none). With sync, it is
+   synced first: the index is shared by the service's open user and may not
+   have seen what other processes (IMAP sessions) committed since; a flag
+   removal judged against such a stale view would be skipped, and a save
+   needs the current UIDNEXT (dsync syncs before importing, too). */
+static int tandem_svc_box_open(struct tandem_svc_user *user,
+			       const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			       bool sync, struct mailbox **box_r,
+			       const char **error_r)
 {
 	int ret = tandem_svc_box_by_guid(user, guid, box_r, error_r);
 
-	return ret == 0 ? TANDEM_SVC_ERROR_NO_MAILBOX :
-		ret > 0 ? TANDEM_SVC_OK : ret;
-}
-
-/* Like tandem_svc_box_by_guid_must(), synced: the index is shared by the
-   service's open user and may not have seen what other processes (IMAP
-   sessions) committed since; a flag removal judged against such a stale
-   view would be skipped. Not for body reads: a sync per mail read costs
-   more than the read. */
-static int tandem_svc_box_synced(struct tandem_svc_user *user,
-				 const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				 struct mailbox **box_r, const char **error_r)
-{
-	int ret = tandem_svc_box_by_guid_must(user, guid, box_r, error_r);
-
-	if (ret != TANDEM_SVC_OK)
-		return ret;
-	if (mailbox_sync(*box_r, 0) < 0) {
+	if (ret <= 0)
+		return ret == 0 ? TANDEM_SVC_ERROR_NO_MAILBOX : ret;
+	if (sync && mailbox_sync(*box_r, 0) < 0) {
 		ret = tandem_svc_box_error(*box_r, "Sync", error_r);
 		mailbox_free(box_r);
 		return ret;
@@ -387,24 +402,6 @@ static int tandem_svc_box_by_name(struct tandem_svc_user *user,
 	}
 	*box_r = mailbox_alloc(ns->list, vname, TANDEM_SVC_BOX_FLAGS);
 	mailbox_skip_create_name_restrictions(*box_r, TRUE);
-	return TANDEM_SVC_OK;
-}
-
-/* Opens the mailbox by GUID for a save, copy or renumber, synced (so
-   UIDNEXT is current, as dsync does before importing). */
-static int tandem_svc_box_for_save(struct tandem_svc_user *user,
-				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
-				   struct mailbox **box_r, uint32_t *uidnext_r,
-				   const char **error_r)
-{
-	struct mailbox_status status;
-	int ret;
-
-	ret = tandem_svc_box_synced(user, guid, box_r, error_r);
-	if (ret != TANDEM_SVC_OK)
-		return ret;
-	mailbox_get_open_status(*box_r, STATUS_UIDNEXT, &status);
-	*uidnext_r = status.uidnext;
 	return TANDEM_SVC_OK;
 }
 
@@ -779,7 +776,7 @@ int tandem_svc_mailbox_delete(struct tandem_svc_user *user,
 	struct mailbox *box;
 	int ret;
 
-	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	if (mailbox_delete(box) < 0)
@@ -798,7 +795,7 @@ int tandem_svc_mailbox_rename(struct tandem_svc_user *user,
 	enum mail_error error;
 	int ret;
 
-	ret = tandem_svc_box_by_guid_must(user, guid, &box, error_r);
+	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	/* Rename unopened boxes, as dsync does: reallocate by name. */
@@ -855,7 +852,7 @@ int tandem_svc_mailbox_adopt_guid(struct tandem_svc_user *user,
 	/* Another process may have reset the mailbox meanwhile (see
 	   tandem_svc_forget_indexes()): the guard must see it. */
 	tandem_svc_forget_indexes();
-	ret = tandem_svc_box_synced(user, old_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, old_guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	mailbox_get_open_status(box, STATUS_MESSAGES | STATUS_UIDNEXT, &status);
@@ -887,7 +884,7 @@ int tandem_svc_mailbox_min_uidnext(struct tandem_svc_user *user,
 	struct mailbox *box;
 	int ret;
 
-	ret = tandem_svc_box_synced(user, guid, &box, error_r);
+	ret = tandem_svc_box_open(user, guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	/* A lower min_next_uid than the current UIDNEXT changes nothing. */
@@ -980,29 +977,32 @@ static bool tandem_svc_save_body(struct mailbox *box,
 	return !failed;
 }
 
-/* Commits a save transaction and checks that the message got wanted_uid. */
+/* Commits a save transaction and checks that its count messages got the
+   uids, in order. On a mismatch *saved_uid_r is the UID the first wrong one
+   got (0: none). */
 static int tandem_svc_commit_save(struct mailbox *box,
 				  struct mailbox_transaction_context **trans,
-				  uint32_t wanted_uid, uint32_t *saved_uid_r,
-				  const char **error_r)
+				  const uint32_t *uids, unsigned int count,
+				  uint32_t *saved_uid_r, const char **error_r)
 {
 	struct mail_transaction_commit_changes changes;
 	struct seq_range_iter iter;
-	uint32_t uid = 0;
-	int ret;
+	unsigned int i;
+	uint32_t uid;
+	int ret = TANDEM_SVC_OK;
 
 	if (mailbox_transaction_commit_get_changes(trans, &changes) < 0)
 		return tandem_svc_box_error(box, "Commit", error_r);
 	seq_range_array_iter_init(&iter, &changes.saved_uids);
-	if (!seq_range_array_iter_nth(&iter, 0, &uid))
-		uid = 0;
-	*saved_uid_r = uid;
-	if (uid == wanted_uid && seq_range_count(&changes.saved_uids) == 1)
-		ret = TANDEM_SVC_OK;
-	else {
+	for (i = 0; i <= count && ret == TANDEM_SVC_OK; i++) {
+		if (!seq_range_array_iter_nth(&iter, i, &uid))
+			uid = 0;
+		if (i == count ? uid == 0 : uid == uids[i])
+			continue;
+		*saved_uid_r = uid;
 		*error_r = tandem_svc_printf(
-			"Mailbox %s: saved as UID %u, not %u",
-			mailbox_get_vname(box), uid, wanted_uid);
+			"Mailbox %s: saved UID %u as %u", mailbox_get_vname(box),
+			i < count ? uids[i] : 0, uid);
 		ret = uid == 0 ? TANDEM_SVC_ERROR :
 			TANDEM_SVC_ERROR_UID_REASSIGNED;
 	}
@@ -1034,16 +1034,34 @@ static int tandem_svc_mail_at(struct mailbox *box, struct mail *mail,
 	return TANDEM_SVC_OK;
 }
 
-/* lib-storage silently gives a UID below UIDNEXT another one: refused, so
-   that no mail ends up under a UID nobody chose. */
-static int tandem_svc_check_uidnext(struct mailbox *box, uint32_t uid,
-				    uint32_t uidnext, const char **error_r)
+/* Opens the mailbox by GUID, synced, for count new messages with these
+   ascending uids. lib-storage silently gives a UID below UIDNEXT another
+   one: refused (BELOW_UIDNEXT), so that no mail ends up under a UID nobody
+   chose. */
+static int tandem_svc_box_for_uids(struct tandem_svc_user *user,
+				   const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+				   const uint32_t *uids, unsigned int count,
+				   struct mailbox **box_r, const char **error_r)
 {
-	if (uid >= uidnext)
-		return TANDEM_SVC_OK;
-	*error_r = tandem_svc_printf("Mailbox %s: UID %u is below UIDNEXT %u",
-				     mailbox_get_vname(box), uid, uidnext);
-	return TANDEM_SVC_ERROR_BELOW_UIDNEXT;
+	struct mailbox_status status;
+	uint32_t next;
+	unsigned int i;
+	int ret;
+
+	ret = tandem_svc_box_open(user, guid, TRUE, box_r, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	mailbox_get_open_status(*box_r, STATUS_UIDNEXT, &status);
+	for (i = 0, next = status.uidnext; i < count; next = uids[i++] + 1) {
+		if (uids[i] < next) {
+			*error_r = tandem_svc_printf(
+				"Mailbox %s: UID %u is below UIDNEXT %u",
+				mailbox_get_vname(*box_r), uids[i], next);
+			mailbox_free(box_r);
+			return TANDEM_SVC_ERROR_BELOW_UIDNEXT;
+		}
+	}
+	return TANDEM_SVC_OK;
 }
 
 /* Saves count new messages into one mailbox in ONE transaction, so that a
@@ -1059,29 +1077,19 @@ int tandem_svc_save(struct tandem_svc_user *user,
 {
 	const char *read_error = NULL;
 	struct mailbox_transaction_context *trans;
-	struct mail_transaction_commit_changes changes;
-	struct seq_range_iter iter;
+	uint32_t *uids = t_new(uint32_t, count + 1);
 	struct mailbox *box;
 	bool failed = FALSE;
-	uint32_t next, uid;
 	unsigned int i;
 	int ret;
 
 	*saved_uid_r = 0;
-	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
+	for (i = 0; i < count; i++)
+		uids[i] = mails[i].uid;
+	ret = tandem_svc_box_for_uids(user, mailbox_guid, uids, count, &box,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	for (i = 0; i < count && ret == TANDEM_SVC_OK; i++) {
-		ret = tandem_svc_check_uidnext(box, mails[i].uid, next,
-					       error_r);
-		next = mails[i].uid + 1;
-	}
-	if (ret != TANDEM_SVC_OK) {
-		mailbox_free(&box);
-		return ret;
-	}
-
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_SAVE_TRANS_FLAGS,
 					  "tandem save");
 	for (i = 0; i < count && !failed; i++) {
@@ -1097,29 +1105,10 @@ int tandem_svc_save(struct tandem_svc_user *user,
 			ret = tandem_svc_box_error(box, "Saving", error_r);
 		}
 		mailbox_transaction_rollback(&trans);
-		mailbox_free(&box);
-		return ret;
+	} else {
+		ret = tandem_svc_commit_save(box, &trans, uids, count,
+					     saved_uid_r, error_r);
 	}
-	if (mailbox_transaction_commit_get_changes(&trans, &changes) < 0) {
-		ret = tandem_svc_box_error(box, "Commit", error_r);
-		mailbox_free(&box);
-		return ret;
-	}
-	seq_range_array_iter_init(&iter, &changes.saved_uids);
-	for (i = 0; i < count; i++) {
-		if (!seq_range_array_iter_nth(&iter, i, &uid))
-			uid = 0;
-		if (uid != mails[i].uid) {
-			*error_r = tandem_svc_printf(
-				"Mailbox %s: saved UID %u as %u",
-				mailbox_get_vname(box), mails[i].uid, uid);
-			*saved_uid_r = uid;
-			ret = uid == 0 ? TANDEM_SVC_ERROR :
-				TANDEM_SVC_ERROR_UID_REASSIGNED;
-			break;
-		}
-	}
-	pool_unref(&changes.pool);
 	mailbox_free(&box);
 	return ret;
 }
@@ -1136,20 +1125,13 @@ int tandem_svc_copy(struct tandem_svc_user *user,
 	struct mailbox *box, *src_box;
 	struct mail *src_mail;
 	enum mail_error error;
-	uint32_t next;
 	int ret;
 
 	*saved_uid_r = 0;
-	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
+	ret = tandem_svc_box_for_uids(user, mailbox_guid, &mail->uid, 1, &box,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	ret = tandem_svc_check_uidnext(box, mail->uid, next, error_r);
-	if (ret != TANDEM_SVC_OK) {
-		mailbox_free(&box);
-		return ret;
-	}
-
 	ret = tandem_svc_box_by_guid(user, src_mailbox_guid, &src_box,
 				     error_r);
 	if (ret <= 0) {
@@ -1176,7 +1158,7 @@ int tandem_svc_copy(struct tandem_svc_user *user,
 				ret = TANDEM_SVC_ERROR_SOURCE_MISSING;
 			mailbox_transaction_rollback(&trans);
 		} else {
-			ret = tandem_svc_commit_save(box, &trans, mail->uid,
+			ret = tandem_svc_commit_save(box, &trans, &mail->uid, 1,
 						     saved_uid_r, error_r);
 		}
 	}
@@ -1198,19 +1180,13 @@ int tandem_svc_renumber(struct tandem_svc_user *user,
 	struct mail *mail;
 	const char *cur_guid;
 	time_t save_date;
-	uint32_t next;
 	int ret;
 
 	*saved_uid_r = 0;
-	ret = tandem_svc_box_for_save(user, mailbox_guid, &box, &next,
+	ret = tandem_svc_box_for_uids(user, mailbox_guid, &new_uid, 1, &box,
 				      error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	ret = tandem_svc_check_uidnext(box, new_uid, next, error_r);
-	if (ret != TANDEM_SVC_OK) {
-		mailbox_free(&box);
-		return ret;
-	}
 	/* A move within the mailbox, as dsync's reassign_uids_in_seq_range(),
 	   but in two transactions, like a MOVE between mailboxes: an expunge
 	   in an EXTERNAL transaction is taken as already done by the backend,
@@ -1243,8 +1219,8 @@ int tandem_svc_renumber(struct tandem_svc_user *user,
 		mailbox_transaction_rollback(&trans);
 		mailbox_transaction_rollback(&src_trans);
 	} else {
-		ret = tandem_svc_commit_save(box, &trans, new_uid, saved_uid_r,
-					     error_r);
+		ret = tandem_svc_commit_save(box, &trans, &new_uid, 1,
+					     saved_uid_r, error_r);
 		if (ret != TANDEM_SVC_OK &&
 		    ret != TANDEM_SVC_ERROR_UID_REASSIGNED)
 			mailbox_transaction_rollback(&src_trans);
@@ -1284,7 +1260,7 @@ int tandem_svc_update_flags(struct tandem_svc_user *user,
 	struct mail *mail;
 	int ret;
 
-	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	add = add_flags & MAIL_FLAGS_NONRECENT;
@@ -1322,7 +1298,7 @@ int tandem_svc_expunge(struct tandem_svc_user *user,
 	struct mail *mail;
 	int ret;
 
-	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
@@ -1348,9 +1324,9 @@ int tandem_svc_expunge(struct tandem_svc_user *user,
 
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, uint64_t offset, uint64_t max_len,
-			 tandem_svc_chunk_cb *chunk, void *ctx,
-			 struct tandem_svc_body_info *info_r,
+			 uint32_t uid, bool sync, uint64_t offset,
+			 uint64_t max_len, tandem_svc_chunk_cb *chunk,
+			 void *ctx, struct tandem_svc_body_info *info_r,
 			 const char **error_r)
 {
 	uoff_t full_size;
@@ -1368,40 +1344,25 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 
 	i_zero(info_r);
 	info_r->guid = "";
-	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
+	if (sync && mailbox_sync(box, 0) < 0) {
+		(void)mailbox_get_last_internal_error(box, &error);
+		/* Deleted meanwhile: the mail is gone with it. */
+		ret = error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_NONE :
+			tandem_svc_box_error(box, "Syncing", error_r);
+		mailbox_free(&box);
+		return ret;
+	}
 	trans = mailbox_transaction_begin(box, 0, "tandem read");
 	mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
 			  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
 			  MAIL_FETCH_RECEIVED_DATE | MAIL_FETCH_SAVE_DATE,
 			  NULL);
 	if (!mail_set_uid(mail, uid)) {
-		/* The view may predate a save just committed by another
-		   process (the doorbell rings right after it): sync once and
-		   look again before calling the mail gone. */
-		mail_free(&mail);
-		mailbox_transaction_rollback(&trans);
-		if (mailbox_sync(box, 0) < 0) {
-			enum mail_error sync_error;
-
-			(void)mailbox_get_last_internal_error(box, &sync_error);
-			/* Deleted meanwhile: the mail is gone with it. */
-			ret = sync_error == MAIL_ERROR_NOTFOUND ?
-				TANDEM_SVC_NONE :
-				tandem_svc_box_error(box, "Syncing", error_r);
-			mailbox_free(&box);
-			return ret;
-		}
-		trans = mailbox_transaction_begin(box, 0, "tandem read");
-		mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
-				  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
-				  MAIL_FETCH_RECEIVED_DATE |
-				  MAIL_FETCH_SAVE_DATE, NULL);
-		if (!mail_set_uid(mail, uid)) {
-			ret = TANDEM_SVC_NONE;
-			goto out;
-		}
+		ret = TANDEM_SVC_NONE;
+		goto out;
 	}
 	if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0 ||
 	    mail_get_received_date(mail, &received_date) < 0 ||
@@ -1467,25 +1428,6 @@ out:
 	return ret;
 }
 
-static int tandem_svc_is_subscribed(struct mailbox *box, bool *subscribed_r,
-				    const char **error_r)
-{
-	struct mailbox_list *list = mailbox_get_namespace(box)->list;
-
-	if (mailbox_list_iter_subscriptions_refresh(list) < 0) {
-		enum mail_error error;
-		const char *errstr =
-			mailbox_list_get_last_internal_error(list, &error);
-
-		*error_r = tandem_svc_printf(
-			"Mailbox %s: reading subscriptions failed: %s",
-			mailbox_get_vname(box), errstr);
-		return tandem_svc_mail_error_code(error);
-	}
-	*subscribed_r = mailbox_is_subscribed(box);
-	return TANDEM_SVC_OK;
-}
-
 /* Fills status_r for an allocated box (opening it). */
 static int tandem_svc_box_status(struct mailbox *box,
 				 struct tandem_svc_mailbox_status *status_r,
@@ -1507,8 +1449,7 @@ static int tandem_svc_box_status(struct mailbox *box,
 	status_r->uidnext = status.uidnext;
 	status_r->messages = status.messages;
 	status_r->highest_modseq = status.highest_modseq;
-	status_r->exists = TRUE;
-	return tandem_svc_is_subscribed(box, &status_r->subscribed, error_r);
+	return TANDEM_SVC_OK;
 }
 
 int tandem_svc_mailbox_status(struct tandem_svc_user *user,
@@ -1521,7 +1462,7 @@ int tandem_svc_mailbox_status(struct tandem_svc_user *user,
 
 	i_zero(status_r);
 	status_r->vname = "";
-	ret = tandem_svc_box_synced(user, guid, &box, error_r);
+	ret = tandem_svc_box_open(user, guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	ret = tandem_svc_box_status(box, status_r, error_r);
@@ -1533,22 +1474,14 @@ int tandem_svc_mailbox_list(struct tandem_svc_user *user,
 			    tandem_svc_mailbox_cb *cb, void *ctx,
 			    const char **error_r)
 {
-	static const char *const patterns[] = { "*", NULL };
 	struct mailbox_list_iterate_context *iter;
 	const struct mailbox_info *info;
 	struct tandem_svc_mailbox_status status;
 	struct mailbox *box;
-	enum mail_error error;
-	const char *errstr;
 	int ret = TANDEM_SVC_OK;
 
 	tandem_svc_forget_indexes();
-	/* The mailboxes that exist. */
-	iter = mailbox_list_iter_init_namespaces(
-		user->mail_user->namespaces, patterns,
-		MAIL_NAMESPACE_TYPE_PRIVATE,
-		MAILBOX_LIST_ITER_SKIP_ALIASES |
-		MAILBOX_LIST_ITER_NO_AUTO_BOXES);
+	iter = tandem_svc_iter_init(user, MAILBOX_LIST_ITER_NO_AUTO_BOXES);
 	while (ret == TANDEM_SVC_OK &&
 	       (info = mailbox_list_iter_next(iter)) != NULL) {
 		enum mailbox_existence existence;
@@ -1565,7 +1498,7 @@ int tandem_svc_mailbox_list(struct tandem_svc_user *user,
 			continue;
 		}
 		/* Current, not what the shared index last saw (see
-		   tandem_svc_box_synced()). */
+		   tandem_svc_box_open()). */
 		if (mailbox_sync(box, 0) < 0) {
 			ret = tandem_svc_box_error(box, "Sync", error_r);
 			mailbox_free(&box);
@@ -1578,43 +1511,7 @@ int tandem_svc_mailbox_list(struct tandem_svc_user *user,
 			ret = TANDEM_SVC_ERROR;
 		}
 	}
-	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
-		errstr = mailbox_list_get_last_internal_error(
-			user->mail_user->namespaces->list, &error);
-		*error_r = tandem_svc_printf("Listing mailboxes failed: %s",
-					     errstr);
-		ret = tandem_svc_mail_error_code(error);
-	}
-	if (ret != TANDEM_SVC_OK)
-		return ret;
-
-	/* Subscriptions to names that are not mailboxes. */
-	iter = mailbox_list_iter_init_namespaces(
-		user->mail_user->namespaces, patterns,
-		MAIL_NAMESPACE_TYPE_PRIVATE,
-		MAILBOX_LIST_ITER_SKIP_ALIASES |
-		MAILBOX_LIST_ITER_SELECT_SUBSCRIBED);
-	while (ret == TANDEM_SVC_OK &&
-	       (info = mailbox_list_iter_next(iter)) != NULL) {
-		if ((info->flags & (MAILBOX_NOSELECT |
-				    MAILBOX_NONEXISTENT)) == 0)
-			continue;
-		i_zero(&status);
-		status.vname = tandem_svc_strdup(info->vname);
-		status.subscribed = TRUE;
-		if (cb(ctx, &status) < 0) {
-			*error_r = "Mailbox listing stopped by the caller";
-			ret = TANDEM_SVC_ERROR;
-		}
-	}
-	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
-		errstr = mailbox_list_get_last_internal_error(
-			user->mail_user->namespaces->list, &error);
-		*error_r = tandem_svc_printf(
-			"Listing subscriptions failed: %s", errstr);
-		ret = tandem_svc_mail_error_code(error);
-	}
-	return ret;
+	return tandem_svc_iter_deinit(user, &iter, "mailboxes", ret, error_r);
 }
 
 int tandem_svc_mail_list(struct tandem_svc_user *user,
@@ -1632,7 +1529,7 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 	int ret;
 
 	tandem_svc_forget_indexes();
-	ret = tandem_svc_box_by_guid_must(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	if (mailbox_sync(box, 0) < 0) {
@@ -1711,7 +1608,7 @@ int tandem_svc_mail(struct tandem_svc_user *user,
 	i_zero(info_r);
 	info_r->guid = "";
 	info_r->keywords = tandem_svc_no_keywords;
-	ret = tandem_svc_box_synced(user, mailbox_guid, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
 	trans = mailbox_transaction_begin(box, 0, "tandem mail");
@@ -1740,19 +1637,12 @@ int tandem_svc_subscriptions(struct tandem_svc_user *user,
 			     tandem_svc_name_cb *cb, void *ctx,
 			     const char **error_r)
 {
-	static const char *const patterns[] = { "*", NULL };
 	struct mailbox_list_iterate_context *iter;
 	const struct mailbox_info *info;
-	enum mail_error error;
-	const char *errstr;
 	int ret = TANDEM_SVC_OK;
 
-	iter = mailbox_list_iter_init_namespaces(
-		user->mail_user->namespaces, patterns,
-		MAIL_NAMESPACE_TYPE_PRIVATE,
-		MAILBOX_LIST_ITER_SKIP_ALIASES |
-		MAILBOX_LIST_ITER_SELECT_SUBSCRIBED |
-		MAILBOX_LIST_ITER_RETURN_NO_FLAGS);
+	iter = tandem_svc_iter_init(user, MAILBOX_LIST_ITER_SELECT_SUBSCRIBED |
+				    MAILBOX_LIST_ITER_RETURN_NO_FLAGS);
 	while (ret == TANDEM_SVC_OK &&
 	       (info = mailbox_list_iter_next(iter)) != NULL) {
 		if (cb(ctx, info->vname) < 0) {
@@ -1760,14 +1650,8 @@ int tandem_svc_subscriptions(struct tandem_svc_user *user,
 			ret = TANDEM_SVC_ERROR;
 		}
 	}
-	if (mailbox_list_iter_deinit(&iter) < 0 && ret == TANDEM_SVC_OK) {
-		errstr = mailbox_list_get_last_internal_error(
-			user->mail_user->namespaces->list, &error);
-		*error_r = tandem_svc_printf(
-			"Listing subscriptions failed: %s", errstr);
-		ret = tandem_svc_mail_error_code(error);
-	}
-	return ret;
+	return tandem_svc_iter_deinit(user, &iter, "subscriptions", ret,
+				      error_r);
 }
 
 int tandem_svc_refresh(struct tandem_svc_user *user,

@@ -265,24 +265,22 @@ struct tandem_svc_body_info {
 /* Streams the message (headers and body, as stored) to chunk: at most
    max_len bytes from offset (nothing when offset is at or past the end).
    info_r->size is the whole message's size. NONE (and no chunks) if the
-   message is gone. */
+   message is gone, or with sync FALSE, not in the mailbox's view yet (a
+   sync per read costs more than the read). */
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, uint64_t offset, uint64_t max_len,
-			 tandem_svc_chunk_cb *chunk, void *ctx,
-			 struct tandem_svc_body_info *info_r,
+			 uint32_t uid, bool sync, uint64_t offset,
+			 uint64_t max_len, tandem_svc_chunk_cb *chunk,
+			 void *ctx, struct tandem_svc_body_info *info_r,
 			 const char **error_r);
 
 struct tandem_svc_mailbox_status {
 	const char *vname;
-	/* All zeroes for a subscription to a mailbox that does not exist. */
 	uint8_t guid[TANDEM_SVC_GUID_SIZE];
 	uint32_t uidvalidity;
 	uint32_t uidnext;
 	uint32_t messages;
 	uint64_t highest_modseq;
-	bool exists;
-	bool subscribed;
 };
 
 /* The status of the mailbox with this GUID (NO_MAILBOX if none). */
@@ -294,8 +292,7 @@ int tandem_svc_mailbox_status(struct tandem_svc_user *user,
 /* Returns 0 to go on, -1 to stop the iteration (which then fails). */
 typedef int tandem_svc_mailbox_cb(void *ctx,
 				  const struct tandem_svc_mailbox_status *box);
-/* Every mailbox of the user's private namespaces, then every subscription
-   to a name that is not an existing mailbox (exists = false). */
+/* Every mailbox of the user's private namespaces. */
 int tandem_svc_mailbox_list(struct tandem_svc_user *user,
 			    tandem_svc_mailbox_cb *cb, void *ctx,
 			    const char **error_r);

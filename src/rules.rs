@@ -325,7 +325,7 @@ pub fn same_name_a_wins(a: &Guid128, b: &Guid128) -> bool {
 /// higher value; the other takes it and keeps its mails (merged UID by UID as in rule 3).
 ///
 /// Was: merge.rs `both_sides`. The stream refuses a save or copy into a mailbox with another
-/// UIDVALIDITY (tandem-service.c `tandem_svc_box_for_save`) and has it resynced.
+/// UIDVALIDITY (tandem-service.c `tandem_svc_box_for_uids`) and has it resynced.
 pub fn uidvalidity_a_wins(a_messages: u32, a: u32, b_messages: u32, b: u32) -> bool {
     (a_messages, a) > (b_messages, b)
 }
@@ -333,7 +333,7 @@ pub fn uidvalidity_a_wins(a_messages: u32, a: u32, b_messages: u32, b: u32) -> b
 /// Whether a change naming UIDVALIDITY `change` may be made in a mailbox at `current`: 0 on
 /// either side means unknown.
 ///
-/// Was: tandem-service.c `tandem_svc_box_for_save` (save, copy, save_batch only).
+/// Was: tandem-service.c `tandem_svc_box_for_uids` (save, copy, save_batch only).
 ///
 /// Disagreement: flag changes and expunges also carry a UIDVALIDITY, which the shim ignored
 /// (only the GUID check guarded them). Here every message change checks it: a UID under

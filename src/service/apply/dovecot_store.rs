@@ -84,7 +84,7 @@ fn mail_info(m: dovecot::MailInfo) -> MailInfo {
 impl MailStore for DovecotStore<'_> {
     fn mailboxes(&mut self) -> Result<Vec<MailboxInfo>, StoreError> {
         let all = self.user.mailboxes().map_err(|e| common(&ANY, e))?;
-        Ok(all.into_iter().filter(|s| s.exists).map(info).collect())
+        Ok(all.into_iter().map(info).collect())
     }
 
     fn mailbox(&mut self, guid: &Guid128) -> Result<Option<MailboxInfo>, StoreError> {

@@ -47,11 +47,10 @@ pub(crate) fn local_summary(
             server_id: server_id.to_string(),
             ..Summary::default()
         };
+        let subscriptions = u.subscriptions().map_err(|e| e.to_string())?;
+        s.subscriptions.extend(subscriptions);
         for b in u.mailboxes().map_err(|e| e.to_string())? {
-            if b.subscribed {
-                s.subscriptions.insert(b.name.clone());
-            }
-            if !b.exists || b.guid.is_zero() {
+            if b.guid.is_zero() {
                 continue;
             }
             let key = (user.to_string(), b.guid);

@@ -102,7 +102,7 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                 }
                 let mut gaps = Vec::new();
                 if let Ok(boxes) = usr.mailboxes() {
-                    for b in boxes.iter().filter(|b| b.exists && !b.guid.is_zero()) {
+                    for b in boxes.iter().filter(|b| !b.guid.is_zero()) {
                         match mem.modseq.get(&b.guid) {
                             Some(m) if b.highest_modseq > *m => {
                                 gaps.push((b.guid, b.highest_modseq))
@@ -144,7 +144,7 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                     let mem = mems.get(&u);
                     let mut mem = mem.lock().unwrap();
                     if let Ok(boxes) = usr.mailboxes() {
-                        for b in boxes.iter().filter(|b| b.exists && !b.guid.is_zero()) {
+                        for b in boxes.iter().filter(|b| !b.guid.is_zero()) {
                             mem.note_modseq(&b.guid, b.highest_modseq);
                         }
                     }

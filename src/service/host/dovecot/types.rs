@@ -94,8 +94,6 @@ pub struct MailboxStatus {
     pub uidnext: u32,
     pub messages: u32,
     pub highest_modseq: u64,
-    pub exists: bool,
-    pub subscribed: bool,
 }
 
 /// One message of a mailbox listing.

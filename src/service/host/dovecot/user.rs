@@ -384,13 +384,38 @@ impl User {
         max_len: u64,
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<BodyInfo>, ApplyError> {
+        let mut sink_ref: &mut dyn FnMut(&[u8]) = sink;
+        // The mailbox's view may predate a save just committed by another process (the
+        // doorbell rings right after it): a miss is asked again after a sync before the mail is
+        // called gone. Not every read is synced: a sync costs more than the read.
+        // SAFETY: main thread (User is !Send).
+        let got =
+            unsafe { self.read_body_once(mailbox, uid, false, offset, max_len, &mut sink_ref) }?;
+        if got.is_some() {
+            return Ok(got);
+        }
+        // SAFETY: as above.
+        unsafe { self.read_body_once(mailbox, uid, true, offset, max_len, &mut sink_ref) }
+    }
+
+    /// # Safety
+    ///
+    /// Main thread (as every `User` method).
+    unsafe fn read_body_once(
+        &self,
+        mailbox: &Guid128,
+        uid: u32,
+        sync: bool,
+        offset: u64,
+        max_len: u64,
+        sink_ref: &mut &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<BodyInfo>, ApplyError> {
         let mut info = raw::tandem_svc_body_info {
             received_date: 0,
             save_date: 0,
             guid: ptr::null(),
             size: 0,
         };
-        let mut sink_ref: &mut dyn FnMut(&[u8]) = sink;
         // SAFETY: main thread; sink_ref outlives the call and is only used by on_chunk during
         // it; info and error are copied at once.
         unsafe {
@@ -399,10 +424,11 @@ impl User {
                     user,
                     mailbox.0.as_ptr(),
                     uid,
+                    sync,
                     offset,
                     max_len,
                     Some(on_chunk),
-                    (&mut sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
+                    (sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
                     &mut info,
                     error,
                 )
@@ -453,7 +479,7 @@ impl User {
         }
     }
 
-    /// Every mailbox of the user, then every subscription to a name that is not a mailbox.
+    /// Every mailbox of the user (subscriptions: [`User::subscriptions`]).
     pub fn mailboxes(&self) -> Result<Vec<MailboxStatus>, ApplyError> {
         let mut out: Vec<MailboxStatus> = Vec::new();
         // SAFETY: main thread; out outlives the call and is only used by on_mailbox during it;
@@ -569,8 +595,6 @@ fn empty_status() -> raw::tandem_svc_mailbox_status {
         uidnext: 0,
         messages: 0,
         highest_modseq: 0,
-        exists: false,
-        subscribed: false,
     }
 }
 
@@ -586,8 +610,6 @@ unsafe fn mailbox_status(status: &raw::tandem_svc_mailbox_status) -> MailboxStat
         uidnext: status.uidnext,
         messages: status.messages,
         highest_modseq: status.highest_modseq,
-        exists: status.exists,
-        subscribed: status.subscribed,
     }
 }
 
