@@ -1,6 +1,7 @@
 //! The replication protocol's two ends: [`sender`] streams this server's journals to the peer,
 //! [`receiver`] takes the peer's and has them applied.
 
+pub mod bodies;
 #[cfg(feature = "service")]
 pub mod journals;
 pub mod receive;
@@ -9,3 +10,5 @@ pub mod receiver;
 pub mod send;
 #[cfg(feature = "service")]
 pub mod sender;
+#[cfg(test)]
+mod testing;

@@ -15,13 +15,14 @@ use crate::codec::Msg;
 use crate::event::JournalId;
 use crate::event::{Change, Guid128, Record};
 use crate::journal::format::encoded_len;
-use crate::service::apply::spool::{Spool, SpoolDir, SPOOL_MEMORY};
+use crate::service::apply::spool::SpoolDir;
 use crate::service::apply::BodyBuf;
 use crate::service::limits::{
-    BATCH_RECORDS, BODY_PATIENCE, MAX_APPLY_BACKOFF, MAX_BODIES_HELD, MAX_BODY, MAX_QUEUED_BYTES,
-    MAX_SPOOL_BYTES, MAX_USER_QUEUE,
+    BATCH_RECORDS, BODY_PATIENCE, MAX_APPLY_BACKOFF, MAX_QUEUED_BYTES, MAX_USER_QUEUE,
 };
 use crate::service::positions::Position;
+use crate::service::session::bodies::{Bodies, Taken};
+pub use crate::service::session::bodies::{BodyChunk, BodyKey};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,22 +118,6 @@ struct Stream {
     waiting: Option<((Guid128, u32), Instant)>,
 }
 
-/// A body's user, mailbox GUID and UID.
-pub type BodyKey = (String, Guid128, u32);
-
-/// A chunk of a body from the peer: `data` is the body's bytes at `offset`, of `total`.
-#[derive(Clone, Copy, Debug)]
-pub struct BodyChunk<'a> {
-    pub mailbox_guid: Guid128,
-    pub uid: u32,
-    pub guid: &'a str,
-    pub received_date: i64,
-    pub save_date: i64,
-    pub total: u64,
-    pub offset: u64,
-    pub data: &'a [u8],
-}
-
 /// The receiving side of one connection from the peer.
 #[derive(Debug)]
 pub struct Receiver {
@@ -140,14 +125,10 @@ pub struct Receiver {
     peer_id: String,
     max_ahead: Duration,
     users: HashMap<String, Stream>,
-    bodies: HashMap<BodyKey, BodyBuf>,
-    /// Bodies a previous connection left incomplete, until their records come again: then
-    /// they resume where they end.
-    partials: HashMap<BodyKey, BodyBuf>,
-    spool_dir: Option<Arc<SpoolDir>>,
+    bodies: Bodies,
 }
 
-fn log(level: log::Level, msg: String, shown: bool) -> Action {
+pub(super) fn log(level: log::Level, msg: String, shown: bool) -> Action {
     Action::Log { level, msg, shown }
 }
 
@@ -160,9 +141,7 @@ impl Receiver {
             peer_id: peer_id.to_string(),
             max_ahead,
             users: HashMap::new(),
-            bodies: HashMap::new(),
-            partials: HashMap::new(),
-            spool_dir: None,
+            bodies: Bodies::default(),
         }
     }
 
@@ -310,16 +289,13 @@ impl Receiver {
             if let Change::New { uid, guid, .. } = &r.change {
                 // A body a previous connection left incomplete resumes where it ends.
                 let key = (user.to_string(), r.mailbox_guid, *uid);
-                if let Some(p) = self.partials.remove(&key) {
-                    if guid.is_empty() || *guid == p.guid {
-                        actions.push(Action::Send(Msg::NeedBody {
-                            user: user.to_string(),
-                            mailbox_guid: r.mailbox_guid,
-                            uid: *uid,
-                            offset: p.data.len(),
-                        }));
-                        self.bodies.insert(key, p);
-                    }
+                if let Some(offset) = self.bodies.resume(key, guid) {
+                    actions.push(Action::Send(Msg::NeedBody {
+                        user: user.to_string(),
+                        mailbox_guid: r.mailbox_guid,
+                        uid: *uid,
+                        offset,
+                    }));
                 }
             }
             u.queue.push_back(Queued {
@@ -376,113 +352,22 @@ impl Receiver {
 
     /// Takes a chunk of a body. `Err` is a protocol violation (the connection goes).
     pub fn on_body(&mut self, user: &str, c: BodyChunk<'_>) -> Result<Vec<Action>, String> {
-        let BodyChunk {
-            mailbox_guid,
-            uid,
-            guid,
-            received_date,
-            save_date,
-            total,
-            offset,
-            data,
-        } = c;
+        let (mailbox_guid, uid) = (c.mailbox_guid, c.uid);
         // Bodies follow their records: a body no queued record asks for is not kept, so what
         // a peer can make us hold is bounded by the queues.
         if !self.wants_body(user, mailbox_guid, uid) {
             return Ok(Vec::new());
         }
-        let key = (user.to_string(), mailbox_guid, uid);
-        // Where this chunk goes: bodies resume where the copy held here ends (the receiver
-        // asks with that offset), so a chunk may overlap what is held (trimmed), lie wholly
-        // below it (dropped), or come after a hole (dropped: the body is asked for again).
-        let mut restart = false;
-        let skip = match self.bodies.get(&key) {
-            Some(b) if b.gone || b.total != total || b.guid != guid => {
-                // Another body under this key (a mailbox recreated with its GUID reuses
-                // UIDs, or the mail changed): begin again from 0.
-                if offset != 0 {
-                    self.bodies.remove(&key);
-                    return Ok(vec![Action::Send(Msg::NeedBody {
-                        user: user.to_string(),
-                        mailbox_guid,
-                        uid,
-                        offset: 0,
-                    })]);
+        match self.bodies.take(user, c) {
+            Taken::Kept => {
+                if let Some(u) = self.users.get_mut(user) {
+                    u.need_body.remove(&(mailbox_guid, uid));
                 }
-                restart = true;
-                0
+                Ok(Vec::new())
             }
-            Some(b) if offset <= b.data.len() => b.data.len() - offset,
-            Some(_) => return Ok(Vec::new()),
-            None if offset == 0 => 0,
-            None => return Ok(Vec::new()),
-        };
-        if skip > 0 && skip >= data.len() as u64 {
-            return Ok(Vec::new());
+            Taken::Dropped => Ok(Vec::new()),
+            Taken::Refused(action) => Ok(vec![action]),
         }
-        let data = &data[skip as usize..];
-        let (mut mem, mut disk) = (0, 0);
-        for (k, b) in self.bodies.iter().chain(self.partials.iter()) {
-            if *k != key {
-                mem += b.data.in_memory();
-                disk += b.data.on_disk();
-            }
-        }
-        let have = match self.bodies.get(&key) {
-            Some(b) if !restart => b.data.len(),
-            _ => 0,
-        };
-        let after = have + data.len() as u64;
-        let fits = if self.spool_dir.is_some() && after > SPOOL_MEMORY as u64 {
-            disk + after <= MAX_SPOOL_BYTES
-        } else {
-            mem + after <= MAX_BODIES_HELD
-        };
-        if total > MAX_BODY || !fits {
-            // Not kept now: the record asks for it again once it is next in line.
-            self.bodies.remove(&key);
-            return Ok(vec![log(
-                log::Level::Warn,
-                format!(
-                    "user {user}: body of uid {uid} ({total} bytes) does not fit in the \
-                     receiving buffers now; it will be asked for again"
-                ),
-                false,
-            )]);
-        }
-        // No reservation from the announced size: memory and disk follow the bytes received.
-        let dir = self.spool_dir.clone();
-        let b = self.bodies.entry(key.clone()).or_insert_with(|| BodyBuf {
-            data: Spool::new(dir),
-            total,
-            guid: guid.to_string(),
-            received_date,
-            save_date,
-            gone: false,
-        });
-        if restart {
-            b.data.clear();
-            b.total = total;
-            b.gone = false;
-            b.guid = guid.to_string();
-            b.received_date = received_date;
-            b.save_date = save_date;
-        }
-        if let Err(e) = b.data.append(data) {
-            self.bodies.remove(&key);
-            return Ok(vec![log(
-                log::Level::Warn,
-                format!(
-                    "user {user}: cannot spool the body of uid {uid}: {e}; it will be asked \
-                     for again"
-                ),
-                true,
-            )]);
-        }
-        if let Some(u) = self.users.get_mut(user) {
-            u.need_body.remove(&(mailbox_guid, uid));
-        }
-        Ok(Vec::new())
     }
 
     /// The sender found the mail gone (expunged, or its mailbox deleted): its record is
@@ -491,18 +376,7 @@ impl Receiver {
         if !self.wants_body(user, mailbox_guid, uid) {
             return;
         }
-        let b = self
-            .bodies
-            .entry((user.to_string(), mailbox_guid, uid))
-            .or_insert_with(|| BodyBuf {
-                data: Spool::default(),
-                total: 0,
-                guid: String::new(),
-                received_date: 0,
-                save_date: 0,
-                gone: true,
-            });
-        b.gone = true;
+        self.bodies.gone((user.to_string(), mailbox_guid, uid));
         if let Some(u) = self.users.get_mut(user) {
             u.need_body.remove(&(mailbox_guid, uid));
         }
@@ -553,11 +427,11 @@ impl Receiver {
                 let key = (user.to_string(), r.mailbox_guid, *uid);
                 let wants_body = from.is_none()
                     || u.need_body.contains(&(r.mailbox_guid, *uid))
-                    || self.bodies.contains_key(&key);
+                    || self.bodies.held.contains_key(&key);
                 if wants_body {
-                    match self.bodies.get(&key) {
+                    match self.bodies.held.get(&key) {
                         Some(b) if b.complete() => {
-                            let b = self.bodies.remove(&key).unwrap();
+                            let b = self.bodies.held.remove(&key).unwrap();
                             batch.bodies.insert((r.mailbox_guid, *uid), b);
                         }
                         _ => break,
@@ -591,12 +465,12 @@ impl Receiver {
             Some((k, _)) if k == key => {
                 // What is held of it stays: the sender resumes where it ends.
                 let bkey = (user.to_string(), key.0, key.1);
-                let offset = match self.bodies.get(&bkey) {
+                let offset = match self.bodies.held.get(&bkey) {
                     Some(b) if !b.gone => b.data.len(),
                     _ => 0,
                 };
                 if offset == 0 {
-                    self.bodies.remove(&bkey);
+                    self.bodies.held.remove(&bkey);
                 }
                 u.waiting = Some((key, now));
                 Next::Wait(Some(Msg::NeedBody {
@@ -617,7 +491,7 @@ impl Receiver {
     pub fn applied(&mut self, user: &str, done: Done, now: Instant) -> AfterBatch {
         let mut after = AfterBatch::default();
         for ((g, uid), b) in done.unused_bodies {
-            self.bodies.insert((user.to_string(), g, uid), b);
+            self.bodies.held.insert((user.to_string(), g, uid), b);
         }
         let Some(u) = self.users.get_mut(user) else {
             return after;
@@ -686,44 +560,30 @@ impl Receiver {
 
     /// Body bytes held, all users together.
     pub fn body_bytes(&self) -> u64 {
-        self.bodies.values().map(|b| b.data.len()).sum()
+        self.bodies.bytes()
     }
 
     /// Body bytes held in spool files, all users together.
     pub fn body_bytes_on_disk(&self) -> u64 {
-        self.bodies.values().map(|b| b.data.on_disk()).sum()
+        self.bodies.bytes_on_disk()
     }
 
     /// The bodies this connection leaves incomplete (some bytes, not all), for the next
-    /// connection to resume with [`Receiver::adopt_partials`]. Those it adopted itself and
-    /// no record claimed are not carried on.
+    /// connection to resume with [`Receiver::adopt_partials`].
     pub fn take_partials(&mut self) -> Vec<(BodyKey, BodyBuf)> {
-        self.partials.clear();
-        let keys: Vec<BodyKey> = self
-            .bodies
-            .iter()
-            .filter(|(_, b)| !b.gone && !b.data.is_empty() && !b.complete())
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| self.bodies.remove(&k).map(|b| (k, b)))
-            .collect()
+        self.bodies.take_partials()
     }
 
     /// Takes bodies a previous connection left incomplete: when their records come, the
     /// sender is asked to resume them where they end.
     pub fn adopt_partials(&mut self, partials: Vec<(BodyKey, BodyBuf)>) {
-        for (k, b) in partials {
-            if !self.bodies.contains_key(&k) {
-                self.partials.insert(k, b);
-            }
-        }
+        self.bodies.adopt_partials(partials);
     }
 
     /// Bodies longer than [`SPOOL_MEMORY`] go to unnamed files in `dir` (without, they are
     /// held in memory).
     pub fn spool_in(&mut self, dir: Arc<SpoolDir>) {
-        self.spool_dir = Some(dir);
+        self.bodies.spool_in(dir);
     }
 }
 

@@ -160,33 +160,13 @@ impl Inbound<'_> {
                         .on_records(&user, journal_id, records, crate::clock::now_ms());
                 self.carry_out(actions, wr)
             }
-            Msg::Body {
-                user,
-                mailbox_guid,
-                uid,
-                guid,
-                received_date,
-                save_date,
-                total,
-                offset,
-                data,
-            } => {
-                let actions = self
-                    .rx
-                    .on_body(
-                        &user,
-                        BodyChunk {
-                            mailbox_guid,
-                            uid,
-                            guid: &guid,
-                            received_date,
-                            save_date,
-                            total,
-                            offset,
-                            data: &data,
-                        },
-                    )
-                    .map_err(ConnError::Protocol)?;
+            m @ Msg::Body { .. } => {
+                let actions = match BodyChunk::of(&m) {
+                    Some((user, chunk)) => {
+                        self.rx.on_body(user, chunk).map_err(ConnError::Protocol)?
+                    }
+                    None => Vec::new(),
+                };
                 self.carry_out(actions, wr)
             }
             Msg::BodyGone {

@@ -2,31 +2,14 @@
 //! network that loses connections and stalls users.
 
 use super::*;
-use crate::event::{Change, FlagSet, Stamp};
 use crate::service::session::receive::{self, Done, Next, Receiver};
+use crate::service::session::testing::{flags_of, new_mail_of, INBOX, JID};
 use proptest::prelude::*;
 use std::time::Duration;
 
-const JID: JournalId = JournalId([7; 16]);
-const INBOX: Guid128 = Guid128([1; 16]);
-
+/// `user`'s record `lsn` on this server ("a").
 fn flags(user: &str, lsn: u64) -> Record {
-    Record {
-        lsn,
-        stamp: Stamp::from_parts(1_000_000 + lsn, 0),
-        origin: "a".into(),
-        user: user.into(),
-        mailbox: "INBOX".into(),
-        mailbox_guid: INBOX,
-        modseq: 0,
-        change: Change::Flags {
-            uidvalidity: 1,
-            uid: 1,
-            guid: String::new(),
-            added: FlagSet::new(crate::event::sysflag::SEEN, []),
-            removed: FlagSet::default(),
-        },
-    }
+    flags_of("a", user, lsn)
 }
 
 fn start() -> Position {
@@ -224,46 +207,13 @@ enum Op {
 }
 
 fn new_mail(user: &str, lsn: u64, uid: u32) -> Record {
-    Record {
-        change: Change::New {
-            uidvalidity: 1,
-            uid,
-            guid: format!("g{uid}"),
-            flags: FlagSet::default(),
-            from: None,
-        },
-        ..flags(user, lsn)
-    }
+    new_mail_of("a", user, lsn, uid)
 }
 
 /// Hands a body frame to the receiver; the body bytes it carried.
 fn deliver_body(rx: &mut Receiver, m: Msg) -> (u64, Vec<receive::Action>) {
-    match m {
-        Msg::Body {
-            user,
-            mailbox_guid,
-            uid,
-            guid,
-            received_date,
-            save_date,
-            total,
-            offset,
-            data,
-        } => {
-            let chunk = receive::BodyChunk {
-                mailbox_guid,
-                uid,
-                guid: &guid,
-                received_date,
-                save_date,
-                total,
-                offset,
-                data: &data,
-            };
-            (data.len() as u64, rx.on_body(&user, chunk).unwrap())
-        }
-        other => panic!("{other:?}"),
-    }
+    let (user, chunk) = receive::BodyChunk::of(&m).unwrap_or_else(|| panic!("{m:?}"));
+    (chunk.data.len() as u64, rx.on_body(user, chunk).unwrap())
 }
 
 #[test]
