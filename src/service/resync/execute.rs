@@ -2,10 +2,11 @@
 
 use crate::merge::{self, Action, Plan};
 use crate::service::apply::resync::local_apply;
-use crate::service::apply::BodyMeta;
+use crate::service::apply::{BodyMeta, Spool};
 use crate::service::context::Ctx;
 use crate::service::resync::client::{gather, main_call, Peer};
 use crate::service::resync::gather::local_bodies;
+use crate::service::resync::parts::pair_bodies;
 use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS, STAGE_ABOVE};
 use crate::service::resync::{CHUNK_BYTES, CHUNK_MAILS, LOCAL_CHUNK_MAILS};
 use crate::service::transport::dial::{close, dial};
@@ -179,24 +180,6 @@ pub(crate) fn jitter(attempt: u32) -> u64 {
     50 + (r % 250) * attempt.min(3) as u64
 }
 
-/// The bodies of a `bodies` answer by UID. Blobs come only for the mails found, one per
-/// `Some` of `found`, in order: a mail that is gone takes no blob. (Taking one anyway shifted
-/// every later body onto the wrong mail: the convergence soak caught it.)
-pub(crate) fn pair_bodies(
-    uids: &[u32],
-    found: Vec<Option<BodyMeta>>,
-    blobs: Vec<Vec<u8>>,
-) -> Vec<(u32, (BodyMeta, Vec<u8>))> {
-    let mut blobs = blobs.into_iter();
-    let mut out = Vec::new();
-    for (uid, f) in uids.iter().zip(found) {
-        let Some(meta) = f else { continue };
-        let Some(data) = blobs.next() else { break };
-        out.push((*uid, (meta, data)));
-    }
-    out
-}
-
 /// A chunk of one side's actions, with the bodies its saves need.
 pub(crate) fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     let mut out = Vec::new();
@@ -246,9 +229,9 @@ pub(crate) fn execute(
                 by_box.entry(src_mbox).or_default().push(*src_uid);
             }
         }
-        let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
+        let mut fetched: HashMap<(String, u32), (BodyMeta, Spool)> = HashMap::new();
         for (mbox, uids) in by_box {
-            for (uid, body) in peer.bodies(user, mbox, &uids)? {
+            for (uid, body) in peer.bodies(user, mbox, &uids, ctx.spool_dir.clone())? {
                 fetched.insert((mbox.to_string(), uid), body);
             }
         }
@@ -417,15 +400,6 @@ mod tests {
     use crate::service::resync::gather::details_page;
     use crate::service::resync::rpc::DETAILS_PAGE;
 
-    fn meta(guid: &str) -> BodyMeta {
-        BodyMeta {
-            received_date: 0,
-            save_date: 0,
-            guid: guid.into(),
-            staged: false,
-        }
-    }
-
     #[test]
     fn details_pages_cover_a_large_mailbox_once_each_and_stay_small() {
         let n = DETAILS_PAGE * 2 + 17;
@@ -501,19 +475,5 @@ mod tests {
             .count()
             <= 4));
         assert_eq!(got.iter().map(|c| c.len()).sum::<usize>(), actions.len());
-    }
-
-    #[test]
-    fn a_missing_body_takes_no_blob() {
-        let got = pair_bodies(
-            &[1, 2, 3],
-            vec![Some(meta("g1")), None, Some(meta("g3"))],
-            vec![b"one".to_vec(), b"three".to_vec()],
-        );
-        let got: Vec<(u32, &str, &[u8])> = got
-            .iter()
-            .map(|(u, (m, d))| (*u, m.guid.as_str(), d.as_slice()))
-            .collect();
-        assert_eq!(got, vec![(1, "g1", &b"one"[..]), (3, "g3", &b"three"[..])]);
     }
 }

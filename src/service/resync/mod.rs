@@ -17,6 +17,7 @@ pub mod client;
 pub mod control;
 pub mod execute;
 pub mod gather;
+pub mod parts;
 pub mod rpc;
 pub mod scheduler;
 pub mod server;
