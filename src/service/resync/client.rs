@@ -7,7 +7,7 @@ use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
 use crate::service::resync::gather::{local_details, local_summary};
 use crate::service::resync::parts::{Incoming, UidBody};
-use crate::service::resync::rpc::{Reply, Req, RPC_BODY_BYTES};
+use crate::service::resync::rpc::{Reply, Req};
 use crate::service::resync::RPC_TIMEOUT;
 use crate::service::transport::conn::{ConnError, FrameReader, FrameWriter};
 use std::collections::BTreeMap;
@@ -108,18 +108,20 @@ impl Peer {
         Ok(inc.done)
     }
 
-    /// Sends a body too large for one frame in parts, for a later Apply to take.
-    pub(crate) fn stage(&mut self, guid: &str, data: &[u8]) -> Result<(), String> {
-        let total = data.len() as u64;
-        for (i, part) in data.chunks(RPC_BODY_BYTES).enumerate() {
-            let req = Req::Stage {
-                guid: guid.to_string(),
-                total,
-                offset: (i * RPC_BODY_BYTES) as u64,
-            };
-            self.call(&req, vec![part.to_vec()])?;
-        }
-        Ok(())
+    /// Sends one part of a body too large for one frame, for a later Apply to take.
+    pub(crate) fn stage_part(
+        &mut self,
+        guid: &str,
+        total: u64,
+        offset: u64,
+        part: Vec<u8>,
+    ) -> Result<(), String> {
+        let req = Req::Stage {
+            guid: guid.to_string(),
+            total,
+            offset,
+        };
+        self.call(&req, vec![part]).map(|_| ())
     }
 }
 

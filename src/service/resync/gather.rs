@@ -195,6 +195,28 @@ pub(crate) fn local_bodies(
     .map_err(|e| e.to_string())?
 }
 
+/// At most `max` bytes of the body at `uid` from `offset`, with its metadata and whole size;
+/// `None` if the mail (or its mailbox) is gone.
+pub(crate) fn local_body_part(
+    svc: &Svc,
+    user: &str,
+    mbox: &str,
+    uid: u32,
+    offset: u64,
+    max: u64,
+) -> Result<Option<(BodyMeta, u64, Vec<u8>)>, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| match u.read_body_part(&g, uid, offset, max) {
+        Ok(Some(b)) => {
+            let total = b.info.size;
+            Ok(Some((meta_of(b.info), total, b.data)))
+        }
+        Ok(None) | Err(ApplyError::NoMailbox(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    })
+    .map_err(|e| e.to_string())?
+}
+
 fn meta_of(info: BodyInfo) -> BodyMeta {
     BodyMeta {
         received_date: info.received_date,

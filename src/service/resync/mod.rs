@@ -18,6 +18,7 @@ pub mod control;
 pub mod execute;
 pub mod gather;
 pub mod parts;
+pub mod push;
 pub mod rpc;
 pub mod scheduler;
 pub mod server;
