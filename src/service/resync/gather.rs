@@ -206,13 +206,15 @@ pub(crate) fn local_body_part(
     max: u64,
 ) -> Result<Option<(BodyMeta, u64, Vec<u8>)>, String> {
     let g = parse_box(mbox)?;
-    with_user(svc, user, |u| match u.read_body_part(&g, uid, offset, max) {
-        Ok(Some(b)) => {
-            let total = b.info.size;
-            Ok(Some((meta_of(b.info), total, b.data)))
+    with_user(svc, user, |u| {
+        match u.read_body_part(&g, uid, offset, max) {
+            Ok(Some(b)) => {
+                let total = b.info.size;
+                Ok(Some((meta_of(b.info), total, b.data)))
+            }
+            Ok(None) | Err(ApplyError::NoMailbox(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
-        Ok(None) | Err(ApplyError::NoMailbox(_)) => Ok(None),
-        Err(e) => Err(e.to_string()),
     })
     .map_err(|e| e.to_string())?
 }

@@ -40,7 +40,9 @@ impl Assembly {
     pub(crate) fn put(&mut self, offset: u64, part: &[u8]) -> Result<(), String> {
         let held = self.data.len();
         if offset > held {
-            return Err(format!("part at byte {offset}, but only {held} bytes came before"));
+            return Err(format!(
+                "part at byte {offset}, but only {held} bytes came before"
+            ));
         }
         let end = offset + part.len() as u64;
         if end > self.total {
@@ -271,7 +273,10 @@ mod tests {
         a.put(30, &want[30..60]).unwrap();
         assert_eq!(a.held(), 60);
         assert!(a.put(61, &want[61..70]).unwrap_err().contains("only 60"));
-        assert!(a.put(60, &bytes(41, 1)).unwrap_err().contains("past the announced"));
+        assert!(a
+            .put(60, &bytes(41, 1))
+            .unwrap_err()
+            .contains("past the announced"));
         assert_eq!(a.held(), 60);
         a.put(60, &want[60..]).unwrap();
         assert!(a.complete());
@@ -332,25 +337,45 @@ mod tests {
     #[test]
     fn a_body_in_parts_that_vanishes_or_stalls_on_the_peer_is_dropped_or_refused() {
         let mut inc = Incoming::new(None);
-        inc.take(&[5, 6], vec![Some(meta("g5"))], Some(10), vec![b"01234".to_vec()])
-            .unwrap();
+        inc.take(
+            &[5, 6],
+            vec![Some(meta("g5"))],
+            Some(10),
+            vec![b"01234".to_vec()],
+        )
+        .unwrap();
         // Gone now: the answer starts with the next mail.
         let n = inc
-            .take(&[5, 6], vec![None, Some(meta("g6"))], None, vec![b"six".to_vec()])
+            .take(
+                &[5, 6],
+                vec![None, Some(meta("g6"))],
+                None,
+                vec![b"six".to_vec()],
+            )
             .unwrap();
         assert_eq!(n, 2);
         assert_eq!(inc.done.len(), 1);
         assert_eq!(inc.done[0].0, 6);
 
         let mut inc = Incoming::new(None);
-        inc.take(&[5], vec![Some(meta("g5"))], Some(10), vec![b"01234".to_vec()])
-            .unwrap();
+        inc.take(
+            &[5],
+            vec![Some(meta("g5"))],
+            Some(10),
+            vec![b"01234".to_vec()],
+        )
+        .unwrap();
         let e = inc
             .take(&[5], vec![Some(meta("g5"))], Some(10), vec![Vec::new()])
             .unwrap_err();
         assert!(e.contains("no more of uid 5"), "{e}");
         let e = Incoming::new(None)
-            .take(&[7], vec![Some(meta("g7"))], Some(MAX_STAGED + 1), vec![b"x".to_vec()])
+            .take(
+                &[7],
+                vec![Some(meta("g7"))],
+                Some(MAX_STAGED + 1),
+                vec![b"x".to_vec()],
+            )
             .unwrap_err();
         assert!(e.contains("larger than this server takes"), "{e}");
         let e = Incoming::new(None)
@@ -366,13 +391,31 @@ mod tests {
         let big = bytes(2 * SPOOL_MEMORY + 3, 9);
         let mut st = Staged::default();
         let half = big.len() / 2;
-        st.put("g".into(), big.len() as u64, 0, &big[..half], Some(dir.clone()))
-            .unwrap();
+        st.put(
+            "g".into(),
+            big.len() as u64,
+            0,
+            &big[..half],
+            Some(dir.clone()),
+        )
+        .unwrap();
         assert!(st.take("g").is_err(), "not whole yet");
-        st.put("g".into(), big.len() as u64, 0, &big[..half], Some(dir.clone()))
-            .unwrap();
-        st.put("g".into(), big.len() as u64, half as u64, &big[half..], Some(dir.clone()))
-            .unwrap();
+        st.put(
+            "g".into(),
+            big.len() as u64,
+            0,
+            &big[..half],
+            Some(dir.clone()),
+        )
+        .unwrap();
+        st.put(
+            "g".into(),
+            big.len() as u64,
+            half as u64,
+            &big[half..],
+            Some(dir.clone()),
+        )
+        .unwrap();
         let s = st.take("g").unwrap();
         assert!(s.fd().is_some());
         assert_eq!(s, big[..]);
@@ -390,7 +433,9 @@ mod tests {
         assert!(st.put("h".into(), 12, 2, b"23", None).is_err());
 
         // Bounds: the announced size, the bytes held, the bodies held.
-        let e = st.put("x".into(), MAX_STAGED + 1, 0, b"", None).unwrap_err();
+        let e = st
+            .put("x".into(), MAX_STAGED + 1, 0, b"", None)
+            .unwrap_err();
         assert!(e.contains("larger than this server holds"), "{e}");
         st.clear();
         for i in 0..MAX_STAGED_BODIES {

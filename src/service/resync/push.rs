@@ -201,8 +201,9 @@ fn read_ahead(
         None => vec![uid],
     };
     let (u, m, l) = (user.to_string(), mbox.to_string(), list.clone());
-    let (found, blobs, partial) =
-        main_call(ctx, move |svc| local_bodies(svc, &u, &m, &l, 0, STAGE_ABOVE))?;
+    let (found, blobs, partial) = main_call(ctx, move |svc| {
+        local_bodies(svc, &u, &m, &l, 0, STAGE_ABOVE)
+    })?;
     let mut covered = found.len();
     let mut got = pair_bodies(&list[..covered.min(list.len())], found, blobs);
     let mut large = None;
