@@ -90,8 +90,10 @@ pub(crate) const STAGE_ABOVE: usize = RPC_BODY_BYTES;
 /// The most body bytes one connection may have staged at once (in spool files past their
 /// first MiB), and the largest body a resync moves.
 pub(crate) const MAX_STAGED: u64 = 1 << 30;
-/// The most bodies one connection may have staged at once: each holds a file open. (This
-/// side stages one at a time and applies it at once.)
-pub(crate) const MAX_STAGED_BODIES: usize = 16;
+/// The most bodies one connection may have staged at once (each past its first MiB holds a
+/// file open): as many as [`MAX_STAGED`] holds of bodies large enough to be staged, so that a
+/// peer that stages several before its Apply (as earlier versions did) stays within it. This
+/// side stages one at a time and applies it at once.
+pub(crate) const MAX_STAGED_BODIES: usize = (MAX_STAGED / STAGE_ABOVE as u64) as usize;
 /// The most actions in one Apply, whatever their kind.
 pub(crate) const CHUNK_ACTIONS: usize = 5_000;
