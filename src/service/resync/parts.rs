@@ -194,7 +194,7 @@ impl Staged {
                 "more than {MAX_STAGED_BODIES} bodies staged at once"
             ));
         }
-        if offset > 0 && !self.bodies.get(&guid).is_some_and(|a| a.total == total) {
+        if offset > 0 && self.bodies.get(&guid).is_none_or(|a| a.total != total) {
             self.bodies.remove(&guid);
             return Err(format!(
                 "staged part of body {guid} at byte {offset}, but its staging did not begin \
