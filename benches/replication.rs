@@ -12,8 +12,13 @@
 //!   comparing identical stores (`tandem verify`) against a `doveadm sync` with nothing to do.
 //!
 //! - one 100 MB mail streamed to the peer: the time, and the peak RSS (VmHWM) of the sending
-//!   and the receiving tandem-service, which read, spool and save bodies in bounded chunks.
-//!   `TANDEM_BENCH_ONLY=large-body` runs only this case.
+//!   and the receiving tandem-service, which read, spool and save bodies in bounded chunks;
+//! - one 100 MB mail that only A has (saved behind Tandem's back) brought to B by
+//!   `tandem resync`, run on B (B fetches it in parts) and on A (A stages it on B in slices):
+//!   the resync's time and the peak RSS of both services.
+//!
+//!   `TANDEM_BENCH_ONLY=large-body` runs only these three cases, `TANDEM_BENCH_ONLY=large-resync`
+//!   only the two resync ones.
 //!
 //! A measurement, not a test: nothing asserts on time. Writes the table to stdout; `make bench`
 //! also keeps it in target/bench-replication.txt for docs/benchmarks.md.
@@ -126,9 +131,18 @@ fn main() {
         println!("replication bench: skipped, it must run as root (it starts Dovecot masters)");
         return;
     }
-    if std::env::var("TANDEM_BENCH_ONLY").as_deref() == Ok("large-body") {
-        let (m, t) = large_body();
-        println!("\n| measure | Tandem |\n|---|---|\n| {m} | {t} |");
+    let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
+    if only == "large-body" || only == "large-resync" {
+        let mut rows = Vec::new();
+        if only == "large-body" {
+            rows.push(large_body());
+        }
+        rows.push(large_resync(true));
+        rows.push(large_resync(false));
+        println!("\n| measure | Tandem |\n|---|---|");
+        for (m, t) in &rows {
+            println!("| {m} | {t} |");
+        }
         return;
     }
     let samples = env_number("TANDEM_BENCH_LAG_SAMPLES", 100);
@@ -418,8 +432,9 @@ fn main() {
             dsync_noop.as_secs_f64()
         ),
     ));
-    let (m, t) = large_body();
-    rows.push((m, t, "-".into()));
+    for (m, t) in [large_body(), large_resync(true), large_resync(false)] {
+        rows.push((m, t, "-".into()));
+    }
     println!("\n| measure | Tandem | doveadm sync |\n|---|---|---|");
     for (m, t, d) in &rows {
         println!("| {m} | {t} | {d} |");
@@ -462,6 +477,45 @@ fn large_body() -> (String, String) {
         format!(
             "{:.2} s{}; peak RSS of tandem-service: sending {} MB, receiving {} MB",
             took.as_secs_f64(),
+            if arrived { "" } else { " (NOT ARRIVED)" },
+            service_peak_kb(&pair.a) / 1024,
+            service_peak_kb(&pair.b) / 1024
+        ),
+    )
+}
+
+/// One 100 MB mail that only A has, brought to B by `tandem resync` run on B (`pull`) or on A:
+/// the resync's time and both services' peak RSS.
+fn large_resync(pull: bool) -> (String, String) {
+    const SIZE: usize = 100_000_000;
+    let how = if pull { "fetched by B" } else { "pushed by A" };
+    eprintln!("replication bench: one 100 MB mail by resync, {how}...");
+    let pair = Pair::start(if pull {
+        "bench-resync-pull"
+    } else {
+        "bench-resync-push"
+    });
+    until(Duration::from_secs(60), || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    pair.a.doveadm_unjournaled_stdin(
+        &["save", "-u", "alice", "-m", "INBOX"],
+        &message("a 100 MB mail for a resync", SIZE),
+    );
+    let run = if pull {
+        pair.b.tandem_resync("alice")
+    } else {
+        pair.a.tandem_resync("alice")
+    };
+    let mut b = pair.b.login("alice");
+    let arrived = run.code == 0 && messages_in_inbox(&mut b) >= 1;
+    (
+        format!("resync one 100 MB mail, {how}"),
+        format!(
+            "{:.2} s{}; peak RSS of tandem-service: A (sending) {} MB, B (receiving) {} MB",
+            run.took.as_secs_f64(),
             if arrived { "" } else { " (NOT ARRIVED)" },
             service_peak_kb(&pair.a) / 1024,
             service_peak_kb(&pair.b) / 1024

@@ -1,7 +1,8 @@
 //! Sizes no frame can hold: a 30 MB mail and a folder of 150,000 mails, seeded onto an empty
 //! server by `tandem resync`, then repaired by a second resync after changes made behind
 //! Tandem's back. Every answer of the peer's resync protocol is paged or sent in parts, so
-//! neither the mail's size nor the folder's can make a resync fail.
+//! neither the mail's size nor the folder's can make a resync fail. A 100 MB mail, streamed
+//! or resynced either way, costs the services far less memory than its size.
 
 mod common;
 
@@ -157,6 +158,20 @@ fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
     eprintln!("large: all done in {:?}", t.elapsed());
 }
 
+/// The peak RSS (VmHWM, kB) of the instance's tandem-service.
+fn service_peak_kb(dc: &common::Dovecot) -> u64 {
+    common::child_pids(dc, "tandem-service")
+        .iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// A mail far over the spool's memory part streams to the peer: the receiving service holds
 /// it in an unnamed file under its state directory and lib-storage saves it from there, so
 /// the receiving service's peak memory stays far below the mail's size, as does the sending
@@ -176,19 +191,7 @@ fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
     drop(big);
     let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(300));
     assert_eq!(s.mails.len(), 1);
-    let peak = |dc: &common::Dovecot| -> u64 {
-        common::child_pids(dc, "tandem-service")
-            .iter()
-            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .filter_map(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .max()
-            .unwrap_or(0)
-    };
-    let (peak_a, peak_b) = (peak(&pair.a), peak(&pair.b));
+    let (peak_a, peak_b) = (service_peak_kb(&pair.a), service_peak_kb(&pair.b));
     eprintln!(
         "large-stream: peak RSS (VmHWM) of tandem-service: sending {} MB, receiving {} MB",
         peak_a / 1024,
@@ -217,6 +220,90 @@ fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
     assert!(spool.is_dir(), "no spool directory at {}", spool.display());
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
     pair.b.assert_log_clean();
+}
+
+/// A 100 MB mail that only A has (saved behind Tandem's back) reaches B by `tandem resync`,
+/// run on B (`pull`: B fetches it in parts into its spool, A reads it a part at a time) or on
+/// A (A reads it and stages it on B a slice at a time, B stages it in its spool). Both
+/// services stay far below the mail's size; over IMAP, B's copy has A's size and bytes.
+fn a_100_mb_mail_by_resync(name: &str, pull: bool) {
+    const SIZE: usize = 100_000_000;
+    let pair = Pair::start(name);
+    wait_for(Duration::from_secs(60), "both services connected", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    pair.a.doveadm_unjournaled_stdin(
+        &["save", "-u", USER, "-m", "INBOX"],
+        &message("a 100 MB mail for a resync", SIZE),
+    );
+    let (runner, other) = if pull {
+        (&pair.b, &pair.a)
+    } else {
+        (&pair.a, &pair.b)
+    };
+    let run = runner.tandem_resync(USER);
+    eprintln!("{name}: resync: exit {} in {:?}", run.code, run.took);
+    run.expect_code(0);
+    assert!(
+        run.resync_changes(USER).is_some_and(|n| n > 0),
+        "{}",
+        run.stdout
+    );
+    let (peak_run, peak_other) = (service_peak_kb(runner), service_peak_kb(other));
+    eprintln!(
+        "{name}: peak RSS (VmHWM) of tandem-service: {} MB where the resync ran, {} MB on \
+         the peer",
+        peak_run / 1024,
+        peak_other / 1024
+    );
+    for (peak, side) in [(peak_run, "running the resync"), (peak_other, "serving it")] {
+        assert!(
+            peak > 0 && peak < 64 * 1024,
+            "the service {side} peaked at {peak} kB for a {SIZE} byte mail"
+        );
+    }
+    let (mut imap_a, mut imap_b) = (pair.a.login(USER), pair.b.login(USER));
+    imap_a.select("INBOX");
+    imap_b.select("INBOX");
+    let size_a = imap_a.uid_fetch("1:*", "(RFC822.SIZE)");
+    let size_b = imap_b.uid_fetch("1:*", "(RFC822.SIZE)");
+    assert_eq!(size_a.len(), 1, "{size_a:?}");
+    assert_eq!(size_b.len(), 1, "{size_b:?}");
+    let rfc822_size = |l: &str| -> u64 {
+        let i = l.find("RFC822.SIZE ").unwrap() + 12;
+        l[i..].split([' ', ')']).next().unwrap().parse().unwrap()
+    };
+    let n = rfc822_size(&size_a[0]);
+    assert!(n >= SIZE as u64, "{} on a", size_a[0]);
+    assert_eq!(rfc822_size(&size_b[0]), n, "{} on b", size_b[0]);
+    let uid = |l: &str| -> u32 {
+        let i = l.find("UID ").unwrap() + 4;
+        l[i..].split([' ', ')']).next().unwrap().parse().unwrap()
+    };
+    let body_a = imap_a.fetch_message(uid(&size_a[0]));
+    let body_b = imap_b.fetch_message(uid(&size_b[0]));
+    assert_eq!(body_a.len() as u64, n);
+    assert!(body_a == body_b, "the mail differs on b");
+    // Unnamed: no spool file is left with a name on the side that took the mail in.
+    let spool = pair.b.dir().join("tandem-state").join("spool");
+    assert!(spool.is_dir(), "no spool directory at {}", spool.display());
+    assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+    pair.a.assert_log_clean();
+    pair.b.assert_log_clean();
+}
+
+/// B runs the resync and fetches the mail from A.
+#[test]
+fn a_100_mb_mail_fetched_by_resync_goes_through_the_spool() {
+    a_100_mb_mail_by_resync("large-resync-pull", true);
+}
+
+/// A runs the resync and pushes the mail to B.
+#[test]
+fn a_100_mb_mail_pushed_by_resync_is_staged_in_slices() {
+    a_100_mb_mail_by_resync("large-resync-push", false);
 }
 
 /// The link dies while a 40 MB mail is half across: the receiving service keeps what arrived

@@ -1,5 +1,6 @@
 //! What every thread of the service shares.
 
+use crate::service::apply::spool::SpoolDir;
 use crate::service::apply::BodyBuf;
 use crate::service::config::Config;
 use crate::service::host::dovecot::Svc;
@@ -42,6 +43,9 @@ pub(crate) struct Shared_ {
     pub(crate) memories: Arc<Memories>,
     /// Mailbox digests of the last verify or resync, by user and mailbox.
     pub(crate) digests: Arc<Mutex<Digests>>,
+    /// Where bodies past their first MiB wait on their way in, streamed or resynced;
+    /// `None` when it cannot be opened (logged): then they are held in memory.
+    pub(crate) spool_dir: Option<Arc<SpoolDir>>,
 }
 
 pub(crate) type Ctx = Arc<Shared_>;

@@ -2,6 +2,7 @@
 //! callbacks, and starts the threads.
 
 use crate::registry;
+use crate::service::apply::spool::SpoolDir;
 use crate::service::config::config;
 use crate::service::context::{Ctx, Shared_};
 use crate::service::host::dovecot::{self, Handler, Svc};
@@ -110,6 +111,13 @@ impl Handler for Service {
             partial_bodies: Mutex::new(Vec::new()),
             memories: Arc::new(Memories::new(&cfg.state_dir)),
             digests: Arc::default(),
+            spool_dir: match SpoolDir::open(&cfg.state_dir.join("spool")) {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    log::warn!("no spool directory, bodies are held in memory: {e}");
+                    None
+                }
+            },
         });
         let (rings_tx, rings_rx) = bounded(RING_QUEUE);
 

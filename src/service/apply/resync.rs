@@ -3,13 +3,14 @@
 use crate::merge::Action;
 use crate::service::apply::applier::Applier;
 use crate::service::apply::dovecot_store::DovecotStore;
-use crate::service::apply::{Body, BodyMeta};
+use crate::service::apply::{Body, BodyMeta, Spool};
 use crate::service::host::dovecot::Svc;
 use crate::service::host::users::{forget_user, with_user};
 use crate::service::memstore::Memories;
 use std::collections::{BTreeSet, VecDeque};
 
-/// Executes actions here, in order. Saves take `bodies` in order. Returns how many changes
+/// Executes actions here, in order. Saves take `bodies` in order (a spooled one is saved
+/// from its file). Returns how many changes
 /// were made and what failed (the rest goes on: a later resync retries what failed).
 pub(crate) fn local_apply(
     svc: &Svc,
@@ -17,7 +18,7 @@ pub(crate) fn local_apply(
     user: &str,
     server_id: &str,
     actions: &[Action],
-    bodies: Vec<(BodyMeta, Vec<u8>)>,
+    bodies: Vec<(BodyMeta, Spool)>,
 ) -> (u64, Vec<String>) {
     let bodies: VecDeque<Body> = bodies
         .into_iter()
@@ -25,7 +26,7 @@ pub(crate) fn local_apply(
             guid: meta.guid,
             received_date: meta.received_date,
             save_date: meta.save_date,
-            data: data.into(),
+            data,
         })
         .collect();
     let none = |_: &_| BTreeSet::new();

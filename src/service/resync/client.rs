@@ -2,15 +2,16 @@
 
 use crate::codec::Msg;
 use crate::merge::{self, Details, Summary};
-use crate::service::apply::BodyMeta;
+use crate::service::apply::spool::SpoolDir;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
-use crate::service::resync::execute::pair_bodies;
 use crate::service::resync::gather::{local_details, local_summary};
-use crate::service::resync::rpc::{Reply, Req, MAX_STAGED, RPC_BODY_BYTES};
+use crate::service::resync::parts::{Incoming, UidBody};
+use crate::service::resync::rpc::{Reply, Req};
 use crate::service::resync::RPC_TIMEOUT;
 use crate::service::transport::conn::{ConnError, FrameReader, FrameWriter};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) struct Peer {
@@ -56,9 +57,6 @@ impl Peer {
     }
 }
 
-/// A mail's UID with its body's metadata and bytes.
-pub(crate) type UidBody = (u32, (BodyMeta, Vec<u8>));
-
 impl Peer {
     /// A mailbox's details, page by page.
     fn details(&mut self, user: &str, mbox: &str) -> Result<Details, String> {
@@ -82,75 +80,48 @@ impl Peer {
         Ok(all)
     }
 
-    /// The bodies of `uids` that the peer still has, in as many requests as their sizes take.
+    /// The bodies of `uids` that the peer still has, in as many requests as their sizes take,
+    /// each in a spool (in `dir`, past its first MiB) as it arrives.
     pub(crate) fn bodies(
         &mut self,
         user: &str,
         mbox: &str,
         uids: &[u32],
+        dir: Option<Arc<SpoolDir>>,
     ) -> Result<Vec<UidBody>, String> {
-        let mut out = Vec::new();
+        let mut inc = Incoming::new(dir);
         let mut next = 0;
-        // A body arriving in parts: its UID, metadata and what came so far.
-        let mut part: Option<(u32, BodyMeta, Vec<u8>)> = None;
         while next < uids.len() {
             let ask = &uids[next..uids.len().min(next + 64)];
-            let offset = part.as_ref().map_or(0, |(_, _, d)| d.len() as u64);
             let req = Req::Bodies {
                 user: user.to_string(),
                 mbox: mbox.to_string(),
                 uids: ask.to_vec(),
-                offset,
+                offset: inc.offset(),
             };
             let (reply, blobs) = self.call(&req, vec![])?;
             let Reply::Bodies { found, partial } = reply else {
                 return Err("the peer answered a bodies request with something else".into());
             };
-            if found.is_empty() || found.len() > ask.len() {
-                return Err("the peer answered a bodies request with no progress".into());
-            }
-            next += found.len();
-            let mut got = pair_bodies(&ask[..found.len()], found, blobs);
-            if let Some((uid, meta, mut data)) = part.take() {
-                // The rest of the body that came in parts comes first; if it is gone now, so
-                // is what came of it.
-                if got.first().is_some_and(|(u, _)| *u == uid) {
-                    let (_, (_, rest)) = got.remove(0);
-                    data.extend_from_slice(&rest);
-                    got.insert(0, (uid, (meta, data)));
-                }
-            }
-            if let Some(total) = partial {
-                if let Some((uid, (meta, data))) = got.pop() {
-                    if (data.len() as u64) < total {
-                        if total > MAX_STAGED {
-                            return Err(format!("uid {uid} is larger than this server takes"));
-                        }
-                        // Asked for again, from where this part ends.
-                        next -= 1;
-                        part = Some((uid, meta, data));
-                    } else {
-                        got.push((uid, (meta, data)));
-                    }
-                }
-            }
-            out.extend(got);
+            next += inc.take(ask, found, partial, blobs)?;
         }
-        Ok(out)
+        Ok(inc.done)
     }
 
-    /// Sends a body too large for one frame in parts, for a later Apply to take.
-    pub(crate) fn stage(&mut self, guid: &str, data: &[u8]) -> Result<(), String> {
-        let total = data.len() as u64;
-        for (i, part) in data.chunks(RPC_BODY_BYTES).enumerate() {
-            let req = Req::Stage {
-                guid: guid.to_string(),
-                total,
-                offset: (i * RPC_BODY_BYTES) as u64,
-            };
-            self.call(&req, vec![part.to_vec()])?;
-        }
-        Ok(())
+    /// Sends one part of a body too large for one frame, for a later Apply to take.
+    pub(crate) fn stage_part(
+        &mut self,
+        guid: &str,
+        total: u64,
+        offset: u64,
+        part: Vec<u8>,
+    ) -> Result<(), String> {
+        let req = Req::Stage {
+            guid: guid.to_string(),
+            total,
+            offset,
+        };
+        self.call(&req, vec![part]).map(|_| ())
     }
 }
 

@@ -2,12 +2,12 @@
 
 use crate::merge::{self, Action, Plan};
 use crate::service::apply::resync::local_apply;
-use crate::service::apply::BodyMeta;
+use crate::service::apply::{BodyMeta, Spool};
 use crate::service::context::Ctx;
 use crate::service::resync::client::{gather, main_call, Peer};
-use crate::service::resync::gather::local_bodies;
-use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS, STAGE_ABOVE};
-use crate::service::resync::{CHUNK_BYTES, CHUNK_MAILS, LOCAL_CHUNK_MAILS};
+use crate::service::resync::push::push;
+use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS};
+use crate::service::resync::{CHUNK_MAILS, LOCAL_CHUNK_MAILS};
 use crate::service::transport::dial::{close, dial};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -179,24 +179,6 @@ pub(crate) fn jitter(attempt: u32) -> u64 {
     50 + (r % 250) * attempt.min(3) as u64
 }
 
-/// The bodies of a `bodies` answer by UID. Blobs come only for the mails found, one per
-/// `Some` of `found`, in order: a mail that is gone takes no blob. (Taking one anyway shifted
-/// every later body onto the wrong mail: the convergence soak caught it.)
-pub(crate) fn pair_bodies(
-    uids: &[u32],
-    found: Vec<Option<BodyMeta>>,
-    blobs: Vec<Vec<u8>>,
-) -> Vec<(u32, (BodyMeta, Vec<u8>))> {
-    let mut blobs = blobs.into_iter();
-    let mut out = Vec::new();
-    for (uid, f) in uids.iter().zip(found) {
-        let Some(meta) = f else { continue };
-        let Some(data) = blobs.next() else { break };
-        out.push((*uid, (meta, data)));
-    }
-    out
-}
-
 /// A chunk of one side's actions, with the bodies its saves need.
 pub(crate) fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     let mut out = Vec::new();
@@ -246,9 +228,9 @@ pub(crate) fn execute(
                 by_box.entry(src_mbox).or_default().push(*src_uid);
             }
         }
-        let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
+        let mut fetched: HashMap<(String, u32), (BodyMeta, Spool)> = HashMap::new();
         for (mbox, uids) in by_box {
-            for (uid, body) in peer.bodies(user, mbox, &uids)? {
+            for (uid, body) in peer.bodies(user, mbox, &uids, ctx.spool_dir.clone())? {
                 fetched.insert((mbox.to_string(), uid), body);
             }
         }
@@ -286,127 +268,8 @@ pub(crate) fn execute(
             progress(&format!("user {user}: saved here {done}/{total_local}"));
         }
     }
-    // ... then the peer, with bodies from here, where merged mailboxes have their new GUIDs
-    // and renumbered mails their new UIDs.
-    let adopted: HashMap<&str, &str> = plan
-        .local
-        .iter()
-        .filter_map(|a| match a {
-            Action::Adopt { from, to, .. } => Some((from.as_str(), to.as_str())),
-            _ => None,
-        })
-        .collect();
-    let moved: HashMap<(&str, u32), u32> = plan
-        .local
-        .iter()
-        .filter_map(|a| match a {
-            Action::Renumber { mbox, uid, to, .. } => Some(((mbox.as_str(), *uid), *to)),
-            _ => None,
-        })
-        .collect();
-    let here = |src_mbox: &str, src_uid: u32| -> (String, u32) {
-        let b = adopted.get(src_mbox).copied().unwrap_or(src_mbox);
-        let uid = moved.get(&(b, src_uid)).copied().unwrap_or(src_uid);
-        (b.to_string(), uid)
-    };
-
-    let total_remote = plan
-        .remote
-        .iter()
-        .filter(|a| matches!(a, Action::Save { .. }))
-        .count();
-    let mut done = 0;
-    for chunk in chunks(&plan.remote, CHUNK_MAILS) {
-        let mut wanted: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        for a in chunk {
-            if let Action::Save {
-                src_mbox, src_uid, ..
-            } = a
-            {
-                let (b, at) = here(src_mbox, *src_uid);
-                wanted.entry(b).or_default().push(at);
-            }
-        }
-        let mut fetched: HashMap<(String, u32), (BodyMeta, Vec<u8>)> = HashMap::new();
-        for (mbox, uids) in wanted {
-            let (u, m, list) = (user.to_string(), mbox.clone(), uids.clone());
-            let (found, blobs, _) = main_call(ctx, move |svc| {
-                local_bodies(svc, &u, &m, &list, 0, usize::MAX)
-            })?;
-            for (uid, body) in pair_bodies(&uids, found, blobs) {
-                fetched.insert((mbox.clone(), uid), body);
-            }
-        }
-        // Sent in pieces of bounded size; the order of actions is kept.
-        let mut acts = Vec::new();
-        let mut meta = Vec::new();
-        let mut blobs = Vec::new();
-        let mut bytes = 0usize;
-        let mut flush = |peer: &mut Peer,
-                         acts: &mut Vec<Action>,
-                         meta: &mut Vec<BodyMeta>,
-                         blobs: &mut Vec<Vec<u8>>,
-                         bytes: &mut usize|
-         -> Result<(), String> {
-            if acts.is_empty() {
-                return Ok(());
-            }
-            let n = acts
-                .iter()
-                .filter(|a| matches!(a, Action::Save { .. }))
-                .count();
-            let (reply, _) = peer.call(
-                &Req::Apply {
-                    user: user.to_string(),
-                    actions: std::mem::take(acts),
-                    meta: std::mem::take(meta),
-                },
-                std::mem::take(blobs),
-            )?;
-            *bytes = 0;
-            if let Reply::Applied { changes, errors } = reply {
-                report.changes += changes;
-                report
-                    .errors
-                    .extend(errors.into_iter().map(|e| format!("on the peer: {e}")));
-            }
-            done += n;
-            if total_remote > 0 {
-                progress(&format!(
-                    "user {user}: saved on the peer {done}/{total_remote}"
-                ));
-            }
-            Ok(())
-        };
-        for a in chunk {
-            if let Action::Save {
-                src_mbox, src_uid, ..
-            } = a
-            {
-                match fetched.remove(&here(src_mbox, *src_uid)) {
-                    Some((mut m, d)) if d.len() > STAGE_ABOVE => {
-                        // Too large for one frame: sent ahead in parts, taken by its GUID.
-                        flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
-                        peer.stage(&m.guid, &d)?;
-                        m.staged = true;
-                        meta.push(m);
-                    }
-                    Some((m, d)) => {
-                        bytes += d.len();
-                        meta.push(m);
-                        blobs.push(d);
-                    }
-                    None => continue,
-                }
-            }
-            acts.push(a.clone());
-            if bytes >= CHUNK_BYTES || acts.len() >= CHUNK_ACTIONS {
-                flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
-            }
-        }
-        flush(peer, &mut acts, &mut meta, &mut blobs, &mut bytes)?;
-    }
-    Ok(())
+    // ... then the peer, with bodies from here.
+    push(ctx, peer, user, plan, report, progress)
 }
 
 #[cfg(test)]
@@ -416,15 +279,6 @@ mod tests {
     use crate::service::apply::applier::now_mark;
     use crate::service::resync::gather::details_page;
     use crate::service::resync::rpc::DETAILS_PAGE;
-
-    fn meta(guid: &str) -> BodyMeta {
-        BodyMeta {
-            received_date: 0,
-            save_date: 0,
-            guid: guid.into(),
-            staged: false,
-        }
-    }
 
     #[test]
     fn details_pages_cover_a_large_mailbox_once_each_and_stay_small() {
@@ -501,19 +355,5 @@ mod tests {
             .count()
             <= 4));
         assert_eq!(got.iter().map(|c| c.len()).sum::<usize>(), actions.len());
-    }
-
-    #[test]
-    fn a_missing_body_takes_no_blob() {
-        let got = pair_bodies(
-            &[1, 2, 3],
-            vec![Some(meta("g1")), None, Some(meta("g3"))],
-            vec![b"one".to_vec(), b"three".to_vec()],
-        );
-        let got: Vec<(u32, &str, &[u8])> = got
-            .iter()
-            .map(|(u, (m, d))| (*u, m.guid.as_str(), d.as_slice()))
-            .collect();
-        assert_eq!(got, vec![(1, "g1", &b"one"[..]), (3, "g3", &b"three"[..])]);
     }
 }

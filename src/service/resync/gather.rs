@@ -4,7 +4,7 @@ use crate::event::Guid128;
 use crate::merge::{self, BoxState, Details, MailState, Summary};
 use crate::service::apply::applier::parse_box;
 use crate::service::apply::BodyMeta;
-use crate::service::host::dovecot::{ApplyError, Svc, User};
+use crate::service::host::dovecot::{ApplyError, BodyInfo, Svc, User};
 use crate::service::host::users::with_user;
 use crate::service::memstore::{catch_up_locked, Memories};
 use crate::service::resync::rpc::DETAILS_PAGE;
@@ -151,6 +151,7 @@ pub(crate) type Bodies = (Vec<Option<BodyMeta>>, Vec<Vec<u8>>, Option<u64>);
 
 /// Bodies of `uids` in order, the first from byte `offset`, up to about `budget` bytes: at least
 /// one entry, and a body that does not fit in what is left of the budget is cut (`partial`).
+/// Only what is sent is read into memory, however large the mail.
 pub(crate) fn local_bodies(
     svc: &Svc,
     user: &str,
@@ -163,32 +164,25 @@ pub(crate) fn local_bodies(
     with_user(svc, user, |u| {
         let mut found = Vec::new();
         let mut blobs = Vec::new();
-        let mut left = budget;
+        let mut left = budget as u64;
         for (i, uid) in uids.iter().enumerate() {
             if left == 0 {
                 break;
             }
-            match u.read_body(&g, *uid) {
+            let skip = if i == 0 { offset } else { 0 };
+            match u.read_body_part(&g, *uid, skip, left) {
                 Ok(Some(b)) => {
-                    let skip = if i == 0 { offset as usize } else { 0 };
-                    let total = b.data.len();
-                    let rest = total.saturating_sub(skip);
-                    if rest > left && !found.is_empty() {
+                    let total = b.info.size;
+                    if total.saturating_sub(skip) > left && !found.is_empty() {
                         // Whole in the next answer rather than cut here.
                         break;
                     }
-                    let take = rest.min(left);
-                    found.push(Some(BodyMeta {
-                        received_date: b.info.received_date,
-                        save_date: b.info.save_date,
-                        guid: b.info.guid,
-                        staged: false,
-                    }));
-                    let end = skip.min(total) + take;
-                    blobs.push(b.data[skip.min(total)..end].to_vec());
-                    left -= take;
+                    let end = skip.min(total) + b.data.len() as u64;
+                    left = left.saturating_sub(b.data.len() as u64);
+                    found.push(Some(meta_of(b.info)));
+                    blobs.push(b.data);
                     if end < total {
-                        return Ok((found, blobs, Some(total as u64)));
+                        return Ok((found, blobs, Some(total)));
                     }
                 }
                 Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
@@ -198,6 +192,39 @@ pub(crate) fn local_bodies(
         Ok((found, blobs, None))
     })
     .map_err(|e| e.to_string())?
+}
+
+/// At most `max` bytes of the body at `uid` from `offset`, with its metadata and whole size;
+/// `None` if the mail (or its mailbox) is gone.
+pub(crate) fn local_body_part(
+    svc: &Svc,
+    user: &str,
+    mbox: &str,
+    uid: u32,
+    offset: u64,
+    max: u64,
+) -> Result<Option<(BodyMeta, u64, Vec<u8>)>, String> {
+    let g = parse_box(mbox)?;
+    with_user(svc, user, |u| {
+        match u.read_body_part(&g, uid, offset, max) {
+            Ok(Some(b)) => {
+                let total = b.info.size;
+                Ok(Some((meta_of(b.info), total, b.data)))
+            }
+            Ok(None) | Err(ApplyError::NoMailbox(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn meta_of(info: BodyInfo) -> BodyMeta {
+    BodyMeta {
+        received_date: info.received_date,
+        save_date: info.save_date,
+        guid: info.guid,
+        staged: false,
+    }
 }
 
 /// Page `page` of a mailbox's details: its mails in pages of [`DETAILS_PAGE`] by UID with their

@@ -17,6 +17,8 @@ pub mod client;
 pub mod control;
 pub mod execute;
 pub mod gather;
+pub mod parts;
+pub mod push;
 pub mod rpc;
 pub mod scheduler;
 pub mod server;

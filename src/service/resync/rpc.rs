@@ -32,7 +32,9 @@ pub(crate) enum Req {
         #[serde(default)]
         offset: u64,
     },
-    /// Part of a body that a later Apply takes by its GUID (a body too large for one frame).
+    /// Part of a body that a later Apply takes by its GUID (a body too large for one frame),
+    /// at `offset`: 0 begins it (again), later parts continue it. An Apply ends the staging:
+    /// what it does not take is dropped.
     Stage {
         guid: String,
         total: u64,
@@ -85,7 +87,13 @@ pub(crate) const RPC_BODY_BYTES: usize = 4 << 20;
 pub(crate) const DETAILS_PAGE: usize = 20_000;
 /// A body above this is staged in parts before the Apply that saves it.
 pub(crate) const STAGE_ABOVE: usize = RPC_BODY_BYTES;
-/// The most bodies one connection may have staged at once.
+/// The most body bytes one connection may have staged at once (in spool files past their
+/// first MiB), and the largest body a resync moves.
 pub(crate) const MAX_STAGED: u64 = 1 << 30;
+/// The most bodies one connection may have staged at once (each past its first MiB holds a
+/// file open): as many as [`MAX_STAGED`] holds of bodies large enough to be staged, so that a
+/// peer that stages several before its Apply (as earlier versions did) stays within it. This
+/// side stages one at a time and applies it at once.
+pub(crate) const MAX_STAGED_BODIES: usize = (MAX_STAGED / STAGE_ABOVE as u64) as usize;
 /// The most actions in one Apply, whatever their kind.
 pub(crate) const CHUNK_ACTIONS: usize = 5_000;

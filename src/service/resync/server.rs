@@ -2,19 +2,19 @@
 
 use crate::codec::Msg;
 use crate::service::apply::resync::local_apply;
-use crate::service::apply::BodyMeta;
+use crate::service::apply::{BodyMeta, Spool};
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
 use crate::service::repairs::Lock;
 use crate::service::resync::gather::{details_page, local_bodies, local_details, local_summary};
-use crate::service::resync::rpc::{Reply, Req, MAX_STAGED, RPC_BODY_BYTES};
-use std::collections::HashMap;
+use crate::service::resync::parts::Staged;
+use crate::service::resync::rpc::{Reply, Req, RPC_BODY_BYTES};
 
 /// What a peer's resync connection holds here: its user locks and staged bodies.
 #[derive(Default)]
 pub(crate) struct RpcState {
     locks: Vec<Lock>,
-    staged: HashMap<String, (u64, Vec<u8>)>,
+    staged: Staged,
 }
 
 /// Serves one request from the peer's resync (on the inbound connection's thread).
@@ -73,18 +73,8 @@ pub(crate) fn serve_req(
             offset,
         } => {
             let part = blobs.into_iter().next().unwrap_or_default();
-            let held: u64 = st.staged.values().map(|(_, d)| d.len() as u64).sum();
-            let e = st.staged.entry(guid).or_insert_with(|| (total, Vec::new()));
-            if e.0 != total || e.1.len() as u64 != offset {
-                *e = (total, Vec::new());
-                if offset != 0 {
-                    return Err(format!("staged part at {offset}, expected 0"));
-                }
-            }
-            if offset + part.len() as u64 > total || held + part.len() as u64 > MAX_STAGED {
-                return Err("staged body larger than announced or than this server holds".into());
-            }
-            e.1.extend_from_slice(&part);
+            st.staged
+                .put(guid, total, offset, &part, ctx.spool_dir.clone())?;
             Ok((Reply::Ok, Vec::new()))
         }
         Req::Summary { user } => {
@@ -115,21 +105,20 @@ pub(crate) fn serve_req(
             meta,
         } => {
             let mut blobs = blobs.into_iter();
-            let mut bodies: Vec<(BodyMeta, Vec<u8>)> = Vec::new();
-            for m in meta {
-                let data = if m.staged {
-                    match st.staged.remove(&m.guid) {
-                        Some((total, d)) if d.len() as u64 == total => d,
-                        _ => return Err(format!("body {} was not staged whole", m.guid)),
-                    }
-                } else {
-                    match blobs.next() {
-                        Some(d) => d,
-                        None => return Err("fewer bodies than saves".into()),
-                    }
-                };
-                bodies.push((m, data));
-            }
+            let bodies: Result<Vec<(BodyMeta, Spool)>, String> = meta
+                .into_iter()
+                .map(|m| {
+                    let data = if m.staged {
+                        st.staged.take(&m.guid)?
+                    } else {
+                        Spool::from(blobs.next().ok_or("fewer bodies than saves")?)
+                    };
+                    Ok((m, data))
+                })
+                .collect();
+            // Staged bodies this Apply does not take were left by a push that stopped.
+            st.staged.clear();
+            let bodies = bodies?;
             call(Box::new(move |svc| {
                 let (changes, errors) =
                     local_apply(svc, &mems, &user, &server_id, &actions, bodies);

@@ -6,7 +6,6 @@ use super::receive::{Action, AfterBatch, BodyChunk, Done, Next, Receiver};
 use crate::codec::Msg;
 use crate::ffi::logger::Field;
 use crate::registry;
-use crate::service::apply::spool::SpoolDir;
 use crate::service::apply::stream::apply_batch;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
@@ -42,9 +41,8 @@ pub(crate) fn serve(
                 rpc: false,
             };
             // Large bodies wait in unnamed files under the state directory, not in memory.
-            match SpoolDir::open(&ctx.cfg.state_dir.join("spool")) {
-                Ok(dir) => inb.rx.spool_in(dir),
-                Err(e) => log::warn!("no spool directory, bodies are held in memory: {e}"),
+            if let Some(dir) = &ctx.spool_dir {
+                inb.rx.spool_in(dir.clone());
             }
             let res = match inb.run(&mut rd, &mut wr) {
                 // A verify or resync closes its connection when it is done.
