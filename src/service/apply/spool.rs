@@ -137,12 +137,27 @@ impl SpoolDir {
 }
 
 /// The bytes of one body: in memory, or past [`SPOOL_MEMORY`] (with a [`SpoolDir`]) in a file.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Spool {
     mem: Vec<u8>,
     file: Option<Arc<File>>,
     len: u64,
     dir: Option<Arc<SpoolDir>>,
+    /// How many bytes stay in memory before the spool moves to a file (with a `dir`).
+    memory: usize,
+}
+
+impl Default for Spool {
+    /// Empty, in memory.
+    fn default() -> Spool {
+        Spool {
+            mem: Vec::new(),
+            file: None,
+            len: 0,
+            dir: None,
+            memory: SPOOL_MEMORY,
+        }
+    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -161,6 +176,7 @@ impl From<Vec<u8>> for Spool {
             mem,
             file: None,
             dir: None,
+            memory: SPOOL_MEMORY,
         }
     }
 }
@@ -194,8 +210,15 @@ impl Spool {
     /// An empty spool that moves to a file in `dir` past [`SPOOL_MEMORY`]; with `None`, it
     /// stays in memory.
     pub fn new(dir: Option<Arc<SpoolDir>>) -> Spool {
+        Spool::spilling_after(SPOOL_MEMORY, dir)
+    }
+
+    /// As [`Spool::new`], moving to a file past `memory` bytes: for callers that hold many
+    /// spools at once.
+    pub fn spilling_after(memory: usize, dir: Option<Arc<SpoolDir>>) -> Spool {
         Spool {
             dir,
+            memory,
             ..Spool::default()
         }
     }
@@ -223,9 +246,10 @@ impl Spool {
     }
 
     /// Appends `data`: into the file if there is one, else into memory, moving to a file when
-    /// memory would pass [`SPOOL_MEMORY`] and there is a directory for it.
+    /// memory would pass its limit ([`SPOOL_MEMORY`] unless said otherwise) and there is a
+    /// directory for it.
     pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.file.is_none() && self.mem.len() + data.len() > SPOOL_MEMORY {
+        if self.file.is_none() && self.mem.len() + data.len() > self.memory {
             if let Some(dir) = &self.dir {
                 let f = dir.create()?;
                 f.write_all_at(&self.mem, 0)?;

@@ -11,6 +11,13 @@ use std::sync::Arc;
 /// A mail's UID with its body's metadata and bytes.
 pub(crate) type UidBody = (u32, (BodyMeta, Spool));
 
+/// What each body a resync holds keeps in memory before it moves to a spool file: a resync
+/// collects the bodies of up to [`LOCAL_CHUNK_MAILS`] saves before it applies them (and a peer
+/// may stage up to [`MAX_STAGED_BODIES`]), so this bounds them together to a few MiB.
+///
+/// [`LOCAL_CHUNK_MAILS`]: crate::service::resync::LOCAL_CHUNK_MAILS
+pub(crate) const RESYNC_SPOOL_MEMORY: usize = 64 << 10;
+
 /// One body arriving in parts at increasing offsets.
 #[derive(Debug)]
 pub(crate) struct Assembly {
@@ -22,7 +29,7 @@ impl Assembly {
     pub(crate) fn new(total: u64, dir: Option<Arc<SpoolDir>>) -> Assembly {
         Assembly {
             total,
-            data: Spool::new(dir),
+            data: Spool::spilling_after(RESYNC_SPOOL_MEMORY, dir),
         }
     }
 
@@ -281,6 +288,26 @@ mod tests {
         a.put(60, &want[60..]).unwrap();
         assert!(a.complete());
         assert_eq!(a.into_spool(), want[..]);
+    }
+
+    #[test]
+    fn the_bodies_a_resync_holds_at_once_keep_a_few_mib_in_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SpoolDir::open(&tmp.path().join("spool")).unwrap();
+        // The most a chunk of a resync holds before applying: its saves' bodies, each just
+        // under what a stream's spool keeps in memory.
+        let body = bytes(SPOOL_MEMORY - 1, 9);
+        let held: Vec<Assembly> = (0..crate::service::resync::LOCAL_CHUNK_MAILS)
+            .map(|_| {
+                let mut a = Assembly::new(body.len() as u64, Some(dir.clone()));
+                a.put(0, &body).unwrap();
+                a
+            })
+            .collect();
+        let in_memory: u64 = held.iter().map(|a| a.data.in_memory()).sum();
+        assert!(in_memory <= 4 << 20, "{in_memory} bytes in memory");
+        assert!(held.iter().all(|a| a.data.on_disk() == body.len() as u64));
+        assert_eq!(held[0].data.to_vec().unwrap(), body);
     }
 
     #[test]
