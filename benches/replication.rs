@@ -20,6 +20,10 @@
 //!   `TANDEM_BENCH_ONLY=large-body` runs only these three cases, `TANDEM_BENCH_ONLY=large-resync`
 //!   only the two resync ones.
 //!
+//! `TANDEM_BENCH_PERF=<file>` records a system-wide `perf record -g` of the bulk case (from the
+//! link coming back to B holding every mail) into that file, for the profile issue 13 asks for;
+//! the recording slows the case, so its row is not a measurement then.
+//!
 //! A measurement, not a test: nothing asserts on time. Writes the table to stdout; `make bench`
 //! also keeps it in target/bench-replication.txt for docs/benchmarks.md.
 
@@ -51,6 +55,30 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 /// Polls `cond` as fast as the servers answer; returns when it holds.
+/// With `TANDEM_BENCH_PERF=<file>`, a system-wide `perf record -g` into that file, for a
+/// profile of one phase (`perf report -i <file> --no-children --sort comm,dso,sym`).
+fn perf_start() -> Option<std::process::Child> {
+    let out = std::env::var("TANDEM_BENCH_PERF").ok()?;
+    let child = std::process::Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "499", "-o", &out])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("replication bench: perf: {e}"))
+        .ok()?;
+    // perf needs a moment before it records.
+    std::thread::sleep(Duration::from_millis(500));
+    Some(child)
+}
+
+fn perf_stop(child: Option<std::process::Child>) {
+    if let Some(mut child) = child {
+        // SAFETY: the perf this bench started; SIGINT makes it write its file and exit.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+    }
+}
+
 fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -252,6 +280,7 @@ fn main() {
         .collect();
     l.deliver_many("s@example.org", &["bob"], &msgs);
     l.quit();
+    let perf = perf_start();
     let t = Instant::now();
     pair.restore();
     let ok = until(Duration::from_secs(600), || {
@@ -259,6 +288,7 @@ fn main() {
         inbox_count(&pair.b, "bob") >= bulk
     });
     let tandem_bulk = t.elapsed();
+    perf_stop(perf);
     drop(pair);
 
     eprintln!("replication bench: dsync...");
