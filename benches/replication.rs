@@ -412,9 +412,9 @@ fn main() {
             if ok { "" } else { " (INCOMPLETE)" }
         ),
         format!(
-            "{:.2} s (first doveadm sync); Tandem is {:.1}x faster",
+            "{:.2} s (first doveadm sync); Tandem takes {:.2}x dsync's time",
             dsync_bulk.as_secs_f64(),
-            dsync_bulk.as_secs_f64() / tandem_bulk.as_secs_f64()
+            tandem_bulk.as_secs_f64() / dsync_bulk.as_secs_f64()
         ),
     ));
     rows.push((
