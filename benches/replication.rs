@@ -455,20 +455,6 @@ fn main() {
     }
 }
 
-/// The peak RSS (VmHWM, kB) of the instance's tandem-service.
-fn service_peak_kb(dc: &Dovecot) -> u64 {
-    common::child_pids(dc, "tandem-service")
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// One 100 MB mail saved on A, until B has it: the time and both services' peak RSS.
 fn large_body() -> (String, String) {
     const SIZE: usize = 100_000_000;
@@ -492,8 +478,8 @@ fn large_body() -> (String, String) {
             "{:.2} s{}; peak RSS of tandem-service: sending {} MB, receiving {} MB",
             took.as_secs_f64(),
             if arrived { "" } else { " (NOT ARRIVED)" },
-            service_peak_kb(&pair.a) / 1024,
-            service_peak_kb(&pair.b) / 1024
+            common::service_peak_kb(&pair.a) / 1024,
+            common::service_peak_kb(&pair.b) / 1024
         ),
     )
 }
@@ -531,8 +517,8 @@ fn large_resync(pull: bool) -> (String, String) {
             "{:.2} s{}; peak RSS of tandem-service: A (sending) {} MB, B (receiving) {} MB",
             run.took.as_secs_f64(),
             if arrived { "" } else { " (NOT ARRIVED)" },
-            service_peak_kb(&pair.a) / 1024,
-            service_peak_kb(&pair.b) / 1024
+            common::service_peak_kb(&pair.a) / 1024,
+            common::service_peak_kb(&pair.b) / 1024
         ),
     )
 }

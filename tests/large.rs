@@ -158,20 +158,6 @@ fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
     eprintln!("large: all done in {:?}", t.elapsed());
 }
 
-/// The peak RSS (VmHWM, kB) of the instance's tandem-service.
-fn service_peak_kb(dc: &common::Dovecot) -> u64 {
-    common::child_pids(dc, "tandem-service")
-        .iter()
-        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// A mail far over the spool's memory part streams to the peer: the receiving service holds
 /// it in an unnamed file under its state directory and lib-storage saves it from there, so
 /// the receiving service's peak memory stays far below the mail's size, as does the sending
@@ -191,7 +177,10 @@ fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
     drop(big);
     let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(300));
     assert_eq!(s.mails.len(), 1);
-    let (peak_a, peak_b) = (service_peak_kb(&pair.a), service_peak_kb(&pair.b));
+    let (peak_a, peak_b) = (
+        common::service_peak_kb(&pair.a),
+        common::service_peak_kb(&pair.b),
+    );
     eprintln!(
         "large-stream: peak RSS (VmHWM) of tandem-service: sending {} MB, receiving {} MB",
         peak_a / 1024,
@@ -251,7 +240,10 @@ fn a_100_mb_mail_by_resync(name: &str, pull: bool) {
         "{}",
         run.stdout
     );
-    let (peak_run, peak_other) = (service_peak_kb(runner), service_peak_kb(other));
+    let (peak_run, peak_other) = (
+        common::service_peak_kb(runner),
+        common::service_peak_kb(other),
+    );
     eprintln!(
         "{name}: peak RSS (VmHWM) of tandem-service: {} MB where the resync ran, {} MB on \
          the peer",

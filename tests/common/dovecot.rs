@@ -514,6 +514,20 @@ pub fn child_pids(dc: &Dovecot, comm: &str) -> Vec<i32> {
     pids
 }
 
+/// The peak RSS (VmHWM, kB) of the instance's tandem-service (of the largest, if several).
+pub fn service_peak_kb(dc: &Dovecot) -> u64 {
+    child_pids(dc, "tandem-service")
+        .iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -44,7 +44,7 @@ pub use config::{native_version, MailFormat, Options, Ports, Release};
 #[allow(unused_imports)]
 pub use doveadm::{Mail, MailboxStatus};
 #[allow(unused_imports)]
-pub use dovecot::{child_pids, descendants, free_port, Dovecot};
+pub use dovecot::{child_pids, descendants, free_port, service_peak_kb, Dovecot};
 #[allow(unused_imports)]
 pub use imap::{
     parse_uid_set, quote, quote_mailbox, resp_code, utf7_encode, CopyUid, Imap, Selected,
