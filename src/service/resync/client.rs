@@ -81,7 +81,9 @@ impl Peer {
     }
 
     /// The bodies of `uids` that the peer still has, in as many requests as their sizes take,
-    /// each in a spool (in `dir`, past its first MiB) as it arrives.
+    /// each in a spool (in `dir`, past its first [`RESYNC_SPOOL_MEMORY`] bytes) as it arrives.
+    ///
+    /// [`RESYNC_SPOOL_MEMORY`]: crate::service::resync::parts::RESYNC_SPOOL_MEMORY
     pub(crate) fn bodies(
         &mut self,
         user: &str,

@@ -88,8 +88,8 @@ pub(crate) fn pair_bodies<B>(
 }
 
 /// Bodies fetched from the peer, answer by answer: the whole ones, and the one still coming
-/// in parts. Each goes into a spool as it arrives, so that only its first MiB (and the answer
-/// being read) is in memory.
+/// in parts. Each goes into a spool as it arrives, so that only its first
+/// [`RESYNC_SPOOL_MEMORY`] bytes (and the answer being read) are in memory.
 pub(crate) struct Incoming {
     dir: Option<Arc<SpoolDir>>,
     pub(crate) done: Vec<UidBody>,

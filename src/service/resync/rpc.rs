@@ -88,9 +88,9 @@ pub(crate) const DETAILS_PAGE: usize = 20_000;
 /// A body above this is staged in parts before the Apply that saves it.
 pub(crate) const STAGE_ABOVE: usize = RPC_BODY_BYTES;
 /// The most body bytes one connection may have staged at once (in spool files past their
-/// first MiB), and the largest body a resync moves.
+/// first 64 KiB, `parts::RESYNC_SPOOL_MEMORY`), and the largest body a resync moves.
 pub(crate) const MAX_STAGED: u64 = 1 << 30;
-/// The most bodies one connection may have staged at once (each past its first MiB holds a
+/// The most bodies one connection may have staged at once (each past its first 64 KiB holds a
 /// file open): as many as [`MAX_STAGED`] holds of bodies large enough to be staged, so that a
 /// peer that stages several before its Apply (as earlier versions did) stays within it. This
 /// side stages one at a time and applies it at once.
