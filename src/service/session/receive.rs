@@ -580,7 +580,7 @@ impl Receiver {
         self.bodies.adopt_partials(partials);
     }
 
-    /// Bodies longer than [`SPOOL_MEMORY`] go to unnamed files in `dir` (without, they are
+    /// Bodies longer than [`SPOOL_MEMORY`](crate::service::apply::spool::SPOOL_MEMORY) go to unnamed files in `dir` (without, they are
     /// held in memory).
     pub fn spool_in(&mut self, dir: Arc<SpoolDir>) {
         self.bodies.spool_in(dir);
