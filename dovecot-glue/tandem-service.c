@@ -1529,14 +1529,9 @@ int tandem_svc_mail_list(struct tandem_svc_user *user,
 	int ret;
 
 	tandem_svc_forget_indexes();
-	ret = tandem_svc_box_open(user, mailbox_guid, FALSE, &box, error_r);
+	ret = tandem_svc_box_open(user, mailbox_guid, TRUE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (mailbox_sync(box, 0) < 0) {
-		ret = tandem_svc_box_error(box, "Sync", error_r);
-		mailbox_free(&box);
-		return ret;
-	}
 	args = mail_search_build_init();
 	mail_search_build_add_all(args);
 	trans = mailbox_transaction_begin(box, 0, "tandem list");
