@@ -9,6 +9,9 @@ pub const WINDOW_BYTES: u64 = 8 << 20;
 pub const LOW_SLICE: u64 = 256 << 10;
 /// Body bytes queued before the sender stops reading more records.
 pub const LOW_LANE_MAX: u64 = 64 << 20;
+/// At most this many bytes are taken from the connection between two rounds of applying, so
+/// that a fast peer cannot keep the receiver reading and never applying.
+pub const ROUND_BYTES: u64 = 8 << 20;
 /// Records per Records frame, and per apply batch on the main thread.
 pub const BATCH_RECORDS: usize = 500;
 /// At most this many record bytes in one Records frame, far below the frame limit (a record may

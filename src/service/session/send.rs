@@ -63,7 +63,15 @@ pub struct Sender {
     users: HashMap<String, Flow>,
     /// The low-priority lane: bodies waiting to go, read a chunk at a time when their turn
     /// comes.
-    low: VecDeque<BodyJob>,
+    low: BodyLane,
+}
+
+/// The bodies waiting to go, in order. The driver takes it out of the [`Sender`] to cut a
+/// slice where the store is ([`BodyLane::slice`] on the main thread, all of a slice's reads in
+/// one call) and gives it back.
+#[derive(Debug, Default)]
+pub struct BodyLane {
+    jobs: VecDeque<BodyJob>,
 }
 
 /// A body on the low-priority lane: what is left of it to send.
@@ -122,7 +130,7 @@ impl Sender {
     /// Forgets every user (another peer: what it has is what it acknowledged).
     pub fn forget_all(&mut self) {
         self.users.clear();
-        self.low.clear();
+        self.low.jobs.clear();
     }
 
     /// The journal the user's stream is in, and the LSN acknowledged in it.
@@ -290,7 +298,7 @@ impl Sender {
     /// there), instead of any copy of the same body still queued.
     pub fn queue_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32, from: u64) {
         self.cancel_body(user, mailbox_guid, uid);
-        self.low.push_back(BodyJob {
+        self.low.jobs.push_back(BodyJob {
             user: user.to_string(),
             mailbox_guid,
             uid,
@@ -302,6 +310,7 @@ impl Sender {
     /// Drops the queued copy of this body.
     fn cancel_body(&mut self, user: &str, mailbox_guid: Guid128, uid: u32) {
         self.low
+            .jobs
             .retain(|j| !(j.user == user && j.mailbox_guid == mailbox_guid && j.uid == uid));
     }
 
@@ -309,21 +318,69 @@ impl Sender {
     /// chunk is read).
     fn low_bytes(&self) -> u64 {
         self.low
+            .jobs
             .iter()
             .map(|j| j.total.map_or(0, |t| t.saturating_sub(j.next)))
             .sum()
     }
 
+    /// The next slice of the body lane (see [`BodyLane::slice`]).
+    pub fn body_slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
+        self.low.slice(read)
+    }
+
+    /// The body lane, to cut a slice where the bodies are read; [`Sender::put_lane`] gives it
+    /// back.
+    pub fn take_lane(&mut self) -> BodyLane {
+        std::mem::take(&mut self.low)
+    }
+
+    pub fn put_lane(&mut self, lane: BodyLane) {
+        self.low = lane;
+    }
+
+    pub fn bodies_waiting(&self) -> bool {
+        !self.low.jobs.is_empty()
+    }
+
+    /// Reconnecting: nothing is in flight any more, and everything not acknowledged goes
+    /// again, from the acknowledged position (the driver rewinds its journal cursors to
+    /// [`Sender::position`]).
+    pub fn rewind(&mut self) {
+        self.low.jobs.clear();
+        for f in self.users.values_mut() {
+            f.unacked.clear();
+            f.inflight = 0;
+        }
+    }
+
+    /// The user's figures for `tandem status`.
+    pub fn status(&self, user: &str, now_ms: u64) -> Option<UserStatus> {
+        let f = self.users.get(user)?;
+        Some(UserStatus {
+            unacked_records: f.unacked.len() as u64,
+            unacked_bytes: f.unacked.iter().map(|u| u.bytes).sum(),
+            oldest_unacked_age: f
+                .unacked
+                .front()
+                .map(|u| now_ms.saturating_sub(u.stamp_ms) as f64 / 1000.0),
+            acked_lsn: f.acked,
+            last_error: f.last_error.clone(),
+        })
+    }
+}
+
+impl BodyLane {
     /// The next slice of the body lane: about [`LOW_SLICE`] bytes, read a chunk at a time with
     /// `read` (at most the `u64` it is given, from the job's `next` offset), so that only the
     /// bytes about to go are in memory. A mail `read` finds gone is said so, so that the peer
     /// passes its record over; a resume point past the body's end (the peer held another
     /// body) starts again at 0.
-    pub fn body_slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
+    pub fn slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
         let mut out = Vec::new();
         let mut budget = LOW_SLICE;
         while budget > 0 {
-            let Some(mut job) = self.low.pop_front() else {
+            let Some(mut job) = self.jobs.pop_front() else {
                 break;
             };
             let max = budget.min(BODY_CHUNK as u64);
@@ -365,40 +422,10 @@ impl Sender {
             job.total = Some(total);
             budget = budget.saturating_sub(n.max(1));
             if n > 0 && job.next < total {
-                self.low.push_front(job);
+                self.jobs.push_front(job);
             }
         }
         out
-    }
-
-    pub fn bodies_waiting(&self) -> bool {
-        !self.low.is_empty()
-    }
-
-    /// Reconnecting: nothing is in flight any more, and everything not acknowledged goes
-    /// again, from the acknowledged position (the driver rewinds its journal cursors to
-    /// [`Sender::position`]).
-    pub fn rewind(&mut self) {
-        self.low.clear();
-        for f in self.users.values_mut() {
-            f.unacked.clear();
-            f.inflight = 0;
-        }
-    }
-
-    /// The user's figures for `tandem status`.
-    pub fn status(&self, user: &str, now_ms: u64) -> Option<UserStatus> {
-        let f = self.users.get(user)?;
-        Some(UserStatus {
-            unacked_records: f.unacked.len() as u64,
-            unacked_bytes: f.unacked.iter().map(|u| u.bytes).sum(),
-            oldest_unacked_age: f
-                .unacked
-                .front()
-                .map(|u| now_ms.saturating_sub(u.stamp_ms) as f64 / 1000.0),
-            acked_lsn: f.acked,
-            last_error: f.last_error.clone(),
-        })
     }
 }
 

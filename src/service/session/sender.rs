@@ -305,17 +305,11 @@ impl Outbound {
                 }
             }
             // Then one slice of bodies, so that a large one never holds the rest up.
-            let (ctx, users) = (&self.ctx, &self.users);
-            let mut stopped = None;
-            let slice = self.tx.body_slice(&mut |job, max| {
-                read_part(ctx, users, job, max).unwrap_or_else(|e| {
-                    stopped = Some(e);
-                    Part::Gone
-                })
-            });
-            if let Some(e) = stopped {
-                return Err(e);
-            }
+            let slice = if self.tx.bodies_waiting() {
+                self.body_slice()?
+            } else {
+                Vec::new()
+            };
             for m in slice {
                 wr.send(&m)?;
                 if let Msg::Body {
@@ -453,67 +447,90 @@ pub(crate) struct OutReadState {
     pub(crate) more: bool,
 }
 
-/// Reads a chunk of at most `max` bytes of a queued body at its next offset, on the main
-/// thread. A mail gone (or whose mailbox is) is [`Part::Gone`]; so is one that cannot be read,
-/// after it is logged and the user marked for a resync, which compares both sides, so that
-/// the peer skips the mail rather than stall. `Err` only when the service stops.
-fn read_part(
-    ctx: &Ctx,
-    users: &HashMap<String, OutUser>,
-    job: &BodyJob,
-    max: u64,
-) -> Result<Part, ConnError> {
-    let who = job.user.clone();
-    let (mailbox_guid, uid, offset) = (job.mailbox_guid, job.uid, job.next);
-    let body = ctx.main.call(move |svc: &Svc| {
-        // A user opened before the mailbox existed may not find it by GUID: retry once
-        // with a freshly opened user before calling it gone.
-        let mut fresh = false;
-        loop {
-            match with_user(svc, &who, |u| {
-                u.read_body_part(&mailbox_guid, uid, offset, max)
-            }) {
-                Ok(Ok(b)) => return Ok(b),
-                Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
-                    forget_user(svc, &who);
-                    fresh = true;
+/// A body [`read_part`] could not send, reported by the outbound thread after the slice.
+struct Unsent {
+    user: String,
+    mailbox_guid: Guid128,
+    uid: u32,
+    /// Why it could not be read; `None`: it is gone.
+    error: Option<String>,
+}
+
+impl Outbound {
+    /// The next slice of the body lane, read in one call on the main thread: one wake-up of
+    /// the main loop per slice rather than per body, which is what bulk transfers of small
+    /// mails paid for.
+    fn body_slice(&mut self) -> Result<Vec<Msg>, ConnError> {
+        let mut lane = self.tx.take_lane();
+        let (lane, slice, unsent) = self.ctx.main.call(move |svc: &Svc| {
+            let mut unsent = Vec::new();
+            let slice = lane.slice(&mut |job, max| read_part(svc, job, max, &mut unsent));
+            (lane, slice, unsent)
+        })?;
+        self.tx.put_lane(lane);
+        for u in unsent {
+            let (user, uid, mailbox_guid) = (&u.user, u.uid, u.mailbox_guid);
+            if let Some(e) = u.error {
+                let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
+                log::error!("user {user}: {msg}");
+                if let Some(dir) = self.users.get(user).and_then(|u| u.dir.clone()) {
+                    let _ = journal::mark_resync(&dir, &msg);
                 }
-                Ok(Err(e)) => {
-                    forget_user(svc, &who);
-                    return Err(e);
-                }
-                Err(e) => return Err(ApplyError::Other(e.to_string())),
             }
-        }
-    })?;
-    let user = &job.user;
-    let body = match body {
-        Ok(b) => b,
-        // The mailbox was deleted since: the mail is gone with it.
-        Err(ApplyError::NoMailbox(_)) => None,
-        Err(e) => {
-            let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
-            log::error!("user {user}: {msg}");
-            if let Some(dir) = users.get(user).and_then(|u| u.dir.clone()) {
-                let _ = journal::mark_resync(&dir, &msg);
-            }
-            None
-        }
-    };
-    Ok(match body {
-        None => {
             log::info!(
                 "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
                  deleted); the peer skips it"
             );
-            Part::Gone
         }
-        Some(b) => Part::Here {
-            guid: b.info.guid,
-            received_date: b.info.received_date,
-            save_date: b.info.save_date,
-            total: b.info.size,
-            data: b.data,
-        },
-    })
+        Ok(slice)
+    }
+}
+
+/// Reads a chunk of at most `max` bytes of a queued body at its next offset, on the main
+/// thread. A mail gone (or whose mailbox is) is [`Part::Gone`]; so is one that cannot be read,
+/// noted in `unsent` so that it is logged and the user marked for a resync, which compares both
+/// sides, so that the peer skips the mail rather than stall.
+fn read_part(svc: &Svc, job: &BodyJob, max: u64, unsent: &mut Vec<Unsent>) -> Part {
+    let who = &job.user;
+    let (mailbox_guid, uid, offset) = (job.mailbox_guid, job.uid, job.next);
+    // A user opened before the mailbox existed may not find it by GUID: retry once with a
+    // freshly opened user before calling it gone.
+    let mut fresh = false;
+    let body = loop {
+        match with_user(svc, who, |u| {
+            u.read_body_part(&mailbox_guid, uid, offset, max)
+        }) {
+            Ok(Ok(b)) => break Ok(b),
+            Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
+                forget_user(svc, who);
+                fresh = true;
+            }
+            Ok(Err(e)) => {
+                forget_user(svc, who);
+                break Err(e);
+            }
+            Err(e) => break Err(ApplyError::Other(e.to_string())),
+        }
+    };
+    let error = match body {
+        Ok(Some(b)) => {
+            return Part::Here {
+                guid: b.info.guid,
+                received_date: b.info.received_date,
+                save_date: b.info.save_date,
+                total: b.info.size,
+                data: b.data,
+            }
+        }
+        // Gone, or the mailbox was deleted since: the mail is gone with it.
+        Ok(None) | Err(ApplyError::NoMailbox(_)) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    unsent.push(Unsent {
+        user: who.clone(),
+        mailbox_guid,
+        uid,
+        error,
+    });
+    Part::Gone
 }

@@ -60,6 +60,8 @@ pub(crate) struct FrameReader {
     pub(crate) dec: Decoder,
     /// Plaintext of the last read.
     buf: Vec<u8>,
+    /// Plaintext bytes received so far.
+    received: u64,
     status: Shared,
 }
 
@@ -69,8 +71,14 @@ impl FrameReader {
             link,
             dec: Decoder::with_max_frame(max_frame),
             buf: Vec::new(),
+            received: 0,
             status,
         }
+    }
+
+    /// Plaintext bytes received on the connection so far.
+    pub(crate) fn received(&self) -> u64 {
+        self.received
     }
 
     /// The next message; `Ok(None)` when the read timeout passed without one.
@@ -84,6 +92,30 @@ impl FrameReader {
                 tls::Recv::Closed => return Err(ConnError::Closed),
                 tls::Recv::Data { raw } => {
                     self.status.lock().unwrap().bytes_received += raw as u64;
+                    self.received += self.buf.len() as u64;
+                    self.dec.feed(&self.buf);
+                }
+                tls::Recv::Timeout => return Ok(None),
+            }
+        }
+    }
+
+    /// The next message if it can be had without waiting: already decoded, or completed by
+    /// bytes already received.
+    pub(crate) fn next_ready(&mut self) -> Result<Option<Msg>, ConnError> {
+        loop {
+            if let Some(m) = self.dec.next()? {
+                return Ok(Some(m));
+            }
+            if !self.link.ready() {
+                return Ok(None);
+            }
+            self.buf.clear();
+            match self.link.recv(&mut self.buf)? {
+                tls::Recv::Closed => return Err(ConnError::Closed),
+                tls::Recv::Data { raw } => {
+                    self.status.lock().unwrap().bytes_received += raw as u64;
+                    self.received += self.buf.len() as u64;
                     self.dec.feed(&self.buf);
                 }
                 tls::Recv::Timeout => return Ok(None),

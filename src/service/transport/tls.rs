@@ -417,6 +417,18 @@ fn drain(
 }
 
 impl Reader {
+    /// Whether a [`Reader::recv`] now would not wait: bytes (or the end) are there already.
+    pub fn ready(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, and a zero timeout: poll(2) only looks.
+        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    }
+
     /// Reads once from the socket (waiting at most its read timeout) and appends what that
     /// decrypts to `out`. Any byte that fails TLS is an error: the connection is done.
     pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<Recv, TlsError> {
