@@ -25,6 +25,7 @@ struct tandem_settings {
 	const char *tandem_tls_ca_file;
 	unsigned int tandem_resync_scan_interval;
 	unsigned int tandem_clock_max_ahead;
+	const char *tandem_max_rate;
 	/* For the test suite only (hidden from `doveconf -a`). */
 	const char *tandem_test_panic;
 	const char *tandem_test_clock_offset;

@@ -292,12 +292,12 @@ fn a_wrong_version_is_refused_with_a_reason() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "peer speaks protocol version 1, this server speaks 2"
+        "peer speaks protocol version 1, this server speaks 3"
     );
     assert_eq!(
         err.reply_to_peer(),
         Some(Msg::AuthFailed {
-            reason: "protocol version 1 is not supported; this server speaks 2".into()
+            reason: "protocol version 1 is not supported; this server speaks 3".into()
         })
     );
     let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();
@@ -308,7 +308,13 @@ fn a_wrong_version_is_refused_with_a_reason() {
             nonce: [1; 32],
         })
         .unwrap_err();
-    assert!(matches!(err, AuthError::Version { peer: 0, ours: 2 }));
+    assert!(matches!(
+        err,
+        AuthError::Version {
+            peer: 0,
+            ours: PROTOCOL_VERSION
+        }
+    ));
 }
 
 #[test]

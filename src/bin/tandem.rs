@@ -462,6 +462,16 @@ fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
         s.body_bytes_sent,
         s.bodies_applied
     );
+    if s.connected {
+        say!(
+            "bodies in flight {} B of a {} B window, chunks of {} B, round trip {}",
+            s.body_inflight,
+            s.body_window,
+            s.body_chunk,
+            s.link_rtt_ms
+                .map_or("not measured yet".to_string(), |ms| format!("{ms:.1} ms"))
+        );
+    }
     match &s.last_error {
         Some(e) => say!("last error: {e} at {}", ago(s.last_error_at)),
         None => say!("last error: none"),

@@ -99,6 +99,7 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
             w.bytes(&journal_id.0);
             w.u64(*lsn);
         }
+        Msg::Received { bytes } => w.u64(*bytes),
         Msg::Ping { seq } | Msg::Pong { seq } => w.u64(*seq),
         Msg::Rpc { json, blobs } => {
             w.len32(json.len(), "json")?;
@@ -241,6 +242,9 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
             user: r.str("user")?,
             journal_id: JournalId(r.array("journal id")?),
             lsn: r.u64("lsn")?,
+        },
+        ty::RECEIVED => Msg::Received {
+            bytes: r.u64("bytes")?,
         },
         ty::PING => Msg::Ping { seq: r.u64("seq")? },
         ty::RPC => {

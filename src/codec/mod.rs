@@ -24,6 +24,7 @@
 //! | `0x12` | [`Msg::BodyGone`] | sender → receiver |
 //! | `0x13` | [`Msg::NeedBody`] | receiver → sender |
 //! | `0x14` | [`Msg::Ack`] | receiver → sender |
+//! | `0x15` | [`Msg::Received`] | receiver → sender |
 //! | `0x20` | [`Msg::Ping`] | either |
 //! | `0x21` | [`Msg::Pong`] | either |
 //! | `0x22` | [`Msg::Error`] | either |
@@ -41,7 +42,7 @@ use thiserror::Error;
 
 /// The protocol version carried by [`Msg::Hello`] and [`Msg::Challenge`], and bound into the
 /// handshake MACs. Bump it on any incompatible change to this module or to the record encoding.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame, counted as its length field counts it (type + flags + payload). Checked before
 /// anything is allocated, on both sides.
@@ -128,6 +129,12 @@ pub enum Msg {
         journal_id: JournalId,
         lsn: u64,
     },
+    /// Receiver → sender, cumulative: the body bytes (the `data` of Body messages) received on
+    /// this connection so far. The sender paces bodies by it: what is sent and not yet
+    /// received is in the network.
+    Received {
+        bytes: u64,
+    },
     Ping {
         seq: u64,
     },
@@ -158,6 +165,7 @@ pub mod ty {
     pub const BODY_GONE: u8 = 0x12;
     pub const NEED_BODY: u8 = 0x13;
     pub const ACK: u8 = 0x14;
+    pub const RECEIVED: u8 = 0x15;
     // 0x15 was Resume, never sent; the number stays unused so that old frames fail clearly.
     pub const PING: u8 = 0x20;
     pub const PONG: u8 = 0x21;
@@ -179,6 +187,7 @@ impl Msg {
             Msg::BodyGone { .. } => ty::BODY_GONE,
             Msg::NeedBody { .. } => ty::NEED_BODY,
             Msg::Ack { .. } => ty::ACK,
+            Msg::Received { .. } => ty::RECEIVED,
             Msg::Ping { .. } => ty::PING,
             Msg::Pong { .. } => ty::PONG,
             Msg::Error { .. } => ty::ERROR,
@@ -205,6 +214,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::BODY_GONE => "BodyGone",
         ty::NEED_BODY => "NeedBody",
         ty::ACK => "Ack",
+        ty::RECEIVED => "Received",
         ty::PING => "Ping",
         ty::PONG => "Pong",
         ty::ERROR => "Error",

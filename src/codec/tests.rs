@@ -76,6 +76,7 @@ pub fn arb_msg() -> impl Strategy<Value = Msg> {
             journal_id: JournalId(journal_id),
             lsn
         }),
+        any::<u64>().prop_map(|bytes| Msg::Received { bytes }),
         any::<u64>().prop_map(|seq| Msg::Ping { seq }),
         any::<u64>().prop_map(|seq| Msg::Pong { seq }),
         text.prop_map(|message| Msg::Error { message }),
@@ -189,6 +190,7 @@ fn every_variant() -> Vec<Msg> {
             journal_id: JournalId([13; 16]),
             lsn: 14,
         },
+        Msg::Received { bytes: 15 },
         Msg::Ping { seq: 17 },
         Msg::Pong { seq: u64::MAX },
         Msg::Error {
@@ -232,6 +234,7 @@ fn type_bytes_are_stable() {
         ("BodyGone", 0x12),
         ("NeedBody", 0x13),
         ("Ack", 0x14),
+        ("Received", 0x15),
         ("Ping", 0x20),
         ("Pong", 0x21),
         ("Error", 0x22),

@@ -22,6 +22,8 @@ pub(crate) struct Config {
     pub(super) scan_every: Duration,
     /// Certificates for the link's TLS; none needed (see [`tls`]).
     pub(super) tls_files: tls::TlsFiles,
+    /// `tandem_max_rate`: bytes a second to the peer at most; 0, no cap.
+    pub(crate) max_rate: u64,
 }
 
 pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
@@ -90,6 +92,12 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
             ))?,
     };
     crate::clock::set_max_ahead(max_ahead);
+    let max_rate = match svc.setting("tandem_max_rate") {
+        None => 0,
+        Some(v) => parse_rate(&v).ok_or(format!(
+            "tandem_max_rate {v:?} is not a rate in bytes a second (like 500k or 2M; 0: no cap)"
+        ))?,
+    };
     #[cfg(feature = "test-hooks")]
     if let Some(ms) = svc
         .setting("tandem_test_clock_offset")
@@ -116,5 +124,42 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
         base_dir: svc.base_dir(),
         scan_every,
         tls_files,
+        max_rate,
     })
+}
+
+/// Bytes a second: a number, with an optional k, M or G (binary multiples) and an optional B/s.
+fn parse_rate(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let v = v
+        .strip_suffix("B/s")
+        .or(v.strip_suffix("/s"))
+        .unwrap_or(v)
+        .trim_end();
+    let (num, mult) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&v[..i], 1 << 20),
+        (i, 'g' | 'G') => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_read_as_bytes_a_second() {
+        assert_eq!(parse_rate("0"), Some(0));
+        assert_eq!(parse_rate("8000"), Some(8000));
+        assert_eq!(parse_rate("500k"), Some(500 << 10));
+        assert_eq!(parse_rate(" 2M "), Some(2 << 20));
+        assert_eq!(parse_rate("1G"), Some(1 << 30));
+        assert_eq!(parse_rate("64kB/s"), Some(64 << 10));
+        assert_eq!(parse_rate("fast"), None);
+        assert_eq!(parse_rate("-1"), None);
+        assert_eq!(parse_rate(""), None);
+        assert_eq!(parse_rate("99999999999G"), None);
+    }
 }

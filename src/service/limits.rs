@@ -5,6 +5,9 @@ use std::time::Duration;
 
 /// Unacknowledged record bytes in flight before the sender waits for acks.
 pub const WINDOW_BYTES: u64 = 8 << 20;
+/// How long a user's new records may wait for more to join them while its last frame is
+/// unacknowledged (see `Sender::linger`).
+pub const LINGER: Duration = Duration::from_millis(5);
 /// Body bytes sent between two rounds of records and acks.
 pub const LOW_SLICE: u64 = 256 << 10;
 /// Body bytes queued before the sender stops reading more records.

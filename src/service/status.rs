@@ -61,6 +61,16 @@ pub struct Status {
     #[serde(default)]
     pub body_bytes_sent: u64,
     pub bodies_applied: u64,
+    /// The body pacer of the outbound connection (session/pace.rs): body bytes in the network,
+    /// the window, the smallest recent round trip (ms) and the chunk size.
+    #[serde(default)]
+    pub body_inflight: u64,
+    #[serde(default)]
+    pub body_window: u64,
+    #[serde(default)]
+    pub link_rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub body_chunk: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<f64>,
     pub users: BTreeMap<String, UserStatus>,

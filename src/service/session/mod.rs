@@ -4,6 +4,7 @@
 pub mod bodies;
 #[cfg(feature = "service")]
 pub mod journals;
+pub mod pace;
 pub mod receive;
 #[cfg(feature = "service")]
 pub mod receiver;

@@ -39,6 +39,8 @@ pub(crate) fn serve(
                 applied,
                 rpc_state: RpcState::default(),
                 rpc: false,
+                body_in: 0,
+                body_reported: 0,
             };
             // Large bodies wait in unnamed files under the state directory, not in memory.
             if let Some(dir) = &ctx.spool_dir {
@@ -82,6 +84,10 @@ struct Inbound<'a> {
     rpc_state: RpcState,
     /// The connection of a verify or resync (it served Rpc requests): its close is its end.
     rpc: bool,
+    /// Body bytes received on this connection, and reported to the sender (which paces bodies
+    /// by it).
+    body_in: u64,
+    body_reported: u64,
 }
 
 impl Inbound<'_> {
@@ -104,6 +110,14 @@ impl Inbound<'_> {
                     while rd.received() - start < ROUND_BYTES {
                         let Some(m) = rd.next_ready()? else { break };
                         self.on_msg(m, wr)?;
+                    }
+                    // Before applying, which may take a while: the report times the network,
+                    // not this server's disk.
+                    if self.body_in > self.body_reported {
+                        self.body_reported = self.body_in;
+                        wr.send(&Msg::Received {
+                            bytes: self.body_in,
+                        })?;
                     }
                 }
                 None if last.elapsed() > IDLE_TIMEOUT => return Err(ConnError::Idle),
@@ -163,6 +177,9 @@ impl Inbound<'_> {
                 self.carry_out(actions, wr)
             }
             m @ Msg::Body { .. } => {
+                if let Msg::Body { data, .. } = &m {
+                    self.body_in += data.len() as u64;
+                }
                 let actions = match BodyChunk::of(&m) {
                     Some((user, chunk)) => {
                         self.rx.on_body(user, chunk).map_err(ConnError::Protocol)?

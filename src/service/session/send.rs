@@ -18,9 +18,10 @@ use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use crate::journal::format::encoded_len;
 use crate::service::limits::{
-    BATCH_BYTES, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
+    BATCH_BYTES, LINGER, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
 };
 use crate::service::positions::Position;
+use crate::service::session::pace::{Pacer, RateCap};
 use crate::service::status::UserStatus;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -43,6 +44,8 @@ struct Flow {
     inflight: u64,
     /// When the peer last acknowledged something of this user, or records began to wait.
     progress: Instant,
+    /// When its last Records frame went.
+    sent_at: Option<Instant>,
     /// Reported as stalled (once per stall).
     stalled: bool,
     last_error: Option<String>,
@@ -64,6 +67,10 @@ pub struct Sender {
     /// The low-priority lane: bodies waiting to go, read a chunk at a time when their turn
     /// comes.
     low: BodyLane,
+    /// How much body may be in the network, and in what chunks.
+    pace: Pacer,
+    /// `tandem_max_rate`.
+    cap: RateCap,
 }
 
 /// The bodies waiting to go, in order. The driver takes it out of the [`Sender`] to cut a
@@ -106,6 +113,16 @@ impl Sender {
         Sender::default()
     }
 
+    /// Caps what goes to the peer at `rate` bytes a second (0: no cap).
+    pub fn set_max_rate(&mut self, rate: u64) {
+        self.cap = RateCap::new(rate);
+    }
+
+    /// `n` bytes (a whole frame) went to the peer.
+    pub fn spent(&mut self, n: u64, now: Instant) {
+        self.cap.spend(n, now);
+    }
+
     pub fn knows(&self, user: &str) -> bool {
         self.users.contains_key(user)
     }
@@ -118,6 +135,7 @@ impl Sender {
             unacked: VecDeque::new(),
             inflight: 0,
             progress: now,
+            sent_at: None,
             stalled: false,
             last_error: None,
         });
@@ -191,6 +209,17 @@ impl Sender {
             .is_none_or(|f| f.inflight < USER_WINDOW)
     }
 
+    /// Until when the user's next records wait for more to join them (adaptive batching):
+    /// `None` sends at once. A user whose last frame is still unacknowledged holds new records
+    /// for at most [`LINGER`] after that frame, or until the acknowledgement comes: a lone
+    /// change on an idle stream goes at once, while a burst goes in a few frames instead of
+    /// one per change, costing bytes like one sync and about no latency.
+    pub fn linger(&self, user: &str, now: Instant) -> Option<Instant> {
+        let f = self.users.get(user)?;
+        let until = f.sent_at? + LINGER;
+        (f.inflight > 0 && now < until).then_some(until)
+    }
+
     /// The Records frames for records read with [`Sender::read`], split by bytes as well as
     /// by count so that no frame nears the frame limit; each with its raw record bytes. They
     /// count as in flight from now on.
@@ -208,6 +237,7 @@ impl Sender {
         if f.inflight == 0 {
             f.progress = now;
         }
+        f.sent_at = Some(now);
         let mut frame = Vec::new();
         let mut frame_bytes = 0u64;
         let mut records = records.into_iter().peekable();
@@ -324,9 +354,60 @@ impl Sender {
             .sum()
     }
 
-    /// The next slice of the body lane (see [`BodyLane::slice`]).
-    pub fn body_slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
-        self.low.slice(read)
+    /// The next slice of the body lane (see [`BodyLane::slice`]), as much as the pacer lets
+    /// go now.
+    pub fn body_slice(
+        &mut self,
+        read: &mut dyn FnMut(&BodyJob, u64) -> Part,
+        now: Instant,
+    ) -> Vec<Msg> {
+        let (budget, chunk) = self.body_budget(now);
+        let slice = self.low.slice(budget, chunk, read);
+        self.bodies_sent(&slice, now);
+        slice
+    }
+
+    /// The bytes of body that may go in the next slice, and the chunk size: at most
+    /// [`LOW_SLICE`] between two rounds of records, what the pacer lets go, and what the rate
+    /// cap does (whole chunks).
+    pub fn body_budget(&self, now: Instant) -> (u64, u64) {
+        let chunk = self.pace.chunk().min(self.cap.largest_chunk());
+        let capped = self.cap.available(now);
+        let capped = if capped < chunk { 0 } else { capped };
+        (LOW_SLICE.min(self.pace.room()).min(capped), chunk)
+    }
+
+    /// When the rate cap lets the next chunk go, if it is what holds bodies back.
+    pub fn bodies_capped_until(&self, now: Instant) -> Option<Instant> {
+        let at = self
+            .cap
+            .ready_at(self.pace.chunk().min(self.cap.largest_chunk()), now);
+        (self.bodies_waiting() && self.pace.room() > 0 && at > now).then_some(at)
+    }
+
+    /// The slice went: its bodies are in the network until the peer reports them received.
+    pub fn bodies_sent(&mut self, slice: &[Msg], now: Instant) {
+        for m in slice {
+            if let Msg::Body { data, .. } = m {
+                self.pace.sent(data.len() as u64, now);
+            }
+        }
+    }
+
+    /// The peer reports the body bytes it received on this connection. `Err`: more than was
+    /// sent, a forged report that ends the connection.
+    pub fn on_received(&mut self, bytes: u64, now: Instant) -> Result<(), String> {
+        self.pace.received(bytes, now)
+    }
+
+    /// Bodies wait and the pacer and the rate cap let some go now.
+    pub fn bodies_sendable(&self, now: Instant) -> bool {
+        self.bodies_waiting() && self.body_budget(now).0 > 0
+    }
+
+    /// The pacer's figures: body bytes in flight, the window, and the smallest round trip.
+    pub fn pace(&self) -> &Pacer {
+        &self.pace
     }
 
     /// The body lane, to cut a slice where the bodies are read; [`Sender::put_lane`] gives it
@@ -348,6 +429,7 @@ impl Sender {
     /// [`Sender::position`]).
     pub fn rewind(&mut self) {
         self.low.jobs.clear();
+        self.pace = Pacer::default();
         for f in self.users.values_mut() {
             f.unacked.clear();
             f.inflight = 0;
@@ -371,19 +453,23 @@ impl Sender {
 }
 
 impl BodyLane {
-    /// The next slice of the body lane: about [`LOW_SLICE`] bytes, read a chunk at a time with
+    /// The next slice of the body lane: about `budget` bytes, read `chunk` bytes at a time with
     /// `read` (at most the `u64` it is given, from the job's `next` offset), so that only the
     /// bytes about to go are in memory. A mail `read` finds gone is said so, so that the peer
     /// passes its record over; a resume point past the body's end (the peer held another
     /// body) starts again at 0.
-    pub fn slice(&mut self, read: &mut dyn FnMut(&BodyJob, u64) -> Part) -> Vec<Msg> {
+    pub fn slice(
+        &mut self,
+        mut budget: u64,
+        chunk: u64,
+        read: &mut dyn FnMut(&BodyJob, u64) -> Part,
+    ) -> Vec<Msg> {
         let mut out = Vec::new();
-        let mut budget = LOW_SLICE;
         while budget > 0 {
             let Some(mut job) = self.jobs.pop_front() else {
                 break;
             };
-            let max = budget.min(BODY_CHUNK as u64);
+            let max = budget.min(chunk).min(BODY_CHUNK as u64);
             let mut part = read(&job, max);
             if let Part::Here { total, .. } = &part {
                 if job.next > 0 && job.next >= *total {

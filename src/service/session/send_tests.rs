@@ -42,6 +42,58 @@ fn an_ack_frees_the_window_and_gives_the_position_to_persist() {
 }
 
 #[test]
+fn records_made_while_a_frame_is_unacknowledged_wait_a_little_for_more() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), now);
+    tx.open("bob", start(), now);
+    // An idle stream sends at once.
+    assert_eq!(tx.linger("alice", now), None);
+    send(&mut tx, "alice", 1..=1, now);
+    // With that frame unacknowledged, alice's next records wait, up to LINGER; bob's do not.
+    let soon = now + LINGER / 2;
+    assert_eq!(tx.linger("alice", soon), Some(now + LINGER));
+    assert_eq!(tx.linger("bob", soon), None);
+    assert_eq!(tx.linger("alice", now + LINGER), None);
+    // The ack ends the wait at once.
+    tx.on_ack("alice", JID, 1, soon).unwrap();
+    assert_eq!(tx.linger("alice", soon), None);
+}
+
+#[test]
+fn the_rate_cap_holds_bodies_back_but_not_records() {
+    let now = Instant::now();
+    let mut tx = Sender::new();
+    tx.set_max_rate(4096);
+    tx.open("alice", start(), now);
+    let data = vec![b'x'; 64 << 10];
+    let mut store = Store::new(&[(10, &data)]);
+    tx.queue_body("alice", INBOX, 10, 0);
+    // A full body slice spent the burst: bodies wait, the time a chunk takes at the rate.
+    let first = slice(&mut tx, &mut store);
+    let wire: u64 = first
+        .iter()
+        .map(|m| match m {
+            Msg::Body { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    assert!(wire > 0);
+    tx.spent(wire, now);
+    assert!(!tx.bodies_sendable(now));
+    let until = tx.bodies_capped_until(now).unwrap();
+    assert!(
+        until > now + Duration::from_millis(300),
+        "{:?}",
+        until - now
+    );
+    // Records still go.
+    assert_eq!(tx.linger("alice", now), None);
+    assert!(tx.window_open() && tx.user_window_open("alice"));
+    assert!(tx.bodies_sendable(until));
+}
+
+#[test]
 fn an_ack_for_more_than_was_sent_is_refused() {
     let now = Instant::now();
     let mut tx = Sender::new();
@@ -141,6 +193,14 @@ impl Store {
     }
 }
 
+/// The next body slice over a network that delivers at once: the peer reports what it got.
+fn slice(tx: &mut Sender, store: &mut Store) -> Vec<Msg> {
+    let now = Instant::now();
+    let out = tx.body_slice(&mut |j, max| store.read(j, max), now);
+    tx.on_received(tx.pace().sent_bytes(), now).unwrap();
+    out
+}
+
 #[test]
 fn bodies_are_read_and_go_a_chunk_at_a_time_and_a_gone_mail_is_said_so() {
     let mut tx = Sender::new();
@@ -153,7 +213,7 @@ fn bodies_are_read_and_go_a_chunk_at_a_time_and_a_gone_mail_is_said_so() {
     while tx.bodies_waiting() {
         slices += 1;
         let before = store.read;
-        let slice = tx.body_slice(&mut |j, max| store.read(j, max));
+        let slice = slice(&mut tx, &mut store);
         assert!(store.read - before <= LOW_SLICE, "read ahead of the slice");
         for m in slice {
             match m {
@@ -239,7 +299,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
             assert!(rx.on_records("alice", JID, records, 2_000_000).is_empty());
         }
         for _ in 0..5 {
-            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
+            for m in slice(&mut tx, &mut store) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -262,7 +322,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
             asks.extend(rx.on_records("alice", JID, records, 2_000_000));
         }
         for _ in 0..early_slices {
-            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
+            for m in slice(&mut tx, &mut store) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -272,7 +332,7 @@ fn a_body_cut_off_midway_is_sent_again_only_from_where_the_peer_stopped() {
         assert_eq!(offset, held);
         tx.queue_body("alice", INBOX, 10, offset);
         while tx.bodies_waiting() {
-            for m in tx.body_slice(&mut |j, max| store.read(j, max)) {
+            for m in slice(&mut tx, &mut store) {
                 wire += deliver_body(&mut rx, m).0;
             }
         }
@@ -446,7 +506,7 @@ fn a_resume_point_past_the_end_of_the_body_starts_it_again_from_0() {
     tx.queue_body("alice", INBOX, 10, 1000);
     // A copy queued earlier is replaced, not sent as well.
     tx.queue_body("alice", INBOX, 10, 2000);
-    let slice = tx.body_slice(&mut |j, max| store.read(j, max));
+    let slice = slice(&mut tx, &mut store);
     let [Msg::Body {
         offset: 0,
         total,

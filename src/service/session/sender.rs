@@ -43,6 +43,8 @@ pub(crate) enum Incoming {
         uid: u32,
         offset: u64,
     },
+    /// The peer's report of the body bytes it received.
+    Received(u64),
     Closed(String),
 }
 
@@ -55,12 +57,14 @@ pub(crate) fn outbound(ctx: Ctx, rings: Receiver<String>) {
     let sent = peer
         .as_deref()
         .and_then(|p| positions::sent_to(&ctx.cfg.state_dir, p).ok());
+    let mut tx = Sender::new();
+    tx.set_max_rate(ctx.cfg.max_rate);
     let mut out = Outbound {
         ctx: ctx.clone(),
         peer,
         sent,
         users: HashMap::new(),
-        tx: Sender::new(),
+        tx,
         pending: BTreeSet::new(),
         rings,
         lookups: (Instant::now(), 0),
@@ -224,6 +228,7 @@ impl Outbound {
                                 uid,
                                 offset,
                             },
+                            Msg::Received { bytes } => Incoming::Received(bytes),
                             Msg::Pong { .. } | Msg::Ping { .. } => continue,
                             Msg::Error { message } => {
                                 Incoming::Closed(format!("the peer reports: {message:?}"))
@@ -279,11 +284,18 @@ impl Outbound {
                 self.publish_user(&name);
             }
             let mut did = false;
+            let mut wake = Instant::now() + Duration::from_millis(250);
             if self.tx.window_open() {
                 let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
                 for name in names {
                     if !self.tx.user_window_open(&name) {
                         // Its window is full: it goes on when the peer acknowledges.
+                        self.pending.insert(name);
+                        continue;
+                    }
+                    if let Some(until) = self.tx.linger(&name, Instant::now()) {
+                        // More may join its records: it goes at the ack or at `until`.
+                        wake = wake.min(until);
                         self.pending.insert(name);
                         continue;
                     }
@@ -305,13 +317,22 @@ impl Outbound {
                 }
             }
             // Then one slice of bodies, so that a large one never holds the rest up.
-            let slice = if self.tx.bodies_waiting() {
+            let slice = if self.tx.bodies_sendable(Instant::now()) {
                 self.body_slice()?
             } else {
                 Vec::new()
             };
+            if !slice.is_empty() {
+                let p = self.tx.pace();
+                let mut st = self.ctx.status.lock().unwrap();
+                st.body_inflight = p.inflight();
+                st.body_window = p.window();
+                st.body_chunk = p.chunk();
+                st.link_rtt_ms = p.min_rtt().map(|d| d.as_secs_f64() * 1000.0);
+            }
             for m in slice {
-                wr.send(&m)?;
+                let wire = wr.send(&m)? as u64;
+                self.tx.spent(wire, Instant::now());
                 if let Msg::Body {
                     data,
                     offset,
@@ -326,15 +347,18 @@ impl Outbound {
                     }
                 }
             }
-            if (!did || !self.tx.window_open()) && !self.tx.bodies_waiting() {
-                // Wait for an ack, a ring or the next rescan.
+            if let Some(at) = self.tx.bodies_capped_until(Instant::now()) {
+                wake = wake.min(at);
+            }
+            if (!did || !self.tx.window_open()) && !self.tx.bodies_sendable(Instant::now()) {
+                // Wait for an ack, a report of bodies received, a ring or the next rescan.
                 crossbeam_channel::select! {
                     recv(incoming) -> ev => match ev {
                         Ok(ev) => self.on_incoming(ev)?,
                         Err(_) => return Err(ConnError::Closed),
                     },
                     recv(self.rings) -> u => if let Ok(u) = u { self.pending.insert(u); },
-                    default(Duration::from_millis(250)) => {}
+                    default(wake.saturating_duration_since(Instant::now())) => {}
                 }
             }
         }
@@ -364,6 +388,7 @@ impl Outbound {
                 _ => 0,
             };
             let wire = wr.send(&frame)? as u64;
+            self.tx.spent(wire, Instant::now());
             let mut s = self.ctx.status.lock().unwrap();
             s.records_sent += n;
             s.record_bytes_raw += raw;
@@ -388,6 +413,17 @@ impl Outbound {
     fn on_incoming(&mut self, ev: Incoming) -> Result<(), ConnError> {
         match ev {
             Incoming::Closed(why) => Err(ConnError::Protocol(why)),
+            Incoming::Received(bytes) => {
+                self.tx
+                    .on_received(bytes, Instant::now())
+                    .map_err(ConnError::Protocol)?;
+                let p = self.tx.pace();
+                let mut st = self.ctx.status.lock().unwrap();
+                st.body_inflight = p.inflight();
+                st.body_window = p.window();
+                st.link_rtt_ms = p.min_rtt().map(|d| d.as_secs_f64() * 1000.0);
+                Ok(())
+            }
             Incoming::NeedBody {
                 user,
                 mailbox_guid,
@@ -461,13 +497,17 @@ impl Outbound {
     /// the main loop per slice rather than per body, which is what bulk transfers of small
     /// mails paid for.
     fn body_slice(&mut self) -> Result<Vec<Msg>, ConnError> {
+        let (budget, chunk) = self.tx.body_budget(Instant::now());
         let mut lane = self.tx.take_lane();
         let (lane, slice, unsent) = self.ctx.main.call(move |svc: &Svc| {
             let mut unsent = Vec::new();
-            let slice = lane.slice(&mut |job, max| read_part(svc, job, max, &mut unsent));
+            let slice = lane.slice(budget, chunk, &mut |job, max| {
+                read_part(svc, job, max, &mut unsent)
+            });
             (lane, slice, unsent)
         })?;
         self.tx.put_lane(lane);
+        self.tx.bodies_sent(&slice, Instant::now());
         for u in unsent {
             let (user, uid, mailbox_guid) = (&u.user, u.uid, u.mailbox_guid);
             if let Some(e) = u.error {

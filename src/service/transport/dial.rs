@@ -7,6 +7,7 @@ use crate::service::limits::{HANDSHAKE_TIMEOUT, PREAUTH_MAX_FRAME};
 use crate::service::transport::conn::{ConnError, FrameReader, FrameWriter};
 use crate::service::transport::tls::{self};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 /// The host part of `tandem_peer` (`host:port`, `[v6]:port`).
@@ -29,6 +30,9 @@ pub(crate) fn close(ctx: &Ctx, stream: &TcpStream) {
 }
 
 /// Connects to the peer and authenticates: the reader, the writer and the peer's server id.
+/// Unsent bytes the kernel may hold on the connection to the peer (`TCP_NOTSENT_LOWAT`).
+const NOTSENT_LOWAT: libc::c_int = 128 << 10;
+
 pub(crate) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), ConnError> {
     let peer = ctx.cfg.peer.clone().unwrap_or_default();
     let addrs: Vec<_> = peer
@@ -53,6 +57,19 @@ pub(crate) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), Conn
         ));
     };
     let _ = stream.set_nodelay(true);
+    // The kernel keeps at most this much not yet sent: what it holds queues in front of the next
+    // record frame, and the pacer (session/pace.rs) keeps the rest of the bodies here instead.
+    let lowat: libc::c_int = NOTSENT_LOWAT;
+    // SAFETY: a valid socket and an int option of the right size; a failure only loses the hint.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let secret = ctx
         .cfg
         .secret

@@ -1,0 +1,283 @@
+//! How many body bytes may be in the network at once, and how large a body chunk is: the
+//! sender's own congestion window for bodies, so that records and acks never queue behind
+//! more than a little of a body, on a LAN or on a slow, far link (DESIGN.md decision 9).
+//!
+//! The kernel's socket buffers and the network's queues would otherwise hold megabytes of body
+//! ahead of the next flag change: 26 s of them on a 64 kbit/s link. The receiver reports the
+//! body bytes it has read ([`crate::codec::Msg::Received`]); what is sent and not yet reported
+//! is in flight. As in TCP Vegas and BBR, the window grows while the round trip stays near the
+//! smallest one seen (the link is not queueing), and when the round trip grows by more than
+//! [`TARGET_DELAY`] (a queue is building) it drops to what the link carries in the smallest
+//! round trip plus that delay, so that about [`TARGET_DELAY`] of body stands in front of a
+//! record frame. A chunk is what the link carries in [`CHUNK_TIME`]: small on a slow link, so
+//! that a record waits for little, and [`BODY_CHUNK`] on a fast one.
+//!
+//! Sans-IO: the driver passes the time in.
+
+use crate::codec::BODY_CHUNK;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The queueing delay the pacer lets build up in front of the next record frame.
+pub const TARGET_DELAY: Duration = Duration::from_millis(100);
+/// The smallest body chunk: below it the frame overhead starts to count.
+pub const MIN_CHUNK: u64 = 2 << 10;
+/// A chunk is what the link carries in this long (within [`MIN_CHUNK`] and [`BODY_CHUNK`]).
+pub const CHUNK_TIME: Duration = Duration::from_millis(50);
+/// The window a connection starts with: a few small chunks, so that on a slow link the first
+/// round trip is not spent behind a large one; on a fast one it doubles every round trip.
+pub const INITIAL_WINDOW: u64 = 16 << 10;
+pub const MIN_WINDOW: u64 = 2 * MIN_CHUNK;
+/// Far more than any link needs; it bounds the bookkeeping as well.
+pub const MAX_WINDOW: u64 = 32 << 20;
+/// How long the smallest round trip seen stands for the link's: a route that got longer is
+/// learned within this long instead of starving the window for good.
+pub const MIN_RTT_FOR: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct Pacer {
+    /// Body bytes sent on this connection, and reported received.
+    sent: u64,
+    received: u64,
+    /// Where each chunk sent ends, when it went and its size: the round trip of a report is
+    /// the time since the chunk it covers went, less the time the link took to carry that
+    /// chunk (which depends on its size, not on any queue).
+    marks: VecDeque<(u64, Instant, u64)>,
+    /// The last report, and the delivery rates (bytes/s) of the last few: their maximum is
+    /// the link's rate as far as we know.
+    last_report: Option<(u64, Instant)>,
+    rates: VecDeque<f64>,
+    window: u64,
+    /// The smallest round trip seen in the last [`MIN_RTT_FOR`], and since when it counts.
+    min_rtt: Option<(Duration, Instant)>,
+    /// Still doubling: no queue has been seen yet.
+    slow_start: bool,
+    /// The last time the window was cut: at most once per round trip.
+    cut_at: Option<Instant>,
+}
+
+impl Default for Pacer {
+    fn default() -> Pacer {
+        Pacer {
+            sent: 0,
+            received: 0,
+            marks: VecDeque::new(),
+            last_report: None,
+            rates: VecDeque::new(),
+            window: INITIAL_WINDOW,
+            min_rtt: None,
+            slow_start: true,
+            cut_at: None,
+        }
+    }
+}
+
+impl Pacer {
+    /// Body bytes that may go now (0: wait for a report).
+    /// Whole chunks only (the last piece of a body aside): equal chunks make round trips
+    /// comparable.
+    pub fn room(&self) -> u64 {
+        let inflight = self.sent - self.received;
+        if inflight == 0 {
+            // Never stuck: one chunk may always go on an empty network.
+            return self.chunk();
+        }
+        let room = self.window.saturating_sub(inflight);
+        if room < self.chunk() {
+            0
+        } else {
+            room
+        }
+    }
+
+    /// The size of the next chunk.
+    pub fn chunk(&self) -> u64 {
+        let rate = self.rate();
+        if rate == 0.0 {
+            return (INITIAL_WINDOW / 4).max(MIN_CHUNK);
+        }
+        ((rate * CHUNK_TIME.as_secs_f64()) as u64).clamp(MIN_CHUNK, BODY_CHUNK as u64)
+    }
+
+    /// The link's rate as far as we know (0: not known yet), bytes/s.
+    fn rate(&self) -> f64 {
+        self.rates.iter().copied().fold(0.0, f64::max)
+    }
+
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// Body bytes sent on this connection.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.sent - self.received
+    }
+
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt.map(|(d, _)| d)
+    }
+
+    /// A chunk of `n` bytes went.
+    pub fn sent(&mut self, n: u64, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        self.sent += n;
+        self.marks.push_back((self.sent, now, n));
+    }
+
+    /// The peer reports `bytes` received. `Err` when that is more than was sent: a forged
+    /// report, which ends the connection.
+    pub fn received(&mut self, bytes: u64, now: Instant) -> Result<(), String> {
+        if bytes > self.sent {
+            return Err(format!(
+                "the peer reports {bytes} body bytes received, but only {} were sent; \
+                 refusing a forged report",
+                self.sent
+            ));
+        }
+        if bytes <= self.received {
+            return Ok(());
+        }
+        let newly = bytes - self.received;
+        self.received = bytes;
+        if let Some((before, t)) = self.last_report {
+            let dt = now.saturating_duration_since(t).as_secs_f64();
+            if dt > 0.0 {
+                if self.rates.len() == 8 {
+                    self.rates.pop_front();
+                }
+                self.rates.push_back((bytes - before) as f64 / dt);
+            }
+        }
+        self.last_report = Some((bytes, now));
+        let mut went = None;
+        while self.marks.front().is_some_and(|&(end, _, _)| end <= bytes) {
+            went = self.marks.pop_front().map(|(_, t, n)| (t, n));
+        }
+        let Some((went, size)) = went else {
+            return Ok(());
+        };
+        let rate = self.rate();
+        let carried = if rate > 0.0 {
+            Duration::from_secs_f64((size as f64 / rate).min(60.0))
+        } else {
+            Duration::ZERO
+        };
+        let rtt = now.saturating_duration_since(went).saturating_sub(carried);
+        let min_rtt = match self.min_rtt {
+            Some((d, since)) if d <= rtt && now.saturating_duration_since(since) < MIN_RTT_FOR => d,
+            _ => {
+                self.min_rtt = Some((rtt, now));
+                rtt
+            }
+        };
+        let queued = rtt.saturating_sub(min_rtt);
+        if queued > TARGET_DELAY {
+            // A queue is building: down to what the link carries in a round trip plus the
+            // target, at once, and at most once per round trip (the reports still coming for
+            // chunks sent before the cut show the same queue).
+            if self
+                .cut_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= rtt)
+            {
+                self.cut_at = Some(now);
+                let fits = (rate * (min_rtt + TARGET_DELAY).as_secs_f64()) as u64;
+                self.window = fits.min(self.window * 7 / 8).max(MIN_WINDOW);
+            }
+            self.slow_start = false;
+        } else if queued < TARGET_DELAY / 2 {
+            // No queue: probe for more. Until the first queue, double every round trip; then
+            // a chunk more per round trip, as the delay signal comes a round trip late.
+            let add = if self.slow_start {
+                newly
+            } else {
+                (self.chunk() as u128 * newly as u128 / self.window.max(1) as u128) as u64
+            };
+            self.window = (self.window + add.max(1)).min(MAX_WINDOW);
+        }
+        Ok(())
+    }
+}
+
+/// `tandem_max_rate`: at most this many bytes a second to the peer, over a short burst. Every
+/// frame spends from it; only bodies wait for it, so that records and acks always go first
+/// inside the cap (they are small, and bounded by their own windows).
+#[derive(Debug, Default)]
+pub struct RateCap {
+    /// Bytes a second; 0: no cap.
+    rate: u64,
+    /// What may go now; below 0 after records went over the cap.
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl RateCap {
+    pub fn new(rate: u64) -> RateCap {
+        RateCap {
+            rate,
+            tokens: 0.0,
+            at: None,
+        }
+    }
+
+    /// The most that may go at once: a tenth of a second's worth, and never less than the
+    /// smallest chunk.
+    fn burst(&self) -> f64 {
+        (self.rate as f64 / 10.0).max(MIN_CHUNK as f64)
+    }
+
+    /// The largest chunk that fits in a burst (`u64::MAX` without a cap).
+    pub fn largest_chunk(&self) -> u64 {
+        if self.rate == 0 {
+            return u64::MAX;
+        }
+        self.burst() as u64
+    }
+
+    fn tokens_at(&self, now: Instant) -> f64 {
+        match self.at {
+            None => self.burst(),
+            Some(t) => (self.tokens
+                + self.rate as f64 * now.saturating_duration_since(t).as_secs_f64())
+            .min(self.burst()),
+        }
+    }
+
+    /// `n` bytes went to the peer.
+    pub fn spend(&mut self, n: u64, now: Instant) {
+        if self.rate == 0 {
+            return;
+        }
+        self.tokens = self.tokens_at(now) - n as f64;
+        self.at = Some(now);
+    }
+
+    /// The bytes that may go now.
+    pub fn available(&self, now: Instant) -> u64 {
+        if self.rate == 0 {
+            return u64::MAX;
+        }
+        self.tokens_at(now).max(0.0) as u64
+    }
+
+    /// When `n` bytes may go (now if they may already).
+    pub fn ready_at(&self, n: u64, now: Instant) -> Instant {
+        if self.rate == 0 {
+            return now;
+        }
+        let short = n as f64 - self.tokens_at(now);
+        if short <= 0.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64(short / self.rate as f64)
+    }
+}
+
+#[cfg(test)]
+#[path = "pace_tests.rs"]
+mod tests;
