@@ -54,7 +54,7 @@ pub use lmtp::{dot_stuff, Lmtp, Reply};
 #[allow(unused_imports)]
 pub use message::message;
 #[allow(unused_imports)]
-pub use pair::{every_operation, settle, state, wait_converged, Link, Pair, State};
+pub use pair::{every_operation, settle, state, wait_converged, Link, Pair, Shape, State};
 
 use std::time::{Duration, Instant};
 
