@@ -249,11 +249,14 @@ pub fn mail_with_attachment(subject: &str, attachment: usize, seed: u64) -> Vec<
     m
 }
 
-/// A realistic mix of `n` mails, the same for the same `seed`: about half plain text of
+/// A realistic mix of `n` mails, the same for the same `seed` (but for the Message-ID, and so
+/// within a few bytes of the same size): about half plain text of
 /// 2–10 KB, a quarter text with an HTML alternative of 5–30 KB, a fifth with a base64
 /// attachment of random bytes of 10–80 KB, and one in twenty with one of 100–500 KB.
 pub fn mixed_mails(n: usize, seed: u64) -> Vec<Vec<u8>> {
     let mut rng = Rng::new(seed);
+    // `rng` draws only each mail's kind, size and seed, so that the mix does not depend on the
+    // length of the headers; each mail's text comes from its own seed.
     (0..n)
         .map(|i| {
             let kind = rng.range(0, 99);
@@ -263,12 +266,13 @@ pub fn mixed_mails(n: usize, seed: u64) -> Vec<Vec<u8>> {
                 let size = rng.range(2_000, 10_000);
                 let mut m = headers(&subject).into_bytes();
                 m.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n\r\n");
-                m.extend_from_slice(prose(&mut rng, size.saturating_sub(m.len())).as_bytes());
+                let text = prose(&mut Rng::new(mail_seed), size.saturating_sub(m.len()));
+                m.extend_from_slice(text.as_bytes());
                 m
             } else if kind < 75 {
                 // The HTML part is the text again in markup, about 1.6 times its size.
                 let size = rng.range(5_000, 30_000);
-                let text = prose(&mut rng, size * 4 / 10);
+                let text = prose(&mut Rng::new(mail_seed), size * 4 / 10);
                 let mut html = String::from(
                     "<html><head><meta charset=\"utf-8\"></head>\r\n<body style=\"font-family: \
                      Arial, sans-serif; font-size: 14px;\">\r\n",
