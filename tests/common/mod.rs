@@ -52,9 +52,9 @@ pub use imap::{
 #[allow(unused_imports)]
 pub use lmtp::{dot_stuff, Lmtp, Reply};
 #[allow(unused_imports)]
-pub use message::message;
+pub use message::{base64_lines, mail_with_attachment, message, mixed_mails, Rng};
 #[allow(unused_imports)]
-pub use pair::{every_operation, settle, state, wait_converged, Link, Pair, State};
+pub use pair::{every_operation, settle, state, wait_converged, Link, Pair, Shape, State};
 
 use std::time::{Duration, Instant};
 
