@@ -257,11 +257,15 @@ pub struct UserCapture {
     /// Whether this process already made sure the user is in the service's registry.
     registered: bool,
     doorbell: Option<Doorbell>,
+    /// The clock floor, read before every append through a file kept open.
+    floor: crate::clock::FloorReader,
 }
 
 impl UserCapture {
     pub fn new(user: String, settings: Settings) -> UserCapture {
+        let floor = crate::clock::FloorReader::new(&settings.state_dir, &user);
         UserCapture {
+            floor,
             user,
             settings,
             writer: None,
@@ -354,7 +358,7 @@ impl UserCapture {
         let writer = self.writer.as_mut().expect("opened above");
         // After every change of the peer's that the service applied for this user, which
         // this user may have seen: the hybrid logical clock (src/clock.rs).
-        match crate::clock::read_floor(&self.settings.state_dir, &self.user) {
+        match self.floor.read() {
             Ok(floor) => writer.set_clock_floor(floor),
             Err(e) => {
                 static WARNED: std::sync::atomic::AtomicBool =
@@ -420,7 +424,7 @@ impl UserCapture {
                 .clone()
                 .and_then(|p| Doorbell::new(p).ok());
         }
-        if let Some(bell) = &self.doorbell {
+        if let Some(bell) = &mut self.doorbell {
             let _ = bell.ring(&self.user);
         }
     }
