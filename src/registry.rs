@@ -169,6 +169,11 @@ impl Doorbell {
         })
     }
 
+    /// The doorbell's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn ring(&mut self, user: &str) -> io::Result<()> {
         if self.connected {
             match self.sock.send(user.as_bytes()) {
