@@ -246,6 +246,13 @@ pub fn record(origin: &str, user: &str, info: &BoxInfo, change: Change) -> Recor
     }
 }
 
+/// The doorbell of this process, kept for its lifetime: an LMTP process creates a mail user per
+/// delivery, and a socket per user would cost a `socket`, an `ioctl` and a `connect` per mail.
+/// A static (never dropped: the socket closes with the process), so that the plugin registers
+/// no thread-local destructor; capture runs on Dovecot's main thread, so the lock is never
+/// contended.
+static DOORBELL: std::sync::Mutex<Option<Doorbell>> = std::sync::Mutex::new(None);
+
 /// Per-user capture state, created when Dovecot creates the mail user.
 pub struct UserCapture {
     pub user: String,
@@ -256,18 +263,20 @@ pub struct UserCapture {
     deleting: Vec<Guid128>,
     /// Whether this process already made sure the user is in the service's registry.
     registered: bool,
-    doorbell: Option<Doorbell>,
+    /// The clock floor, read before every append through a file kept open.
+    floor: crate::clock::FloorReader,
 }
 
 impl UserCapture {
     pub fn new(user: String, settings: Settings) -> UserCapture {
+        let floor = crate::clock::FloorReader::new(&settings.state_dir, &user);
         UserCapture {
+            floor,
             user,
             settings,
             writer: None,
             deleting: Vec::new(),
             registered: false,
-            doorbell: None,
         }
     }
 
@@ -354,7 +363,7 @@ impl UserCapture {
         let writer = self.writer.as_mut().expect("opened above");
         // After every change of the peer's that the service applied for this user, which
         // this user may have seen: the hybrid logical clock (src/clock.rs).
-        match crate::clock::read_floor(&self.settings.state_dir, &self.user) {
+        match self.floor.read() {
             Ok(floor) => writer.set_clock_floor(floor),
             Err(e) => {
                 static WARNED: std::sync::atomic::AtomicBool =
@@ -413,15 +422,16 @@ impl UserCapture {
                 }
             }
         }
-        if self.doorbell.is_none() {
-            self.doorbell = self
-                .settings
-                .doorbell
-                .clone()
-                .and_then(|p| Doorbell::new(p).ok());
-        }
-        if let Some(bell) = &self.doorbell {
-            let _ = bell.ring(&self.user);
+        if let Some(path) = &self.settings.doorbell {
+            let mut bell = DOORBELL
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if bell.as_ref().is_none_or(|b| b.path() != path.as_path()) {
+                *bell = Doorbell::new(path.clone()).ok();
+            }
+            if let Some(bell) = bell.as_mut() {
+                let _ = bell.ring(&self.user);
+            }
         }
     }
 

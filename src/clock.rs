@@ -18,7 +18,6 @@
 
 use crate::event::Stamp;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -100,25 +99,58 @@ fn decode(b: &[u8; 16]) -> Option<Stamp> {
 }
 
 /// The user's floor: the highest remote stamp the service applied for the user. None yet (no
-/// file) is `Stamp(0)`. Mail processes call this before every append.
+/// file) is `Stamp(0)`.
 pub fn read_floor(state_dir: &Path, user: &str) -> std::io::Result<Stamp> {
-    let path = floor_path(state_dir, user);
-    let mut f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stamp(0)),
-        Err(e) => return Err(e),
-    };
-    let mut b = [0u8; 16];
-    f.read_exact(&mut b)?;
-    decode(&b).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{}: not a clock floor", path.display()),
-        )
-    })
+    FloorReader::new(state_dir, user).read()
 }
 
-/// Raises the user's floor to `stamp` (never lowers it), durably. The service calls this
+/// Reads one user's floor again and again, as a mail process does before every append: the
+/// file is opened once and then read with one `pread`, instead of a path lookup, an open, a
+/// read and a close per transaction. That is sound because [`advance_floor`] writes the floor
+/// in place and nothing replaces or removes the file; until the file exists, every read looks
+/// for it again, so the first floor the service writes is seen at the next append.
+pub struct FloorReader {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl FloorReader {
+    pub fn new(state_dir: &Path, user: &str) -> FloorReader {
+        FloorReader {
+            path: floor_path(state_dir, user),
+            file: None,
+        }
+    }
+
+    /// The floor now. An error (a torn or foreign file) forgets the open file, so that the
+    /// next read starts over.
+    pub fn read(&mut self) -> std::io::Result<Stamp> {
+        let file = match &self.file {
+            Some(f) => f,
+            None => match File::open(&self.path) {
+                Ok(f) => self.file.insert(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Stamp(0)),
+                Err(e) => return Err(e),
+            },
+        };
+        let mut b = [0u8; 16];
+        let read = file.read_exact_at(&mut b, 0).and_then(|()| {
+            decode(&b).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: not a clock floor", self.path.display()),
+                )
+            })
+        });
+        if read.is_err() {
+            self.file = None;
+        }
+        read
+    }
+}
+
+/// Raises the user's floor to `stamp` (never lowers it), durably, in place: [`FloorReader`]
+/// keeps the file open, so it must never be replaced by another file. The service calls this
 /// before it acknowledges the records that carried `stamp`.
 pub fn advance_floor(state_dir: &Path, user: &str, stamp: Stamp) -> std::io::Result<()> {
     let dir = state_dir.join(CLOCK_DIR);
@@ -236,5 +268,22 @@ mod tests {
         assert_eq!(mode(&floor_path(t.path(), "u")), 0o644);
         std::fs::write(floor_path(t.path(), "u"), [7u8; 16]).unwrap();
         assert!(read_floor(t.path(), "u").is_err(), "garbage is not a floor");
+    }
+
+    /// A mail process keeps one reader for its whole session: it sees the floor appear, every
+    /// later raise, and recovers from a garbled file once it is good again.
+    #[test]
+    fn a_kept_reader_sees_every_new_floor() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = FloorReader::new(t.path(), "u");
+        assert_eq!(r.read().unwrap(), Stamp(0));
+        advance_floor(t.path(), "u", Stamp(500)).unwrap();
+        assert_eq!(r.read().unwrap(), Stamp(500));
+        advance_floor(t.path(), "u", Stamp(900)).unwrap();
+        assert_eq!(r.read().unwrap(), Stamp(900));
+        std::fs::write(floor_path(t.path(), "u"), [7u8; 16]).unwrap();
+        assert!(r.read().is_err(), "garbage is not a floor");
+        advance_floor(t.path(), "u", Stamp(1000)).unwrap();
+        assert_eq!(r.read().unwrap(), Stamp(1000));
     }
 }

@@ -147,20 +147,46 @@ pub fn unregister(state_dir: &Path, user: &str) -> io::Result<()> {
 }
 
 /// Rings the service's doorbell for `user`. Never blocks; errors are the caller's to ignore.
+///
+/// The socket is connected to the doorbell at the first ring and stays connected, so a ring is
+/// one `send` without a path lookup. When the service restarts, its new socket is another one
+/// at the same path: the send on the old connection fails, and the ring reconnects and sends
+/// again at once, so no ring is lost to a restart.
 pub struct Doorbell {
     sock: UnixDatagram,
     path: PathBuf,
+    connected: bool,
 }
 
 impl Doorbell {
     pub fn new(path: PathBuf) -> io::Result<Doorbell> {
         let sock = UnixDatagram::unbound()?;
         sock.set_nonblocking(true)?;
-        Ok(Doorbell { sock, path })
+        Ok(Doorbell {
+            sock,
+            path,
+            connected: false,
+        })
     }
 
-    pub fn ring(&self, user: &str) -> io::Result<()> {
-        self.sock.send_to(user.as_bytes(), &self.path).map(|_| ())
+    /// The doorbell's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn ring(&mut self, user: &str) -> io::Result<()> {
+        if self.connected {
+            match self.sock.send(user.as_bytes()) {
+                Ok(_) => return Ok(()),
+                // The service's queue is full: it has rings to read, and stays our peer.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                // Gone (stopped, or restarted on a new socket): connect again below.
+                Err(_) => self.connected = false,
+            }
+        }
+        self.sock.connect(&self.path)?;
+        self.connected = true;
+        self.sock.send(user.as_bytes()).map(|_| ())
     }
 }
 
@@ -198,12 +224,30 @@ mod tests {
         let mode = fs::metadata(t.path()).unwrap().mode();
         assert_eq!(mode & 0o011, 0o011, "others can reach users/: {mode:o}");
         let bell_path = t.path().join(DOORBELL_NAME);
-        let bell = Doorbell::new(bell_path.clone()).unwrap();
+        let mut bell = Doorbell::new(bell_path.clone()).unwrap();
         assert!(bell.ring("nobody listening").is_err());
         let server = UnixDatagram::bind(&bell_path).unwrap();
         bell.ring("alice").unwrap();
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"alice");
+        bell.ring("bob").unwrap();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"bob");
+        // The service restarts: a new socket at the same path. The next ring reaches it.
+        drop(server);
+        fs::remove_file(&bell_path).unwrap();
+        let server = UnixDatagram::bind(&bell_path).unwrap();
+        bell.ring("carol").unwrap();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"carol");
+        // Stopped: the ring fails, and it reaches the service once it is back.
+        drop(server);
+        fs::remove_file(&bell_path).unwrap();
+        assert!(bell.ring("dave").is_err());
+        let server = UnixDatagram::bind(&bell_path).unwrap();
+        bell.ring("erin").unwrap();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"erin");
     }
 }

@@ -16,6 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A segment grows to about this size before the writer starts the next one.
@@ -111,7 +112,9 @@ pub struct Writer {
     dir: PathBuf,
     fsync: FsyncPolicy,
     segment_target: u64,
-    lock: File,
+    /// The lock file, opened once. Shared (not `dup`ed) with the guard of each append: two
+    /// syscalls per transaction fewer than cloning the descriptor.
+    lock: Arc<File>,
     active: Option<Active>,
     /// The highest remote stamp applied for this user (see [`crate::clock`]).
     floor: Stamp,
@@ -154,14 +157,11 @@ impl Writer {
             dir: dir.to_path_buf(),
             fsync,
             segment_target,
-            lock,
+            lock: Arc::new(lock),
             active: None,
             floor: Stamp::default(),
         };
-        let lock = w
-            .lock
-            .try_clone()
-            .map_err(|e| JournalError::io(&lock_path, e))?;
+        let lock = Arc::clone(&w.lock);
         let _g = LockGuard::acquire(&lock, true, LOCK_TIMEOUT)?;
         w.recover()?;
         Ok(w)
@@ -401,10 +401,7 @@ impl Writer {
         if records.is_empty() {
             return Ok(());
         }
-        let lock = self
-            .lock
-            .try_clone()
-            .map_err(|e| JournalError::io(self.dir.join(LOCK_FILE), e))?;
+        let lock = Arc::clone(&self.lock);
         let _g = LockGuard::acquire(&lock, true, LOCK_TIMEOUT)?;
         self.catch_up()?;
         if self
