@@ -112,6 +112,27 @@ fn a_body_asked_for_again_resumes_where_the_held_part_ends() {
 }
 
 #[test]
+fn a_body_still_coming_in_is_not_asked_for_again() {
+    let mut rx = rx();
+    let t0 = Instant::now();
+    rx.on_records("alice", JID, vec![new_mail(1, 10)], NOW);
+    chunk(&mut rx, "alice", 10, 9, 0, b"abc").unwrap();
+    assert!(matches!(rx.next("alice", t0), Next::Wait(None)));
+    // A slow link: a chunk now and then, each well within the patience.
+    let mut t = t0;
+    for (i, part) in [&b"def"[..], b"gh"].into_iter().enumerate() {
+        t += BODY_PATIENCE * 3 / 4;
+        chunk(&mut rx, "alice", 10, 9, 3 + 3 * i as u64, part).unwrap();
+        assert!(matches!(rx.next("alice", t), Next::Wait(None)));
+    }
+    // Nothing more for the whole patience: asked again, from where it ends.
+    let Next::Wait(Some(Msg::NeedBody { offset: 8, .. })) = rx.next("alice", t + BODY_PATIENCE)
+    else {
+        panic!("not asked again")
+    };
+}
+
+#[test]
 fn a_large_body_waits_in_a_spool_file_not_in_memory() {
     use crate::service::apply::spool::{SpoolDir, SPOOL_MEMORY};
     let tmp = tempfile::tempdir().unwrap();

@@ -33,6 +33,11 @@ pub const MAX_WINDOW: u64 = 32 << 20;
 /// How long the smallest round trip seen stands for the link's: a route that got longer is
 /// learned within this long instead of starving the window for good.
 pub const MIN_RTT_FOR: Duration = Duration::from_secs(10);
+/// Delivery rates older than this no longer count.
+pub const RATE_FOR: Duration = Duration::from_secs(2);
+/// Bodies starting after this long (or four round trips) with nothing in flight start from
+/// the initial window again.
+pub const IDLE_RESTART: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Pacer {
@@ -46,7 +51,7 @@ pub struct Pacer {
     /// The last report, and the delivery rates (bytes/s) of the last few: their maximum is
     /// the link's rate as far as we know.
     last_report: Option<(u64, Instant)>,
-    rates: VecDeque<f64>,
+    rates: VecDeque<(f64, Instant)>,
     window: u64,
     /// The smallest round trip seen in the last [`MIN_RTT_FOR`], and since when it counts.
     min_rtt: Option<(Duration, Instant)>,
@@ -93,15 +98,20 @@ impl Pacer {
     /// The size of the next chunk.
     pub fn chunk(&self) -> u64 {
         let rate = self.rate();
-        if rate == 0.0 {
-            return (INITIAL_WINDOW / 4).max(MIN_CHUNK);
-        }
-        ((rate * CHUNK_TIME.as_secs_f64()) as u64).clamp(MIN_CHUNK, BODY_CHUNK as u64)
+        let by_rate = if rate == 0.0 {
+            INITIAL_WINDOW / 4
+        } else {
+            (rate * CHUNK_TIME.as_secs_f64()) as u64
+        };
+        // Several chunks to a window, so that reports keep coming.
+        by_rate
+            .min(self.window / 2)
+            .clamp(MIN_CHUNK, BODY_CHUNK as u64)
     }
 
     /// The link's rate as far as we know (0: not known yet), bytes/s.
     fn rate(&self) -> f64 {
-        self.rates.iter().copied().fold(0.0, f64::max)
+        self.rates.iter().map(|r| r.0).fold(0.0, f64::max)
     }
 
     pub fn window(&self) -> u64 {
@@ -126,6 +136,23 @@ impl Pacer {
         if n == 0 {
             return;
         }
+        // After a pause, what was learned may no longer hold (another route, other traffic):
+        // start again small rather than send a whole old window at once (as TCP does after
+        // idle, RFC 2861).
+        let idle_for = self
+            .min_rtt()
+            .map_or(IDLE_RESTART, |d| (d * 4).max(IDLE_RESTART));
+        if self.sent == self.received
+            && self
+                .last_report
+                .is_some_and(|(_, t)| now.saturating_duration_since(t) > idle_for)
+        {
+            *self = Pacer {
+                sent: self.sent,
+                received: self.received,
+                ..Pacer::default()
+            };
+        }
         self.sent += n;
         self.marks.push_back((self.sent, now, n));
     }
@@ -148,10 +175,16 @@ impl Pacer {
         if let Some((before, t)) = self.last_report {
             let dt = now.saturating_duration_since(t).as_secs_f64();
             if dt > 0.0 {
-                if self.rates.len() == 8 {
+                // Only recent rates: the link may have become slower.
+                while self.rates.len() >= 8
+                    || self
+                        .rates
+                        .front()
+                        .is_some_and(|r| now.saturating_duration_since(r.1) > RATE_FOR)
+                {
                     self.rates.pop_front();
                 }
-                self.rates.push_back((bytes - before) as f64 / dt);
+                self.rates.push_back(((bytes - before) as f64 / dt, now));
             }
         }
         self.last_report = Some((bytes, now));

@@ -15,44 +15,77 @@ struct Seen {
 
 /// Sends bodies without end for `run` over a link of `rate` bytes/s and `one_way` delay.
 fn simulate(rate: f64, one_way: Duration, run: Duration, step: Duration) -> Seen {
+    simulate_phases(&[], (rate, one_way, run), step)
+}
+
+/// As [`simulate`], after `before`: phases of other links (rate, delay, how long, then how long
+/// idle), as when a link that was fast becomes slow. Only the last phase is measured.
+fn simulate_phases(
+    before: &[(f64, Duration, Duration, Duration)],
+    (rate, one_way, run): (f64, Duration, Duration),
+    step: Duration,
+) -> Seen {
     let start = Instant::now();
     let mut p = Pacer::default();
-    // When the bottleneck has sent all it holds.
-    let mut free_at = start;
+    let mut now = start;
+    let (mut free_at, mut sent) = (start, 0u64);
     // (when the report reaches the sender, the bytes it reports)
     let mut reports: VecDeque<(Instant, u64)> = VecDeque::new();
-    let (mut sent, mut delivered_late, mut worst) = (0u64, 0u64, Duration::ZERO);
-    let settle = start + run / 4;
-    let mut now = start;
-    while now < start + run {
-        while reports.front().is_some_and(|&(t, _)| t <= now) {
-            let (_, bytes) = reports.pop_front().unwrap();
-            p.received(bytes, now).unwrap();
-        }
-        loop {
-            let n = p.chunk().min(p.room());
-            if n == 0 {
-                break;
+    let mut phases: Vec<(f64, Duration, Duration, Duration)> = before.to_vec();
+    phases.push((rate, one_way, run, Duration::ZERO));
+    let last = phases.len() - 1;
+    let (mut delivered_late, mut worst, mut settle, mut end) = (0u64, Duration::ZERO, start, start);
+    for (i, &(rate, one_way, run, idle)) in phases.iter().enumerate() {
+        end = now + run;
+        settle = now + run / 4;
+        while now < end + idle {
+            while reports.front().is_some_and(|&(t, _)| t <= now) {
+                let (_, bytes) = reports.pop_front().unwrap();
+                p.received(bytes, now).unwrap();
             }
-            p.sent(n, now);
-            sent += n;
-            free_at = free_at.max(now) + Duration::from_secs_f64(n as f64 / rate);
-            reports.push_back((free_at + 2 * one_way, sent));
-            if free_at > settle && now > settle {
-                delivered_late += n;
+            while now < end {
+                let n = p.chunk().min(p.room());
+                if n == 0 {
+                    break;
+                }
+                p.sent(n, now);
+                sent += n;
+                free_at = free_at.max(now) + Duration::from_secs_f64(n as f64 / rate);
+                reports.push_back((free_at + 2 * one_way, sent));
+                if i == last && free_at > settle && now > settle {
+                    delivered_late += n;
+                }
             }
+            if i == last && now > settle {
+                worst = worst.max(free_at.saturating_duration_since(now));
+            }
+            now += step;
         }
-        if now > settle {
-            worst = worst.max(free_at.saturating_duration_since(now));
-        }
-        now += step;
     }
-    let carried = rate * (start + run - settle).as_secs_f64();
+    let carried = rate * (end - settle).as_secs_f64();
     Seen {
         worst_queue: worst,
         utilization: delivered_late as f64 / carried,
         chunk: p.chunk(),
     }
+}
+
+#[test]
+fn a_fast_link_that_becomes_slow_is_learned_again() {
+    // 100 MB/s for 2 s, idle for 5 s, then the slow link.
+    let seen = simulate_phases(
+        &[(
+            100e6,
+            Duration::from_micros(500),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        )],
+        (8000.0, Duration::from_millis(500), Duration::from_secs(300)),
+        Duration::from_millis(1),
+    );
+    assert!(seen.worst_queue < Duration::from_secs(1), "{seen:?}");
+    assert!(seen.utilization > 0.85, "{seen:?}");
+    assert_eq!(seen.chunk, MIN_CHUNK, "{seen:?}");
 }
 
 #[test]

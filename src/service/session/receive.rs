@@ -115,7 +115,9 @@ struct Stream {
     /// Copies whose source is missing here: they wait for a body like new mail.
     need_body: BTreeSet<(Guid128, u32)>,
     /// The body the first queued record waits for, and since when.
-    waiting: Option<((Guid128, u32), Instant)>,
+    /// The body the first record waits for, since when, and how much of it was held then: a
+    /// body still coming in (a large one on a slow link) is not asked for again.
+    waiting: Option<((Guid128, u32), Instant, u64)>,
 }
 
 /// The receiving side of one connection from the peer.
@@ -458,30 +460,35 @@ impl Receiver {
             return Next::Idle;
         };
         let key = (first.mailbox_guid, uid);
+        let bkey = (user.to_string(), key.0, key.1);
+        let held = match self.bodies.held.get(&bkey) {
+            Some(b) if !b.gone => b.data.len(),
+            _ => 0,
+        };
         match u.waiting {
-            Some((k, since)) if k == key && now.duration_since(since) < BODY_PATIENCE => {
+            Some((k, _, before)) if k == key && held > before => {
+                // Still coming: patience starts again.
+                u.waiting = Some((key, now, held));
                 Next::Wait(None)
             }
-            Some((k, _)) if k == key => {
+            Some((k, since, _)) if k == key && now.duration_since(since) < BODY_PATIENCE => {
+                Next::Wait(None)
+            }
+            Some((k, _, _)) if k == key => {
                 // What is held of it stays: the sender resumes where it ends.
-                let bkey = (user.to_string(), key.0, key.1);
-                let offset = match self.bodies.held.get(&bkey) {
-                    Some(b) if !b.gone => b.data.len(),
-                    _ => 0,
-                };
-                if offset == 0 {
+                if held == 0 {
                     self.bodies.held.remove(&bkey);
                 }
-                u.waiting = Some((key, now));
+                u.waiting = Some((key, now, held));
                 Next::Wait(Some(Msg::NeedBody {
                     user: user.to_string(),
                     mailbox_guid: key.0,
                     uid: key.1,
-                    offset,
+                    offset: held,
                 }))
             }
             _ => {
-                u.waiting = Some((key, now));
+                u.waiting = Some((key, now, held));
                 Next::Wait(None)
             }
         }

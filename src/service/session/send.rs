@@ -397,7 +397,18 @@ impl Sender {
     /// The peer reports the body bytes it received on this connection. `Err`: more than was
     /// sent, a forged report that ends the connection.
     pub fn on_received(&mut self, bytes: u64, now: Instant) -> Result<(), String> {
-        self.pace.received(bytes, now)
+        let before = self.pace.inflight();
+        self.pace.received(bytes, now)?;
+        if self.pace.inflight() < before {
+            // Bodies are getting through: the users whose records wait for them are not
+            // stalled, however long a large body takes on a slow link.
+            for j in &self.low.jobs {
+                if let Some(f) = self.users.get_mut(&j.user) {
+                    f.progress = now;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Bodies wait and the pacer and the rate cap let some go now.

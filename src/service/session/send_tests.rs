@@ -94,6 +94,27 @@ fn the_rate_cap_holds_bodies_back_but_not_records() {
 }
 
 #[test]
+fn a_user_whose_large_body_is_getting_through_is_not_stalled() {
+    let t0 = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), t0);
+    let data = vec![b'x'; 1 << 20];
+    let mut store = Store::new(&[(10, &data)]);
+    send(&mut tx, "alice", 1..=2, t0);
+    tx.queue_body("alice", INBOX, 10, 0);
+    // A slow link: a little of the body is reported every 10 s, no ack for a minute.
+    let mut t = t0;
+    for _ in 0..6 {
+        tx.body_slice(&mut |j, max| store.read(j, max), t);
+        t += Duration::from_secs(10);
+        tx.on_received(tx.pace().sent_bytes(), t).unwrap();
+        assert!(tx.stalls(t).is_empty(), "stalled at {:?}", t - t0);
+    }
+    // Nothing getting through any more: stalled.
+    assert_eq!(tx.stalls(t + STALL_AFTER * 2).len(), 1);
+}
+
+#[test]
 fn an_ack_for_more_than_was_sent_is_refused() {
     let now = Instant::now();
     let mut tx = Sender::new();
