@@ -43,9 +43,9 @@ fn simulate_phases(
                 let (_, bytes) = reports.pop_front().unwrap();
                 p.received(bytes, now).unwrap();
             }
-            while now < end {
+            loop {
                 let n = p.chunk().min(p.room());
-                if n == 0 {
+                if n == 0 || now >= end {
                     break;
                 }
                 p.sent(n, now);
