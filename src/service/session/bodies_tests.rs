@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 fn new_mail_waits_for_its_body_and_the_body_goes_with_the_batch() {
     let mut rx = rx();
     let now = Instant::now();
-    rx.on_records("alice", JID, vec![flags(1), new_mail(2, 10), flags(3)], NOW);
+    // A flag change of the new mail: it waits with it.
+    let mut flag_10 = flags(3);
+    if let Change::Flags { uid, .. } = &mut flag_10.change {
+        *uid = 10;
+    }
+    rx.on_records("alice", JID, vec![flags(1), new_mail(2, 10), flag_10], NOW);
     let Next::Apply(b) = rx.next("alice", now) else {
         panic!()
     };

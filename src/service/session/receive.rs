@@ -9,7 +9,9 @@
 //! Per user, records are taken in LSN order: a replay of what is applied or queued is dropped,
 //! a hole is taken as a gap (the user is resynced, the stream goes on), and one user's queue
 //! and all users' together are bounded, as are the bodies held. A user waiting for a body or
-//! retrying after an error never holds up another.
+//! retrying after an error never holds up another, and while a user's new mail waits for its
+//! body, that user's flag changes and expunges of mail already here go ahead of it (acknowledged
+//! with the records before them).
 
 use crate::codec::Msg;
 use crate::event::JournalId;
@@ -66,6 +68,9 @@ pub enum Next {
 pub struct Batch {
     pub records: Vec<Record>,
     pub bodies: HashMap<(Guid128, u32), BodyBuf>,
+    /// Records taken ahead of a new mail that waits for its body (see [`Receiver::next`]): they
+    /// are applied now, but acknowledged only with the records before them.
+    pub ahead: bool,
 }
 
 /// How a batch went, from the applier.
@@ -79,6 +84,8 @@ pub struct Done {
     pub error: Option<String>,
     /// Bodies the batch did not use (it stopped before their records).
     pub unused_bodies: HashMap<(Guid128, u32), BodyBuf>,
+    /// For a batch taken ahead of a body ([`Batch::ahead`]): the LSNs of its records, in order.
+    pub ahead: Option<Vec<u64>>,
 }
 
 /// What [`Receiver::applied`] leaves for the driver.
@@ -422,6 +429,7 @@ impl Receiver {
         let mut batch = Batch {
             records: Vec::new(),
             bodies: HashMap::new(),
+            ahead: false,
         };
         for q in u.queue.iter().take(BATCH_RECORDS) {
             let Some(r) = &q.record else { break };
@@ -445,6 +453,18 @@ impl Receiver {
         if !batch.records.is_empty() {
             u.waiting = None;
             return Next::Apply(batch);
+        }
+        // The first record waits for its body, which may take minutes on a slow link: flag
+        // changes and expunges of mails already here go ahead of it, so that metadata never
+        // waits behind a body. Only those: a record of the waiting mail (or of any new mail
+        // before it) keeps its place, and so does everything after a mailbox-level change.
+        let ahead = Self::ahead_of_bodies(u);
+        if !ahead.is_empty() {
+            return Next::Apply(Batch {
+                records: ahead,
+                bodies: HashMap::new(),
+                ahead: true,
+            });
         }
         // The first record waits for its body. Bodies follow their records, but a body can be
         // lost on the way (a connection that died between the two, a service restarted in
@@ -494,8 +514,34 @@ impl Receiver {
         }
     }
 
+    /// The flag changes and expunges queued behind new mail that is not applied yet, which do
+    /// not depend on it (see [`Receiver::next`]).
+    fn ahead_of_bodies(u: &Stream) -> Vec<Record> {
+        let mut waiting: BTreeSet<(Guid128, u32)> = BTreeSet::new();
+        let mut out = Vec::new();
+        for q in u.queue.iter().take(BATCH_RECORDS) {
+            let Some(r) = &q.record else { continue };
+            match &r.change {
+                Change::New { uid, .. } => {
+                    waiting.insert((r.mailbox_guid, *uid));
+                }
+                Change::Flags { uid, .. } | Change::Expunge { uid, .. } => {
+                    if waiting.contains(&(r.mailbox_guid, *uid)) {
+                        continue;
+                    }
+                    out.push(r.clone());
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Takes the result of a batch from [`Next::Apply`].
     pub fn applied(&mut self, user: &str, done: Done, now: Instant) -> AfterBatch {
+        if let Some(lsns) = done.ahead.clone() {
+            return self.applied_ahead(user, done, &lsns, now);
+        }
         let mut after = AfterBatch::default();
         for ((g, uid), b) in done.unused_bodies {
             self.bodies.held.insert((user.to_string(), g, uid), b);
@@ -552,6 +598,37 @@ impl Receiver {
         u.retry_at = None;
         u.backoff = FIRST_BACKOFF;
         after.go_on = !u.queue.is_empty();
+        after
+    }
+
+    /// As [`Receiver::applied`], for a batch taken ahead of a body: the records done keep their
+    /// place in the queue with nothing left to apply, and are acknowledged once the records
+    /// before them are.
+    fn applied_ahead(&mut self, user: &str, done: Done, lsns: &[u64], now: Instant) -> AfterBatch {
+        let mut after = AfterBatch::default();
+        let Some(u) = self.users.get_mut(user) else {
+            return after;
+        };
+        let done_lsns: BTreeSet<u64> = lsns.iter().take(done.applied).copied().collect();
+        for q in u.queue.iter_mut() {
+            if done_lsns.contains(&q.lsn) {
+                after.records.extend(q.record.take());
+            }
+        }
+        if let Some(e) = done.error {
+            after.actions.push(log(
+                log::Level::Error,
+                format!(
+                    "user {user}: applying LSN {} from {} failed: {e}; retrying in {:?}",
+                    lsns.get(done.applied).copied().unwrap_or(0),
+                    self.peer_id,
+                    u.backoff
+                ),
+                true,
+            ));
+            u.retry_at = Some(now + u.backoff);
+            u.backoff = (u.backoff * 2).min(MAX_APPLY_BACKOFF);
+        }
         after
     }
 

@@ -437,11 +437,20 @@ proptest! {
                                         prop_assert!(prev < r.lsn, "{} after {}", r.lsn, prev);
                                         prev = r.lsn;
                                     }
+                                    // Taken ahead of a body: past the position, in order
+                                    // among themselves, and acknowledged later.
+                                    let ahead = b.ahead.then(|| {
+                                        b.records.iter().map(|r| r.lsn).collect::<Vec<_>>()
+                                    });
                                     let after = rx.applied(&user, Done {
                                         applied: n,
                                         error: fail.then(|| "disk".to_string()),
+                                        ahead: ahead.clone(),
                                         ..Done::default()
                                     }, now);
+                                    if ahead.is_some() {
+                                        prop_assert!(after.persist.is_none());
+                                    }
                                     if let Some(p) = after.persist {
                                         prop_assert_eq!(p.lsn, prev);
                                         stored.insert(user.clone(), p);
@@ -463,4 +472,89 @@ proptest! {
             prop_assert!(rx.body_bytes() <= MAX_BODIES_HELD);
         }
     }
+}
+
+/// alice's record `lsn` from "b" with `change` (in INBOX).
+fn change(lsn: u64, change: Change) -> Record {
+    Record {
+        change,
+        ..flags(lsn)
+    }
+}
+
+fn flag_on(lsn: u64, uid: u32) -> Record {
+    let mut r = flags(lsn);
+    if let Change::Flags { uid: u, .. } = &mut r.change {
+        *u = uid;
+    }
+    r
+}
+
+#[test]
+fn flag_changes_of_mail_already_here_go_ahead_of_a_body_still_coming() {
+    let mut rx = rx();
+    let now = Instant::now();
+    let expunge = |lsn, uid| {
+        change(
+            lsn,
+            Change::Expunge {
+                uidvalidity: 1,
+                uid,
+                guid: String::new(),
+            },
+        )
+    };
+    let records = vec![
+        new_mail(1, 10),
+        flag_on(2, 1),
+        flag_on(3, 10), // of the mail still coming: keeps its place
+        expunge(4, 2),
+        new_mail(5, 11),
+        flag_on(6, 11), // of new mail before it: keeps its place
+        flag_on(7, 3),
+        change(8, Change::MailboxCreate { uidvalidity: 5 }), // nothing passes this
+        flag_on(9, 4),
+    ];
+    rx.on_records("alice", JID, records, NOW);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!("nothing went ahead")
+    };
+    assert!(b.ahead);
+    assert_eq!(lsns(&b), vec![2, 4, 7]);
+    // Applied, but not acknowledged: LSN 1 is not.
+    let after = rx.applied(
+        "alice",
+        Done {
+            applied: 3,
+            ahead: Some(vec![2, 4, 7]),
+            ..Done::default()
+        },
+        now,
+    );
+    assert_eq!(
+        (after.persist, after.ack, after.records.len()),
+        (None, None, 3)
+    );
+    assert!(matches!(rx.next("alice", now), Next::Wait(None)));
+    // The body comes: the mail, then everything in order, each record applied once.
+    body(&mut rx, 10, b"ten").unwrap();
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![1]);
+    rx.applied("alice", done(1), now);
+    let Next::Passed(p) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(p.lsn, 2);
+    let Next::Apply(b) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(lsns(&b), vec![3]);
+    let after = rx.applied("alice", done(1), now);
+    assert_eq!(after.persist.map(|p| p.lsn), Some(3));
+    let Next::Passed(p) = rx.next("alice", now) else {
+        panic!()
+    };
+    assert_eq!(p.lsn, 4);
 }

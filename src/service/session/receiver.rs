@@ -259,6 +259,9 @@ impl Inbound<'_> {
                 }
                 Next::Apply(b) => b,
             };
+            let ahead = batch
+                .ahead
+                .then(|| batch.records.iter().map(|r| r.lsn).collect::<Vec<u64>>());
             let user = name.to_string();
             let state_dir = self.ctx.cfg.state_dir.clone();
             let peer_id = self.peer_id.clone();
@@ -296,6 +299,7 @@ impl Inbound<'_> {
                     need_body: outcome.need_body,
                     error: outcome.error,
                     unused_bodies: outcome.bodies,
+                    ahead,
                 },
                 Instant::now(),
             );

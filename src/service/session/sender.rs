@@ -372,8 +372,9 @@ impl Outbound {
             return Ok(false);
         }
         // Bodies of new mail go on the low-priority lane, so that other users' records and all
-        // acks pass them. The peer applies one user's records in order, so that user's later
-        // records wait for the body. Copies go as instructions (DESIGN.md 9).
+        // acks pass them. The peer applies one user's records in order, except that flag
+        // changes and expunges of mail it already has go ahead of a body still coming; the
+        // rest of that user's records wait for it. Copies go as instructions (DESIGN.md 9).
         for r in &records {
             if let Change::New {
                 uid, from: None, ..
