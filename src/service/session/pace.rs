@@ -24,9 +24,10 @@ pub const TARGET_DELAY: Duration = Duration::from_millis(100);
 pub const MIN_CHUNK: u64 = 2 << 10;
 /// A chunk is what the link carries in this long (within [`MIN_CHUNK`] and [`BODY_CHUNK`]).
 pub const CHUNK_TIME: Duration = Duration::from_millis(50);
-/// The window a connection starts with: a few small chunks, so that on a slow link the first
-/// round trip is not spent behind a large one; on a fast one it doubles every round trip.
-pub const INITIAL_WINDOW: u64 = 16 << 10;
+/// The window a connection starts with: two small chunks. On a slow link a larger one queues
+/// for seconds before the first report, and the first round trip, taken as the link's, then
+/// hides the queue; on a fast one the window doubles every round trip from here.
+pub const INITIAL_WINDOW: u64 = 2 * MIN_CHUNK;
 pub const MIN_WINDOW: u64 = 2 * MIN_CHUNK;
 /// Far more than any link needs; it bounds the bookkeeping as well.
 pub const MAX_WINDOW: u64 = 32 << 20;
