@@ -7,8 +7,8 @@
 //! body bytes it has read ([`crate::codec::Msg::Received`]); what is sent and not yet reported
 //! is in flight. As in TCP Vegas and BBR, the window grows while the round trip stays near the
 //! smallest one seen (the link is not queueing), and when the round trip grows by more than
-//! [`TARGET_DELAY`] (a queue is building) it drops to what the link carries in the smallest
-//! round trip plus that delay, so that about [`TARGET_DELAY`] of body stands in front of a
+//! [`TARGET_DELAY`] or two chunks' time (a queue is building) it drops to what the link carries
+//! in the smallest round trip plus that, so that about that much body stands in front of a
 //! record frame. A chunk is what the link carries in [`CHUNK_TIME`]: small on a slow link, so
 //! that a record waits for little, and [`BODY_CHUNK`] on a fast one.
 //!
@@ -31,9 +31,6 @@ pub const INITIAL_WINDOW: u64 = 2 * MIN_CHUNK;
 pub const MIN_WINDOW: u64 = 2 * MIN_CHUNK;
 /// Far more than any link needs; it bounds the bookkeeping as well.
 pub const MAX_WINDOW: u64 = 32 << 20;
-/// How long the smallest round trip seen stands for the link's: a route that got longer is
-/// learned within this long instead of starving the window for good.
-pub const MIN_RTT_FOR: Duration = Duration::from_secs(10);
 /// Delivery rates older than this no longer count.
 pub const RATE_FOR: Duration = Duration::from_secs(2);
 /// Bodies starting after this long (or four round trips) with nothing in flight start from
@@ -54,7 +51,7 @@ pub struct Pacer {
     last_report: Option<(u64, Instant)>,
     rates: VecDeque<(f64, Instant)>,
     window: u64,
-    /// The smallest round trip seen in the last [`MIN_RTT_FOR`], and since when it counts.
+    /// The smallest round trip seen since the last pause, and when.
     min_rtt: Option<(Duration, Instant)>,
     /// Still doubling: no queue has been seen yet.
     slow_start: bool,
@@ -137,6 +134,13 @@ impl Pacer {
         if n == 0 {
             return;
         }
+        self.wake(now);
+        self.sent += n;
+        self.marks.push_back((self.sent, now, n));
+    }
+
+    /// Bodies are about to go: after a pause, start again (call before sizing them).
+    pub fn wake(&mut self, now: Instant) {
         // After a pause, what was learned may no longer hold (another route, other traffic):
         // start again small rather than send a whole old window at once (as TCP does after
         // idle, RFC 2861).
@@ -154,8 +158,6 @@ impl Pacer {
                 ..Pacer::default()
             };
         }
-        self.sent += n;
-        self.marks.push_back((self.sent, now, n));
     }
 
     /// The peer reports `bytes` received. `Err` when that is more than was sent: a forged
@@ -203,15 +205,25 @@ impl Pacer {
             Duration::ZERO
         };
         let rtt = now.saturating_duration_since(went).saturating_sub(carried);
+        // The smallest round trip stands until the next pause (see `wake`): taking a newer,
+        // larger one while bodies keep flowing would take a standing queue for the link.
         let min_rtt = match self.min_rtt {
-            Some((d, since)) if d <= rtt && now.saturating_duration_since(since) < MIN_RTT_FOR => d,
+            Some((d, _)) if d <= rtt => d,
             _ => {
                 self.min_rtt = Some((rtt, now));
                 rtt
             }
         };
         let queued = rtt.saturating_sub(min_rtt);
-        if queued > TARGET_DELAY {
+        // Two chunks sent back to back queue one behind the other for a chunk's time: on a
+        // slow link that alone is more than the target, and no sign of a queue building.
+        let chunk_time = if rate > 0.0 {
+            Duration::from_secs_f64((self.chunk() as f64 / rate).min(60.0))
+        } else {
+            Duration::ZERO
+        };
+        let target = TARGET_DELAY.max(chunk_time * 2);
+        if queued > target {
             // A queue is building: down to what the link carries in a round trip plus the
             // target, at once, and at most once per round trip (the reports still coming for
             // chunks sent before the cut show the same queue).
@@ -220,11 +232,11 @@ impl Pacer {
                 .is_none_or(|t| now.saturating_duration_since(t) >= rtt)
             {
                 self.cut_at = Some(now);
-                let fits = (rate * (min_rtt + TARGET_DELAY).as_secs_f64()) as u64;
+                let fits = (rate * (min_rtt + target).as_secs_f64()) as u64;
                 self.window = fits.min(self.window * 7 / 8).max(MIN_WINDOW);
             }
             self.slow_start = false;
-        } else if queued < TARGET_DELAY / 2 {
+        } else if queued < target / 2 {
             // No queue: probe for more. Until the first queue, double every round trip; then
             // a chunk more per round trip, as the delay signal comes a round trip late.
             let add = if self.slow_start {

@@ -44,6 +44,7 @@ fn simulate_phases(
                 p.received(bytes, now).unwrap();
             }
             loop {
+                p.wake(now);
                 let n = p.chunk().min(p.room());
                 if n == 0 || now >= end {
                     break;
@@ -156,13 +157,14 @@ fn a_queue_cuts_the_window_once_per_round_trip() {
     p.sent(1000, t0 + ms(100));
     p.received(2000, t0 + ms(200)).unwrap();
     let w = p.window();
-    // Then 400 ms: 300 ms of queue. Two reports of it in the same round trip cut once.
+    // Then 900 ms: 800 ms of queue, more than the target and two chunks' time at 10 KB/s.
+    // Two reports of it in the same round trip cut once.
     p.sent(1000, t0 + ms(200));
     p.sent(1000, t0 + ms(210));
-    p.received(3000, t0 + ms(600)).unwrap();
+    p.received(3000, t0 + ms(1100)).unwrap();
     let cut = p.window();
     assert!(cut < w, "{cut} {w}");
-    p.received(4000, t0 + ms(610)).unwrap();
+    p.received(4000, t0 + ms(1110)).unwrap();
     assert_eq!(p.window(), cut);
 }
 

@@ -370,7 +370,12 @@ impl Sender {
     /// The bytes of body that may go in the next slice, and the chunk size: at most
     /// [`LOW_SLICE`] between two rounds of records, what the pacer lets go, and what the rate
     /// cap does (whole chunks).
-    pub fn body_budget(&self, now: Instant) -> (u64, u64) {
+    pub fn body_budget(&mut self, now: Instant) -> (u64, u64) {
+        self.pace.wake(now);
+        self.budget(now)
+    }
+
+    fn budget(&self, now: Instant) -> (u64, u64) {
         let chunk = self.pace.chunk().min(self.cap.largest_chunk());
         let capped = self.cap.available(now);
         let capped = if capped < chunk { 0 } else { capped };
@@ -413,7 +418,7 @@ impl Sender {
 
     /// Bodies wait and the pacer and the rate cap let some go now.
     pub fn bodies_sendable(&self, now: Instant) -> bool {
-        self.bodies_waiting() && self.body_budget(now).0 > 0
+        self.bodies_waiting() && self.budget(now).0 > 0
     }
 
     /// The pacer's figures: body bytes in flight, the window, and the smallest round trip.
