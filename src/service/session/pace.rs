@@ -7,7 +7,7 @@
 //! body bytes it has read ([`crate::codec::Msg::Received`]); what is sent and not yet reported
 //! is in flight. As in TCP Vegas and BBR, the window grows while the round trip stays near the
 //! smallest one seen (the link is not queueing), and when the round trip grows by more than
-//! [`TARGET_DELAY`] or two chunks' time (a queue is building) it drops to what the link carries
+//! [`TARGET_DELAY`] or three chunks' time (a queue is building) it drops to what the link carries
 //! in the smallest round trip plus that, so that about that much body stands in front of a
 //! record frame. A chunk is what the link carries in [`CHUNK_TIME`]: small on a slow link, so
 //! that a record waits for little, and [`BODY_CHUNK`] on a fast one.
@@ -43,8 +43,7 @@ pub struct Pacer {
     sent: u64,
     received: u64,
     /// Where each chunk sent ends, when it went and its size: the round trip of a report is
-    /// the time since the chunk it covers went, less the time the link took to carry that
-    /// chunk (which depends on its size, not on any queue).
+    /// the time since the chunk it covers went.
     marks: VecDeque<(u64, Instant, u64)>,
     /// The last report, and the delivery rates (bytes/s) of the last few: their maximum is
     /// the link's rate as far as we know.
@@ -199,30 +198,29 @@ impl Pacer {
             return Ok(());
         };
         let rate = self.rate();
-        let carried = if rate > 0.0 {
-            Duration::from_secs_f64((size as f64 / rate).min(60.0))
-        } else {
-            Duration::ZERO
-        };
-        let rtt = now.saturating_duration_since(went).saturating_sub(carried);
+        // The round trip of a chunk includes the time the link takes to carry it, which
+        // depends on its size: only chunks of the full size set the smallest, so that a short
+        // last piece of a body does not make every later chunk look queued.
+        let rtt = now.saturating_duration_since(went);
+        let full = size >= self.chunk();
         // The smallest round trip stands until the next pause (see `wake`): taking a newer,
         // larger one while bodies keep flowing would take a standing queue for the link.
         let min_rtt = match self.min_rtt {
-            Some((d, _)) if d <= rtt => d,
+            Some((d, _)) if d <= rtt || !full => d,
             _ => {
                 self.min_rtt = Some((rtt, now));
                 rtt
             }
         };
         let queued = rtt.saturating_sub(min_rtt);
-        // Two chunks sent back to back queue one behind the other for a chunk's time: on a
-        // slow link that alone is more than the target, and no sign of a queue building.
+        // Chunks sent back to back queue one behind the other for a chunk's time: on a slow
+        // link that alone is more than the target, and no sign of a queue building.
         let chunk_time = if rate > 0.0 {
             Duration::from_secs_f64((self.chunk() as f64 / rate).min(60.0))
         } else {
             Duration::ZERO
         };
-        let target = TARGET_DELAY.max(chunk_time * 2);
+        let target = TARGET_DELAY.max(chunk_time * 3);
         if queued > target {
             // A queue is building: down to what the link carries in a round trip plus the
             // target, at once, and at most once per round trip (the reports still coming for

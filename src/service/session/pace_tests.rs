@@ -98,13 +98,11 @@ fn on_a_slow_far_link_a_record_waits_behind_little_body_and_the_link_stays_busy(
         Duration::from_secs(300),
         Duration::from_millis(5),
     );
-    // The queue in front of a record: a few times the target at worst (the delay signal comes
-    // a round trip late), plus the chunk being sent; 26 s before the pacer. With 0.5 s each
-    // way, a flag change made during a large body arrives within the 1.5 s.
-    assert!(
-        seen.worst_queue < TARGET_DELAY * 4 + Duration::from_secs_f64(MIN_CHUNK as f64 / 8000.0),
-        "{seen:?}"
-    );
+    // The queue in front of a record: about three chunks' time at worst (two chunks sent back
+    // to back queue behind each other anyway, and the delay signal comes a round trip late);
+    // 26 s before the pacer. With 0.5 s each way, a flag change made during a large body
+    // arrives within the 1.5 s.
+    assert!(seen.worst_queue < Duration::from_secs(1), "{seen:?}");
     assert!(seen.utilization > 0.9, "{seen:?}");
     assert_eq!(seen.chunk, MIN_CHUNK, "{seen:?}");
 }
