@@ -83,31 +83,21 @@ impl FrameReader {
 
     /// The next message; `Ok(None)` when the read timeout passed without one.
     pub(crate) fn next(&mut self) -> Result<Option<Msg>, ConnError> {
-        loop {
-            if let Some(m) = self.dec.next()? {
-                return Ok(Some(m));
-            }
-            self.buf.clear();
-            match self.link.recv(&mut self.buf)? {
-                tls::Recv::Closed => return Err(ConnError::Closed),
-                tls::Recv::Data { raw } => {
-                    self.status.lock().unwrap().bytes_received += raw as u64;
-                    self.received += self.buf.len() as u64;
-                    self.dec.feed(&self.buf);
-                }
-                tls::Recv::Timeout => return Ok(None),
-            }
-        }
+        self.next_with(true)
     }
 
     /// The next message if it can be had without waiting: already decoded, or completed by
     /// bytes already received.
     pub(crate) fn next_ready(&mut self) -> Result<Option<Msg>, ConnError> {
+        self.next_with(false)
+    }
+
+    fn next_with(&mut self, wait: bool) -> Result<Option<Msg>, ConnError> {
         loop {
             if let Some(m) = self.dec.next()? {
                 return Ok(Some(m));
             }
-            if !self.link.ready() {
+            if !wait && !self.link.ready() {
                 return Ok(None);
             }
             self.buf.clear();
