@@ -323,12 +323,7 @@ impl Outbound {
                 Vec::new()
             };
             if !slice.is_empty() {
-                let p = self.tx.pace();
-                let mut st = self.ctx.status.lock().unwrap();
-                st.body_inflight = p.inflight();
-                st.body_window = p.window();
-                st.body_chunk = p.chunk();
-                st.link_rtt_ms = p.min_rtt().map(|d| d.as_secs_f64() * 1000.0);
+                self.publish_pace();
             }
             for m in slice {
                 let wire = wr.send(&m)? as u64;
@@ -418,11 +413,7 @@ impl Outbound {
                 self.tx
                     .on_received(bytes, Instant::now())
                     .map_err(ConnError::Protocol)?;
-                let p = self.tx.pace();
-                let mut st = self.ctx.status.lock().unwrap();
-                st.body_inflight = p.inflight();
-                st.body_window = p.window();
-                st.link_rtt_ms = p.min_rtt().map(|d| d.as_secs_f64() * 1000.0);
+                self.publish_pace();
                 Ok(())
             }
             Incoming::NeedBody {
@@ -494,6 +485,16 @@ struct Unsent {
 }
 
 impl Outbound {
+    /// The pacer's figures for `tandem status`.
+    fn publish_pace(&self) {
+        let p = self.tx.pace();
+        let mut st = self.ctx.status.lock().unwrap();
+        st.body_inflight = p.inflight();
+        st.body_window = p.window();
+        st.body_chunk = p.chunk();
+        st.link_rtt_ms = p.min_rtt().map(|d| d.as_secs_f64() * 1000.0);
+    }
+
     /// The next slice of the body lane, read in one call on the main thread: one wake-up of
     /// the main loop per slice rather than per body, which is what bulk transfers of small
     /// mails paid for.
