@@ -36,14 +36,23 @@ pub fn is_admin(uid: u32) -> bool {
 
 /// Asks the kernel to attach the sender's credentials to every datagram `sock` receives.
 pub fn pass_credentials(sock: &UnixDatagram) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a socket we own, and an int option of the stated size.
+    set_int_option(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)
+}
+
+/// Sets an int socket option on `fd`.
+pub fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: an int option of the stated size; a bad descriptor is an error, not UB.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PASSCRED,
-            (&one as *const libc::c_int).cast(),
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -5,6 +5,7 @@ use crate::codec::{self};
 use crate::service::context::Ctx;
 use crate::service::limits::{HANDSHAKE_TIMEOUT, PREAUTH_MAX_FRAME};
 use crate::service::transport::conn::{ConnError, FrameReader, FrameWriter};
+use crate::service::transport::creds::set_int_option;
 use crate::service::transport::tls::{self};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -59,17 +60,13 @@ pub(crate) fn dial(ctx: &Ctx) -> Result<(FrameReader, FrameWriter, String), Conn
     let _ = stream.set_nodelay(true);
     // The kernel keeps at most this much not yet sent: what it holds queues in front of the next
     // record frame, and the pacer (session/pace.rs) keeps the rest of the bodies here instead.
-    let lowat: libc::c_int = NOTSENT_LOWAT;
-    // SAFETY: a valid socket and an int option of the right size; a failure only loses the hint.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&lowat as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // A failure only loses the hint.
+    let _ = set_int_option(
+        stream.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        NOTSENT_LOWAT,
+    );
     let secret = ctx
         .cfg
         .secret
