@@ -525,12 +525,24 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     };
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(unreachable)?;
     let req = serde_json::json!({"op": op, "users": c.user, "all": c.all});
-    writeln!(stream, "{req}").map_err(unreachable)?;
+    // A service that refuses the client answers and closes without reading the request, so
+    // the write can meet a closed socket (EPIPE) while the refusal waits to be read: read it.
+    let unsent = match writeln!(stream, "{req}") {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(e),
+        Err(e) => return Err(unreachable(e)),
+    };
     let mut identical = true;
     let mut failed = false;
     let mut done = false;
     for line in std::io::BufReader::new(stream).lines() {
-        let line = line.map_err(|e| Failure(4, format!("reading from the service: {e}")))?;
+        let line = match line {
+            Ok(line) => line,
+            // After its error line the service may close with our request unread, which
+            // resets the connection: the error line already said what happened.
+            Err(_) if failed => break,
+            Err(e) => return Err(Failure(4, format!("reading from the service: {e}"))),
+        };
         if c.json {
             say!("{line}");
         }
@@ -587,6 +599,9 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
         } else if v.get("done").is_some() {
             done = true;
         }
+    }
+    if let (Some(e), false) = (unsent, failed) {
+        return Err(unreachable(e));
     }
     if !done && !failed {
         return Err(Failure(4, "the service closed the connection early".into()));
