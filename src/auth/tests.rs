@@ -292,12 +292,14 @@ fn a_wrong_version_is_refused_with_a_reason() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "peer speaks protocol version 1, this server speaks 3"
+        format!("peer speaks protocol version 1, this server speaks {PROTOCOL_VERSION}")
     );
     assert_eq!(
         err.reply_to_peer(),
         Some(Msg::AuthFailed {
-            reason: "protocol version 1 is not supported; this server speaks 3".into()
+            reason: format!(
+                "protocol version 1 is not supported; this server speaks {PROTOCOL_VERSION}"
+            )
         })
     );
     let (mut c, _) = ClientHandshake::new(SECRET, "mx1", &CH).unwrap();

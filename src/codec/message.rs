@@ -4,7 +4,6 @@
 use super::{ty, type_name, CodecError, Msg};
 use crate::event::Guid128;
 use crate::event::JournalId;
-use crate::journal::format::{decode_entry, encode_record, Entry};
 
 /// Appends `msg`'s payload to `out`. On error `out` may hold a partial payload: the caller
 /// truncates it.
@@ -38,14 +37,7 @@ pub(super) fn encode_payload(msg: &Msg, out: &mut Vec<u8>) -> Result<(), CodecEr
             w.str(user, "user")?;
             w.bytes(&journal_id.0);
             w.len32(records.len(), "record count")?;
-            for (index, r) in records.iter().enumerate() {
-                let bytes = encode_record(r).map_err(|e| CodecError::BadRecord {
-                    index,
-                    reason: format!("cannot encode: {} is too long", e.0),
-                })?;
-                w.len32(bytes.len(), "record")?;
-                w.bytes(&bytes);
-            }
+            super::records::encode(records, w.out)?;
         }
         Msg::Body {
             user,
@@ -171,7 +163,8 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
             let user = r.str("user")?;
             let journal_id = JournalId(r.array("journal id")?);
             let count = r.u32("record count")? as usize;
-            // Each record takes at least its 4-byte length: a count that cannot fit in what is
+            // Each record takes at least 4 bytes (kind, same-as-before bits, stamp and modseq
+            // deltas): a count that cannot fit in what is
             // left is refused before anything is reserved for it.
             if count > r.left() / 4 {
                 return Err(CodecError::Truncated {
@@ -181,22 +174,7 @@ pub(super) fn decode_payload(ty: u8, payload: &[u8]) -> Result<Msg, CodecError> 
                     left: r.left(),
                 });
             }
-            // Even a count that fits grows the vector only as records really decode.
-            let mut records = Vec::with_capacity(count.min(256));
-            for index in 0..count {
-                let len = r.u32("record length")? as usize;
-                let bytes = r.take(len, "record")?;
-                match decode_entry(bytes) {
-                    Ok(Entry::Record(rec)) => records.push(rec),
-                    Ok(Entry::Seal { .. }) => {
-                        return Err(CodecError::BadRecord {
-                            index,
-                            reason: "a journal seal is not a record".into(),
-                        })
-                    }
-                    Err(reason) => return Err(CodecError::BadRecord { index, reason }),
-                }
-            }
+            let records = super::records::decode(r.take(r.left(), "records")?, count)?;
             Msg::Records {
                 user,
                 journal_id,

@@ -1,8 +1,9 @@
 //! Codec tests: round trips, hostile input, split frames, and what compression buys.
 
 use super::*;
-use crate::event::{sysflag, Change, FlagSet, Stamp};
+use crate::event::{sysflag, Change, FlagSet, Kind, Stamp};
 use crate::journal::format::tests::arb_record;
+use integer_encoding::VarInt;
 use proptest::prelude::*;
 
 pub fn arb_msg() -> impl Strategy<Value = Msg> {
@@ -286,7 +287,7 @@ fn oversized_length_is_refused_before_allocation() {
     d.feed(&frame(&Msg::Records {
         user: "u".into(),
         journal_id: JournalId([0; 16]),
-        records: (0..200).map(flag_change).collect(),
+        records: (0..2000).map(flag_change).collect(),
     }));
     assert!(matches!(
         d.next(),
@@ -458,19 +459,18 @@ fn malformed_frames_get_clear_errors() {
         decode_frame(&with_flags(&ping, FLAG_LZ4), MAX_FRAME),
         Err(CodecError::Decompress { .. })
     ));
-    // A journal seal smuggled into a Records message.
-    let seal = crate::journal::format::encode_seal(5);
+    // A flag change whose message GUID refers to a GUID the message never sent.
     let mut payload = vec![1, 0, b'u'];
     payload.extend_from_slice(&[0; 16]);
     payload.extend_from_slice(&1u32.to_le_bytes());
-    payload.extend_from_slice(&(seal.len() as u32).to_le_bytes());
-    payload.extend_from_slice(&seal);
+    // Flags, every field as before, zero deltas, GUID table entry 4, no flags.
+    payload.extend_from_slice(&[Kind::Flags as u8, 0x3f, 0, 0, 0, 5, 0, 0, 0, 0]);
     let mut buf = ((payload.len() + 2) as u32).to_le_bytes().to_vec();
     buf.extend_from_slice(&[ty::RECORDS, 0]);
     buf.extend_from_slice(&payload);
     assert_eq!(
         decode_frame(&buf, MAX_FRAME).unwrap_err().to_string(),
-        "Records message: record 0: a journal seal is not a record"
+        "Records message: record 0: message guid refers to GUID 4 of 0"
     );
     // Bad UTF-8 in a string.
     let mut e = frame(&Msg::Error {
@@ -585,12 +585,13 @@ fn compression_shrinks_a_batch_of_flag_changes() {
         buf.len(),
         raw as f64 / buf.len() as f64
     );
-    assert!(per_record < 30.0, "{per_record} bytes per flag change");
+    // Measured 8.7 with the records coded against each other; 33 with the journal's encoding.
+    assert!(per_record < 12.0, "{per_record} bytes per flag change");
     assert_eq!(decode_all(&[&buf]).unwrap(), vec![m]);
 }
 
-/// Not a budget, a measurement: with message GUIDs that are pure noise, LZ4 cannot shrink their
-/// 32 hex digits, and they dominate.
+/// Not a budget, a measurement: message GUIDs that are pure noise cost their 16 bytes each (sent
+/// as bytes, not as 32 hex digits), and they dominate.
 #[test]
 fn compression_with_random_guids_for_the_record() {
     let records: Vec<Record> = (0..1000u64)
@@ -611,11 +612,55 @@ fn compression_with_random_guids_for_the_record() {
         "1000 flag changes with random GUIDs: {:.1} bytes/record framed",
         buf.len() as f64 / 1000.0
     );
-    assert!(buf.len() < 1000 * 60);
+    assert!(buf.len() < 1000 * 24);
+}
+
+/// A one-byte back-reference copies a whole string: the copies a message may ask for are
+/// bounded, or a 16 MiB frame could ask for hundreds of gigabytes.
+#[test]
+fn back_references_cannot_expand_a_message_without_bound() {
+    let mut payload = vec![1, 0, b'u'];
+    payload.extend_from_slice(&[0; 16]);
+    let count = 400u32;
+    payload.extend_from_slice(&count.to_le_bytes());
+    // A subscription with a 60,000-byte origin...
+    use super::records::same;
+    let same_but_origin = same::ALL & !same::ORIGIN & !same::UIDVALIDITY;
+    let mut origin = vec![0u8];
+    origin.extend_from_slice(&60_000u16.encode_var_vec());
+    payload.extend_from_slice(&[Kind::Subscribe as u8, same_but_origin, 0, 0]);
+    payload.extend_from_slice(&origin);
+    payload.extend(std::iter::repeat_n(b'x', 60_000));
+    // ...and 399 more, each "the same origin as before", four bytes apiece.
+    for _ in 1..count {
+        payload.extend_from_slice(&[Kind::Subscribe as u8, same::ALL & !same::UIDVALIDITY, 0, 0]);
+    }
+    let mut buf = ((payload.len() + 2) as u32).to_le_bytes().to_vec();
+    buf.extend_from_slice(&[ty::RECORDS, 0]);
+    buf.extend_from_slice(&payload);
+    let err = decode_frame(&buf, MAX_FRAME).unwrap_err().to_string();
+    assert!(
+        err.starts_with("Records message: record 2")
+            && err.ends_with("the records expand to more than 16777216 bytes"),
+        "{err}"
+    );
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Records that repeat earlier ones (the fields, strings and GUIDs a burst repeats) come
+    /// back as they went, back-references and all.
+    #[test]
+    fn repeating_records_round_trip(
+        records in proptest::collection::vec(arb_record(), 1..8),
+        order in proptest::collection::vec(any::<usize>(), 0..24),
+    ) {
+        let records: Vec<Record> = order.iter().map(|i| records[i % records.len()].clone()).collect();
+        let m = Msg::Records { user: "u".into(), journal_id: JournalId([1; 16]), records };
+        let buf = frame(&m);
+        prop_assert_eq!(decode_frame(&buf, MAX_FRAME), Ok(Some((m, buf.len()))));
+    }
 
     #[test]
     fn any_message_round_trips(m in arb_msg()) {
