@@ -8,6 +8,11 @@ pub const WINDOW_BYTES: u64 = 8 << 20;
 /// How long a user's new records may wait for more to join them while its last frame is
 /// unacknowledged (see `Sender::linger`).
 pub const LINGER: Duration = Duration::from_millis(5);
+/// The longest records wait to join a frame, on a link with a long round trip.
+pub const MAX_LINGER: Duration = Duration::from_millis(100);
+/// How long the shortest acknowledgement time stands before a longer one replaces it (the
+/// link may have changed).
+pub const ACK_RTT_MEMORY: Duration = Duration::from_secs(10);
 /// Body bytes sent between two rounds of records and acks.
 pub const LOW_SLICE: u64 = 256 << 10;
 /// Body bytes queued before the sender stops reading more records.

@@ -18,13 +18,14 @@ use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use crate::journal::format::encoded_len;
 use crate::service::limits::{
-    BATCH_BYTES, LINGER, LOW_LANE_MAX, LOW_SLICE, STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
+    ACK_RTT_MEMORY, BATCH_BYTES, LINGER, LOW_LANE_MAX, LOW_SLICE, MAX_LINGER, STALL_AFTER,
+    USER_WINDOW, WINDOW_BYTES,
 };
 use crate::service::positions::Position;
 use crate::service::session::pace::{Pacer, RateCap};
 use crate::service::status::UserStatus;
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A record read and sent (or, while disconnected, read) but not acknowledged.
 #[derive(Clone, Copy, Debug)]
@@ -71,6 +72,9 @@ pub struct Sender {
     pace: Pacer,
     /// `tandem_max_rate`.
     cap: RateCap,
+    /// The shortest recent time from a Records frame to the ack of all that was sent, and
+    /// when it was seen: the link's round trip plus the peer's apply.
+    ack_rtt: Option<(Duration, Instant)>,
 }
 
 /// The bodies waiting to go, in order. The driver takes it out of the [`Sender`] to cut a
@@ -211,13 +215,23 @@ impl Sender {
 
     /// Until when the user's next records wait for more to join them (adaptive batching):
     /// `None` sends at once. A user whose last frame is still unacknowledged holds new records
-    /// for at most [`LINGER`] after that frame, or until the acknowledgement comes: a lone
-    /// change on an idle stream goes at once, while a burst goes in a few frames instead of
-    /// one per change, costing bytes like one sync and about no latency.
+    /// for a while after that frame ([`Sender::linger_for`]), or until the acknowledgement
+    /// comes: a lone change on an idle stream goes at once, while a burst goes in a few frames
+    /// instead of one per change, costing bytes like one sync and about no latency.
     pub fn linger(&self, user: &str, now: Instant) -> Option<Instant> {
         let f = self.users.get(user)?;
-        let until = f.sent_at? + LINGER;
+        let until = f.sent_at? + self.linger_for();
         (f.inflight > 0 && now < until).then_some(until)
+    }
+
+    /// How long records wait to join the next frame: an eighth of the time the peer takes to
+    /// acknowledge a frame, from [`LINGER`] to [`MAX_LINGER`]. On a LAN that is a few
+    /// milliseconds. On a link of one second's round trip, a burst's frames each cost about 60
+    /// bytes of framing (TLS, header, user, journal id), which five records a frame paid
+    /// 12 bytes each for; waiting 100 ms adds a tenth of the delivery time and fills frames.
+    pub fn linger_for(&self) -> Duration {
+        self.ack_rtt
+            .map_or(LINGER, |(rtt, _)| (rtt / 8).clamp(LINGER, MAX_LINGER))
     }
 
     /// The Records frames for records read with [`Sender::read`], split by bytes as well as
@@ -281,6 +295,14 @@ impl Sender {
                 "user {user}: the peer acknowledged LSN {lsn}, but only up to {sent_up_to} was \
                  sent; refusing a forged acknowledgement"
             ));
+        }
+        // The ack of everything sent times the last frame's round trip.
+        if let (true, Some(sent)) = (lsn == sent_up_to, f.sent_at) {
+            let rtt = now.saturating_duration_since(sent);
+            let old = self.ack_rtt.filter(|(min, at)| {
+                *min <= rtt && now.saturating_duration_since(*at) < ACK_RTT_MEMORY
+            });
+            self.ack_rtt = Some(old.unwrap_or((rtt, now)));
         }
         f.acked = lsn;
         f.progress = now;

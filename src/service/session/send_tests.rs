@@ -61,6 +61,34 @@ fn records_made_while_a_frame_is_unacknowledged_wait_a_little_for_more() {
 }
 
 #[test]
+fn records_wait_longer_to_share_a_frame_on_a_link_with_a_long_round_trip() {
+    let t0 = Instant::now();
+    let mut tx = Sender::new();
+    tx.open("alice", start(), t0);
+    assert_eq!(tx.linger_for(), LINGER, "before any ack");
+    // A frame acknowledged after a second: a slow, far link.
+    send(&mut tx, "alice", 1..=1, t0);
+    let t1 = t0 + Duration::from_secs(1);
+    tx.on_ack("alice", JID, 1, t1).unwrap();
+    assert_eq!(tx.linger_for(), MAX_LINGER);
+    // A burst's next records wait that long after a frame, unless the ack comes first.
+    send(&mut tx, "alice", 2..=2, t1);
+    assert_eq!(tx.linger("alice", t1), Some(t1 + MAX_LINGER));
+    // A change made long after the last frame (one whose ack waits on a body) goes at once.
+    assert_eq!(tx.linger("alice", t1 + Duration::from_secs(3)), None);
+    // A quicker ack is the new round trip: 160 ms gives 20 ms.
+    let t2 = t1 + Duration::from_millis(160);
+    tx.on_ack("alice", JID, 2, t2).unwrap();
+    assert_eq!(tx.linger_for(), Duration::from_millis(20));
+    // An ack that leaves a later frame unacknowledged times nothing.
+    send(&mut tx, "alice", 3..=3, t2);
+    send(&mut tx, "alice", 4..=4, t2 + Duration::from_millis(1));
+    tx.on_ack("alice", JID, 3, t2 + Duration::from_millis(2))
+        .unwrap();
+    assert_eq!(tx.linger_for(), Duration::from_millis(20));
+}
+
+#[test]
 fn the_rate_cap_holds_bodies_back_but_not_records() {
     let now = Instant::now();
     let mut tx = Sender::new();
