@@ -76,11 +76,30 @@ impl<C: 'static> MainHandle<C> {
         &self,
         f: impl FnOnce(&C) -> R + Send + 'static,
     ) -> Result<R, Stopped> {
+        self.start(f)?.wait()
+    }
+
+    /// Queues `f` for the main thread and returns at once: the caller does other work (a
+    /// network round trip) while the main thread runs it, then waits for the result.
+    pub fn start<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&C) -> R + Send + 'static,
+    ) -> Result<Pending<R>, Stopped> {
         let (tx, rx) = bounded(1);
         self.post(Box::new(move |c| {
             let _ = tx.send(f(c));
         }))?;
-        rx.recv().map_err(|_| Stopped)
+        Ok(Pending(rx))
+    }
+}
+
+/// The result of a job [`MainHandle::start`] queued.
+pub struct Pending<R>(Receiver<R>);
+
+impl<R> Pending<R> {
+    /// Waits for the main thread to have run the job.
+    pub fn wait(self) -> Result<R, Stopped> {
+        self.0.recv().map_err(|_| Stopped)
     }
 }
 

@@ -4,7 +4,8 @@ use crate::merge::{self, Action, Plan};
 use crate::service::apply::resync::local_apply;
 use crate::service::apply::{BodyMeta, Spool};
 use crate::service::context::Ctx;
-use crate::service::resync::client::{gather, main_call, Peer};
+use crate::service::host::mainloop::Pending;
+use crate::service::resync::client::{gather, Peer};
 use crate::service::resync::push::push;
 use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS};
 use crate::service::resync::{CHUNK_MAILS, LOCAL_CHUNK_MAILS};
@@ -201,6 +202,56 @@ pub(crate) fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     out
 }
 
+/// The chunk's actions with the bodies of its saves, fetched from the peer; saves whose mail
+/// vanished on the peer meanwhile are left out.
+fn fetch_chunk(
+    peer: &mut Peer,
+    ctx: &Ctx,
+    user: &str,
+    chunk: &[Action],
+) -> Result<(Vec<Action>, Vec<(BodyMeta, Spool)>), String> {
+    let mut by_box: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for a in chunk {
+        if let Action::Save {
+            src_mbox, src_uid, ..
+        } = a
+        {
+            by_box.entry(src_mbox).or_default().push(*src_uid);
+        }
+    }
+    let mut fetched: HashMap<(String, u32), (BodyMeta, Spool)> = HashMap::new();
+    for (mbox, uids) in by_box {
+        for (uid, body) in peer.bodies(user, mbox, &uids, ctx.spool_dir.clone())? {
+            fetched.insert((mbox.to_string(), uid), body);
+        }
+    }
+    let mut bodies = Vec::new();
+    let mut acts = Vec::new();
+    for a in chunk {
+        if let Action::Save {
+            src_mbox, src_uid, ..
+        } = a
+        {
+            match fetched.remove(&(src_mbox.clone(), *src_uid)) {
+                Some(b) => bodies.push(b),
+                None => continue,
+            }
+        }
+        acts.push(a.clone());
+    }
+    Ok((acts, bodies))
+}
+
+/// Waits for a chunk of local saves and adds what it did to the report.
+fn saved(pending: Pending<(u64, Vec<String>)>, report: &mut Report) -> Result<(), String> {
+    let (changes, errors) = pending
+        .wait()
+        .map_err(|_| "the service is stopping".to_string())?;
+    report.changes += changes;
+    report.errors.extend(errors);
+    Ok(())
+}
+
 pub(crate) fn execute(
     ctx: &Ctx,
     peer: &mut Peer,
@@ -217,37 +268,24 @@ pub(crate) fn execute(
         .count();
     let mut done = 0;
     let mut reported = 0;
-    for chunk in chunks(&plan.local, LOCAL_CHUNK_MAILS) {
-        let mut bodies = Vec::new();
-        let mut by_box: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-        for a in chunk {
-            if let Action::Save {
-                src_mbox, src_uid, ..
-            } = a
-            {
-                by_box.entry(src_mbox).or_default().push(*src_uid);
+    // The bodies of the next chunk come from the peer while the main thread saves this one:
+    // seeding costs about the longer of fetching and saving, not their sum. At most two
+    // chunks' bodies are held.
+    let mut saving: Option<(Pending<(u64, Vec<String>)>, usize)> = None;
+    let chunks = chunks(&plan.local, LOCAL_CHUNK_MAILS);
+    for chunk in chunks.into_iter().map(Some).chain([None]) {
+        let fetched = chunk.map(|c| fetch_chunk(peer, ctx, user, c));
+        // The chunk being saved is waited for even when the fetch failed: the report counts it.
+        if let Some((pending, n)) = saving.take() {
+            saved(pending, report)?;
+            done += n;
+            if total_local > 0 && (done - reported >= CHUNK_MAILS || done == total_local) {
+                reported = done;
+                progress(&format!("user {user}: saved here {done}/{total_local}"));
             }
         }
-        let mut fetched: HashMap<(String, u32), (BodyMeta, Spool)> = HashMap::new();
-        for (mbox, uids) in by_box {
-            for (uid, body) in peer.bodies(user, mbox, &uids, ctx.spool_dir.clone())? {
-                fetched.insert((mbox.to_string(), uid), body);
-            }
-        }
-        // Saves whose mail vanished on the peer meanwhile are left out.
-        let mut acts = Vec::new();
-        for a in chunk {
-            if let Action::Save {
-                src_mbox, src_uid, ..
-            } = a
-            {
-                match fetched.remove(&(src_mbox.clone(), *src_uid)) {
-                    Some(b) => bodies.push(b),
-                    None => continue,
-                }
-            }
-            acts.push(a.clone());
-        }
+        let Some(fetched) = fetched else { break };
+        let (acts, bodies) = fetched?;
         let (u, id, mems) = (
             user.to_string(),
             ctx.cfg.server_id.clone(),
@@ -257,16 +295,11 @@ pub(crate) fn execute(
             .iter()
             .filter(|a| matches!(a, Action::Save { .. }))
             .count();
-        let (changes, errors) = main_call(ctx, move |svc| {
-            Ok(local_apply(svc, &mems, &u, &id, &acts, bodies))
-        })?;
-        report.changes += changes;
-        report.errors.extend(errors);
-        done += n;
-        if total_local > 0 && (done - reported >= CHUNK_MAILS || done == total_local) {
-            reported = done;
-            progress(&format!("user {user}: saved here {done}/{total_local}"));
-        }
+        let pending = ctx
+            .main
+            .start(move |svc| local_apply(svc, &mems, &u, &id, &acts, bodies))
+            .map_err(|_| "the service is stopping".to_string())?;
+        saving = Some((pending, n));
     }
     // ... then the peer, with bodies from here.
     push(ctx, peer, user, plan, report, progress)
