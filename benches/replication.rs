@@ -112,6 +112,23 @@ fn has_flag(imap: &mut Imap, uid: u32, flag: &str) -> bool {
         .any(|l| l.contains(flag))
 }
 
+/// Sets `flag` on `uid` in `a`'s selected mailbox; the ms from the STORE's OK until `b`
+/// (the same mailbox selected on the peer) shows it, or None after `timeout`.
+fn flag_lag(a: &mut Imap, b: &mut Imap, uid: u32, flag: &str, timeout: Duration) -> Option<f64> {
+    a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
+    let t = Instant::now();
+    until(timeout, || has_flag(b, uid, flag)).then(|| t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Until both services of the pair are connected to their peer (at most a minute).
+fn wait_connected(pair: &Pair) -> bool {
+    until(Duration::from_secs(60), || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    })
+}
+
 fn messages_in_inbox(imap: &mut Imap) -> u32 {
     imap.noop();
     let (untagged, _) = imap.command("STATUS INBOX (MESSAGES)");
@@ -200,12 +217,13 @@ fn main() {
     let mut lags = Vec::new();
     for i in 0..samples {
         let uid = uids[i % uids.len()];
-        let flag = format!("$Lag{i}");
-        a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
-        let t = Instant::now();
-        if until(Duration::from_secs(10), || has_flag(&mut b, uid, &flag)) {
-            lags.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
+        lags.extend(flag_lag(
+            &mut a,
+            &mut b,
+            uid,
+            &format!("$Lag{i}"),
+            Duration::from_secs(10),
+        ));
     }
     let (p50, p99) = summary(lags.clone());
     let flag_lag = format!("p50 {p50:.1} ms, p99 {p99:.1} ms ({} samples)", lags.len());
@@ -480,11 +498,7 @@ fn large_body() -> (String, String) {
     const SIZE: usize = 100_000_000;
     eprintln!("replication bench: one 100 MB mail...");
     let pair = Pair::start("bench-large");
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let big = message("a 100 MB mail", SIZE);
     let t = Instant::now();
     pair.a.save("alice", "INBOX", &big);
@@ -515,11 +529,7 @@ fn large_resync(pull: bool) -> (String, String) {
     } else {
         "bench-resync-push"
     });
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     pair.a.doveadm_unjournaled_stdin(
         &["save", "-u", "alice", "-m", "INBOX"],
         &message("a 100 MB mail for a resync", SIZE),
@@ -628,11 +638,7 @@ fn slow_link() -> Vec<(String, String, String)> {
     // ---- Tandem: a pair whose links are fast while it is seeded, then slow.
     eprintln!("replication bench: slow link, Tandem...");
     let pair = Pair::start_shaped("bench-slow", Shape::fast());
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let mut a = pair.a.login("alice");
     let (_, uids) = a.multiappend("INBOX", &seed_items);
     a.select("INBOX");
@@ -805,11 +811,7 @@ fn mixed_mail_ratio(n: usize) -> (String, String, String) {
     let mails = common::mixed_mails(n, 2026);
     let total: usize = mails.iter().map(|m| m.len()).sum();
     let pair = Pair::start("bench-mixed");
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let before = pair.link_bytes();
     let mut l = Lmtp::connect(pair.a.ports().lmtp);
     l.deliver("s@example.org", &["bob"], &mails[0]);
