@@ -32,6 +32,20 @@
 //!   `TANDEM_BENCH_ONLY=slow-link` runs only these. The 1 MB mail takes over 2 minutes at
 //!   8 KB/s; every slow-link wait gives up after 10 minutes and writes "timed out" in its row.
 //!
+//! - scale (issue 13): the lag of flag changes in a mailbox of 100,000 mails
+//!   (`TANDEM_BENCH_BIG_MAILBOX`) beside those in a mailbox of 10, alternately on the same pair
+//!   (the large one filled on A by `doveadm import` behind Tandem's back and copied onto B as
+//!   files), beside one incremental `doveadm sync` per change; and 10,000 users
+//!   (`TANDEM_BENCH_USERS`) with one new mail each journaled on A while the link is down, then
+//!   the link restored: the time until A's service has every acknowledgement, the peak RSS of
+//!   both services, and the lag of flag changes of alice and bob, who have no backlog, while it
+//!   drains (the sender and the receiver take users in name order: alice sorts before the
+//!   backlog users, bob after them), beside theirs with no backlog. dsync has no counterpart
+//!   for the many users.
+//!
+//!   `TANDEM_BENCH_ONLY=scale` runs only these (about 12 minutes on 2 cores). A drain that
+//!   passes 10 minutes is written "NOT drained" in its row.
+//!
 //! `TANDEM_BENCH_PERF=<file>` records a system-wide `perf record -g` of the bulk case (from the
 //! link coming back to B holding every mail) into that file, for the profile issue 13 asks for;
 //! the recording slows the case, so its row is not a measurement then.
@@ -112,6 +126,23 @@ fn has_flag(imap: &mut Imap, uid: u32, flag: &str) -> bool {
         .any(|l| l.contains(flag))
 }
 
+/// Sets `flag` on `uid` in `a`'s selected mailbox; the ms from the STORE's OK until `b`
+/// (the same mailbox selected on the peer) shows it, or None after `timeout`.
+fn flag_lag(a: &mut Imap, b: &mut Imap, uid: u32, flag: &str, timeout: Duration) -> Option<f64> {
+    a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
+    let t = Instant::now();
+    until(timeout, || has_flag(b, uid, flag)).then(|| t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Until both services of the pair are connected to their peer (at most a minute).
+fn wait_connected(pair: &Pair) -> bool {
+    until(Duration::from_secs(60), || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    })
+}
+
 fn messages_in_inbox(imap: &mut Imap) -> u32 {
     imap.noop();
     let (untagged, _) = imap.command("STATUS INBOX (MESSAGES)");
@@ -168,6 +199,11 @@ fn main() {
         return;
     }
     let mixed = env_number("TANDEM_BENCH_MIXED", 200);
+    let users = env_number("TANDEM_BENCH_USERS", 10_000);
+    if only == "scale" {
+        report(&scale(users), &only);
+        return;
+    }
     if only == "slow-link" {
         let mut rows = slow_link();
         rows.push(mixed_mail_ratio(mixed));
@@ -200,12 +236,13 @@ fn main() {
     let mut lags = Vec::new();
     for i in 0..samples {
         let uid = uids[i % uids.len()];
-        let flag = format!("$Lag{i}");
-        a.uid_store(&uid.to_string(), &format!("+FLAGS ({flag})"));
-        let t = Instant::now();
-        if until(Duration::from_secs(10), || has_flag(&mut b, uid, &flag)) {
-            lags.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
+        lags.extend(flag_lag(
+            &mut a,
+            &mut b,
+            uid,
+            &format!("$Lag{i}"),
+            Duration::from_secs(10),
+        ));
     }
     let (p50, p99) = summary(lags.clone());
     let flag_lag = format!("p50 {p50:.1} ms, p99 {p99:.1} ms ({} samples)", lags.len());
@@ -472,6 +509,7 @@ fn main() {
     }
     rows.extend(slow_link());
     rows.push(mixed_mail_ratio(mixed));
+    rows.extend(scale(users));
     report(&rows, &only);
 }
 
@@ -480,11 +518,7 @@ fn large_body() -> (String, String) {
     const SIZE: usize = 100_000_000;
     eprintln!("replication bench: one 100 MB mail...");
     let pair = Pair::start("bench-large");
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let big = message("a 100 MB mail", SIZE);
     let t = Instant::now();
     pair.a.save("alice", "INBOX", &big);
@@ -515,11 +549,7 @@ fn large_resync(pull: bool) -> (String, String) {
     } else {
         "bench-resync-push"
     });
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     pair.a.doveadm_unjournaled_stdin(
         &["save", "-u", "alice", "-m", "INBOX"],
         &message("a 100 MB mail for a resync", SIZE),
@@ -628,11 +658,7 @@ fn slow_link() -> Vec<(String, String, String)> {
     // ---- Tandem: a pair whose links are fast while it is seeded, then slow.
     eprintln!("replication bench: slow link, Tandem...");
     let pair = Pair::start_shaped("bench-slow", Shape::fast());
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let mut a = pair.a.login("alice");
     let (_, uids) = a.multiappend("INBOX", &seed_items);
     a.select("INBOX");
@@ -805,11 +831,7 @@ fn mixed_mail_ratio(n: usize) -> (String, String, String) {
     let mails = common::mixed_mails(n, 2026);
     let total: usize = mails.iter().map(|m| m.len()).sum();
     let pair = Pair::start("bench-mixed");
-    until(Duration::from_secs(60), || {
-        [&pair.a, &pair.b]
-            .iter()
-            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
-    });
+    wait_connected(&pair);
     let before = pair.link_bytes();
     let mut l = Lmtp::connect(pair.a.ports().lmtp);
     l.deliver("s@example.org", &["bob"], &mails[0]);
@@ -849,6 +871,348 @@ fn mixed_mail_ratio(n: usize) -> (String, String, String) {
         ),
         format!("{:.3} ({} bytes, one sync)", dsync_bytes as f64 / total as f64, dsync_bytes),
     )
+}
+
+/// The mails of the large mailbox of the scale rows (`TANDEM_BENCH_BIG_MAILBOX` changes it).
+const BIG_MAILBOX: usize = 100_000;
+/// Flag changes timed in each of the large and the small mailbox, alternately.
+const SCALE_SAMPLES: usize = 50;
+/// One incremental `doveadm sync` timed per flag change, in each mailbox.
+const SCALE_DSYNC_RUNS: usize = 20;
+/// Flag changes of each probe user timed before the cut, with no backlog anywhere.
+const QUIET_SAMPLES: usize = 20;
+/// How long the scale rows wait for the many users' backlog to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The scale rows of issue 13: a flag change in a mailbox of [`BIG_MAILBOX`] mails beside one
+/// in a mailbox of 10, and `users` users with a backlog each, drained after an outage.
+fn scale(users: usize) -> Vec<(String, String, String)> {
+    let mut rows = big_mailbox(env_number("TANDEM_BENCH_BIG_MAILBOX", BIG_MAILBOX));
+    rows.extend(many_users(users));
+    rows
+}
+
+/// `p50 ..., p99 ... (k samples)` in ms.
+fn p50_p99(v: &[f64], what: &str) -> String {
+    let (p50, p99) = summary(v.to_vec());
+    format!("p50 {p50:.1} ms, p99 {p99:.1} ms ({} {what})", v.len())
+}
+
+/// alice's `Big` (`n` mails) and `Small` (10 mails), the same on both sides: the lag of a flag
+/// change in each, taken alternately in the same run on the same pair, and one incremental
+/// `doveadm sync` per flag change on two servers without Tandem.
+fn big_mailbox(n: usize) -> Vec<(String, String, String)> {
+    eprintln!("replication bench: scale, a mailbox of {n} mails...");
+    let pair = Pair::start("bench-scale-big");
+    wait_connected(&pair);
+    // Filled behind Tandem's back and copied onto B as files: a replica already in step, in
+    // seconds, where seeding it (resync, or a first doveadm sync) takes about 5 ms a mail here.
+    let t = Instant::now();
+    pair.a.import_mbox("alice", "Big", n);
+    copy_store(&pair.a, &pair.b, "alice");
+    let filled = t.elapsed();
+    let verify = pair.b.tandem_verify("alice");
+    let small: Vec<Vec<u8>> = (0..10)
+        .map(|i| message(&format!("small {i}"), 2000))
+        .collect();
+    let items: Vec<(&[&str], &[u8])> = small.iter().map(|m| (&[][..], m.as_slice())).collect();
+    let mut a_small = pair.a.login("alice");
+    a_small.create("Small");
+    let (_, small_uids) = a_small.multiappend("Small", &items);
+    a_small.select("Small");
+    let mut a_big = pair.a.login("alice");
+    a_big.select("Big");
+    let mut b_small = pair.b.login("alice");
+    until(Duration::from_secs(60), || {
+        b_small.try_select("Small").is_ok_and(|s| s.exists >= 10)
+    });
+    let mut b_big = pair.b.login("alice");
+    b_big.select("Big");
+    let (mut big, mut little) = (Vec::new(), Vec::new());
+    for i in 0..SCALE_SAMPLES {
+        // Spread over the mailbox: a change near its end must cost what one near its start does.
+        let uid = 1 + (i * 7919 % n) as u32;
+        let timeout = Duration::from_secs(60);
+        big.extend(flag_lag(
+            &mut a_big,
+            &mut b_big,
+            uid,
+            &format!("$Big{i}"),
+            timeout,
+        ));
+        let uid = small_uids[i % small_uids.len()];
+        little.extend(flag_lag(
+            &mut a_small,
+            &mut b_small,
+            uid,
+            &format!("$Small{i}"),
+            timeout,
+        ));
+    }
+    for s in [a_big, a_small, b_big, b_small] {
+        s.logout();
+    }
+    drop(pair);
+
+    eprintln!("replication bench: scale, doveadm sync of a mailbox of {n} mails...");
+    let c = Dovecot::start(Options::without_plugin("bench-scale-dsync-a"));
+    let d = Dovecot::start(Options::without_plugin("bench-scale-dsync-b"));
+    c.import_mbox("alice", "Big", n);
+    copy_store(&c, &d, "alice");
+    let mut c_small = c.login("alice");
+    c_small.create("Small");
+    let (_, small_uids) = c_small.multiappend("Small", &items);
+    c_small.select("Small");
+    dsync(&c, &d, None, "alice");
+    let mut c_big = c.login("alice");
+    c_big.select("Big");
+    let (mut d_big, mut d_little) = (Vec::new(), Vec::new());
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for i in 0..SCALE_DSYNC_RUNS {
+        let uid = 1 + (i * 7919 % n) as u32;
+        c_big.uid_store(&uid.to_string(), &format!("+FLAGS ($Big{i})"));
+        d_big.push(ms(dsync(&c, &d, None, "alice")));
+        let uid = small_uids[i % small_uids.len()];
+        c_small.uid_store(&uid.to_string(), &format!("+FLAGS ($Small{i})"));
+        d_little.push(ms(dsync(&c, &d, None, "alice")));
+    }
+    c_big.logout();
+    c_small.logout();
+    drop(c);
+    drop(d);
+
+    let ratio = summary(big.clone()).0 / summary(little.clone()).0;
+    vec![
+        (
+            format!(
+                "lag, flag change in a mailbox of {n} mails (filled on A by doveadm import \
+                 behind Tandem's back and copied onto B as files, {:.0} s; tandem verify: {}; \
+                 the same for dsync's servers)",
+                filled.as_secs_f64(),
+                if verify.code == 0 {
+                    "identical".to_string()
+                } else {
+                    format!("exit {}", verify.code)
+                },
+            ),
+            format!(
+                "{}; p50 {ratio:.2}x the 10-mail mailbox's",
+                p50_p99(&big, "samples")
+            ),
+            format!("{} of the user per change", p50_p99(&d_big, "syncs")),
+        ),
+        (
+            "lag, flag change in a mailbox of 10 mails, alternating with the row above on the \
+             same pair"
+                .into(),
+            p50_p99(&little, "samples"),
+            format!("{} of the user per change", p50_p99(&d_little, "syncs")),
+        ),
+    ]
+}
+
+/// `user`'s mail store on `from` copied onto `to` as files, where `user` has none yet: the
+/// indexes, mailbox GUIDs and UIDs with it, as replication would have left them.
+fn copy_store(from: &Dovecot, to: &Dovecot, user: &str) {
+    let (src, dst) = (from.mail_root(user), to.mail_root(user));
+    assert!(!dst.exists(), "{} exists already", dst.display());
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .args([&src, &dst])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cp -a {} {} failed", src.display(), dst.display());
+}
+
+/// How many of the `prefix` users A's service lists, and how many of those have records the
+/// peer has not acknowledged.
+fn backlog(dc: &Dovecot, prefix: &str) -> (usize, usize) {
+    let Some(st) = dc.tandem_status() else {
+        return (0, 0);
+    };
+    let Some(users) = st["users"].as_object() else {
+        return (0, 0);
+    };
+    let mine = users.iter().filter(|(u, _)| u.starts_with(prefix));
+    let listed = mine.clone().count();
+    let waiting = mine
+        .filter(|(_, s)| s["unacked_records"].as_u64() != Some(0))
+        .count();
+    (listed, waiting)
+}
+
+/// `p50 ..., max ... (k)` in ms, or "none" when no sample arrived.
+fn p50_max(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    let (p50, _) = summary(v.to_vec());
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    format!("p50 {p50:.1} ms, max {max:.1} ms ({})", v.len())
+}
+
+/// `n` users with one new mail each on A, journaled while the link is down, then the link
+/// restored: how long until B has acknowledged them all, the peak RSS of both services, and the
+/// lag of flag changes of alice and bob, who have no backlog, while it drains, beside theirs
+/// with no backlog at all.
+fn many_users(n: usize) -> Vec<(String, String, String)> {
+    eprintln!("replication bench: scale, {n} users with a backlog...");
+    // The sender and the receiver take users in name order: alice comes before every backlog
+    // user and bob after them all.
+    let prefix = "backlog";
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i:05}")).collect();
+    let pair = Pair::start_custom("bench-scale-users", |oa, ob| {
+        oa.extra_users = names.clone();
+        ob.extra_users = names.clone();
+    });
+    wait_connected(&pair);
+    let probes = ["alice", "bob"];
+    for user in probes {
+        pair.a
+            .deliver("s@example.org", &[user], &message("probe", 2000));
+    }
+    // Let the INBOXes reach B before anything touches them there (B would create its own).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut sessions: Vec<(Imap, Imap)> = probes
+        .iter()
+        .map(|user| {
+            let mut a = pair.a.login(user);
+            a.select("INBOX");
+            let mut b = pair.b.login(user);
+            until(Duration::from_secs(60), || messages_in_inbox(&mut b) >= 1);
+            b.select("INBOX");
+            (a, b)
+        })
+        .collect();
+    let mut quiet = vec![Vec::new(); probes.len()];
+    for i in 0..QUIET_SAMPLES {
+        for ((a, b), lags) in sessions.iter_mut().zip(&mut quiet) {
+            lags.extend(flag_lag(
+                a,
+                b,
+                1,
+                &format!("$Quiet{i}"),
+                Duration::from_secs(10),
+            ));
+        }
+    }
+
+    pair.cut();
+    let t = Instant::now();
+    let mut l = Lmtp::connect(pair.a.ports().lmtp);
+    for chunk in names.chunks(100) {
+        let rcpts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        l.deliver("s@example.org", &rcpts, &message("backlog", 2000));
+    }
+    l.quit();
+    let delivered = t.elapsed();
+    // Pending: A's service has found every one of them waiting.
+    let known = wait_up_to(Duration::from_secs(120), Duration::from_secs(1), || {
+        backlog(&pair.a, prefix).1 >= n
+    });
+    let listed = backlog(&pair.a, prefix).1;
+
+    let t = Instant::now();
+    pair.restore();
+    let connected = wait_up_to(Duration::from_secs(60), Duration::from_millis(20), || {
+        pair.a
+            .tandem_status()
+            .is_some_and(|st| st["connected"] == true)
+    });
+    // One flag change of each probe user at a time, half a second apart so that the probes
+    // take little from the drain they watch, until no backlog is left.
+    let mut during = vec![Vec::new(); probes.len()];
+    let mut lost = 0;
+    let mut drained = None;
+    let mut checked = Instant::now();
+    for i in 0.. {
+        for ((a, b), lags) in sessions.iter_mut().zip(&mut during) {
+            match flag_lag(a, b, 1, &format!("$Drain{i}"), Duration::from_secs(120)) {
+                Some(lag) => lags.push(lag),
+                None => lost += 1,
+            }
+        }
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            if backlog(&pair.a, prefix) == (n, 0) {
+                drained = Some(t.elapsed());
+                break;
+            }
+        }
+        if t.elapsed() > DRAIN_TIMEOUT {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let left = backlog(&pair.a, prefix).1;
+    let (peak_a, peak_b) = (
+        common::service_peak_kb(&pair.a),
+        common::service_peak_kb(&pair.b),
+    );
+    for (a, b) in sessions {
+        a.logout();
+        b.logout();
+    }
+    drop(pair);
+
+    let probe = |k: usize| {
+        format!(
+            "{}: {} while they drain (the first {}), {} with no backlog",
+            probes[k],
+            p50_max(&during[k]),
+            during[k]
+                .first()
+                .map_or("not seen".into(), |l| format!("{l:.1} ms")),
+            p50_max(&quiet[k])
+        )
+    };
+    vec![
+        (
+            format!(
+                "{n} users with one new mail each pending on A (one LMTP delivery per 100 \
+                 recipients, {:.0} s, while the link is down), then the link restored: until \
+                 A's service has every acknowledgement; peak RSS (VmHWM) of tandem-service",
+                delivered.as_secs_f64()
+            ),
+            format!(
+                "{}{} after the restore (connected after {}); peak RSS: A (sending) {} MB, B \
+                 (receiving) {} MB",
+                drained.map_or(
+                    format!(
+                        "NOT drained after {} s ({left} of the {n} still waiting)",
+                        DRAIN_TIMEOUT.as_secs()
+                    ),
+                    |d| format!("{:.1} s", d.as_secs_f64())
+                ),
+                if known.is_some() {
+                    String::new()
+                } else {
+                    format!(" (A's service listed {listed} of them before the restore)")
+                },
+                secs(connected),
+                peak_a / 1024,
+                peak_b / 1024
+            ),
+            "—".into(),
+        ),
+        (
+            format!(
+                "lag, flag change of a user with no backlog while those {n} users drain (one \
+                 at a time, each user alternately, from the restore on)"
+            ),
+            format!(
+                "{}; {}{}",
+                probe(0),
+                probe(1),
+                if lost > 0 {
+                    format!("; {lost} not seen on B within 120 s")
+                } else {
+                    String::new()
+                }
+            ),
+            "—".into(),
+        ),
+    ]
 }
 
 /// The table, on stdout and, with `TANDEM_BENCH_WRITE_DOCS=1`, in docs/benchmarks.md between

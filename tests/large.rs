@@ -8,56 +8,18 @@ mod common;
 
 use common::{message, state, wait_for, Pair};
 use std::fs;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 const USER: &str = "alice";
 const FOLDER_MAILS: usize = 150_000;
 const HUGE: usize = 30_000_000;
 
-/// A folder of `n` small mails as one mbox file, for a fast import.
-fn write_mbox(path: &std::path::Path, n: usize) {
-    let mut out = std::io::BufWriter::new(fs::File::create(path).unwrap());
-    for i in 0..n {
-        write!(
-            out,
-            "From sender@example.com Mon Jan  1 00:00:00 2024\n\
-             From: sender@example.com\n\
-             To: alice@example.com\n\
-             Subject: folder mail {i}\n\
-             Message-ID: <{i}.large@tandem.test>\n\
-             \n\
-             mail number {i}\n\n"
-        )
-        .unwrap();
-    }
-    out.flush().unwrap();
-}
-
 #[test]
 fn a_30_mb_mail_and_a_folder_of_150000_mails_seed_and_resync() {
     let pair = Pair::start("large");
     let t = Instant::now();
     // A gets the mail without journaling it: B can only learn of it by a resync.
-    // The mbox is the mail user's: Dovecot keeps its index and locks beside it.
-    let src = tempfile::tempdir().unwrap();
-    write_mbox(&src.path().join("Big"), FOLDER_MAILS);
-    for p in [src.path(), &src.path().join("Big")] {
-        std::os::unix::fs::chown(p, Some(common::MAIL_UID), Some(common::MAIL_UID)).unwrap();
-    }
-    let loc = format!("mbox:{}", src.path().display());
-    pair.a.doveadm_unjournaled(&[
-        // Without an fsync per mail: this sets the scene, it is not what is tested.
-        "-o",
-        "mail_fsync=never",
-        "import",
-        "-u",
-        USER,
-        &loc,
-        "",
-        "mailbox",
-        "Big",
-    ]);
+    pair.a.import_mbox(USER, "Big", FOLDER_MAILS);
     let huge = message("a 30 MB mail", HUGE);
     pair.a
         .doveadm_unjournaled_stdin(&["save", "-u", USER, "-m", "INBOX"], &huge);

@@ -19,6 +19,9 @@ pub struct Options {
     /// Extra userdb fields per user, appended to the user's passwd-file line, e.g.
     /// `("alice", "userdb_tandem_x=1")` (DOVECOT.md §1: overrides `plugin {}` per user).
     pub user_fields: Vec<(String, String)>,
+    /// Users the userdb knows besides [`super::USERS`], each with a home and their name as the
+    /// password: for measurements over many users (a mail process creates the mail root).
+    pub extra_users: Vec<String>,
     /// Raw configuration appended at the end of dovecot.conf (e.g. `service imap { ... }`).
     pub extra_conf: String,
     /// A specific plugin build instead of [`plugin_so`] (e.g. the test-hooks build).
@@ -163,6 +166,7 @@ impl Default for Options {
             plugin: true,
             plugin_settings: vec![("tandem_server_id".into(), "a".into())],
             user_fields: Vec::new(),
+            extra_users: Vec::new(),
             extra_conf: String::new(),
             plugin_so: None,
             service_port: None,

@@ -64,7 +64,12 @@ impl Dovecot {
         let home = path.join("home");
         fs::create_dir(&home).unwrap();
         chown(&home, Some(MAIL_UID), Some(MAIL_UID)).expect("chown DIR/home (are we root?)");
-        for (user, _) in USERS {
+        let users: Vec<(&str, &str)> = USERS
+            .iter()
+            .copied()
+            .chain(opts.extra_users.iter().map(|u| (u.as_str(), u.as_str())))
+            .collect();
+        for &(user, _) in &users {
             let h = home.join(user);
             fs::create_dir(&h).unwrap();
             chown(&h, Some(MAIL_UID), Some(MAIL_UID)).unwrap();
@@ -80,22 +85,22 @@ impl Dovecot {
             fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).unwrap();
         }
 
-        let mut users = String::new();
-        for (user, pass) in USERS {
+        let mut passwd = String::new();
+        for &(user, pass) in &users {
             let extra: Vec<&str> = opts
                 .user_fields
                 .iter()
                 .filter(|(u, _)| u == user)
                 .map(|(_, f)| f.as_str())
                 .collect();
-            users.push_str(&format!(
+            passwd.push_str(&format!(
                 "{user}:{{PLAIN}}{pass}:{MAIL_UID}:{MAIL_UID}::{}::{}\n",
                 home.join(user).display(),
                 extra.join(" ")
             ));
         }
         let users_file = path.join("users");
-        fs::write(&users_file, users).unwrap();
+        fs::write(&users_file, passwd).unwrap();
         fs::set_permissions(&users_file, fs::Permissions::from_mode(0o644)).unwrap();
 
         let conf = path.join("dovecot.conf");
