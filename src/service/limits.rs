@@ -68,3 +68,9 @@ pub const RING_QUEUE: usize = 1024;
 /// Names not yet known resolved through the userdb (on the main thread) per second: names come
 /// from a directory any uid can write to, and must not starve the main thread or other users.
 pub const NEW_USERS_PER_SEC: u32 = 500;
+/// Users' conflict memories kept loaded (each holds a file open and its maps in RAM); the
+/// least recently used idle ones are unloaded past this, and read again when needed.
+pub const MAX_LOADED_MEMORIES: usize = 512;
+/// About how long one round of applying the peer's changes takes before the connection is
+/// read again (a round goes on to the end of the batch under way).
+pub const APPLY_PASS: Duration = Duration::from_millis(200);
