@@ -9,7 +9,7 @@ use crate::registry;
 use crate::service::apply::stream::apply_batch;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
-use crate::service::limits::{IDLE_TIMEOUT, ROUND_BYTES};
+use crate::service::limits::{APPLY_PASS, IDLE_TIMEOUT, ROUND_BYTES};
 use crate::service::positions::Positions;
 use crate::service::resync;
 use crate::service::resync::server::RpcState;
@@ -41,6 +41,7 @@ pub(crate) fn serve(
                 rpc: false,
                 body_in: 0,
                 body_reported: 0,
+                turn: None,
             };
             // Large bodies wait in unnamed files under the state directory, not in memory.
             if let Some(dir) = &ctx.spool_dir {
@@ -88,16 +89,21 @@ struct Inbound<'a> {
     /// by it).
     body_in: u64,
     body_reported: u64,
+    /// The user the last round of applying ended with: the next round starts after it.
+    turn: Option<String>,
 }
 
 impl Inbound<'_> {
     fn run(&mut self, rd: &mut FrameReader, wr: &mut FrameWriter) -> Result<(), ConnError> {
         let mut last = Instant::now();
+        let mut more = false;
         loop {
             if self.ctx.stop.load(Ordering::Relaxed) {
                 return Err(ConnError::Stopping);
             }
-            match rd.next()? {
+            // With users left to apply, only what has already arrived is read first.
+            let m = if more { rd.next_ready()? } else { rd.next()? };
+            match m {
                 Some(m) => {
                     last = Instant::now();
                     self.on_msg(m, wr)?;
@@ -123,7 +129,7 @@ impl Inbound<'_> {
                 None if last.elapsed() > IDLE_TIMEOUT => return Err(ConnError::Idle),
                 None => {}
             }
-            self.apply_ready(wr)?;
+            more = self.apply_ready(wr)?;
         }
     }
 
@@ -218,19 +224,41 @@ impl Inbound<'_> {
     }
 
     /// Applies what can be applied, user by user: one user waiting for a body or retrying
-    /// after an error never holds up the others.
-    fn apply_ready(&mut self, wr: &mut FrameWriter) -> Result<(), ConnError> {
-        for name in self
-            .rx
-            .ready(Instant::now(), |u| self.ctx.repairs.is_locked(u))
-        {
-            self.apply_user(&name, wr)?;
+    /// after an error never holds up the others. A round takes about [`APPLY_PASS`] at most,
+    /// then the connection is read again (body chunks, pings, the next users' records), and
+    /// the next round starts with the user after the last one served. With thousands of
+    /// users ready, a round that applied every one of them took minutes: nothing was read
+    /// meanwhile, bodies were asked for again, and a user with one change waited for all.
+    /// `true` when users are left for the next round.
+    fn apply_ready(&mut self, wr: &mut FrameWriter) -> Result<bool, ConnError> {
+        let start = Instant::now();
+        let names = self.rx.ready(start, |u| self.ctx.repairs.is_locked(u));
+        let at = self
+            .turn
+            .as_ref()
+            .map_or(0, |t| names.partition_point(|n| n <= t));
+        let (later, earlier) = names.split_at(at);
+        for name in later.iter().chain(earlier) {
+            if start.elapsed() >= APPLY_PASS {
+                return Ok(true);
+            }
+            self.turn = Some(name.clone());
+            self.apply_user(name, wr, start + APPLY_PASS)?;
         }
-        Ok(())
+        Ok(false)
     }
 
-    fn apply_user(&mut self, name: &str, wr: &mut FrameWriter) -> Result<(), ConnError> {
+    /// Applies the user's batches until none is ready or `until` has passed.
+    fn apply_user(
+        &mut self,
+        name: &str,
+        wr: &mut FrameWriter,
+        until: Instant,
+    ) -> Result<(), ConnError> {
         loop {
+            if Instant::now() >= until {
+                return Ok(());
+            }
             let batch = match self.rx.next(name, Instant::now()) {
                 Next::Idle | Next::Wait(None) => return Ok(()),
                 Next::Wait(Some(ask)) => {
