@@ -62,6 +62,8 @@ pub const DROP_EVERY: Duration = Duration::from_secs(5);
 pub const BODY_PATIENCE: Duration = Duration::from_secs(10);
 /// Open users idle this long are closed.
 pub const USER_IDLE: Duration = Duration::from_secs(30);
+/// At most this many users stay open between jobs; the least recently used are closed first.
+pub const MAX_OPEN_USERS: usize = 100;
 /// Rings waiting for the outbound thread. A ring is only a hint (the rescan finds every
 /// registered user), so when a flood fills the queue, rings are dropped.
 pub const RING_QUEUE: usize = 1024;
