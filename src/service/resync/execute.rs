@@ -202,6 +202,11 @@ pub(crate) fn chunks(actions: &[Action], max_saves: usize) -> Vec<&[Action]> {
     out
 }
 
+/// The bodies of a chunk's saves, in the order of its actions.
+type Bodies = Vec<(BodyMeta, Spool)>;
+/// What a chunk of local saves did: the changes made, and the errors.
+type Saved = (u64, Vec<String>);
+
 /// The chunk's actions with the bodies of its saves, fetched from the peer; saves whose mail
 /// vanished on the peer meanwhile are left out.
 fn fetch_chunk(
@@ -209,7 +214,7 @@ fn fetch_chunk(
     ctx: &Ctx,
     user: &str,
     chunk: &[Action],
-) -> Result<(Vec<Action>, Vec<(BodyMeta, Spool)>), String> {
+) -> Result<(Vec<Action>, Bodies), String> {
     let mut by_box: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for a in chunk {
         if let Action::Save {
@@ -243,7 +248,7 @@ fn fetch_chunk(
 }
 
 /// Waits for a chunk of local saves and adds what it did to the report.
-fn saved(pending: Pending<(u64, Vec<String>)>, report: &mut Report) -> Result<(), String> {
+fn saved(pending: Pending<Saved>, report: &mut Report) -> Result<(), String> {
     let (changes, errors) = pending
         .wait()
         .map_err(|_| "the service is stopping".to_string())?;
@@ -271,7 +276,7 @@ pub(crate) fn execute(
     // The bodies of the next chunk come from the peer while the main thread saves this one:
     // seeding costs about the longer of fetching and saving, not their sum. At most two
     // chunks' bodies are held.
-    let mut saving: Option<(Pending<(u64, Vec<String>)>, usize)> = None;
+    let mut saving: Option<(Pending<Saved>, usize)> = None;
     let chunks = chunks(&plan.local, LOCAL_CHUNK_MAILS);
     for chunk in chunks.into_iter().map(Some).chain([None]) {
         let fetched = chunk.map(|c| fetch_chunk(peer, ctx, user, c));
