@@ -582,10 +582,30 @@ fn random_traffic_partitions_and_crashes_converge() {
         let (la, lb) = (locations(&pair.a), locations(&pair.b));
         let ledger_now = lock(&ledger);
         let must = ledger_now.must_exist();
+        // A service killed while it wrote an mdbox map can leave the map index to be fscked:
+        // Dovecot then rebuilds the storage from its m.* files, and that rebuild may put a
+        // message back in its mailbox a second time, under a new UID with the same GUID
+        // (seen once: "rebuilding indexes" right after "kill service b", two copies of two
+        // mails on b, replicated to a). That duplicate is Dovecot's; a second copy with its
+        // own GUID, or any missing mail, still fails.
+        let rebuilt = [&pair.a, &pair.b]
+            .iter()
+            .any(|dc| dc.log().contains(": rebuilding indexes"));
         let mut bad = Vec::new();
         for (id, mb) in &must {
             for (side, l) in [("a", &la), ("b", &lb)] {
                 let found = l.get(*id).map_or(&[][..], |v| v.as_slice());
+                let one_guid = found
+                    .iter()
+                    .all(|f| found.first().is_some_and(|g| g.2 == f.2));
+                if found.len() > 1 && rebuilt && one_guid {
+                    eprintln!(
+                        "round {round}: {id} is on {side} {} times with one GUID after Dovecot \
+                         rebuilt an mdbox storage: {found:?}",
+                        found.len()
+                    );
+                    continue;
+                }
                 if found.len() != 1 {
                     bad.push(format!(
                         "{id} (stored in {mb}) is on {side} {} times: {found:?}",
