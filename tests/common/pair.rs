@@ -186,10 +186,14 @@ fn forward(mut from: TcpStream, mut to: TcpStream, bytes: Arc<AtomicU64>, rate: 
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 16 << 10];
         while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
+            if n == 0 {
                 break;
             }
+            // Before the write, as in `shaped_direction`.
             bytes.fetch_add(n as u64, Ordering::Relaxed);
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
             let r = rate.load(Ordering::Relaxed);
             if r > 0 {
                 std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
@@ -360,10 +364,12 @@ fn shaped_direction(
                 }
             };
             let Some(packet) = packet else { break };
+            // Counted before the write: once written, the far end may read it and look at the
+            // count before this thread runs again (link_shape saw 12 of 16 bytes once).
+            bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
             if to.write_all(&packet).is_err() {
                 break;
             }
-            bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
         }
         let (m, cv) = &*path;
         m.lock().unwrap().dead = true;
