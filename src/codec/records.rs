@@ -17,8 +17,8 @@
 //! its own. docs/wire-protocol.md has the byte layout.
 
 use super::CodecError;
-use crate::event::{Change, CopySource, FlagSet, Guid128, Kind, Record, Stamp};
-use crate::journal::format::MAX_LSN;
+use crate::event::{Change, FlagSet, Guid128, Kind, Record, Stamp};
+use crate::journal::format::{read_change, ChangeFields, MAX_LSN};
 use integer_encoding::VarInt;
 use std::collections::HashMap;
 
@@ -253,8 +253,11 @@ impl<'r> Enc<'_, 'r> {
         if same & same::MAILBOX_GUID == 0 {
             self.mailbox_guid(r.mailbox_guid);
         }
-        let ids = uids(&r.change);
-        if let Some((uidvalidity, uid)) = ids {
+        // The order of src/journal/format.rs's read_change.
+        if let Change::MailboxRename { old_name, .. } = &r.change {
+            self.name(old_name, "old mailbox name")?;
+        }
+        if let Some((uidvalidity, uid)) = uids(&r.change) {
             self.uids(uidvalidity, uid, same);
         }
         match &r.change {
@@ -285,10 +288,43 @@ impl<'r> Enc<'_, 'r> {
             }
             Change::Expunge { guid, .. } => self.guid(guid)?,
             Change::MailboxDelete { uidnext, .. } => self.var(*uidnext),
-            Change::MailboxRename { old_name, .. } => self.name(old_name, "old mailbox name")?,
+            Change::MailboxRename { .. } => {}
             Change::MailboxCreate { .. } | Change::Subscribe | Change::Unsubscribe => {}
         }
         Ok(())
+    }
+}
+
+impl ChangeFields for Dec<'_> {
+    fn uidvalidity(&mut self) -> Result<u32, String> {
+        match self.same & same::UIDVALIDITY {
+            0 => self.delta32(self.prev.uidvalidity, "uidvalidity"),
+            _ => Ok(self.prev.uidvalidity),
+        }
+    }
+    fn uid(&mut self) -> Result<u32, String> {
+        self.delta32(self.prev.uid, "uid")
+    }
+    fn message_guid(&mut self) -> Result<String, String> {
+        self.read_guid()
+    }
+    fn flags(&mut self) -> Result<FlagSet, String> {
+        self.read_flags()
+    }
+    fn marker(&mut self) -> Result<u8, String> {
+        self.u8("copy source marker")
+    }
+    fn name(&mut self, what: &str) -> Result<String, String> {
+        Dec::name(self, what)
+    }
+    fn mailbox_guid(&mut self) -> Result<Guid128, String> {
+        self.read_mailbox_guid()
+    }
+    fn source_uid(&mut self) -> Result<u32, String> {
+        self.var("source uid")
+    }
+    fn uidnext(&mut self) -> Result<u32, String> {
+        self.var("uidnext")
     }
 }
 
@@ -302,6 +338,7 @@ pub fn decode(buf: &[u8], count: usize) -> Result<Vec<Record>, CodecError> {
         guids: Vec::new(),
         boxes: Vec::new(),
         expanded: 0,
+        same: 0,
     };
     // Even a count that fits grows the vector only as records really decode.
     let mut records = Vec::with_capacity(count.min(256));
@@ -330,6 +367,8 @@ struct Dec<'a> {
     boxes: Vec<Guid128>,
     /// What the records decoded so far take (see [`MAX_EXPANDED`]).
     expanded: usize,
+    /// The same-as-before bits of the record being decoded.
+    same: u8,
 }
 
 impl Dec<'_> {
@@ -390,7 +429,7 @@ impl Dec<'_> {
             };
         self.spend(s)
     }
-    fn guid(&mut self) -> Result<String, String> {
+    fn read_guid(&mut self) -> Result<String, String> {
         let what = "message guid";
         let s = match self.var::<usize>(what)? {
             0 => {
@@ -409,7 +448,7 @@ impl Dec<'_> {
         };
         self.spend(s)
     }
-    fn mailbox_guid(&mut self) -> Result<Guid128, String> {
+    fn read_mailbox_guid(&mut self) -> Result<Guid128, String> {
         let what = "mailbox guid";
         match self.var::<usize>(what)? {
             0 => {
@@ -424,7 +463,7 @@ impl Dec<'_> {
                 .ok_or_else(|| format!("{what} refers to mailbox {i} of {}", self.boxes.len())),
         }
     }
-    fn flags(&mut self) -> Result<FlagSet, String> {
+    fn read_flags(&mut self) -> Result<FlagSet, String> {
         let system = self.u8("flags")?;
         if system & !crate::event::sysflag::MASK != 0 {
             return Err(format!("unknown system flag bits {system:#04x}"));
@@ -471,62 +510,11 @@ impl Dec<'_> {
             _ => self.spend(self.prev.mailbox.clone())?,
         };
         let mailbox_guid = match same & same::MAILBOX_GUID {
-            0 => self.mailbox_guid()?,
+            0 => self.read_mailbox_guid()?,
             _ => self.prev.mailbox_guid,
         };
-        let uidvalidity = |d: &mut Self| match same & same::UIDVALIDITY {
-            0 => d.delta32(d.prev.uidvalidity, "uidvalidity"),
-            _ => Ok(d.prev.uidvalidity),
-        };
-        let change = match kind {
-            Kind::New => {
-                let uidvalidity = uidvalidity(self)?;
-                let uid = self.delta32(self.prev.uid, "uid")?;
-                let guid = self.guid()?;
-                let flags = self.flags()?;
-                let from = match self.u8("copy source marker")? {
-                    0 => None,
-                    1 => Some(CopySource {
-                        mailbox: self.name("source mailbox name")?,
-                        mailbox_guid: self.mailbox_guid()?,
-                        uid: self.var("source uid")?,
-                    }),
-                    other => return Err(format!("bad copy-source marker {other}")),
-                };
-                Change::New {
-                    uidvalidity,
-                    uid,
-                    guid,
-                    flags,
-                    from,
-                }
-            }
-            Kind::Flags => Change::Flags {
-                uidvalidity: uidvalidity(self)?,
-                uid: self.delta32(self.prev.uid, "uid")?,
-                guid: self.guid()?,
-                added: self.flags()?,
-                removed: self.flags()?,
-            },
-            Kind::Expunge => Change::Expunge {
-                uidvalidity: uidvalidity(self)?,
-                uid: self.delta32(self.prev.uid, "uid")?,
-                guid: self.guid()?,
-            },
-            Kind::MailboxCreate => Change::MailboxCreate {
-                uidvalidity: uidvalidity(self)?,
-            },
-            Kind::MailboxDelete => Change::MailboxDelete {
-                uidvalidity: uidvalidity(self)?,
-                uidnext: self.var("uidnext")?,
-            },
-            Kind::MailboxRename => Change::MailboxRename {
-                uidvalidity: uidvalidity(self)?,
-                old_name: self.name("old mailbox name")?,
-            },
-            Kind::Subscribe => Change::Subscribe,
-            Kind::Unsubscribe => Change::Unsubscribe,
-        };
+        self.same = same;
+        let change = read_change(kind, self)?;
         if same & same::UIDVALIDITY != 0 && uids(&change).is_none() {
             return Err("same-UIDVALIDITY bit on a record without one".into());
         }

@@ -366,6 +366,109 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// The fields of a change, in the order both record encodings give them: the journal's
+/// (spelled out) and the wire's (coded against the record before, src/codec/records.rs).
+pub(crate) trait ChangeFields {
+    fn uidvalidity(&mut self) -> Result<u32, String>;
+    fn uid(&mut self) -> Result<u32, String>;
+    fn message_guid(&mut self) -> Result<String, String>;
+    fn flags(&mut self) -> Result<FlagSet, String>;
+    fn marker(&mut self) -> Result<u8, String>;
+    fn name(&mut self, what: &str) -> Result<String, String>;
+    fn mailbox_guid(&mut self) -> Result<Guid128, String>;
+    fn source_uid(&mut self) -> Result<u32, String>;
+    /// A MailboxDelete's UIDNEXT.
+    fn uidnext(&mut self) -> Result<u32, String>;
+}
+
+/// The change of a record of `kind`, field by field.
+pub(crate) fn read_change(kind: Kind, d: &mut impl ChangeFields) -> Result<Change, String> {
+    Ok(match kind {
+        Kind::New => {
+            let uidvalidity = d.uidvalidity()?;
+            let uid = d.uid()?;
+            let guid = d.message_guid()?;
+            let flags = d.flags()?;
+            let from = match d.marker()? {
+                0 => None,
+                1 => Some(CopySource {
+                    mailbox: d.name("source mailbox name")?,
+                    mailbox_guid: d.mailbox_guid()?,
+                    uid: d.source_uid()?,
+                }),
+                other => return Err(format!("bad copy-source marker {other}")),
+            };
+            Change::New {
+                uidvalidity,
+                uid,
+                guid,
+                flags,
+                from,
+            }
+        }
+        Kind::Flags => Change::Flags {
+            uidvalidity: d.uidvalidity()?,
+            uid: d.uid()?,
+            guid: d.message_guid()?,
+            added: d.flags()?,
+            removed: d.flags()?,
+        },
+        Kind::Expunge => Change::Expunge {
+            uidvalidity: d.uidvalidity()?,
+            uid: d.uid()?,
+            guid: d.message_guid()?,
+        },
+        Kind::MailboxCreate => Change::MailboxCreate {
+            uidvalidity: d.uidvalidity()?,
+        },
+        Kind::MailboxDelete => Change::MailboxDelete {
+            uidvalidity: d.uidvalidity()?,
+            uidnext: d.uidnext()?,
+        },
+        Kind::MailboxRename => Change::MailboxRename {
+            old_name: d.name("old mailbox name")?,
+            uidvalidity: d.uidvalidity()?,
+        },
+        Kind::Subscribe => Change::Subscribe,
+        Kind::Unsubscribe => Change::Unsubscribe,
+    })
+}
+
+impl ChangeFields for Dec<'_> {
+    fn uidvalidity(&mut self) -> Result<u32, String> {
+        self.u32()
+    }
+    fn uid(&mut self) -> Result<u32, String> {
+        self.u32()
+    }
+    fn message_guid(&mut self) -> Result<String, String> {
+        self.str()
+    }
+    fn flags(&mut self) -> Result<FlagSet, String> {
+        Dec::flags(self)
+    }
+    fn marker(&mut self) -> Result<u8, String> {
+        self.u8()
+    }
+    fn name(&mut self, _what: &str) -> Result<String, String> {
+        self.str()
+    }
+    fn mailbox_guid(&mut self) -> Result<Guid128, String> {
+        self.guid()
+    }
+    fn source_uid(&mut self) -> Result<u32, String> {
+        self.u32()
+    }
+    fn uidnext(&mut self) -> Result<u32, String> {
+        // Added after the first release: absent in older records.
+        if self.pos < self.buf.len() {
+            self.u32()
+        } else {
+            Ok(0)
+        }
+    }
+}
+
 /// Decodes a frame payload.
 pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     let mut d = Dec {
@@ -392,56 +495,7 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry, String> {
     let user = d.str()?;
     let mailbox = d.str()?;
     let mailbox_guid = d.guid()?;
-    let change = match kind {
-        Kind::New => {
-            let uidvalidity = d.u32()?;
-            let uid = d.u32()?;
-            let guid = d.str()?;
-            let flags = d.flags()?;
-            let from = match d.u8()? {
-                0 => None,
-                1 => Some(CopySource {
-                    mailbox: d.str()?,
-                    mailbox_guid: d.guid()?,
-                    uid: d.u32()?,
-                }),
-                other => return Err(format!("bad copy-source marker {other}")),
-            };
-            Change::New {
-                uidvalidity,
-                uid,
-                guid,
-                flags,
-                from,
-            }
-        }
-        Kind::Flags => Change::Flags {
-            uidvalidity: d.u32()?,
-            uid: d.u32()?,
-            guid: d.str()?,
-            added: d.flags()?,
-            removed: d.flags()?,
-        },
-        Kind::Expunge => Change::Expunge {
-            uidvalidity: d.u32()?,
-            uid: d.u32()?,
-            guid: d.str()?,
-        },
-        Kind::MailboxCreate => Change::MailboxCreate {
-            uidvalidity: d.u32()?,
-        },
-        Kind::MailboxDelete => Change::MailboxDelete {
-            uidvalidity: d.u32()?,
-            // Added after the first release: absent in older records.
-            uidnext: if d.pos < d.buf.len() { d.u32()? } else { 0 },
-        },
-        Kind::MailboxRename => Change::MailboxRename {
-            old_name: d.str()?,
-            uidvalidity: d.u32()?,
-        },
-        Kind::Subscribe => Change::Subscribe,
-        Kind::Unsubscribe => Change::Unsubscribe,
-    };
+    let change = read_change(kind, &mut d)?;
     finish(
         d,
         Entry::Record(Record {
