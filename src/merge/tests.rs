@@ -266,6 +266,30 @@ fn seeding_copies_everything_and_a_second_plan_is_empty() {
     assert!(run(&a2, &b2).is_empty());
 }
 
+/// Seeding saves each mailbox's mail together, in increasing UIDs: the applier saves a run
+/// into one mailbox in one transaction, and saves ordered by UID alone alternated between
+/// mailboxes (one transaction, five fsyncs, a mail).
+#[test]
+fn saves_into_one_mailbox_stay_together_in_increasing_uids() {
+    let mails: Vec<MailState> = (1..=20).map(|u| mail(u, &format!("g{u}"), &[])).collect();
+    let a = side(
+        "a",
+        &[("01", "INBOX", 5, mails.clone()), ("02", "Work", 6, mails)],
+    );
+    let p = run(&side("b", &[]), &a);
+    let saves: Vec<(&str, u32)> = p
+        .local
+        .iter()
+        .filter_map(|x| match x {
+            Action::Save { mbox, uid, .. } => Some((mbox.as_str(), *uid)),
+            _ => None,
+        })
+        .collect();
+    let mut expected: Vec<(&str, u32)> = (1..=20).map(|u| ("01", u)).collect();
+    expected.extend((1..=20).map(|u| ("02", u)));
+    assert_eq!(saves, expected);
+}
+
 #[test]
 fn the_same_mail_at_different_uids_is_one_mail_under_one_new_uid() {
     let mut a = inbox(
