@@ -34,6 +34,8 @@ mod frame;
 mod message;
 mod records;
 #[cfg(test)]
+mod records_tests;
+#[cfg(test)]
 mod tests;
 
 pub use frame::{decode_frame, encode, Decoder};
