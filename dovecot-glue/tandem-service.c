@@ -1322,13 +1322,104 @@ int tandem_svc_expunge(struct tandem_svc_user *user,
 
 /* ---- Reading ---- */
 
+static tandem_svc_read_pause_cb *tandem_svc_read_pause;
+
+void tandem_svc_set_read_pause(tandem_svc_read_pause_cb *cb)
+{
+	tandem_svc_read_pause = cb;
+}
+
+struct tandem_svc_held_line {
+	char *log_prefix;
+	unsigned int log_prefix_type_pos;
+	char *text;
+};
+
+/* The error handler in place before tandem_svc_errors_hold, NULL when not
+   holding; the held lines. Main thread only, as all Dovecot logging. */
+static failure_callback_t *tandem_svc_error_next;
+static struct tandem_svc_held_line tandem_svc_held[TANDEM_SVC_HELD_MAX];
+static unsigned int tandem_svc_held_count;
+
+static void ATTR_FORMAT(2, 0)
+tandem_svc_error_holder(const struct failure_context *ctx, const char *format,
+			va_list args)
+{
+	struct tandem_svc_held_line *line;
+
+	/* Warnings come here too: only errors are held. */
+	if (ctx->type != LOG_TYPE_ERROR ||
+	    tandem_svc_held_count == TANDEM_SVC_HELD_MAX) {
+		tandem_svc_error_next(ctx, format, args);
+		return;
+	}
+	line = &tandem_svc_held[tandem_svc_held_count++];
+	line->log_prefix = i_strdup(ctx->log_prefix);
+	line->log_prefix_type_pos = ctx->log_prefix_type_pos;
+	line->text = i_strdup_vprintf(format, args);
+}
+
+void tandem_svc_errors_hold(void)
+{
+	failure_callback_t *fatal, *error, *info, *debug;
+
+	if (tandem_svc_error_next != NULL)
+		return;
+	i_get_failure_handlers(&fatal, &error, &info, &debug);
+	tandem_svc_error_next = error;
+	i_set_error_handler(tandem_svc_error_holder);
+}
+
+static void ATTR_FORMAT(3, 4)
+tandem_svc_log_to(failure_callback_t *handler,
+		  const struct failure_context *ctx, const char *format, ...)
+{
+	va_list args;
+
+	va_start(args, format);
+	handler(ctx, format, args);
+	va_end(args);
+}
+
+unsigned int tandem_svc_errors_release(bool as_info, const char *note)
+{
+	failure_callback_t *fatal, *error, *info, *debug;
+	unsigned int i, count = tandem_svc_held_count;
+
+	if (tandem_svc_error_next == NULL)
+		return 0;
+	i_set_error_handler(tandem_svc_error_next);
+	tandem_svc_error_next = NULL;
+	i_get_failure_handlers(&fatal, &error, &info, &debug);
+	for (i = 0; i < count; i++) {
+		struct tandem_svc_held_line *line = &tandem_svc_held[i];
+		struct failure_context ctx = {
+			.type = as_info ? LOG_TYPE_INFO : LOG_TYPE_ERROR,
+			.log_prefix = line->log_prefix,
+			.log_prefix_type_pos = line->log_prefix_type_pos,
+		};
+
+		if (as_info) {
+			tandem_svc_log_to(info, &ctx, "%s (%s)", line->text,
+					  note == NULL ? "" : note);
+		} else {
+			tandem_svc_log_to(error, &ctx, "%s", line->text);
+		}
+		i_free(line->log_prefix);
+		i_free(line->text);
+	}
+	tandem_svc_held_count = 0;
+	return count;
+}
+
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, bool sync, uint64_t offset,
+			 uint32_t uid, uint64_t offset,
 			 uint64_t max_len, tandem_svc_chunk_cb *chunk,
 			 void *ctx, struct tandem_svc_body_info *info_r,
 			 const char **error_r)
 {
+	bool synced;
 	uoff_t full_size;
 	uint64_t passed = 0;
 	struct mailbox_transaction_context *trans;
@@ -1344,25 +1435,37 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 
 	i_zero(info_r);
 	info_r->guid = "";
+	if (tandem_svc_read_pause != NULL)
+		tandem_svc_read_pause(uid);
 	ret = tandem_svc_box_open(user, mailbox_guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	if (sync && mailbox_sync(box, 0) < 0) {
-		(void)mailbox_get_last_internal_error(box, &error);
-		/* Deleted meanwhile: the mail is gone with it. */
-		ret = error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_NONE :
-			tandem_svc_box_error(box, "Syncing", error_r);
-		mailbox_free(&box);
-		return ret;
-	}
-	trans = mailbox_transaction_begin(box, 0, "tandem read");
-	mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
-			  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
-			  MAIL_FETCH_RECEIVED_DATE | MAIL_FETCH_SAVE_DATE,
-			  NULL);
-	if (!mail_set_uid(mail, uid)) {
-		ret = TANDEM_SVC_NONE;
-		goto out;
+	for (synced = FALSE;; synced = TRUE) {
+		trans = mailbox_transaction_begin(box, 0, "tandem read");
+		mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
+				  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
+				  MAIL_FETCH_RECEIVED_DATE |
+				  MAIL_FETCH_SAVE_DATE, NULL);
+		if (mail_set_uid(mail, uid))
+			break;
+		mail_free(&mail);
+		mailbox_transaction_rollback(&trans);
+		/* Not in the view, which may predate a save just committed by
+		   another process (the doorbell rings right after it): in this
+		   same mailbox, sync and look again before calling it gone.
+		   Only on a miss: a sync costs more than the read. */
+		if (synced) {
+			mailbox_free(&box);
+			return TANDEM_SVC_NONE;
+		}
+		if (mailbox_sync(box, 0) < 0) {
+			(void)mailbox_get_last_internal_error(box, &error);
+			/* Deleted meanwhile: the mail is gone with it. */
+			ret = error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_NONE :
+				tandem_svc_box_error(box, "Syncing", error_r);
+			mailbox_free(&box);
+			return ret;
+		}
 	}
 	if (mail_get_special(mail, MAIL_FETCH_GUID, &guid) < 0 ||
 	    mail_get_received_date(mail, &received_date) < 0 ||

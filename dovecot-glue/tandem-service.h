@@ -265,14 +265,31 @@ struct tandem_svc_body_info {
 /* Streams the message (headers and body, as stored) to chunk: at most
    max_len bytes from offset (nothing when offset is at or past the end).
    info_r->size is the whole message's size. NONE (and no chunks) if the
-   message is gone, or with sync FALSE, not in the mailbox's view yet (a
-   sync per read costs more than the read). */
+   message is gone. */
 int tandem_svc_read_body(struct tandem_svc_user *user,
 			 const uint8_t mailbox_guid[TANDEM_SVC_GUID_SIZE],
-			 uint32_t uid, bool sync, uint64_t offset,
+			 uint32_t uid, uint64_t offset,
 			 uint64_t max_len, tandem_svc_chunk_cb *chunk,
 			 void *ctx, struct tandem_svc_body_info *info_r,
 			 const char **error_r);
+
+/* Test-only: the test-hooks build of the service sets a callback that each
+   body read calls first, so that a test can delete the mailbox in between
+   reads, as a client may at any time. NULL (nothing called) in every other
+   build. */
+typedef void tandem_svc_read_pause_cb(uint32_t uid);
+void tandem_svc_set_read_pause(tandem_svc_read_pause_cb *cb);
+
+/* Holds the error lines Dovecot logs from now on (the first
+   TANDEM_SVC_HELD_MAX; later ones are logged at once) until
+   tandem_svc_errors_release. For a read that may meet a mail expunged under
+   it by another process: sdbox calls such a mail "lost" before its index
+   shows the expunge, and only a second look tells that race from damage. */
+#define TANDEM_SVC_HELD_MAX 8
+void tandem_svc_errors_hold(void);
+/* Logs the held lines, as they were or (as_info) as info lines ending with
+   "(note)", and stops holding. Returns how many lines were held. */
+unsigned int tandem_svc_errors_release(bool as_info, const char *note);
 
 struct tandem_svc_mailbox_status {
 	const char *vname;

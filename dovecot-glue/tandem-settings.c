@@ -34,6 +34,7 @@ static const struct setting_define tandem_setting_defines[] = {
 	DEF_HIDDEN(STR, tandem_test_panic),
 	DEF_HIDDEN(STR, tandem_test_clock_offset),
 	DEF_HIDDEN(STR, tandem_test_segment_target),
+	DEF_HIDDEN(STR, tandem_test_read_pause),
 	DEF_HIDDEN(STR, tandem_svc_selftest),
 
 	SETTING_DEFINE_LIST_END
@@ -58,6 +59,7 @@ static const struct tandem_settings tandem_default_settings = {
 	.tandem_test_panic = "",
 	.tandem_test_clock_offset = "",
 	.tandem_test_segment_target = "",
+	.tandem_test_read_pause = "",
 	.tandem_svc_selftest = "",
 };
 

@@ -30,6 +30,7 @@ struct tandem_settings {
 	const char *tandem_test_panic;
 	const char *tandem_test_clock_offset;
 	const char *tandem_test_segment_target;
+	const char *tandem_test_read_pause;
 	const char *tandem_svc_selftest;
 };
 

@@ -384,3 +384,81 @@ fn a_mail_for_a_mailbox_the_peer_cannot_place_is_reported_once_not_resent_foreve
         assert!(text.contains("resync:      NEEDED"), "{text}");
     }
 }
+
+/// A mailbox deleted while the service reads its mail to send it, as a client's "create, fill,
+/// delete" of a temporary folder may. That is ordinary use, not damage: no error in either log,
+/// no user marked for a resync, and the servers agree. (CI once saw sdbox on 2.4 call such a
+/// mail "lost" and log it as an error; the service now holds Dovecot's error lines during a
+/// read and logs them as info when the mailbox turns out to be gone.) Damage stays an error: a
+/// mail file removed behind Dovecot's back is logged and its user marked. The test-hooks
+/// service waits 400 ms before each body read, so the delete lands among the reads.
+#[test]
+fn a_mailbox_deleted_while_its_mail_is_read_for_sending_is_no_error_but_damage_is() {
+    let pair = Pair::start_custom("repl-deleted", |a, _| {
+        a.service_bin = Some(common::test_hooks_service_bin());
+        *a = a.clone().setting("tandem_test_read_pause", "400");
+    });
+    for round in 0..3 {
+        let name = format!("Temp-{round}");
+        let mut imap = pair.a.login("alice");
+        imap.create(&name);
+        for i in 0..2 {
+            imap.append(&name, &[], &message(&format!("temp {round}.{i}"), 20_000));
+        }
+        // The first read is done, the second waiting.
+        std::thread::sleep(Duration::from_millis(600));
+        imap.delete(&name);
+        imap.logout();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    pair.a
+        .deliver("s@example.org", &["alice"], &message("after", 300));
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    assert!(
+        s.mailboxes
+            .iter()
+            .all(|(name, _, _)| !name.starts_with("Temp-")),
+        "{s:#?}"
+    );
+    common::wait_for(Duration::from_secs(30), "every record acknowledged", || {
+        status(&pair.a)["users"]["alice"]["unacked_records"].as_u64() == Some(0)
+    });
+    pair.a.assert_log_clean();
+    pair.b.assert_log_clean();
+    let stats = |dc: &Dovecot| {
+        let conf = dc.conf().to_str().unwrap();
+        let out = dc.tandem(&["log", "stats", "-u", "alice", "-c", conf]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        stats(&pair.a).contains("resync:      not needed"),
+        "{}",
+        stats(&pair.a)
+    );
+
+    // sdbox keeps each mail in a file of its own: remove one while the read is paused.
+    if pair.a.options().format != common::MailFormat::Sdbox {
+        return;
+    }
+    let mut imap = pair.a.login("alice");
+    imap.create("Damaged");
+    imap.append("Damaged", &[], &message("damaged", 20_000));
+    imap.logout();
+    let dir = pair
+        .a
+        .home("alice")
+        .join("mail/mailboxes/Damaged/dbox-Mails");
+    std::fs::remove_file(dir.join("u.1")).unwrap();
+    // Logged as the error it is, Dovecot's line with it; the user is marked for a resync
+    // (which the service then runs, so the mark itself may be gone by the time we look).
+    let reported = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("Error: ") && l.contains("reading the body of uid 1"))
+            && log
+                .lines()
+                .any(|l| l.contains("Error: ") && l.contains("lost uid"))
+    };
+    common::wait_for(Duration::from_secs(30), "the damage reported", || {
+        reported(&pair.a.log())
+    });
+}

@@ -105,6 +105,13 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
     {
         crate::clock::set_test_offset(ms);
     }
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = svc
+        .setting("tandem_test_read_pause")
+        .and_then(|v| v.trim().parse().ok())
+    {
+        super::host::dovecot::set_test_read_pause(ms);
+    }
     let file = |name: &str| {
         svc.setting(name)
             .filter(|s| !s.is_empty())

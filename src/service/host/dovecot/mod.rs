@@ -93,6 +93,23 @@ mod raw {
     include!(concat!(env!("OUT_DIR"), "/tandem_service.rs"));
 }
 
+/// Test-only (feature `test-hooks`, setting `tandem_test_read_pause` in milliseconds): every
+/// body read waits this long first, so that a test can delete the mailbox between two reads of
+/// its mail, as a client may at any time.
+#[cfg(feature = "test-hooks")]
+pub fn set_test_read_pause(ms: u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PAUSE_MS: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn pause(_uid: u32) {
+        std::thread::sleep(std::time::Duration::from_millis(
+            PAUSE_MS.load(Ordering::Relaxed),
+        ));
+    }
+    PAUSE_MS.store(ms, Ordering::Relaxed);
+    // SAFETY: `pause` is a plain function that cannot unwind and lives as long as the process.
+    unsafe { raw::tandem_svc_set_read_pause(if ms > 0 { Some(pause) } else { None }) };
+}
+
 thread_local! {
     /// True while `tandem_svc_main` runs: Dovecot's side is there to call.
     static ALIVE: Cell<bool> = const { Cell::new(false) };

@@ -385,17 +385,28 @@ impl User {
         sink: &mut dyn FnMut(&[u8]),
     ) -> Result<Option<BodyInfo>, ApplyError> {
         let mut sink_ref: &mut dyn FnMut(&[u8]) = sink;
-        // The mailbox's view may predate a save just committed by another process (the
-        // doorbell rings right after it): a miss is asked again after a sync before the mail is
-        // called gone. Not every read is synced: a sync costs more than the read.
+        let held = HeldErrors::hold();
         // SAFETY: main thread (User is !Send).
-        let got =
-            unsafe { self.read_body_once(mailbox, uid, false, offset, max_len, &mut sink_ref) }?;
-        if got.is_some() {
-            return Ok(got);
+        let got = unsafe { self.read_body_once(mailbox, uid, offset, max_len, &mut sink_ref) };
+        let Err(e) = got else { return got };
+        if matches!(e, ApplyError::NoMailbox(_)) {
+            return Err(e);
         }
-        // SAFETY: as above.
-        unsafe { self.read_body_once(mailbox, uid, true, offset, max_len, &mut sink_ref) }
+        // The mailbox deleted by another process while the mail was read (a client deleting a
+        // folder just after filling it): Dovecot's sdbox calls the mail lost when its file is
+        // gone and the index that would show the expunge went with the mailbox, and logs that
+        // as an error. If the mailbox is gone now, that race is what happened. A mail unreadable
+        // in a mailbox still there is damage: its error lines stay errors. (An expunge alone
+        // Dovecot sorts out by itself: its refreshed index shows it, and the read says gone.)
+        match self.mailbox_status(mailbox) {
+            Err(ApplyError::NoMailbox(_)) => {
+                held.release_as_info(
+                    "tandem: its mailbox was deleted while it was read; it is gone",
+                );
+                Ok(None)
+            }
+            _ => Err(e),
+        }
     }
 
     /// # Safety
@@ -405,7 +416,6 @@ impl User {
         &self,
         mailbox: &Guid128,
         uid: u32,
-        sync: bool,
         offset: u64,
         max_len: u64,
         sink_ref: &mut &mut dyn FnMut(&[u8]),
@@ -424,7 +434,6 @@ impl User {
                     user,
                     mailbox.0.as_ptr(),
                     uid,
-                    sync,
                     offset,
                     max_len,
                     Some(on_chunk),
@@ -665,4 +674,36 @@ unsafe extern "C" fn on_mail(ctx: *mut c_void, mail: *const raw::tandem_svc_mail
         });
         0
     })
+}
+
+/// Dovecot's error lines held during a read that may meet a concurrent expunge, until it is
+/// known whether they were errors; logged as errors unless [`HeldErrors::release_as_info`] says
+/// otherwise. Main thread only (Dovecot's logging is).
+struct HeldErrors {
+    _main_thread_only: PhantomData<*const ()>,
+}
+
+impl HeldErrors {
+    fn hold() -> Self {
+        // SAFETY: main thread (only `User` methods create one); no pointers.
+        unsafe { raw::tandem_svc_errors_hold() };
+        HeldErrors {
+            _main_thread_only: PhantomData,
+        }
+    }
+
+    /// Logs the held lines as info, each followed by `(note)`.
+    fn release_as_info(self, note: &str) {
+        let note = CString::new(note).unwrap_or_default();
+        // SAFETY: main thread; note outlives the call.
+        unsafe { raw::tandem_svc_errors_release(true, note.as_ptr()) };
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for HeldErrors {
+    fn drop(&mut self) {
+        // SAFETY: main thread; no note.
+        unsafe { raw::tandem_svc_errors_release(false, ptr::null()) };
+    }
 }
