@@ -76,3 +76,12 @@ pub const MAX_LOADED_MEMORIES: usize = 512;
 /// About how long one round of applying the peer's changes takes before the connection is
 /// read again (a round goes on to the end of the batch under way).
 pub const APPLY_PASS: Duration = Duration::from_millis(200);
+/// About how long the sender spends reading users' journals and sending their records before
+/// it looks at rings, acks and the body lane again.
+pub const PUMP_PASS: Duration = Duration::from_millis(100);
+/// A user whose change is this recent is live: their records go before those of users
+/// working off a backlog, on both sides. (The receiver judges by the records' stamps, which
+/// come from the peer's clock: a skew only changes the order, never what is applied.)
+pub const LIVE_AGE: Duration = Duration::from_secs(2);
+/// Users whose last ring the sender remembers (for [`LIVE_AGE`]).
+pub const RUNG_MAX: usize = 4096;

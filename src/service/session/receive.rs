@@ -406,6 +406,15 @@ impl Receiver {
         names
     }
 
+    /// Whether the user's first queued change was made within `live` of `now_ms` (by its
+    /// stamp): a user with a fresh change, not one working off a backlog.
+    pub fn is_live(&self, user: &str, now_ms: u64, live: Duration) -> bool {
+        self.users
+            .get(user)
+            .and_then(|u| u.queue.iter().find_map(|q| q.record.as_ref()))
+            .is_some_and(|r| r.stamp.millis().saturating_add(live.as_millis() as u64) >= now_ms)
+    }
+
     /// What to do next with the user's queue.
     pub fn next(&mut self, user: &str, now: Instant) -> Next {
         let Some(u) = self.users.get_mut(user) else {

@@ -165,6 +165,30 @@ fn a_user_held_by_a_resync_is_not_applied() {
     assert!(rx.ready(Instant::now(), |n| n == "alice").is_empty());
 }
 
+/// After an outage, thousands of users may be working off a backlog: a user whose change was
+/// made just now is told apart by its stamp, and goes first (`apply_ready`).
+#[test]
+fn a_user_with_a_fresh_change_is_live_and_one_working_off_a_backlog_is_not() {
+    let mut rx = rx();
+    let live = Duration::from_secs(2);
+    // alice's change is stamped 1,000,001 ms; bob's a minute later.
+    rx.on_records("alice", JID, vec![flags(1)], NOW);
+    rx.open("bob", JID, None);
+    let mut fresh = flags_of("b", "bob", 1);
+    fresh.stamp = Stamp::from_parts(1_060_001, 0);
+    rx.on_records("bob", JID, vec![fresh], NOW);
+    let now_ms = 1_060_500;
+    assert!(rx.is_live("bob", now_ms, live));
+    assert!(!rx.is_live("alice", now_ms, live));
+    assert!(!rx.is_live("carol", now_ms, live), "nothing queued");
+    // Once bob's change is applied, he has nothing queued: not live.
+    let Next::Apply(_) = rx.next("bob", Instant::now()) else {
+        panic!("no batch")
+    };
+    rx.applied("bob", done(1), Instant::now());
+    assert!(!rx.is_live("bob", now_ms, live));
+}
+
 #[test]
 fn a_stamp_far_in_the_future_is_clamped() {
     let mut rx = rx();

@@ -9,7 +9,7 @@ use crate::registry;
 use crate::service::apply::stream::apply_batch;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
-use crate::service::limits::{APPLY_PASS, IDLE_TIMEOUT, ROUND_BYTES};
+use crate::service::limits::{APPLY_PASS, IDLE_TIMEOUT, LIVE_AGE, ROUND_BYTES};
 use crate::service::positions::Positions;
 use crate::service::resync;
 use crate::service::resync::server::RpcState;
@@ -233,12 +233,27 @@ impl Inbound<'_> {
     fn apply_ready(&mut self, wr: &mut FrameWriter) -> Result<bool, ConnError> {
         let start = Instant::now();
         let names = self.rx.ready(start, |u| self.ctx.repairs.is_locked(u));
-        let at = self
-            .turn
-            .as_ref()
-            .map_or(0, |t| names.partition_point(|n| n <= t));
-        let (later, earlier) = names.split_at(at);
-        for name in later.iter().chain(earlier) {
+        // Users with a fresh change first (after an outage, thousands of users may be working
+        // off a backlog: one with a change made now waits for a round, not for all of them),
+        // each group round robin from the user after the last one served.
+        let now_ms = crate::clock::now_ms();
+        let (live, rest): (Vec<String>, Vec<String>) = names
+            .into_iter()
+            .partition(|n| self.rx.is_live(n, now_ms, LIVE_AGE));
+        let from_turn = |names: &[String]| {
+            let at = self
+                .turn
+                .as_ref()
+                .map_or(0, |t| names.partition_point(|n| n <= t));
+            let (later, earlier) = names.split_at(at);
+            later
+                .iter()
+                .chain(earlier)
+                .cloned()
+                .collect::<Vec<String>>()
+        };
+        let order = [from_turn(&live), from_turn(&rest)].concat();
+        for name in &order {
             if start.elapsed() >= APPLY_PASS {
                 return Ok(true);
             }

@@ -18,13 +18,14 @@ use crate::event::JournalId;
 use crate::event::{Guid128, Record};
 use crate::journal::format::encoded_len;
 use crate::service::limits::{
-    ACK_RTT_MEMORY, BATCH_BYTES, LINGER, LOW_LANE_MAX, LOW_SLICE, MAX_LINGER, STALL_AFTER,
-    USER_WINDOW, WINDOW_BYTES,
+    ACK_RTT_MEMORY, BATCH_BYTES, LINGER, LIVE_AGE, LOW_LANE_MAX, LOW_SLICE, MAX_LINGER, RUNG_MAX,
+    STALL_AFTER, USER_WINDOW, WINDOW_BYTES,
 };
 use crate::service::positions::Position;
 use crate::service::session::pace::{Pacer, RateCap};
 use crate::service::status::UserStatus;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 /// A record read and sent (or, while disconnected, read) but not acknowledged.
@@ -75,6 +76,10 @@ pub struct Sender {
     /// The shortest recent time from a Records frame to the ack of all that was sent, and
     /// when it was seen: the link's round trip plus the peer's apply.
     ack_rtt: Option<(Duration, Instant)>,
+    /// When users last rang (a change just journaled), for [`Sender::pump_order`].
+    rung: HashMap<String, Instant>,
+    /// The user pumped last: the next pass goes on after it.
+    turn: Option<String>,
 }
 
 /// The bodies waiting to go, in order. The driver takes it out of the [`Sender`] to cut a
@@ -120,6 +125,47 @@ impl Sender {
     /// Caps what goes to the peer at `rate` bytes a second (0: no cap).
     pub fn set_max_rate(&mut self, rate: u64) {
         self.cap = RateCap::new(rate);
+    }
+
+    /// The user rang: a change was just journaled.
+    pub fn rang(&mut self, user: &str, now: Instant) {
+        // Rings come through a socket every uid can write to: made-up names are forgotten
+        // once stale, so the map stays about as large as the users active within LIVE_AGE.
+        if self.rung.len() >= RUNG_MAX {
+            self.rung.retain(|_, at| now.duration_since(*at) < LIVE_AGE);
+            if self.rung.len() >= RUNG_MAX {
+                self.rung.clear();
+            }
+        }
+        self.rung.insert(user.to_string(), now);
+    }
+
+    /// The order in which to read and send the `pending` users' records, of which the driver
+    /// goes through what [`PUMP_PASS`](crate::service::limits::PUMP_PASS) allows before it looks at rings, acks and bodies again:
+    /// users who rang within [`LIVE_AGE`] first, then the others round robin, from the one
+    /// after the user pumped last. A user with one fresh change then waits for one pass, not
+    /// for every user working off a backlog (after an outage, thousands may be).
+    pub fn pump_order(&mut self, pending: &BTreeSet<String>, now: Instant) -> Vec<String> {
+        self.rung.retain(|_, at| now.duration_since(*at) < LIVE_AGE);
+        let live = |n: &String| self.rung.contains_key(n);
+        let mut order: Vec<String> = pending.iter().filter(|n| live(n)).cloned().collect();
+        let after = self
+            .turn
+            .as_ref()
+            .map_or(pending.range::<String, _>(..), |t| {
+                pending.range::<String, _>((Bound::Excluded(t), Bound::Unbounded))
+            });
+        let before = match &self.turn {
+            Some(t) => pending.range::<String, _>(..=t),
+            None => pending.range::<String, _>(..String::new()),
+        };
+        order.extend(after.chain(before).filter(|n| !live(n)).cloned());
+        order
+    }
+
+    /// The user's records were read and sent in this pass.
+    pub fn pumped(&mut self, user: &str) {
+        self.turn = Some(user.to_string());
     }
 
     /// `n` bytes (a whole frame) went to the peer.

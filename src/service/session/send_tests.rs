@@ -569,3 +569,51 @@ fn a_resume_point_past_the_end_of_the_body_starts_it_again_from_0() {
     assert_eq!(got, &data);
     assert!(!tx.bodies_waiting());
 }
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The sender reads the users' journals in passes of bounded time: a user who just rang goes
+/// first, the others round robin from the one after the last pumped, so that none is starved
+/// by the pass ending and one fresh change never waits for a whole backlog.
+#[test]
+fn users_who_rang_go_first_and_the_others_round_robin() {
+    let mut tx = Sender::new();
+    let t0 = Instant::now();
+    let pending = names(&["u1", "u2", "u3", "u4", "zed"]);
+    assert_eq!(tx.pump_order(&pending, t0), ["u1", "u2", "u3", "u4", "zed"]);
+    // The pass ended after u2: the next starts at u3, and zed, who rang, goes first.
+    tx.pumped("u2");
+    tx.rang("zed", t0);
+    assert_eq!(
+        tx.pump_order(&pending, t0 + Duration::from_millis(100)),
+        ["zed", "u3", "u4", "u1", "u2"]
+    );
+    // A ring is fresh for LIVE_AGE only.
+    assert_eq!(
+        tx.pump_order(&pending, t0 + LIVE_AGE),
+        ["u3", "u4", "zed", "u1", "u2"]
+    );
+    // A name that rang but has nothing pending is not invented.
+    tx.rang("ghost", t0 + LIVE_AGE);
+    assert!(!tx
+        .pump_order(&pending, t0 + LIVE_AGE)
+        .contains(&"ghost".to_string()));
+}
+
+/// Rings come through a socket any uid can write to: a flood of made-up names leaves the
+/// sender's memory of them bounded.
+#[test]
+fn a_flood_of_rings_is_remembered_within_a_bound() {
+    let mut tx = Sender::new();
+    let t0 = Instant::now();
+    for i in 0..3 * RUNG_MAX {
+        tx.rang(&format!("nobody-{i}"), t0);
+    }
+    assert!(tx.rung.len() <= RUNG_MAX);
+    // The newest ring is kept.
+    assert!(tx
+        .rung
+        .contains_key(&format!("nobody-{}", 3 * RUNG_MAX - 1)));
+}

@@ -10,7 +10,7 @@ use crate::service::context::Ctx;
 use crate::service::host::dovecot::{self, ApplyError, Svc};
 use crate::service::host::users::{forget_user, with_user};
 use crate::service::limits::{
-    BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, RESCAN_EVERY,
+    BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, PUMP_PASS, RESCAN_EVERY,
 };
 use crate::service::positions::{self, Positions};
 use crate::service::status::now_secs;
@@ -149,11 +149,16 @@ impl Outbound {
 
     fn take_rings(&mut self, wait: Duration) {
         if let Ok(u) = self.rings.recv_timeout(wait) {
-            self.pending.insert(u);
+            self.ring(u);
         }
         while let Ok(u) = self.rings.try_recv() {
-            self.pending.insert(u);
+            self.ring(u);
         }
+    }
+
+    fn ring(&mut self, user: String) {
+        self.tx.rang(&user, Instant::now());
+        self.pending.insert(user);
     }
 
     fn session(&mut self) -> Result<(), ConnError> {
@@ -286,8 +291,14 @@ impl Outbound {
             let mut did = false;
             let mut wake = Instant::now() + Duration::from_millis(250);
             if self.tx.window_open() {
-                let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
-                for name in names {
+                let pass = Instant::now();
+                for name in self.tx.pump_order(&self.pending, pass) {
+                    if pass.elapsed() >= PUMP_PASS {
+                        // The rest stay pending for the next pass.
+                        did = true;
+                        break;
+                    }
+                    self.pending.remove(&name);
                     if !self.tx.user_window_open(&name) {
                         // Its window is full: it goes on when the peer acknowledges.
                         self.pending.insert(name);
@@ -299,6 +310,7 @@ impl Outbound {
                         self.pending.insert(name);
                         continue;
                     }
+                    self.tx.pumped(&name);
                     match self.pump(&name, wr) {
                         Ok(more) => {
                             did = true;
@@ -352,7 +364,7 @@ impl Outbound {
                         Ok(ev) => self.on_incoming(ev)?,
                         Err(_) => return Err(ConnError::Closed),
                     },
-                    recv(self.rings) -> u => if let Ok(u) = u { self.pending.insert(u); },
+                    recv(self.rings) -> u => if let Ok(u) = u { self.ring(u); },
                     default(wake.saturating_duration_since(Instant::now())) => {}
                 }
             }
