@@ -39,12 +39,15 @@
 //!   (`TANDEM_BENCH_USERS`) with one new mail each journaled on A while the link is down, then
 //!   the link restored: the time until A's service has every acknowledgement, the peak RSS of
 //!   both services, and the lag of flag changes of alice and bob, who have no backlog, while it
-//!   drains (the sender and the receiver take users in name order: alice sorts before the
-//!   backlog users, bob after them), beside theirs with no backlog. dsync has no counterpart
-//!   for the many users.
+//!   drains (users with a fresh change go first on both sides, the others round robin in name
+//!   order: alice sorts before the backlog users, bob after them), beside theirs with no
+//!   backlog. dsync has no counterpart for the many users.
 //!
 //!   `TANDEM_BENCH_ONLY=scale` runs only these (about 12 minutes on 2 cores). A drain that
 //!   passes 10 minutes is written "NOT drained" in its row.
+//!
+//! `TANDEM_BENCH_ONLY=lan` runs only the rows before the 100 MB mail (lag, bytes per change,
+//! bulk, seeding, compare): the ones beside dsync on an unshaped link, in about 5 minutes.
 //!
 //! `TANDEM_BENCH_PERF=<file>` records a system-wide `perf record -g` of the bulk case (from the
 //! link coming back to B holding every mail) into that file, for the profile issue 13 asks for;
@@ -504,6 +507,10 @@ fn main() {
             dsync_noop.as_secs_f64()
         ),
     ));
+    if only == "lan" {
+        report(&rows, &only);
+        return;
+    }
     for (m, t) in [large_body(), large_resync(true), large_resync(false)] {
         rows.push((m, t, "-".into()));
     }
@@ -1057,8 +1064,8 @@ fn p50_max(v: &[f64]) -> String {
 /// with no backlog at all.
 fn many_users(n: usize) -> Vec<(String, String, String)> {
     eprintln!("replication bench: scale, {n} users with a backlog...");
-    // The sender and the receiver take users in name order: alice comes before every backlog
-    // user and bob after them all.
+    // Round robin in name order, the sender and the receiver would come to alice before every
+    // backlog user and to bob after them all; a fresh change goes first on both.
     let prefix = "backlog";
     let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i:05}")).collect();
     let pair = Pair::start_custom("bench-scale-users", |oa, ob| {
