@@ -63,12 +63,14 @@
 //!
 //! Files: `svc` (the process, its callbacks, [`Svc`]), `user` ([`User`], one storage operation
 //! per method), `types` (results, errors, mails and bodies, and their C views), `threads`
-//! ([`spawn_thread`], other threads' log lines).
+//! ([`spawn_thread`], other threads' log lines), `held` (Dovecot's error lines held during a
+//! read).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::cell::Cell;
 
+mod held;
 mod svc;
 mod threads;
 mod types;

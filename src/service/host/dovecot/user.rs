@@ -3,6 +3,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+use super::held::HeldErrors;
 use super::*;
 use crate::event::{FlagSet, Guid128};
 use crate::ffi::cstr::{opt_string, string, string_list};
@@ -674,36 +675,4 @@ unsafe extern "C" fn on_mail(ctx: *mut c_void, mail: *const raw::tandem_svc_mail
         });
         0
     })
-}
-
-/// Dovecot's error lines held during a read that may meet a concurrent expunge, until it is
-/// known whether they were errors; logged as errors unless [`HeldErrors::release_as_info`] says
-/// otherwise. Main thread only (Dovecot's logging is).
-struct HeldErrors {
-    _main_thread_only: PhantomData<*const ()>,
-}
-
-impl HeldErrors {
-    fn hold() -> Self {
-        // SAFETY: main thread (only `User` methods create one); no pointers.
-        unsafe { raw::tandem_svc_errors_hold() };
-        HeldErrors {
-            _main_thread_only: PhantomData,
-        }
-    }
-
-    /// Logs the held lines as info, each followed by `(note)`.
-    fn release_as_info(self, note: &str) {
-        let note = CString::new(note).unwrap_or_default();
-        // SAFETY: main thread; note outlives the call.
-        unsafe { raw::tandem_svc_errors_release(true, note.as_ptr()) };
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for HeldErrors {
-    fn drop(&mut self) {
-        // SAFETY: main thread; no note.
-        unsafe { raw::tandem_svc_errors_release(false, ptr::null()) };
-    }
 }
