@@ -240,19 +240,11 @@ impl Inbound<'_> {
         let (live, rest): (Vec<String>, Vec<String>) = names
             .into_iter()
             .partition(|n| self.rx.is_live(n, now_ms, LIVE_AGE));
-        let from_turn = |names: &[String]| {
-            let at = self
-                .turn
-                .as_ref()
-                .map_or(0, |t| names.partition_point(|n| n <= t));
-            let (later, earlier) = names.split_at(at);
-            later
-                .iter()
-                .chain(earlier)
-                .cloned()
-                .collect::<Vec<String>>()
-        };
-        let order = [from_turn(&live), from_turn(&rest)].concat();
+        let turn = self.turn.clone();
+        let order: Vec<String> = super::from_turn(&live, turn.as_deref())
+            .chain(super::from_turn(&rest, turn.as_deref()))
+            .cloned()
+            .collect();
         for name in &order {
             if start.elapsed() >= APPLY_PASS {
                 return Ok(true);

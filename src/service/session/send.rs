@@ -25,7 +25,6 @@ use crate::service::positions::Position;
 use crate::service::session::pace::{Pacer, RateCap};
 use crate::service::status::UserStatus;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 /// A record read and sent (or, while disconnected, read) but not acknowledged.
@@ -148,18 +147,13 @@ impl Sender {
     pub fn pump_order(&mut self, pending: &BTreeSet<String>, now: Instant) -> Vec<String> {
         self.rung.retain(|_, at| now.duration_since(*at) < LIVE_AGE);
         let live = |n: &String| self.rung.contains_key(n);
-        let mut order: Vec<String> = pending.iter().filter(|n| live(n)).cloned().collect();
-        let after = self
-            .turn
-            .as_ref()
-            .map_or(pending.range::<String, _>(..), |t| {
-                pending.range::<String, _>((Bound::Excluded(t), Bound::Unbounded))
-            });
-        let before = match &self.turn {
-            Some(t) => pending.range::<String, _>(..=t),
-            None => pending.range::<String, _>(..String::new()),
-        };
-        order.extend(after.chain(before).filter(|n| !live(n)).cloned());
+        let names: Vec<String> = pending.iter().cloned().collect();
+        let mut order: Vec<String> = names.iter().filter(|n| live(n)).cloned().collect();
+        order.extend(
+            super::from_turn(&names, self.turn.as_deref())
+                .filter(|n| !live(n))
+                .cloned(),
+        );
         order
     }
 

@@ -617,3 +617,22 @@ fn a_flood_of_rings_is_remembered_within_a_bound() {
         .rung
         .contains_key(&format!("nobody-{}", 3 * RUNG_MAX - 1)));
 }
+
+/// Round robin goes on after the last served and wraps around, for both sides' rounds.
+#[test]
+fn from_turn_starts_after_the_last_served_and_wraps() {
+    let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+    let order = |turn| {
+        super::super::from_turn(&names, turn)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(None), ["a", "b", "c", "d"]);
+    assert_eq!(order(Some("b")), ["c", "d", "a", "b"]);
+    assert_eq!(
+        order(Some("bb")),
+        ["c", "d", "a", "b"],
+        "a turn no longer listed"
+    );
+    assert_eq!(order(Some("d")), ["a", "b", "c", "d"]);
+}
