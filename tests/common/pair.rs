@@ -71,6 +71,9 @@ pub struct Link {
     /// connection, by sleeping after each write (the kernel's socket buffers still hide
     /// megabytes); 0: no limit.
     pub rate: Arc<AtomicU64>,
+    /// When the last connection was forwarded (for a bench: when the peers reconnected after
+    /// [`Link::restore`]).
+    pub connected_at: Arc<Mutex<Option<Instant>>>,
     shape: Arc<Mutex<Option<Shape>>>,
     up: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
@@ -108,8 +111,9 @@ impl Link {
         let bytes = Arc::new(AtomicU64::new(0));
         let rate = Arc::new(AtomicU64::new(0));
         let shape = Arc::new(Mutex::new(shape));
+        let connected_at = Arc::new(Mutex::new(None));
         let (up2, stop2, live2, bytes2) = (up.clone(), stop.clone(), live.clone(), bytes.clone());
-        let (rate2, shape2) = (rate.clone(), shape.clone());
+        let (rate2, shape2, connected2) = (rate.clone(), shape.clone(), connected_at.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
@@ -130,6 +134,7 @@ impl Link {
                 let Ok(server) = server else {
                     continue;
                 };
+                *connected2.lock().unwrap() = Some(Instant::now());
                 // Forward as the peers write: no Nagle delay added by the stand-in network.
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
@@ -154,6 +159,7 @@ impl Link {
             port,
             bytes,
             rate,
+            connected_at,
             shape,
             up,
             live,
