@@ -76,6 +76,14 @@ struct tandem_svc_user {
 	   at open (from creds_capture): set again for each call on the user. */
 	void *creds;
 
+	/* The mailbox of the last body read, kept open between reads while
+	   keep_reads is set (tandem_svc_reads_keep): a run of reads then
+	   reopens and resyncs nothing, which on Maildir is a scan of new/
+	   and cur/ per mail while the mails wait in new/. */
+	struct mailbox *read_box;
+	uint8_t read_box_guid[TANDEM_SVC_GUID_SIZE];
+	bool keep_reads;
+
 	struct tandem_svc_user *prev, *next;
 };
 
@@ -647,6 +655,8 @@ void tandem_svc_user_close(struct tandem_svc_user *user)
 		return;
 	}
 	T_BEGIN {
+		if (user->read_box != NULL)
+			mailbox_free(&user->read_box);
 		mail_user_deinit(&user->mail_user);
 	} T_END;
 	tandem_svc_leave(user);
@@ -1437,11 +1447,35 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 	info_r->guid = "";
 	if (tandem_svc_read_pause != NULL)
 		tandem_svc_read_pause(uid);
-	ret = tandem_svc_box_open(user, mailbox_guid, FALSE, &box, error_r);
-	if (ret != TANDEM_SVC_OK)
-		return ret;
+	if (user->read_box != NULL &&
+	    memcmp(user->read_box_guid, mailbox_guid,
+		   TANDEM_SVC_GUID_SIZE) != 0)
+		mailbox_free(&user->read_box);
+	if (user->read_box == NULL) {
+		ret = tandem_svc_box_open(user, mailbox_guid, FALSE,
+					  &user->read_box, error_r);
+		if (ret != TANDEM_SVC_OK)
+			return ret;
+		memcpy(user->read_box_guid, mailbox_guid,
+		       TANDEM_SVC_GUID_SIZE);
+		/* The service's users run with mail_fsync=always so that
+		   what it applies is on disk before it is acknowledged. A
+		   read has nothing to make durable, but closing its
+		   transaction rewrites the cache file's header, and under
+		   "always" flushes it: one fdatasync per mail sent. Read as
+		   an IMAP process with the default setting would. The next
+		   open of this index sets the mode again. */
+		mail_index_set_fsync_mode(user->read_box->index,
+					  FSYNC_MODE_OPTIMIZED, 0);
+	}
+	box = user->read_box;
+	ret = TANDEM_SVC_OK;
 	for (synced = FALSE;; synced = TRUE) {
-		trans = mailbox_transaction_begin(box, 0, "tandem read");
+		/* Reading for the peer is not a client reading: it must not
+		   change what Dovecot decides to cache for the clients. */
+		trans = mailbox_transaction_begin(
+			box, MAILBOX_TRANSACTION_FLAG_NO_CACHE_DEC,
+			"tandem read");
 		mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
 				  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
 				  MAIL_FETCH_RECEIVED_DATE |
@@ -1455,7 +1489,7 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 		   same mailbox, sync and look again before calling it gone.
 		   Only on a miss: a sync costs more than the read. */
 		if (synced) {
-			mailbox_free(&box);
+			mailbox_free(&user->read_box);
 			return TANDEM_SVC_NONE;
 		}
 		if (mailbox_sync(box, 0) < 0) {
@@ -1463,7 +1497,7 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 			/* Deleted meanwhile: the mail is gone with it. */
 			ret = error == MAIL_ERROR_NOTFOUND ? TANDEM_SVC_NONE :
 				tandem_svc_box_error(box, "Syncing", error_r);
-			mailbox_free(&box);
+			mailbox_free(&user->read_box);
 			return ret;
 		}
 	}
@@ -1527,8 +1561,17 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 out:
 	mail_free(&mail);
 	mailbox_transaction_rollback(&trans);
-	mailbox_free(&box);
+	/* After a failure, the next read starts from a fresh open. */
+	if (ret != TANDEM_SVC_OK || !user->keep_reads)
+		mailbox_free(&user->read_box);
 	return ret;
+}
+
+void tandem_svc_reads_keep(struct tandem_svc_user *user, bool keep)
+{
+	user->keep_reads = keep;
+	if (!keep && user->read_box != NULL)
+		mailbox_free(&user->read_box);
 }
 
 /* Fills status_r for an allocated box (opening it). */

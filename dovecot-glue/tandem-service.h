@@ -273,6 +273,13 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 			 void *ctx, struct tandem_svc_body_info *info_r,
 			 const char **error_r);
 
+/* With keep, body reads keep their mailbox open from one read to the next
+   (a run of reads of one mailbox opens and syncs it once); without, the
+   mailbox kept is closed and each read opens its own. Inside
+   tandem_svc_enter/leave. Turn it off once the run is done, before the
+   user is used for anything else. */
+void tandem_svc_reads_keep(struct tandem_svc_user *user, bool keep);
+
 /* Test-only: the test-hooks build of the service sets a callback that each
    body read calls first, so that a test can delete the mailbox in between
    reads, as a client may at any time. NULL (nothing called) in every other

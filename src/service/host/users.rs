@@ -40,6 +40,13 @@ pub(crate) fn with_user<R>(
     Ok(r)
 }
 
+/// `f` on the user if it is open; nothing otherwise.
+pub(crate) fn if_open(svc: &Svc, name: &str, f: impl FnOnce(&User)) {
+    if let Some((user, _)) = svc.users.borrow().get(name) {
+        f(user);
+    }
+}
+
 pub(crate) fn forget_user(svc: &Svc, name: &str) {
     svc.users.borrow_mut().remove(name);
 }

@@ -8,7 +8,7 @@ use crate::journal::{self, Cursor, Reader};
 use crate::registry;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::{self, ApplyError, Svc};
-use crate::service::host::users::{forget_user, with_user};
+use crate::service::host::users::{self, forget_user, with_user};
 use crate::service::limits::{
     BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, PUMP_PASS, RESCAN_EVERY,
 };
@@ -515,9 +515,17 @@ impl Outbound {
         let mut lane = self.tx.take_lane();
         let (lane, slice, unsent) = self.ctx.main.call(move |svc: &Svc| {
             let mut unsent = Vec::new();
+            let mut readers = BTreeSet::new();
             let slice = lane.slice(budget, chunk, &mut |job, max| {
+                if readers.insert(job.user.clone()) {
+                    let _ = with_user(svc, &job.user, |u| u.keep_reads(true));
+                }
                 read_part(svc, job, max, &mut unsent)
             });
+            // The slice's reads kept their mailboxes open; nothing else may find them so.
+            for name in &readers {
+                users::if_open(svc, name, |u| u.keep_reads(false));
+            }
             (lane, slice, unsent)
         })?;
         self.tx.put_lane(lane);

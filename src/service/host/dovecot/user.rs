@@ -452,6 +452,20 @@ impl User {
         }
     }
 
+    /// With `keep`, body reads keep their mailbox open from one to the next, so that a run
+    /// of reads opens and syncs a mailbox once (on Maildir each open rescans new/ and cur/
+    /// while mails wait in new/); without, the mailbox kept is closed. Turn it off when the run
+    /// is done, before the user does anything else.
+    pub fn keep_reads(&self, keep: bool) {
+        // SAFETY: main thread (User is !Send); the user is open while `self` lives.
+        unsafe {
+            self.call(|user, _| {
+                raw::tandem_svc_reads_keep(user, keep);
+                raw::TANDEM_SVC_OK
+            });
+        }
+    }
+
     /// The whole message at `uid` with its metadata; `None` if it is gone.
     pub fn read_body(&self, mailbox: &Guid128, uid: u32) -> Result<Option<Body>, ApplyError> {
         let mut data = Vec::new();
