@@ -54,7 +54,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Every known user is looked at this often, even without a doorbell ring.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(5);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between two attempts to reach an absent peer (from 100 ms, doubling): an
+/// attempt costs one TCP connect, and a backlog waits for it after an outage. A connection
+/// from the peer ends the wait at once.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(60);
 /// Acknowledged journal segments are dropped at most this often per user.
 pub const DROP_EVERY: Duration = Duration::from_secs(5);

@@ -111,14 +111,29 @@ pub(crate) fn outbound(ctx: Ctx, rings: Receiver<String>) {
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
-        // While the peer is away, keep the backlog figures up to date.
-        let until = Instant::now() + backoff;
+        // While the peer is away, keep the backlog figures up to date. A connection from
+        // the peer says that the link is back: retry at once rather than at the end of the
+        // backoff, so that a backlog does not wait seconds after an outage for nothing.
+        let until = Instant::now() + spread(backoff);
+        let seen = ctx.status.lock().unwrap().inbound_connections;
         while Instant::now() < until && !ctx.stop.load(Ordering::Relaxed) {
             out.take_rings(Duration::from_millis(100));
             out.scan_offline();
+            if ctx.status.lock().unwrap().inbound_connections != seen {
+                break;
+            }
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Between half and all of `backoff`, at random: both servers lose the link at the same
+/// moment and would otherwise retry in step, so that neither's attempt came earlier than the
+/// other's to wake it (a connection from the peer ends the wait).
+fn spread(backoff: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    backoff / 2 + backoff.mul_f64(f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) / 2.0)
 }
 
 pub(crate) struct Outbound {
