@@ -162,36 +162,51 @@ pub(crate) fn local_bodies(
 ) -> Result<Bodies, String> {
     let g = parse_box(mbox)?;
     with_user(svc, user, |u| {
-        let mut found = Vec::new();
-        let mut blobs = Vec::new();
-        let mut left = budget as u64;
-        for (i, uid) in uids.iter().enumerate() {
-            if left == 0 {
-                break;
-            }
-            let skip = if i == 0 { offset } else { 0 };
-            match u.read_body_part(&g, *uid, skip, left) {
-                Ok(Some(b)) => {
-                    let total = b.info.size;
-                    if total.saturating_sub(skip) > left && !found.is_empty() {
-                        // Whole in the next answer rather than cut here.
-                        break;
-                    }
-                    let end = skip.min(total) + b.data.len() as u64;
-                    left = left.saturating_sub(b.data.len() as u64);
-                    found.push(Some(meta_of(b.info)));
-                    blobs.push(b.data);
-                    if end < total {
-                        return Ok((found, blobs, Some(total)));
-                    }
-                }
-                Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Ok((found, blobs, None))
+        // One open and sync of the mailbox for the whole run, not one per mail.
+        u.keep_reads(true);
+        let bodies = run_of_bodies(u, &g, uids, offset, budget);
+        u.keep_reads(false);
+        bodies
     })
     .map_err(|e| e.to_string())?
+}
+
+/// The bodies of [`local_bodies`], read from the open user.
+fn run_of_bodies(
+    u: &User,
+    g: &Guid128,
+    uids: &[u32],
+    offset: u64,
+    budget: usize,
+) -> Result<Bodies, String> {
+    let mut found = Vec::new();
+    let mut blobs = Vec::new();
+    let mut left = budget as u64;
+    for (i, uid) in uids.iter().enumerate() {
+        if left == 0 {
+            break;
+        }
+        let skip = if i == 0 { offset } else { 0 };
+        match u.read_body_part(g, *uid, skip, left) {
+            Ok(Some(b)) => {
+                let total = b.info.size;
+                if total.saturating_sub(skip) > left && !found.is_empty() {
+                    // Whole in the next answer rather than cut here.
+                    break;
+                }
+                let end = skip.min(total) + b.data.len() as u64;
+                left = left.saturating_sub(b.data.len() as u64);
+                found.push(Some(meta_of(b.info)));
+                blobs.push(b.data);
+                if end < total {
+                    return Ok((found, blobs, Some(total)));
+                }
+            }
+            Ok(None) | Err(ApplyError::NoMailbox(_)) => found.push(None),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok((found, blobs, None))
 }
 
 /// At most `max` bytes of the body at `uid` from `offset`, with its metadata and whole size;
