@@ -94,11 +94,15 @@ impl Outbound {
         *n <= NEW_USERS_PER_SEC
     }
 
-    /// Reads the user's new records (at most `max`), keeping the backlog figures.
+    /// Reads the user's new records (at most `max`), keeping the backlog figures. With
+    /// `durable`, what is returned is on disk first (`Reader::syncing`): what is sent must be;
+    /// what is only counted while the peer is away need not, and a flush per delivery then
+    /// only competes with the mail processes for the disk.
     pub(crate) fn read(
         &mut self,
         name: &str,
         max: usize,
+        durable: bool,
     ) -> Result<(OutReadState, Vec<Record>), ConnError> {
         if !self.may_look_up(name) {
             // Later: known users go first.
@@ -113,7 +117,8 @@ impl Outbound {
         let sending = self.tx.position(name).unwrap_or_default().journal_id;
         let u = self.users.get_mut(name).unwrap();
         let reader = match Reader::open(&dir) {
-            Ok(r) => r.skipping_damage().syncing(),
+            Ok(r) if durable => r.skipping_damage().syncing(),
+            Ok(r) => r.skipping_damage(),
             Err(JournalError::Missing(_)) => {
                 if sending != JournalId::NONE {
                     // The journal we were sending is gone, with whatever the peer had not
@@ -197,7 +202,7 @@ impl Outbound {
         let names: Vec<String> = std::mem::take(&mut self.pending).into_iter().collect();
         for name in names {
             loop {
-                match self.read(&name, 10_000) {
+                match self.read(&name, 10_000, false) {
                     Ok((st, _)) if st.more => continue,
                     _ => break,
                 }

@@ -389,7 +389,7 @@ impl Outbound {
     /// Sends the user's next records (and the bodies of their new mail). Returns whether more
     /// are waiting.
     fn pump(&mut self, name: &str, wr: &mut FrameWriter) -> Result<bool, ConnError> {
-        let (st, records) = self.read(name, BATCH_RECORDS)?;
+        let (st, records) = self.read(name, BATCH_RECORDS, true)?;
         if records.is_empty() {
             return Ok(false);
         }
