@@ -1471,11 +1471,10 @@ int tandem_svc_read_body(struct tandem_svc_user *user,
 	box = user->read_box;
 	ret = TANDEM_SVC_OK;
 	for (synced = FALSE;; synced = TRUE) {
-		/* Reading for the peer is not a client reading: it must not
-		   change what Dovecot decides to cache for the clients. */
-		trans = mailbox_transaction_begin(
-			box, MAILBOX_TRANSACTION_FLAG_NO_CACHE_DEC,
-			"tandem read");
+		/* Not MAILBOX_TRANSACTION_FLAG_NO_CACHE_DEC: on 2.4 a mail
+		   whose sdbox file is gone then reads as expunged, and damage
+		   would pass for an expunge. */
+		trans = mailbox_transaction_begin(box, 0, "tandem read");
 		mail = mail_alloc(trans, MAIL_FETCH_STREAM_HEADER |
 				  MAIL_FETCH_STREAM_BODY | MAIL_FETCH_GUID |
 				  MAIL_FETCH_RECEIVED_DATE |
