@@ -490,7 +490,7 @@ fn bulk_and_seeding(bulk: usize) -> Vec<(String, String, String)> {
     let dsync_noop = dsync(&c, &d, None, "alice");
     // The same store imported into A of a fresh pair, bypassing the plugin: B is empty.
     let pair = Pair::start("bench-seed");
-    let loc = format!("sdbox:{}", c.home("alice").join("mail").display());
+    let loc = c.mail_location("alice");
     pair.a
         .doveadm_unjournaled(&["import", "-u", "alice", &loc, "", "all"]);
     let until_connected = until(Duration::from_secs(30), || {
