@@ -14,6 +14,10 @@ use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::ptr::{self, NonNull};
 
+/// The note on Dovecot's error lines from a read whose mailbox another process deleted
+/// meanwhile (logged as info then, see `User::read_body_part_with`).
+const GONE_WITH_ITS_MAILBOX: &str = "tandem: its mailbox was deleted while it was read; it is gone";
+
 /// An open mail user. Closed when dropped. Every method runs on the main thread as the user.
 pub struct User {
     pub(super) ptr: NonNull<raw::tandem_svc_user>,
@@ -389,10 +393,25 @@ impl User {
         let held = HeldErrors::hold();
         // SAFETY: main thread (User is !Send).
         let got = unsafe { self.read_body_once(mailbox, uid, offset, max_len, &mut sink_ref) };
-        let Err(e) = got else { return got };
-        if matches!(e, ApplyError::NoMailbox(_)) {
-            return Err(e);
-        }
+        let e = match got {
+            Ok(Some(_)) => return got,
+            // Its mailbox gone before the read found it: whatever Dovecot said meanwhile was
+            // about that.
+            Err(ApplyError::NoMailbox(_)) => {
+                held.release_as_info(GONE_WITH_ITS_MAILBOX);
+                return got;
+            }
+            Ok(None) => {
+                // Gone. If its mailbox went too, what Dovecot logged on the way was that race:
+                // on Maildir a sync finds its dotlock "deleted under us" when the directory
+                // goes while the service reads.
+                if matches!(self.mailbox_status(mailbox), Err(ApplyError::NoMailbox(_))) {
+                    held.release_as_info(GONE_WITH_ITS_MAILBOX);
+                }
+                return got;
+            }
+            Err(e) => e,
+        };
         // The mailbox deleted by another process while the mail was read (a client deleting a
         // folder just after filling it): Dovecot's sdbox calls the mail lost when its file is
         // gone and the index that would show the expunge went with the mailbox, and logs that
@@ -401,9 +420,7 @@ impl User {
         // Dovecot sorts out by itself: its refreshed index shows it, and the read says gone.)
         match self.mailbox_status(mailbox) {
             Err(ApplyError::NoMailbox(_)) => {
-                held.release_as_info(
-                    "tandem: its mailbox was deleted while it was read; it is gone",
-                );
+                held.release_as_info(GONE_WITH_ITS_MAILBOX);
                 Ok(None)
             }
             _ => Err(e),
