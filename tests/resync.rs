@@ -136,7 +136,13 @@ fn a_lost_journal_is_repaired_by_comparison() {
 fn an_interrupted_seeding_continues_where_it_stopped() {
     const BOXES: usize = 3;
     const PER_BOX: usize = 400;
-    let pair = Pair::start("rs-seed");
+    // a's service waits 5 ms before each body read, so that the seeding takes seconds and the
+    // kill below lands in the middle of it: without the wait, mdbox on Dovecot 2.4 seeded all
+    // 1200 mails between the first one showing on b and the kill.
+    let pair = Pair::start_custom("rs-seed", |a, _| {
+        a.service_bin = Some(common::test_hooks_service_bin());
+        *a = a.clone().setting("tandem_test_read_pause", "5");
+    });
     // a's mail store exists before Tandem: imported without the plugin.
     let src = Dovecot::start(Options::without_plugin("rs-seed-src"));
     let mut imap = src.login(USER);
