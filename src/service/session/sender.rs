@@ -532,7 +532,8 @@ impl Outbound {
             let mut unsent = Vec::new();
             let mut readers = BTreeSet::new();
             let slice = lane.slice(budget, chunk, &mut |job, max| {
-                if readers.insert(job.user.clone()) {
+                if !readers.contains(&job.user) {
+                    readers.insert(job.user.clone());
                     let _ = with_user(svc, &job.user, |u| u.keep_reads(true));
                 }
                 read_part(svc, job, max, &mut unsent)

@@ -71,6 +71,7 @@
 use std::cell::Cell;
 
 mod held;
+mod read;
 mod svc;
 mod threads;
 mod types;

@@ -3,7 +3,6 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use super::held::HeldErrors;
 use super::*;
 use crate::event::{FlagSet, Guid128};
 use crate::ffi::cstr::{opt_string, string, string_list};
@@ -13,10 +12,6 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::ptr::{self, NonNull};
-
-/// The note on Dovecot's error lines from a read whose mailbox another process deleted
-/// meanwhile (logged as info then, see `User::read_body_part_with`).
-const GONE_WITH_ITS_MAILBOX: &str = "tandem: its mailbox was deleted while it was read; it is gone";
 
 /// An open mail user. Closed when dropped. Every method runs on the main thread as the user.
 pub struct User {
@@ -43,7 +38,7 @@ impl User {
     ///
     /// Main thread; `op` calls one shim function with the pointers it is given, which are
     /// valid for that call only.
-    unsafe fn call(
+    pub(super) unsafe fn call(
         &self,
         op: impl FnOnce(*mut raw::tandem_svc_user, *mut *const c_char) -> c_int,
     ) -> (c_int, *const c_char) {
@@ -368,144 +363,6 @@ impl User {
         }
     }
 
-    /// Streams the whole message at `uid` to `sink`, piece by piece. `None` if it is gone.
-    /// `sink` runs on the main thread as the user: it must not call into the service.
-    pub fn read_body_with(
-        &self,
-        mailbox: &Guid128,
-        uid: u32,
-        sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<Option<BodyInfo>, ApplyError> {
-        self.read_body_part_with(mailbox, uid, 0, u64::MAX, sink)
-    }
-
-    /// Streams at most `max_len` bytes of the message at `uid` from `offset` to `sink`; the
-    /// info's size is the whole message's. `None` if it is gone.
-    pub fn read_body_part_with(
-        &self,
-        mailbox: &Guid128,
-        uid: u32,
-        offset: u64,
-        max_len: u64,
-        sink: &mut dyn FnMut(&[u8]),
-    ) -> Result<Option<BodyInfo>, ApplyError> {
-        let mut sink_ref: &mut dyn FnMut(&[u8]) = sink;
-        let held = HeldErrors::hold();
-        // SAFETY: main thread (User is !Send).
-        let got = unsafe { self.read_body_once(mailbox, uid, offset, max_len, &mut sink_ref) };
-        let e = match got {
-            Ok(Some(_)) => return got,
-            // Its mailbox gone before the read found it: whatever Dovecot said meanwhile was
-            // about that.
-            Err(ApplyError::NoMailbox(_)) => {
-                held.release_as_info(GONE_WITH_ITS_MAILBOX);
-                return got;
-            }
-            Ok(None) => {
-                // Gone. If its mailbox went too, what Dovecot logged on the way was that race:
-                // on Maildir a sync finds its dotlock "deleted under us" when the directory
-                // goes while the service reads.
-                if matches!(self.mailbox_status(mailbox), Err(ApplyError::NoMailbox(_))) {
-                    held.release_as_info(GONE_WITH_ITS_MAILBOX);
-                }
-                return got;
-            }
-            Err(e) => e,
-        };
-        // The mailbox deleted by another process while the mail was read (a client deleting a
-        // folder just after filling it): Dovecot's sdbox calls the mail lost when its file is
-        // gone and the index that would show the expunge went with the mailbox, and logs that
-        // as an error. If the mailbox is gone now, that race is what happened. A mail unreadable
-        // in a mailbox still there is damage: its error lines stay errors. (An expunge alone
-        // Dovecot sorts out by itself: its refreshed index shows it, and the read says gone.)
-        match self.mailbox_status(mailbox) {
-            Err(ApplyError::NoMailbox(_)) => {
-                held.release_as_info(GONE_WITH_ITS_MAILBOX);
-                Ok(None)
-            }
-            _ => Err(e),
-        }
-    }
-
-    /// # Safety
-    ///
-    /// Main thread (as every `User` method).
-    unsafe fn read_body_once(
-        &self,
-        mailbox: &Guid128,
-        uid: u32,
-        offset: u64,
-        max_len: u64,
-        sink_ref: &mut &mut dyn FnMut(&[u8]),
-    ) -> Result<Option<BodyInfo>, ApplyError> {
-        let mut info = raw::tandem_svc_body_info {
-            received_date: 0,
-            save_date: 0,
-            guid: ptr::null(),
-            size: 0,
-        };
-        // SAFETY: main thread; sink_ref outlives the call and is only used by on_chunk during
-        // it; info and error are copied at once.
-        unsafe {
-            let (ret, error) = self.call(|user, error| {
-                raw::tandem_svc_read_body(
-                    user,
-                    mailbox.0.as_ptr(),
-                    uid,
-                    offset,
-                    max_len,
-                    Some(on_chunk),
-                    (sink_ref as *mut &mut dyn FnMut(&[u8])).cast(),
-                    &mut info,
-                    error,
-                )
-            });
-            Ok(result(ret, error)?.then(|| BodyInfo {
-                received_date: info.received_date,
-                save_date: info.save_date,
-                guid: string(info.guid),
-                size: info.size,
-            }))
-        }
-    }
-
-    /// With `keep`, body reads keep their mailbox open from one to the next, so that a run
-    /// of reads opens and syncs a mailbox once (on Maildir each open rescans new/ and cur/
-    /// while mails wait in new/); without, the mailbox kept is closed. Turn it off when the run
-    /// is done, before the user does anything else.
-    pub fn keep_reads(&self, keep: bool) {
-        // SAFETY: main thread (User is !Send); the user is open while `self` lives.
-        unsafe {
-            self.call(|user, _| {
-                raw::tandem_svc_reads_keep(user, keep);
-                raw::TANDEM_SVC_OK
-            });
-        }
-    }
-
-    /// The whole message at `uid` with its metadata; `None` if it is gone.
-    pub fn read_body(&self, mailbox: &Guid128, uid: u32) -> Result<Option<Body>, ApplyError> {
-        let mut data = Vec::new();
-        let info = self.read_body_with(mailbox, uid, &mut |chunk| data.extend_from_slice(chunk))?;
-        Ok(info.map(|info| Body { info, data }))
-    }
-
-    /// At most `max_len` bytes of the message at `uid` from `offset`, with its metadata and
-    /// whole size (`info.size`); `None` if it is gone.
-    pub fn read_body_part(
-        &self,
-        mailbox: &Guid128,
-        uid: u32,
-        offset: u64,
-        max_len: u64,
-    ) -> Result<Option<Body>, ApplyError> {
-        let mut data = Vec::new();
-        let info = self.read_body_part_with(mailbox, uid, offset, max_len, &mut |chunk| {
-            data.extend_from_slice(chunk)
-        })?;
-        Ok(info.map(|info| Body { info, data }))
-    }
-
     /// The status of the mailbox with this GUID.
     pub fn mailbox_status(&self, guid: &Guid128) -> Result<MailboxStatus, ApplyError> {
         let mut status = empty_status();
@@ -652,21 +509,6 @@ unsafe fn mailbox_status(status: &raw::tandem_svc_mailbox_status) -> MailboxStat
         messages: status.messages,
         highest_modseq: status.highest_modseq,
     }
-}
-
-unsafe extern "C" fn on_chunk(ctx: *mut c_void, data: *const u8, len: usize) -> c_int {
-    guard::guard("service_read_body_chunk", -1, || {
-        // SAFETY: ctx is read_body_with's sink_ref, alive for the read.
-        let sink = unsafe { &mut *ctx.cast::<&mut dyn FnMut(&[u8])>() };
-        let chunk = if len == 0 {
-            &[][..]
-        } else {
-            // SAFETY: the C side passes len readable bytes at data, valid for the call.
-            unsafe { std::slice::from_raw_parts(data, len) }
-        };
-        sink(chunk);
-        0
-    })
 }
 
 unsafe extern "C" fn on_mailbox(
