@@ -433,7 +433,8 @@ static void tandem_svc_client_connected(struct master_service_connection *conn)
 	   by master_service, and count as clients until
 	   tandem_svc_client_closed(). */
 	master_service_client_connection_accept(conn);
-	tandem_svc_cb->client_connected(tandem_svc_cb_ctx, conn->fd);
+	tandem_svc_cb->client_connected(tandem_svc_cb_ctx, conn->fd,
+					conn->name != NULL ? conn->name : "");
 }
 
 static void tandem_svc_watch_ready(struct tandem_svc_watch *watch)

@@ -81,10 +81,11 @@ struct tandem_svc_callbacks {
 	/* A watched fd (tandem_svc_watch_fd) is readable: drain it, or this
 	   fires again at once. */
 	void (*wakeup)(void *ctx, int fd);
-	/* A client connected to one of the service's listeners. The fd now
-	   belongs to the callee (it is non-blocking): when done with it, close
-	   it and call tandem_svc_client_closed(). */
-	void (*client_connected)(void *ctx, int fd);
+	/* A client connected to one of the service's listeners, named as in
+	   the configuration ("" if unnamed). The fd now belongs to the callee
+	   (it is non-blocking): when done with it, close it and call
+	   tandem_svc_client_closed(). */
+	void (*client_connected)(void *ctx, int fd, const char *listener);
 	/* The ioloop stopped (SIGTERM from master, or tandem_svc_stop()). Users
 	   still open are closed after this returns. */
 	void (*stopping)(void *ctx);

@@ -36,12 +36,12 @@ fn clean(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// `println!`, with [`clean`] applied.
 macro_rules! say {
-    ($($t:tt)*) => { println!("{}", clean(&format!($($t)*))) };
+    ($($t:tt)*) => { println!("{}", crate::clean(&format!($($t)*))) };
 }
 
 /// `eprintln!`, with [`clean`] applied.
 macro_rules! say_err {
-    ($($t:tt)*) => { eprintln!("{}", clean(&format!($($t)*))) };
+    ($($t:tt)*) => { eprintln!("{}", crate::clean(&format!($($t)*))) };
 }
 
 const EXIT_CODES: &str = "\
@@ -53,6 +53,18 @@ Exit codes:
   2  usage error
   3  no journal (unknown user, missing journal, not a journal), or no service answering
   4  an I/O or other error while reading";
+
+const CHECK_CODES: &str = "\
+Exit codes (those of monitoring plugins):
+  0  OK: connected to the peer, no change waiting longer than --warn-lag
+  1  WARNING: a change waiting longer than --warn-lag, the peer not connected (for less than
+     --crit-down), or users whose automatic resyncs fail
+  2  CRITICAL: a change waiting longer than --crit-lag, the peer not connected for --crit-down
+     or longer, or no service answering
+  3  UNKNOWN: bad thresholds, or the configuration could not be read";
+
+#[path = "tandem/status.rs"]
+mod status;
 
 #[derive(Parser)]
 #[command(
@@ -73,18 +85,11 @@ enum Cmd {
     Log(LogCmd),
     /// Ask the running tandem service how replication is doing.
     #[command(after_help = EXIT_CODES)]
-    Status {
-        /// The Dovecot configuration (its base_dir holds the service's status socket).
-        #[arg(
-            short = 'c',
-            long = "config",
-            default_value = "/etc/dovecot/dovecot.conf"
-        )]
-        config: PathBuf,
-        /// Print the service's JSON document.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
+    /// A health check for monitoring systems (Nagios, Icinga, cron): one line, and exit 0 OK,
+    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    #[command(after_help = CHECK_CODES)]
+    Check(status::CheckArgs),
     /// Compare this server's state of a user with the peer's, through both services.
     #[command(after_help = EXIT_CODES)]
     Verify(Compare),
@@ -92,6 +97,30 @@ enum Cmd {
     /// seeds an empty new replica (run it again to continue an interrupted seeding).
     #[command(after_help = EXIT_CODES)]
     Resync(Compare),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The Dovecot configuration (its base_dir holds the service's status socket).
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/dovecot/dovecot.conf"
+    )]
+    config: PathBuf,
+    /// Print the service's JSON document.
+    #[arg(long, conflicts_with = "openmetrics")]
+    json: bool,
+    /// Print OpenMetrics text, as the metrics listener serves it (for node_exporter's textfile
+    /// collector: write it to a file there from cron).
+    #[arg(long)]
+    openmetrics: bool,
+    /// Refresh every SECONDS (default 2) in place, until interrupted.
+    #[arg(short = 'w', long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
+    /// Show only this user in the table of users.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
 }
 
 #[derive(Args)]
@@ -370,149 +399,10 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn base_dir(conf: &std::path::Path) -> Result<PathBuf, Failure> {
-    let out = std::process::Command::new("doveconf")
-        .arg("-c")
-        .arg(conf)
-        .args(["-h", "base_dir"])
-        .output()
-        .map_err(|e| Failure(4, format!("cannot run doveconf: {e}")))?;
-    if !out.status.success() {
-        return Err(Failure(
-            4,
-            format!(
-                "doveconf -c {} failed: {}",
-                conf.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn ago(secs: Option<f64>) -> String {
-    match secs {
-        None => "-".into(),
-        Some(t) => {
-            let when = std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0));
-            let age = tandem::service::status::now_secs() - t;
-            format!(
-                "{} ({age:.0}s ago)",
-                humantime::format_rfc3339_seconds(when)
-            )
-        }
-    }
-}
-
-fn status(config: PathBuf, json: bool) -> Result<(), Failure> {
-    let socket = base_dir(&config)?.join(tandem::service::status::STATUS_SOCKET);
-    let s = tandem::service::status::query(&socket).map_err(|e| {
-        Failure(
-            3,
-            format!(
-                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
-                 configured and Dovecot running?",
-                socket.display()
-            ),
-        )
-    })?;
-    if json {
-        let mut v = serde_json::to_value(&s).expect("status serializes");
-        v["compression_ratio"] = serde_json::json!(s.compression_ratio());
-        say!("{v}");
-        return Ok(());
-    }
-    let peer = s.peer.as_deref().unwrap_or("(none: receive only)");
-    let peer_id = s
-        .peer_id
-        .as_deref()
-        .map(|p| format!(" ({p})"))
-        .unwrap_or_default();
-    if s.connected {
-        say!(
-            "server {}: peer {peer}{peer_id} CONNECTED since {}",
-            s.server_id,
-            ago(s.connected_since)
-        );
-    } else {
-        say!(
-            "server {}: peer {peer}{peer_id} NOT CONNECTED since {}",
-            s.server_id,
-            ago(s.disconnected_since)
-        );
-    }
-    say!(
-        "inbound connections from the peer: {}",
-        s.inbound_connections
-    );
-    say!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
-    match s.compression_ratio() {
-        Some(r) => say!(
-            "journal records: {} B raw, {} B on the wire, compression {r:.1}:1",
-            s.record_bytes_raw,
-            s.record_bytes_wire
-        ),
-        None => say!("journal records: none sent yet"),
-    }
-    say!(
-        "records sent {}, applied {}; bodies sent {} ({} B), applied {}",
-        s.records_sent,
-        s.records_applied,
-        s.bodies_sent,
-        s.body_bytes_sent,
-        s.bodies_applied
-    );
-    if s.connected {
-        say!(
-            "bodies in flight {} B of a {} B window, chunks of {} B, round trip {}",
-            s.body_inflight,
-            s.body_window,
-            s.body_chunk,
-            s.link_rtt_ms
-                .map_or("not measured yet".to_string(), |ms| format!("{ms:.1} ms"))
-        );
-    }
-    match &s.last_error {
-        Some(e) => say!("last error: {e} at {}", ago(s.last_error_at)),
-        None => say!("last error: none"),
-    }
-    say!(
-        "resyncs: {} done, {} of them repaired differences",
-        s.resyncs_done,
-        s.resyncs_repaired
-    );
-    for (user, (what, since)) in &s.resyncs {
-        say!("resync of {user}: {what} since {}", ago(Some(*since)));
-    }
-    say!(
-        "{:<32} {:>10} {:>12} {:>12} {:>10}",
-        "user",
-        "unacked",
-        "bytes",
-        "oldest (s)",
-        "acked lsn"
-    );
-    for (user, u) in &s.users {
-        let oldest = u
-            .oldest_unacked_age
-            .map_or("-".to_string(), |a| format!("{a:.1}"));
-        say!(
-            "{user:<32} {:>10} {:>12} {oldest:>12} {:>10}",
-            u.unacked_records,
-            u.unacked_bytes,
-            u.acked_lsn
-        );
-        if let Some(e) = &u.last_error {
-            say!("  error: {e}");
-        }
-    }
-    Ok(())
-}
-
 /// `tandem verify` and `tandem resync`: the service does the work and streams JSON lines.
 fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     use std::io::BufRead;
-    let socket = base_dir(&c.config)?.join(tandem::service::status::CONTROL_SOCKET);
+    let socket = status::base_dir(&c.config)?.join(tandem::service::status::CONTROL_SOCKET);
     let unreachable = |e: std::io::Error| {
         Failure(
             3,
@@ -627,7 +517,8 @@ fn main() -> ExitCode {
         }) => tail(loc, filter, follow, lines).map(|_| ExitCode::SUCCESS),
         Cmd::Log(LogCmd::Verify { loc }) => verify(loc),
         Cmd::Log(LogCmd::Stats { loc, json }) => stats(loc, json).map(|_| ExitCode::SUCCESS),
-        Cmd::Status { config, json } => status(config, json).map(|_| ExitCode::SUCCESS),
+        Cmd::Status(a) => status::status(a).map(|_| ExitCode::SUCCESS),
+        Cmd::Check(a) => Ok(status::check(a)),
         Cmd::Verify(c) => compare(c, "verify"),
         Cmd::Resync(c) => compare(c, "resync"),
     };

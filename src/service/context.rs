@@ -30,6 +30,8 @@ pub(crate) struct Shared_ {
     pub(crate) sockets: Mutex<Vec<TcpStream>>,
     /// Inbound connections with a thread of their own.
     pub(crate) inbound: AtomicUsize,
+    /// Scrapes of the metrics listener being answered.
+    pub(crate) metrics_clients: AtomicUsize,
     /// Inbound connections still in the handshake, oldest first: when there are too many, the
     /// oldest is cut, so that a flood of idle connections cannot keep the real peer out.
     pub(crate) preauth: Mutex<VecDeque<TcpStream>>,

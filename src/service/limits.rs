@@ -42,6 +42,8 @@ pub const MAX_BODY: u64 = 1 << 30;
 /// and of those, how many may be in their handshake.
 pub const MAX_INBOUND: usize = 32;
 pub const MAX_PREAUTH: usize = 8;
+/// Scrapes of the metrics listener answered at once; more are closed unanswered.
+pub const MAX_METRICS_CLIENTS: usize = 4;
 pub const MAX_BODIES_HELD: u64 = 1 << 30;
 /// Body bytes held in spool files (bodies past the spool's memory part) at once, all bodies
 /// together, under the state directory.

@@ -54,9 +54,11 @@ pub mod apply;
 pub mod config;
 #[cfg(feature = "service")]
 pub mod context;
+pub mod health;
 pub mod host;
 pub mod limits;
 pub mod memstore;
+pub mod metrics;
 pub mod positions;
 #[cfg(feature = "service")]
 pub mod process;

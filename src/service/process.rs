@@ -8,14 +8,17 @@ use crate::service::context::{Ctx, Shared_};
 use crate::service::host::dovecot::{self, Handler, Svc};
 use crate::service::host::mainloop::{self, MainQueue};
 use crate::service::host::users::sweep_users;
-use crate::service::limits::{MAX_INBOUND, RESCAN_EVERY, RING_QUEUE, USER_IDLE};
+use crate::service::limits::{
+    MAX_INBOUND, MAX_METRICS_CLIENTS, RESCAN_EVERY, RING_QUEUE, USER_IDLE,
+};
 use crate::service::memstore::Memories;
 use crate::service::repairs::Repairs;
 use crate::service::session::sender::outbound;
-use crate::service::status::{self, now_secs, Shared, Status};
+use crate::service::status::{self, now_secs, ErrorKind, Shared, Status};
 use crate::service::transport::accept::accept;
 use crate::service::transport::dial::peer_host;
 use crate::service::transport::doorbell::doorbell;
+use crate::service::transport::http;
 use crate::service::transport::tls::Tls;
 use crate::service::transport::unix::listen_root_only;
 use crate::service::{resync, session};
@@ -105,6 +108,7 @@ impl Handler for Service {
             tls,
             sockets: Mutex::new(Vec::new()),
             inbound: AtomicUsize::new(0),
+            metrics_clients: AtomicUsize::new(0),
             preauth: Mutex::new(VecDeque::new()),
             refused_logged: Mutex::new(None),
             repairs: Repairs::new(),
@@ -196,7 +200,7 @@ impl Handler for Service {
         }
     }
 
-    fn client_connected(&mut self, svc: &Svc, fd: OwnedFd) {
+    fn client_connected(&mut self, svc: &Svc, fd: OwnedFd, listener: &str) {
         let Some(ctx) = self.ctx.clone() else {
             // Not configured: refuse by closing.
             drop(fd);
@@ -204,6 +208,9 @@ impl Handler for Service {
             return;
         };
         let stream = TcpStream::from(fd);
+        if listener == http::METRICS_LISTENER {
+            return self.metrics_client(svc, ctx, stream);
+        }
         if ctx.inbound.load(Ordering::Relaxed) >= MAX_INBOUND {
             let mut logged = ctx.refused_logged.lock().unwrap();
             if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
@@ -238,7 +245,7 @@ impl Handler for Service {
                 ctx.status
                     .lock()
                     .unwrap()
-                    .error(format!("inbound from {peer}: {e}"));
+                    .error(ErrorKind::Inbound, format!("inbound from {peer}: {e}"));
             }
             ctx.inbound.fetch_sub(1, Ordering::Relaxed);
             let _ = ctx.main.post(Box::new(|svc: &Svc| svc.client_closed()));
@@ -268,6 +275,27 @@ impl Handler for Service {
 }
 
 impl Service {
+    /// A scrape of the metrics listener, answered on a thread of its own (at most
+    /// [`MAX_METRICS_CLIENTS`] at once: more are closed unanswered).
+    fn metrics_client(&mut self, svc: &Svc, ctx: Ctx, stream: TcpStream) {
+        if ctx.metrics_clients.fetch_add(1, Ordering::Relaxed) >= MAX_METRICS_CLIENTS {
+            ctx.metrics_clients.fetch_sub(1, Ordering::Relaxed);
+            drop(stream);
+            svc.client_closed();
+            return;
+        }
+        let ctx2 = ctx.clone();
+        let started = self.spawn("tandem-metrics", move || {
+            http::serve(stream, &ctx2.status);
+            ctx2.metrics_clients.fetch_sub(1, Ordering::Relaxed);
+            let _ = ctx2.main.post(Box::new(|svc: &Svc| svc.client_closed()));
+        });
+        if !started {
+            ctx.metrics_clients.fetch_sub(1, Ordering::Relaxed);
+            svc.client_closed();
+        }
+    }
+
     /// Starts a thread; false (and logged) when it could not be started.
     fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> bool {
         self.threads.retain(|t| !t.is_finished());

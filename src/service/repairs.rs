@@ -102,6 +102,11 @@ impl Repairs {
         self.inner.lock().unwrap().failures.remove(user);
     }
 
+    /// Users whose last automatic resync failed.
+    pub fn failing(&self) -> usize {
+        self.inner.lock().unwrap().failures.len()
+    }
+
     /// An automatic resync of the user failed: again after 2 s, 4 s, ... up to 256 s (and
     /// never more than [`MAX_RETRY`]).
     pub fn failed(&self, user: &str, why: &str, now: Instant) {

@@ -82,6 +82,97 @@ pub struct Status {
     pub resyncs_done: u64,
     #[serde(default)]
     pub resyncs_repaired: u64,
+    /// Users whose last automatic resync failed or left differences (retried with backoff).
+    #[serde(default)]
+    pub repairs_failing: u64,
+    /// The kind of `last_error` ([`ErrorKind::as_str`]).
+    #[serde(default)]
+    pub last_error_kind: Option<String>,
+    #[serde(default)]
+    pub counters: Counters,
+}
+
+/// Upper bounds (seconds) of the replication lag histogram's buckets: a LAN's milliseconds up
+/// to a link that was down for hours.
+pub const LAG_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+    7200.0,
+];
+
+/// A histogram in Prometheus' shape: a count per bucket (not cumulative; the last one is
+/// `+Inf`), the sum and the count.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: vec![0; LAG_BUCKETS.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, v: f64) {
+        let v = v.max(0.0);
+        let i = LAG_BUCKETS
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(LAG_BUCKETS.len());
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+/// What the service counts since it started, for the metrics (src/service/metrics.rs).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Counters {
+    /// Seconds from a change's commit on the peer (its record's stamp) to its apply here.
+    pub lag: Histogram,
+    /// Changes the streaming rules did not settle, by rule (each leads to a resync).
+    pub conflicts: BTreeMap<String, u64>,
+    /// Finished resyncs by cause (`admin`, `requested`, `marked`, `gap`), then by outcome
+    /// (`identical`, `differences_left`, `failed`).
+    pub resyncs: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Mailboxes found changed without journal records (each leads to a resync).
+    pub gaps: u64,
+    /// Outbound connections to the peer that got through (the first one and reconnects).
+    pub connects: u64,
+    /// Errors shown in `last_error`, by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// What a `last_error` is about; the metrics count errors by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Connecting to the peer, or the outbound connection failing.
+    Link,
+    /// A connection from the peer failing.
+    Inbound,
+    /// One user's stream (an unreadable journal, a refused change, a stall).
+    User,
+    /// A change the streaming rules could not settle.
+    Conflict,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Link => "link",
+            ErrorKind::Inbound => "inbound",
+            ErrorKind::User => "user",
+            ErrorKind::Conflict => "conflict",
+        }
+    }
 }
 
 impl Status {
@@ -90,9 +181,31 @@ impl Status {
             .then(|| self.record_bytes_raw as f64 / self.record_bytes_wire as f64)
     }
 
-    pub fn error(&mut self, what: String) {
+    pub fn error(&mut self, kind: ErrorKind, what: String) {
         self.last_error = Some(what);
         self.last_error_at = Some(now_secs());
+        self.last_error_kind = Some(kind.as_str().into());
+        *self
+            .counters
+            .errors
+            .entry(kind.as_str().into())
+            .or_default() += 1;
+    }
+
+    /// The outbound connection got through: a link error shown before is history now (the
+    /// counters keep it), other kinds stay until replaced.
+    pub fn link_up(&mut self) {
+        self.counters.connects += 1;
+        let link = [ErrorKind::Link.as_str(), ErrorKind::Inbound.as_str()];
+        if self
+            .last_error_kind
+            .as_deref()
+            .is_none_or(|k| link.contains(&k))
+        {
+            self.last_error = None;
+            self.last_error_at = None;
+            self.last_error_kind = None;
+        }
     }
 }
 

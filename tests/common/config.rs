@@ -28,6 +28,8 @@ pub struct Options {
     pub plugin_so: Option<PathBuf>,
     /// Run the tandem service, listening for its peer on this 127.0.0.1 port.
     pub service_port: Option<u16>,
+    /// With `service_port`: the service's metrics listener on this 127.0.0.1 port too.
+    pub metrics_port: Option<u16>,
     /// A specific service build instead of [`service_bin`] (e.g. the test-hooks build).
     pub service_bin: Option<PathBuf>,
     /// The mail storage format; [`MailFormat::from_env`] by default.
@@ -170,6 +172,7 @@ impl Default for Options {
             extra_conf: String::new(),
             plugin_so: None,
             service_port: None,
+            metrics_port: None,
             service_bin: None,
             format: MailFormat::from_env(),
             release: Release::Native,
@@ -354,6 +357,14 @@ doveadm_port = {doveadm}
             .display()
             .to_string()
     };
+    // 2.4 takes the address from the global `listen`, as for the peer's listener.
+    let metrics = match (opts.metrics_port, v24) {
+        (Some(port), false) => format!(
+            "  inet_listener metrics {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n"
+        ),
+        (Some(port), true) => format!("  inet_listener metrics {{\n    port = {port}\n  }}\n"),
+        (None, _) => String::new(),
+    };
     match (opts.service_port, v24) {
         (Some(port), false) => c.push_str(&format!(
             "service tandem {{
@@ -366,7 +377,7 @@ doveadm_port = {doveadm}
     address = 127.0.0.1
     port = {port}
   }}
-}}
+{metrics}}}
 ",
             exe = exe()
         )),
@@ -376,7 +387,7 @@ doveadm_port = {doveadm}
   inet_listener tandem {{
     port = {port}
   }}
-}}
+{metrics}}}
 ",
             exe = exe()
         )),

@@ -518,7 +518,8 @@ impl Pair {
         Pair::start_links(name, Some(shape), |_, _| {})
     }
 
-    fn start_links(
+    /// Like [`Pair::start_custom`], with both links shaped from the start when `shape` is set.
+    pub fn start_links(
         name: &str,
         shape: Option<Shape>,
         custom: impl FnOnce(&mut Options, &mut Options),

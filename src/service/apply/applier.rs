@@ -55,6 +55,23 @@ pub enum Why {
     MailboxUnknown,
 }
 
+impl Why {
+    /// The metrics' name for it (`tandem_conflicts_total{rule=...}`).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Why::Store(_) => "store_refused",
+            Why::Collision { .. } => "uid_collision",
+            Why::BelowUidNext { .. } => "below_uidnext",
+            Why::OtherBody { .. } => "other_body",
+            Why::UidValidity { .. } => "uidvalidity",
+            Why::SameNameHeldMail { .. } => "same_name_held_mail",
+            Why::NameTaken { .. } => "name_taken",
+            Why::OtherMail { .. } => "other_mail",
+            Why::MailboxUnknown => "mailbox_unknown",
+        }
+    }
+}
+
 impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -110,6 +127,17 @@ pub enum Resync {
     Recreated,
     /// Rule 6: a mailbox the peer deleted keeps mail it never saw.
     KeptUnseen,
+}
+
+impl Resync {
+    /// The metrics' name for it, beside [`Why::rule`].
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Resync::InboxOnBoth => "inbox_on_both",
+            Resync::Recreated => "deleted_mailbox_got_mail",
+            Resync::KeptUnseen => "deleted_mailbox_kept_unseen",
+        }
+    }
 }
 
 impl fmt::Display for Resync {

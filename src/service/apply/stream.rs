@@ -27,6 +27,8 @@ pub(crate) struct Outcome {
     /// Why the user needs a resync: what the streaming rules left for the comparison of both
     /// sides to settle. The caller asks the scheduler for it.
     pub(crate) resyncs: Vec<String>,
+    /// The conflict rule behind each of `resyncs`, for the metrics.
+    pub(crate) rules: Vec<&'static str>,
     pub(crate) bodies: HashMap<(Guid128, u32), BodyBuf>,
 }
 
@@ -98,6 +100,7 @@ pub(crate) fn apply_batch(
         error: None,
         conflicts: Vec::new(),
         resyncs: Vec::new(),
+        rules: Vec::new(),
         bodies: HashMap::new(),
     };
     // The receiver passes complete bodies only.
@@ -131,11 +134,13 @@ pub(crate) fn apply_batch(
             let what = c.to_string();
             local.mark(&format!("change from the peer not applied: {what}"));
             out.resyncs.push(what.clone());
+            out.rules.push(c.why.rule());
             out.conflicts.push(what);
         }
         for why in &done.resync {
             log::info!("user {user}: {why}: resyncing the user");
             out.resyncs.push(why.to_string());
+            out.rules.push(why.rule());
         }
         out.applied = done.applied;
         out.bodies_applied = done.bodies_applied;

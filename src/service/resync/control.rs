@@ -119,7 +119,7 @@ pub(crate) fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<(
         req.users
     };
     for user in users {
-        let res = run(ctx, &user, repair, &mut |p: &str| {
+        let res = run(ctx, &user, repair, "admin", &mut |p: &str| {
             let _ = send(serde_json::json!({ "progress": p }));
         });
         match res {

@@ -28,16 +28,24 @@ pub struct Report {
     pub seconds: f64,
 }
 
-/// Runs a verify (`repair` false) or a resync of `user` against the peer. `progress` gets
-/// lines to show.
+/// Runs a verify (`repair` false) or a resync of `user` against the peer. `cause` is what
+/// the metrics count the resync under (`admin`, `requested`, `marked`, `gap`). `progress`
+/// gets lines to show.
 pub(crate) fn run(
     ctx: &Ctx,
     user: &str,
     repair: bool,
+    cause: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Report, String> {
     let started = Instant::now();
     let res = run_phases(ctx, user, repair, progress);
+    use crate::ffi::logger::{event, Field};
+    let (result, differences, changes) = match &res {
+        Ok(r) if r.identical => ("identical", r.differences.len(), r.changes),
+        Ok(r) => ("differences_left", r.differences.len(), r.changes),
+        Err(_) => ("failed", 0, 0),
+    };
     {
         let mut st = ctx.status.lock().unwrap();
         st.resyncs.remove(user);
@@ -46,14 +54,10 @@ pub(crate) fn run(
             if res.as_ref().is_ok_and(|r| r.changes > 0) {
                 st.resyncs_repaired += 1;
             }
+            let by_cause = st.counters.resyncs.entry(cause.into()).or_default();
+            *by_cause.entry(result.into()).or_default() += 1;
         }
     }
-    use crate::ffi::logger::{event, Field};
-    let (result, differences, changes) = match &res {
-        Ok(r) if r.identical => ("identical", r.differences.len(), r.changes),
-        Ok(r) => ("differences_left", r.differences.len(), r.changes),
-        Err(_) => ("failed", 0, 0),
-    };
     event(
         if repair {
             "tandem_resync_finished"

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 /// Per user and mailbox: the HIGHESTMODSEQ seen ahead of what is accounted for at the last
 /// scan. A gap must persist across two scans: a commit is journaled just after it.
+/// How the reasons of resyncs found by the scan begin (the metrics tell them apart by it).
+const MARKED: &str = "marked: ";
+const GAP: &str = "gap: ";
+
 pub(crate) type Suspects = HashMap<(String, Guid128), u64>;
 
 /// Runs requested resyncs once the streams have settled, repairs users marked as needing one,
@@ -37,7 +41,14 @@ pub(crate) fn auto(ctx: Ctx) {
 
 pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
     log::info!("user {user}: resync ({why})");
-    match run(ctx, user, true, &mut |p: &str| log::info!("{p}")) {
+    let cause = if why.starts_with(MARKED) {
+        "marked"
+    } else if why.starts_with(GAP) {
+        "gap"
+    } else {
+        "requested"
+    };
+    match run(ctx, user, true, cause, &mut |p: &str| log::info!("{p}")) {
         Ok(r) if r.identical => {
             if r.changes > 0 {
                 log::info!(
@@ -64,6 +75,7 @@ pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
                 .failed(user, "the last resync failed", Instant::now());
         }
     }
+    ctx.status.lock().unwrap().repairs_failing = ctx.repairs.failing() as u64;
 }
 
 /// Marked users, and mailboxes whose HIGHESTMODSEQ moved without journal records.
@@ -91,7 +103,7 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                 let dir = usr.journal_dir().ok();
                 if let Some(mark) = dir.as_deref().and_then(journal::read_resync) {
                     why = Some(format!(
-                        "marked: {}",
+                        "{MARKED}{}",
                         mark.reasons.last().cloned().unwrap_or_default()
                     ));
                 }
@@ -125,8 +137,9 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
             let key = (user.clone(), g);
             match suspects.get(&key) {
                 Some(prev) if *prev <= modseq => {
+                    ctx.status.lock().unwrap().counters.gaps += 1;
                     reason.get_or_insert(format!(
-                        "gap: mailbox {g} changed (HIGHESTMODSEQ {modseq}) without journal records"
+                        "{GAP}mailbox {g} changed (HIGHESTMODSEQ {modseq}) without journal records"
                     ));
                     suspects.remove(&key);
                 }

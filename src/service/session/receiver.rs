@@ -13,6 +13,7 @@ use crate::service::limits::{APPLY_PASS, IDLE_TIMEOUT, LIVE_AGE, ROUND_BYTES};
 use crate::service::positions::Positions;
 use crate::service::resync;
 use crate::service::resync::server::RpcState;
+use crate::service::status::ErrorKind;
 use crate::service::transport::conn::{ConnError, FrameReader, FrameWriter};
 use crate::service::transport::dial::close;
 use std::sync::atomic::Ordering;
@@ -145,7 +146,7 @@ impl Inbound<'_> {
                 Action::Log { level, msg, shown } => {
                     log::log!(level, "{msg}");
                     if shown {
-                        self.ctx.status.lock().unwrap().error(msg);
+                        self.ctx.status.lock().unwrap().error(ErrorKind::User, msg);
                     }
                 }
             }
@@ -297,6 +298,8 @@ impl Inbound<'_> {
             let ahead = batch
                 .ahead
                 .then(|| batch.records.iter().map(|r| r.lsn).collect::<Vec<u64>>());
+            // Commit times on the peer, for the lag of what gets applied.
+            let stamps: Vec<u64> = batch.records.iter().map(|r| r.stamp.millis()).collect();
             let user = name.to_string();
             let state_dir = self.ctx.cfg.state_dir.clone();
             let peer_id = self.peer_id.clone();
@@ -319,8 +322,17 @@ impl Inbound<'_> {
                 let mut s = self.ctx.status.lock().unwrap();
                 s.records_applied += outcome.applied as u64;
                 s.bodies_applied += outcome.bodies_applied;
+                let now = crate::clock::now_ms();
+                for ms in stamps.iter().take(outcome.applied) {
+                    s.counters
+                        .lag
+                        .observe(now.saturating_sub(*ms) as f64 / 1000.0);
+                }
                 for c in &outcome.conflicts {
-                    s.error(format!("user {name}: {c}"));
+                    s.error(ErrorKind::Conflict, format!("user {name}: {c}"));
+                }
+                for rule in &outcome.rules {
+                    *s.counters.conflicts.entry((*rule).into()).or_default() += 1;
                 }
             }
             for c in &outcome.conflicts {

@@ -13,7 +13,7 @@ use crate::service::limits::{
     BATCH_RECORDS, DROP_EVERY, IDLE_TIMEOUT, MAX_BACKOFF, PING_EVERY, PUMP_PASS, RESCAN_EVERY,
 };
 use crate::service::positions::{self, Positions};
-use crate::service::status::now_secs;
+use crate::service::status::{now_secs, ErrorKind};
 use crate::service::transport::conn::{ConnError, FrameWriter};
 use crate::service::transport::dial::{close, dial};
 use crossbeam_channel::{unbounded, Receiver};
@@ -100,7 +100,7 @@ pub(crate) fn outbound(ctx: Ctx, rings: Receiver<String>) {
                     reported_down = true;
                 }
                 let mut s = ctx.status.lock().unwrap();
-                s.error(msg);
+                s.error(ErrorKind::Link, msg);
                 if s.connected {
                     s.connected = false;
                     s.connected_since = None;
@@ -205,6 +205,7 @@ impl Outbound {
         {
             let mut s = self.ctx.status.lock().unwrap();
             s.connected = true;
+            s.link_up();
             s.peer_id = Some(peer_id.clone());
             s.connected_since = Some(now_secs());
             s.disconnected_since = None;
@@ -300,7 +301,7 @@ impl Outbound {
             }
             for (name, msg) in self.tx.stalls(Instant::now()) {
                 log::error!("{msg}");
-                self.ctx.status.lock().unwrap().error(msg);
+                self.ctx.status.lock().unwrap().error(ErrorKind::User, msg);
                 self.publish_user(&name);
             }
             let mut did = false;
@@ -336,7 +337,7 @@ impl Outbound {
                         Err(ConnError::Protocol(e)) => {
                             // This user's problem only: the others go on.
                             log::error!("{e}");
-                            self.ctx.status.lock().unwrap().error(e);
+                            self.ctx.status.lock().unwrap().error(ErrorKind::User, e);
                         }
                         Err(e) => return Err(e),
                     }

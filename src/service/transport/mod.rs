@@ -11,6 +11,8 @@ pub mod dial;
 #[cfg(feature = "service")]
 pub mod doorbell;
 #[cfg(feature = "service")]
+pub mod http;
+#[cfg(feature = "service")]
 pub mod tls;
 #[cfg(feature = "service")]
 pub mod unix;

@@ -22,10 +22,11 @@ pub trait Handler {
     /// A watched fd ([`Svc::watch_fd`]) is readable. Drain it (non-blocking reads until
     /// `WouldBlock`), or this fires again at once.
     fn wakeup(&mut self, svc: &Svc);
-    /// A client connected to a listener of the `service tandem {}` block. The fd is
-    /// non-blocking and belongs to the handler, which may move it to a thread. Once it is
-    /// closed, call [`Svc::client_closed`] (on the main thread), so master can send more.
-    fn client_connected(&mut self, svc: &Svc, fd: OwnedFd);
+    /// A client connected to the listener of the `service tandem {}` block named `listener`
+    /// ("" if unnamed). The fd is non-blocking and belongs to the handler, which may move it
+    /// to a thread. Once it is closed, call [`Svc::client_closed`] (on the main thread), so
+    /// master can send more.
+    fn client_connected(&mut self, svc: &Svc, fd: OwnedFd, listener: &str);
     /// The ioloop stopped (SIGTERM from master, or `started` failed). Join threads and drop users
     /// here; the handler itself is dropped right after, before Dovecot's deinit. Watches
     /// ([`Svc::watch_fd`]) have already ended, so their fds may be closed.
@@ -154,13 +155,15 @@ unsafe extern "C" fn on_wakeup(ctx: *mut c_void, fd: c_int) {
     unsafe { with_handler(ctx, "service_wakeup", |h, svc| h.wakeup(svc)) };
 }
 
-unsafe extern "C" fn on_client_connected(ctx: *mut c_void, fd: c_int) {
+unsafe extern "C" fn on_client_connected(ctx: *mut c_void, fd: c_int, listener: *const c_char) {
     // SAFETY: master_service accepted this connection and handed its fd over to us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the shim passes the listener's name from master_service, or "".
+    let listener = unsafe { string(listener) };
     // SAFETY: called by tandem_svc_main's ioloop with the ctx run() gave it.
     let ok = unsafe {
         with_handler(ctx, "service_client_connected", move |h, svc| {
-            h.client_connected(svc, fd)
+            h.client_connected(svc, fd, &listener)
         })
     };
     if !ok {

@@ -1,0 +1,229 @@
+//! `tandem status` and `tandem check`: what the service's status socket says, for people, for
+//! Prometheus' textfile collector, and for monitoring plugins.
+
+use super::{Failure, StatusArgs};
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tandem::service::health::{judge, Level, Limits};
+use tandem::service::metrics::TOP_USERS;
+use tandem::service::status::Status;
+
+pub(crate) fn base_dir(conf: &std::path::Path) -> Result<PathBuf, Failure> {
+    let out = std::process::Command::new("doveconf")
+        .arg("-c")
+        .arg(conf)
+        .args(["-h", "base_dir"])
+        .output()
+        .map_err(|e| Failure(4, format!("cannot run doveconf: {e}")))?;
+    if !out.status.success() {
+        return Err(Failure(
+            4,
+            format!(
+                "doveconf -c {} failed: {}",
+                conf.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn ago(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(t) => {
+            let when = std::time::UNIX_EPOCH + Duration::from_secs_f64(t.max(0.0));
+            let age = tandem::service::status::now_secs() - t;
+            format!(
+                "{} ({age:.0}s ago)",
+                humantime::format_rfc3339_seconds(when)
+            )
+        }
+    }
+}
+
+/// The service's snapshot, or why there is none.
+fn query(config: &Path) -> Result<Status, Failure> {
+    let socket = base_dir(config)?.join(tandem::service::status::STATUS_SOCKET);
+    tandem::service::status::query(&socket).map_err(|e| {
+        Failure(
+            3,
+            format!(
+                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
+                 configured and Dovecot running?",
+                socket.display()
+            ),
+        )
+    })
+}
+
+pub(crate) fn status(a: StatusArgs) -> Result<(), Failure> {
+    let Some(every) = a.watch else {
+        return print_status(&query(&a.config)?, &a);
+    };
+    let every = Duration::from_secs_f64(every.max(0.2));
+    loop {
+        let s = query(&a.config);
+        // Home and clear, then the page: the terminal keeps one page, refreshed in place.
+        print!("\x1b[H\x1b[2J");
+        say!(
+            "every {:.1}s, {}; Ctrl-C ends",
+            every.as_secs_f64(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        );
+        match s {
+            Ok(s) => print_status(&s, &a)?,
+            Err(Failure(_, msg)) => say!("tandem: {msg}"),
+        }
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(every);
+    }
+}
+
+fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
+    if a.openmetrics {
+        print!("{}", tandem::service::metrics::render(s, TOP_USERS));
+        return Ok(());
+    }
+    if a.json {
+        let mut v = serde_json::to_value(s).expect("status serializes");
+        v["compression_ratio"] = serde_json::json!(s.compression_ratio());
+        say!("{v}");
+        return Ok(());
+    }
+    let peer = s.peer.as_deref().unwrap_or("(none: receive only)");
+    let peer_id = s
+        .peer_id
+        .as_deref()
+        .map(|p| format!(" ({p})"))
+        .unwrap_or_default();
+    if s.connected {
+        say!(
+            "server {}: peer {peer}{peer_id} CONNECTED since {}",
+            s.server_id,
+            ago(s.connected_since)
+        );
+    } else {
+        say!(
+            "server {}: peer {peer}{peer_id} NOT CONNECTED since {}",
+            s.server_id,
+            ago(s.disconnected_since)
+        );
+    }
+    say!(
+        "inbound connections from the peer: {}",
+        s.inbound_connections
+    );
+    say!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
+    match s.compression_ratio() {
+        Some(r) => say!(
+            "journal records: {} B raw, {} B on the wire, compression {r:.1}:1",
+            s.record_bytes_raw,
+            s.record_bytes_wire
+        ),
+        None => say!("journal records: none sent yet"),
+    }
+    say!(
+        "records sent {}, applied {}; bodies sent {} ({} B), applied {}",
+        s.records_sent,
+        s.records_applied,
+        s.bodies_sent,
+        s.body_bytes_sent,
+        s.bodies_applied
+    );
+    if s.connected {
+        say!(
+            "bodies in flight {} B of a {} B window, chunks of {} B, round trip {}",
+            s.body_inflight,
+            s.body_window,
+            s.body_chunk,
+            s.link_rtt_ms
+                .map_or("not measured yet".to_string(), |ms| format!("{ms:.1} ms"))
+        );
+    }
+    match &s.last_error {
+        Some(e) => say!("last error: {e} at {}", ago(s.last_error_at)),
+        None => say!("last error: none"),
+    }
+    say!(
+        "resyncs: {} done, {} of them repaired differences",
+        s.resyncs_done,
+        s.resyncs_repaired
+    );
+    for (user, (what, since)) in &s.resyncs {
+        say!("resync of {user}: {what} since {}", ago(Some(*since)));
+    }
+    say!(
+        "{:<32} {:>10} {:>12} {:>12} {:>10}",
+        "user",
+        "unacked",
+        "bytes",
+        "oldest (s)",
+        "acked lsn"
+    );
+    for (user, u) in s
+        .users
+        .iter()
+        .filter(|(n, _)| a.user.as_ref().is_none_or(|w| w == *n))
+    {
+        let oldest = u
+            .oldest_unacked_age
+            .map_or("-".to_string(), |a| format!("{a:.1}"));
+        say!(
+            "{user:<32} {:>10} {:>12} {oldest:>12} {:>10}",
+            u.unacked_records,
+            u.unacked_bytes,
+            u.acked_lsn
+        );
+        if let Some(e) = &u.last_error {
+            say!("  error: {e}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct CheckArgs {
+    /// The Dovecot configuration (its base_dir holds the service's status socket).
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/dovecot/dovecot.conf"
+    )]
+    config: PathBuf,
+    /// WARNING when a change has waited this long (seconds) for the peer's acknowledgement.
+    #[arg(long, default_value_t = 60.0)]
+    warn_lag: f64,
+    /// CRITICAL when a change has waited this long (seconds).
+    #[arg(long, default_value_t = 600.0)]
+    crit_lag: f64,
+    /// The connection to the peer down is a WARNING, and CRITICAL once down this long (seconds).
+    #[arg(long, default_value_t = 120.0)]
+    crit_down: f64,
+}
+
+/// Prints one line and exits 0 (OK), 1 (WARNING), 2 (CRITICAL) or 3 (UNKNOWN), as monitoring
+/// plugins do. A service that does not answer is CRITICAL: replication is not running.
+pub(crate) fn check(a: CheckArgs) -> ExitCode {
+    if !(a.warn_lag >= 0.0 && a.crit_lag >= a.warn_lag && a.crit_down >= 0.0) {
+        say!("TANDEM UNKNOWN - the thresholds must be 0 <= --warn-lag <= --crit-lag, --crit-down >= 0");
+        return ExitCode::from(Level::Unknown as u8);
+    }
+    let (level, line) = match query(&a.config) {
+        Ok(s) => judge(
+            &s,
+            &Limits {
+                warn_lag: a.warn_lag,
+                crit_lag: a.crit_lag,
+                crit_down: a.crit_down,
+            },
+        ),
+        Err(Failure(4, msg)) => (Level::Unknown, format!("TANDEM UNKNOWN - {msg}")),
+        Err(Failure(_, msg)) => (Level::Critical, format!("TANDEM CRITICAL - {msg}")),
+    };
+    say!("{line}");
+    ExitCode::from(level as u8)
+}
