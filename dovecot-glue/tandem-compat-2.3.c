@@ -8,6 +8,8 @@
 #include "array.h"
 #include "mail-user.h"
 #include "notify-plugin.h"
+#include "master-service.h"
+#include "master-service-settings.h"
 #include "tandem-compat.h"
 
 const char *tandem_compat_user_setting(struct mail_user *user,
@@ -16,6 +18,17 @@ const char *tandem_compat_user_setting(struct mail_user *user,
 	const char *value = mail_user_plugin_getenv(user, name);
 
 	return value == NULL || *value == '\0' ? NULL : value;
+}
+
+const char *tandem_compat_state_dir(void)
+{
+	const struct master_service_settings *set;
+
+	if (master_service == NULL)
+		return NULL;
+	set = master_service_settings_get(master_service);
+	return set == NULL || set->state_dir == NULL || *set->state_dir == '\0' ?
+		NULL : set->state_dir;
 }
 
 void tandem_compat_notify_unregister(struct notify_context **ctx)

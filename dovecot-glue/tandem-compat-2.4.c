@@ -7,6 +7,8 @@
 #include "lib.h"
 #include "mail-user.h"
 #include "notify-plugin.h"
+#include "master-service.h"
+#include "master-service-settings.h"
 #include "settings.h"
 #include "tandem-settings.h"
 #include "tandem-compat.h"
@@ -34,6 +36,17 @@ const char *tandem_compat_user_setting(struct mail_user *user,
 		}
 	} T_END;
 	return value;
+}
+
+const char *tandem_compat_state_dir(void)
+{
+	const struct master_service_settings *set;
+
+	if (master_service == NULL)
+		return NULL;
+	set = master_service_get_service_settings(master_service);
+	return set == NULL || set->state_dir == NULL || *set->state_dir == '\0' ?
+		NULL : set->state_dir;
 }
 
 void tandem_compat_notify_unregister(struct notify_context **ctx)

@@ -84,6 +84,11 @@ const char *tandem_glue_user_base_dir(struct mail_user *user)
 	return dir == NULL || *dir == '\0' ? NULL : dir;
 }
 
+const char *tandem_glue_state_dir(void)
+{
+	return tandem_compat_state_dir();
+}
+
 int tandem_glue_box_guid(struct mailbox *box,
 			 uint8_t guid_r[TANDEM_GUID_128_SIZE])
 {

@@ -81,6 +81,9 @@ const char *tandem_glue_user_getenv(struct mail_user *user, const char *name);
 const char *tandem_glue_user_home(struct mail_user *user);
 /* Dovecot's base_dir as this user's settings have it, NULL if unset. */
 const char *tandem_glue_user_base_dir(struct mail_user *user);
+/* Dovecot's state_dir, from this process's master service settings; NULL if
+   unknown. */
+const char *tandem_glue_state_dir(void);
 
 /* Reads only the mailbox GUID. Returns 0, or -1 (guid_r zeroed) when it is
    unreadable. */

@@ -26,7 +26,16 @@ use std::path::{Path, PathBuf};
 
 pub const DOORBELL_NAME: &str = "tandem-doorbell";
 pub const USERS_SUBDIR: &str = "users";
+/// `tandem_state_dir` when neither it nor Dovecot's `state_dir` is known.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/dovecot/tandem";
+
+/// `tandem_state_dir`'s default: `tandem` in Dovecot's `state_dir` (its own, per instance).
+pub fn default_state_dir(dovecot_state_dir: Option<&str>) -> PathBuf {
+    match dovecot_state_dir {
+        Some(d) if d.starts_with('/') => Path::new(d).join("tandem"),
+        _ => PathBuf::from(DEFAULT_STATE_DIR),
+    }
+}
 /// Longest user name sent in a doorbell datagram; longer ones are sent anyway (the datagram
 /// limit is far above), but the service ignores names above it.
 pub const MAX_USER_LEN: usize = 1024;

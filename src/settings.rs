@@ -81,10 +81,13 @@ pub fn valid_server_id(id: &str) -> bool {
 impl Settings {
     /// Reads the settings through `get` (Dovecot's `mail_user_plugin_getenv`). `home` is the
     /// user's home directory, if the userdb has one; `base_dir` is Dovecot's `base_dir`.
+    /// `dovecot_state_dir` is Dovecot's own `state_dir`: `tandem_state_dir` defaults to a
+    /// `tandem` directory in it, so that two Dovecot instances on one host never share state.
     pub fn parse(
         get: impl Fn(&str) -> Option<String>,
         home: Option<&str>,
         base_dir: Option<&str>,
+        dovecot_state_dir: Option<&str>,
     ) -> Result<Settings, SettingsError> {
         let server_id =
             get("tandem_server_id")
@@ -128,7 +131,7 @@ impl Settings {
                     why: "must be an absolute path",
                 })
             }
-            None => PathBuf::from(crate::registry::DEFAULT_STATE_DIR),
+            None => crate::registry::default_state_dir(dovecot_state_dir),
         };
         Ok(Settings {
             server_id,
@@ -168,7 +171,12 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Settings::parse(|k| map.get(k).cloned(), home, Some("/run/dovecot"))
+        Settings::parse(
+            |k| map.get(k).cloned(),
+            home,
+            Some("/run/dovecot"),
+            Some("/var/lib/dovecot"),
+        )
     }
 
     #[test]

@@ -462,3 +462,28 @@ fn a_mailbox_deleted_while_its_mail_is_read_for_sending_is_no_error_but_damage_i
         reported(&pair.a.log())
     });
 }
+
+/// Without `tandem_state_dir`, each instance keeps Tandem's state in a `tandem` directory of its
+/// own Dovecot `state_dir`: two instances on one host never share a registry, clock floors or
+/// positions by accident, and still replicate (the plugin and the service agree on it).
+#[test]
+fn each_instance_keeps_its_state_under_its_own_dovecot_state_dir_by_default() {
+    let pair = Pair::start_with("state-default", &[("tandem_state_dir", "")]);
+    common::every_operation(&pair.a, "a");
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    for dc in [&pair.a, &pair.b] {
+        let ours = dc.dir().join("state/tandem");
+        assert!(
+            ours.join("users").is_dir(),
+            "no registry in {}: {:?}",
+            ours.display(),
+            std::fs::read_dir(dc.dir().join("state")).map(|d| d.count())
+        );
+        assert!(ours.join("applied").is_dir() || ours.join("sent-to").is_dir());
+    }
+    // A's mail processes registered alice there: the plugin found the same directory.
+    let users = std::fs::read_dir(pair.a.dir().join("state/tandem/users")).unwrap();
+    assert!(users.count() >= 1);
+    pair.a.assert_log_clean();
+    pair.b.assert_log_clean();
+}

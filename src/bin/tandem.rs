@@ -97,6 +97,10 @@ enum Cmd {
     /// seeds an empty new replica (run it again to continue an interrupted seeding).
     #[command(after_help = EXIT_CODES)]
     Resync(Compare),
+    /// Write the man pages (tandem.1 and one per subcommand) into DIR: the packaging calls it,
+    /// so the pages are made from the same definitions as --help.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -505,6 +509,32 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     })
 }
 
+/// `tandem.1`, then `tandem-log.1`, `tandem-log-show.1`, ...: one page per command, as git's.
+fn manpages(dir: &std::path::Path) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    fn write(dir: &std::path::Path, cmd: clap::Command, name: String) -> Result<(), Failure> {
+        let io = |e: std::io::Error| Failure(4, format!("{}: {e}", dir.display()));
+        let cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut page)
+            .map_err(io)?;
+        std::fs::write(dir.join(format!("{name}.1")), page).map_err(io)?;
+        let pages = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help");
+        for sub in pages {
+            let sub_name = format!("{name}-{}", sub.get_name());
+            write(dir, sub.clone(), sub_name)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Failure(4, format!("{}: {e}", dir.display())))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(dir, cmd, "tandem".into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -521,6 +551,7 @@ fn main() -> ExitCode {
         Cmd::Check(a) => Ok(status::check(a)),
         Cmd::Verify(c) => compare(c, "verify"),
         Cmd::Resync(c) => compare(c, "resync"),
+        Cmd::Manpages { dir } => manpages(&dir).map(|_| ExitCode::SUCCESS),
     };
     match res {
         Ok(code) => code,

@@ -220,7 +220,14 @@ pub unsafe extern "C" fn tandem_rs_user_created(
         let base_dir = unsafe { raw::tandem_glue_user_base_dir(user) };
         // SAFETY: NULL or a NUL-terminated settings string that outlives the call.
         let base_dir = unsafe { opt_string(base_dir) };
-        match Settings::parse(getenv, home.as_deref(), base_dir.as_deref()) {
+        // SAFETY: no arguments; NULL or a settings string that outlives the process's settings.
+        let dovecot_state_dir = unsafe { opt_string(raw::tandem_glue_state_dir()) };
+        match Settings::parse(
+            getenv,
+            home.as_deref(),
+            base_dir.as_deref(),
+            dovecot_state_dir.as_deref(),
+        ) {
             Ok(settings) => Box::into_raw(Box::new(UserCapture::new(name, settings))).cast(),
             Err(e) => {
                 log::error!("user {name}: {e}");

@@ -50,7 +50,10 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
         .setting("tandem_state_dir")
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(registry::DEFAULT_STATE_DIR));
+        .unwrap_or_else(|| {
+            let dovecot = svc.state_dir();
+            registry::default_state_dir(dovecot.to_str().filter(|d| !d.is_empty()))
+        });
     let peer = svc.setting("tandem_peer").filter(|s| !s.is_empty());
     let secret = match svc.setting("tandem_secret_file").filter(|s| !s.is_empty()) {
         None => {

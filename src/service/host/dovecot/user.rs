@@ -80,7 +80,8 @@ impl User {
     /// The user's journal directory, as the plugin finds it (home and `tandem_journal_dir`).
     pub fn journal_dir(&self) -> Result<PathBuf, String> {
         let home = self.home().map(|h| h.to_string_lossy().into_owned());
-        crate::settings::Settings::parse(|k| self.setting(k), home.as_deref(), None)
+        // Only the journal directory is taken, which depends on neither directory.
+        crate::settings::Settings::parse(|k| self.setting(k), home.as_deref(), None, None)
             .map(|s| s.journal_dir)
             .map_err(|e| e.to_string())
     }
