@@ -57,7 +57,8 @@ DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-d
 	libclang-dev clang pkg-config python3 python3-prometheus-client
 
 .PHONY: all plugin cli service settings-module test-hooks-plugin test-hooks-service deps need-root lint \
-	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench bench-run clean
+	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench bench-run clean \
+	deb test-deb
 
 all: deps plugin cli service settings-module
 
@@ -130,6 +131,7 @@ test: deps need-root
 	[ "$(DOVECOT)" = 2.4 ] || $(MAKE) --no-print-directory test-2.3 || status=1; \
 	[ "$(DOVECOT)" = 2.3 ] || $(MAKE) --no-print-directory test-2.4 || status=1; \
 	[ -n "$(DOVECOT)" ] || $(MAKE) --no-print-directory test-mixed || status=1; \
+	[ "$(DOVECOT)" = 2.4 ] || $(MAKE) --no-print-directory test-deb || status=1; \
 	for f in $(TEST_OUTPUTS); do [ -f $$f ] && cat $$f; done | \
 	awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all Dovecots: %d passed, %d failed\n", p, f }'; \
 	exit $$status
@@ -216,6 +218,10 @@ install: all
 	install -m 0644 $(PLUGIN_SO) $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME).tmp
 	mv -f $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME).tmp $(DESTDIR)$(dovecot_moduledir)/$(PLUGIN_NAME)
 	install -m 0755 $(CLI_BIN) $(DESTDIR)$(PREFIX)/bin/tandem
+	# Man pages: the tool's made from its CLI definition, so they match --help.
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5
+	$(CLI_BIN) manpages $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 0644 docs/tandem.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/tandem.conf.5
 	# `executable = tandem` in `service tandem {}` finds it beside Dovecot's own services.
 	install -m 0755 $(SERVICE_BIN) $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp
 	mv -f $(DESTDIR)$(dovecot_libexecdir)/tandem.tmp $(DESTDIR)$(dovecot_libexecdir)/tandem
@@ -226,6 +232,21 @@ install: all
 		mv -f $(DESTDIR)$(dovecot_moduledir)/settings/libtandem_settings.so.tmp \
 			$(DESTDIR)$(dovecot_moduledir)/settings/libtandem_settings.so; \
 	fi
+
+# The Debian package for this machine's Dovecot (target/deb/tandem_*.deb; scripts/mkdeb.sh).
+# DOVECOT=2.4 builds trixie's in the chroot.
+deb: deps
+	@if [ "$(DOVECOT)" = 2.4 ]; then \
+		$(MAKE) --no-print-directory trixie && \
+		scripts/trixie.sh run scripts/mkdeb.sh target/trixie; \
+	else \
+		$(MAKE) --no-print-directory all && scripts/mkdeb.sh $(TARGET); \
+	fi
+
+# The package installed into clean chroots of this Debian release, a replicating pair of them,
+# then removed and purged (scripts/deb-test.sh; the base chroot is cached).
+test-deb: deps need-root deb
+	scripts/deb-test.sh "$$(ls -t $(TARGET)/deb/tandem_*.deb | head -n1)"
 
 # Dovecot must start as root to switch to the mail users: say so before a long build.
 need-root:

@@ -4,6 +4,7 @@
 #
 #   scripts/trixie.sh ensure            create the chroot unless it is complete already
 #   scripts/trixie.sh run CMD [ARG...]  run CMD inside it, as root, in the current directory
+#   scripts/trixie.sh mirror            print the Debian mirror the host's apt uses
 #
 # TANDEM_TRIXIE_ROOT (default /var/cache/tandem/trixie) is where the chroot lives. Outside the
 # tree on purpose: `cargo clean` must never walk into it.
@@ -114,5 +115,6 @@ run)
 	run_in "$@"
 	;;
 root) echo "$ROOT" ;;
-*) die "usage: $0 ensure | run CMD [ARG...] | root" ;;
+mirror) host_mirror ;;
+*) die "usage: $0 ensure | run CMD [ARG...] | root | mirror" ;;
 esac
