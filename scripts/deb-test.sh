@@ -24,7 +24,11 @@ set -euo pipefail
 
 DEB=$(realpath "${1:?usage: $0 PACKAGE.deb}")
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RELEASE=$(. /etc/os-release && echo "$VERSION_CODENAME")
+# The Debian release and the Dovecot the package was built for: from its version
+# (0.1.0-1~bookworm) and its Dovecot ABI dependency (dovecot-abi-2.3.abiv19).
+RELEASE=$(dpkg-deb -f "$DEB" Version | sed 's/.*~//')
+DOVECOT=$(dpkg-deb -f "$DEB" Depends | grep -o 'dovecot-abi-2\.[0-9]*' | sed 's/dovecot-abi-//')
+[ -n "$RELEASE" ] && [ -n "$DOVECOT" ] || { echo "deb-test: $DEB names no release or Dovecot ABI" >&2; exit 1; }
 BASE=/var/cache/tandem/$RELEASE-base
 WORK=$(mktemp -d /tmp/tandem-deb-XXXXXX)
 NS=tandem-deb-$$
@@ -134,22 +138,36 @@ head -c 32 /dev/urandom | base64 >"$WORK/secret"
 configure() { # root own-address peer-address id
 	local root=$1 own=$2 peer=$3 id=$4 conf=$1/etc/dovecot/conf.d/90-tandem.conf
 	install -m 0600 "$WORK/secret" "$root/etc/dovecot/tandem.secret"
-	# The README's packaged quick start, as an admin applies it to the shipped snippet.
+	# The README's packaged quick start, as an admin applies it to the shipped snippet (2.3:
+	# one mail_plugins line and a plugin { } block; 2.4: a mail_plugins block and globals).
 	sed -i -e 's|^#mail_plugins = \$mail_plugins notify tandem|mail_plugins = $mail_plugins notify tandem|' \
-		-e "s|^  #tandem_server_id = a|  tandem_server_id = $id|" \
-		-e "s|^  #tandem_peer = 192.0.2.2:14400|  tandem_peer = $peer:14400|" \
-		-e 's|^  #tandem_secret_file = |  tandem_secret_file = |' \
+		-e '/^#mail_plugins {/,/^#}/ s/^#//' \
+		-e "s|^\( *\)#tandem_server_id = a|\1tandem_server_id = $id|" \
+		-e "s|^\( *\)#tandem_peer = 192.0.2.2:14400|\1tandem_peer = $peer:14400|" \
+		-e 's|^\( *\)#tandem_secret_file = |\1tandem_secret_file = |' \
 		-e 's|^  process_min_avail = 0|  process_min_avail = 1|' \
-		-e "s|^    #address = 192.0.2.1|    address = $own|" \
+		-e "s|^    #\(address\|listen\) = 192.0.2.1|    \1 = $own|" \
 		-e 's|^    port = 0|    port = 14400|' "$conf"
 	# This test host's own: two servers on one loopback, no certificates, Maildir.
-	cat >"$root/etc/dovecot/local.conf" <<-EOF
-		listen = $own
-		ssl = no
-		disable_plaintext_auth = no
-		mail_location = maildir:~/Maildir
-		log_path = /var/log/dovecot.log
-	EOF
+	if [ "$DOVECOT" = 2.3 ]; then
+		cat >"$root/etc/dovecot/local.conf" <<-EOF
+			listen = $own
+			ssl = no
+			disable_plaintext_auth = no
+			mail_location = maildir:~/Maildir
+			log_path = /var/log/dovecot.log
+		EOF
+	else
+		cat >"$root/etc/dovecot/local.conf" <<-EOF
+			listen = $own
+			ssl = no
+			auth_allow_cleartext = yes
+			mail_driver = maildir
+			mail_path = %{home}/Maildir
+			mail_inbox_path =
+			log_path = /var/log/dovecot.log
+		EOF
+	fi
 }
 configure "$A" 127.0.0.1 127.0.0.2 a
 configure "$B" 127.0.0.2 127.0.0.1 b
@@ -216,7 +234,17 @@ apt_in "$A" remove -y -qq tandem
 for f in /usr/lib/dovecot/modules/lib90_tandem_plugin.so /usr/lib/dovecot/tandem /usr/bin/tandem; do
 	[ ! -e "$A$f" ] || fail "remove left $f"
 done
-[ -f "$A/etc/dovecot/conf.d/90-tandem.conf" ] || fail "remove took the configuration (only purge does)"
+[ -f "$A/etc/dovecot/conf.d/90-tandem.conf.removed" ] ||
+	fail "remove did not keep the configuration as 90-tandem.conf.removed"
+[ ! -e "$A/etc/dovecot/conf.d/90-tandem.conf" ] ||
+	fail "remove left 90-tandem.conf where Dovecot reads it, naming a plugin that is gone"
+in_root "$A" doveconf -n >/dev/null 2>"$WORK/doveconf.err" ||
+	fail "Dovecot's configuration is invalid after remove: $(cat "$WORK/doveconf.err")"
+# Installed again, the configured snippet is back as it was, then removed again to purge.
+apt_in "$A" install -y -qq --no-install-recommends /root/tandem.deb
+grep -q '^ *tandem_server_id = a' "$A/etc/dovecot/conf.d/90-tandem.conf" ||
+	fail "reinstalling did not bring back the configured snippet"
+apt_in "$A" remove -y -qq tandem
 apt_in "$A" purge -y -qq tandem
 # What may stay: the users' homes (their journals), the admin's secret, and the service's
 # sockets in /run (a tmpfs on a real system; Dovecot leaves its own there too).

@@ -24,7 +24,7 @@ ROOT=${TANDEM_TRIXIE_ROOT:-/var/cache/tandem/trixie}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Bumping this list makes `ensure` install what is missing into an existing chroot.
 PACKAGES="dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
-gcc libc6-dev libclang-dev clang pkg-config python3 python3-prometheus-client strace make ca-certificates procps"
+gcc libc6-dev libclang-dev clang pkg-config dpkg-dev python3 python3-prometheus-client strace make ca-certificates procps"
 STAMP=$ROOT/.tandem-complete
 
 die() {
