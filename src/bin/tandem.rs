@@ -63,6 +63,8 @@ Exit codes (those of monitoring plugins):
      or longer, or no service answering
   3  UNKNOWN: bad thresholds, or the configuration could not be read";
 
+#[path = "tandem/progress.rs"]
+mod progress;
 #[path = "tandem/status.rs"]
 mod status;
 
@@ -426,6 +428,11 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(e),
         Err(e) => return Err(unreachable(e)),
     };
+    let mut out = progress::Progress::new(c.json);
+    // Output lines go above the progress bars.
+    macro_rules! line {
+        ($($t:tt)*) => { out.line(&clean(&format!($($t)*))) };
+    }
     let mut identical = true;
     let mut failed = false;
     let mut done = false;
@@ -438,15 +445,21 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
             Err(e) => return Err(Failure(4, format!("reading from the service: {e}"))),
         };
         if c.json {
-            say!("{line}");
+            line!("{line}");
         }
         let v: serde_json::Value = serde_json::from_str(&line)
             .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))?;
-        if let Some(p) = v.get("progress").and_then(|p| p.as_str()) {
+        if let Some(n) = v.get("users").and_then(|n| n.as_u64()) {
+            out.users(n);
+        } else if let Some(p) = v.get("progress").and_then(|p| p.as_str()) {
             if !c.json {
-                say!("{p}");
+                let mails = v["mails"]
+                    .as_array()
+                    .and_then(|m| Some((m.first()?.as_u64()?, m.get(1)?.as_u64()?)));
+                out.step(&clean(p), mails);
             }
         } else if let Some(r) = v.get("report") {
+            out.user_done();
             let user = r["user"].as_str().unwrap_or("?");
             let diffs: Vec<&str> = r["differences"]
                 .as_array()
@@ -459,27 +472,27 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
             }
             if op == "verify" {
                 for d in &diffs {
-                    say!("DIFF {user}: {d}");
+                    line!("DIFF {user}: {d}");
                 }
                 if same {
-                    say!(
+                    line!(
                         "user {user}: identical ({:.2}s)",
                         r["seconds"].as_f64().unwrap_or(0.0)
                     );
                 } else {
-                    say!("user {user}: {} differences", diffs.len());
+                    line!("user {user}: {} differences", diffs.len());
                 }
             } else {
                 for e in r["errors"].as_array().into_iter().flatten() {
-                    say!("ERROR {user}: {}", e.as_str().unwrap_or(""));
+                    line!("ERROR {user}: {}", e.as_str().unwrap_or(""));
                 }
-                say!(
+                line!(
                     "user {user}: resync done: {} changes ({} differences found, {:.2}s)",
                     r["changes"].as_u64().unwrap_or(0),
                     diffs.len(),
                     r["seconds"].as_f64().unwrap_or(0.0)
                 );
-                say!(
+                line!(
                     "user {user}: {}",
                     if same { "identical" } else { "still different" }
                 );
@@ -494,6 +507,7 @@ fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
             done = true;
         }
     }
+    out.finish();
     if let (Some(e), false) = (unsent, failed) {
         return Err(unreachable(e));
     }

@@ -53,6 +53,12 @@ pub struct Status {
     /// Journal bytes sent, before compression, and the frame bytes they took on the wire.
     pub record_bytes_raw: u64,
     pub record_bytes_wire: u64,
+    /// The same, counting only frames big enough to be compressed (a change sent alone is
+    /// not): what the compression ratio is computed over.
+    #[serde(default)]
+    pub batch_bytes_raw: u64,
+    #[serde(default)]
+    pub batch_bytes_wire: u64,
     pub records_sent: u64,
     pub records_applied: u64,
     pub bodies_sent: u64,
@@ -176,9 +182,22 @@ impl ErrorKind {
 }
 
 impl Status {
+    /// Journal bytes per wire byte over the frames that compression applies to: a change sent
+    /// alone, as on a quiet server, costs its frame header and is never compressed, which says
+    /// nothing of the compression (its bytes are in `record_bytes_*`).
     pub fn compression_ratio(&self) -> Option<f64> {
-        (self.record_bytes_wire > 0)
-            .then(|| self.record_bytes_raw as f64 / self.record_bytes_wire as f64)
+        (self.batch_bytes_wire > 0)
+            .then(|| self.batch_bytes_raw as f64 / self.batch_bytes_wire as f64)
+    }
+
+    /// Counts a frame of records: `raw` journal bytes that took `wire` bytes.
+    pub fn records_framed(&mut self, raw: u64, wire: u64) {
+        self.record_bytes_raw += raw;
+        self.record_bytes_wire += wire;
+        if wire > (crate::codec::COMPRESS_MIN + crate::codec::HEADER_LEN) as u64 {
+            self.batch_bytes_raw += raw;
+            self.batch_bytes_wire += wire;
+        }
     }
 
     pub fn error(&mut self, kind: ErrorKind, what: String) {
@@ -262,15 +281,17 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let status: Shared = Default::default();
         status.lock().unwrap().server_id = "a".into();
-        status.lock().unwrap().record_bytes_raw = 400;
-        status.lock().unwrap().record_bytes_wire = 100;
+        // A change alone (its frame too small to compress) does not count in the ratio.
+        status.lock().unwrap().records_framed(40, 30);
+        status.lock().unwrap().records_framed(3000, 1000);
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, stop2) = (status.clone(), stop.clone());
         let server =
             std::thread::spawn(move || serve(listener, s2, move || stop2.load(Ordering::Relaxed)));
         let got = query(&path).unwrap();
         assert_eq!(got.server_id, "a");
-        assert_eq!(got.compression_ratio(), Some(4.0));
+        assert_eq!(got.compression_ratio(), Some(3.0));
+        assert_eq!(got.record_bytes_raw, 3040);
         stop.store(true, Ordering::Relaxed);
         server.join().unwrap();
     }

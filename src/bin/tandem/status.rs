@@ -119,12 +119,20 @@ fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
     );
     say!("bytes sent {}, received {}", s.bytes_sent, s.bytes_received);
     match s.compression_ratio() {
+        _ if s.record_bytes_raw == 0 => say!("journal records: none sent yet"),
         Some(r) => say!(
-            "journal records: {} B raw, {} B on the wire, compression {r:.1}:1",
+            "journal records: {} B raw, {} B on the wire; compression {r:.1}:1 over the {} B \
+             sent in batches",
+            s.record_bytes_raw,
+            s.record_bytes_wire,
+            s.batch_bytes_raw
+        ),
+        None => say!(
+            "journal records: {} B raw, {} B on the wire; each change went alone, too small \
+             to compress",
             s.record_bytes_raw,
             s.record_bytes_wire
         ),
-        None => say!("journal records: none sent yet"),
     }
     say!(
         "records sent {}, applied {}; bodies sent {} ({} B), applied {}",

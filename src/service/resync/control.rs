@@ -118,9 +118,14 @@ pub(crate) fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<(
     } else {
         req.users
     };
+    // How many users, first: the tool shows how far it has got.
+    send(serde_json::json!({ "users": users.len() }))?;
     for user in users {
-        let res = run(ctx, &user, repair, "admin", &mut |p: &str| {
-            let _ = send(serde_json::json!({ "progress": p }));
+        let res = run(ctx, &user, repair, "admin", &mut |p: &str, mails| {
+            let _ = send(match mails {
+                Some((done, of)) => serde_json::json!({ "progress": p, "mails": [done, of] }),
+                None => serde_json::json!({ "progress": p }),
+            });
         });
         match res {
             Ok(report) => {

@@ -15,6 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// Where a verify or resync stands: a line to show, and the mails saved so far of those to
+/// save where that is known.
+pub(crate) type Progress<'a> = dyn FnMut(&str, Option<(usize, usize)>) + 'a;
+
 /// What a verify or resync of one user found and did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -30,13 +34,13 @@ pub struct Report {
 
 /// Runs a verify (`repair` false) or a resync of `user` against the peer. `cause` is what
 /// the metrics count the resync under (`admin`, `requested`, `marked`, `gap`). `progress`
-/// gets lines to show.
+/// gets lines to show, with the mails saved so far of those to save where that is known.
 pub(crate) fn run(
     ctx: &Ctx,
     user: &str,
     repair: bool,
     cause: &str,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut Progress,
 ) -> Result<Report, String> {
     let started = Instant::now();
     let res = run_phases(ctx, user, repair, progress);
@@ -87,7 +91,7 @@ pub(crate) fn run_phases(
     ctx: &Ctx,
     user: &str,
     repair: bool,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut Progress,
 ) -> Result<Report, String> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
@@ -141,12 +145,15 @@ pub(crate) fn run_phases(
             report.identical = plan.differences.is_empty();
             return Ok(report);
         }
-        progress(&format!(
-            "user {user}: {} differences; {} actions planned here, {} on the peer",
-            plan.differences.len(),
-            plan.local.len(),
-            plan.remote.len()
-        ));
+        progress(
+            &format!(
+                "user {user}: {} differences; {} actions planned here, {} on the peer",
+                plan.differences.len(),
+                plan.local.len(),
+                plan.remote.len()
+            ),
+            None,
+        );
         phase(ctx, user, "repairing");
         execute(ctx, &mut peer, user, &plan, &mut report, progress)?;
         phase(ctx, user, "comparing again");
@@ -267,7 +274,7 @@ pub(crate) fn execute(
     user: &str,
     plan: &Plan,
     report: &mut Report,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut Progress,
 ) -> Result<(), String> {
     // Here first, with bodies from the peer (whose mails have not moved yet) ...
     let total_local = plan
@@ -290,7 +297,10 @@ pub(crate) fn execute(
             done += n;
             if total_local > 0 && (done - reported >= CHUNK_MAILS || done == total_local) {
                 reported = done;
-                progress(&format!("user {user}: saved here {done}/{total_local}"));
+                progress(
+                    &format!("user {user}: saved here {done}/{total_local}"),
+                    Some((done, total_local)),
+                );
             }
         }
         let Some(fetched) = fetched else { break };

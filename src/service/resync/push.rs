@@ -6,7 +6,7 @@ use crate::merge::{Action, Plan};
 use crate::service::apply::BodyMeta;
 use crate::service::context::Ctx;
 use crate::service::resync::client::{main_call, Peer};
-use crate::service::resync::execute::{chunks, Report};
+use crate::service::resync::execute::{chunks, Progress, Report};
 use crate::service::resync::gather::{local_bodies, local_body_part};
 use crate::service::resync::parts::pair_bodies;
 use crate::service::resync::rpc::{Reply, Req, CHUNK_ACTIONS, RPC_BODY_BYTES, STAGE_ABOVE};
@@ -37,7 +37,7 @@ struct Push<'a> {
     peer: &'a mut Peer,
     user: &'a str,
     report: &'a mut Report,
-    progress: &'a mut dyn FnMut(&str),
+    progress: &'a mut Progress<'a>,
     done: usize,
     total: usize,
 }
@@ -69,10 +69,13 @@ impl Push<'_> {
         }
         self.done += n;
         if self.total > 0 {
-            (self.progress)(&format!(
-                "user {}: saved on the peer {}/{}",
-                self.user, self.done, self.total
-            ));
+            (self.progress)(
+                &format!(
+                    "user {}: saved on the peer {}/{}",
+                    self.user, self.done, self.total
+                ),
+                Some((self.done, self.total)),
+            );
         }
         Ok(())
     }
@@ -86,7 +89,7 @@ pub(crate) fn push(
     user: &str,
     plan: &Plan,
     report: &mut Report,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut Progress,
 ) -> Result<(), String> {
     let adopted: HashMap<&str, &str> = plan
         .local

@@ -48,7 +48,7 @@ pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
     } else {
         "requested"
     };
-    match run(ctx, user, true, cause, &mut |p: &str| log::info!("{p}")) {
+    match run(ctx, user, true, cause, &mut |p: &str, _| log::info!("{p}")) {
         Ok(r) if r.identical => {
             if r.changes > 0 {
                 log::info!(

@@ -415,8 +415,7 @@ impl Outbound {
             self.tx.spent(wire, Instant::now());
             let mut s = self.ctx.status.lock().unwrap();
             s.records_sent += n;
-            s.record_bytes_raw += raw;
-            s.record_bytes_wire += wire;
+            s.records_framed(raw, wire);
         }
         Ok(st.more)
     }
