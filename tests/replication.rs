@@ -466,6 +466,44 @@ fn a_mailbox_deleted_while_its_mail_is_read_for_sending_is_no_error_but_damage_i
     });
 }
 
+/// A mailbox renamed while its mail is read for sending keeps its GUID and its mail: the read
+/// that found it moved must not tell the peer the mail is gone (on Maildir the rename moves the
+/// directory under the read, which then saw neither the mailbox nor the mail). Once happened
+/// in the mixed mdbox/Maildir formats test on 2.4: the moved mail never reached the peer, and
+/// nothing repaired it. The test-hooks service waits 400 ms before each body read, so the
+/// rename lands among the reads.
+#[test]
+fn a_mailbox_renamed_while_its_mail_is_read_for_sending_still_reaches_the_peer() {
+    let pair = Pair::start_custom("repl-renamed", |a, _| {
+        a.service_bin = Some(common::test_hooks_service_bin());
+        *a = a.clone().setting("tandem_test_read_pause", "400");
+    });
+    for round in 0..3 {
+        let (work, archive) = (format!("Work-{round}"), format!("Archive-{round}"));
+        let mut imap = pair.a.login("alice");
+        imap.create(&work);
+        for i in 0..2 {
+            imap.append(&work, &[], &message(&format!("work {round}.{i}"), 20_000));
+        }
+        // The first read is done, the second waiting.
+        std::thread::sleep(Duration::from_millis(600));
+        imap.rename(&work, &archive);
+        imap.logout();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    for round in 0..3 {
+        let n = s
+            .mails
+            .iter()
+            .filter(|m| m.mailbox == format!("Archive-{round}"))
+            .count();
+        assert_eq!(n, 2, "Archive-{round}: {s:#?}");
+    }
+    pair.a.assert_log_clean();
+    pair.b.assert_log_clean();
+}
+
 /// Without `tandem_state_dir`, each instance keeps Tandem's state in a `tandem` directory of its
 /// own Dovecot `state_dir`: two instances on one host never share a registry, clock floors or
 /// positions by accident, and still replicate (the plugin and the service agree on it).

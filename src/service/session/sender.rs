@@ -509,6 +509,9 @@ struct Unsent {
     uid: u32,
     /// Why it could not be read; `None`: it is gone.
     error: Option<String>,
+    /// Gone with its mailbox, which a delete explains but a rename racing the read would
+    /// too: the user is resynced, which tells the two apart.
+    mailbox_gone: bool,
 }
 
 impl Outbound {
@@ -548,7 +551,7 @@ impl Outbound {
         self.tx.bodies_sent(&slice, Instant::now());
         for u in unsent {
             let (user, uid, mailbox_guid) = (&u.user, u.uid, u.mailbox_guid);
-            if let Some(e) = u.error {
+            if let Some(e) = &u.error {
                 let msg = format!("reading the body of uid {uid} in {mailbox_guid} failed: {e}");
                 log::error!("user {user}: {msg}");
                 if let Some(dir) = self.users.get(user).and_then(|u| u.dir.clone()) {
@@ -559,6 +562,12 @@ impl Outbound {
                 "user {user}: uid {uid} in {mailbox_guid} is gone (expunged or its mailbox \
                  deleted); the peer skips it"
             );
+            if u.mailbox_gone && u.error.is_none() {
+                // Cheap when it was a delete (the comparison finds nothing); a renamed
+                // mailbox's mail reaches the peer this way.
+                let why = format!("mailbox {mailbox_guid} was gone when uid {uid} was read");
+                self.ctx.repairs.request(user, &why, Instant::now());
+            }
         }
         Ok(slice)
     }
@@ -571,18 +580,21 @@ impl Outbound {
 fn read_part(svc: &Svc, job: &BodyJob, max: u64, unsent: &mut Vec<Unsent>) -> Part {
     let who = &job.user;
     let (mailbox_guid, uid, offset) = (job.mailbox_guid, job.uid, job.next);
-    // A user opened before the mailbox existed may not find it by GUID: retry once with a
-    // freshly opened user before calling it gone.
+    // A user opened before the mailbox existed may not find it by GUID, and one whose
+    // mailbox was renamed during the read finds neither it nor the mail (Maildir moves the
+    // directory under the read): retry once with a freshly opened user before calling it
+    // gone.
     let mut fresh = false;
     let body = loop {
         match with_user(svc, who, |u| {
             u.read_body_part(&mailbox_guid, uid, offset, max)
         }) {
-            Ok(Ok(b)) => break Ok(b),
-            Ok(Err(ApplyError::NoMailbox(_))) if !fresh => {
+            Ok(Ok(Some(b))) => break Ok(Some(b)),
+            Ok(Ok(None) | Err(ApplyError::NoMailbox(_))) if !fresh => {
                 forget_user(svc, who);
                 fresh = true;
             }
+            Ok(Ok(None)) => break Ok(None),
             Ok(Err(e)) => {
                 forget_user(svc, who);
                 break Err(e);
@@ -604,11 +616,17 @@ fn read_part(svc: &Svc, job: &BodyJob, max: u64, unsent: &mut Vec<Unsent>) -> Pa
         Ok(None) | Err(ApplyError::NoMailbox(_)) => None,
         Err(e) => Some(e.to_string()),
     };
+    let mailbox_gone = error.is_none()
+        && matches!(
+            with_user(svc, who, |u| u.mailbox_status(&mailbox_guid).map(|_| ())),
+            Ok(Err(ApplyError::NoMailbox(_)))
+        );
     unsent.push(Unsent {
         user: who.clone(),
         mailbox_guid,
         uid,
         error,
+        mailbox_gone,
     });
     Part::Gone
 }
