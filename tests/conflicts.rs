@@ -300,6 +300,16 @@ fn a_uid_collision_keeps_both_mails_under_new_uids() {
         "uid {colliding} must be gone: {s:#?}"
     );
     assert_eq!(flags_of(&s, "INBOX", &gy), sorted(&["\\Seen"]));
+    // The README's lines for it: the conflict, then the automatic resync that settled it.
+    let logs = pair.a.log() + &pair.b.log();
+    assert!(
+        logs.contains(&format!(
+            "user {USER}: conflict, left to a resync of the user: LSN"
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains(&format!("user {USER}: resync (")), "{logs}");
+    assert!(logs.contains("differences repaired with"), "{logs}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,6 +555,16 @@ fn delete_against_new_mail(name: &str, new_mail_later: bool) {
         );
     }
     assert_eq!(s.mails.len(), 2, "the new mail and INBOX's: {s:#?}");
+    // Rule 6 says so in the log (README, "Service log messages").
+    let logs = pair.a.log() + &pair.b.log();
+    assert!(
+        logs.contains(&format!(
+            "user {USER}: a deleted mailbox kept mail its deleter never saw: resyncing the user"
+        )) || logs.contains(&format!(
+            "user {USER}: a deleted mailbox got new mail: resyncing the user"
+        )),
+        "{logs}"
+    );
 }
 
 #[test]

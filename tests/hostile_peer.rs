@@ -469,6 +469,14 @@ fn a_user_the_peer_cannot_apply_stalls_alone() {
     let st = pair.a.tandem_status().expect("status");
     let err = st["users"]["bob"]["last_error"].as_str().unwrap_or("");
     assert!(err.contains("stalled"), "{st}");
+    // B's log says why, and that it retries (the README's line).
+    let b_log = pair.b.log();
+    assert!(
+        b_log.lines().any(|l| l.contains("user bob: applying LSN")
+            && l.contains("failed")
+            && l.contains("retrying in")),
+        "{b_log}"
+    );
     // While stalled, alice still gets through at once.
     pair.a.deliver(
         "s@example.org",

@@ -205,6 +205,9 @@ fn tandem_check_is_ok_warning_and_critical_as_lag_grows_and_the_peer_goes() {
         "{line}"
     );
     assert!(line.contains("| lag=0.0s;60;600;0"), "{line}");
+    // The README's lines for a link that came up, on both sides.
+    assert!(pair.a.log().contains("connected to peer b at 127.0.0.1:"));
+    assert!(pair.b.log().contains("peer a connected"));
 
     // Lag: acknowledgements take 2 x 3 s now, so a change waits longer than --warn-lag 1.
     pair.a_to_b.set_shape(Some(Shape {
@@ -241,6 +244,15 @@ fn tandem_check_is_ok_warning_and_critical_as_lag_grows_and_the_peer_goes() {
     });
     let (code, line) = check(&pair.a, &["--crit-down", "0"]);
     assert_eq!(code, 2, "{line}");
+    wait_for(
+        Duration::from_secs(30),
+        "A's log says the connection failed",
+        || {
+            pair.a.log().lines().any(|l| {
+                l.contains("Warning: tandem: [tandem-outbound] connection to peer 127.0.0.1:")
+            })
+        },
+    );
     assert!(
         line.starts_with("TANDEM CRITICAL - peer b not connected for"),
         "{line}"
@@ -264,4 +276,42 @@ fn tandem_check_is_ok_warning_and_critical_as_lag_grows_and_the_peer_goes() {
     assert!(st["last_error"].is_null(), "{st}");
     assert!(st["counters"]["errors"]["link"].as_u64() >= Some(1), "{st}");
     assert!(st["counters"]["connects"].as_u64() >= Some(2), "{st}");
+}
+
+/// Without a usable secret the service replicates nothing: the log says why, and so do
+/// `tandem status` and `tandem check`, which a monitoring system runs (README, "Service log
+/// messages").
+#[test]
+fn a_missing_or_unreadable_secret_is_said_in_the_log_and_by_tandem_check() {
+    for (name, secret) in [
+        ("nosecret", None),
+        ("badsecret", Some("/nonexistent/tandem.secret")),
+    ] {
+        let mut o = common::Options::new(name)
+            .setting("tandem_server_id", "a")
+            .setting("tandem_peer", &format!("127.0.0.1:{}", common::free_port()));
+        if let Some(path) = secret {
+            o = o.setting("tandem_secret_file", path);
+        }
+        o.service_port = Some(common::free_port());
+        let dc = Dovecot::start(o);
+        let want = match secret {
+            None => "tandem_secret_file is not set: peer connections are refused and none is made",
+            Some(_) => "cannot read the shared secret file",
+        };
+        wait_for(Duration::from_secs(30), "the service's error", || {
+            dc.log().contains(want)
+        });
+        wait_for(Duration::from_secs(30), "the service answers", || {
+            dc.tandem_status().is_some()
+        });
+        let st = dc.tandem_status().unwrap();
+        assert!(
+            st["last_error"].as_str().is_some_and(|e| e.contains(want)),
+            "{st}"
+        );
+        let (code, line) = check(&dc, &["--crit-down", "0"]);
+        assert_eq!(code, 2, "{line}");
+        assert!(line.contains(want), "{line}");
+    }
 }

@@ -24,6 +24,9 @@ pub(crate) struct Config {
     pub(super) tls_files: tls::TlsFiles,
     /// `tandem_max_rate`: bytes a second to the peer at most; 0, no cap.
     pub(crate) max_rate: u64,
+    /// Why there is no usable secret, as logged: `tandem status` and `tandem check` show it
+    /// too, or replication would be off with nothing but one log line to say so.
+    pub(super) secret_problem: Option<String>,
 }
 
 pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
@@ -55,11 +58,12 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
             registry::default_state_dir(dovecot.to_str().filter(|d| !d.is_empty()))
         });
     let peer = svc.setting("tandem_peer").filter(|s| !s.is_empty());
+    let mut secret_problem = None;
     let secret = match svc.setting("tandem_secret_file").filter(|s| !s.is_empty()) {
         None => {
-            log::error!(
-                "tandem_secret_file is not set: peer connections are refused and none is made"
-            );
+            let e = "tandem_secret_file is not set: peer connections are refused and none is made";
+            log::error!("{e}");
+            secret_problem = Some(e.to_string());
             None
         }
         Some(path) => match auth::load_secret(std::path::Path::new(&path)) {
@@ -70,7 +74,9 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
                 Some(Arc::new(s.secret))
             }
             Err(e) => {
-                log::error!("{e}: peer connections are refused and none is made");
+                let e = format!("{e}: peer connections are refused and none is made");
+                log::error!("{e}");
+                secret_problem = Some(e);
                 None
             }
         },
@@ -135,6 +141,7 @@ pub(crate) fn config(svc: &Svc) -> Result<Config, String> {
         scan_every,
         tls_files,
         max_rate,
+        secret_problem,
     })
 }
 

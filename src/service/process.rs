@@ -92,6 +92,9 @@ impl Handler for Service {
             disconnected_since: Some(now_secs()),
             ..Default::default()
         }));
+        if let Some(e) = &cfg.secret_problem {
+            status.lock().unwrap().error(ErrorKind::Link, e.clone());
+        }
         let peer_host = cfg.peer.as_deref().map(peer_host).unwrap_or_default();
         let tls = match Tls::new(&cfg.tls_files, &peer_host) {
             Ok(t) => Some(t),
