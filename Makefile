@@ -54,7 +54,8 @@ SETTINGS_SO := $(TARGET)/release/libtandem_settings.so
 PLUGIN_NAME := lib90_tandem_plugin.so
 
 DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev strace \
-	libclang-dev clang pkg-config python3 python3-prometheus-client
+	libclang-dev clang pkg-config python3 python3-prometheus-client \
+	dpkg-dev debootstrap iproute2
 
 .PHONY: all plugin cli service settings-module test-hooks-plugin test-hooks-service deps need-root lint \
 	test test-suite test-run test-2.3 test-2.4 test-mixed trixie verify install demo bench bench-run clean \
