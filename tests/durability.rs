@@ -105,6 +105,32 @@ fn durable_lengths(dir: &Path) -> BTreeMap<String, u64> {
 // Finding 13: the clock
 // ---------------------------------------------------------------------------------------------
 
+/// Past `tandem_clock_max_ahead` (default 5 min) a stamp from the peer is clamped, and B says
+/// so with the README's error line ("fix the clocks"); the change is applied all the same.
+#[test]
+fn a_peer_stamp_too_far_ahead_is_clamped_logged_and_applied() {
+    let two_hours = (2 * 3600 * 1000).to_string();
+    let pair = pair(
+        "dur-clamp",
+        (false, true),
+        &[],
+        &[("tandem_test_clock_offset", &format!("-{two_hours}"))],
+    );
+    pair.a
+        .login(USER)
+        .append("INBOX", &[], &message("from the future", 400));
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 1, "{s:#?}");
+    let clamped = |l: &str| {
+        l.contains("Error: ")
+            && l.contains(&format!("user {USER}: LSN "))
+            && l.contains("more than 5m ahead of this server's clock: clamped")
+    };
+    common::wait_for(Duration::from_secs(30), "B's clamp error", || {
+        pair.b.log().lines().any(clamped)
+    });
+}
+
 /// B's clock is two hours behind A's. A user flags a mail on A; once B has it, the user clears
 /// the flag on B, a moment later in real time. The clear happened after the user saw the flag,
 /// so it must win on both servers. With stamps from B's wall clock alone, the clear looked two
