@@ -314,6 +314,12 @@ fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served(
     }
     let _ = s.write_all(&frame(&records));
     closed(s.sock);
+    // 5. TLS, then an oversized frame inside it: the frame decoder's refusal.
+    let mut s = common::tls::connect(port);
+    let _ = s.write_all(&[0xff, 0xff, 0xff, 0x7f, 0x10, 0x00]);
+    closed(s.sock);
+    // 6. A connection that says nothing: cut when the TLS handshake's time is up.
+    closed(TcpStream::connect(("127.0.0.1", port)).unwrap());
 
     // Nothing was applied, each attempt is in the log, and the real peer still gets through.
     std::thread::sleep(Duration::from_millis(500));
@@ -325,6 +331,12 @@ fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served(
         .count();
     assert!(refusals >= 4, "refusals not logged:\n{log}");
     assert!(log.contains("authentication failed"), "{log}");
+    // The README's lines for 5 and 6.
+    assert!(log.contains("bad frame from the peer"), "{log}");
+    assert!(
+        log.contains("the TLS handshake did not finish within 10s"),
+        "{log}"
+    );
     pair.b
         .deliver("s@example.org", &["alice"], &message("real", 300));
     let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
