@@ -877,3 +877,31 @@ fn a_journal_dir_with_the_user_variable_is_expanded_per_user() {
     }
     dc.assert_log_clean();
 }
+
+/// A journal lock held too long (a stuck process, or another uid's hand on it) costs a mail
+/// process at most the lock timeout (2 s), never the mail: it is delivered, the README's line
+/// is logged and the user marked for a resync.
+#[test]
+fn a_journal_lock_held_too_long_costs_at_most_the_timeout_and_is_logged() {
+    use std::os::fd::AsRawFd;
+    let dc = Dovecot::start(Options::new("capture-lock"));
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("first", 300));
+    let lock = std::fs::File::open(dc.home("alice").join(".tandem/lock")).expect("the lock file");
+    // SAFETY: flock on a descriptor this test owns; released when the file is dropped.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    imap.append("INBOX", &[], &message("while locked", 300));
+    drop(lock);
+    imap.logout();
+    assert_eq!(dc.fetch("alice").len(), 2);
+    let errors = dc.log_errors();
+    assert!(
+        errors.iter().any(|l| l.contains("alice")
+            && l.contains("timed out after 2s waiting for the journal lock")),
+        "{errors:?}"
+    );
+    let conf = dc.conf().to_str().unwrap();
+    let out = dc.tandem(&["log", "stats", "-u", "alice", "-c", conf]);
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(stats.contains("resync:      NEEDED"), "{stats}");
+}
