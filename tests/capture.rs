@@ -905,3 +905,36 @@ fn a_journal_lock_held_too_long_costs_at_most_the_timeout_and_is_logged() {
     let stats = String::from_utf8_lossy(&out.stdout);
     assert!(stats.contains("resync:      NEEDED"), "{stats}");
 }
+
+/// A `tandem_state_dir` the service never created: mail is journaled and delivered, and the
+/// mail process warns once that the service will find the user only by its doorbell (the
+/// README's line and its remedy).
+#[test]
+fn a_missing_state_dir_is_warned_about_and_mail_still_flows() {
+    let dc = Dovecot::start(
+        Options::new("capture-noreg").setting("tandem_state_dir", "/nonexistent/tandem-state"),
+    );
+    let mut imap = dc.login("alice");
+    imap.append("INBOX", &[], &message("one", 300));
+    imap.append("INBOX", &[], &message("two", 300));
+    imap.logout();
+    assert_eq!(dc.fetch("alice").len(), 2);
+    let log = dc.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("Warning: ")
+                && l.contains("user alice: cannot register in /nonexistent/tandem-state/users")
+        })
+        .collect();
+    assert_eq!(warned.len(), 1, "once per process:\n{log}");
+    // Journaled all the same.
+    let conf = dc.conf().to_str().unwrap();
+    let out = dc.tandem(&["log", "show", "--json", "-u", "alice", "-c", conf]);
+    let records = String::from_utf8_lossy(&out.stdout).into_owned();
+    let new: Vec<&str> = records
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"new\""))
+        .collect();
+    assert_eq!(new.len(), 2, "{records}");
+}
