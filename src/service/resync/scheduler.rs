@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 
 /// Per user and mailbox: the HIGHESTMODSEQ seen ahead of what is accounted for at the last
 /// scan. A gap must persist across two scans: a commit is journaled just after it.
-/// How the reasons of resyncs found by the scan begin (the metrics tell them apart by it).
-const MARKED: &str = "marked: ";
-const GAP: &str = "gap: ";
-
 pub(crate) type Suspects = HashMap<(String, Guid128), u64>;
 
 /// Runs requested resyncs once the streams have settled, repairs users marked as needing one,
@@ -30,7 +26,7 @@ pub(crate) fn auto(ctx: Ctx) {
     while !ctx.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         for (user, why) in ctx.repairs.due(Instant::now()) {
-            auto_resync(&ctx, &user, &why);
+            auto_resync(&ctx, &user, &why, "requested");
         }
         if last_scan.elapsed() >= ctx.cfg.scan_every {
             last_scan = Instant::now();
@@ -39,15 +35,9 @@ pub(crate) fn auto(ctx: Ctx) {
     }
 }
 
-pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str) {
+/// `cause` is what the metrics count it under: `requested`, `marked` or `gap`.
+pub(crate) fn auto_resync(ctx: &Ctx, user: &str, why: &str, cause: &str) {
     log::info!("user {user}: resync ({why})");
-    let cause = if why.starts_with(MARKED) {
-        "marked"
-    } else if why.starts_with(GAP) {
-        "gap"
-    } else {
-        "requested"
-    };
     match run(ctx, user, true, cause, &mut |p: &str, _| log::info!("{p}")) {
         Ok(r) if r.identical => {
             if r.changes > 0 {
@@ -103,7 +93,7 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                 let dir = usr.journal_dir().ok();
                 if let Some(mark) = dir.as_deref().and_then(journal::read_resync) {
                     why = Some(format!(
-                        "{MARKED}{}",
+                        "marked: {}",
                         mark.reasons.last().cloned().unwrap_or_default()
                     ));
                 }
@@ -132,14 +122,18 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
             .map_err(|e| e.to_string())?
         });
         let Ok((why, gaps)) = found else { continue };
-        let mut reason = why;
+        let mut reason = why.map(|w| (w, "marked"));
         for (g, modseq) in gaps {
             let key = (user.clone(), g);
             match suspects.get(&key) {
                 Some(prev) if *prev <= modseq => {
                     ctx.status.lock().unwrap().counters.gaps += 1;
-                    reason.get_or_insert(format!(
-                        "{GAP}mailbox {g} changed (HIGHESTMODSEQ {modseq}) without journal records"
+                    reason.get_or_insert((
+                        format!(
+                            "gap: mailbox {g} changed (HIGHESTMODSEQ {modseq}) without journal \
+                             records"
+                        ),
+                        "gap",
                     ));
                     suspects.remove(&key);
                 }
@@ -148,8 +142,8 @@ pub(crate) fn scan(ctx: &Ctx, suspects: &mut Suspects, next: &mut usize) {
                 }
             }
         }
-        if let Some(why) = reason {
-            auto_resync(ctx, &user, &why);
+        if let Some((why, cause)) = reason {
+            auto_resync(ctx, &user, &why, cause);
             // What the resync found is accounted for now.
             let (u, mems) = (user.clone(), ctx.memories.clone());
             let _ = main_call(ctx, move |svc| {
