@@ -1,7 +1,7 @@
 //! `tandem check`: the status snapshot judged against thresholds, as a monitoring plugin
 //! (Nagios, Icinga, Sensu, cron) wants it: an exit code and one line with performance data.
 
-use crate::service::status::{now_secs, Status};
+use crate::service::status::{now_secs, Backlog, Status};
 
 /// The monitoring plugin exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,16 +66,13 @@ pub fn judge(s: &Status, l: &Limits) -> (Level, String) {
             "receive-only server (no tandem_peer) with no connection from the peer".into(),
         ));
     }
-    let backlog = s.users.values().filter(|u| u.unacked_records > 0);
-    let (users, records) = backlog.fold((0u64, 0u64), |(n, r), u| (n + 1, r + u.unacked_records));
-    let (oldest_user, oldest) = s
-        .users
-        .iter()
-        .filter_map(|(n, u)| u.oldest_unacked_age.map(|a| (n.as_str(), a)))
-        .fold(
-            ("", 0.0f64),
-            |best, (n, a)| if a > best.1 { (n, a) } else { best },
-        );
+    let Backlog {
+        users,
+        records,
+        oldest,
+        oldest_user,
+        ..
+    } = s.backlog();
     let lag_level = if oldest > l.crit_lag {
         Level::Critical
     } else if oldest > l.warn_lag {

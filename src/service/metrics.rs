@@ -175,30 +175,28 @@ impl Collector for Snapshot {
         lag.encode_histogram::<NoLabelSet>(c.lag.sum, c.lag.count, &buckets, None)?;
 
         // The backlog: totals, then the users whose oldest change has waited longest.
-        let users: Vec<(&String, &UserStatus)> = s.users.iter().collect();
+        let backlog = s.backlog();
         o.number(
             "tandem_unacked_records",
             "Changes journaled here that the peer has not acknowledged yet, all users.",
-            users.iter().map(|(_, u)| u.unacked_records).sum::<u64>(),
+            backlog.records,
         )?;
         o.number(
             "tandem_unacked_bytes",
             "Their size in the journals.",
-            users.iter().map(|(_, u)| u.unacked_bytes).sum::<u64>(),
+            backlog.bytes,
         )?;
         o.gauge(
             "tandem_oldest_unacked_seconds",
             "Age of the oldest change not acknowledged by the peer, any user (0: none).",
-            users
-                .iter()
-                .filter_map(|(_, u)| u.oldest_unacked_age)
-                .fold(0.0, f64::max),
+            backlog.oldest,
         )?;
         o.number(
             "tandem_users_with_backlog",
             "Users with changes the peer has not acknowledged.",
-            users.iter().filter(|(_, u)| u.unacked_records > 0).count() as u64,
+            backlog.users,
         )?;
+        let users: Vec<(&String, &UserStatus)> = s.users.iter().collect();
         let mut top: Vec<&(&String, &UserStatus)> = users
             .iter()
             .filter(|(_, u)| u.unacked_records > 0)

@@ -181,7 +181,35 @@ impl ErrorKind {
     }
 }
 
+/// What waits for the peer's acknowledgement, all users together.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Backlog<'a> {
+    /// Users with unacknowledged records.
+    pub users: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// Age of the oldest unacknowledged record, seconds (0: none), and whose it is.
+    pub oldest: f64,
+    pub oldest_user: &'a str,
+}
+
 impl Status {
+    pub fn backlog(&self) -> Backlog<'_> {
+        let mut b = Backlog::default();
+        for (name, u) in &self.users {
+            if u.unacked_records > 0 {
+                b.users += 1;
+            }
+            b.records += u.unacked_records;
+            b.bytes += u.unacked_bytes;
+            if let Some(age) = u.oldest_unacked_age.filter(|a| *a > b.oldest) {
+                b.oldest = age;
+                b.oldest_user = name;
+            }
+        }
+        b
+    }
+
     /// Journal bytes per wire byte over the frames that compression applies to: a change sent
     /// alone, as on a quiet server, costs its frame header and is never compressed, which says
     /// nothing of the compression (its bytes are in `record_bytes_*`).
