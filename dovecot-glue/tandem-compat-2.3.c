@@ -20,15 +20,10 @@ const char *tandem_compat_user_setting(struct mail_user *user,
 	return value == NULL || *value == '\0' ? NULL : value;
 }
 
-const char *tandem_compat_state_dir(void)
+const struct master_service_settings *tandem_compat_master_settings(void)
 {
-	const struct master_service_settings *set;
-
-	if (master_service == NULL)
-		return NULL;
-	set = master_service_settings_get(master_service);
-	return set == NULL || set->state_dir == NULL || *set->state_dir == '\0' ?
-		NULL : set->state_dir;
+	return master_service == NULL ? NULL :
+		master_service_settings_get(master_service);
 }
 
 void tandem_compat_notify_unregister(struct notify_context **ctx)
@@ -100,7 +95,7 @@ void tandem_compat_global_settings_read(struct mail_storage_service_ctx *ctx,
 			array_push_back(&tandem_compat_plugin_envs, &value);
 		}
 	}
-	master_set = master_service_settings_get(master_service);
+	master_set = tandem_compat_master_settings();
 	*base_dir_r = p_strdup(pool, master_set->base_dir);
 	*state_dir_r = p_strdup(pool, master_set->state_dir);
 }

@@ -38,15 +38,10 @@ const char *tandem_compat_user_setting(struct mail_user *user,
 	return value;
 }
 
-const char *tandem_compat_state_dir(void)
+const struct master_service_settings *tandem_compat_master_settings(void)
 {
-	const struct master_service_settings *set;
-
-	if (master_service == NULL)
-		return NULL;
-	set = master_service_get_service_settings(master_service);
-	return set == NULL || set->state_dir == NULL || *set->state_dir == '\0' ?
-		NULL : set->state_dir;
+	return master_service == NULL ? NULL :
+		master_service_get_service_settings(master_service);
 }
 
 void tandem_compat_notify_unregister(struct notify_context **ctx)
@@ -94,7 +89,7 @@ void tandem_compat_global_settings_read(struct mail_storage_service_ctx *ctx ATT
 			 &tandem_compat_global_set, &error) < 0)
 		i_fatal("tandem: cannot read settings: %s", error);
 	tandem_compat_global_pool = pool;
-	master_set = master_service_get_service_settings(master_service);
+	master_set = tandem_compat_master_settings();
 	*base_dir_r = p_strdup(pool, master_set->base_dir);
 	*state_dir_r = p_strdup(pool, master_set->state_dir);
 }

@@ -20,10 +20,11 @@ struct notify_context;
 const char *tandem_compat_user_setting(struct mail_user *user,
 				       const char *name);
 
-/* Dovecot's state_dir from the master service's settings, which every Dovecot
-   process reads (2.3: master_service_settings_get(); 2.4:
-   master_service_get_service_settings()). NULL when unset or unknown. */
-const char *tandem_compat_state_dir(void);
+/* The master service's settings, which every Dovecot process reads (2.3:
+   master_service_settings_get(); 2.4: master_service_get_service_settings()).
+   NULL outside a master service. */
+struct master_service_settings;
+const struct master_service_settings *tandem_compat_master_settings(void);
 
 /* notify_unregister() took the context in 2.3 and takes its address in
    2.4. Sets *ctx to NULL. */

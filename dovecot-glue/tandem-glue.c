@@ -23,6 +23,8 @@
 #include "mail-storage-private.h"
 #include "mail-storage-hooks.h"
 #include "notify-plugin.h"
+#include "master-service.h"
+#include "master-service-settings.h"
 #include "tandem-glue.h"
 #include "tandem-compat.h"
 
@@ -86,7 +88,11 @@ const char *tandem_glue_user_base_dir(struct mail_user *user)
 
 const char *tandem_glue_state_dir(void)
 {
-	return tandem_compat_state_dir();
+	const struct master_service_settings *set =
+		tandem_compat_master_settings();
+
+	return set == NULL || set->state_dir == NULL || *set->state_dir == '\0' ?
+		NULL : set->state_dir;
 }
 
 int tandem_glue_box_guid(struct mailbox *box,
