@@ -20,13 +20,11 @@ pub const TOP_USERS: usize = 10;
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Renders the snapshot, ending with `# EOF`.
-pub fn render(status: &Status, top_users: usize) -> String {
+/// Renders the snapshot, ending with `# EOF`. Takes it by value: the crate's collectors are
+/// `'static`, and the caller's copy (taken under the status lock) is the only one needed.
+pub fn render(status: Status, top_users: usize) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshot {
-        status: status.clone(),
-        top_users,
-    }));
+    registry.register_collector(Box::new(Snapshot { status, top_users }));
     let mut out = String::new();
     // Writing into a String fails only if an encoder does, and ours do not.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -355,7 +353,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let text = render(&s, TOP_USERS);
+        let text = render(s, TOP_USERS);
         assert!(
             text.contains(
                 r#"tandem_user_unacked_records{user="evil\"} 1\ntandem_peer_connected 1\n#"} 3"#
@@ -384,7 +382,7 @@ mod tests {
                 },
             );
         }
-        let text = render(&s, 3);
+        let text = render(s, 3);
         let named: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("tandem_user_oldest_unacked_seconds{"))
@@ -407,7 +405,7 @@ mod tests {
         for v in [0.001, 0.003, 0.2, 4.0, 100_000.0] {
             s.counters.lag.observe(v);
         }
-        let text = render(&s, TOP_USERS);
+        let text = render(s, TOP_USERS);
         assert!(
             text.contains("tandem_replication_lag_seconds_count 5\n"),
             "{text}"

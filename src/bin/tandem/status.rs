@@ -85,7 +85,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<(), Failure> {
 
 fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
     if a.openmetrics {
-        print!("{}", tandem::service::metrics::render(s, TOP_USERS));
+        print!("{}", tandem::service::metrics::render(s.clone(), TOP_USERS));
         return Ok(());
     }
     if a.json {

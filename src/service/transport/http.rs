@@ -32,7 +32,7 @@ pub fn serve(mut stream: TcpStream, status: &Shared) {
     match path {
         Ok((p, head)) if p == "/metrics" || p.starts_with("/metrics?") => {
             let snapshot = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let body = render(&snapshot, TOP_USERS);
+            let body = render(snapshot, TOP_USERS);
             let body = if head { &b""[..] } else { body.as_bytes() };
             let _ = respond(&mut stream, "200 OK", CONTENT_TYPE, body);
         }
