@@ -155,7 +155,10 @@ test-mixed: deps need-root trixie test-hooks-plugin test-hooks-service all
 # The Debian 13 chroot (scripts/trixie.sh: created once and cached outside the tree), Tandem
 # built inside it into target/trixie, and the settings module installed into the chroot's
 # Dovecot (its module directory is compiled in; this is the chroot's, never the host's).
+# The crates are fetched on the host first: the chroot shares ~/.cargo, and its own CA bundle
+# may not trust what the host's network asks it to (a TLS-inspecting proxy's CA, say).
 trixie: deps need-root
+	$(CARGO) fetch
 	scripts/trixie.sh ensure
 	scripts/trixie.sh run $(MAKE) --no-print-directory TARGET=target/trixie \
 		test-hooks-plugin test-hooks-service all

@@ -315,3 +315,69 @@ fn a_missing_or_unreadable_secret_is_said_in_the_log_and_by_tandem_check() {
         assert!(line.contains(want), "{line}");
     }
 }
+
+/// `tandem status -u USER` on `dc`: the JSON document's `user` part, and the text.
+fn user_status(dc: &Dovecot, user: &str) -> (serde_json::Value, String) {
+    let conf = dc.conf().to_str().unwrap();
+    let out = dc.tandem(&["status", "-c", conf, "-u", user, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = dc.tandem(&["status", "-c", conf, "-u", user]);
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    (v["user"].clone(), String::from_utf8(text.stdout).unwrap())
+}
+
+#[test]
+fn tandem_status_for_one_user_shows_where_it_stands_on_both_servers() {
+    let pair = Pair::start("user-status");
+    pair.a.save("alice", "INBOX", &common::message("one", 300));
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    flag(&pair.b, "$FromB");
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+
+    // Both servers answer, each with its own half: what each has of the other's journal is
+    // what the other says it acknowledged.
+    let mut v = serde_json::Value::Null;
+    wait_for(Duration::from_secs(30), "both journals acknowledged", || {
+        v = user_status(&pair.a, "alice").0;
+        v["here"]["outbound"]["unacked_records"] == 0
+            && v["peer"]["outbound"]["unacked_records"] == 0
+    });
+    assert_eq!(v["here"]["server_id"], "a", "{v}");
+    assert_eq!(v["peer"]["server_id"], "b", "{v}");
+    let a_acked = v["here"]["outbound"]["acked_lsn"].as_u64().unwrap();
+    let b_acked = v["peer"]["outbound"]["acked_lsn"].as_u64().unwrap();
+    assert!(a_acked >= 1 && b_acked >= 1, "{v}");
+    assert_eq!(v["peer"]["applied_lsn"].as_u64(), Some(a_acked), "{v}");
+    assert_eq!(v["here"]["applied_lsn"].as_u64(), Some(b_acked), "{v}");
+    // B tells the same from its side.
+    let (w, _) = user_status(&pair.b, "alice");
+    assert_eq!(w["here"], v["peer"], "{w}");
+
+    // The link down: A still tells its half, what waits for B, and why B's half is missing.
+    pair.cut();
+    for i in 0..3 {
+        pair.a.save("alice", "INBOX", &common::message(&format!("cut {i}"), 300));
+    }
+    let mut text = String::new();
+    wait_for(Duration::from_secs(30), "A shows three changes waiting", || {
+        let (v, t) = user_status(&pair.a, "alice");
+        text = t;
+        v["here"]["outbound"]["unacked_records"] == 3 && v["peer_error"].is_string()
+    });
+    assert!(text.contains("on a (here)"), "{text}");
+    assert!(text.contains("3 ("), "{text}");
+    assert!(text.contains("the peer's side is unknown"), "{text}");
+
+    pair.restore();
+    wait_converged(&pair.a, &pair.b, "alice", CONVERGE);
+    wait_for(Duration::from_secs(60), "A's backlog acknowledged", || {
+        let (v, t) = user_status(&pair.a, "alice");
+        text = t;
+        v["here"]["outbound"]["unacked_records"] == 0
+            && v["peer"]["applied_lsn"] == v["here"]["outbound"]["acked_lsn"]
+            && v["here"]["outbound"]["acked_lsn"].as_u64() == Some(a_acked + 3)
+    });
+    assert!(text.contains("on b (peer)"), "{text}");
+    assert!(text.contains(&format!("LSN {}", a_acked + 3)), "{text}");
+}

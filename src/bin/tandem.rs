@@ -124,7 +124,8 @@ struct StatusArgs {
     /// Refresh every SECONDS (default 2) in place, until interrupted.
     #[arg(short = 'w', long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<f64>,
-    /// Show only this user in the table of users.
+    /// Show where this user stands on both servers (the peer is asked over the link) instead
+    /// of the table of users.
     #[arg(short = 'u', long = "user")]
     user: Option<String>,
 }
@@ -409,16 +410,7 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
 fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     use std::io::BufRead;
     let socket = status::base_dir(&c.config)?.join(tandem::service::status::CONTROL_SOCKET);
-    let unreachable = |e: std::io::Error| {
-        Failure(
-            3,
-            format!(
-                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
-                 configured and Dovecot running?",
-                socket.display()
-            ),
-        )
-    };
+    let unreachable = |e: std::io::Error| status::unreachable(&socket, e);
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(unreachable)?;
     let req = serde_json::json!({"op": op, "users": c.user, "all": c.all});
     // A service that refuses the client answers and closes without reading the request, so

@@ -112,6 +112,22 @@ fn replace_file(tmp: &Path, path: &Path, line: &str, durable: bool) -> io::Resul
     fs::rename(tmp, path)
 }
 
+/// Where this server keeps how far it has applied the journals of `origin` (a validated server
+/// id, never a path).
+pub fn applied_dir(state_dir: &Path, origin: &str) -> PathBuf {
+    state_dir.join("applied").join(origin)
+}
+
+/// How far this server has applied `origin`'s journal of `user`, read without creating
+/// anything: `tandem status -u` asks it of servers that may never have applied a thing.
+pub fn applied(state_dir: &Path, origin: &str, user: &str) -> io::Result<Option<Position>> {
+    Positions {
+        dir: applied_dir(state_dir, origin),
+        durable: false,
+    }
+    .get(user)
+}
+
 /// The positions the peer `peer_id` (a validated server id, never a path) acknowledged. The flat
 /// `sent/` of earlier versions, which had no peer in its path, becomes the first peer's.
 pub fn sent_to(state_dir: &Path, peer_id: &str) -> io::Result<Positions> {

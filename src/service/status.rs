@@ -181,6 +181,20 @@ impl ErrorKind {
     }
 }
 
+/// Where one user stands on one server, for `tandem status -u USER`: the service answers it for
+/// itself and asks the peer for the other half over the link.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct UserView {
+    pub server_id: String,
+    /// This server's journal of the user as the peer has acknowledged it, and what waits; `None`
+    /// if the sender has not met the user (no mail process here has journaled for it yet).
+    pub outbound: Option<UserStatus>,
+    /// How far this server has applied the peer's journal of the user (`None`: nothing yet).
+    pub applied_lsn: Option<u64>,
+    /// A resync of the user under way here: what it is doing, since when.
+    pub resync: Option<(String, f64)>,
+}
+
 /// What waits for the peer's acknowledgement, all users together.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Backlog<'a> {
@@ -194,6 +208,16 @@ pub struct Backlog<'a> {
 }
 
 impl Status {
+    /// `user` as this snapshot shows it, with how far the peer's journal is applied here.
+    pub fn user_view(&self, user: &str, applied_lsn: Option<u64>) -> UserView {
+        UserView {
+            server_id: self.server_id.clone(),
+            outbound: self.users.get(user).cloned(),
+            applied_lsn,
+            resync: self.resyncs.get(user).cloned(),
+        }
+    }
+
     pub fn backlog(&self) -> Backlog<'_> {
         let mut b = Backlog::default();
         for (name, u) in &self.users {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tandem::service::health::{judge, Level, Limits};
 use tandem::service::metrics::TOP_USERS;
-use tandem::service::status::Status;
+use tandem::service::status::{Status, UserView};
 
 pub(crate) fn base_dir(conf: &std::path::Path) -> Result<PathBuf, Failure> {
     let out = std::process::Command::new("doveconf")
@@ -45,19 +45,103 @@ fn ago(secs: Option<f64>) -> String {
     }
 }
 
+/// The service is not there to ask on `socket`.
+pub(crate) fn unreachable(socket: &Path, e: impl std::fmt::Display) -> Failure {
+    Failure(
+        3,
+        format!(
+            "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
+             configured and Dovecot running?",
+            socket.display()
+        ),
+    )
+}
+
 /// The service's snapshot, or why there is none.
 fn query(config: &Path) -> Result<Status, Failure> {
     let socket = base_dir(config)?.join(tandem::service::status::STATUS_SOCKET);
-    tandem::service::status::query(&socket).map_err(|e| {
-        Failure(
-            3,
-            format!(
-                "the tandem service does not answer on {} ({e}): is `service tandem {{}}` \
-                 configured and Dovecot running?",
-                socket.display()
-            ),
-        )
-    })
+    tandem::service::status::query(&socket).map_err(|e| unreachable(&socket, e))
+}
+
+/// Where `user` stands on this server and on the peer: the service's control socket answers
+/// for this one and asks the peer over the link. A JSON object with `here` and either `peer` or
+/// `peer_error`.
+fn query_user(config: &Path, user: &str) -> Result<serde_json::Value, Failure> {
+    use std::io::BufRead;
+    let socket = base_dir(config)?.join(tandem::service::status::CONTROL_SOCKET);
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&socket).map_err(|e| unreachable(&socket, e))?;
+    // The service answers within the peer's 10 s and a dial's 5 s.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = serde_json::json!({"op": "user", "users": [user]});
+    writeln!(stream, "{req}").map_err(|e| unreachable(&socket, e))?;
+    for line in std::io::BufReader::new(stream).lines() {
+        let line = line.map_err(|e| Failure(4, format!("reading from the service: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))?;
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(Failure(4, format!("the service: {e}")));
+        }
+        if v.get("here").is_some() {
+            return Ok(v);
+        }
+    }
+    Err(Failure(4, "the service closed without an answer".into()))
+}
+
+/// The user on both servers, side by side.
+fn print_user(v: &serde_json::Value) -> Result<(), Failure> {
+    let view = |k: &str| -> Result<Option<UserView>, Failure> {
+        v.get(k)
+            .map(|x| serde_json::from_value(x.clone()))
+            .transpose()
+            .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))
+    };
+    let here = view("here")?.unwrap_or_default();
+    let peer = view("peer")?;
+    let peer_name = peer.as_ref().map_or("the peer", |p| p.server_id.as_str());
+    let cols: Vec<&UserView> = std::iter::once(&here).chain(peer.as_ref()).collect();
+    let row = |what: &str, f: &dyn Fn(&UserView) -> String| {
+        let cells: Vec<String> = cols.iter().map(|u| format!("{:<28}", f(u))).collect();
+        say!("  {what:<30} {}", cells.join(" ").trim_end());
+    };
+    say!(
+        "{:<32} {:<28} on {peer_name} (peer)",
+        format!("user {}", v["user"].as_str().unwrap_or("?")),
+        format!("on {} (here)", here.server_id),
+    );
+    row("changes waiting for the other", &|u| match &u.outbound {
+        None => "none (no journal seen)".into(),
+        Some(o) if o.unacked_records == 0 => "none".into(),
+        Some(o) => format!(
+            "{} ({} B), oldest {:.1}s",
+            o.unacked_records,
+            o.unacked_bytes,
+            o.oldest_unacked_age.unwrap_or(0.0)
+        ),
+    });
+    row("own journal acknowledged to", &|u| {
+        u.outbound
+            .as_ref()
+            .map_or("-".into(), |o| format!("LSN {}", o.acked_lsn))
+    });
+    row("other's journal applied to", &|u| {
+        u.applied_lsn.map_or("nothing yet".into(), |l| format!("LSN {l}"))
+    });
+    row("resync", &|u| match &u.resync {
+        None => "none running".into(),
+        Some((what, since)) => format!("{what} (since {})", ago(Some(*since))),
+    });
+    row("last error", &|u| {
+        u.outbound
+            .as_ref()
+            .and_then(|o| o.last_error.clone())
+            .unwrap_or_else(|| "none".into())
+    });
+    if let Some(e) = v.get("peer_error").and_then(|e| e.as_str()) {
+        say!("  the peer's side is unknown: {e}");
+    }
+    Ok(())
 }
 
 pub(crate) fn status(a: StatusArgs) -> Result<(), Failure> {
@@ -88,9 +172,16 @@ fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
         print!("{}", tandem::service::metrics::render(s.clone(), TOP_USERS));
         return Ok(());
     }
+    let user = match &a.user {
+        Some(u) => Some(query_user(&a.config, u)?),
+        None => None,
+    };
     if a.json {
         let mut v = serde_json::to_value(s).expect("status serializes");
         v["compression_ratio"] = serde_json::json!(s.compression_ratio());
+        if let Some(u) = user {
+            v["user"] = u;
+        }
         say!("{v}");
         return Ok(());
     }
@@ -164,6 +255,9 @@ fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
     for (user, (what, since)) in &s.resyncs {
         say!("resync of {user}: {what} since {}", ago(Some(*since)));
     }
+    if let Some(u) = &user {
+        return print_user(u);
+    }
     say!(
         "{:<32} {:>10} {:>12} {:>12} {:>10}",
         "user",
@@ -172,11 +266,7 @@ fn print_status(s: &Status, a: &StatusArgs) -> Result<(), Failure> {
         "oldest (s)",
         "acked lsn"
     );
-    for (user, u) in s
-        .users
-        .iter()
-        .filter(|(n, _)| a.user.as_ref().is_none_or(|w| w == *n))
-    {
+    for (user, u) in &s.users {
         let oldest = u
             .oldest_unacked_age
             .map_or("-".to_string(), |a| format!("{a:.1}"));

@@ -1,8 +1,13 @@
-//! The control socket: `tandem verify` and `tandem resync` ask the service here.
+//! The control socket: `tandem verify`, `tandem resync` and `tandem status -u` ask the service
+//! here.
 
 use crate::service::context::Ctx;
 use crate::service::host::users::with_user;
-use crate::service::resync::client::main_call;
+use crate::service::positions;
+use crate::service::resync::client::{main_call, Peer};
+use crate::service::resync::rpc::{Reply, Req};
+use crate::service::status::UserView;
+use crate::service::transport::dial::{close, dial};
 use crate::service::resync::execute::run;
 use crate::{journal, registry};
 use serde::Deserialize;
@@ -103,6 +108,12 @@ pub(crate) fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<(
         Ok(r) => r,
         Err(e) => return send(serde_json::json!({"error": format!("bad request: {e}")})),
     };
+    if req.op == "user" {
+        for user in &req.users {
+            send(user_report(ctx, user))?;
+        }
+        return send(serde_json::json!({"done": true}));
+    }
     let repair = match req.op.as_str() {
         "verify" => false,
         "resync" => true,
@@ -138,6 +149,46 @@ pub(crate) fn control_client(ctx: &Ctx, stream: UnixStream) -> std::io::Result<(
         }
     }
     send(serde_json::json!({"done": true}))
+}
+
+/// `tandem status -u USER`: where the user stands here, and on the peer if it answers.
+fn user_report(ctx: &Ctx, user: &str) -> serde_json::Value {
+    let here = user_view(ctx, user);
+    let peer = if ctx.cfg.peer.is_none() || ctx.cfg.secret.is_none() {
+        Err("no peer to ask: tandem_peer or tandem_secret_file is not set".to_string())
+    } else {
+        peer_user_view(ctx, user)
+    };
+    match peer {
+        Ok(v) => serde_json::json!({"user": user, "here": here, "peer": v}),
+        Err(e) => serde_json::json!({"user": user, "here": here, "peer_error": e}),
+    }
+}
+
+/// The peer's half, over a connection of its own (as a resync's): a few seconds at most.
+fn peer_user_view(ctx: &Ctx, user: &str) -> Result<UserView, String> {
+    let (rd, wr, _) = dial(ctx).map_err(|e| format!("cannot reach the peer: {e}"))?;
+    let mut peer = Peer { rd, wr };
+    let req = Req::UserStatus {
+        user: user.to_string(),
+    };
+    let res = peer.call_within(&req, vec![], Duration::from_secs(10));
+    close(ctx, &peer.wr.stream);
+    match res? {
+        (Reply::UserStatus { view }, _) => Ok(view),
+        _ => Err("the peer answered a user status request with something else".into()),
+    }
+}
+
+/// Where `user` stands on this server.
+pub(crate) fn user_view(ctx: &Ctx, user: &str) -> UserView {
+    let state = &ctx.cfg.state_dir;
+    let peer_id = ctx.status.lock().unwrap().peer_id.clone();
+    let applied = peer_id
+        .or_else(|| positions::last_peer(state))
+        .and_then(|origin| positions::applied(state, &origin, user).ok().flatten())
+        .map(|p| p.lsn);
+    ctx.status.lock().unwrap().user_view(user, applied)
 }
 
 /// A user repaired by a resync needs none any more.

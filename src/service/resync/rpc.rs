@@ -2,6 +2,7 @@
 
 use crate::merge::{Action, Details, Summary};
 use crate::service::apply::BodyMeta;
+use crate::service::status::UserView;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -14,6 +15,10 @@ pub(crate) enum Req {
         user: String,
     },
     Summary {
+        user: String,
+    },
+    /// Where the user stands on the peer (`tandem status -u`).
+    UserStatus {
         user: String,
     },
     /// One page of a mailbox's details: every answer fits in a frame, whatever the mailbox.
@@ -59,6 +64,9 @@ pub(crate) enum Reply {
     },
     Summary {
         summary: Summary,
+    },
+    UserStatus {
+        view: UserView,
     },
     Details {
         details: Details,

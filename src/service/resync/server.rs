@@ -7,6 +7,7 @@ use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
 use crate::service::repairs::Lock;
 use crate::service::resync::gather::{details_page, local_bodies, local_details, local_summary};
+use crate::service::resync::control::user_view;
 use crate::service::resync::parts::Staged;
 use crate::service::resync::rpc::{Reply, Req, RPC_BODY_BYTES};
 
@@ -84,6 +85,12 @@ pub(crate) fn serve_req(
                     .map(|summary| (Reply::Summary { summary }, vec![]))
             }))
         }
+        Req::UserStatus { user } => Ok((
+            Reply::UserStatus {
+                view: user_view(ctx, &user),
+            },
+            Vec::new(),
+        )),
         Req::Details { user, mbox, page } => call(Box::new(move |svc| {
             let details = local_details(svc, &mems, &user, &mbox)?;
             let (details, more) = details_page(details, page as usize);

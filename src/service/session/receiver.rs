@@ -10,7 +10,7 @@ use crate::service::apply::stream::apply_batch;
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
 use crate::service::limits::{APPLY_PASS, IDLE_TIMEOUT, LIVE_AGE, ROUND_BYTES};
-use crate::service::positions::Positions;
+use crate::service::positions::{self, Positions};
 use crate::service::resync;
 use crate::service::resync::server::RpcState;
 use crate::service::status::ErrorKind;
@@ -28,7 +28,7 @@ pub(crate) fn serve(
     peer_id: String,
 ) -> Result<(), ConnError> {
     // The id is a validated server id (auth::check_peer), never a path.
-    let res = Positions::open(&ctx.cfg.state_dir.join("applied").join(&peer_id), true)
+    let res = Positions::open(&positions::applied_dir(&ctx.cfg.state_dir, &peer_id), true)
         .map_err(|e| ConnError::Local(format!("applied positions of peer {peer_id}: {e}")))
         .and_then(|applied| {
             log::info!("peer {peer_id} connected");
