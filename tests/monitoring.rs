@@ -320,10 +320,18 @@ fn a_missing_or_unreadable_secret_is_said_in_the_log_and_by_tandem_check() {
 fn user_status(dc: &Dovecot, user: &str) -> (serde_json::Value, String) {
     let conf = dc.conf().to_str().unwrap();
     let out = dc.tandem(&["status", "-c", conf, "-u", user, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = dc.tandem(&["status", "-c", conf, "-u", user]);
-    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
     (v["user"].clone(), String::from_utf8(text.stdout).unwrap())
 }
 
@@ -338,11 +346,15 @@ fn tandem_status_for_one_user_shows_where_it_stands_on_both_servers() {
     // Both servers answer, each with its own half: what each has of the other's journal is
     // what the other says it acknowledged.
     let mut v = serde_json::Value::Null;
-    wait_for(Duration::from_secs(30), "both journals acknowledged", || {
-        v = user_status(&pair.a, "alice").0;
-        v["here"]["outbound"]["unacked_records"] == 0
-            && v["peer"]["outbound"]["unacked_records"] == 0
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "both journals acknowledged",
+        || {
+            v = user_status(&pair.a, "alice").0;
+            v["here"]["outbound"]["unacked_records"] == 0
+                && v["peer"]["outbound"]["unacked_records"] == 0
+        },
+    );
     assert_eq!(v["here"]["server_id"], "a", "{v}");
     assert_eq!(v["peer"]["server_id"], "b", "{v}");
     let a_acked = v["here"]["outbound"]["acked_lsn"].as_u64().unwrap();
@@ -357,14 +369,19 @@ fn tandem_status_for_one_user_shows_where_it_stands_on_both_servers() {
     // The link down: A still tells its half, what waits for B, and why B's half is missing.
     pair.cut();
     for i in 0..3 {
-        pair.a.save("alice", "INBOX", &common::message(&format!("cut {i}"), 300));
+        pair.a
+            .save("alice", "INBOX", &common::message(&format!("cut {i}"), 300));
     }
     let mut text = String::new();
-    wait_for(Duration::from_secs(30), "A shows three changes waiting", || {
-        let (v, t) = user_status(&pair.a, "alice");
-        text = t;
-        v["here"]["outbound"]["unacked_records"] == 3 && v["peer_error"].is_string()
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "A shows three changes waiting",
+        || {
+            let (v, t) = user_status(&pair.a, "alice");
+            text = t;
+            v["here"]["outbound"]["unacked_records"] == 3 && v["peer_error"].is_string()
+        },
+    );
     assert!(text.contains("on a (here)"), "{text}");
     assert!(text.contains("3 ("), "{text}");
     assert!(text.contains("the peer's side is unknown"), "{text}");

@@ -243,7 +243,10 @@ fn crashes_in_the_middle_of_traffic_lose_nothing_and_duplicate_nothing() {
     let mut by_subject = std::collections::BTreeMap::<String, Vec<String>>::new();
     for m in pair.a.fetch_fields("alice", "mailbox uid guid hdr.subject") {
         let at = format!("{} uid {} guid {}", m["mailbox"], m["uid"], m["guid"]);
-        by_subject.entry(m["hdr.subject"].clone()).or_default().push(at);
+        by_subject
+            .entry(m["hdr.subject"].clone())
+            .or_default()
+            .push(at);
     }
     let twice: Vec<_> = by_subject.iter().filter(|(_, at)| at.len() > 1).collect();
     assert!(twice.is_empty(), "mails there more than once: {twice:?}");

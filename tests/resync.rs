@@ -1,6 +1,7 @@
 //! Resyncs the service runs by itself, and a resync that is interrupted: two real servers.
 //!
 //! - a gap (changes that reached a mailbox without the journal) is found and repaired;
+//! - a resync that cannot reach the peer is logged and retried until it succeeds;
 //! - a user marked as needing a resync (a failed journal write) is repaired, and the mark goes;
 //! - a journal lost with changes the peer never got is repaired by comparison;
 //! - a seeding killed in the middle continues where it stopped, without duplicates.
@@ -66,6 +67,38 @@ fn a_gap_is_found_and_repaired_by_the_service() {
         "the repair names the gap"
     );
     pair.a.tandem_verify(USER).expect_identical(USER);
+}
+
+/// A resync that cannot be done is said, counted and tried again until it is: replication
+/// never stops silently.
+#[test]
+fn a_resync_that_cannot_reach_the_peer_is_logged_and_retried_until_it_succeeds() {
+    let pair = Pair::start_with("rs-retry", &[SCAN]);
+    append(&pair.a, "INBOX", &["one"]);
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+
+    pair.cut();
+    pair.b.doveadm_unjournaled_stdin(
+        &["save", "-u", USER, "-m", "INBOX"],
+        &message("behind", 400),
+    );
+    let failed = format!("user {USER}: resync failed (retrying later): cannot reach the peer: ");
+    wait_for(CONVERGE, "b's resync to fail", || {
+        pair.b
+            .log()
+            .lines()
+            .any(|l| l.contains("Warning") && l.contains(&failed))
+    });
+    let st = pair.b.tandem_status().expect("status");
+    assert!(st["repairs_failing"].as_u64() >= Some(1), "{st}");
+
+    pair.restore();
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 2, "{s:#?}");
+    wait_for(CONVERGE, "no resync failing any more", || {
+        pair.b.tandem_status().expect("status")["repairs_failing"] == 0
+    });
+    assert!(pair.b.log().contains("resync done: "), "{}", pair.b.log());
 }
 
 #[test]

@@ -126,7 +126,8 @@ fn print_user(v: &serde_json::Value) -> Result<(), Failure> {
             .map_or("-".into(), |o| format!("LSN {}", o.acked_lsn))
     });
     row("other's journal applied to", &|u| {
-        u.applied_lsn.map_or("nothing yet".into(), |l| format!("LSN {l}"))
+        u.applied_lsn
+            .map_or("nothing yet".into(), |l| format!("LSN {l}"))
     });
     row("resync", &|u| match &u.resync {
         None => "none running".into(),

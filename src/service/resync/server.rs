@@ -6,8 +6,8 @@ use crate::service::apply::{BodyMeta, Spool};
 use crate::service::context::Ctx;
 use crate::service::host::dovecot::Svc;
 use crate::service::repairs::Lock;
-use crate::service::resync::gather::{details_page, local_bodies, local_details, local_summary};
 use crate::service::resync::control::user_view;
+use crate::service::resync::gather::{details_page, local_bodies, local_details, local_summary};
 use crate::service::resync::parts::Staged;
 use crate::service::resync::rpc::{Reply, Req, RPC_BODY_BYTES};
 
