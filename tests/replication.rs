@@ -348,6 +348,11 @@ fn hostile_connections_are_refused_and_logged_and_the_real_peer_is_still_served(
         log.contains("the TLS handshake did not finish within 10s"),
         "{log}"
     );
+    // No secret in any log: neither the real one nor the one the attacker tried.
+    for log in [log, pair.b.log()] {
+        assert!(!log.contains("correct horse battery staple"), "{log}");
+        assert!(!log.contains("not the secret at all"), "{log}");
+    }
     pair.b
         .deliver("s@example.org", &["alice"], &message("real", 300));
     let s = wait_converged(&pair.a, &pair.b, "alice", CONVERGE);

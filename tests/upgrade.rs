@@ -111,3 +111,33 @@ fn pair_of_2_3_and_2_4_upgrade_one_server_then_the_other() {
     assert_identical(&pair.a);
     assert_eq!(state(&pair.a, USER), state(&pair.b, USER));
 }
+
+/// The plugin built for 2.3 in a 2.4 server (an upgrade that forgot to rebuild or reinstall
+/// Tandem): Dovecot refuses to load it with the README's line, and no mail process runs
+/// half-loaded. The 2.3 build needs a symbol 2.4 no longer has, so dlopen itself fails before
+/// Dovecot's ABI check (which words it `Module is for different ABI version` for a build of
+/// another minor release whose symbols all resolve).
+#[test]
+fn pair_of_2_3_and_2_4_a_plugin_for_the_other_dovecot_is_refused_by_its_abi() {
+    let mut opts = common::Options::new("mixed-abi");
+    opts.release = Release::Trixie;
+    opts.plugin_so = Some(Release::Native.plugin_so());
+    let dc = Dovecot::start(opts);
+    let out = dc
+        .options()
+        .release
+        .command("doveadm")
+        .arg("-c")
+        .arg(dc.conf())
+        .args(["mailbox", "list", "-u", USER])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("Couldn't load required plugin")
+            && err.contains("lib90_tandem_plugin.so: dlopen() failed: ")
+            && err.contains("undefined symbol: mail_user_plugin_getenv"),
+        "{err}"
+    );
+}
