@@ -495,6 +495,49 @@ fn on_2_4_doveconf_shows_and_checks_tandem_settings() {
     }
 }
 
+/// On 2.4 the settings module declares `service tandem`: with the module installed and the
+/// service's executable missing, Dovecot refuses to start, with the README's line.
+#[test]
+fn on_2_4_the_settings_module_without_the_service_stops_dovecot_with_a_clear_line() {
+    let mut dc = Dovecot::start(Options::new("capture-noservice"));
+    let release = dc.options().release;
+    if !release.is_2_4() {
+        eprintln!("Dovecot 2.3: there is no settings module");
+        return;
+    }
+    dc.stop();
+    // The instance's configuration names the executable; without that line the module's
+    // default, `tandem` in Dovecot's libexec directory, is used, and it is not installed.
+    let text = std::fs::read_to_string(dc.conf()).unwrap();
+    let conf = dc.conf().with_file_name("no-service.conf");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("executable = "))
+        .collect();
+    std::fs::write(&conf, kept.join("\n")).unwrap();
+    let out = release
+        .command("dovecot")
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        // It started after all: stop it before failing.
+        let _ = release
+            .command("doveadm")
+            .arg("-c")
+            .arg(&conf)
+            .arg("stop")
+            .output();
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "Dovecot started: {out:?}");
+    assert!(
+        err.contains("service(tandem) access(") && err.contains("/tandem) failed: No such file"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_unwritable_journal_never_fails_mail_and_marks_the_user_for_resync() {
     let dc = Dovecot::start(Options::new("capture-readonly"));
