@@ -1,7 +1,8 @@
 //! Resyncs the service runs by itself, and a resync that is interrupted: two real servers.
 //!
 //! - a gap (changes that reached a mailbox without the journal) is found and repaired;
-//! - a resync that cannot reach the peer is logged and retried until it succeeds;
+//! - a resync that cannot reach the peer, or cannot save there, is logged and retried until it
+//!   succeeds;
 //! - a user marked as needing a resync (a failed journal write) is repaired, and the mark goes;
 //! - a journal lost with changes the peer never got is repaired by comparison;
 //! - a seeding killed in the middle continues where it stopped, without duplicates.
@@ -99,6 +100,45 @@ fn a_resync_that_cannot_reach_the_peer_is_logged_and_retried_until_it_succeeds()
         pair.b.tandem_status().expect("status")["repairs_failing"] == 0
     });
     assert!(pair.b.log().contains("resync done: "), "{}", pair.b.log());
+}
+
+/// A resync whose changes the other side cannot make (here B's INBOX directory is read-only
+/// for the user, as after a botched restore) says so, counts as failing, and is tried again
+/// until the cause goes away.
+#[test]
+fn a_resync_that_cannot_save_on_the_peer_leaves_differences_and_is_retried() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = Pair::start_with("rs-differ", &[SCAN]);
+    // sdbox keeps each mail in a file of its own in the mailbox's directory: a read-only
+    // directory refuses the save (the other formats append to shared files or move them).
+    if pair.a.options().format != common::MailFormat::Sdbox {
+        return;
+    }
+    append(&pair.a, "INBOX", &["one"]);
+    wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    let inbox = pair.b.home(USER).join("mail/mailboxes/INBOX/dbox-Mails");
+    std::fs::set_permissions(&inbox, std::fs::Permissions::from_mode(0o555)).unwrap();
+
+    pair.a.doveadm_unjournaled_stdin(
+        &["save", "-u", USER, "-m", "INBOX"],
+        &message("behind", 400),
+    );
+    let left = format!("user {USER}: resync left differences (retrying later): ");
+    wait_for(CONVERGE, "a's resync to leave differences", || {
+        pair.a
+            .log()
+            .lines()
+            .any(|l| l.contains("Warning") && l.contains(&left))
+    });
+    let st = pair.a.tandem_status().expect("status");
+    assert!(st["repairs_failing"].as_u64() >= Some(1), "{st}");
+
+    std::fs::set_permissions(&inbox, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 2, "{s:#?}");
+    wait_for(CONVERGE, "no resync failing any more", || {
+        pair.a.tandem_status().expect("status")["repairs_failing"] == 0
+    });
 }
 
 #[test]
