@@ -70,41 +70,40 @@ fn a_gap_is_found_and_repaired_by_the_service() {
     pair.a.tandem_verify(USER).expect_identical(USER);
 }
 
-/// A resync that cannot be done is said, counted and tried again until it is: replication
-/// never stops silently.
+/// Behind Tandem's back on `dc`, a mail the peer lacks: `dc`'s resync of the user fails with
+/// the warning `line` and counts as failing until `mend` removes the cause; then it is
+/// repaired and nothing fails any more. Replication never stops silently.
+fn a_failing_resync_is_retried(pair: &Pair, dc: &Dovecot, line: &str, mend: impl FnOnce()) {
+    dc.doveadm_unjournaled_stdin(
+        &["save", "-u", USER, "-m", "INBOX"],
+        &message("behind", 400),
+    );
+    wait_for(CONVERGE, "the resync to fail", || {
+        dc.log_has(&["Warning", line])
+    });
+    let st = dc.tandem_status().expect("status");
+    assert!(st["repairs_failing"].as_u64() >= Some(1), "{st}");
+    mend();
+    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
+    assert_eq!(s.mails.len(), 2, "{s:#?}");
+    wait_for(CONVERGE, "no resync failing any more", || {
+        dc.tandem_status().expect("status")["repairs_failing"] == 0
+    });
+    assert!(dc.log().contains("resync done: "), "{}", dc.log());
+}
+
 #[test]
 fn a_resync_that_cannot_reach_the_peer_is_logged_and_retried_until_it_succeeds() {
     let pair = Pair::start_with("rs-retry", &[SCAN]);
     append(&pair.a, "INBOX", &["one"]);
     wait_converged(&pair.a, &pair.b, USER, CONVERGE);
-
     pair.cut();
-    pair.b.doveadm_unjournaled_stdin(
-        &["save", "-u", USER, "-m", "INBOX"],
-        &message("behind", 400),
-    );
     let failed = format!("user {USER}: resync failed (retrying later): cannot reach the peer: ");
-    wait_for(CONVERGE, "b's resync to fail", || {
-        pair.b
-            .log()
-            .lines()
-            .any(|l| l.contains("Warning") && l.contains(&failed))
-    });
-    let st = pair.b.tandem_status().expect("status");
-    assert!(st["repairs_failing"].as_u64() >= Some(1), "{st}");
-
-    pair.restore();
-    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
-    assert_eq!(s.mails.len(), 2, "{s:#?}");
-    wait_for(CONVERGE, "no resync failing any more", || {
-        pair.b.tandem_status().expect("status")["repairs_failing"] == 0
-    });
-    assert!(pair.b.log().contains("resync done: "), "{}", pair.b.log());
+    a_failing_resync_is_retried(&pair, &pair.b, &failed, || pair.restore());
 }
 
-/// A resync whose changes the other side cannot make (here B's INBOX directory is read-only
-/// for the user, as after a botched restore) says so, counts as failing, and is tried again
-/// until the cause goes away.
+/// The other side cannot make the resync's changes: here B's INBOX directory is read-only for
+/// the user, as after a botched restore.
 #[test]
 fn a_resync_that_cannot_save_on_the_peer_leaves_differences_and_is_retried() {
     use std::os::unix::fs::PermissionsExt;
@@ -117,28 +116,10 @@ fn a_resync_that_cannot_save_on_the_peer_leaves_differences_and_is_retried() {
     append(&pair.a, "INBOX", &["one"]);
     wait_converged(&pair.a, &pair.b, USER, CONVERGE);
     let inbox = pair.b.home(USER).join("mail/mailboxes/INBOX/dbox-Mails");
-    std::fs::set_permissions(&inbox, std::fs::Permissions::from_mode(0o555)).unwrap();
-
-    pair.a.doveadm_unjournaled_stdin(
-        &["save", "-u", USER, "-m", "INBOX"],
-        &message("behind", 400),
-    );
+    let mode = |m| std::fs::set_permissions(&inbox, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o555);
     let left = format!("user {USER}: resync left differences (retrying later): ");
-    wait_for(CONVERGE, "a's resync to leave differences", || {
-        pair.a
-            .log()
-            .lines()
-            .any(|l| l.contains("Warning") && l.contains(&left))
-    });
-    let st = pair.a.tandem_status().expect("status");
-    assert!(st["repairs_failing"].as_u64() >= Some(1), "{st}");
-
-    std::fs::set_permissions(&inbox, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let s = wait_converged(&pair.a, &pair.b, USER, CONVERGE);
-    assert_eq!(s.mails.len(), 2, "{s:#?}");
-    wait_for(CONVERGE, "no resync failing any more", || {
-        pair.a.tandem_status().expect("status")["repairs_failing"] == 0
-    });
+    a_failing_resync_is_retried(&pair, &pair.a, &left, || mode(0o700));
 }
 
 #[test]

@@ -298,6 +298,14 @@ impl Dovecot {
         fs::read_to_string(self.path.join("dovecot.log")).unwrap_or_default()
     }
 
+    /// Whether one line of the log contains every one of `parts` (a level, a user, the words
+    /// of a README line).
+    pub fn log_has(&self, parts: &[&str]) -> bool {
+        self.log()
+            .lines()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+
     /// What the master printed on stdout and stderr (config errors before logging starts).
     pub fn master_output(&self) -> String {
         fs::read_to_string(self.path.join("master.out")).unwrap_or_default()
