@@ -159,9 +159,9 @@ pub(crate) fn status(a: StatusArgs) -> Result<(), Failure> {
             every.as_secs_f64(),
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         );
-        match s {
-            Ok(s) => print_status(&s, &a)?,
-            Err(Failure(_, msg)) => say!("tandem: {msg}"),
+        // A service that stops answering for a moment is shown, not the end of the watch.
+        if let Err(Failure(_, msg)) = s.and_then(|s| print_status(&s, &a)) {
+            say!("tandem: {msg}");
         }
         let _ = std::io::stdout().flush();
         std::thread::sleep(every);
