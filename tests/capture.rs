@@ -1056,7 +1056,7 @@ fn a_torn_tail_is_cut_off_and_damage_moves_appends_to_a_new_segment_as_the_log_s
     bytes.extend_from_slice(torn);
     std::fs::write(&seg, &bytes).unwrap();
     let mut imap = dc.login("alice");
-    imap.append("INBOX", &[], &message("after the damage", 200));
+    let (_, after_damage) = imap.append("INBOX", &[], &message("after the damage", 200));
     imap.logout();
     assert_eq!(dc.fetch("alice").len(), 5);
     let errors = dc.log_errors();
@@ -1086,6 +1086,26 @@ fn a_torn_tail_is_cut_off_and_damage_moves_appends_to_a_new_segment_as_the_log_s
     let found = String::from_utf8_lossy(&verify.stdout);
     assert_eq!(verify.status.code(), Some(1), "{found}");
     assert!(found.contains("frame CRC mismatch"), "{found}");
+    // `log show` stops at the damage; with --skip-damage it shows what follows, the new
+    // segment's record of the last mail included, and names the damage on stderr.
+    let show = |extra: &[&str]| {
+        let mut args = vec!["log", "show", "--json", "-u", "alice", "-c", conf];
+        args.extend_from_slice(extra);
+        dc.tandem(&args)
+    };
+    assert_eq!(show(&[]).status.code(), Some(4));
+    let out = show(&["--skip-damage"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let uids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["uid"].as_u64())
+        .collect();
+    assert!(uids.contains(&(after_damage as u64)), "{uids:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("skipped damage: ") && said.contains("CRC"),
+        "{said}"
+    );
     let stats = dc.tandem(&["log", "stats", "-u", "alice", "-c", conf]);
     let stats = String::from_utf8_lossy(&stats.stdout);
     assert!(stats.contains("resync:      NEEDED"), "{stats}");

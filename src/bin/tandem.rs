@@ -49,6 +49,7 @@ Exit codes:
   0  success (for `log verify`: the journal is intact; for `verify` and `resync`: both
      servers hold identical state)
   1  `log verify` found damage; each problem is printed with its file, offset and reason;
+     `log show --skip-damage` went past damage (named on stderr);
      `verify` found differences, or `resync` could not repair them all
   2  usage error
   3  no journal (unknown user, missing journal, not a journal), or no service answering
@@ -198,6 +199,10 @@ enum LogCmd {
         loc: Locator,
         #[command(flatten)]
         filter: Filter,
+        /// Go on past damage, as the service does, instead of stopping at it: each damaged
+        /// spot is named on stderr, and the exit code is 1 if there was any.
+        #[arg(long)]
+        skip_damage: bool,
     },
     /// Print the last records, and with -f follow new ones as they are committed.
     #[command(after_help = EXIT_CODES)]
@@ -299,8 +304,11 @@ impl Printer {
     }
 }
 
-fn show(loc: Locator, filter: Filter) -> Result<(), Failure> {
-    let reader = open(&loc)?;
+fn show(loc: Locator, filter: Filter, skip_damage: bool) -> Result<ExitCode, Failure> {
+    let mut reader = open(&loc)?;
+    if skip_damage {
+        reader = reader.skipping_damage();
+    }
     let mut p = Printer {
         out: std::io::BufWriter::new(std::io::stdout()),
         filter,
@@ -308,7 +316,15 @@ fn show(loc: Locator, filter: Filter) -> Result<(), Failure> {
     let mut cursor = Cursor::from_lsn(p.filter.since.unwrap_or(1));
     let res = reader.read(&mut cursor, |r| p.print(&r));
     p.flush();
-    Ok(res?)
+    res?;
+    for d in &cursor.skipped {
+        say_err!("tandem: skipped damage: {d}");
+    }
+    Ok(if cursor.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn tail(loc: Locator, filter: Filter, follow: bool, lines: u64) -> Result<(), Failure> {
@@ -544,7 +560,11 @@ fn manpages(dir: &std::path::Path) -> Result<(), Failure> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Log(LogCmd::Show { loc, filter }) => show(loc, filter).map(|_| ExitCode::SUCCESS),
+        Cmd::Log(LogCmd::Show {
+            loc,
+            filter,
+            skip_damage,
+        }) => show(loc, filter, skip_damage),
         Cmd::Log(LogCmd::Tail {
             loc,
             filter,
