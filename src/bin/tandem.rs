@@ -425,17 +425,13 @@ fn stats(loc: Locator, json: bool) -> Result<(), Failure> {
 /// `tandem verify` and `tandem resync`: the service does the work and streams JSON lines.
 fn compare(c: Compare, op: &str) -> Result<ExitCode, Failure> {
     use std::io::BufRead;
-    let socket = status::base_dir(&c.config)?.join(tandem::service::status::CONTROL_SOCKET);
-    let unreachable = |e: std::io::Error| status::unreachable(&socket, e);
-    let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(unreachable)?;
     let req = serde_json::json!({"op": op, "users": c.user, "all": c.all});
-    // A service that refuses the client answers and closes without reading the request, so
-    // the write can meet a closed socket (EPIPE) while the refusal waits to be read: read it.
-    let unsent = match writeln!(stream, "{req}") {
-        Ok(()) => None,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(e),
-        Err(e) => return Err(unreachable(e)),
-    };
+    let status::ControlRequest {
+        socket,
+        stream,
+        unsent,
+    } = status::control_request(&c.config, &req)?;
+    let unreachable = |e: std::io::Error| status::unreachable(&socket, e);
     let mut out = progress::Progress::new(c.json);
     // Output lines go above the progress bars.
     macro_rules! line {

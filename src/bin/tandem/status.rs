@@ -63,19 +63,44 @@ fn query(config: &Path) -> Result<Status, Failure> {
     tandem::service::status::query(&socket).map_err(|e| unreachable(&socket, e))
 }
 
+/// A request sent to the service's control socket (`tandem verify`, `resync`, `status -u`):
+/// the socket's path, the stream its answer lines come on, and the write's error if it met a
+/// closed socket (EPIPE). A service that refuses the client answers and closes without reading
+/// the request, so the refusal may wait to be read after a failed write: read it first.
+pub(crate) struct ControlRequest {
+    pub(crate) socket: PathBuf,
+    pub(crate) stream: std::os::unix::net::UnixStream,
+    pub(crate) unsent: Option<std::io::Error>,
+}
+
+pub(crate) fn control_request(
+    config: &Path,
+    req: &serde_json::Value,
+) -> Result<ControlRequest, Failure> {
+    let socket = base_dir(config)?.join(tandem::service::status::CONTROL_SOCKET);
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&socket).map_err(|e| unreachable(&socket, e))?;
+    let unsent = match writeln!(stream, "{req}") {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(e),
+        Err(e) => return Err(unreachable(&socket, e)),
+    };
+    Ok(ControlRequest {
+        socket,
+        stream,
+        unsent,
+    })
+}
+
 /// Where `user` stands on this server and on the peer: the service's control socket answers
 /// for this one and asks the peer over the link. A JSON object with `here` and either `peer` or
 /// `peer_error`.
 fn query_user(config: &Path, user: &str) -> Result<serde_json::Value, Failure> {
     use std::io::BufRead;
-    let socket = base_dir(config)?.join(tandem::service::status::CONTROL_SOCKET);
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(&socket).map_err(|e| unreachable(&socket, e))?;
+    let c = control_request(config, &serde_json::json!({"op": "user", "users": [user]}))?;
     // The service answers within the peer's 10 s and a dial's 5 s.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let req = serde_json::json!({"op": "user", "users": [user]});
-    writeln!(stream, "{req}").map_err(|e| unreachable(&socket, e))?;
-    for line in std::io::BufReader::new(stream).lines() {
+    let _ = c.stream.set_read_timeout(Some(Duration::from_secs(30)));
+    for line in std::io::BufReader::new(c.stream).lines() {
         let line = line.map_err(|e| Failure(4, format!("reading from the service: {e}")))?;
         let v: serde_json::Value = serde_json::from_str(&line)
             .map_err(|e| Failure(4, format!("bad answer from the service: {e}")))?;
@@ -86,7 +111,10 @@ fn query_user(config: &Path, user: &str) -> Result<serde_json::Value, Failure> {
             return Ok(v);
         }
     }
-    Err(Failure(4, "the service closed without an answer".into()))
+    Err(match c.unsent {
+        Some(e) => unreachable(&c.socket, e),
+        None => Failure(4, "the service closed without an answer".into()),
+    })
 }
 
 /// The user on both servers, side by side.
