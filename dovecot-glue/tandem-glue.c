@@ -22,6 +22,7 @@
 #include "mail-namespace.h"
 #include "mail-storage-private.h"
 #include "mail-storage-hooks.h"
+#include "mailbox-attribute.h"
 #include "notify-plugin.h"
 #include "master-service.h"
 #include "master-service-settings.h"
@@ -41,6 +42,8 @@ _Static_assert(sizeof(guid_128_t) == TANDEM_GUID_128_SIZE,
 
 #define TANDEM_USER_CONTEXT(obj) \
 	MODULE_CONTEXT(obj, tandem_user_module)
+#define TANDEM_BOX_CONTEXT(obj) \
+	MODULE_CONTEXT_REQUIRE(obj, tandem_storage_module)
 
 struct tandem_user {
 	union mail_user_module_context module_ctx;
@@ -58,6 +61,8 @@ enum tandem_mail_read {
 
 static MODULE_CONTEXT_DEFINE_INIT(tandem_user_module,
 				  &mail_user_module_register);
+static MODULE_CONTEXT_DEFINE_INIT(tandem_storage_module,
+				  &mail_storage_module_register);
 
 static const char *const tandem_no_keywords[] = { NULL };
 
@@ -148,6 +153,18 @@ const char *tandem_glue_saved_guid(struct mailbox *box, uint32_t uid)
 	if (maildir_uidlist_lookup(mbox->uidlist, uid, &flags, &fname) <= 0)
 		return NULL;
 	return t_strcut(fname, MAILDIR_INFO_SEP);
+}
+
+int tandem_glue_box_attribute(struct mailbox *box, bool private,
+			      const char *key, const char **value_r)
+{
+	struct mail_attribute_value value;
+	int ret;
+
+	ret = mailbox_attribute_get(box, private ? MAIL_ATTRIBUTE_TYPE_PRIVATE :
+				    MAIL_ATTRIBUTE_TYPE_SHARED, key, &value);
+	*value_r = ret > 0 ? value.value : NULL;
+	return ret;
 }
 
 /* Asking for the GUID of a mail that is still being saved trips an assertion
@@ -247,7 +264,7 @@ tandem_mail_transaction_begin(struct mailbox_transaction_context *t)
 	/* The transaction is freed by the time of the commit callback, the
 	   mailbox is not: Rust keeps the box pointer. */
 	T_BEGIN {
-		txn = tandem_rs_txn_begin(rs, t->box);
+		txn = tandem_rs_txn_begin(rs, t->box, t);
 	} T_END;
 	return txn;
 }
@@ -502,6 +519,42 @@ static void tandem_mailbox_set_subscribed(struct mailbox *box, bool subscribed)
 	} T_END;
 }
 
+/* ---- Mailbox attributes ---- */
+
+/* notify has no event for attributes (IMAP METADATA): they are seen here, as
+   each is set in a transaction, and journaled with that transaction's commit
+   (the value read then). */
+static int tandem_attribute_set(struct mailbox_transaction_context *t,
+				enum mail_attribute_type type_flags,
+				const char *key,
+				const struct mail_attribute_value *value)
+{
+	union mailbox_module_context *tbox = TANDEM_BOX_CONTEXT(t->box);
+	void *rs;
+
+	if (tbox->super.attribute_set(t, type_flags, key, value) < 0)
+		return -1;
+	rs = tandem_user_state(t->box->storage->user);
+	if (rs != NULL && (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) == 0) T_BEGIN {
+		tandem_rs_attribute_set(rs, t,
+			(type_flags & MAIL_ATTRIBUTE_TYPE_MASK) ==
+			MAIL_ATTRIBUTE_TYPE_PRIVATE, key);
+	} T_END;
+	return 0;
+}
+
+static void tandem_mailbox_allocated(struct mailbox *box)
+{
+	struct mailbox_vfuncs *v = box->vlast;
+	union mailbox_module_context *tbox;
+
+	tbox = p_new(box->pool, union mailbox_module_context, 1);
+	tbox->super = *v;
+	box->vlast = &tbox->super;
+	v->attribute_set = tandem_attribute_set;
+	MODULE_CONTEXT_SET_SELF(box, tandem_storage_module, tbox);
+}
+
 /* ---- Registration ---- */
 
 static const struct notify_vfuncs tandem_notify_vfuncs = {
@@ -523,6 +576,7 @@ static const struct notify_vfuncs tandem_notify_vfuncs = {
 
 static struct mail_storage_hooks tandem_mail_storage_hooks = {
 	.mail_user_created = tandem_mail_user_created,
+	.mailbox_allocated = tandem_mailbox_allocated,
 };
 
 void tandem_glue_init(struct module *module)

@@ -99,6 +99,11 @@ int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r);
    valid until the data stack frame ends. */
 const char *tandem_glue_saved_guid(struct mailbox *box, uint32_t uid);
 
+/* The value of a mailbox attribute as stored now: 1 with *value_r set, 0 when
+   it has none, -1 when it is unreadable. */
+int tandem_glue_box_attribute(struct mailbox *box, bool private,
+			      const char *key, const char **value_r);
+
 /* ---- Implemented in Rust (src/ffi/callbacks.rs), called by C ---- */
 
 /* A mail user was created. Returns the per-user state, or NULL when the plugin
@@ -107,9 +112,13 @@ void *tandem_rs_user_created(struct mail_user *user, const char *username);
 /* Frees the per-user state. Called after Dovecot's own deinit of the user. */
 void tandem_rs_user_deinit(void *user_state);
 
-/* A mailbox transaction begins. Returns the per-transaction state, or NULL to
+/* A mailbox transaction begins (t identifies it, for
+   tandem_rs_attribute_set()). Returns the per-transaction state, or NULL to
    ignore the transaction. */
-void *tandem_rs_txn_begin(void *user_state, struct mailbox *box);
+void *tandem_rs_txn_begin(void *user_state, struct mailbox *box, void *t);
+/* The transaction t set (or removed) a mailbox attribute. */
+void tandem_rs_attribute_set(void *user_state, void *t, bool private,
+			     const char *key);
 /* Per-message events; txn is never NULL here (the shim filters NULL). */
 void tandem_rs_mail_save(void *txn, const struct tandem_mail_info *mail);
 void tandem_rs_mail_copy(void *txn, const struct tandem_mail_info *dst,

@@ -45,6 +45,7 @@
 #define TANDEM_COMPAT_SERVICE
 #include "tandem-compat.h"
 #include "mailbox-list-iter.h"
+#include "mailbox-attribute.h"
 #include "mailbox-guid-cache.h"
 #include "mail-index-alloc-cache.h"
 #include "mailbox-list-private.h"
@@ -1793,6 +1794,114 @@ int tandem_svc_subscriptions(struct tandem_svc_user *user,
 	}
 	return tandem_svc_iter_deinit(user, &iter, "subscriptions", ret,
 				      error_r);
+}
+
+/* ---- Mailbox attributes ---- */
+
+static enum mail_attribute_type tandem_svc_attr_type(bool private)
+{
+	return private ? MAIL_ATTRIBUTE_TYPE_PRIVATE :
+		MAIL_ATTRIBUTE_TYPE_SHARED;
+}
+
+int tandem_svc_attributes(struct tandem_svc_user *user,
+			  const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			  tandem_svc_attr_cb *cb, void *ctx,
+			  const char **error_r)
+{
+	static const bool types[] = { TRUE, FALSE };
+	struct mailbox_attribute_iter *iter;
+	struct mail_attribute_value value;
+	struct mailbox *box;
+	const char *key;
+	unsigned int i;
+	int ret;
+
+	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	for (i = 0; i < N_ELEMENTS(types) && ret == TANDEM_SVC_OK; i++) {
+		enum mail_attribute_type type = tandem_svc_attr_type(types[i]);
+
+		iter = mailbox_attribute_iter_init(box, type, "");
+		while (ret == TANDEM_SVC_OK &&
+		       (key = mailbox_attribute_iter_next(iter)) != NULL) {
+			/* A key listed but gone by the time it is read was
+			   removed meanwhile: not there. */
+			int got = mailbox_attribute_get(box, type, key, &value);
+
+			if (got < 0)
+				ret = tandem_svc_box_error(box, "Reading an attribute",
+							   error_r);
+			else if (got > 0 &&
+				 cb(ctx, types[i], key, value.value) < 0) {
+				*error_r = "Attribute listing stopped by the caller";
+				ret = TANDEM_SVC_ERROR;
+			}
+		}
+		if (mailbox_attribute_iter_deinit(&iter) < 0 &&
+		    ret == TANDEM_SVC_OK)
+			ret = tandem_svc_box_error(box, "Listing attributes",
+						   error_r);
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_attribute_get(struct tandem_svc_user *user,
+			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			     bool private, const char *key,
+			     tandem_svc_attr_cb *cb, void *ctx,
+			     const char **error_r)
+{
+	struct mail_attribute_value value;
+	struct mailbox *box;
+	int ret, got;
+
+	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	got = mailbox_attribute_get(box, tandem_svc_attr_type(private), key,
+				    &value);
+	if (got < 0)
+		ret = tandem_svc_box_error(box, "Reading an attribute", error_r);
+	else if (got > 0 && cb(ctx, private, key, value.value) < 0) {
+		*error_r = "Attribute read stopped by the caller";
+		ret = TANDEM_SVC_ERROR;
+	}
+	mailbox_free(&box);
+	return ret;
+}
+
+int tandem_svc_attribute_set(struct tandem_svc_user *user,
+			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			     bool private, const char *key, const char *value,
+			     const char **error_r)
+{
+	struct mailbox_transaction_context *trans;
+	struct mail_attribute_value avalue;
+	struct mailbox *box;
+	int ret;
+
+	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
+	if (ret != TANDEM_SVC_OK)
+		return ret;
+	/* As dsync's importer: a SYNC transaction, so that the change is
+	   not journaled again (the user is marked dsyncing too). */
+	trans = mailbox_transaction_begin(box, TANDEM_SVC_UPDATE_TRANS_FLAGS,
+					  "tandem attribute");
+	i_zero(&avalue);
+	avalue.value = value;
+	if (mailbox_attribute_set(trans, tandem_svc_attr_type(private), key,
+				  &avalue) < 0) {
+		ret = tandem_svc_box_error(box, value == NULL ?
+			"Removing an attribute" : "Setting an attribute",
+			error_r);
+		mailbox_transaction_rollback(&trans);
+	} else if (mailbox_transaction_commit(&trans) < 0)
+		ret = tandem_svc_box_error(box, "Commit", error_r);
+	mailbox_free(&box);
+	return ret;
 }
 
 int tandem_svc_refresh(struct tandem_svc_user *user,

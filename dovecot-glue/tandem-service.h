@@ -358,6 +358,28 @@ typedef int tandem_svc_name_cb(void *ctx, const char *vname);
 int tandem_svc_subscriptions(struct tandem_svc_user *user,
 			     tandem_svc_name_cb *cb, void *ctx,
 			     const char **error_r);
+/* Returns 0 to go on, -1 to stop the iteration (which then fails). value is
+   NUL-terminated: Dovecot's attribute values hold no NULs. */
+typedef int tandem_svc_attr_cb(void *ctx, bool private, const char *key,
+			       const char *value);
+/* Every attribute of the mailbox with its value, private ones first. Keys
+   Dovecot keeps for itself (vendor/vendor.dovecot/pvt/) are listed too. */
+int tandem_svc_attributes(struct tandem_svc_user *user,
+			  const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			  tandem_svc_attr_cb *cb, void *ctx,
+			  const char **error_r);
+/* One attribute: cb is called once if it has a value, never if not. */
+int tandem_svc_attribute_get(struct tandem_svc_user *user,
+			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			     bool private, const char *key,
+			     tandem_svc_attr_cb *cb, void *ctx,
+			     const char **error_r);
+/* Sets an attribute to value, or removes it when value is NULL. */
+int tandem_svc_attribute_set(struct tandem_svc_user *user,
+			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
+			     bool private, const char *key, const char *value,
+			     const char **error_r);
+
 /* Forgets cached views: open indexes kept for reuse and the GUID cache, so
    that the next call sees what other processes committed. */
 int tandem_svc_refresh(struct tandem_svc_user *user, const char **error_r);

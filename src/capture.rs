@@ -9,7 +9,7 @@
 //! transaction buffers at most [`MAX_PENDING`] events. Beyond that, detail is dropped and the
 //! user is marked for resync rather than letting one huge command eat the process's memory.
 
-use crate::event::{Change, CopySource, FlagSet, Guid128, Record, Stamp};
+use crate::event::{attribute, Change, CopySource, FlagSet, Guid128, Record, Stamp};
 use crate::journal::{self, Writer};
 use crate::registry::{self, Doorbell};
 use crate::settings::Settings;
@@ -265,6 +265,26 @@ pub struct UserCapture {
     registered: bool,
     /// The clock floor, read before every append through a file kept open.
     floor: crate::clock::FloorReader,
+    /// Open transactions (by Dovecot's pointer) and the attributes each has set so far:
+    /// notify reports no attribute changes, so the shim reports them by transaction.
+    open_txns: HashMap<usize, AttrKeys>,
+}
+
+/// Reads an attribute's value now: `Ok(None)` when it has none, `Err` when unreadable.
+pub type ReadAttribute<'a> = dyn FnMut(bool, &str) -> Result<Option<Vec<u8>>, ()> + 'a;
+
+/// The attributes a transaction set or removed, `(private, key)`, without their values: those
+/// are read after the commit.
+#[derive(Debug, Default)]
+pub struct AttrKeys {
+    keys: Vec<(bool, String)>,
+    overflowed: bool,
+}
+
+impl AttrKeys {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.overflowed
+    }
 }
 
 impl UserCapture {
@@ -277,7 +297,93 @@ impl UserCapture {
             writer: None,
             deleting: Vec::new(),
             registered: false,
+            open_txns: HashMap::new(),
         }
+    }
+
+    /// A captured transaction begins (`id`: Dovecot's transaction pointer).
+    pub fn txn_opened(&mut self, id: usize) {
+        self.open_txns.insert(id, AttrKeys::default());
+    }
+
+    /// The transaction `id` set or removed an attribute. Ignored for transactions not
+    /// captured, and for Dovecot's own keys.
+    pub fn attribute_changed(&mut self, id: usize, private: bool, key: &str) {
+        let Some(t) = self.open_txns.get_mut(&id) else {
+            return;
+        };
+        if !attribute::is_replicated(key) || t.overflowed {
+            return;
+        }
+        if t.keys.len() >= MAX_PENDING {
+            t.overflowed = true;
+            return;
+        }
+        t.keys.push((private, key.to_string()));
+    }
+
+    /// The transaction `id` ended: the attributes it changed.
+    pub fn txn_closed(&mut self, id: usize) -> AttrKeys {
+        self.open_txns.remove(&id).unwrap_or_default()
+    }
+
+    /// Journals the attributes a committed transaction changed, each with its value now
+    /// (`read`: `Err` when Dovecot could not read it).
+    pub fn commit_attributes(
+        &mut self,
+        info: &BoxInfo,
+        changed: AttrKeys,
+        read: &mut ReadAttribute<'_>,
+    ) {
+        let AttrKeys {
+            mut keys,
+            overflowed,
+        } = changed;
+        if overflowed {
+            self.fail(&format!(
+                "transaction in mailbox {:?} changed more attributes than capture keeps ({} \
+                 max); they were not journaled",
+                info.name, MAX_PENDING
+            ));
+        }
+        keys.sort();
+        keys.dedup();
+        let mut records = Vec::with_capacity(keys.len());
+        for (private, key) in keys {
+            let name = attribute::display(private, &key);
+            let value = match read(private, &key) {
+                Ok(v) => v,
+                Err(()) => {
+                    self.fail(&format!(
+                        "mailbox {:?}: attribute {name} unreadable after its change; not \
+                         journaled",
+                        info.name
+                    ));
+                    continue;
+                }
+            };
+            if value
+                .as_ref()
+                .is_some_and(|v| v.len() > attribute::MAX_VALUE)
+            {
+                log::error!(
+                    "user {}: mailbox {:?}: attribute {name} is {} bytes, over the {} bytes \
+                     Tandem replicates; not replicated",
+                    self.user,
+                    info.name,
+                    value.map_or(0, |v| v.len()),
+                    attribute::MAX_VALUE
+                );
+                continue;
+            }
+            let change = Change::Attribute {
+                private,
+                key,
+                value,
+            };
+            records.push(record(&self.settings.server_id, &self.user, info, change));
+        }
+        self.append(&mut records);
     }
 
     /// Whether a transaction on this mailbox should be captured at all.

@@ -238,6 +238,53 @@ pub enum Change {
     },
     Subscribe,
     Unsubscribe,
+    /// A mailbox attribute (IMAP METADATA, RFC 5464) after a commit that set or removed it.
+    /// Server metadata is what Dovecot keeps as private INBOX attributes under
+    /// [`attribute::SERVER_PREFIX`]. A state, not a transition: an entry has one value, and the
+    /// later stamp settles two changes of it (docs/conflicts.md rule 9).
+    Attribute {
+        /// `/private` (true) or `/shared`.
+        private: bool,
+        /// Dovecot's key, without the `/private` or `/shared` prefix.
+        key: String,
+        /// The value after the commit; `None` when the entry was removed.
+        value: Option<Vec<u8>>,
+    },
+}
+
+/// Mailbox attributes as Dovecot names them (lib-storage/mailbox-attribute.h).
+pub mod attribute {
+    /// Dovecot's private namespace of keys, hidden from IMAP clients.
+    pub const DOVECOT_PVT: &str = "vendor/vendor.dovecot/pvt/";
+    /// Server metadata (`SETMETADATA ""`) lives in INBOX under this prefix.
+    pub const SERVER_PREFIX: &str = "vendor/vendor.dovecot/pvt/server/";
+    /// The longest value Tandem carries: a journal string's limit. Dovecot sets none of its own
+    /// (beyond `imap_metadata`'s client limits); a longer value is refused with an error at
+    /// capture and listed as a difference by `tandem verify`.
+    pub const MAX_VALUE: usize = u16::MAX as usize;
+
+    /// Whether a key is one a user keeps (IMAP METADATA, server metadata) rather than Dovecot's
+    /// own bookkeeping under [`DOVECOT_PVT`], which each server keeps for itself. The empty key
+    /// is never replicated: Dovecot 2.3 and 2.4 accept `SETMETADATA box (/private "x")` and
+    /// store it under an empty key, which their index then reports as corrupt ("attribute
+    /// update: Empty key"); carrying it would corrupt the peer's index too.
+    pub fn is_replicated(key: &str) -> bool {
+        !key.is_empty() && (!key.starts_with(DOVECOT_PVT) || key.starts_with(SERVER_PREFIX))
+    }
+
+    /// One attribute with its value, as a store lists it.
+    #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    pub struct Entry {
+        pub private: bool,
+        pub key: String,
+        pub value: Vec<u8>,
+    }
+
+    /// `/private/comment` or `/shared/comment`; server metadata as `/private/server/comment`
+    /// is not an IMAP name, so it is shown with Dovecot's key.
+    pub fn display(private: bool, key: &str) -> String {
+        format!("/{}/{key}", if private { "private" } else { "shared" })
+    }
 }
 
 /// The on-disk and on-wire kind codes. Stable: they are part of the journal format.
@@ -252,6 +299,7 @@ pub enum Kind {
     MailboxRename = 6,
     Subscribe = 7,
     Unsubscribe = 8,
+    Attribute = 9,
 }
 
 impl Kind {
@@ -265,6 +313,7 @@ impl Kind {
             6 => Kind::MailboxRename,
             7 => Kind::Subscribe,
             8 => Kind::Unsubscribe,
+            9 => Kind::Attribute,
             _ => return None,
         })
     }
@@ -279,6 +328,7 @@ impl Kind {
             Kind::MailboxRename => "mailbox_rename",
             Kind::Subscribe => "subscribe",
             Kind::Unsubscribe => "unsubscribe",
+            Kind::Attribute => "attribute",
         }
     }
 }
@@ -294,13 +344,14 @@ impl Change {
             Change::MailboxRename { .. } => Kind::MailboxRename,
             Change::Subscribe => Kind::Subscribe,
             Change::Unsubscribe => Kind::Unsubscribe,
+            Change::Attribute { .. } => Kind::Attribute,
         }
     }
 
     /// True for changes whose loss would lose or resurrect mail; the `optimized` fsync policy
     /// makes these durable before the client hears OK.
     pub fn is_structural(&self) -> bool {
-        !matches!(self, Change::Flags { .. })
+        !matches!(self, Change::Flags { .. } | Change::Attribute { .. })
     }
 }
 
@@ -351,6 +402,12 @@ pub struct RecordJson<'a> {
     pub from_mailbox_guid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_uid: Option<u32>,
+    /// An attribute's `/private/key` or `/shared/key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribute: Option<String>,
+    /// An attribute's value (UTF-8, invalid bytes replaced); null when removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Option<String>>,
 }
 
 impl Record {
@@ -375,6 +432,8 @@ impl Record {
             from_mailbox: None,
             from_mailbox_guid: None,
             from_uid: None,
+            attribute: None,
+            value: None,
         };
         match &self.change {
             Change::New {
@@ -434,6 +493,18 @@ impl Record {
                 j.old_name = Some(old_name);
             }
             Change::Subscribe | Change::Unsubscribe => {}
+            Change::Attribute {
+                private,
+                key,
+                value,
+            } => {
+                j.attribute = Some(attribute::display(*private, key));
+                j.value = Some(
+                    value
+                        .as_ref()
+                        .map(|v| String::from_utf8_lossy(v).into_owned()),
+                );
+            }
         }
         j
     }
@@ -484,6 +555,17 @@ impl fmt::Display for Record {
             }
             Change::Expunge { uid, guid, .. } => write!(f, " uid={uid} guid={guid}")?,
             Change::MailboxRename { old_name, .. } => write!(f, " old={old_name:?}")?,
+            Change::Attribute {
+                private,
+                key,
+                value,
+            } => {
+                write!(f, " {}", attribute::display(*private, key))?;
+                match value {
+                    Some(v) => write!(f, "={:?}", String::from_utf8_lossy(v))?,
+                    None => write!(f, " removed")?,
+                }
+            }
             _ => {}
         }
         write!(f, " modseq={}", self.modseq)
@@ -516,6 +598,16 @@ mod tests {
     fn stamps_read_as_times() {
         let s = Stamp::from_parts(1_700_000_000_123, 4);
         assert_eq!(s.to_string(), "2023-11-14T22:13:20.123Z#4");
+    }
+
+    #[test]
+    fn which_attributes_replicate() {
+        assert!(attribute::is_replicated("comment"));
+        assert!(attribute::is_replicated(
+            "vendor/vendor.dovecot/pvt/server/comment"
+        ));
+        assert!(!attribute::is_replicated("vendor/vendor.dovecot/pvt/quota"));
+        assert!(!attribute::is_replicated(""));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Storage state alone cannot say which of two different flag values is the newer one, or
 //! whether a mail missing on one side was expunged there or never arrived. The journal could,
 //! but its segments are dropped once the peer acknowledges them. So each service keeps, per
-//! user, the last stamp of every (message, flag), rename and subscription change, and
+//! user, the last stamp of every (message, flag), rename, subscription and attribute change, and
 //! tombstones for expunged mail and deleted mailboxes, fed from its own journal (local
 //! changes) and from the changes it applies (the peer's).
 //!
@@ -98,6 +98,14 @@ enum Line {
         on: bool,
         mark: Mark,
     },
+    /// A mailbox attribute was set (`set`) or removed.
+    Attr {
+        mbox: String,
+        private: bool,
+        key: String,
+        set: bool,
+        mark: Mark,
+    },
     /// HIGHESTMODSEQ of a local mailbox accounted for by journal records or by changes the
     /// service made itself: more than that is a gap (changes nobody journaled).
     Modseq {
@@ -128,12 +136,17 @@ pub struct Memory {
     pub names: HashMap<Guid128, (String, Mark)>,
     /// Subscription name → subscribed or not, and when.
     pub subs: HashMap<String, (bool, Mark)>,
+    /// (mailbox, private, key) → whether the attribute was set (or removed), and when.
+    pub attrs: HashMap<AttrKey, (bool, Mark)>,
     /// Mailbox → HIGHESTMODSEQ accounted for (see `Line::Modseq`).
     pub modseq: HashMap<Guid128, u64>,
     /// The local journal's id and the next LSN to read from it.
     pub journal: Option<(JournalId, u64)>,
     pending: Vec<Line>,
 }
+
+/// A mailbox attribute: the mailbox, `/private` or not, and Dovecot's key.
+pub type AttrKey = (Guid128, bool, String);
 
 fn parse_guid(s: &str) -> Option<Guid128> {
     Guid128::from_hex(s)
@@ -197,6 +210,17 @@ impl Memory {
             }
             Line::Sub { name, on, mark } => {
                 self.subs.insert(name, (on, mark));
+            }
+            Line::Attr {
+                mbox,
+                private,
+                key,
+                set,
+                mark,
+            } => {
+                if let Some(g) = parse_guid(&mbox) {
+                    self.attrs.insert((g, private, key), (set, mark));
+                }
             }
             Line::Modseq { mbox, modseq } => {
                 if let Some(g) = parse_guid(&mbox) {
@@ -305,8 +329,45 @@ impl Memory {
                     changed = true;
                 }
             }
+            Change::Attribute {
+                private,
+                key,
+                value,
+            } => {
+                changed = self.note_attribute(&mbox, *private, key, value.is_some(), mark);
+            }
         }
         changed
+    }
+
+    /// The last known change of a mailbox attribute: whether it set a value, and when.
+    pub fn attribute(&self, mbox: &Guid128, private: bool, key: &str) -> Option<&(bool, Mark)> {
+        self.attrs.get(&(*mbox, private, key.to_string()))
+    }
+
+    /// Records an attribute change (journaled, applied, or made by a resync) if it is newer
+    /// than the one known. Returns whether it was.
+    pub fn note_attribute(
+        &mut self,
+        mbox: &Guid128,
+        private: bool,
+        key: &str,
+        set: bool,
+        mark: Mark,
+    ) -> bool {
+        let newer = self
+            .attribute(mbox, private, key)
+            .is_none_or(|(_, m)| *m < mark);
+        if newer {
+            self.push(Line::Attr {
+                mbox: mbox.to_hex(),
+                private,
+                key: key.to_string(),
+                set,
+                mark,
+            });
+        }
+        newer
     }
 
     /// Records a change journaled on this server: as [`Memory::ingest`], and its modseq is
@@ -408,6 +469,7 @@ impl Memory {
             + self.names.len()
             + self.modseq.len()
             + self.subs.len()
+            + self.attrs.len()
             + 1;
         if self.lines + self.pending.len() > 4 * live + 1024 {
             return self.compact(&path);
@@ -446,6 +508,7 @@ impl Memory {
         self.survived.retain(|_, m| fresh(m));
         self.names.retain(|_, (_, m)| fresh(m));
         self.subs.retain(|_, (_, m)| fresh(m));
+        self.attrs.retain(|_, (_, m)| fresh(m));
         let mut lines = Vec::new();
         for ((g, uid, flag), (set, mark)) in &self.flags {
             lines.push(Line::Flag {
@@ -486,6 +549,15 @@ impl Memory {
             lines.push(Line::Sub {
                 name: name.clone(),
                 on: *on,
+                mark: mark.clone(),
+            });
+        }
+        for ((g, private, key), (set, mark)) in &self.attrs {
+            lines.push(Line::Attr {
+                mbox: g.to_hex(),
+                private: *private,
+                key: key.clone(),
+                set: *set,
                 mark: mark.clone(),
             });
         }

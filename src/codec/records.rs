@@ -1,4 +1,4 @@
-//! The records of a Records message, coded against each other (protocol version 4).
+//! The records of a Records message, coded against each other (protocol version 5).
 //!
 //! In a burst every record repeats most of the one before it: the same origin, user, mailbox
 //! and UIDVALIDITY, an LSN one higher, a stamp and a modseq a little higher, a flag name and a
@@ -18,7 +18,7 @@
 
 use super::CodecError;
 use crate::event::{Change, FlagSet, Guid128, Kind, Record, Stamp};
-use crate::journal::format::{read_change, ChangeFields, MAX_LSN};
+use crate::journal::format::{attribute_bits, read_change, ChangeFields, MAX_LSN};
 use integer_encoding::VarInt;
 use std::collections::HashMap;
 
@@ -92,7 +92,7 @@ fn uids(c: &Change) -> Option<(u32, Option<u32>)> {
         Change::MailboxCreate { uidvalidity }
         | Change::MailboxDelete { uidvalidity, .. }
         | Change::MailboxRename { uidvalidity, .. } => Some((*uidvalidity, None)),
-        Change::Subscribe | Change::Unsubscribe => None,
+        Change::Subscribe | Change::Unsubscribe | Change::Attribute { .. } => None,
     }
 }
 
@@ -290,6 +290,24 @@ impl<'r> Enc<'_, 'r> {
             Change::MailboxDelete { uidnext, .. } => self.var(*uidnext),
             Change::MailboxRename { .. } => {}
             Change::MailboxCreate { .. } | Change::Subscribe | Change::Unsubscribe => {}
+            Change::Attribute {
+                private,
+                key,
+                value,
+            } => {
+                self.out.push(attribute_bits(*private, value.is_some()));
+                self.name(key, "attribute key")?;
+                if let Some(v) = value {
+                    if v.len() > MAX_STR {
+                        return Err(CodecError::BadRecord {
+                            index: self.index,
+                            reason: "cannot encode: attribute value is too long".into(),
+                        });
+                    }
+                    self.var(v.len());
+                    self.out.extend_from_slice(v);
+                }
+            }
         }
         Ok(())
     }
@@ -325,6 +343,20 @@ impl ChangeFields for Dec<'_> {
     }
     fn uidnext(&mut self) -> Result<u32, String> {
         self.var("uidnext")
+    }
+    fn attribute_bits(&mut self) -> Result<u8, String> {
+        self.u8("attribute bits")
+    }
+    fn attribute_value(&mut self) -> Result<Vec<u8>, String> {
+        let what = "attribute value";
+        let n: usize = self.var(what)?;
+        if n > MAX_STR {
+            return Err(format!(
+                "{what} of {n} bytes is over the {MAX_STR}-byte limit"
+            ));
+        }
+        self.count(n)?;
+        Ok(self.take(n, what)?.to_vec())
     }
 }
 
@@ -397,13 +429,17 @@ impl Dec<'_> {
     }
     /// Counts `s` against [`MAX_EXPANDED`] and hands it out.
     fn spend(&mut self, s: String) -> Result<String, String> {
-        self.expanded += s.len();
+        self.count(s.len())?;
+        Ok(s)
+    }
+    fn count(&mut self, n: usize) -> Result<(), String> {
+        self.expanded += n;
         if self.expanded > MAX_EXPANDED {
             return Err(format!(
                 "the records expand to more than {MAX_EXPANDED} bytes"
             ));
         }
-        Ok(s)
+        Ok(())
     }
     fn literal(&mut self, what: &str) -> Result<String, String> {
         let n: usize = self.var(what)?;

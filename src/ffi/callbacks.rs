@@ -19,7 +19,7 @@ use crate::capture::{BoxInfo, Txn, UserCapture};
 use crate::event::{Change, CopySource, FlagSet, Guid128};
 use crate::journal;
 use crate::settings::Settings;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::{self, NonNull};
 use std::slice;
 
@@ -29,6 +29,8 @@ struct TxnState {
     /// The transaction's mailbox, alive until after the commit callback (the transaction
     /// itself is not).
     mailbox: *mut raw::mailbox,
+    /// Dovecot's transaction pointer: what the shim names it by when it sets an attribute.
+    id: usize,
     txn: Txn,
 }
 
@@ -116,8 +118,8 @@ unsafe fn user_mut<'a>(p: NonNull<UserCapture>) -> &'a mut UserCapture {
 /// Test-only (feature `test-hooks`): panics when `tandem_test_panic` names `entry`, one of
 /// user_created, user_deinit, txn_begin, save, copy, expunge, update_flags, update_keywords,
 /// commit, rollback, mailbox_create, mailbox_delete_begin, mailbox_delete_commit,
-/// mailbox_delete_rollback, mailbox_rename, mailbox_set_subscribed. Without the feature the
-/// setting is ignored.
+/// mailbox_delete_rollback, mailbox_rename, mailbox_set_subscribed, attribute_set. Without the
+/// feature the setting is ignored.
 #[cfg(feature = "test-hooks")]
 fn test_hook(user: &UserCapture, entry: &str) {
     if user.settings.test_panic.as_deref() == Some(entry) {
@@ -263,6 +265,7 @@ pub unsafe extern "C" fn tandem_rs_user_deinit(user_state: *mut c_void) {
 pub unsafe extern "C" fn tandem_rs_txn_begin(
     user_state: *mut c_void,
     mailbox: *mut raw::mailbox,
+    t: *mut c_void,
 ) -> *mut c_void {
     let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
         return ptr::null_mut();
@@ -280,9 +283,12 @@ pub unsafe extern "C" fn tandem_rs_txn_begin(
                 return ptr::null_mut();
             }
         }
+        // SAFETY: user is live; no other borrow of it exists during this call.
+        unsafe { user_mut(user) }.txn_opened(t as usize);
         let state = TxnState {
             user,
             mailbox,
+            id: t as usize,
             txn: Txn::default(),
         };
         Box::into_raw(Box::new(state)).cast::<c_void>()
@@ -414,10 +420,14 @@ pub unsafe extern "C" fn tandem_rs_txn_commit(
         unsafe { slice::from_raw_parts(saved_uids, saved_count) }
     };
     per_user(user, "commit", move || {
-        let TxnState { mailbox, txn, .. } = *state;
+        let TxnState {
+            mailbox, id, txn, ..
+        } = *state;
+        // SAFETY: user is live; the borrow ends at once.
+        let attributes = unsafe { user_mut(user) }.txn_closed(id);
         // SAFETY: user is live; the borrow ends at once.
         test_hook(unsafe { user.as_ref() }, "commit");
-        if txn.is_empty() {
+        if txn.is_empty() && attributes.is_empty() {
             // SELECT, FETCH, ...: nothing to read from Dovecot, nothing to write.
             return;
         }
@@ -442,6 +452,47 @@ pub unsafe extern "C" fn tandem_rs_txn_commit(
             unsafe { opt_string(raw::tandem_glue_saved_guid(mailbox, uid)) }
         };
         user.commit(txn, &info, uid_validity, uids, &mut saved_guid);
+        if !attributes.is_empty() {
+            let mut read = |private: bool, key: &str| {
+                let key = CString::new(key).map_err(|_| ())?;
+                let mut value: *const c_char = ptr::null();
+                // SAFETY: the mailbox is live (above); the value lives in the commit
+                // callback's data stack frame and is copied at once.
+                match unsafe {
+                    raw::tandem_glue_box_attribute(mailbox, private, key.as_ptr(), &mut value)
+                } {
+                    // SAFETY: a NUL-terminated string, valid until the frame ends.
+                    1 => Ok(Some(unsafe { CStr::from_ptr(value) }.to_bytes().to_vec())),
+                    0 => Ok(None),
+                    _ => Err(()),
+                }
+            };
+            user.commit_attributes(&info, attributes, &mut read);
+        }
+    });
+}
+
+/// # Safety
+///
+/// `user_state` is a live state from [`tandem_rs_user_created`]; `key` is NUL-terminated and
+/// valid for the call; `t` is an open transaction of that user.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_attribute_set(
+    user_state: *mut c_void,
+    t: *mut c_void,
+    private: bool,
+    key: *const c_char,
+) {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return;
+    };
+    per_user(user, "attribute_set", || {
+        // SAFETY: per this function's contract.
+        let key = unsafe { string(key) };
+        // SAFETY: user is live; no other borrow of it exists during this call.
+        let user = unsafe { user_mut(user) };
+        test_hook(user, "attribute_set");
+        user.attribute_changed(t as usize, private, &key);
     });
 }
 
@@ -456,6 +507,8 @@ pub unsafe extern "C" fn tandem_rs_txn_rollback(txn: *mut c_void) {
     // SAFETY: ownership comes back from the shim exactly once (this function's contract).
     let state = unsafe { Box::from_raw(state.as_ptr()) };
     guard::guard("rollback", (), move || {
+        // SAFETY: user is live; the borrow ends at once.
+        drop(unsafe { user_mut(state.user) }.txn_closed(state.id));
         // SAFETY: user is live; the borrow ends at once.
         test_hook(unsafe { state.user.as_ref() }, "rollback");
         drop(state);
@@ -640,7 +693,8 @@ macro_rules! same_signature {
 same_signature! {
     tandem_rs_user_created(_, _);
     tandem_rs_user_deinit(_);
-    tandem_rs_txn_begin(_, _);
+    tandem_rs_txn_begin(_, _, _);
+    tandem_rs_attribute_set(_, _, _, _);
     tandem_rs_mail_save(_, _);
     tandem_rs_mail_copy(_, _, _);
     tandem_rs_mail_expunge(_, _);

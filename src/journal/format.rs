@@ -216,9 +216,12 @@ impl Enc {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn str(&mut self, s: &str, what: &'static str) -> Result<(), TooLong> {
-        let len = u16::try_from(s.len()).map_err(|_| TooLong(what))?;
+        self.bytes(s.as_bytes(), what)
+    }
+    fn bytes(&mut self, b: &[u8], what: &'static str) -> Result<(), TooLong> {
+        let len = u16::try_from(b.len()).map_err(|_| TooLong(what))?;
         self.0.extend_from_slice(&len.to_le_bytes());
-        self.0.extend_from_slice(s.as_bytes());
+        self.0.extend_from_slice(b);
         Ok(())
     }
     fn guid(&mut self, g: &Guid128) {
@@ -314,6 +317,17 @@ pub fn encode_record(r: &Record) -> Result<Vec<u8>, TooLong> {
             e.u32(*uidvalidity);
         }
         Change::Subscribe | Change::Unsubscribe => {}
+        Change::Attribute {
+            private,
+            key,
+            value,
+        } => {
+            e.u8(attribute_bits(*private, value.is_some()));
+            e.str(key, "attribute key")?;
+            if let Some(v) = value {
+                e.bytes(v, "attribute value")?;
+            }
+        }
     }
     Ok(e.0)
 }
@@ -344,9 +358,12 @@ impl<'a> Dec<'a> {
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn str(&mut self) -> Result<String, String> {
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
         let n = self.u16()? as usize;
-        let b = self.take(n)?;
+        self.take(n)
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let b = self.bytes()?;
         String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8".to_string())
     }
     fn guid(&mut self) -> Result<Guid128, String> {
@@ -379,6 +396,20 @@ pub(crate) trait ChangeFields {
     fn source_uid(&mut self) -> Result<u32, String>;
     /// A MailboxDelete's UIDNEXT.
     fn uidnext(&mut self) -> Result<u32, String>;
+    /// An Attribute's [`attribute_bits`].
+    fn attribute_bits(&mut self) -> Result<u8, String>;
+    /// An Attribute's value, at most [`crate::event::attribute::MAX_VALUE`] bytes.
+    fn attribute_value(&mut self) -> Result<Vec<u8>, String>;
+}
+
+/// An Attribute record's first byte: whether it is `/private`, and whether a value follows.
+pub(crate) mod attr_bit {
+    pub const PRIVATE: u8 = 0x01;
+    pub const VALUE: u8 = 0x02;
+}
+
+pub(crate) fn attribute_bits(private: bool, has_value: bool) -> u8 {
+    (if private { attr_bit::PRIVATE } else { 0 }) | (if has_value { attr_bit::VALUE } else { 0 })
 }
 
 /// The change of a record of `kind`, field by field.
@@ -431,6 +462,23 @@ pub(crate) fn read_change(kind: Kind, d: &mut impl ChangeFields) -> Result<Chang
         },
         Kind::Subscribe => Change::Subscribe,
         Kind::Unsubscribe => Change::Unsubscribe,
+        Kind::Attribute => {
+            let bits = d.attribute_bits()?;
+            if bits & !(attr_bit::PRIVATE | attr_bit::VALUE) != 0 {
+                return Err(format!("unknown attribute bits {bits:#04x}"));
+            }
+            let key = d.name("attribute key")?;
+            let value = if bits & attr_bit::VALUE != 0 {
+                Some(d.attribute_value()?)
+            } else {
+                None
+            };
+            Change::Attribute {
+                private: bits & attr_bit::PRIVATE != 0,
+                key,
+                value,
+            }
+        }
     })
 }
 
@@ -466,6 +514,12 @@ impl ChangeFields for Dec<'_> {
         } else {
             Ok(0)
         }
+    }
+    fn attribute_bits(&mut self) -> Result<u8, String> {
+        self.u8()
+    }
+    fn attribute_value(&mut self) -> Result<Vec<u8>, String> {
+        Ok(self.bytes()?.to_vec())
     }
 }
 

@@ -58,6 +58,16 @@ pub fn arb_change() -> impl Strategy<Value = Change> {
         }),
         Just(Change::Subscribe),
         Just(Change::Unsubscribe),
+        (
+            any::<bool>(),
+            "[a-z/.]{0,20}",
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))
+        )
+            .prop_map(|(private, key, value)| Change::Attribute {
+                private,
+                key,
+                value
+            }),
     ]
 }
 
@@ -172,6 +182,16 @@ fn every_kind_round_trips() {
         },
         Change::Subscribe,
         Change::Unsubscribe,
+        Change::Attribute {
+            private: true,
+            key: "comment".into(),
+            value: Some(b"caf\xc3\xa9\r\n".to_vec()),
+        },
+        Change::Attribute {
+            private: false,
+            key: "vendor/vendor.dovecot/pvt/server/comment".into(),
+            value: None,
+        },
     ];
     for change in changes {
         let r = Record {

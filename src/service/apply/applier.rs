@@ -16,7 +16,7 @@ pub use actions::{now_mark, parse_box, Executed};
 use super::fake::FakeStore;
 use super::store::{Body, MailInfo, MailStore, NewMail, StoreError};
 
-use crate::event::{Change, Guid128, Kind, Record, Stamp};
+use crate::event::{attribute, Change, Guid128, Kind, Record, Stamp};
 use crate::memory::{Mark, Memory};
 use crate::rules::{self, CopyFrom, OnDelete, Placement, SameName, Slot};
 use std::collections::{BTreeSet, HashMap};
@@ -454,6 +454,32 @@ impl Applier<'_> {
                 let now = store.subscriptions()?.contains(&r.mailbox);
                 if now != on {
                     store.set_subscribed(&r.mailbox, on)?;
+                }
+                Ok(Step::Done(false))
+            }
+            Change::Attribute {
+                private,
+                key,
+                value,
+            } => {
+                // Dovecot's own bookkeeping is each server's: a peer never sets it here.
+                if !attribute::is_replicated(key) {
+                    log::warn!(
+                        "user {}: the peer sent Dovecot's own attribute {key:?}; not applied",
+                        r.user
+                    );
+                    return Ok(Step::Done(false));
+                }
+                // Rule 9: the later change of an entry wins.
+                let last = mem.attribute(mbox, *private, key).map(|(_, m)| m);
+                if !rules::remote_wins(last, &mark) {
+                    return Ok(Step::Done(false));
+                }
+                if store.mailbox(mbox)?.is_none() {
+                    return gone(mem, mbox);
+                }
+                if store.attribute(mbox, *private, key)?.as_deref() != value.as_deref() {
+                    store.set_attribute(mbox, *private, key, value.as_deref())?;
                 }
                 Ok(Step::Done(false))
             }

@@ -3,7 +3,7 @@
 //! change is the applier's.
 
 use super::store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
-use crate::event::{FlagSet, Guid128};
+use crate::event::{attribute, FlagSet, Guid128};
 use crate::service::host::dovecot::{self, ApplyError, BodySource, User};
 
 /// One open user's mail, for the applier, on the main thread.
@@ -129,6 +129,27 @@ impl MailStore for DovecotStore<'_> {
         self.user.subscriptions().map_err(|e| common(&ANY, e))
     }
 
+    fn attributes(&mut self, mailbox: &Guid128) -> Result<Vec<attribute::Entry>, StoreError> {
+        let mut all = self
+            .user
+            .attributes(mailbox)
+            .map_err(|e| common(mailbox, e))?;
+        all.retain(|e| attribute::is_replicated(&e.key));
+        all.sort();
+        Ok(all)
+    }
+
+    fn attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.user
+            .attribute(mailbox, private, key)
+            .map_err(|e| common(mailbox, e))
+    }
+
     fn create_mailbox(
         &mut self,
         name: &str,
@@ -185,6 +206,18 @@ impl MailStore for DovecotStore<'_> {
         self.user
             .mailbox_subscribe(name, on)
             .map_err(|e| common(&ANY, e))
+    }
+
+    fn set_attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        self.user
+            .set_attribute(mailbox, private, key, value)
+            .map_err(|e| common(mailbox, e))
     }
 
     fn save(

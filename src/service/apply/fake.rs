@@ -4,7 +4,7 @@
 //! changes anything. Names are flat: no hierarchy, so a rename moves one mailbox.
 
 use super::store::{Body, MailInfo, MailStore, MailboxInfo, NewMail, StoreError};
-use crate::event::{FlagSet, Guid128};
+use crate::event::{attribute, FlagSet, Guid128};
 use crate::rules::guid_matches;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +23,8 @@ struct Mailbox {
     uidnext: u32,
     highest_modseq: u64,
     mails: BTreeMap<u32, Mail>,
+    /// (private, key) → value.
+    attrs: BTreeMap<(bool, String), Vec<u8>>,
 }
 
 impl Mailbox {
@@ -55,10 +57,11 @@ pub struct FakeStore {
 
 /// What the conflict rules promise to make identical on both servers (docs/conflicts.md):
 /// per mailbox GUID its name, UIDVALIDITY and mails (UID → GUID and flags), and the
-/// subscriptions. UIDNEXT and modseqs are per server.
+/// subscriptions, and the attributes. UIDNEXT and modseqs are per server.
 pub type Snapshot = (
     BTreeMap<Guid128, (String, u32, BTreeMap<u32, (String, FlagSet)>)>,
     BTreeSet<String>,
+    BTreeMap<(Guid128, bool, String), Vec<u8>>,
 );
 
 impl FakeStore {
@@ -79,7 +82,16 @@ impl FakeStore {
                 (*g, (b.name.clone(), b.uidvalidity, mails))
             })
             .collect();
-        (boxes, self.subs.clone())
+        let attrs = self
+            .boxes
+            .iter()
+            .flat_map(|(g, b)| {
+                b.attrs
+                    .iter()
+                    .map(|((p, k), v)| ((*g, *p, k.clone()), v.clone()))
+            })
+            .collect();
+        (boxes, self.subs.clone(), attrs)
     }
 
     fn get(&mut self, guid: &Guid128) -> Result<&mut Mailbox, StoreError> {
@@ -156,6 +168,33 @@ impl MailStore for FakeStore {
         Ok(self.subs.iter().cloned().collect())
     }
 
+    fn attributes(&mut self, mailbox: &Guid128) -> Result<Vec<attribute::Entry>, StoreError> {
+        Ok(self
+            .get(mailbox)?
+            .attrs
+            .iter()
+            .filter(|((_, key), _)| attribute::is_replicated(key))
+            .map(|((private, key), value)| attribute::Entry {
+                private: *private,
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect())
+    }
+
+    fn attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .get(mailbox)?
+            .attrs
+            .get(&(private, key.to_string()))
+            .cloned())
+    }
+
     fn create_mailbox(
         &mut self,
         name: &str,
@@ -184,6 +223,7 @@ impl MailStore for FakeStore {
                 uidnext: 1,
                 highest_modseq: 1,
                 mails: BTreeMap::new(),
+                attrs: BTreeMap::new(),
             },
         );
         Ok(())
@@ -242,6 +282,23 @@ impl MailStore for FakeStore {
             b.uidnext = uidnext;
             b.bump();
         }
+        Ok(())
+    }
+
+    fn set_attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let b = self.get(mailbox)?;
+        let k = (private, key.to_string());
+        match value {
+            Some(v) => b.attrs.insert(k, v.to_vec()),
+            None => b.attrs.remove(&k),
+        };
+        b.bump();
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //! concurrent clients (the GUID at a UID, "still never held mail"): the store checks the fact
 //! and refuses, it does not choose another course.
 
-use crate::event::{FlagSet, Guid128};
+use crate::event::{attribute, FlagSet, Guid128};
 
 /// A mailbox as the store sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +119,15 @@ pub trait MailStore {
     fn read_body(&mut self, mailbox: &Guid128, uid: u32) -> Result<Option<Body>, StoreError>;
     /// Subscribed names, mailboxes or not.
     fn subscriptions(&mut self) -> Result<Vec<String>, StoreError>;
+    /// Every attribute of the mailbox that replicates ([`attribute::is_replicated`]), sorted.
+    fn attributes(&mut self, mailbox: &Guid128) -> Result<Vec<attribute::Entry>, StoreError>;
+    /// One attribute's value, `None` if it has none.
+    fn attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Creates `name` with this GUID and UIDVALIDITY (0: the storage picks).
     fn create_mailbox(
@@ -142,6 +151,14 @@ pub trait MailStore {
     /// Raises UIDNEXT to at least `uidnext`.
     fn raise_uidnext(&mut self, mailbox: &Guid128, uidnext: u32) -> Result<(), StoreError>;
     fn set_subscribed(&mut self, name: &str, on: bool) -> Result<(), StoreError>;
+    /// Sets an attribute, or removes it (`None`).
+    fn set_attribute(
+        &mut self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError>;
 
     /// Saves new messages, all at or above UIDNEXT in increasing order, in one transaction:
     /// all or nothing.

@@ -73,7 +73,12 @@ pub enum Op {
     Rename(usize),
     Delete(usize),
     Subscribe(usize, bool),
+    /// Sets attribute (index into [`ATTRS`]) of the n-th mailbox to a fresh value, or removes
+    /// it (false).
+    Attribute(usize, usize, bool),
 }
+
+const ATTRS: [(bool, &str); 3] = [(true, "comment"), (false, "comment"), (true, "x/y")];
 
 const FLAGS: [&str; 4] = ["\\Seen", "\\Flagged", "$Work", "$Todo"];
 const SUB_NAMES: [&str; 3] = ["Lists", "Work", "INBOX"];
@@ -245,6 +250,20 @@ impl Pair {
                 };
                 s.journal(clock, name, Guid128::default(), change);
             }
+            Op::Attribute(i, k, set) => {
+                let Some(b) = pick_box(i) else { return };
+                let (private, key) = ATTRS[k % ATTRS.len()];
+                let value = set.then(|| format!("v{clock}").into_bytes());
+                s.store
+                    .set_attribute(&b.guid, private, key, value.as_deref())
+                    .unwrap();
+                let change = Change::Attribute {
+                    private,
+                    key: key.to_string(),
+                    value,
+                };
+                s.journal(clock, &b.name, b.guid, change);
+            }
         }
     }
 
@@ -329,6 +348,7 @@ fn arb_op(on_a: bool) -> BoxedStrategy<Op> {
         1 => (0..4usize).prop_map(Op::Rename),
         1 => (0..4usize).prop_map(Op::Delete),
         1 => (0..3usize, any::<bool>()).prop_map(|(i, on)| Op::Subscribe(i, on)),
+        1 => (0..4usize, 0..3usize, any::<bool>()).prop_map(|(i, k, on)| Op::Attribute(i, k, on)),
     ];
     if on_a {
         prop_oneof![3 => (0..4usize).prop_map(Op::Deliver), 6 => common].boxed()

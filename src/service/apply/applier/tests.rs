@@ -507,6 +507,71 @@ fn subscriptions_follow_the_later_change() {
     assert_eq!(s.subscriptions().unwrap(), ["Lists"]);
 }
 
+fn attr(value: Option<&str>) -> Change {
+    Change::Attribute {
+        private: true,
+        key: "comment".into(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+    }
+}
+
+#[test]
+fn attributes_follow_the_later_change() {
+    let mut s = store();
+    let mut mem = Memory::default();
+    let got = |s: &mut FakeStore| s.attribute(&INBOX, true, "comment").unwrap();
+    apply(
+        &mut s,
+        &mut mem,
+        &[rec(1, 10, "INBOX", INBOX, attr(Some("one")))],
+        &mut Bodies::new(),
+    );
+    assert_eq!(got(&mut s).as_deref(), Some(&b"one"[..]));
+    // A change made here later than the peer's next one: the peer's is older and loses.
+    let mut local = rec(1, 30, "INBOX", INBOX, attr(Some("mine")));
+    local.origin = "here".into();
+    s.set_attribute(&INBOX, true, "comment", Some(b"mine"))
+        .unwrap();
+    mem.ingest_local(&local);
+    apply(
+        &mut s,
+        &mut mem,
+        &[rec(2, 20, "INBOX", INBOX, attr(None))],
+        &mut Bodies::new(),
+    );
+    assert_eq!(got(&mut s).as_deref(), Some(&b"mine"[..]));
+    // A later removal wins.
+    apply(
+        &mut s,
+        &mut mem,
+        &[rec(3, 40, "INBOX", INBOX, attr(None))],
+        &mut Bodies::new(),
+    );
+    assert_eq!(got(&mut s), None);
+}
+
+#[test]
+fn dovecots_own_attributes_are_never_set_by_the_peer() {
+    let mut s = store();
+    let change = Change::Attribute {
+        private: true,
+        key: "vendor/vendor.dovecot/pvt/quota".into(),
+        value: Some(b"0".to_vec()),
+    };
+    let out = apply(
+        &mut s,
+        &mut Memory::default(),
+        &[rec(1, 10, "INBOX", INBOX, change)],
+        &mut Bodies::new(),
+    );
+    assert!(out.conflicts.is_empty());
+    assert_eq!(
+        s.attribute(&INBOX, true, "vendor/vendor.dovecot/pvt/quota")
+            .unwrap(),
+        None
+    );
+}
+
 #[test]
 fn a_change_without_a_mailbox_guid_goes_to_the_resync_and_the_stream_goes_on() {
     // Seen on maildir: a mail saved into a mailbox another process was deleting is journaled

@@ -4,7 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use super::*;
-use crate::event::{FlagSet, Guid128};
+use crate::event::{attribute, FlagSet, Guid128};
 use crate::ffi::cstr::{opt_string, string, string_list};
 use crate::ffi::guard;
 use std::cell::Cell;
@@ -475,6 +475,86 @@ impl User {
         Ok(out)
     }
 
+    /// Every attribute of the mailbox with its value (Dovecot's own keys too).
+    pub fn attributes(&self, mailbox: &Guid128) -> Result<Vec<attribute::Entry>, ApplyError> {
+        let mut out: Vec<attribute::Entry> = Vec::new();
+        // SAFETY: main thread; out outlives the call and is only used by on_attribute during
+        // it; error copied at once.
+        unsafe {
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_attributes(
+                    user,
+                    mailbox.0.as_ptr(),
+                    Some(on_attribute),
+                    (&mut out as *mut Vec<attribute::Entry>).cast(),
+                    error,
+                )
+            });
+            done(ret, error)?;
+        }
+        Ok(out)
+    }
+
+    /// One attribute's value, `None` if it has none.
+    pub fn attribute(
+        &self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, ApplyError> {
+        let ckey = c_string(key)?;
+        let mut out: Vec<attribute::Entry> = Vec::new();
+        // SAFETY: as in attributes().
+        unsafe {
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_attribute_get(
+                    user,
+                    mailbox.0.as_ptr(),
+                    private,
+                    ckey.as_ptr(),
+                    Some(on_attribute),
+                    (&mut out as *mut Vec<attribute::Entry>).cast(),
+                    error,
+                )
+            });
+            done(ret, error)?;
+        }
+        Ok(out.pop().map(|e| e.value))
+    }
+
+    /// Sets an attribute, or removes it (`None`). A value with a NUL byte cannot be stored
+    /// (Dovecot's values are C strings): an error.
+    pub fn set_attribute(
+        &self,
+        mailbox: &Guid128,
+        private: bool,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), ApplyError> {
+        let ckey = c_string(key)?;
+        let cvalue = value
+            .map(|v| {
+                CString::new(v).map_err(|_| {
+                    ApplyError::Other(format!("the value of attribute {key:?} has a NUL byte"))
+                })
+            })
+            .transpose()?;
+        // SAFETY: main thread; all pointers valid for the call; error copied at once.
+        unsafe {
+            let (ret, error) = self.call(|user, error| {
+                raw::tandem_svc_attribute_set(
+                    user,
+                    mailbox.0.as_ptr(),
+                    private,
+                    ckey.as_ptr(),
+                    cvalue.as_ref().map_or(ptr::null(), |v| v.as_ptr()),
+                    error,
+                )
+            });
+            done(ret, error)
+        }
+    }
+
     /// Forgets cached views (open indexes, the GUID cache): the next call sees what other
     /// processes committed meanwhile.
     pub fn refresh(&self) -> Result<(), ApplyError> {
@@ -532,6 +612,31 @@ unsafe extern "C" fn on_name(ctx: *mut c_void, name: *const c_char) -> c_int {
         // for the call.
         let (out, name) = unsafe { (&mut *ctx.cast::<Vec<String>>(), string(name)) };
         out.push(name);
+        0
+    })
+}
+
+unsafe extern "C" fn on_attribute(
+    ctx: *mut c_void,
+    private: bool,
+    key: *const c_char,
+    value: *const c_char,
+) -> c_int {
+    guard::guard("service_attributes", -1, || {
+        // SAFETY: ctx is the caller's Vec, alive for the call; key and value are strings valid
+        // for the call (value never NULL: the shim calls only for a value).
+        let (out, key, value) = unsafe {
+            (
+                &mut *ctx.cast::<Vec<attribute::Entry>>(),
+                string(key),
+                std::ffi::CStr::from_ptr(value).to_bytes().to_vec(),
+            )
+        };
+        out.push(attribute::Entry {
+            private,
+            key,
+            value,
+        });
         0
     })
 }
