@@ -70,6 +70,7 @@ pub(super) fn one_side(
         mbox: x.guid.clone(),
         uidnext: x.uidnext,
     });
+    super::attributes::copy_all(have, lack, &x.guid);
 }
 
 /// A mailbox both sides have (same GUID).
@@ -124,4 +125,5 @@ pub(super) fn both_sides(
     if x.digest != y.digest || x.uidvalidity != y.uidvalidity {
         mails(sa, sb, x, y, (&x.guid, &y.guid), diffs);
     }
+    super::attributes::both_sides(sa, sb, &x.guid, &x.name, diffs);
 }

@@ -11,6 +11,7 @@ use crate::rules;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod attributes;
 mod mailboxes;
 mod mails;
 #[cfg(test)]
@@ -54,6 +55,12 @@ pub struct Summary {
     pub survived: BTreeMap<String, Mark>,
     pub names: BTreeMap<String, Mark>,
     pub subs: BTreeMap<String, Mark>,
+    /// Mailbox GUID → its attributes that replicate (IMAP METADATA).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, attributes::Attributes>,
+    /// Mailbox GUID → attribute name → its last change.
+    #[serde(default)]
+    pub attr_marks: BTreeMap<String, BTreeMap<String, Mark>>,
 }
 
 /// A server's mails of one mailbox, with what it remembers of them.
@@ -126,6 +133,13 @@ pub enum Action {
         mbox: String,
         uidnext: u32,
     },
+    /// Sets a mailbox attribute, or removes it (`value` none).
+    Attribute {
+        mbox: String,
+        private: bool,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Action {
@@ -145,6 +159,7 @@ impl Action {
             Action::Save { mbox, uid, .. } => (5, mbox, *uid),
             Action::MinUidNext { .. } => (6, "", 0),
             Action::Subscribe { .. } => (7, "", 0),
+            Action::Attribute { .. } => (7, "", 0),
             Action::Delete { .. } => (8, "", 0),
         }
     }

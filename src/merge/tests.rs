@@ -121,7 +121,10 @@ fn apply(s: &mut S, acts: &[Action], other: &S) {
                 m.flags.sort();
                 m.flags.dedup();
             }
-            Action::Rename { .. } | Action::Subscribe { .. } | Action::MinUidNext { .. } => {}
+            Action::Rename { .. }
+            | Action::Subscribe { .. }
+            | Action::MinUidNext { .. }
+            | Action::Attribute { .. } => {}
         }
     }
 }
@@ -447,5 +450,64 @@ fn subscriptions_follow_the_later_change() {
             name: "Box".into(),
             on: true
         }]
+    );
+}
+
+#[test]
+fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
+    let set = |s: &mut S, mbox: &str, name: &str, v: &str| {
+        s.sum
+            .attributes
+            .entry(mbox.into())
+            .or_default()
+            .insert(name.into(), v.as_bytes().to_vec());
+    };
+    let attr = |mbox: &str, key: &str, v: Option<&str>| Action::Attribute {
+        mbox: mbox.into(),
+        private: true,
+        key: key.into(),
+        value: v.map(|v| v.as_bytes().to_vec()),
+    };
+    let mut a = inbox("a", vec![]);
+    let mut b = inbox("b", vec![]);
+    set(&mut a, "01", "/private/comment", "old");
+    set(&mut b, "01", "/private/comment", "new");
+    b.sum
+        .attr_marks
+        .entry("01".into())
+        .or_default()
+        .insert("/private/comment".into(), mark(20, "b"));
+    a.sum
+        .attr_marks
+        .entry("01".into())
+        .or_default()
+        .insert("/private/comment".into(), mark(10, "a"));
+    // Removed on a after b set it: the removal wins.
+    set(&mut b, "01", "/private/gone", "x");
+    a.sum
+        .attr_marks
+        .get_mut("01")
+        .unwrap()
+        .insert("/private/gone".into(), mark(30, "a"));
+    let p = run(&a, &b);
+    assert_eq!(p.local, vec![attr("01", "comment", Some("new"))]);
+    assert_eq!(p.remote, vec![attr("01", "gone", None)]);
+    assert_eq!(p.differences.len(), 2, "{:?}", p.differences);
+
+    // No record on either side: a value beats none, so the entry is copied.
+    let a = inbox("a", vec![]);
+    let mut b = inbox("b", vec![]);
+    set(&mut b, "01", "/private/comment", "kept");
+    assert_eq!(run(&a, &b).local, vec![attr("01", "comment", Some("kept"))]);
+
+    // A mailbox only on b is created on a with its attributes.
+    let a = side("a", &[]);
+    let mut b = side("b", &[("02", "Work", 7, vec![])]);
+    set(&mut b, "02", "/private/comment", "w");
+    let p = run(&a, &b);
+    assert!(
+        p.local.contains(&attr("02", "comment", Some("w"))),
+        "{:?}",
+        p.local
     );
 }

@@ -1,6 +1,6 @@
 //! Gathering this server's state for a verify or resync, on the main thread.
 
-use crate::event::Guid128;
+use crate::event::{attribute, Guid128};
 use crate::merge::{self, BoxState, Details, MailState, Summary};
 use crate::service::apply::applier::parse_box;
 use crate::service::apply::BodyMeta;
@@ -87,6 +87,15 @@ pub(crate) fn local_summary(
                     d
                 }
             };
+            let attrs = u.attributes(&b.guid).map_err(|e| e.to_string())?;
+            let attrs: merge::attributes::Attributes = attrs
+                .into_iter()
+                .filter(|e| attribute::is_replicated(&e.key))
+                .map(|e| (merge::attributes::name_of(&e), e.value))
+                .collect();
+            if !attrs.is_empty() {
+                s.attributes.insert(b.guid.to_hex(), attrs);
+            }
             s.boxes.push(BoxState {
                 guid: b.guid.to_hex(),
                 name: b.name.clone(),
@@ -107,6 +116,12 @@ pub(crate) fn local_summary(
         }
         for (n, (_, m)) in &mem.subs {
             s.subs.insert(n.clone(), m.clone());
+        }
+        for ((g, private, key), (_, m)) in &mem.attrs {
+            s.attr_marks
+                .entry(g.to_hex())
+                .or_default()
+                .insert(attribute::display(*private, key), m.clone());
         }
         Ok(s)
     })

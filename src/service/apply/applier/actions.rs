@@ -190,6 +190,24 @@ fn apply_action<S: MailStore>(
             store.set_subscribed(name, *on).map_err(e)?;
             true
         }
+        Action::Attribute {
+            mbox,
+            private,
+            key,
+            value,
+        } => {
+            let g = parse_box(mbox)?;
+            if !crate::event::attribute::is_replicated(key) {
+                return Err(format!(
+                    "attribute {key:?} is Dovecot's own: not set by a resync"
+                ));
+            }
+            touched.insert(g);
+            store
+                .set_attribute(&g, *private, key, value.as_deref())
+                .map_err(e)?;
+            true
+        }
         Action::Expunge { mbox, uid, guid } => {
             let g = parse_box(mbox)?;
             touched.insert(g);
