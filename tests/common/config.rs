@@ -220,6 +220,8 @@ pub struct Ports {
 /// settings go (2.3: `plugin {}`; 2.4: global, declared by Tandem's settings module) and the
 /// service (2.4: declared by that module with its defaults, so only the executable and the
 /// listener are written here; a 2.4 instance without a service still needs the executable).
+/// Every instance stores IMAP METADATA (RFC 5464) in a file dict in the user's home,
+/// `dovecot-attributes`, and announces METADATA in imap.
 pub(super) fn config_text(dir: &Path, instance: &str, ports: Ports, opts: &Options) -> String {
     let d = dir.display();
     let v24 = opts.release.is_2_4();
@@ -263,6 +265,12 @@ userdb passwd-file {{
 }}
 mail_driver = {driver}
 mail_path = {root}
+mail_attribute {{
+  dict file {{
+    path = %{{home}}/dovecot-attributes
+  }}
+}}
+imap_metadata = yes
 ",
             driver = opts.format.name()
         ));
@@ -282,6 +290,8 @@ userdb {{
   default_fields = uid={MAIL_UID} gid={MAIL_UID} home={d}/home/%u
 }}
 mail_location = {location}
+mail_attribute_dict = file:%h/dovecot-attributes
+imap_metadata = yes
 ",
             location = opts.format.location(&root)
         ));
