@@ -1,5 +1,6 @@
 //! A minimal IMAP client and the IMAP syntax the tests need.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -376,6 +377,121 @@ impl Imap {
         self.run(&format!("UNSUBSCRIBE {}", quote_mailbox(mailbox)));
     }
 
+    /// SETMETADATA (RFC 5464) on `mailbox` (`""`: server metadata): each entry such as
+    /// `/private/comment` set to its value, or removed with `None` (NIL). A value with CR, LF,
+    /// NUL or anything beyond ASCII goes as a synchronizing literal, the others quoted.
+    pub fn try_setmetadata(
+        &mut self,
+        mailbox: &str,
+        entries: &[(&str, Option<&str>)],
+    ) -> Result<(), String> {
+        assert!(!entries.is_empty(), "SETMETADATA needs an entry");
+        let tag = self.tag();
+        let mut untagged = Vec::new();
+        let mut line = format!("{tag} SETMETADATA {} (", quote_mailbox(mailbox)).into_bytes();
+        for (i, (entry, value)) in entries.iter().enumerate() {
+            if i > 0 {
+                line.push(b' ');
+            }
+            line.extend_from_slice(quote(entry).as_bytes());
+            line.push(b' ');
+            match value {
+                None => line.extend_from_slice(b"NIL"),
+                Some(v) if needs_literal(v) => {
+                    line.extend_from_slice(format!("{{{}}}\r\n", v.len()).as_bytes());
+                    self.send(&line);
+                    self.wait_continuation(&tag, &mut untagged)?;
+                    line = v.as_bytes().to_vec();
+                }
+                Some(v) => line.extend_from_slice(quote(v).as_bytes()),
+            }
+        }
+        line.extend_from_slice(b")\r\n");
+        self.send(&line);
+        let (_, status) = self.read_until_tagged(&tag);
+        if status.starts_with("OK") {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    }
+
+    pub fn setmetadata(&mut self, mailbox: &str, entries: &[(&str, Option<&str>)]) {
+        self.try_setmetadata(mailbox, entries)
+            .unwrap_or_else(|s| panic!("IMAP SETMETADATA {mailbox:?} {entries:?} failed: {s}"))
+    }
+
+    /// `GETMETADATA [options] mailbox (entries)` (RFC 5464; `""`: server metadata, `options`
+    /// e.g. `"(DEPTH infinity)"` or `""`). Returns every entry of the METADATA responses, with
+    /// its value (`None`: NIL, which Dovecot sends for an entry asked for by name that has no
+    /// value). Dovecot lowercases the entry names.
+    pub fn try_getmetadata_with(
+        &mut self,
+        options: &str,
+        mailbox: &str,
+        entries: &[&str],
+    ) -> Result<BTreeMap<String, Option<String>>, String> {
+        assert!(!entries.is_empty(), "GETMETADATA needs an entry");
+        let opts = if options.is_empty() {
+            String::new()
+        } else {
+            format!("{options} ")
+        };
+        let list: Vec<String> = entries.iter().map(|e| quote(e)).collect();
+        let (untagged, _) = self.raw(&format!(
+            "GETMETADATA {opts}{} ({})",
+            quote_mailbox(mailbox),
+            list.join(" ")
+        ))?;
+        let mut found = BTreeMap::new();
+        for resp in untagged {
+            if !resp.starts_with(b"METADATA ") {
+                continue;
+            }
+            let (name, pairs) = parse_metadata_response(&resp).unwrap_or_else(|| {
+                panic!(
+                    "unparsable METADATA response: {}",
+                    String::from_utf8_lossy(&resp)
+                )
+            });
+            assert_eq!(
+                name,
+                utf7_encode(mailbox),
+                "METADATA response for another mailbox: {}",
+                String::from_utf8_lossy(&resp)
+            );
+            found.extend(pairs);
+        }
+        Ok(found)
+    }
+
+    pub fn getmetadata(
+        &mut self,
+        mailbox: &str,
+        entries: &[&str],
+    ) -> BTreeMap<String, Option<String>> {
+        self.try_getmetadata_with("", mailbox, entries)
+            .unwrap_or_else(|s| panic!("IMAP GETMETADATA {mailbox:?} {entries:?} failed: {s}"))
+    }
+
+    /// Every entry of `mailbox` (`""`: the server's) that has a value, private and shared:
+    /// `GETMETADATA (DEPTH infinity) mailbox (/private /shared)`. Err: the tagged NO or BAD
+    /// (e.g. for a mailbox that does not exist). Dovecot 2.3 answers no server entry (`""`)
+    /// this way: ask for those by name.
+    pub fn try_getmetadata_all(
+        &mut self,
+        mailbox: &str,
+    ) -> Result<BTreeMap<String, String>, String> {
+        let all =
+            self.try_getmetadata_with("(DEPTH infinity)", mailbox, &["/private", "/shared"])?;
+        Ok(all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
+    }
+
+    pub fn getmetadata_all(&mut self, mailbox: &str) -> BTreeMap<String, String> {
+        self.try_getmetadata_all(mailbox)
+            .unwrap_or_else(|s| panic!("IMAP GETMETADATA (DEPTH infinity) {mailbox:?} failed: {s}"))
+    }
+
     /// NOOP; returns the untagged responses (pending EXISTS, EXPUNGE, FETCH ...).
     pub fn noop(&mut self) -> Vec<String> {
         self.run("NOOP").0
@@ -411,6 +527,126 @@ fn redact(cmd: &str) -> &str {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether an IMAP string must go as a literal: a quoted string holds only 7-bit text without
+/// CR, LF or NUL (RFC 3501 `QUOTED-CHAR`).
+fn needs_literal(s: &str) -> bool {
+    s.bytes()
+        .any(|b| b >= 0x80 || b == b'\r' || b == b'\n' || b == 0)
+}
+
+/// Entries of a METADATA response, in order, with their values (`None`: NIL).
+type MetadataEntries = Vec<(String, Option<String>)>;
+
+/// `METADATA mailbox (entry value ...)` with literals inlined as [`Imap`] reads them (`{n}`
+/// CRLF and n bytes; `~{n}` for a literal8): the mailbox name as sent (modified UTF-7) and each
+/// entry with its value (`None`: NIL).
+fn parse_metadata_response(resp: &[u8]) -> Option<(String, MetadataEntries)> {
+    let mut p = Tokens {
+        s: resp.strip_prefix(b"METADATA ")?,
+        i: 0,
+    };
+    let mailbox = p.string()??;
+    p.skip_spaces();
+    if !p.eat(b'(') {
+        return None;
+    }
+    let mut pairs = Vec::new();
+    loop {
+        p.skip_spaces();
+        if p.eat(b')') {
+            break;
+        }
+        let entry = p.string()??;
+        p.skip_spaces();
+        let value = p.string()?;
+        pairs.push((entry, value));
+    }
+    Some((mailbox, pairs))
+}
+
+/// A cursor over the tokens of an IMAP response.
+struct Tokens<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Tokens<'_> {
+    fn eat(&mut self, b: u8) -> bool {
+        if self.s.get(self.i) == Some(&b) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn skip_spaces(&mut self) {
+        while self.eat(b' ') {}
+    }
+
+    /// An nstring or astring: `Some(None)` for NIL, `None` if there is none here.
+    fn string(&mut self) -> Option<Option<String>> {
+        let rest = &self.s[self.i..];
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match rest.first()? {
+            b'"' => {
+                let mut out = Vec::new();
+                let mut j = 1;
+                loop {
+                    match *rest.get(j)? {
+                        b'"' => break,
+                        b'\\' => {
+                            out.push(*rest.get(j + 1)?);
+                            j += 2;
+                        }
+                        c => {
+                            out.push(c);
+                            j += 1;
+                        }
+                    }
+                }
+                self.i += j + 1;
+                Some(Some(text(&out)))
+            }
+            b'{' | b'~' => {
+                let open = usize::from(rest[0] == b'~');
+                if rest.get(open) != Some(&b'{') {
+                    return None;
+                }
+                let close = rest.iter().position(|&b| b == b'}')?;
+                let n: usize = std::str::from_utf8(&rest[open + 1..close])
+                    .ok()?
+                    .trim_end_matches('+')
+                    .parse()
+                    .ok()?;
+                if !rest[close + 1..].starts_with(b"\r\n") {
+                    return None;
+                }
+                let start = close + 3;
+                let value = rest.get(start..start + n)?;
+                self.i += start + n;
+                Some(Some(text(value)))
+            }
+            _ => {
+                let n = rest
+                    .iter()
+                    .position(|&b| b == b' ' || b == b')' || b == b'(')
+                    .unwrap_or(rest.len());
+                if n == 0 {
+                    return None;
+                }
+                self.i += n;
+                let atom = text(&rest[..n]);
+                Some(if atom.eq_ignore_ascii_case("NIL") {
+                    None
+                } else {
+                    Some(atom)
+                })
+            }
+        }
+    }
 }
 
 /// `{n}` or `{n+}` at the end of a line: a literal of n bytes follows.
