@@ -1,0 +1,432 @@
+//! Replication of IMAP METADATA (RFC 5464), as a user checks it over IMAP on the other server:
+//! mailbox and server entries set, changed and removed with SETMETADATA on one server are what
+//! GETMETADATA shows on the other, in both directions; of two changes made while the servers
+//! were apart, the later one wins, a removal as much as a value; an entry follows its mailbox
+//! through a rename.
+//!
+//! Every instance keeps its attributes in a file dict in the user's home (`mail_attribute_dict`
+//! in 2.3, `mail_attribute { dict file { } }` in 2.4; tests/common/config.rs). Each look logs in
+//! afresh and reads every entry of each mailbox named, private and shared, with
+//! `GETMETADATA (DEPTH infinity) mailbox (/private /shared)`, and the server's own metadata
+//! (mailbox `""`) by name ([`SERVER_ENTRIES`]).
+//!
+//! Dovecot 2.3 facts these tests keep clear of: it keeps server entries as INBOX attributes
+//! (`vendor/vendor.dovecot/pvt/server/...`, keyed by INBOX's GUID like every mailbox entry) and
+//! lists none of them by DEPTH; `/shared/comment` and `/shared/admin` of the server are read-only
+//! (`mail_server_comment`, `mail_server_admin`); SETMETADATA of a bare `/private` or `/shared`
+//! answers OK but writes an empty key that corrupts the mailbox's transaction log.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{settle, Dovecot, Options, Pair};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Between two changes whose order matters: the stamps differ by tens of milliseconds.
+const STAMP_GAP: Duration = Duration::from_millis(50);
+const USER: &str = "alice";
+
+/// A value with UTF-8 and a CRLF: SETMETADATA sends it as a literal, GETMETADATA answers with one.
+const MULTILINE: &str = "Grüße aus Köln ✓\r\nzweite Zeile";
+
+/// Entries with values, as GETMETADATA shows them (Dovecot lowercases entry names).
+type Entries = BTreeMap<String, String>;
+
+/// What one server shows of some mailboxes: per mailbox (`""`: the server), its entries, or
+/// `None` when the server says there is no such mailbox.
+type Metadata = BTreeMap<String, Option<Entries>>;
+
+/// Sets (`Some`) or removes (`None`) `entry` of `mailbox` in an expected [`Metadata`].
+fn expect(want: &mut Metadata, mailbox: &str, entry: &str, value: Option<&str>) {
+    let e = want
+        .entry(mailbox.to_string())
+        .or_default()
+        .get_or_insert_with(Entries::new);
+    match value {
+        Some(v) => e.insert(entry.to_string(), v.to_string()),
+        None => e.remove(entry),
+    };
+}
+
+/// Every server entry the tests set. Dovecot 2.3 lists no server entry by DEPTH (GETMETADATA
+/// (DEPTH infinity) "" (/private) answers none), so the server's are asked for by name.
+const SERVER_ENTRIES: [&str; 3] = [
+    "/private/comment",
+    "/private/vendor/vendor.example/theme",
+    "/shared/vendor/vendor.example/motd",
+];
+
+/// The metadata of `mailboxes` on `dc`, through a fresh IMAP login.
+fn metadata(dc: &Dovecot, mailboxes: &[&str]) -> Metadata {
+    let mut imap = dc.login(USER);
+    let mut seen = Metadata::new();
+    for &mailbox in mailboxes {
+        let got = if mailbox.is_empty() {
+            imap.try_getmetadata_with("", "", &SERVER_ENTRIES)
+                .map(|m| m.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
+        } else {
+            imap.try_getmetadata_all(mailbox)
+        };
+        let got = match got {
+            Ok(e) => Some(e),
+            // 2.3 says "NO Mailbox doesn't exist: X", without [NONEXISTENT].
+            Err(s) if s.contains("[NONEXISTENT]") || s.contains("Mailbox doesn't exist") => None,
+            Err(s) => panic!(
+                "GETMETADATA {mailbox:?} on {} failed: {s}",
+                dc.options().name
+            ),
+        };
+        seen.insert(mailbox.to_string(), got);
+    }
+    imap.logout();
+    seen
+}
+
+fn names(want: &Metadata) -> Vec<&str> {
+    want.keys().map(String::as_str).collect()
+}
+
+/// `dc` shows `want` right now: for the server where the changes were made (Dovecot itself, no
+/// replication involved).
+fn assert_shows(dc: &Dovecot, want: &Metadata, what: &str) {
+    let seen = metadata(dc, &names(want));
+    assert_eq!(
+        &seen,
+        want,
+        "{what}: {} itself does not show what was set on it",
+        dc.options().name
+    );
+}
+
+/// Waits until `dc` shows `want`; panics after [`CONVERGE`] with what it shows instead.
+fn wait_shows(dc: &Dovecot, want: &Metadata, what: &str) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let seen = metadata(dc, &names(want));
+        if &seen == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: {} did not show the metadata within {CONVERGE:?}\n--- expected:\n\
+                 {want:#?}\n--- {} shows:\n{seen:#?}",
+                dc.options().name,
+                dc.options().name,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What the other tests rely on, on one server without a peer: the harness's Dovecot stores
+/// mailbox and server metadata, answers GETMETADATA for entries by name (NIL when unset) and
+/// by depth, takes a literal value, and removes an entry set to NIL.
+#[test]
+fn metadata_is_stored_and_read_back_on_one_server() {
+    let dc = Dovecot::start(Options::new("meta-one"));
+    let mut imap = dc.login(USER);
+    assert!(
+        imap.command("CAPABILITY")
+            .0
+            .iter()
+            .any(|l| l.split(' ').any(|c| c == "METADATA")),
+        "no METADATA capability: is imap_metadata = yes in the harness's config?"
+    );
+    imap.create("Work");
+    imap.setmetadata(
+        "INBOX",
+        &[
+            ("/private/comment", Some("private note")),
+            ("/shared/comment", Some("shared \"quoted\" note")),
+        ],
+    );
+    imap.setmetadata(
+        "INBOX",
+        &[("/private/vendor/vendor.example/note", Some(MULTILINE))],
+    );
+    imap.setmetadata(
+        "Work",
+        &[("/private/vendor/vendor.example/color", Some("blue"))],
+    );
+    imap.setmetadata(
+        "",
+        &[
+            ("/private/comment", Some("server note")),
+            ("/shared/vendor/vendor.example/motd", Some(MULTILINE)),
+        ],
+    );
+
+    let byname = imap.getmetadata(
+        "INBOX",
+        &[
+            "/private/comment",
+            "/shared/comment",
+            "/private/vendor/vendor.example/note",
+            "/private/unset",
+        ],
+    );
+    let want: BTreeMap<String, Option<String>> = [
+        ("/private/comment", Some("private note")),
+        ("/shared/comment", Some("shared \"quoted\" note")),
+        ("/private/vendor/vendor.example/note", Some(MULTILINE)),
+        ("/private/unset", None),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+    .collect();
+    assert_eq!(byname, want);
+
+    let mut want = Metadata::new();
+    expect(&mut want, "INBOX", "/private/comment", Some("private note"));
+    expect(
+        &mut want,
+        "INBOX",
+        "/shared/comment",
+        Some("shared \"quoted\" note"),
+    );
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/vendor/vendor.example/note",
+        Some(MULTILINE),
+    );
+    expect(
+        &mut want,
+        "Work",
+        "/private/vendor/vendor.example/color",
+        Some("blue"),
+    );
+    expect(&mut want, "", "/private/comment", Some("server note"));
+    expect(
+        &mut want,
+        "",
+        "/shared/vendor/vendor.example/motd",
+        Some(MULTILINE),
+    );
+    want.insert("Nowhere".into(), None);
+    assert_shows(&dc, &want, "set");
+
+    imap.setmetadata("INBOX", &[("/shared/comment", None)]);
+    expect(&mut want, "INBOX", "/shared/comment", None);
+    assert_shows(&dc, &want, "one entry removed");
+    imap.logout();
+    assert!(
+        dc.home(USER).join("dovecot-attributes").exists(),
+        "no dovecot-attributes in alice's home"
+    );
+    dc.assert_log_clean();
+}
+
+/// Entries set, changed and removed on A, on mailbox and server, show on B; then the same from
+/// B to A.
+#[test]
+fn metadata_set_on_one_server_appears_on_the_other() {
+    let pair = Pair::start("meta-set");
+    let mut a = pair.a.login(USER);
+    a.create("Work");
+    a.setmetadata(
+        "INBOX",
+        &[
+            ("/private/comment", Some("private note")),
+            ("/shared/comment", Some("shared note")),
+        ],
+    );
+    a.setmetadata(
+        "Work",
+        &[("/private/vendor/vendor.example/color", Some("blue"))],
+    );
+    a.setmetadata("", &[("/private/comment", Some("server note"))]);
+    a.setmetadata(
+        "INBOX",
+        &[("/private/vendor/vendor.example/note", Some(MULTILINE))],
+    );
+    let mut want = Metadata::new();
+    expect(&mut want, "INBOX", "/private/comment", Some("private note"));
+    expect(&mut want, "INBOX", "/shared/comment", Some("shared note"));
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/vendor/vendor.example/note",
+        Some(MULTILINE),
+    );
+    expect(
+        &mut want,
+        "Work",
+        "/private/vendor/vendor.example/color",
+        Some("blue"),
+    );
+    expect(&mut want, "", "/private/comment", Some("server note"));
+    assert_shows(&pair.a, &want, "set on a");
+    wait_shows(&pair.b, &want, "set on a");
+
+    // One entry removed, one changed (in one command), one server entry changed.
+    a.setmetadata(
+        "INBOX",
+        &[
+            ("/shared/comment", None),
+            ("/private/comment", Some("changed note")),
+        ],
+    );
+    a.setmetadata("", &[("/private/comment", Some("server note, changed"))]);
+    expect(&mut want, "INBOX", "/shared/comment", None);
+    expect(&mut want, "INBOX", "/private/comment", Some("changed note"));
+    expect(
+        &mut want,
+        "",
+        "/private/comment",
+        Some("server note, changed"),
+    );
+    assert_shows(&pair.a, &want, "changed and removed on a");
+    wait_shows(&pair.b, &want, "changed and removed on a");
+    a.logout();
+
+    // The other way round.
+    let mut b = pair.b.login(USER);
+    b.setmetadata(
+        "Work",
+        &[
+            ("/private/vendor/vendor.example/color", Some("green")),
+            ("/shared/comment", Some("from b ✓")),
+        ],
+    );
+    b.setmetadata("INBOX", &[("/private/vendor/vendor.example/note", None)]);
+    b.setmetadata(
+        "",
+        &[
+            ("/private/comment", None),
+            (
+                "/shared/vendor/vendor.example/motd",
+                Some("line one\r\nline two"),
+            ),
+        ],
+    );
+    b.logout();
+    expect(
+        &mut want,
+        "Work",
+        "/private/vendor/vendor.example/color",
+        Some("green"),
+    );
+    expect(&mut want, "Work", "/shared/comment", Some("from b ✓"));
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/vendor/vendor.example/note",
+        None,
+    );
+    expect(&mut want, "", "/private/comment", None);
+    expect(
+        &mut want,
+        "",
+        "/shared/vendor/vendor.example/motd",
+        Some("line one\r\nline two"),
+    );
+    assert_shows(&pair.b, &want, "set on b");
+    wait_shows(&pair.a, &want, "set on b");
+    // And B did not lose anything to a late echo of A's earlier changes.
+    wait_shows(&pair.b, &want, "set on b, after a has it");
+}
+
+/// While the link is down, A sets an entry and B sets it later: B's value wins on both. B
+/// changes a second entry and A removes it later: it is gone on both.
+#[test]
+fn metadata_conflict_the_later_change_wins() {
+    let pair = Pair::start("meta-conflict");
+    let mut want = Metadata::new();
+    expect(&mut want, "INBOX", "/private/comment", Some("before"));
+    expect(&mut want, "INBOX", "/shared/comment", Some("before"));
+    expect(&mut want, "", "/private/comment", Some("server before"));
+    let mut a = pair.a.login(USER);
+    a.setmetadata(
+        "INBOX",
+        &[
+            ("/private/comment", Some("before")),
+            ("/shared/comment", Some("before")),
+        ],
+    );
+    a.setmetadata("", &[("/private/comment", Some("server before"))]);
+    a.logout();
+    assert_shows(&pair.a, &want, "before the cut");
+    wait_shows(&pair.b, &want, "before the cut");
+
+    pair.cut();
+    let mut a = pair.a.login(USER);
+    let mut b = pair.b.login(USER);
+    a.setmetadata("INBOX", &[("/private/comment", Some("from a, earlier"))]);
+    a.setmetadata("", &[("/private/comment", Some("server, from a, earlier"))]);
+    std::thread::sleep(STAMP_GAP);
+    b.setmetadata("INBOX", &[("/private/comment", Some("from b, later"))]);
+    b.setmetadata("INBOX", &[("/shared/comment", Some("from b, earlier"))]);
+    b.setmetadata("", &[("/private/comment", Some("server, from b, later"))]);
+    std::thread::sleep(STAMP_GAP);
+    a.setmetadata("INBOX", &[("/shared/comment", None)]);
+    a.logout();
+    b.logout();
+    pair.restore();
+
+    settle(&pair, USER, CONVERGE);
+    pair.a.tandem_verify(USER).expect_identical(USER);
+    pair.b.tandem_verify(USER).expect_identical(USER);
+    let mut want = Metadata::new();
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/comment",
+        Some("from b, later"),
+    );
+    expect(
+        &mut want,
+        "",
+        "/private/comment",
+        Some("server, from b, later"),
+    );
+    wait_shows(&pair.a, &want, "after the conflict");
+    wait_shows(&pair.b, &want, "after the conflict");
+    // Settled: it stays so.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_shows(&pair.a, &want, "after the conflict, a moment later");
+    assert_shows(&pair.b, &want, "after the conflict, a moment later");
+}
+
+/// Entries of a mailbox renamed on A are the renamed mailbox's on both servers, and a change
+/// made to it on B then shows on A.
+#[test]
+fn metadata_follows_a_renamed_mailbox() {
+    let pair = Pair::start("meta-rename");
+    let mut a = pair.a.login(USER);
+    a.create("Work");
+    a.setmetadata(
+        "Work",
+        &[
+            ("/private/comment", Some("work notes")),
+            ("/shared/vendor/vendor.example/owner", Some("alice")),
+        ],
+    );
+    let mut want = Metadata::new();
+    expect(&mut want, "Work", "/private/comment", Some("work notes"));
+    expect(
+        &mut want,
+        "Work",
+        "/shared/vendor/vendor.example/owner",
+        Some("alice"),
+    );
+    want.insert("Play".into(), None);
+    assert_shows(&pair.a, &want, "set on Work");
+    wait_shows(&pair.b, &want, "set on Work");
+
+    a.rename("Work", "Play");
+    a.logout();
+    let set = want.insert("Work".into(), None).flatten();
+    want.insert("Play".into(), set);
+    assert_shows(&pair.a, &want, "renamed to Play on a");
+    wait_shows(&pair.b, &want, "renamed to Play on a");
+
+    let mut b = pair.b.login(USER);
+    b.setmetadata("Play", &[("/private/comment", Some("play notes"))]);
+    b.logout();
+    expect(&mut want, "Play", "/private/comment", Some("play notes"));
+    assert_shows(&pair.b, &want, "changed on Play on b");
+    wait_shows(&pair.a, &want, "changed on Play on b");
+}
