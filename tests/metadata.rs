@@ -88,14 +88,14 @@ fn names(want: &Metadata) -> Vec<&str> {
     want.keys().map(String::as_str).collect()
 }
 
-/// `dc` shows `want` right now: for the server where the changes were made (Dovecot itself, no
-/// replication involved).
+/// `dc` shows `want` right now: on the server where the changes were made (Dovecot alone, no
+/// replication involved), or on a settled pair.
 fn assert_shows(dc: &Dovecot, want: &Metadata, what: &str) {
     let seen = metadata(dc, &names(want));
     assert_eq!(
         &seen,
         want,
-        "{what}: {} itself does not show what was set on it",
+        "{what}: {} does not show the expected metadata (left: what it shows)",
         dc.options().name
     );
 }
@@ -429,4 +429,50 @@ fn metadata_follows_a_renamed_mailbox() {
     expect(&mut want, "Play", "/private/comment", Some("play notes"));
     assert_shows(&pair.b, &want, "changed on Play on b");
     wait_shows(&pair.a, &want, "changed on Play on b");
+}
+
+/// A mailbox deleted on A takes its entries with it on both servers (Dovecot removes a
+/// mailbox's entries as part of DELETE), and a new mailbox of the same name starts without
+/// them.
+#[test]
+fn metadata_goes_with_a_deleted_mailbox() {
+    let pair = Pair::start("meta-delete");
+    let mut a = pair.a.login(USER);
+    a.create("Work");
+    a.setmetadata(
+        "Work",
+        &[
+            ("/private/comment", Some("old work")),
+            ("/shared/comment", Some("old shared")),
+        ],
+    );
+    let mut want = Metadata::new();
+    expect(&mut want, "Work", "/private/comment", Some("old work"));
+    expect(&mut want, "Work", "/shared/comment", Some("old shared"));
+    assert_shows(&pair.a, &want, "set on Work");
+    wait_shows(&pair.b, &want, "set on Work");
+
+    a.delete("Work");
+    want.insert("Work".into(), None);
+    assert_shows(&pair.a, &want, "Work deleted on a");
+    wait_shows(&pair.b, &want, "Work deleted on a");
+
+    a.create("Work");
+    a.setmetadata(
+        "Work",
+        &[("/private/vendor/vendor.example/color", Some("red"))],
+    );
+    a.logout();
+    want.insert("Work".into(), None);
+    expect(
+        &mut want,
+        "Work",
+        "/private/vendor/vendor.example/color",
+        Some("red"),
+    );
+    assert_shows(&pair.a, &want, "Work created again on a");
+    wait_shows(&pair.b, &want, "Work created again on a");
+    // Nothing of the old Work comes back later.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_shows(&pair.b, &want, "Work created again on a, a moment later");
 }
