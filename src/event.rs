@@ -280,6 +280,19 @@ pub mod attribute {
         pub value: Vec<u8>,
     }
 
+    /// What memory keeps of a value instead of the value: "" for none, else 16 hex digits of
+    /// its SHA-256. Enough to tell whether an entry still has the value of its last recorded
+    /// change, or was changed behind Tandem's back since.
+    pub fn digest(value: Option<&[u8]>) -> String {
+        use sha2::{Digest, Sha256};
+        value.map_or_else(String::new, |v| {
+            Sha256::digest(v)[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+    }
+
     /// `/private/comment` or `/shared/comment`; server metadata as `/private/server/comment`
     /// is not an IMAP name, so it is shown with Dovecot's key.
     pub fn display(private: bool, key: &str) -> String {

@@ -12,7 +12,7 @@
 //! forgotten at compaction: conflicts are between changes made while the servers were apart,
 //! and tombstones older than that are only needed if a server was away longer.
 
-use crate::event::{Change, FlagSet, Guid128, JournalId, Record};
+use crate::event::{attribute, Change, FlagSet, Guid128, JournalId, Record};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -98,12 +98,12 @@ enum Line {
         on: bool,
         mark: Mark,
     },
-    /// A mailbox attribute was set (`set`) or removed.
+    /// A mailbox attribute was set or removed: its value's [`attribute::digest`].
     Attr {
         mbox: String,
         private: bool,
         key: String,
-        set: bool,
+        value: String,
         mark: Mark,
     },
     /// HIGHESTMODSEQ of a local mailbox accounted for by journal records or by changes the
@@ -136,8 +136,9 @@ pub struct Memory {
     pub names: HashMap<Guid128, (String, Mark)>,
     /// Subscription name → subscribed or not, and when.
     pub subs: HashMap<String, (bool, Mark)>,
-    /// (mailbox, private, key) → whether the attribute was set (or removed), and when.
-    pub attrs: HashMap<AttrKey, (bool, Mark)>,
+    /// (mailbox, private, key) → the [`attribute::digest`] of the value it was given (or ""
+    /// when removed), and when.
+    pub attrs: HashMap<AttrKey, (String, Mark)>,
     /// Mailbox → HIGHESTMODSEQ accounted for (see `Line::Modseq`).
     pub modseq: HashMap<Guid128, u64>,
     /// The local journal's id and the next LSN to read from it.
@@ -215,11 +216,11 @@ impl Memory {
                 mbox,
                 private,
                 key,
-                set,
+                value,
                 mark,
             } => {
                 if let Some(g) = parse_guid(&mbox) {
-                    self.attrs.insert((g, private, key), (set, mark));
+                    self.attrs.insert((g, private, key), (value, mark));
                 }
             }
             Line::Modseq { mbox, modseq } => {
@@ -334,14 +335,14 @@ impl Memory {
                 key,
                 value,
             } => {
-                changed = self.note_attribute(&mbox, *private, key, value.is_some(), mark);
+                changed = self.note_attribute(&mbox, *private, key, value.as_deref(), mark);
             }
         }
         changed
     }
 
-    /// The last known change of a mailbox attribute: whether it set a value, and when.
-    pub fn attribute(&self, mbox: &Guid128, private: bool, key: &str) -> Option<&(bool, Mark)> {
+    /// The last known change of a mailbox attribute: its value's digest, and when.
+    pub fn attribute(&self, mbox: &Guid128, private: bool, key: &str) -> Option<&(String, Mark)> {
         self.attrs.get(&(*mbox, private, key.to_string()))
     }
 
@@ -352,7 +353,7 @@ impl Memory {
         mbox: &Guid128,
         private: bool,
         key: &str,
-        set: bool,
+        value: Option<&[u8]>,
         mark: Mark,
     ) -> bool {
         let newer = self
@@ -363,7 +364,7 @@ impl Memory {
                 mbox: mbox.to_hex(),
                 private,
                 key: key.to_string(),
-                set,
+                value: attribute::digest(value),
                 mark,
             });
         }
@@ -552,12 +553,12 @@ impl Memory {
                 mark: mark.clone(),
             });
         }
-        for ((g, private, key), (set, mark)) in &self.attrs {
+        for ((g, private, key), (value, mark)) in &self.attrs {
             lines.push(Line::Attr {
                 mbox: g.to_hex(),
                 private: *private,
                 key: key.clone(),
-                set: *set,
+                value: value.clone(),
                 mark: mark.clone(),
             });
         }

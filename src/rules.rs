@@ -41,6 +41,29 @@ pub fn side_a_wins(a: Option<&Mark>, b: Option<&Mark>, tie: bool) -> bool {
     }
 }
 
+// ---- rule 9: mailbox attributes ---------------------------------------------------------------
+
+/// What one side knows of an attribute entry in a resync: its last recorded change, and
+/// whether its value now differs from the one that change gave it (changed behind Tandem's
+/// back since, by doveadm without the plugin or with the plugin not loaded).
+#[derive(Clone, Copy, Debug)]
+pub struct AttrFacts<'a> {
+    pub last: Option<&'a Mark>,
+    pub changed_since: bool,
+}
+
+/// Rule 9, resync: whether side a's value of an entry wins. When both sides last recorded the
+/// same change, a side whose value differs from it was changed after it, behind Tandem's back:
+/// that value is the newer one and wins (the other side still has the recorded change's).
+/// Otherwise the later recorded change wins; with none on either side, `tie` (a value beats
+/// none, then the greater value).
+pub fn attribute_a_wins(a: AttrFacts<'_>, b: AttrFacts<'_>, tie: bool) -> bool {
+    match (a.last, b.last) {
+        (Some(x), Some(y)) if x == y && a.changed_since != b.changed_since => a.changed_since,
+        _ => side_a_wins(a.last, b.last, tie),
+    }
+}
+
 // ---- rule 1: flags and keywords ---------------------------------------------------------------
 
 /// Rule 1, streaming: the part of the peer's flag change (`added`, `removed`) that is newer

@@ -476,3 +476,81 @@ fn metadata_goes_with_a_deleted_mailbox() {
     std::thread::sleep(Duration::from_millis(500));
     assert_shows(&pair.b, &want, "Work created again on a, a moment later");
 }
+
+/// `doveadm mailbox metadata set` on `dc` without the plugin: a change no journal records.
+fn set_unjournaled(dc: &Dovecot, mailbox: &str, entry: &str, value: &str) {
+    dc.doveadm_unjournaled(&[
+        "mailbox", "metadata", "set", "-u", USER, mailbox, entry, value,
+    ]);
+}
+
+/// Entries changed behind Tandem's back (doveadm without the plugin) are differences that
+/// `tandem verify` names, and `tandem resync` copies each to the side that lacks it.
+#[test]
+fn metadata_changed_behind_tandems_back_is_named_by_verify_and_repaired_by_resync() {
+    let pair = Pair::start("meta-resync");
+    let mut a = pair.a.login(USER);
+    a.create("Work");
+    a.setmetadata("Work", &[("/private/comment", Some("seen by both"))]);
+    a.setmetadata("INBOX", &[("/private/comment", Some("seen by both"))]);
+    a.logout();
+    let mut want = Metadata::new();
+    expect(&mut want, "Work", "/private/comment", Some("seen by both"));
+    expect(&mut want, "INBOX", "/private/comment", Some("seen by both"));
+    wait_shows(&pair.b, &want, "before");
+
+    set_unjournaled(&pair.b, "Work", "/shared/comment", "only b knows");
+    set_unjournaled(
+        &pair.a,
+        "INBOX",
+        "/private/vendor/vendor.example/x",
+        "only a knows",
+    );
+    let verify = pair.a.tandem_verify(USER);
+    let diffs = verify.diffs().join("\n");
+    assert!(
+        diffs.contains("attribute /shared/comment")
+            && diffs.contains("attribute /private/vendor/vendor.example/x"),
+        "verify names both entries:\n{}\n{}",
+        verify.stdout,
+        verify.stderr
+    );
+    pair.a.tandem_resync(USER).expect_code(0);
+    expect(&mut want, "Work", "/shared/comment", Some("only b knows"));
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/vendor/vendor.example/x",
+        Some("only a knows"),
+    );
+    assert_shows(&pair.a, &want, "after the resync");
+    assert_shows(&pair.b, &want, "after the resync");
+    pair.a.tandem_verify(USER).expect_identical(USER);
+    pair.b.tandem_verify(USER).expect_identical(USER);
+}
+
+/// An entry changed behind Tandem's back raises the mailbox's HIGHESTMODSEQ without a journal
+/// record: the service finds that gap by itself and repairs it, nobody runs a resync.
+#[test]
+fn metadata_changed_behind_tandems_back_is_found_as_a_gap_and_repaired() {
+    let pair = Pair::start_with("meta-gap", &[("tandem_resync_scan_interval", "1s")]);
+    let mut a = pair.a.login(USER);
+    a.setmetadata("INBOX", &[("/private/comment", Some("first"))]);
+    a.logout();
+    let mut want = Metadata::new();
+    expect(&mut want, "INBOX", "/private/comment", Some("first"));
+    wait_shows(&pair.b, &want, "before");
+
+    set_unjournaled(&pair.b, "INBOX", "/private/comment", "changed behind");
+    expect(
+        &mut want,
+        "INBOX",
+        "/private/comment",
+        Some("changed behind"),
+    );
+    wait_shows(&pair.a, &want, "after the gap");
+    assert!(
+        (pair.a.log() + &pair.b.log()).contains("without journal records"),
+        "the repair names the gap"
+    );
+}

@@ -4,11 +4,21 @@
 
 use super::{Action, Side};
 use crate::event::attribute;
-use crate::rules;
+use crate::memory::Mark;
+use crate::rules::{self, AttrFacts};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One mailbox's attributes, by [`attribute::display`] name (`/private/comment`).
 pub type Attributes = BTreeMap<String, Vec<u8>>;
+
+/// The last recorded change of an entry: when, and the [`attribute::digest`] of the value it
+/// gave ("" for a removal).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttrMark {
+    pub mark: Mark,
+    pub value: String,
+}
 
 /// `/private/key` → (true, key); `/shared/key` → (false, key).
 pub fn parse_name(name: &str) -> Option<(bool, &str)> {
@@ -69,8 +79,8 @@ pub(super) fn both_sides(
         diffs.push(format!(
             "mailbox {name:?} ({mbox}): attribute {k}: {where_}"
         ));
-        let marks = |s: &Side<'_>| s.sum.attr_marks.get(mbox).and_then(|m| m.get(k).cloned());
-        let a_wins = rules::side_a_wins(marks(sa).as_ref(), marks(sb).as_ref(), va > vb);
+        let a_wins =
+            rules::attribute_a_wins(facts(sa, mbox, k, va), facts(sb, mbox, k, vb), va > vb);
         let (loser, value) = if a_wins {
             (&mut to_b, va)
         } else {
@@ -85,6 +95,15 @@ pub(super) fn both_sides(
     }
     sa.acts.extend(to_a);
     sb.acts.extend(to_b);
+}
+
+/// What side `s` knows of entry `name` of `mbox`, whose value there is `value`.
+fn facts<'s>(s: &'s Side<'_>, mbox: &str, name: &str, value: Option<&Vec<u8>>) -> AttrFacts<'s> {
+    let m = s.sum.attr_marks.get(mbox).and_then(|m| m.get(name));
+    AttrFacts {
+        last: m.map(|m| &m.mark),
+        changed_since: m.is_some_and(|m| m.value != attribute::digest(value.map(|v| &v[..]))),
+    }
 }
 
 /// The name an attribute is known by in a [`super::Summary`].

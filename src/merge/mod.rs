@@ -58,9 +58,9 @@ pub struct Summary {
     /// Mailbox GUID → its attributes that replicate (IMAP METADATA).
     #[serde(default)]
     pub attributes: BTreeMap<String, attributes::Attributes>,
-    /// Mailbox GUID → attribute name → its last change.
+    /// Mailbox GUID → attribute name → its last recorded change.
     #[serde(default)]
-    pub attr_marks: BTreeMap<String, BTreeMap<String, Mark>>,
+    pub attr_marks: BTreeMap<String, BTreeMap<String, attributes::AttrMark>>,
 }
 
 /// A server's mails of one mailbox, with what it remembers of them.

@@ -455,12 +455,23 @@ fn subscriptions_follow_the_later_change() {
 
 #[test]
 fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
+    use crate::event::attribute::digest;
+    use attributes::AttrMark;
     let set = |s: &mut S, mbox: &str, name: &str, v: &str| {
         s.sum
             .attributes
             .entry(mbox.into())
             .or_default()
             .insert(name.into(), v.as_bytes().to_vec());
+    };
+    // Side `s` last recorded the change at `m` that gave `name` the value `v`.
+    let recorded = |s: &mut S, name: &str, m: Mark, v: Option<&str>| {
+        let value = digest(v.map(str::as_bytes));
+        s.sum
+            .attr_marks
+            .entry("01".into())
+            .or_default()
+            .insert(name.into(), AttrMark { mark: m, value });
     };
     let attr = |mbox: &str, key: &str, v: Option<&str>| Action::Attribute {
         mbox: mbox.into(),
@@ -472,27 +483,32 @@ fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
     let mut b = inbox("b", vec![]);
     set(&mut a, "01", "/private/comment", "old");
     set(&mut b, "01", "/private/comment", "new");
-    b.sum
-        .attr_marks
-        .entry("01".into())
-        .or_default()
-        .insert("/private/comment".into(), mark(20, "b"));
-    a.sum
-        .attr_marks
-        .entry("01".into())
-        .or_default()
-        .insert("/private/comment".into(), mark(10, "a"));
+    recorded(&mut a, "/private/comment", mark(10, "a"), Some("old"));
+    recorded(&mut b, "/private/comment", mark(20, "b"), Some("new"));
     // Removed on a after b set it: the removal wins.
     set(&mut b, "01", "/private/gone", "x");
-    a.sum
-        .attr_marks
-        .get_mut("01")
-        .unwrap()
-        .insert("/private/gone".into(), mark(30, "a"));
+    recorded(&mut a, "/private/gone", mark(30, "a"), None);
     let p = run(&a, &b);
     assert_eq!(p.local, vec![attr("01", "comment", Some("new"))]);
     assert_eq!(p.remote, vec![attr("01", "gone", None)]);
     assert_eq!(p.differences.len(), 2, "{:?}", p.differences);
+
+    // Both recorded the same change; b's value differs from it: changed behind Tandem's back
+    // since, so b's wins, though "zzz" > "changed" would win the tie.
+    let mut a = inbox("a", vec![]);
+    let mut b = inbox("b", vec![]);
+    set(&mut a, "01", "/private/comment", "zzz");
+    set(&mut b, "01", "/private/comment", "changed");
+    recorded(&mut a, "/private/comment", mark(10, "a"), Some("zzz"));
+    recorded(&mut b, "/private/comment", mark(10, "a"), Some("zzz"));
+    assert_eq!(
+        run(&a, &b).local,
+        vec![attr("01", "comment", Some("changed"))]
+    );
+    assert_eq!(
+        run(&b, &a).remote,
+        vec![attr("01", "comment", Some("changed"))]
+    );
 
     // No record on either side: a value beats none, so the entry is copied.
     let a = inbox("a", vec![]);

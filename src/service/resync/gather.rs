@@ -117,11 +117,15 @@ pub(crate) fn local_summary(
         for (n, (_, m)) in &mem.subs {
             s.subs.insert(n.clone(), m.clone());
         }
-        for ((g, private, key), (_, m)) in &mem.attrs {
+        for ((g, private, key), (value, mark)) in &mem.attrs {
+            let m = merge::attributes::AttrMark {
+                mark: mark.clone(),
+                value: value.clone(),
+            };
             s.attr_marks
                 .entry(g.to_hex())
                 .or_default()
-                .insert(attribute::display(*private, key), m.clone());
+                .insert(attribute::display(*private, key), m);
         }
         Ok(s)
     })
