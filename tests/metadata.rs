@@ -554,3 +554,28 @@ fn metadata_changed_behind_tandems_back_is_found_as_a_gap_and_repaired() {
         "the repair names the gap"
     );
 }
+
+/// INBOX made on each server apart (its first use there, before the peer's create arrived) is
+/// one mailbox once they meet (the two merge under one GUID, docs/conflicts.md rule 4), and the
+/// entries set on either INBOX before are all there. Dovecot keys a mailbox's entries by its
+/// GUID: the INBOX that takes the other's GUID must carry its entries over.
+#[test]
+fn metadata_of_inboxes_made_apart_survives_their_merge() {
+    let pair = Pair::start("meta-inboxes");
+    pair.cut();
+    let mut a = pair.a.login(USER);
+    a.setmetadata("INBOX", &[("/private/comment", Some("set on a"))]);
+    a.logout();
+    let mut b = pair.b.login(USER);
+    b.setmetadata("INBOX", &[("/shared/comment", Some("set on b"))]);
+    b.logout();
+    pair.restore();
+
+    settle(&pair, USER, CONVERGE);
+    let mut want = Metadata::new();
+    expect(&mut want, "INBOX", "/private/comment", Some("set on a"));
+    expect(&mut want, "INBOX", "/shared/comment", Some("set on b"));
+    wait_shows(&pair.a, &want, "after the merge");
+    wait_shows(&pair.b, &want, "after the merge");
+    pair.a.tandem_verify(USER).expect_identical(USER);
+}

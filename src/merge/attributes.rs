@@ -47,17 +47,19 @@ pub(super) fn copy_all(have: &Side<'_>, lack: &mut Side<'_>, mbox: &str) {
     }
 }
 
-/// The attributes of mailbox `mbox`, which both sides have.
+/// The attributes of a mailbox both sides have: `(a's GUID, b's GUID)` (the same, or two
+/// that merge under `mbox`, the GUID both have once the plan is carried out).
 pub(super) fn both_sides(
     sa: &mut Side<'_>,
     sb: &mut Side<'_>,
+    (ga, gb): (&str, &str),
     mbox: &str,
     name: &str,
     diffs: &mut Vec<String>,
 ) {
     let empty = Attributes::new();
-    let a = sa.sum.attributes.get(mbox).unwrap_or(&empty);
-    let b = sb.sum.attributes.get(mbox).unwrap_or(&empty);
+    let a = sa.sum.attributes.get(ga).unwrap_or(&empty);
+    let b = sb.sum.attributes.get(gb).unwrap_or(&empty);
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -79,8 +81,7 @@ pub(super) fn both_sides(
         diffs.push(format!(
             "mailbox {name:?} ({mbox}): attribute {k}: {where_}"
         ));
-        let a_wins =
-            rules::attribute_a_wins(facts(sa, mbox, k, va), facts(sb, mbox, k, vb), va > vb);
+        let a_wins = rules::attribute_a_wins(facts(sa, ga, k, va), facts(sb, gb, k, vb), va > vb);
         let (loser, value) = if a_wins {
             (&mut to_b, va)
         } else {

@@ -125,5 +125,6 @@ pub(super) fn both_sides(
     if x.digest != y.digest || x.uidvalidity != y.uidvalidity {
         mails(sa, sb, x, y, (&x.guid, &y.guid), diffs);
     }
-    super::attributes::both_sides(sa, sb, &x.guid, &x.name, diffs);
+    let g = x.guid.as_str();
+    super::attributes::both_sides(sa, sb, (g, g), g, &x.name, diffs);
 }

@@ -367,6 +367,9 @@ pub fn plan(
                     mails(&mut sa2, &mut sb, &merged_loser, win, src, &mut diffs);
                     sa.acts = sa2.acts;
                 }
+                // Each side's attributes, under the GUID both will have.
+                let guids = (x.guid.as_str(), y.guid.as_str());
+                attributes::both_sides(&mut sa, &mut sb, guids, &win.guid, &x.name, &mut diffs);
             }
             (Some(x), None) => one_side(&mut sa, &mut sb, x, &empty, &mut diffs),
             (None, Some(y)) => one_side(&mut sb, &mut sa, y, &empty, &mut diffs),

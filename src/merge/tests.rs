@@ -527,3 +527,28 @@ fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
         p.local
     );
 }
+
+#[test]
+fn attributes_of_two_same_name_mailboxes_merge_under_the_winning_guid() {
+    let mut a = side("a", &[("01", "INBOX", 5, vec![])]);
+    let mut b = side("b", &[("02", "INBOX", 6, vec![])]);
+    let one = |s: &mut S, g: &str, name: &str, v: &str| {
+        s.sum
+            .attributes
+            .entry(g.into())
+            .or_default()
+            .insert(name.into(), v.as_bytes().to_vec());
+    };
+    one(&mut a, "01", "/private/comment", "from a");
+    one(&mut b, "02", "/shared/comment", "from b");
+    let p = run(&a, &b);
+    // "02" wins: a's INBOX takes it, and each side gets the other's entry under it.
+    let attr = |private: bool, v: &str| Action::Attribute {
+        mbox: "02".into(),
+        private,
+        key: "comment".into(),
+        value: Some(v.as_bytes().to_vec()),
+    };
+    assert!(p.local.contains(&attr(false, "from b")), "{:?}", p.local);
+    assert!(p.remote.contains(&attr(true, "from a")), "{:?}", p.remote);
+}

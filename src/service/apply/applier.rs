@@ -127,6 +127,8 @@ pub enum Resync {
     Recreated,
     /// Rule 6: a mailbox the peer deleted keeps mail it never saw.
     KeptUnseen,
+    /// Rule 4: ours took the peer's GUID and kept attributes the peer has not heard of.
+    AdoptedAttributes,
 }
 
 impl Resync {
@@ -136,6 +138,7 @@ impl Resync {
             Resync::InboxOnBoth => "inbox_on_both",
             Resync::Recreated => "deleted_mailbox_got_mail",
             Resync::KeptUnseen => "deleted_mailbox_kept_unseen",
+            Resync::AdoptedAttributes => "same_name_kept_attributes",
         }
     }
 }
@@ -146,6 +149,9 @@ impl fmt::Display for Resync {
             Resync::InboxOnBoth => "INBOX was created on both servers",
             Resync::Recreated => "a deleted mailbox got new mail",
             Resync::KeptUnseen => "a deleted mailbox kept mail its deleter never saw",
+            Resync::AdoptedAttributes => {
+                "a mailbox created on both servers kept its attributes in the merge"
+            }
         })
     }
 }
@@ -378,9 +384,16 @@ impl Applier<'_> {
                             Ok(Step::Done(false))
                         }
                         SameName::TakeTheirs => {
+                            // Its attributes come along, but no journal record tells the peer
+                            // of them: a resync compares the two.
+                            let had_attributes = !store.attributes(&holder)?.is_empty();
                             match store.adopt_guid(&holder, mbox, *uidvalidity, true) {
                                 Err(StoreError::NotEmpty(_)) => {
                                     Ok(Step::Conflict(Why::SameNameHeldMail { ours: holder }))
+                                }
+                                Ok(()) if had_attributes => {
+                                    resync.push(Resync::AdoptedAttributes);
+                                    Ok(Step::Done(false))
                                 }
                                 other => other.map(|()| Step::Done(false)),
                             }

@@ -186,14 +186,27 @@ impl MailStore for DovecotStore<'_> {
         uidvalidity: u32,
         only_if_unused: bool,
     ) -> Result<(), StoreError> {
+        // Dovecot keys a mailbox's attributes by its GUID: under the new one they would be
+        // gone. They belong to the mailbox, as its mails do, so they are set again under it
+        // (not one step with the change: a failure in between leaves them to a resync, which
+        // the applier asks for whenever an adopted mailbox has attributes).
+        let carried = if old == new {
+            Vec::new()
+        } else {
+            self.attributes(old)?
+        };
         match self
             .user
             .mailbox_adopt_guid(old, new, uidvalidity, only_if_unused)
         {
-            Ok(()) => Ok(()),
-            Err(ApplyError::NotEmpty(_)) => Err(StoreError::NotEmpty(*old)),
-            Err(e) => Err(common(old, e)),
+            Ok(()) => {}
+            Err(ApplyError::NotEmpty(_)) => return Err(StoreError::NotEmpty(*old)),
+            Err(e) => return Err(common(old, e)),
         }
+        for a in carried {
+            self.set_attribute(new, a.private, &a.key, Some(&a.value))?;
+        }
+        Ok(())
     }
 
     fn raise_uidnext(&mut self, mailbox: &Guid128, uidnext: u32) -> Result<(), StoreError> {
