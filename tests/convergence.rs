@@ -4,13 +4,14 @@
 //!
 //! A randomized soak. Each round, for a few seconds, two IMAP clients per server and one LMTP
 //! deliverer per server make random changes (APPEND, STORE of flags and keywords, COPY, MOVE,
-//! EXPUNGE, CREATE, RENAME, DELETE, SUBSCRIBE, UNSUBSCRIBE of a few folders; NO answers are
+//! EXPUNGE, CREATE, RENAME, DELETE, SUBSCRIBE, UNSUBSCRIBE of a few folders, SETMETADATA of a
+//! few entries of those folders and of the server; NO answers are
 //! expected, the clients race each other), while the main thread cuts and restores the link,
 //! kills a tandem service with SIGKILL, or crashes a whole server and starts it again. Then the
 //! link is restored, the pair must settle, and:
 //! - `tandem verify -u alice` exits 0 on both servers;
 //! - `doveadm` on both servers shows the same state (mailboxes, GUIDs, UIDVALIDITY, UIDs,
-//!   message GUIDs, flags, subscriptions);
+//!   message GUIDs, flags, subscriptions), and IMAP the same METADATA entries;
 //! - every message in the must-exist ledger is there exactly once on each server.
 //!
 //! The ledger is conservative: a message must exist if a client got OK (or LMTP 250) for it,
@@ -262,10 +263,45 @@ fn imap_op(imap: &mut Imap, rng: &mut Rng, ledger: &Mutex<Ledger>, label: &str, 
             count(ledger, "subscribe");
             imap.try_command(&format!("{cmd} {f}"));
         }
+        96..=98 => {
+            // A METADATA entry of a mailbox or of the server set or removed.
+            let mb = if rng.chance(20) { "" } else { pick_box(rng) };
+            let entry = *rng.pick(&ENTRIES);
+            let value = format!("{label} #{n}");
+            let value = rng.chance(75).then_some(value.as_str());
+            count(ledger, "setmetadata");
+            let _ = imap.try_setmetadata(mb, &[(entry, value)]);
+        }
         _ => {
             imap.noop();
         }
     }
+}
+
+/// The METADATA entries the clients set (on mailboxes and on the server).
+const ENTRIES: [&str; 3] = [
+    "/private/comment",
+    "/shared/comment",
+    "/private/vendor/vendor.example/tag",
+];
+
+/// Every entry of [`ENTRIES`] on every mailbox of `mailboxes` and on the server, over IMAP.
+fn metadata(dc: &Dovecot, mailboxes: &[String]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut imap = dc.login(USER);
+    let mut out = BTreeMap::new();
+    for mb in std::iter::once("").chain(mailboxes.iter().map(String::as_str)) {
+        // The server's /shared/comment is mail_server_comment, not an entry anyone set.
+        let entries: Vec<&str> = ENTRIES
+            .iter()
+            .copied()
+            .filter(|e| !mb.is_empty() || !e.starts_with("/shared"))
+            .collect();
+        let got = imap.getmetadata(mb, &entries);
+        let set = got.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        out.insert(mb.to_string(), set);
+    }
+    imap.logout();
+    out
 }
 
 struct Worker {
@@ -577,6 +613,13 @@ fn random_traffic_partitions_and_crashes_converge() {
             r
         };
         assert_eq!(rows(&pair.a), rows(&pair.b), "round {round}: doveadm fetch");
+        let names: Vec<String> = s.mailboxes.iter().map(|(n, _, _)| n.clone()).collect();
+        let (ma, mb) = (metadata(&pair.a, &names), metadata(&pair.b, &names));
+        assert_eq!(ma, mb, "round {round}: GETMETADATA");
+        eprintln!(
+            "round {round}: {} METADATA entries the same on both servers",
+            ma.values().map(BTreeMap::len).sum::<usize>()
+        );
 
         // The ledger.
         let (la, lb) = (locations(&pair.a), locations(&pair.b));
