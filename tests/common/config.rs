@@ -24,6 +24,8 @@ pub struct Options {
     pub extra_users: Vec<String>,
     /// Raw configuration appended at the end of dovecot.conf (e.g. `service imap { ... }`).
     pub extra_conf: String,
+    /// Mail plugins loaded after Tandem's (e.g. `quota`), in the release's syntax.
+    pub extra_mail_plugins: Vec<String>,
     /// A specific plugin build instead of [`plugin_so`] (e.g. the test-hooks build).
     pub plugin_so: Option<PathBuf>,
     /// Run the tandem service, listening for its peer on this 127.0.0.1 port.
@@ -170,6 +172,7 @@ impl Default for Options {
             user_fields: Vec::new(),
             extra_users: Vec::new(),
             extra_conf: String::new(),
+            extra_mail_plugins: Vec::new(),
             plugin_so: None,
             service_port: None,
             metrics_port: None,
@@ -248,6 +251,11 @@ mail_plugin_dir = {d}/modules
 "
     ));
     let root = format!("~/{}", opts.format.dir());
+    let mut plugins: Vec<&str> = Vec::new();
+    if opts.plugin {
+        plugins.extend(["notify", "tandem"]);
+    }
+    plugins.extend(opts.extra_mail_plugins.iter().map(String::as_str));
     if v24 {
         c.push_str(&format!(
             "auth_allow_cleartext = yes
@@ -274,8 +282,12 @@ imap_metadata = yes
 ",
             driver = opts.format.name()
         ));
-        if opts.plugin {
-            c.push_str("mail_plugins {\n  notify = yes\n  tandem = yes\n}\n");
+        if !plugins.is_empty() {
+            c.push_str("mail_plugins {\n");
+            for p in &plugins {
+                c.push_str(&format!("  {p} = yes\n"));
+            }
+            c.push_str("}\n");
         }
     } else {
         c.push_str(&format!(
@@ -296,8 +308,11 @@ imap_metadata = yes
             location = opts.format.location(&root)
         ));
         // Before any protocol block, or the protocol won't inherit it (DOVECOT.md §1).
-        if opts.plugin {
-            c.push_str("mail_plugins = $mail_plugins notify tandem\n");
+        if !plugins.is_empty() {
+            c.push_str(&format!(
+                "mail_plugins = $mail_plugins {}\n",
+                plugins.join(" ")
+            ));
         }
     }
     let mut settings: Vec<(String, String)> = Vec::new();

@@ -79,6 +79,24 @@ impl Dovecot {
         let modules = path.join("modules");
         fs::create_dir(&modules).unwrap();
         symlink(NOTIFY_PLUGIN, modules.join("lib15_notify_plugin.so")).unwrap();
+        // Other stock plugins asked for, from the same directory as notify's.
+        let stock = Path::new(NOTIFY_PLUGIN).parent().unwrap();
+        for name in &opts.extra_mail_plugins {
+            let wanted = format!("{name}_plugin.so");
+            let is_it = |f: &str| {
+                f.strip_prefix("lib")
+                    .and_then(|f| f.split_once('_'))
+                    .is_some_and(|(n, rest)| {
+                        n.bytes().all(|b| b.is_ascii_digit()) && rest == wanted
+                    })
+            };
+            let found = fs::read_dir(stock)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .find(|e| is_it(&e.file_name().to_string_lossy()))
+                .unwrap_or_else(|| panic!("no {name} plugin in {}", stock.display()));
+            symlink(found.path(), modules.join(found.file_name())).unwrap();
+        }
         if let Some(so) = &plugin_path {
             let dst = modules.join(PLUGIN_FILE_NAME);
             fs::copy(so, &dst).unwrap_or_else(|e| panic!("copy {} failed: {e}", so.display()));
