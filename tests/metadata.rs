@@ -21,7 +21,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{settle, Dovecot, Options, Pair};
+use common::{settle, Dovecot, Imap, Options, Pair};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Between two changes whose order matters: the stamps differ by tens of milliseconds.
@@ -118,6 +118,24 @@ fn wait_shows(dc: &Dovecot, want: &Metadata, what: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Sets (or removes) `entries` of `mailbox` through `a`, a login on A, notes them in `want`,
+/// and checks that A shows `want` at once and B within [`CONVERGE`].
+fn set_on_a(
+    pair: &Pair,
+    a: &mut Imap,
+    mailbox: &str,
+    entries: &[(&str, Option<&str>)],
+    want: &mut Metadata,
+    what: &str,
+) {
+    a.setmetadata(mailbox, entries);
+    for (entry, value) in entries {
+        expect(want, mailbox, entry, *value);
+    }
+    assert_shows(&pair.a, want, what);
+    wait_shows(&pair.b, want, what);
 }
 
 /// What the other tests rely on, on one server without a peer: the harness's Dovecot stores
@@ -397,24 +415,13 @@ fn metadata_follows_a_renamed_mailbox() {
     let pair = Pair::start("meta-rename");
     let mut a = pair.a.login(USER);
     a.create("Work");
-    a.setmetadata(
-        "Work",
-        &[
-            ("/private/comment", Some("work notes")),
-            ("/shared/vendor/vendor.example/owner", Some("alice")),
-        ],
-    );
     let mut want = Metadata::new();
-    expect(&mut want, "Work", "/private/comment", Some("work notes"));
-    expect(
-        &mut want,
-        "Work",
-        "/shared/vendor/vendor.example/owner",
-        Some("alice"),
-    );
     want.insert("Play".into(), None);
-    assert_shows(&pair.a, &want, "set on Work");
-    wait_shows(&pair.b, &want, "set on Work");
+    let entries = [
+        ("/private/comment", Some("work notes")),
+        ("/shared/vendor/vendor.example/owner", Some("alice")),
+    ];
+    set_on_a(&pair, &mut a, "Work", &entries, &mut want, "set on Work");
 
     a.rename("Work", "Play");
     a.logout();
@@ -439,18 +446,12 @@ fn metadata_goes_with_a_deleted_mailbox() {
     let pair = Pair::start("meta-delete");
     let mut a = pair.a.login(USER);
     a.create("Work");
-    a.setmetadata(
-        "Work",
-        &[
-            ("/private/comment", Some("old work")),
-            ("/shared/comment", Some("old shared")),
-        ],
-    );
     let mut want = Metadata::new();
-    expect(&mut want, "Work", "/private/comment", Some("old work"));
-    expect(&mut want, "Work", "/shared/comment", Some("old shared"));
-    assert_shows(&pair.a, &want, "set on Work");
-    wait_shows(&pair.b, &want, "set on Work");
+    let entries = [
+        ("/private/comment", Some("old work")),
+        ("/shared/comment", Some("old shared")),
+    ];
+    set_on_a(&pair, &mut a, "Work", &entries, &mut want, "set on Work");
 
     a.delete("Work");
     want.insert("Work".into(), None);
@@ -458,20 +459,17 @@ fn metadata_goes_with_a_deleted_mailbox() {
     wait_shows(&pair.b, &want, "Work deleted on a");
 
     a.create("Work");
-    a.setmetadata(
+    want.insert("Work".into(), None);
+    let entries = [("/private/vendor/vendor.example/color", Some("red"))];
+    set_on_a(
+        &pair,
+        &mut a,
         "Work",
-        &[("/private/vendor/vendor.example/color", Some("red"))],
+        &entries,
+        &mut want,
+        "Work created again on a",
     );
     a.logout();
-    want.insert("Work".into(), None);
-    expect(
-        &mut want,
-        "Work",
-        "/private/vendor/vendor.example/color",
-        Some("red"),
-    );
-    assert_shows(&pair.a, &want, "Work created again on a");
-    wait_shows(&pair.b, &want, "Work created again on a");
     // Nothing of the old Work comes back later.
     std::thread::sleep(Duration::from_millis(500));
     assert_shows(&pair.b, &want, "Work created again on a, a moment later");
