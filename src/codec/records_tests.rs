@@ -34,3 +34,58 @@ fn back_references_cannot_expand_a_message_without_bound() {
         "{err}"
     );
 }
+
+/// An Attribute record as a hostile peer may send it: the fields before its own as in the
+/// previous record (all zero), then `bits`, a key "k", and `value_len` announced.
+fn attribute_record(bits: u8, value_len: usize, value: &[u8]) -> Vec<u8> {
+    use super::records::same;
+    let mut r = vec![Kind::Attribute as u8, same::ALL & !same::UIDVALIDITY, 0, 0];
+    r.extend_from_slice(&[bits, 0, 1, b'k']);
+    if bits & 0x02 != 0 {
+        r.extend_from_slice(&value_len.encode_var_vec());
+        r.extend_from_slice(value);
+    }
+    r
+}
+
+#[test]
+fn attribute_records_are_bounded_and_checked() {
+    let ok = attribute_record(0x03, 3, b"abc");
+    let r = &super::records::decode(&ok, 1).unwrap()[0];
+    assert_eq!(
+        r.change,
+        crate::event::Change::Attribute {
+            private: true,
+            key: "k".into(),
+            value: Some(b"abc".to_vec())
+        }
+    );
+    let removed = attribute_record(0x00, 0, b"");
+    let r = &super::records::decode(&removed, 1).unwrap()[0];
+    assert!(matches!(
+        &r.change,
+        crate::event::Change::Attribute {
+            private: false,
+            value: None,
+            ..
+        }
+    ));
+
+    let err = super::records::decode(&attribute_record(0x06, 0, b""), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown attribute bits 0x06"), "{err}");
+    // A length over the limit is refused before anything is read or allocated for it.
+    let err = super::records::decode(&attribute_record(0x02, 70_000, b""), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("attribute value of 70000 bytes is over the 65535-byte limit"),
+        "{err}"
+    );
+    // One announced longer than what is left is truncation, not a read past the end.
+    let err = super::records::decode(&attribute_record(0x02, 50, b"short"), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated in the attribute value"), "{err}");
+}
