@@ -362,18 +362,18 @@ impl UserCapture {
                     continue;
                 }
             };
-            if value
+            if let Some(len) = value
                 .as_ref()
-                .is_some_and(|v| v.len() > attribute::MAX_VALUE)
+                .map(Vec::len)
+                .filter(|n| *n > attribute::MAX_VALUE)
             {
-                log::error!(
-                    "user {}: mailbox {:?}: attribute {name} is {} bytes, over the {} bytes \
-                     Tandem replicates; not replicated",
-                    self.user,
+                // A record cannot carry it; the resync compares values of any size.
+                self.fail(&format!(
+                    "mailbox {:?}: attribute {name} is {len} bytes, more than a journal record \
+                     carries ({}); left to a resync",
                     info.name,
-                    value.map_or(0, |v| v.len()),
                     attribute::MAX_VALUE
-                );
+                ));
                 continue;
             }
             let change = Change::Attribute {

@@ -258,9 +258,9 @@ pub mod attribute {
     pub const DOVECOT_PVT: &str = "vendor/vendor.dovecot/pvt/";
     /// Server metadata (`SETMETADATA ""`) lives in INBOX under this prefix.
     pub const SERVER_PREFIX: &str = "vendor/vendor.dovecot/pvt/server/";
-    /// The longest value Tandem carries: a journal string's limit. Dovecot sets none of its own
-    /// (beyond `imap_metadata`'s client limits); a longer value is refused with an error at
-    /// capture and listed as a difference by `tandem verify`.
+    /// The longest value a record carries: a journal string's limit. Dovecot sets none of its
+    /// own (IMAP refuses a value this long, doveadm does not); a longer value is left to a
+    /// resync, which the plugin asks for at once.
     pub const MAX_VALUE: usize = u16::MAX as usize;
 
     /// Whether a key is one a user keeps (IMAP METADATA, server metadata) rather than Dovecot's

@@ -577,3 +577,45 @@ fn metadata_of_inboxes_made_apart_survives_their_merge() {
     wait_shows(&pair.b, &want, "after the merge");
     pair.a.tandem_verify(USER).expect_identical(USER);
 }
+
+/// A value longer than a journal record carries (65,535 bytes; IMAP refuses one that long,
+/// doveadm does not) is left to a resync, which the plugin asks for at once, saying so in
+/// Dovecot's log: B gets it all the same.
+#[test]
+fn a_value_too_long_for_a_record_arrives_by_a_resync() {
+    let pair = Pair::start_with("meta-long", &[("tandem_resync_scan_interval", "1s")]);
+    let long: String = (0..100_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let out = pair.a.try_doveadm(&[
+        "mailbox",
+        "metadata",
+        "set",
+        "-u",
+        USER,
+        "INBOX",
+        "/private/comment",
+        &long,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "doveadm: {stderr}");
+    // doveadm, run from a shell, logs to its stderr.
+    let said = stderr + &pair.a.log();
+    assert!(
+        said.contains(
+            "attribute /private/comment is 100000 bytes, more than a journal record carries \
+             (65535); left to a resync; marked for resync"
+        ),
+        "A says why the value goes by a resync:\n{said}"
+    );
+    let on_b = || {
+        let mut b = pair.b.login(USER);
+        let got = b.getmetadata("INBOX", &["/private/comment"]);
+        b.logout();
+        got.get("/private/comment").cloned().flatten()
+    };
+    common::wait_for(CONVERGE, "B has the 100,000-byte value", || {
+        on_b().is_some_and(|v| v == long)
+    });
+    pair.a.tandem_verify(USER).expect_identical(USER);
+}
