@@ -241,7 +241,7 @@ fn metadata_is_stored_and_read_back_on_one_server() {
 /// B to A.
 #[test]
 fn metadata_set_on_one_server_appears_on_the_other() {
-    let pair = Pair::start("meta-set");
+    let pair = start(Pair::start("meta-set"));
     let mut a = pair.a.login(USER);
     a.create("Work");
     a.setmetadata(
@@ -351,7 +351,7 @@ fn metadata_set_on_one_server_appears_on_the_other() {
 /// changes a second entry and A removes it later: it is gone on both.
 #[test]
 fn metadata_conflict_the_later_change_wins() {
-    let pair = Pair::start("meta-conflict");
+    let pair = start(Pair::start("meta-conflict"));
     let mut want = Metadata::new();
     expect(&mut want, "INBOX", "/private/comment", Some("before"));
     expect(&mut want, "INBOX", "/shared/comment", Some("before"));
@@ -412,7 +412,7 @@ fn metadata_conflict_the_later_change_wins() {
 /// made to it on B then shows on A.
 #[test]
 fn metadata_follows_a_renamed_mailbox() {
-    let pair = Pair::start("meta-rename");
+    let pair = start(Pair::start("meta-rename"));
     let mut a = pair.a.login(USER);
     a.create("Work");
     let mut want = Metadata::new();
@@ -443,7 +443,7 @@ fn metadata_follows_a_renamed_mailbox() {
 /// them.
 #[test]
 fn metadata_goes_with_a_deleted_mailbox() {
-    let pair = Pair::start("meta-delete");
+    let pair = start(Pair::start("meta-delete"));
     let mut a = pair.a.login(USER);
     a.create("Work");
     let mut want = Metadata::new();
@@ -473,6 +473,20 @@ fn metadata_goes_with_a_deleted_mailbox() {
     // Nothing of the old Work comes back later.
     std::thread::sleep(Duration::from_millis(500));
     assert_shows(&pair.b, &want, "Work created again on a, a moment later");
+}
+
+/// `pair` once INBOX is one mailbox on both servers. A fresh pair's first looks (the harness's
+/// and a login's) can make INBOX on each server apart, which the services merge under one GUID
+/// in their first seconds. Dovecot keys attributes by mailbox GUID, so an entry set on INBOX
+/// during that merge can be lost (seen: 2 runs in 10 on a loaded 2.3; the note of this change
+/// has the race). The tests of other rules start after it; the merge itself has its own test.
+fn start(pair: Pair) -> Pair {
+    let mut a = pair.a.login(USER);
+    a.select("INBOX");
+    a.logout();
+    settle(&pair, USER, CONVERGE);
+    wait_resyncs_over(&pair);
+    pair
 }
 
 /// Waits until neither service has a resync under way, and none has started or finished for
@@ -511,7 +525,7 @@ fn set_unjournaled(dc: &Dovecot, mailbox: &str, entry: &str, value: &str) {
 /// `tandem verify` names, and `tandem resync` copies each to the side that lacks it.
 #[test]
 fn metadata_changed_behind_tandems_back_is_named_by_verify_and_repaired_by_resync() {
-    let pair = Pair::start("meta-resync");
+    let pair = start(Pair::start("meta-resync"));
     let mut a = pair.a.login(USER);
     a.create("Work");
     a.setmetadata("Work", &[("/private/comment", Some("seen by both"))]);
@@ -562,7 +576,10 @@ fn metadata_changed_behind_tandems_back_is_named_by_verify_and_repaired_by_resyn
 /// the resync's rule for such a change, the repair put the old value back: this test failed.)
 #[test]
 fn metadata_changed_behind_tandems_back_is_found_as_a_gap_and_repaired() {
-    let pair = Pair::start_with("meta-gap", &[("tandem_resync_scan_interval", "1s")]);
+    let pair = start(Pair::start_with(
+        "meta-gap",
+        &[("tandem_resync_scan_interval", "1s")],
+    ));
     let mut a = pair.a.login(USER);
     a.create("Work");
     let mut want = Metadata::new();
@@ -614,7 +631,10 @@ fn metadata_of_inboxes_made_apart_survives_their_merge() {
 /// Dovecot's log: B gets it all the same.
 #[test]
 fn a_value_too_long_for_a_record_arrives_by_a_resync() {
-    let pair = Pair::start_with("meta-long", &[("tandem_resync_scan_interval", "1s")]);
+    let pair = start(Pair::start_with(
+        "meta-long",
+        &[("tandem_resync_scan_interval", "1s")],
+    ));
     let long: String = (0..100_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
