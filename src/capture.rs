@@ -266,8 +266,10 @@ pub struct UserCapture {
     /// The clock floor, read before every append through a file kept open.
     floor: crate::clock::FloorReader,
     /// Open transactions (by Dovecot's pointer) and the attributes each has set so far:
-    /// notify reports no attribute changes, so the shim reports them by transaction.
-    open_txns: HashMap<usize, AttrKeys>,
+    /// notify reports no attribute changes, so the shim reports them by transaction. A
+    /// process has one or two open at a time: a list, so that the begin and commit of every
+    /// FETCH cost no hashing.
+    open_txns: Vec<(usize, AttrKeys)>,
 }
 
 /// Reads an attribute's value now: `Ok(None)` when it has none, `Err` when unreadable.
@@ -297,19 +299,21 @@ impl UserCapture {
             writer: None,
             deleting: Vec::new(),
             registered: false,
-            open_txns: HashMap::new(),
+            open_txns: Vec::new(),
         }
     }
 
     /// A captured transaction begins (`id`: Dovecot's transaction pointer).
     pub fn txn_opened(&mut self, id: usize) {
-        self.open_txns.insert(id, AttrKeys::default());
+        // A pointer Dovecot reuses after a transaction Tandem never saw end replaces it.
+        self.open_txns.retain(|(i, _)| *i != id);
+        self.open_txns.push((id, AttrKeys::default()));
     }
 
     /// The transaction `id` set or removed an attribute. Ignored for transactions not
     /// captured, and for Dovecot's own keys.
     pub fn attribute_changed(&mut self, id: usize, private: bool, key: &str) {
-        let Some(t) = self.open_txns.get_mut(&id) else {
+        let Some((_, t)) = self.open_txns.iter_mut().find(|(i, _)| *i == id) else {
             return;
         };
         if !attribute::is_replicated(key) || t.overflowed {
@@ -324,7 +328,10 @@ impl UserCapture {
 
     /// The transaction `id` ended: the attributes it changed.
     pub fn txn_closed(&mut self, id: usize) -> AttrKeys {
-        self.open_txns.remove(&id).unwrap_or_default()
+        match self.open_txns.iter().position(|(i, _)| *i == id) {
+            Some(n) => self.open_txns.swap_remove(n).1,
+            None => AttrKeys::default(),
+        }
     }
 
     /// Journals the attributes a committed transaction changed, each with its value now
