@@ -3,6 +3,8 @@
 use crate::event::{attribute, Guid128};
 use crate::merge::{self, BoxState, Details, MailState, Summary};
 use crate::service::apply::applier::parse_box;
+use crate::service::apply::dovecot_store::DovecotStore;
+use crate::service::apply::store::MailStore;
 use crate::service::apply::BodyMeta;
 use crate::service::host::dovecot::{ApplyError, BodyInfo, Svc, User};
 use crate::service::host::users::with_user;
@@ -87,10 +89,10 @@ pub(crate) fn local_summary(
                     d
                 }
             };
-            let attrs = u.attributes(&b.guid).map_err(|e| e.to_string())?;
-            let attrs: merge::attributes::Attributes = attrs
+            let attrs: merge::attributes::Attributes = DovecotStore::new(u)
+                .attributes(&b.guid)
+                .map_err(|e| e.to_string())?
                 .into_iter()
-                .filter(|e| attribute::is_replicated(&e.key))
                 .map(|e| (merge::attributes::name_of(&e), e.value))
                 .collect();
             if !attrs.is_empty() {
