@@ -453,17 +453,19 @@ fn subscriptions_follow_the_later_change() {
     );
 }
 
+/// Side `s` has attribute `name` of mailbox `mbox` with the value `v`.
+fn set(s: &mut S, mbox: &str, name: &str, v: &str) {
+    s.sum
+        .attributes
+        .entry(mbox.into())
+        .or_default()
+        .insert(name.into(), v.as_bytes().to_vec());
+}
+
 #[test]
 fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
     use crate::event::attribute::digest;
     use attributes::AttrMark;
-    let set = |s: &mut S, mbox: &str, name: &str, v: &str| {
-        s.sum
-            .attributes
-            .entry(mbox.into())
-            .or_default()
-            .insert(name.into(), v.as_bytes().to_vec());
-    };
     // Side `s` last recorded the change at `m` that gave `name` the value `v`.
     let recorded = |s: &mut S, name: &str, m: Mark, v: Option<&str>| {
         let value = digest(v.map(str::as_bytes));
@@ -532,15 +534,8 @@ fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
 fn attributes_of_two_same_name_mailboxes_merge_under_the_winning_guid() {
     let mut a = side("a", &[("01", "INBOX", 5, vec![])]);
     let mut b = side("b", &[("02", "INBOX", 6, vec![])]);
-    let one = |s: &mut S, g: &str, name: &str, v: &str| {
-        s.sum
-            .attributes
-            .entry(g.into())
-            .or_default()
-            .insert(name.into(), v.as_bytes().to_vec());
-    };
-    one(&mut a, "01", "/private/comment", "from a");
-    one(&mut b, "02", "/shared/comment", "from b");
+    set(&mut a, "01", "/private/comment", "from a");
+    set(&mut b, "02", "/shared/comment", "from b");
     let p = run(&a, &b);
     // "02" wins: a's INBOX takes it, and each side gets the other's entry under it.
     let attr = |private: bool, v: &str| Action::Attribute {
