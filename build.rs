@@ -17,6 +17,7 @@ const GLUE_HEADER: &str = "dovecot-glue/tandem-glue.h";
 const GLUE_SOURCE: &str = "dovecot-glue/tandem-glue.c";
 const SERVICE_HEADER: &str = "dovecot-glue/tandem-service.h";
 const SERVICE_SOURCE: &str = "dovecot-glue/tandem-service.c";
+const SIEVE_SOURCE: &str = "dovecot-glue/tandem-sieve.c";
 const LOG_HEADER: &str = "dovecot-glue/tandem-log.h";
 const LOG_SOURCE: &str = "dovecot-glue/tandem-log.c";
 const COMPAT_HEADER: &str = "dovecot-glue/tandem-compat.h";
@@ -38,6 +39,7 @@ fn main() {
         GLUE_SOURCE,
         SERVICE_HEADER,
         SERVICE_SOURCE,
+        SIEVE_SOURCE,
         LOG_HEADER,
         LOG_SOURCE,
         COMPAT_HEADER,
@@ -95,8 +97,28 @@ fn main() {
     if service {
         // The compat file again, with its service part, as its own library: an object file
         // cannot be in two static libraries built with different defines.
-        let sources: Vec<&str> = [SERVICE_SOURCE].iter().chain(extra).copied().collect();
-        compile_c(&config, &include_dir, &sources, &[], "tandem_service");
+        let sources: Vec<&str> = [SERVICE_SOURCE, SIEVE_SOURCE]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        // Where Pigeonhole's doveadm plugin is looked for (see tandem-service.c, Sieve).
+        let moduledir = format!(
+            "TANDEM_MODULEDIR=\"{}\"",
+            config
+                .get("dovecot_moduledir")
+                .map_or("/usr/lib/dovecot/modules", String::as_str)
+        );
+        compile_c(
+            &config,
+            &include_dir,
+            &sources,
+            &[&moduledir],
+            "tandem_service",
+        );
+        // The stand-ins for doveadm's functions that Pigeonhole's doveadm plugin links against
+        // must be in the executable's dynamic symbol table for that plugin to load.
+        println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol=doveadm_*");
         compile_c(
             &config,
             &include_dir,
@@ -202,7 +224,10 @@ fn compile_c(
     let mut build = cc::Build::new();
     build.files(sources);
     for define in defines {
-        build.define(define, None);
+        match define.split_once('=') {
+            Some((name, value)) => build.define(name, Some(value)),
+            None => build.define(define, None),
+        };
     }
     build
         .include("dovecot-glue")

@@ -53,6 +53,7 @@ void tandem_compat_notify_unregister(struct notify_context **ctx)
 
 #ifdef TANDEM_COMPAT_SERVICE
 #include "master-service-settings.h"
+#include "module-dir.h"
 
 const enum master_service_flags tandem_compat_service_flags =
 	MASTER_SERVICE_FLAG_NO_IDLE_DIE;
@@ -141,5 +142,15 @@ int tandem_compat_user_open(struct mail_storage_service_ctx *ctx,
 		return ret;
 	}
 	return 1;
+}
+
+int tandem_compat_module_load(struct module **modules, const char *dir,
+			      const char *name,
+			      const struct module_dir_load_settings *set,
+			      const char **error_r)
+{
+	const char *const names[] = { name, NULL };
+
+	return module_dir_try_load_missing(modules, dir, names, set, error_r);
 }
 #endif

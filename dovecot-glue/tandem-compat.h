@@ -68,6 +68,15 @@ int tandem_compat_user_open(struct mail_storage_service_ctx *ctx,
 			    struct mail_storage_service_user **service_user_r,
 			    struct mail_user **mail_user_r,
 			    const char **error_r);
+
+/* Loads the plugin `name` from dir into *modules (2.3 takes the names as
+   one string, 2.4 as an array). -1 with *error_r set if it does not load. */
+struct module;
+struct module_dir_load_settings;
+int tandem_compat_module_load(struct module **modules, const char *dir,
+			      const char *name,
+			      const struct module_dir_load_settings *set,
+			      const char **error_r);
 #endif
 
 #endif

@@ -23,6 +23,7 @@
 #include "mail-storage-private.h"
 #include "mail-storage-hooks.h"
 #include "mailbox-attribute.h"
+#include "mail-index-transaction-private.h"
 #include "notify-plugin.h"
 #include "master-service.h"
 #include "master-service-settings.h"
@@ -543,6 +544,35 @@ static int tandem_attribute_set(struct mailbox_transaction_context *t,
 	return 0;
 }
 
+/* Index attribute updates are [+-][ps]key\0 each (lib-index), the same in 2.3
+   and 2.4. Read before the commit: notify reports it after the transaction
+   is gone. */
+static int
+tandem_transaction_commit(struct mailbox_transaction_context *t,
+			  struct mail_transaction_commit_changes *changes_r)
+{
+	union mailbox_module_context *tbox = TANDEM_BOX_CONTEXT(t->box);
+	const buffer_t *updates = t->itrans->attribute_updates;
+	void *rs = tandem_user_state(t->box->storage->user);
+
+	if (rs != NULL && updates != NULL &&
+	    (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) == 0) T_BEGIN {
+		const char *p = updates->data, *end = p + updates->used;
+
+		while (end - p > 2) {
+			const char *key = p + 2;
+			size_t len = strnlen(key, end - key);
+
+			if (len == (size_t)(end - key))
+				break;
+			tandem_rs_index_attribute(rs, t, p[1] == 'p', key,
+						  p[0] == '-');
+			p = key + len + 1;
+		}
+	} T_END;
+	return tbox->super.transaction_commit(t, changes_r);
+}
+
 static void tandem_mailbox_allocated(struct mailbox *box)
 {
 	struct mailbox_vfuncs *v = box->vlast;
@@ -552,6 +582,7 @@ static void tandem_mailbox_allocated(struct mailbox *box)
 	tbox->super = *v;
 	box->vlast = &tbox->super;
 	v->attribute_set = tandem_attribute_set;
+	v->transaction_commit = tandem_transaction_commit;
 	MODULE_CONTEXT_SET_SELF(box, tandem_storage_module, tbox);
 }
 

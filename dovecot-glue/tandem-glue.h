@@ -119,6 +119,11 @@ void *tandem_rs_txn_begin(void *user_state, struct mailbox *box, void *t);
 /* The transaction t set (or removed) a mailbox attribute. */
 void tandem_rs_attribute_set(void *user_state, void *t, bool private,
 			     const char *key);
+/* The transaction t, about to commit, records in the mailbox index a change
+   of attribute key (removed: an unset). Pigeonhole records each Sieve script
+   change so, without the attribute API. */
+void tandem_rs_index_attribute(void *user_state, void *t, bool private,
+			       const char *key, bool removed);
 /* Per-message events; txn is never NULL here (the shim filters NULL). */
 void tandem_rs_mail_save(void *txn, const struct tandem_mail_info *mail);
 void tandem_rs_mail_copy(void *txn, const struct tandem_mail_info *dst,

@@ -46,6 +46,7 @@
 #include "tandem-compat.h"
 #include "mailbox-list-iter.h"
 #include "mailbox-attribute.h"
+#include "mailbox-attribute-private.h"
 #include "mailbox-guid-cache.h"
 #include "mail-index-alloc-cache.h"
 #include "mailbox-list-private.h"
@@ -531,6 +532,7 @@ int tandem_svc_main(int argc, char **argv,
 	tandem_compat_global_settings_read(tandem_svc_storage, tandem_svc_pool,
 					   &tandem_svc_base_dir_value,
 					   &tandem_svc_state_dir_value);
+	(void)tandem_svc_sieve_load();
 	master_service_init_finish(master_service);
 
 	T_BEGIN {
@@ -558,6 +560,7 @@ int tandem_svc_main(int argc, char **argv,
 	}
 	array_free(&tandem_svc_watches);
 
+	tandem_svc_sieve_unload();
 	tandem_compat_global_settings_free();
 	mail_storage_service_deinit(&tandem_svc_storage);
 	pool_unref(&tandem_svc_result_pool);
@@ -1804,6 +1807,26 @@ static enum mail_attribute_type tandem_svc_attr_type(bool private)
 		MAIL_ATTRIBUTE_TYPE_SHARED;
 }
 
+/* An attribute's value as a string: Sieve scripts come only as a stream
+   (Pigeonhole bounds their size). 0 when there is none. */
+static int tandem_svc_attr_read(struct mailbox *box,
+				enum mail_attribute_type type, const char *key,
+				struct mail_attribute_value *value_r,
+				const char **text_r)
+{
+	int got = mailbox_attribute_get_stream(box, type, key, value_r);
+
+	if (got <= 0)
+		return got;
+	if (mailbox_attribute_value_to_string(box->storage, value_r,
+					      text_r) < 0)
+		got = -1;
+	else if (*text_r == NULL)
+		got = 0;
+	i_stream_unref(&value_r->value_stream);
+	return got;
+}
+
 int tandem_svc_attributes(struct tandem_svc_user *user,
 			  const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 			  tandem_svc_attr_cb *cb, void *ctx,
@@ -1828,13 +1851,16 @@ int tandem_svc_attributes(struct tandem_svc_user *user,
 		       (key = mailbox_attribute_iter_next(iter)) != NULL) {
 			/* A key listed but gone by the time it is read was
 			   removed meanwhile: not there. */
-			int got = mailbox_attribute_get(box, type, key, &value);
+			const char *text;
+			int got = tandem_svc_attr_read(box, type, key, &value,
+						       &text);
 
 			if (got < 0)
 				ret = tandem_svc_box_error(box, "Reading an attribute",
 							   error_r);
 			else if (got > 0 &&
-				 cb(ctx, types[i], key, value.value) < 0) {
+				 cb(ctx, types[i], key, text,
+				    value.last_change) < 0) {
 				*error_r = "Attribute listing stopped by the caller";
 				ret = TANDEM_SVC_ERROR;
 			}
@@ -1856,16 +1882,18 @@ int tandem_svc_attribute_get(struct tandem_svc_user *user,
 {
 	struct mail_attribute_value value;
 	struct mailbox *box;
+	const char *text;
 	int ret, got;
 
 	ret = tandem_svc_box_open(user, guid, FALSE, &box, error_r);
 	if (ret != TANDEM_SVC_OK)
 		return ret;
-	got = mailbox_attribute_get(box, tandem_svc_attr_type(private), key,
-				    &value);
+	got = tandem_svc_attr_read(box, tandem_svc_attr_type(private), key,
+				   &value, &text);
 	if (got < 0)
 		ret = tandem_svc_box_error(box, "Reading an attribute", error_r);
-	else if (got > 0 && cb(ctx, private, key, value.value) < 0) {
+	else if (got > 0 &&
+		 cb(ctx, private, key, text, value.last_change) < 0) {
 		*error_r = "Attribute read stopped by the caller";
 		ret = TANDEM_SVC_ERROR;
 	}
@@ -1876,7 +1904,7 @@ int tandem_svc_attribute_get(struct tandem_svc_user *user,
 int tandem_svc_attribute_set(struct tandem_svc_user *user,
 			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 			     bool private, const char *key, const char *value,
-			     const char **error_r)
+			     int64_t last_change, const char **error_r)
 {
 	struct mailbox_transaction_context *trans;
 	struct mail_attribute_value avalue;
@@ -1892,6 +1920,7 @@ int tandem_svc_attribute_set(struct tandem_svc_user *user,
 					  "tandem attribute");
 	i_zero(&avalue);
 	avalue.value = value;
+	avalue.last_change = (time_t)last_change;
 	if (mailbox_attribute_set(trans, tandem_svc_attr_type(private), key,
 				  &avalue) < 0) {
 		ret = tandem_svc_box_error(box, value == NULL ?

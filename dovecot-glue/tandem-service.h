@@ -359,9 +359,11 @@ int tandem_svc_subscriptions(struct tandem_svc_user *user,
 			     tandem_svc_name_cb *cb, void *ctx,
 			     const char **error_r);
 /* Returns 0 to go on, -1 to stop the iteration (which then fails). value is
-   NUL-terminated: Dovecot's attribute values hold no NULs. */
+   NUL-terminated: Dovecot's attribute values hold no NULs. last_change is
+   when it was set, in seconds, where the storage keeps that (Sieve scripts:
+   the file's mtime), else 0. */
 typedef int tandem_svc_attr_cb(void *ctx, bool private, const char *key,
-			       const char *value);
+			       const char *value, int64_t last_change);
 /* Every attribute of the mailbox with its value, private ones first. Keys
    Dovecot keeps for itself (vendor/vendor.dovecot/pvt/) are listed too. */
 int tandem_svc_attributes(struct tandem_svc_user *user,
@@ -374,11 +376,18 @@ int tandem_svc_attribute_get(struct tandem_svc_user *user,
 			     bool private, const char *key,
 			     tandem_svc_attr_cb *cb, void *ctx,
 			     const char **error_r);
-/* Sets an attribute to value, or removes it when value is NULL. */
+/* Sets an attribute to value, or removes it when value is NULL; last_change
+   (seconds, 0: now) is kept where the storage keeps one. */
 int tandem_svc_attribute_set(struct tandem_svc_user *user,
 			     const uint8_t guid[TANDEM_SVC_GUID_SIZE],
 			     bool private, const char *key, const char *value,
-			     const char **error_r);
+			     int64_t last_change, const char **error_r);
+
+/* Loads Pigeonhole's doveadm plugin when it is installed, so that the
+   users' Sieve scripts show as INBOX attributes (tandem-sieve.c). FALSE,
+   logged, when it is not there or does not load. */
+bool tandem_svc_sieve_load(void);
+void tandem_svc_sieve_unload(void);
 
 /* Forgets cached views: open indexes kept for reuse and the GUID cache, so
    that the next call sees what other processes committed. */

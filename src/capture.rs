@@ -280,12 +280,22 @@ pub type ReadAttribute<'a> = dyn FnMut(bool, &str) -> Result<Option<Vec<u8>>, ()
 #[derive(Debug, Default)]
 pub struct AttrKeys {
     keys: Vec<(bool, String)>,
+    /// Sieve scripts Pigeonhole changed (its key under [`attribute::SIEVE_PREFIX`]), and
+    /// whether it removed them.
+    sieve: Vec<(String, bool)>,
     overflowed: bool,
 }
 
 impl AttrKeys {
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && !self.overflowed
+        self.keys.is_empty() && self.sieve.is_empty() && !self.overflowed
+    }
+
+    fn full(&mut self) -> bool {
+        if self.keys.len() + self.sieve.len() >= MAX_PENDING {
+            self.overflowed = true;
+        }
+        self.overflowed
     }
 }
 
@@ -316,14 +326,26 @@ impl UserCapture {
         let Some((_, t)) = self.open_txns.iter_mut().find(|(i, _)| *i == id) else {
             return;
         };
-        if !attribute::is_replicated(key) || t.overflowed {
-            return;
-        }
-        if t.keys.len() >= MAX_PENDING {
-            t.overflowed = true;
+        // Sieve entries written as plain attributes are not Pigeonhole's scripts here, but
+        // would become scripts on the peer, whose service sees the storage under them.
+        if !attribute::is_replicated(key) || key.starts_with(attribute::SIEVE_PREFIX) || t.full() {
             return;
         }
         t.keys.push((private, key.to_string()));
+    }
+
+    /// The transaction `id` records a change of attribute `key` in the mailbox index
+    /// (`removed`: an unset), as Pigeonhole does for each change of a Sieve script, which
+    /// never goes through the attribute API. Only those are kept: other attributes are seen
+    /// by [`Self::attribute_changed`].
+    pub fn index_attribute_changed(&mut self, id: usize, private: bool, key: &str, removed: bool) {
+        let Some((_, t)) = self.open_txns.iter_mut().find(|(i, _)| *i == id) else {
+            return;
+        };
+        if !private || !key.starts_with(attribute::SIEVE_PREFIX) || t.full() {
+            return;
+        }
+        t.sieve.push((key.to_string(), removed));
     }
 
     /// The transaction `id` ended: the attributes it changed.
@@ -344,6 +366,7 @@ impl UserCapture {
     ) {
         let AttrKeys {
             mut keys,
+            sieve,
             overflowed,
         } = changed;
         if overflowed {
@@ -355,7 +378,27 @@ impl UserCapture {
         }
         keys.sort();
         keys.dedup();
-        let mut records = Vec::with_capacity(keys.len());
+        let mut records = Vec::with_capacity(keys.len() + sieve.len());
+        // A removal is journaled as any; a script's text is Pigeonhole's to read, which this
+        // process may not be able to: the record says it changed, and the peer's service
+        // copies it by a resync. The last update of a key in the transaction is what it did.
+        let mut last: Vec<(String, bool)> = Vec::with_capacity(sieve.len());
+        for (key, removed) in sieve {
+            last.retain(|(k, _)| *k != key);
+            last.push((key, removed));
+        }
+        for (key, removed) in last {
+            let change = if removed {
+                Change::Attribute {
+                    private: true,
+                    key,
+                    value: None,
+                }
+            } else {
+                Change::StoredAttribute { private: true, key }
+            };
+            records.push(record(&self.settings.server_id, &self.user, info, change));
+        }
         for (private, key) in keys {
             let name = attribute::display(private, &key);
             let value = match read(private, &key) {

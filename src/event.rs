@@ -250,6 +250,15 @@ pub enum Change {
         /// The value after the commit; `None` when the entry was removed.
         value: Option<Vec<u8>>,
     },
+    /// An attribute was set whose value the record does not carry: a Sieve script (under
+    /// [`attribute::SIEVE_PREFIX`]), which Pigeonhole writes without the attribute API and
+    /// the mail process cannot read as one. The peer's service copies the value by a resync
+    /// of the user, which reads it from this server's storage. Removals are [`Change::Attribute`]
+    /// records without a value, as for any entry.
+    StoredAttribute {
+        private: bool,
+        key: String,
+    },
 }
 
 /// Mailbox attributes as Dovecot names them (lib-storage/mailbox-attribute.h).
@@ -258,6 +267,10 @@ pub mod attribute {
     pub const DOVECOT_PVT: &str = "vendor/vendor.dovecot/pvt/";
     /// Server metadata (`SETMETADATA ""`) lives in INBOX under this prefix.
     pub const SERVER_PREFIX: &str = "vendor/vendor.dovecot/pvt/server/";
+    /// Where Pigeonhole shows a user's Sieve storage to dsync (INBOX, private):
+    /// `files/<name>` is a script, [`SIEVE_DEFAULT`] names the active one.
+    pub const SIEVE_PREFIX: &str = "vendor/vendor.dovecot/pvt/server/sieve/";
+    pub const SIEVE_DEFAULT: &str = "vendor/vendor.dovecot/pvt/server/sieve/default";
     /// The longest value a record carries: a journal string's limit. Dovecot sets none of its
     /// own (IMAP refuses a value this long, doveadm does not); a longer value is left to a
     /// resync, which the plugin asks for at once.
@@ -278,7 +291,14 @@ pub mod attribute {
         pub private: bool,
         pub key: String,
         pub value: Vec<u8>,
+        /// When it was set (Unix seconds), where the storage keeps that: Sieve scripts
+        /// (their files' mtime). 0 for the attribute dict, which keeps no time.
+        pub last_change: i64,
     }
+
+    /// What memory keeps of a value set by a [`super::Change::StoredAttribute`] record, which
+    /// does not carry it: no value's digest is this.
+    pub const UNKNOWN_DIGEST: &str = "?";
 
     /// What memory keeps of a value instead of the value: "" for none, else 16 hex digits of
     /// its SHA-256. Enough to tell whether an entry still has the value of its last recorded
@@ -313,6 +333,7 @@ pub enum Kind {
     Subscribe = 7,
     Unsubscribe = 8,
     Attribute = 9,
+    StoredAttribute = 10,
 }
 
 impl Kind {
@@ -327,6 +348,7 @@ impl Kind {
             7 => Kind::Subscribe,
             8 => Kind::Unsubscribe,
             9 => Kind::Attribute,
+            10 => Kind::StoredAttribute,
             _ => return None,
         })
     }
@@ -342,6 +364,7 @@ impl Kind {
             Kind::Subscribe => "subscribe",
             Kind::Unsubscribe => "unsubscribe",
             Kind::Attribute => "attribute",
+            Kind::StoredAttribute => "stored_attribute",
         }
     }
 }
@@ -358,13 +381,17 @@ impl Change {
             Change::Subscribe => Kind::Subscribe,
             Change::Unsubscribe => Kind::Unsubscribe,
             Change::Attribute { .. } => Kind::Attribute,
+            Change::StoredAttribute { .. } => Kind::StoredAttribute,
         }
     }
 
     /// True for changes whose loss would lose or resurrect mail; the `optimized` fsync policy
     /// makes these durable before the client hears OK.
     pub fn is_structural(&self) -> bool {
-        !matches!(self, Change::Flags { .. } | Change::Attribute { .. })
+        !matches!(
+            self,
+            Change::Flags { .. } | Change::Attribute { .. } | Change::StoredAttribute { .. }
+        )
     }
 }
 
@@ -518,6 +545,9 @@ impl Record {
                         .map(|v| String::from_utf8_lossy(v).into_owned()),
                 );
             }
+            Change::StoredAttribute { private, key } => {
+                j.attribute = Some(attribute::display(*private, key));
+            }
         }
         j
     }
@@ -579,6 +609,11 @@ impl fmt::Display for Record {
                     None => write!(f, " removed")?,
                 }
             }
+            Change::StoredAttribute { private, key } => write!(
+                f,
+                " {} set (value in the store)",
+                attribute::display(*private, key)
+            )?,
             _ => {}
         }
         write!(f, " modseq={}", self.modseq)

@@ -337,6 +337,10 @@ impl Memory {
             } => {
                 changed = self.note_attribute(&mbox, *private, key, value.as_deref(), mark);
             }
+            // The peer's: not noted until its value is here, which a resync brings (then
+            // this server's older mark cannot make that resync keep the old value). This
+            // server's own is noted by `ingest_local`.
+            Change::StoredAttribute { .. } => {}
         }
         changed
     }
@@ -356,6 +360,17 @@ impl Memory {
         value: Option<&[u8]>,
         mark: Mark,
     ) -> bool {
+        self.note_digest(mbox, private, key, attribute::digest(value), mark)
+    }
+
+    fn note_digest(
+        &mut self,
+        mbox: &Guid128,
+        private: bool,
+        key: &str,
+        digest: String,
+        mark: Mark,
+    ) -> bool {
         let newer = self
             .attribute(mbox, private, key)
             .is_none_or(|(_, m)| *m < mark);
@@ -364,7 +379,7 @@ impl Memory {
                 mbox: mbox.to_hex(),
                 private,
                 key: key.to_string(),
-                value: attribute::digest(value),
+                value: digest,
                 mark,
             });
         }
@@ -380,6 +395,15 @@ impl Memory {
             _ => r.modseq,
         };
         self.note_modseq(&r.mailbox_guid, modseq);
+        if let Change::StoredAttribute { private, key } = &r.change {
+            return self.note_digest(
+                &r.mailbox_guid,
+                *private,
+                key,
+                attribute::UNKNOWN_DIGEST.into(),
+                Mark::of(r),
+            );
+        }
         self.ingest(r)
     }
 

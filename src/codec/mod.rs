@@ -46,7 +46,7 @@ use thiserror::Error;
 
 /// The protocol version carried by [`Msg::Hello`] and [`Msg::Challenge`], and bound into the
 /// handshake MACs. Bump it on any incompatible change to this module or to the record encoding.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame, counted as its length field counts it (type + flags + payload). Checked before
 /// anything is allocated, on both sides.

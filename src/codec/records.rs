@@ -92,7 +92,10 @@ fn uids(c: &Change) -> Option<(u32, Option<u32>)> {
         Change::MailboxCreate { uidvalidity }
         | Change::MailboxDelete { uidvalidity, .. }
         | Change::MailboxRename { uidvalidity, .. } => Some((*uidvalidity, None)),
-        Change::Subscribe | Change::Unsubscribe | Change::Attribute { .. } => None,
+        Change::Subscribe
+        | Change::Unsubscribe
+        | Change::Attribute { .. }
+        | Change::StoredAttribute { .. } => None,
     }
 }
 
@@ -307,6 +310,10 @@ impl<'r> Enc<'_, 'r> {
                     self.var(v.len());
                     self.out.extend_from_slice(v);
                 }
+            }
+            Change::StoredAttribute { private, key } => {
+                self.out.push(attribute_bits(*private, false));
+                self.name(key, "attribute key")?;
             }
         }
         Ok(())

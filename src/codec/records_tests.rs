@@ -89,3 +89,32 @@ fn attribute_records_are_bounded_and_checked() {
         .to_string();
     assert!(err.contains("truncated in the attribute value"), "{err}");
 }
+
+/// A stored attribute (a Sieve script set) carries no value: a value bit is refused, not read
+/// as a removal or a value.
+#[test]
+fn stored_attribute_records_carry_no_value() {
+    use super::records::same;
+    let record = |bits: u8| {
+        let mut r = vec![
+            Kind::StoredAttribute as u8,
+            same::ALL & !same::UIDVALIDITY,
+            0,
+            0,
+        ];
+        r.extend_from_slice(&[bits, 0, 1, b'k']);
+        r
+    };
+    let r = &super::records::decode(&record(0x01), 1).unwrap()[0];
+    assert_eq!(
+        r.change,
+        crate::event::Change::StoredAttribute {
+            private: true,
+            key: "k".into()
+        }
+    );
+    let err = super::records::decode(&record(0x03), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown stored attribute bits 0x03"), "{err}");
+}

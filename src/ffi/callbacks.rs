@@ -498,6 +498,29 @@ pub unsafe extern "C" fn tandem_rs_attribute_set(
 
 /// # Safety
 ///
+/// As [`tandem_rs_attribute_set`].
+#[no_mangle]
+pub unsafe extern "C" fn tandem_rs_index_attribute(
+    user_state: *mut c_void,
+    t: *mut c_void,
+    private: bool,
+    key: *const c_char,
+    removed: bool,
+) {
+    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
+        return;
+    };
+    per_user(user, "index_attribute", || {
+        // SAFETY: per this function's contract.
+        let key = unsafe { string(key) };
+        // SAFETY: user is live; no other borrow of it exists during this call.
+        let user = unsafe { user_mut(user) };
+        user.index_attribute_changed(t as usize, private, &key, removed);
+    });
+}
+
+/// # Safety
+///
 /// `txn` is a live transaction state, given back exactly once (here or at commit).
 #[no_mangle]
 pub unsafe extern "C" fn tandem_rs_txn_rollback(txn: *mut c_void) {

@@ -328,6 +328,10 @@ pub fn encode_record(r: &Record) -> Result<Vec<u8>, TooLong> {
                 e.bytes(v, "attribute value")?;
             }
         }
+        Change::StoredAttribute { private, key } => {
+            e.u8(attribute_bits(*private, false));
+            e.str(key, "attribute key")?;
+        }
     }
     Ok(e.0)
 }
@@ -462,6 +466,16 @@ pub(crate) fn read_change(kind: Kind, d: &mut impl ChangeFields) -> Result<Chang
         },
         Kind::Subscribe => Change::Subscribe,
         Kind::Unsubscribe => Change::Unsubscribe,
+        Kind::StoredAttribute => {
+            let bits = d.attribute_bits()?;
+            if bits & !attr_bit::PRIVATE != 0 {
+                return Err(format!("unknown stored attribute bits {bits:#04x}"));
+            }
+            Change::StoredAttribute {
+                private: bits & attr_bit::PRIVATE != 0,
+                key: d.name("attribute key")?,
+            }
+        }
         Kind::Attribute => {
             let bits = d.attribute_bits()?;
             if bits & !(attr_bit::PRIVATE | attr_bit::VALUE) != 0 {

@@ -68,6 +68,8 @@ pub fn arb_change() -> impl Strategy<Value = Change> {
                 key,
                 value
             }),
+        (any::<bool>(), "[a-z/.]{0,20}")
+            .prop_map(|(private, key)| Change::StoredAttribute { private, key }),
     ]
 }
 

@@ -1,6 +1,7 @@
-//! Mailbox attributes (IMAP METADATA): per entry, the later change wins (docs/conflicts.md
-//! rule 9); with no change on record on either side, a value beats none and the greater value
-//! beats the smaller, so that both sides pick the same one.
+//! Mailbox attributes (IMAP METADATA, and Sieve scripts through Pigeonhole's view of them):
+//! per entry, the later change wins (docs/conflicts.md rule 9); with no change on record on
+//! either side, the later time the storage keeps (a Sieve script's mtime) wins, else a value
+//! beats none and the greater value beats the smaller, so that both sides pick the same one.
 
 use super::{Action, Side};
 use crate::event::attribute;
@@ -35,13 +36,16 @@ pub(super) fn copy_all(have: &Side<'_>, lack: &mut Side<'_>, mbox: &str) {
     let Some(attrs) = have.sum.attributes.get(mbox) else {
         return;
     };
-    for (name, value) in attrs {
+    let mut names: Vec<&String> = attrs.keys().collect();
+    names.sort_by_key(|n| order(n));
+    for name in names {
         if let Some((private, key)) = parse_name(name) {
             lack.acts.push(Action::Attribute {
                 mbox: mbox.to_string(),
                 private,
                 key: key.to_string(),
-                value: Some(value.clone()),
+                value: Some(attrs[name].clone()),
+                last_change: time(have, mbox, name).unwrap_or(0),
             });
         }
     }
@@ -61,7 +65,7 @@ pub(super) fn both_sides(
     let a = sa.sum.attributes.get(ga).unwrap_or(&empty);
     let b = sb.sum.attributes.get(gb).unwrap_or(&empty);
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
+    keys.sort_by_key(|k| order(k));
     keys.dedup();
     let mut to_a = Vec::new();
     let mut to_b = Vec::new();
@@ -81,21 +85,38 @@ pub(super) fn both_sides(
         diffs.push(format!(
             "mailbox {name:?} ({mbox}): attribute {k}: {where_}"
         ));
-        let a_wins = rules::attribute_a_wins(facts(sa, ga, k, va), facts(sb, gb, k, vb), va > vb);
-        let (loser, value) = if a_wins {
-            (&mut to_b, va)
+        let (ta, tb) = (time(sa, ga, k), time(sb, gb, k));
+        let tie = match (ta, tb) {
+            (Some(x), Some(y)) if x != y => x > y,
+            _ => va > vb,
+        };
+        let a_wins = rules::attribute_a_wins(facts(sa, ga, k, va), facts(sb, gb, k, vb), tie);
+        let (loser, value, t) = if a_wins {
+            (&mut to_b, va, ta)
         } else {
-            (&mut to_a, vb)
+            (&mut to_a, vb, tb)
         };
         loser.push(Action::Attribute {
             mbox: mbox.to_string(),
             private,
             key: key.to_string(),
             value: value.cloned(),
+            last_change: t.unwrap_or(0),
         });
     }
     sa.acts.extend(to_a);
     sb.acts.extend(to_b);
+}
+
+/// The order entries are set in: Sieve's active-script entry after the scripts, which it
+/// names (Pigeonhole cannot activate a script it does not have yet).
+fn order(name: &str) -> (bool, &str) {
+    (name.ends_with(attribute::SIEVE_DEFAULT), name)
+}
+
+/// When side `s`'s storage says entry `name` of `mbox` got its value, if it keeps that.
+fn time(s: &Side<'_>, mbox: &str, name: &str) -> Option<i64> {
+    s.sum.attr_times.get(mbox)?.get(name).copied()
 }
 
 /// What side `s` knows of entry `name` of `mbox`, whose value there is `value`.

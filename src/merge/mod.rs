@@ -61,6 +61,10 @@ pub struct Summary {
     /// Mailbox GUID → attribute name → its last recorded change.
     #[serde(default)]
     pub attr_marks: BTreeMap<String, BTreeMap<String, attributes::AttrMark>>,
+    /// Mailbox GUID → attribute name → when its value was set, for attributes whose storage
+    /// keeps that (Sieve scripts).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attr_times: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
 /// A server's mails of one mailbox, with what it remembers of them.
@@ -139,6 +143,10 @@ pub enum Action {
         private: bool,
         key: String,
         value: Option<Vec<u8>>,
+        /// The winning side's time of the value (see [`attribute::Entry::last_change`]), kept
+        /// by the side that takes it.
+        #[serde(default)]
+        last_change: i64,
     },
 }
 

@@ -480,6 +480,7 @@ fn attributes_follow_the_later_change_and_travel_with_a_new_mailbox() {
         private: true,
         key: key.into(),
         value: v.map(|v| v.as_bytes().to_vec()),
+        last_change: 0,
     };
     let mut a = inbox("a", vec![]);
     let mut b = inbox("b", vec![]);
@@ -543,6 +544,7 @@ fn attributes_of_two_same_name_mailboxes_merge_under_the_winning_guid() {
         private,
         key: "comment".into(),
         value: Some(v.as_bytes().to_vec()),
+        last_change: 0,
     };
     assert!(p.local.contains(&attr(false, "from b")), "{:?}", p.local);
     assert!(p.remote.contains(&attr(true, "from a")), "{:?}", p.remote);

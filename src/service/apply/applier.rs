@@ -129,6 +129,8 @@ pub enum Resync {
     KeptUnseen,
     /// Rule 4: ours took the peer's GUID and kept attributes the peer has not heard of.
     AdoptedAttributes,
+    /// Rule 9: the peer set an entry whose value only its storage has (a Sieve script).
+    StoredAttribute,
 }
 
 impl Resync {
@@ -139,6 +141,7 @@ impl Resync {
             Resync::Recreated => "deleted_mailbox_got_mail",
             Resync::KeptUnseen => "deleted_mailbox_kept_unseen",
             Resync::AdoptedAttributes => "same_name_kept_attributes",
+            Resync::StoredAttribute => "stored_attribute_copied",
         }
     }
 }
@@ -152,6 +155,7 @@ impl fmt::Display for Resync {
             Resync::AdoptedAttributes => {
                 "a mailbox created on both servers kept its attributes in the merge"
             }
+            Resync::StoredAttribute => "the peer changed a Sieve script, which a resync copies",
         })
     }
 }
@@ -492,7 +496,29 @@ impl Applier<'_> {
                     return gone(mem, mbox);
                 }
                 if store.attribute(mbox, *private, key)?.as_deref() != value.as_deref() {
-                    store.set_attribute(mbox, *private, key, value.as_deref())?;
+                    store.set_attribute(mbox, *private, key, value.as_deref(), 0)?;
+                }
+                Ok(Step::Done(false))
+            }
+            Change::StoredAttribute { private, key } => {
+                if !attribute::is_replicated(key) {
+                    log::warn!(
+                        "user {}: the peer sent Dovecot's own attribute {key:?}; not applied",
+                        r.user
+                    );
+                    return Ok(Step::Done(false));
+                }
+                // Rule 9, as for a value; the value itself comes by a resync, which reads it
+                // from the peer's storage.
+                let last = mem.attribute(mbox, *private, key).map(|(_, m)| m);
+                if !rules::remote_wins(last, &mark) {
+                    return Ok(Step::Done(false));
+                }
+                if store.mailbox(mbox)?.is_none() {
+                    return gone(mem, mbox);
+                }
+                if !resync.contains(&Resync::StoredAttribute) {
+                    resync.push(Resync::StoredAttribute);
                 }
                 Ok(Step::Done(false))
             }

@@ -204,7 +204,7 @@ impl MailStore for DovecotStore<'_> {
             Err(e) => return Err(common(old, e)),
         }
         for a in carried {
-            self.set_attribute(new, a.private, &a.key, Some(&a.value))?;
+            self.set_attribute(new, a.private, &a.key, Some(&a.value), a.last_change)?;
         }
         Ok(())
     }
@@ -227,9 +227,10 @@ impl MailStore for DovecotStore<'_> {
         private: bool,
         key: &str,
         value: Option<&[u8]>,
+        last_change: i64,
     ) -> Result<(), StoreError> {
         self.user
-            .set_attribute(mailbox, private, key, value)
+            .set_attribute(mailbox, private, key, value, last_change)
             .map_err(|e| common(mailbox, e))
     }
 

@@ -178,6 +178,7 @@ impl MailStore for FakeStore {
                 private: *private,
                 key: key.clone(),
                 value: value.clone(),
+                last_change: 0,
             })
             .collect())
     }
@@ -291,6 +292,7 @@ impl MailStore for FakeStore {
         private: bool,
         key: &str,
         value: Option<&[u8]>,
+        _last_change: i64,
     ) -> Result<(), StoreError> {
         let b = self.get(mailbox)?;
         let k = (private, key.to_string());

@@ -151,13 +151,15 @@ pub trait MailStore {
     /// Raises UIDNEXT to at least `uidnext`.
     fn raise_uidnext(&mut self, mailbox: &Guid128, uidnext: u32) -> Result<(), StoreError>;
     fn set_subscribed(&mut self, name: &str, on: bool) -> Result<(), StoreError>;
-    /// Sets an attribute, or removes it (`None`).
+    /// Sets an attribute, or removes it (`None`); `last_change` (Unix seconds, 0: now) is
+    /// kept where the storage keeps one (Sieve scripts).
     fn set_attribute(
         &mut self,
         mailbox: &Guid128,
         private: bool,
         key: &str,
         value: Option<&[u8]>,
+        last_change: i64,
     ) -> Result<(), StoreError>;
 
     /// Saves new messages, all at or above UIDNEXT in increasing order, in one transaction:

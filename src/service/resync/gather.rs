@@ -89,12 +89,20 @@ pub(crate) fn local_summary(
                     d
                 }
             };
-            let attrs: merge::attributes::Attributes = DovecotStore::new(u)
+            let mut attrs = merge::attributes::Attributes::new();
+            for e in DovecotStore::new(u)
                 .attributes(&b.guid)
                 .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|e| (merge::attributes::name_of(&e), e.value))
-                .collect();
+            {
+                let name = merge::attributes::name_of(&e);
+                if e.last_change != 0 {
+                    s.attr_times
+                        .entry(b.guid.to_hex())
+                        .or_default()
+                        .insert(name.clone(), e.last_change);
+                }
+                attrs.insert(name, e.value);
+            }
             if !attrs.is_empty() {
                 s.attributes.insert(b.guid.to_hex(), attrs);
             }

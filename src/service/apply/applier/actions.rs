@@ -195,6 +195,7 @@ fn apply_action<S: MailStore>(
             private,
             key,
             value,
+            last_change,
         } => {
             let g = parse_box(mbox)?;
             if !crate::event::attribute::is_replicated(key) {
@@ -204,7 +205,7 @@ fn apply_action<S: MailStore>(
             }
             touched.insert(g);
             store
-                .set_attribute(&g, *private, key, value.as_deref())
+                .set_attribute(&g, *private, key, value.as_deref(), *last_change)
                 .map_err(e)?;
             true
         }

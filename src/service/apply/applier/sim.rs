@@ -255,7 +255,7 @@ impl Pair {
                 let (private, key) = ATTRS[k % ATTRS.len()];
                 let value = set.then(|| format!("v{clock}").into_bytes());
                 s.store
-                    .set_attribute(&b.guid, private, key, value.as_deref())
+                    .set_attribute(&b.guid, private, key, value.as_deref(), 0)
                     .unwrap();
                 let change = Change::Attribute {
                     private,

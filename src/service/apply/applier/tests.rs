@@ -530,7 +530,7 @@ fn attributes_follow_the_later_change() {
     // A change made here later than the peer's next one: the peer's is older and loses.
     let mut local = rec(1, 30, "INBOX", INBOX, attr(Some("mine")));
     local.origin = "here".into();
-    s.set_attribute(&INBOX, true, "comment", Some(b"mine"))
+    s.set_attribute(&INBOX, true, "comment", Some(b"mine"), 0)
         .unwrap();
     mem.ingest_local(&local);
     apply(
@@ -548,6 +548,48 @@ fn attributes_follow_the_later_change() {
         &mut Bodies::new(),
     );
     assert_eq!(got(&mut s), None);
+}
+
+/// A Sieve script the peer set: its text comes by a resync, asked for when the peer's change
+/// is the later one; the mark waits for the value, or that resync would keep the old script.
+#[test]
+fn a_stored_attribute_the_peer_set_later_asks_for_a_resync() {
+    const KEY: &str = "vendor/vendor.dovecot/pvt/server/sieve/files/work";
+    let stored = || Change::StoredAttribute {
+        private: true,
+        key: KEY.into(),
+    };
+    let mut s = store();
+    let mut mem = Memory::default();
+    let mut local = rec(1, 30, "INBOX", INBOX, stored());
+    local.origin = "here".into();
+    mem.ingest_local(&local);
+    assert_eq!(
+        mem.attribute(&INBOX, true, KEY).map(|(d, _)| d.as_str()),
+        Some(attribute::UNKNOWN_DIGEST)
+    );
+    let out = apply(
+        &mut s,
+        &mut mem,
+        &[rec(2, 20, "INBOX", INBOX, stored())],
+        &mut Bodies::new(),
+    );
+    assert!(
+        out.resync.is_empty(),
+        "an older change of the peer: nothing to copy"
+    );
+    let out = apply(
+        &mut s,
+        &mut mem,
+        &[
+            rec(3, 40, "INBOX", INBOX, stored()),
+            rec(4, 41, "INBOX", INBOX, stored()),
+        ],
+        &mut Bodies::new(),
+    );
+    assert_eq!(out.resync, [Resync::StoredAttribute]);
+    assert_eq!(mem.attribute(&INBOX, true, KEY).unwrap().1.stamp, 30);
+    assert_eq!(s.attribute(&INBOX, true, KEY).unwrap(), None);
 }
 
 #[test]

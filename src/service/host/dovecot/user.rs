@@ -530,6 +530,7 @@ impl User {
         private: bool,
         key: &str,
         value: Option<&[u8]>,
+        last_change: i64,
     ) -> Result<(), ApplyError> {
         let ckey = c_string(key)?;
         let cvalue = value
@@ -548,6 +549,7 @@ impl User {
                     private,
                     ckey.as_ptr(),
                     cvalue.as_ref().map_or(ptr::null(), |v| v.as_ptr()),
+                    last_change,
                     error,
                 )
             });
@@ -621,6 +623,7 @@ unsafe extern "C" fn on_attribute(
     private: bool,
     key: *const c_char,
     value: *const c_char,
+    last_change: i64,
 ) -> c_int {
     guard::guard("service_attributes", -1, || {
         // SAFETY: ctx is the caller's Vec, alive for the call; key and value are strings valid
@@ -636,6 +639,7 @@ unsafe extern "C" fn on_attribute(
             private,
             key,
             value,
+            last_change,
         });
         0
     })
