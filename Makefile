@@ -53,7 +53,7 @@ SETTINGS_SO := $(TARGET)/release/libtandem_settings.so
 # The module file name: lib90 sorts after lib15_notify, which the plugin depends on.
 PLUGIN_NAME := lib90_tandem_plugin.so
 
-DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev strace \
+DEB_PACKAGES := dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev dovecot-sieve dovecot-managesieved strace \
 	libclang-dev clang pkg-config python3 python3-prometheus-client \
 	dpkg-dev debootstrap iproute2
 

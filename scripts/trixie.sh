@@ -23,7 +23,7 @@ set -euo pipefail
 ROOT=${TANDEM_TRIXIE_ROOT:-/var/cache/tandem/trixie}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Bumping this list makes `ensure` install what is missing into an existing chroot.
-PACKAGES="dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev \
+PACKAGES="dovecot-core dovecot-imapd dovecot-lmtpd dovecot-pop3d dovecot-dev dovecot-sieve dovecot-managesieved \
 gcc libc6-dev libclang-dev clang pkg-config dpkg-dev python3 python3-prometheus-client strace make ca-certificates procps"
 STAMP=$ROOT/.tandem-complete
 

@@ -216,6 +216,7 @@ pub struct Ports {
     pub lmtp: u16,
     pub pop3: u16,
     pub doveadm: u16,
+    pub sieve: u16,
 }
 
 /// dovecot.conf for an instance, in the syntax of its Dovecot (DOVECOT.md §6 and §7). The two
@@ -224,7 +225,8 @@ pub struct Ports {
 /// service (2.4: declared by that module with its defaults, so only the executable and the
 /// listener are written here; a 2.4 instance without a service still needs the executable).
 /// Every instance stores IMAP METADATA (RFC 5464) in a file dict in the user's home,
-/// `dovecot-attributes`, and announces METADATA in imap.
+/// `dovecot-attributes`, and announces METADATA in imap; and keeps Sieve scripts in
+/// `~/sieve` (the active one linked from `~/.dovecot.sieve`), served by ManageSieve.
 pub(super) fn config_text(dir: &Path, instance: &str, ports: Ports, opts: &Options) -> String {
     let d = dir.display();
     let v24 = opts.release.is_2_4();
@@ -237,7 +239,7 @@ pub(super) fn config_text(dir: &Path, instance: &str, ports: Ports, opts: &Optio
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
-protocols = imap lmtp pop3
+protocols = imap lmtp pop3 sieve
 listen = 127.0.0.1
 ssl = no
 auth_mechanisms = plain login
@@ -279,6 +281,11 @@ mail_attribute {{
   }}
 }}
 imap_metadata = yes
+sieve_script personal {{
+  driver = file
+  path = ~/sieve
+  active_path = ~/.dovecot.sieve
+}}
 ",
             driver = opts.format.name()
         ));
@@ -324,6 +331,12 @@ imap_metadata = yes
         settings.push(("tandem_state_dir".into(), format!("{d}/tandem-state")));
     }
     settings.extend(opts.plugin_settings.iter().cloned());
+    if !v24 {
+        settings.push((
+            "sieve".into(),
+            "file:~/sieve;active=~/.dovecot.sieve".into(),
+        ));
+    }
     let (open, indent, close) = if v24 {
         ("", "", "")
     } else {
@@ -367,6 +380,11 @@ service doveadm {{
 {address}    port = {doveadm}
   }}
 }}
+service managesieve-login {{
+  inet_listener sieve {{
+{address}    port = {sieve}
+  }}
+}}
 doveadm_password = secret
 doveadm_port = {doveadm}
 ",
@@ -374,6 +392,7 @@ doveadm_port = {doveadm}
         pop3 = ports.pop3,
         lmtp = ports.lmtp,
         doveadm = ports.doveadm,
+        sieve = ports.sieve,
     ));
     let exe = || {
         opts.service_bin

@@ -509,14 +509,15 @@ pub fn free_port() -> u16 {
     panic!("no free 127.0.0.1 port in 20000-32699");
 }
 
-/// Four distinct free 127.0.0.1 ports (see [`free_port`]).
+/// Five distinct free 127.0.0.1 ports (see [`free_port`]).
 fn pick_ports() -> Ports {
-    let p: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let p: Vec<u16> = (0..5).map(|_| free_port()).collect();
     Ports {
         imap: p[0],
         lmtp: p[1],
         pop3: p[2],
         doveadm: p[3],
+        sieve: p[4],
     }
 }
 

@@ -27,6 +27,7 @@ mod doveadm;
 mod dovecot;
 mod imap;
 mod lmtp;
+mod managesieve;
 mod message;
 mod pair;
 pub mod tls;
@@ -51,6 +52,8 @@ pub use imap::{
 };
 #[allow(unused_imports)]
 pub use lmtp::{dot_stuff, Lmtp, Reply};
+#[allow(unused_imports)]
+pub use managesieve::{Answer, ManageSieve};
 #[allow(unused_imports)]
 pub use message::{base64_lines, mail_with_attachment, message, mixed_mails, Rng};
 #[allow(unused_imports)]
