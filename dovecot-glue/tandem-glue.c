@@ -54,6 +54,8 @@ struct tandem_user {
 	void *rs;
 };
 
+static enum mail_flags tandem_box_private_flags(struct mailbox *box);
+
 /* What tandem_mail_info_read() reads besides the UID. */
 enum tandem_mail_read {
 	TANDEM_MAIL_READ_FLAGS = 0x01,
@@ -114,13 +116,51 @@ int tandem_glue_box_guid(struct mailbox *box,
 	return 0;
 }
 
+/* box's name as the user whose journal it goes to knows it: in a shared
+   namespace that is its owner's name for it (shared/bob/Work is bob's Work,
+   shared/bob alone his INBOX), under the prefix and with the separator of the
+   owner's own INBOX namespace. Elsewhere, the name as it is. */
+static const char *tandem_owner_vname(struct mailbox *box)
+{
+	struct mail_namespace *ns = mailbox_get_namespace(box), *own;
+	const char *vname = mailbox_get_vname(box);
+	char sep, own_sep, *name, *p;
+	size_t len = strlen(vname);
+
+	if (ns->type != MAIL_NAMESPACE_TYPE_SHARED || ns->owner == NULL ||
+	    ns->prefix_len == 0)
+		return vname;
+	if (len + 1 == ns->prefix_len &&
+	    strncmp(vname, ns->prefix, len) == 0)
+		name = t_strdup_noconst("INBOX");
+	else if (strncmp(vname, ns->prefix, ns->prefix_len) == 0)
+		name = t_strdup_noconst(vname + ns->prefix_len);
+	else
+		return vname;
+	for (own = ns->owner->namespaces; own != NULL; own = own->next) {
+		if ((own->flags & NAMESPACE_FLAG_INBOX_USER) != 0)
+			break;
+	}
+	if (own == NULL)
+		return name;
+	sep = mail_namespace_get_sep(ns);
+	own_sep = mail_namespace_get_sep(own);
+	if (sep != own_sep) {
+		for (p = name; *p != '\0'; p++) {
+			if (*p == sep)
+				*p = own_sep;
+		}
+	}
+	return t_strconcat(own->prefix, name, NULL);
+}
+
 int tandem_glue_box_info(struct mailbox *box, struct tandem_box_info *info_r)
 {
 	struct mailbox_status status;
 	int ret = 0;
 
 	i_zero(info_r);
-	info_r->vname = mailbox_get_vname(box);
+	info_r->vname = tandem_owner_vname(box);
 	if (tandem_glue_box_guid(box, info_r->guid) < 0)
 		ret = -1;
 	if (mailbox_get_status(box, STATUS_UIDVALIDITY | STATUS_UIDNEXT |
@@ -189,7 +229,8 @@ static void tandem_mail_info_read(struct mail *mail, enum tandem_mail_read read,
 	info_r->keywords = tandem_no_keywords;
 	info_r->guid = "";
 	if ((read & TANDEM_MAIL_READ_FLAGS) != 0) {
-		info_r->flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT;
+		info_r->flags = mail_get_flags(mail) & MAIL_FLAGS_NONRECENT &
+			~tandem_box_private_flags(mail->box);
 		info_r->keywords = mail_get_keywords(mail);
 	}
 	if ((read & TANDEM_MAIL_READ_GUID) != 0 &&
@@ -210,6 +251,51 @@ static void *tandem_user_state(struct mail_user *user)
 	if (tuser == NULL || user->dsyncing)
 		return NULL;
 	return tuser->rs;
+}
+
+/* Whose change a change to box is, or NULL when it is nobody's to replicate.
+   Mail lives in its owner's storage, and the owner's replica must get each
+   change once: a change made in the user's own (private) namespaces is the
+   user's; one made in another user's mailbox through a shared namespace is
+   that owner's (Dovecot opens the owner as a mail user of its own, with its
+   own Tandem state, journal and all); a public namespace belongs to no user
+   and is not replicated (docs/conflicts.md, "Shared and public namespaces").
+   The root of a shared namespace, before a user is named, has no owner. */
+static struct mail_user *tandem_box_owner(struct mailbox *box)
+{
+	struct mail_namespace *ns = mailbox_get_namespace(box);
+
+	switch (ns->type) {
+	case MAIL_NAMESPACE_TYPE_PRIVATE:
+		return ns->user;
+	case MAIL_NAMESPACE_TYPE_SHARED:
+		return ns->owner;
+	default:
+		return NULL;
+	}
+}
+
+/* The Rust state of the user whose journal changes to box go to, or NULL
+   when they must not be captured (above, and tandem_user_state()). The user
+   who makes the change may be dsyncing even when the owner is not. */
+static void *tandem_box_state(struct mailbox *box)
+{
+	struct mail_user *owner = tandem_box_owner(box);
+
+	if (owner == NULL || box->storage->user->dsyncing)
+		return NULL;
+	return tandem_user_state(owner);
+}
+
+/* The flags of box that are private to the user who reads them (\Seen with
+   INDEXPVT, mail_index_private_path in 2.4) when box is another user's: they
+   live in the reader's own index, are not the owner's, and are never
+   journaled as the owner's. In the user's own namespaces nothing is masked. */
+static enum mail_flags tandem_box_private_flags(struct mailbox *box)
+{
+	if (mailbox_get_namespace(box)->type == MAIL_NAMESPACE_TYPE_PRIVATE)
+		return 0;
+	return mailbox_get_private_flags_mask(box);
 }
 
 static bool tandem_mail_skip(struct mail *mail)
@@ -257,7 +343,7 @@ static void tandem_mail_user_created(struct mail_user *user)
 static void *
 tandem_mail_transaction_begin(struct mailbox_transaction_context *t)
 {
-	void *rs = tandem_user_state(t->box->storage->user);
+	void *rs = tandem_box_state(t->box);
 	void *txn;
 
 	if (rs == NULL || (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) != 0)
@@ -302,11 +388,19 @@ static void tandem_mail_copy(void *txn, struct mail *src, struct mail *dst)
 		tandem_mail_info_read(src, TANDEM_MAIL_READ_GUID, &src_info);
 		info.guid = src_info.guid;
 
-		i_zero(&source);
-		source.mailbox_vname = mailbox_get_vname(src->box);
-		(void)tandem_glue_box_guid(src->box, source.mailbox_guid);
-		source.uid = src->uid;
-		tandem_rs_mail_copy(txn, &info, &source);
+		/* A copy out of a mailbox that is not in the same journal
+		   (another user's, through a shared namespace, or a public
+		   one) is new mail here: the peer has no such source. */
+		if (tandem_box_owner(src->box) != tandem_box_owner(dst->box))
+			tandem_rs_mail_save(txn, &info);
+		else {
+			i_zero(&source);
+			source.mailbox_vname = tandem_owner_vname(src->box);
+			(void)tandem_glue_box_guid(src->box,
+						   source.mailbox_guid);
+			source.uid = src->uid;
+			tandem_rs_mail_copy(txn, &info, &source);
+		}
 	} T_END;
 }
 
@@ -333,7 +427,8 @@ static void tandem_mail_update_flags(void *txn, struct mail *mail,
 		tandem_mail_info_read(mail, TANDEM_MAIL_READ_FLAGS |
 				      TANDEM_MAIL_READ_GUID, &info);
 		tandem_rs_mail_update_flags(txn, &info,
-					    old_flags & MAIL_FLAGS_NONRECENT);
+			old_flags & MAIL_FLAGS_NONRECENT &
+			~tandem_box_private_flags(mail->box));
 	} T_END;
 }
 
@@ -439,7 +534,7 @@ static void tandem_implicit_inbox_create(void *rs, struct mailbox *box)
 
 static void tandem_mailbox_create(struct mailbox *box)
 {
-	void *rs = tandem_user_state(box->storage->user);
+	void *rs = tandem_box_state(box);
 	struct tandem_box_info info;
 
 	if (rs == NULL)
@@ -464,7 +559,7 @@ static void tandem_mailbox_create(struct mailbox *box)
 
 static void *tandem_mailbox_delete_begin(struct mailbox *box)
 {
-	void *rs = tandem_user_state(box->storage->user);
+	void *rs = tandem_box_state(box);
 	struct tandem_box_info info;
 	void *state;
 
@@ -493,7 +588,7 @@ static void tandem_mailbox_delete_rollback(void *txn)
 
 static void tandem_mailbox_rename(struct mailbox *src, struct mailbox *dest)
 {
-	void *rs = tandem_user_state(src->storage->user);
+	void *rs = tandem_box_state(src);
 	struct tandem_box_info info;
 
 	if (rs == NULL)
@@ -501,13 +596,13 @@ static void tandem_mailbox_rename(struct mailbox *src, struct mailbox *dest)
 	/* src's GUID is unreadable now; dest has the same GUID. */
 	T_BEGIN {
 		(void)tandem_glue_box_info(dest, &info);
-		tandem_rs_mailbox_rename(rs, mailbox_get_vname(src), &info);
+		tandem_rs_mailbox_rename(rs, tandem_owner_vname(src), &info);
 	} T_END;
 }
 
 static void tandem_mailbox_set_subscribed(struct mailbox *box, bool subscribed)
 {
-	void *rs = tandem_user_state(box->storage->user);
+	void *rs = tandem_box_state(box);
 	struct tandem_box_info info;
 
 	if (rs == NULL)
@@ -535,7 +630,10 @@ static int tandem_attribute_set(struct mailbox_transaction_context *t,
 
 	if (tbox->super.attribute_set(t, type_flags, key, value) < 0)
 		return -1;
-	rs = tandem_user_state(t->box->storage->user);
+	/* Attributes of another user's mailbox (through a shared namespace)
+	   are not replicated: Dovecot keeps /private ones per reader. */
+	rs = mailbox_get_namespace(t->box)->type ==
+		MAIL_NAMESPACE_TYPE_PRIVATE ? tandem_box_state(t->box) : NULL;
 	if (rs != NULL && (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) == 0) T_BEGIN {
 		tandem_rs_attribute_set(rs, t,
 			(type_flags & MAIL_ATTRIBUTE_TYPE_MASK) ==
