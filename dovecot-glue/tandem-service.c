@@ -202,6 +202,11 @@ static int tandem_svc_mail_error_code(enum mail_error error)
 	case MAIL_ERROR_UNAVAILABLE:
 	case MAIL_ERROR_INUSE:
 		return TANDEM_SVC_ERROR_TEMP;
+	case MAIL_ERROR_LIMIT:
+		/* The quota plugin refuses a save over quota_max_mail_size
+		   (2.3) / quota_mail_size (2.4) even for a dsyncing user
+		   (quota.c, quota_test_alloc()). */
+		return TANDEM_SVC_ERROR_LIMIT;
 	default:
 		return TANDEM_SVC_ERROR;
 	}

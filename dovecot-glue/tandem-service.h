@@ -70,6 +70,10 @@ enum tandem_svc_result {
 	/* Adopt: the mailbox holds or held mail, and only an unused one was
 	   to change. */
 	TANDEM_SVC_ERROR_NOT_EMPTY = -11,
+	/* One of Dovecot's own limits refuses the change (MAIL_ERROR_LIMIT:
+	   e.g. the quota plugin's quota_max_mail_size / quota_mail_size for a
+	   save); trying again cannot help. */
+	TANDEM_SVC_ERROR_LIMIT = -12,
 };
 
 /* ---- The service ---- */

@@ -118,6 +118,28 @@ impl fmt::Display for Conflict {
     }
 }
 
+/// A new mail the store refused by one of its own limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub lsn: u64,
+    pub mailbox: String,
+    pub uid: u32,
+    /// The body's size in bytes, as sent (0 if no body was here).
+    pub size: u64,
+    /// The store's own words.
+    pub error: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "uid {} in {:?} (LSN {}, {} bytes) refused by Dovecot here: {}",
+            self.uid, self.mailbox, self.lsn, self.size, self.error
+        )
+    }
+}
+
 /// Why the user needs a resync although every record was applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resync {
@@ -173,6 +195,10 @@ pub struct Outcome {
     pub error: Option<StoreError>,
     /// Skipped records: mark the user for a resync and request one.
     pub conflicts: Vec<Conflict>,
+    /// New mail the store refused for good by one of its own limits (Dovecot's
+    /// `quota_max_mail_size`): skipped, so that the user's later changes go on, and not left to
+    /// a resync, which would meet the same limit.
+    pub refused: Vec<Refusal>,
     /// Resyncs to request (the records were applied).
     pub resync: Vec<Resync>,
     /// Mailboxes changed here, whose HIGHESTMODSEQ the memory now accounts for.
@@ -259,6 +285,7 @@ impl Applier<'_> {
                     out.error = Some(e);
                     break;
                 }
+                Err(StoreError::Limit(error)) => refuse(r, error, bodies, &mut out),
                 Err(e) => skip(r, Why::Store(e), bodies, &mut out),
             }
             out.touched.insert(r.mailbox_guid);
@@ -670,6 +697,28 @@ fn skip(r: &Record, why: Why, bodies: &mut Bodies, out: &mut Outcome) {
         kind: r.change.kind(),
         mailbox: r.mailbox.clone(),
         why,
+    });
+}
+
+/// A record the store refused by one of its own limits: skipped (acknowledged, so that the
+/// user's later changes go on) and reported, but left to no resync, which would meet the same
+/// limit again and again.
+fn refuse(r: &Record, error: String, bodies: &mut Bodies, out: &mut Outcome) {
+    let uid = match &r.change {
+        Change::New { uid, .. } => *uid,
+        _ => 0,
+    };
+    let size = match bodies.remove(&(r.mailbox_guid, uid)) {
+        Some(BodyState::Here(b)) => b.data.len(),
+        _ => 0,
+    };
+    out.applied += 1;
+    out.refused.push(Refusal {
+        lsn: r.lsn,
+        mailbox: r.mailbox.clone(),
+        uid,
+        size,
+        error,
     });
 }
 

@@ -45,6 +45,7 @@ fn common(mailbox: &Guid128, e: ApplyError) -> StoreError {
     match e {
         ApplyError::NoMailbox(_) => StoreError::NoMailbox(*mailbox),
         ApplyError::Temporary(m) => StoreError::Temporary(m),
+        ApplyError::Limit(m) => StoreError::Limit(m),
         other => StoreError::Failed(other.to_string()),
     }
 }

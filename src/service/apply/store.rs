@@ -91,6 +91,10 @@ pub enum StoreError {
     /// Copy: the source message is not there (or is another message).
     #[error("copy source {mailbox} UID {uid} is not there")]
     SourceMissing { mailbox: Guid128, uid: u32 },
+    /// One of the host's own limits refuses the change for good (Dovecot's
+    /// `quota_max_mail_size` for a save): trying again cannot help. The text is the host's.
+    #[error("{0}")]
+    Limit(String),
     /// A failure that may go away (a lock timeout, storage temporarily unavailable). The text
     /// is the host's, for the log.
     #[error("{0}")]

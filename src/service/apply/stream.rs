@@ -27,8 +27,12 @@ pub(crate) struct Outcome {
     /// Why the user needs a resync: what the streaming rules left for the comparison of both
     /// sides to settle. The caller asks the scheduler for it.
     pub(crate) resyncs: Vec<String>,
-    /// The conflict rule behind each of `resyncs`, for the metrics.
+    /// The conflict rule behind each of `resyncs`, for the metrics (and `limit_refused` for
+    /// each of `refused`).
     pub(crate) rules: Vec<&'static str>,
+    /// New mail Dovecot refused here by its own limits (`quota_max_mail_size`): skipped and
+    /// reported, left to no resync.
+    pub(crate) refused: Vec<String>,
     pub(crate) bodies: HashMap<(Guid128, u32), BodyBuf>,
 }
 
@@ -101,6 +105,7 @@ pub(crate) fn apply_batch(
         conflicts: Vec::new(),
         resyncs: Vec::new(),
         rules: Vec::new(),
+        refused: Vec::new(),
         bodies: HashMap::new(),
     };
     // The receiver passes complete bodies only.
@@ -136,6 +141,11 @@ pub(crate) fn apply_batch(
             out.resyncs.push(what.clone());
             out.rules.push(c.why.rule());
             out.conflicts.push(what);
+        }
+        for r in &done.refused {
+            // Not marked for a resync: the resync would meet the same limit, again and again.
+            out.refused.push(r.to_string());
+            out.rules.push("limit_refused");
         }
         for why in &done.resync {
             log::info!("user {user}: {why}: resyncing the user");

@@ -331,9 +331,20 @@ impl Inbound<'_> {
                 for c in &outcome.conflicts {
                     s.error(ErrorKind::Conflict, format!("user {name}: {c}"));
                 }
+                for r in &outcome.refused {
+                    s.error(ErrorKind::User, format!("user {name}: {r}; skipped"));
+                }
                 for rule in &outcome.rules {
                     *s.counters.conflicts.entry((*rule).into()).or_default() += 1;
                 }
+            }
+            for r in &outcome.refused {
+                // Dovecot's own limit (quota_max_mail_size): this server will not hold the mail;
+                // the user's later changes go on.
+                log::error!(
+                    "user {name}: {r}; skipped: this server does not keep the mail, the user's \
+                     later changes go on"
+                );
             }
             for c in &outcome.conflicts {
                 // Expected in master-master operation: the resync settles it.

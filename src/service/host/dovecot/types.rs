@@ -37,6 +37,10 @@ pub enum ApplyError {
     /// (someone took it concurrently).
     #[error("{message}")]
     UidReassigned { uid: u32, message: String },
+    /// One of Dovecot's own limits refuses it (a save over the quota plugin's
+    /// `quota_max_mail_size`, 2.4 `quota_mail_size`): trying again cannot help.
+    #[error("{0}")]
+    Limit(String),
     /// A failure that may go away (lock timeout, storage temporarily unavailable).
     #[error("{0}")]
     Temporary(String),
@@ -153,6 +157,7 @@ pub(super) unsafe fn result(ret: c_int, error: *const c_char) -> Result<bool, Ap
         raw::TANDEM_SVC_ERROR_NAME_TAKEN => Err(ApplyError::NameTaken(message())),
         raw::TANDEM_SVC_ERROR_GUID_TAKEN => Err(ApplyError::GuidTaken(message())),
         raw::TANDEM_SVC_ERROR_NOT_EMPTY => Err(ApplyError::NotEmpty(message())),
+        raw::TANDEM_SVC_ERROR_LIMIT => Err(ApplyError::Limit(message())),
         // Callers with more to say (UID_REASSIGNED) handle those codes first.
         _ => Err(ApplyError::Other(message())),
     }
