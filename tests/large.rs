@@ -320,3 +320,166 @@ fn a_mail_cut_off_half_way_resumes_where_it_stopped() {
     );
     assert!(pair.b.log().contains("kept to resume"), "no body was kept");
 }
+
+/// B's Dovecot takes no mail over this size: the quota plugin's `quota_max_mail_size` (2.3) /
+/// `quota_mail_size` (2.4), Dovecot's only limit on the size of a mail it stores (LMTP sets
+/// no SIZE limit, IMAP APPEND has none of its own). 2.3 refuses even a dsyncing user's save
+/// over it; 2.4 lifts it for a dsyncing user, as the rest of the quota.
+const B_MAX_MAIL: &str = "100M";
+
+/// Options for B: the quota plugin with a `count` root without a storage limit, and a largest
+/// mail of [`B_MAX_MAIL`].
+fn with_max_mail_size(o: &mut common::Options) {
+    o.extra_mail_plugins.push("quota".into());
+    if o.release.is_2_4() {
+        o.extra_conf.push_str(&format!(
+            "quota \"User quota\" {{\n  driver = count\n}}\nquota_mail_size = {B_MAX_MAIL}\n"
+        ));
+    } else {
+        for (k, v) in [
+            ("quota", "count:User quota"),
+            ("quota_vsizes", "yes"),
+            ("quota_max_mail_size", B_MAX_MAIL),
+        ] {
+            o.plugin_settings.push((k.into(), v.into()));
+        }
+    }
+}
+
+/// Mail delivered the normal way (LMTP on A, captured by the plugin, streamed at once): a
+/// 50 MB mail reaches B byte for byte and `tandem verify` finds both sides identical. Then a
+/// 200 MB mail, over the largest mail B's Dovecot takes: B's Dovecot refuses it, B's service
+/// logs one clear line naming the user, mailbox, uid and Dovecot's reason, shows it in
+/// `tandem status`, and skips it without a resync that would meet the same limit forever; the
+/// user's later changes (a flag on the 50 MB mail, a new small mail) still reach B. Neither
+/// service's memory grows with the mails. On 2.4, which lifts the limit for a syncing user,
+/// the 200 MB mail simply replicates, with the same bound on memory.
+#[test]
+fn a_50_mb_mail_delivered_over_lmtp_replicates_and_a_200_mb_one_over_b_limit_does_not_stall() {
+    const SIZE: usize = 50_000_000;
+    const TOO_BIG: usize = 200_000_000;
+    let t = Instant::now();
+    let pair = Pair::start_custom("large-limit", |_, b| with_max_mail_size(b));
+    wait_for(Duration::from_secs(60), "both services connected", || {
+        [&pair.a, &pair.b]
+            .iter()
+            .all(|dc| dc.tandem_status().is_some_and(|st| st["connected"] == true))
+    });
+    let big = message("a 50 MB mail over LMTP", SIZE);
+    let mut lmtp = pair.a.lmtp();
+    lmtp.set_read_timeout(Duration::from_secs(300));
+    lmtp.deliver("sender@example.org", &[USER], &big);
+    drop(big);
+    let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(300));
+    assert_eq!(s.mails.len(), 1);
+    eprintln!("large-limit: 50 MB mail on b after {:?}", t.elapsed());
+    pair.a.tandem_verify(USER).expect_identical(USER);
+    let text =
+        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
+    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
+    assert!(text_b.len() > SIZE * 9 / 10, "{} bytes on b", text_b.len());
+    assert!(
+        text_a == text_b,
+        "the mail differs: {} and {} bytes",
+        text_a.len(),
+        text_b.len()
+    );
+    drop((text_a, text_b));
+
+    // Over B's limit: A takes it (no limit there), B's Dovecot refuses it.
+    let huge = message("a 200 MB mail over b's limit", TOO_BIG);
+    lmtp.deliver("sender@example.org", &[USER], &huge);
+    lmtp.quit();
+    drop(huge);
+    eprintln!(
+        "large-limit: 200 MB mail delivered on a after {:?}",
+        t.elapsed()
+    );
+    // Later changes of the user: a flag on the 50 MB mail, and a small new mail.
+    let mut imap = pair.a.login(USER);
+    imap.select("INBOX");
+    imap.uid_store("1", "+FLAGS (\\Flagged)");
+    imap.logout();
+    pair.a.deliver(
+        "sender@example.org",
+        &[USER],
+        &message("after the refused one", 2_000),
+    );
+    wait_for(Duration::from_secs(300), "the later changes on b", || {
+        let on_b = state(&pair.b, USER);
+        on_b.mails.len() >= 2
+            && on_b
+                .mails
+                .iter()
+                .any(|m| m.uid == 1 && m.flags.iter().any(|f| f == "\\Flagged"))
+    });
+    eprintln!("large-limit: later changes on b after {:?}", t.elapsed());
+    let on_a = state(&pair.a, USER);
+    assert_eq!(on_a.mails.len(), 3);
+    if pair.b.options().release.is_2_4() {
+        // Dovecot 2.4 lifts quota_mail_size for a syncing user (quota.c,
+        // quota_transaction_begin(): `ctx->set = quota_get_unlimited_set()` when dsyncing):
+        // B takes the 200 MB mail as it came, through the spool.
+        let s = common::wait_converged(&pair.a, &pair.b, USER, Duration::from_secs(300));
+        assert_eq!(s.mails.len(), 3);
+        pair.a.tandem_verify(USER).expect_identical(USER);
+        assert!(!pair.b.log().contains("refused by Dovecot here"));
+    } else {
+        let on_b = state(&pair.b, USER);
+        assert!(
+            on_b.mails.iter().all(|m| m.uid != 2),
+            "b took the mail over its limit: {on_b:#?}"
+        );
+        // One clear line, once: the user, the mailbox, the uid, the size and Dovecot's reason.
+        let log = pair.b.log();
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("refused by Dovecot here"))
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:#?}");
+        for part in [
+            "user alice: uid 2 in \"INBOX\"",
+            "bytes) refused by Dovecot here",
+            "Mail size is larger than the maximum size allowed by server configuration",
+            "skipped",
+        ] {
+            assert!(
+                refused[0].contains(part),
+                "{part:?} not in {:?}",
+                refused[0]
+            );
+        }
+        let st = pair.b.tandem_status().expect("tandem status on b");
+        let last = st["last_error"].as_str().unwrap_or_default();
+        assert!(
+            last.starts_with("user alice: uid 2 in \"INBOX\"") && last.contains("refused"),
+            "{st}"
+        );
+        assert_eq!(st["counters"]["conflicts"]["limit_refused"], 1, "{st}");
+        // Not left to a resync that would meet the limit again and again.
+        assert_eq!(st["repairs_failing"], 0, "{st}");
+        assert!(
+            st["resyncs"].as_object().is_none_or(|r| r.is_empty()),
+            "{st}"
+        );
+    }
+    let (peak_a, peak_b) = (
+        common::service_peak_kb(&pair.a),
+        common::service_peak_kb(&pair.b),
+    );
+    eprintln!(
+        "large-limit: peak RSS (VmHWM) of tandem-service: sending {} MB, receiving {} MB; \
+         all done in {:?}",
+        peak_a / 1024,
+        peak_b / 1024,
+        t.elapsed()
+    );
+    for (peak, side) in [(peak_a, "sending"), (peak_b, "receiving")] {
+        assert!(
+            peak > 0 && peak < 64 * 1024,
+            "the {side} service peaked at {peak} kB"
+        );
+    }
+    let spool = pair.b.dir().join("tandem-state").join("spool");
+    assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+}
