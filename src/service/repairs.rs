@@ -102,6 +102,15 @@ impl Repairs {
         self.inner.lock().unwrap().failures.remove(user);
     }
 
+    /// Users with a resync asked for that is not the retry of a failed one.
+    pub fn requested(&self) -> usize {
+        let i = self.inner.lock().unwrap();
+        i.requests
+            .keys()
+            .filter(|u| !i.failures.contains_key(*u))
+            .count()
+    }
+
     /// Users whose last automatic resync failed.
     pub fn failing(&self) -> usize {
         self.inner.lock().unwrap().failures.len()

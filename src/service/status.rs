@@ -91,6 +91,10 @@ pub struct Status {
     /// Users whose last automatic resync failed or left differences (retried with backoff).
     #[serde(default)]
     pub repairs_failing: u64,
+    /// Users with an automatic resync asked for and not started yet (it waits for their
+    /// streams to settle), retries of failing ones aside.
+    #[serde(default)]
+    pub resyncs_requested: u64,
     /// The kind of `last_error` ([`ErrorKind::as_str`]).
     #[serde(default)]
     pub last_error_kind: Option<String>,

@@ -668,15 +668,20 @@ pub fn wait_converged(a: &Dovecot, b: &Dovecot, user: &str, timeout: Duration) -
 }
 
 /// Waits until the pair is quiet for `user` and stays the same: both services connected, no
-/// unacknowledged records for `user` on either side, both servers show the same state, and
-/// that state is unchanged half a second later (so a resync still under way, or records still
-/// in flight, cannot pass for convergence). Returns that state; panics after `timeout`.
+/// unacknowledged records for `user` on either side, no automatic resync asked for or under
+/// way (a Sieve script comes by one), both servers show the same state, and that state is
+/// unchanged half a second later (so a resync still under way, or records still in flight,
+/// cannot pass for convergence). Returns that state; panics after `timeout`.
 pub fn settle(pair: &Pair, user: &str, timeout: Duration) -> State {
     let deadline = Instant::now() + timeout;
     let quiet = |dc: &Dovecot| {
         dc.tandem_status().is_some_and(|st| {
             st["connected"] == true
                 && st["users"][user]["unacked_records"].as_u64().unwrap_or(0) == 0
+                && st["resyncs_requested"].as_u64().unwrap_or(0) == 0
+                && st["resyncs"]
+                    .as_object()
+                    .is_none_or(|r| !r.contains_key(user))
         })
     };
     loop {
@@ -685,7 +690,7 @@ pub fn settle(pair: &Pair, user: &str, timeout: Duration) -> State {
         if quiet(&pair.a) && quiet(&pair.b) {
             std::thread::sleep(Duration::from_millis(500));
             let (sa, sb) = (state(&pair.a, user), state(&pair.b, user));
-            if sa == s && sb == s {
+            if sa == s && sb == s && quiet(&pair.a) && quiet(&pair.b) {
                 return s;
             }
         }

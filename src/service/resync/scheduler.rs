@@ -28,6 +28,7 @@ pub(crate) fn auto(ctx: Ctx) {
         for (user, why) in ctx.repairs.due(Instant::now()) {
             auto_resync(&ctx, &user, &why, "requested");
         }
+        ctx.status.lock().unwrap().resyncs_requested = ctx.repairs.requested() as u64;
         if last_scan.elapsed() >= ctx.cfg.scan_every {
             last_scan = Instant::now();
             scan(&ctx, &mut suspects, &mut scan_next);
