@@ -5,13 +5,15 @@
 //! A randomized soak. Each round, for a few seconds, two IMAP clients per server and one LMTP
 //! deliverer per server make random changes (APPEND, STORE of flags and keywords, COPY, MOVE,
 //! EXPUNGE, CREATE, RENAME, DELETE, SUBSCRIBE, UNSUBSCRIBE of a few folders, SETMETADATA of a
-//! few entries of those folders and of the server; NO answers are
+//! few entries of those folders and of the server, and over ManageSieve PUTSCRIPT, SETACTIVE and
+//! DELETESCRIPT of a few Sieve scripts; NO answers are
 //! expected, the clients race each other), while the main thread cuts and restores the link,
 //! kills a tandem service with SIGKILL, or crashes a whole server and starts it again. Then the
 //! link is restored, the pair must settle, and:
 //! - `tandem verify -u alice` exits 0 on both servers;
 //! - `doveadm` on both servers shows the same state (mailboxes, GUIDs, UIDVALIDITY, UIDs,
-//!   message GUIDs, flags, subscriptions), and IMAP the same METADATA entries;
+//!   message GUIDs, flags, subscriptions), IMAP the same METADATA entries, and ManageSieve
+//!   the same scripts, texts and active script;
 //! - every message in the must-exist ledger is there exactly once on each server.
 //!
 //! The ledger is conservative: a message must exist if a client got OK (or LMTP 250) for it,
@@ -30,7 +32,7 @@
 
 mod common;
 
-use common::{message, settle, Dovecot, Imap, Lmtp, MailFormat, Pair};
+use common::{message, settle, Dovecot, Imap, Lmtp, MailFormat, ManageSieve, Pair};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -278,6 +280,40 @@ fn imap_op(imap: &mut Imap, rng: &mut Rng, ledger: &Mutex<Ledger>, label: &str, 
     }
 }
 
+/// The Sieve scripts the clients upload, activate and delete.
+const SCRIPTS: [&str; 3] = ["filter", "vacation", "spam"];
+
+/// One random ManageSieve command, in a session of its own (as a filter editor does). Panics
+/// (caught by the caller) when the server goes away.
+fn sieve_op(w: &Worker, rng: &mut Rng, ledger: &Mutex<Ledger>, n: u64) {
+    let mut s = ManageSieve::login(w.sieve, USER, &w.password);
+    let name = *rng.pick(&SCRIPTS);
+    let kind = match rng.below(10) {
+        0..=5 => {
+            s.put(name, &format!("# {} #{n}\r\nkeep;\r\n", w.name));
+            "putscript"
+        }
+        6..=7 => {
+            s.activate(if rng.chance(20) { "" } else { name });
+            "setactive"
+        }
+        _ => {
+            s.delete(name);
+            "deletescript"
+        }
+    };
+    *lock(ledger).ops.entry(kind).or_default() += 1;
+    s.logout();
+}
+
+/// Every Sieve script of `USER` on `dc`, with whether it is active and its text.
+fn sieve_scripts(dc: &Dovecot) -> Vec<(String, bool, String)> {
+    let mut s = ManageSieve::login(dc.ports().sieve, USER, dc.password(USER));
+    let all = s.scripts();
+    s.logout();
+    all
+}
+
 /// The METADATA entries the clients set (on mailboxes and on the server).
 const ENTRIES: [&str; 3] = [
     "/private/comment",
@@ -307,6 +343,8 @@ fn metadata(dc: &Dovecot, mailboxes: &[String]) -> BTreeMap<String, BTreeMap<Str
 struct Worker {
     name: String,
     port: u16,
+    /// The server's ManageSieve port (IMAP workers).
+    sieve: u16,
     lmtp: bool,
     password: String,
     seed: u64,
@@ -358,7 +396,11 @@ fn run_worker(
                 i.login(USER, &w.password);
                 i
             });
-            imap_op(imap, &mut rng, &ledger, &w.name, n);
+            if rng.chance(3) {
+                sieve_op(&w, &mut rng, &ledger, n);
+            } else {
+                imap_op(imap, &mut rng, &ledger, &w.name, n);
+            }
         }));
         if r.is_err() {
             caught.fetch_add(1, Ordering::Relaxed);
@@ -480,18 +522,20 @@ fn random_traffic_partitions_and_crashes_converge() {
         let started = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
+        let (pa, pb) = (pair.a.ports(), pair.b.ports());
         let specs = [
-            ("imap-a0", pair.a.ports().imap, false),
-            ("imap-a1", pair.a.ports().imap, false),
-            ("imap-b0", pair.b.ports().imap, false),
-            ("imap-b1", pair.b.ports().imap, false),
-            ("lmtp-a", pair.a.ports().lmtp, true),
-            ("lmtp-b", pair.b.ports().lmtp, true),
+            ("imap-a0", pa.imap, pa.sieve, false),
+            ("imap-a1", pa.imap, pa.sieve, false),
+            ("imap-b0", pb.imap, pb.sieve, false),
+            ("imap-b1", pb.imap, pb.sieve, false),
+            ("lmtp-a", pa.lmtp, 0, true),
+            ("lmtp-b", pb.lmtp, 0, true),
         ];
-        for (i, (name, port, lmtp)) in specs.into_iter().enumerate() {
+        for (i, (name, port, sieve, lmtp)) in specs.into_iter().enumerate() {
             let w = Worker {
                 name: format!("r{round}-{name}"),
                 port,
+                sieve,
                 lmtp,
                 password: pair.a.password(USER).to_string(),
                 seed: seed ^ ((round + 1) << 32) ^ (i as u64 + 1).wrapping_mul(0x1000_0001),
@@ -619,6 +663,13 @@ fn random_traffic_partitions_and_crashes_converge() {
         eprintln!(
             "round {round}: {} METADATA entries the same on both servers",
             ma.values().map(BTreeMap::len).sum::<usize>()
+        );
+        let (sa, sb) = (sieve_scripts(&pair.a), sieve_scripts(&pair.b));
+        assert_eq!(sa, sb, "round {round}: Sieve scripts (ManageSieve)");
+        eprintln!(
+            "round {round}: {} Sieve scripts the same on both servers, active: {:?}",
+            sa.len(),
+            sa.iter().find(|s| s.1).map(|s| &s.0)
         );
 
         // The ledger.

@@ -29,14 +29,7 @@ fn sieve(dc: &Dovecot) -> ManageSieve {
 
 fn scripts(dc: &Dovecot) -> Scripts {
     let mut s = sieve(dc);
-    let list = s.list();
-    let out = list
-        .into_iter()
-        .map(|(name, active)| {
-            let text = s.get(&name).unwrap_or_default();
-            (name, active, text)
-        })
-        .collect();
+    let out = s.scripts();
     s.logout();
     out
 }

@@ -118,6 +118,17 @@ impl ManageSieve {
         a.ok().then(|| a.lines.concat())
     }
 
+    /// Every script with whether it is active and its text, sorted by name.
+    pub fn scripts(&mut self) -> Vec<(String, bool, String)> {
+        self.list()
+            .into_iter()
+            .map(|(name, active)| {
+                let text = self.get(&name).unwrap_or_default();
+                (name, active, text)
+            })
+            .collect()
+    }
+
     pub fn logout(mut self) {
         let _ = self.command("LOGOUT");
     }
