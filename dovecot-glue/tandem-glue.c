@@ -651,7 +651,9 @@ tandem_transaction_commit(struct mailbox_transaction_context *t,
 {
 	union mailbox_module_context *tbox = TANDEM_BOX_CONTEXT(t->box);
 	const buffer_t *updates = t->itrans->attribute_updates;
-	void *rs = tandem_user_state(t->box->storage->user);
+	/* The state that saw the transaction begin (Sieve changes are only in
+	   the user's own INBOX). */
+	void *rs = tandem_box_state(t->box);
 
 	if (rs != NULL && updates != NULL &&
 	    (t->flags & MAILBOX_TRANSACTION_FLAG_SYNC) == 0) T_BEGIN {
