@@ -501,11 +501,7 @@ impl Applier<'_> {
                 }
                 Ok(Step::Done(false))
             }
-            Change::Attribute {
-                private,
-                key,
-                value,
-            } => {
+            Change::Attribute { private, key, .. } | Change::StoredAttribute { private, key } => {
                 // Dovecot's own bookkeeping is each server's: a peer never sets it here.
                 if !attribute::is_replicated(key) {
                     log::warn!(
@@ -522,30 +518,20 @@ impl Applier<'_> {
                 if store.mailbox(mbox)?.is_none() {
                     return gone(mem, mbox);
                 }
-                if store.attribute(mbox, *private, key)?.as_deref() != value.as_deref() {
-                    store.set_attribute(mbox, *private, key, value.as_deref(), 0)?;
-                }
-                Ok(Step::Done(false))
-            }
-            Change::StoredAttribute { private, key } => {
-                if !attribute::is_replicated(key) {
-                    log::warn!(
-                        "user {}: the peer sent Dovecot's own attribute {key:?}; not applied",
-                        r.user
-                    );
-                    return Ok(Step::Done(false));
-                }
-                // Rule 9, as for a value; the value itself comes by a resync, which reads it
-                // from the peer's storage.
-                let last = mem.attribute(mbox, *private, key).map(|(_, m)| m);
-                if !rules::remote_wins(last, &mark) {
-                    return Ok(Step::Done(false));
-                }
-                if store.mailbox(mbox)?.is_none() {
-                    return gone(mem, mbox);
-                }
-                if !resync.contains(&Resync::StoredAttribute) {
-                    resync.push(Resync::StoredAttribute);
+                match &r.change {
+                    Change::Attribute { value, .. }
+                        if store.attribute(mbox, *private, key)?.as_deref() != value.as_deref() =>
+                    {
+                        store.set_attribute(mbox, *private, key, value.as_deref(), 0)?;
+                    }
+                    // A value only the peer's storage has (a Sieve script): a resync reads it
+                    // from there.
+                    Change::StoredAttribute { .. }
+                        if !resync.contains(&Resync::StoredAttribute) =>
+                    {
+                        resync.push(Resync::StoredAttribute)
+                    }
+                    _ => {}
                 }
                 Ok(Step::Done(false))
             }
