@@ -549,3 +549,62 @@ fn attributes_of_two_same_name_mailboxes_merge_under_the_winning_guid() {
     assert!(p.local.contains(&attr(false, "from b")), "{:?}", p.local);
     assert!(p.remote.contains(&attr(true, "from a")), "{:?}", p.remote);
 }
+
+/// Sieve scripts changed behind Tandem's back (no recorded change on either side): the later
+/// script time wins, whatever the values; and a script is set before the active-script entry
+/// that names it, since Pigeonhole cannot activate a script it does not have.
+#[test]
+fn stored_times_decide_without_a_record_and_the_active_script_comes_last() {
+    const FILES: &str = "/private/vendor/vendor.dovecot/pvt/server/sieve/files/";
+    const DEFAULT: &str = "/private/vendor/vendor.dovecot/pvt/server/sieve/default";
+    let (work, new) = (format!("{FILES}work"), format!("{FILES}new"));
+    let time = |s: &mut S, name: &str, t: i64| {
+        s.sum
+            .attr_times
+            .entry("01".into())
+            .or_default()
+            .insert(name.into(), t);
+    };
+    let mut a = inbox("a", vec![]);
+    let mut b = inbox("b", vec![]);
+    // The greater value is a's, the later time b's.
+    set(&mut a, "01", &work, "keep; # z");
+    time(&mut a, &work, 100);
+    set(&mut b, "01", &work, "keep; # a");
+    time(&mut b, &work, 200);
+    set(&mut a, "01", &new, "discard;");
+    time(&mut a, &new, 300);
+    set(&mut a, "01", DEFAULT, "Lnew");
+    time(&mut a, DEFAULT, 300);
+    let p = run(&a, &b);
+    let keys: Vec<(&str, Option<&[u8]>, i64)> = p
+        .local
+        .iter()
+        .chain(&p.remote)
+        .filter_map(|x| match x {
+            Action::Attribute {
+                key,
+                value,
+                last_change,
+                ..
+            } => Some((key.as_str(), value.as_deref(), *last_change)),
+            _ => None,
+        })
+        .collect();
+    let short = |k: &str| k.rsplit('/').next().unwrap().to_string();
+    assert_eq!(
+        keys.iter()
+            .map(|(k, v, t)| (
+                short(k),
+                v.map(|v| String::from_utf8_lossy(v).into_owned()),
+                *t
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("work".into(), Some("keep; # a".into()), 200),
+            ("new".into(), Some("discard;".into()), 300),
+            ("default".into(), Some("Lnew".into()), 300),
+        ],
+        "local (a) takes b's later work, then b takes new and, last, the active entry"
+    );
+}
