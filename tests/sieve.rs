@@ -40,10 +40,16 @@ fn script(name: &str, active: bool, text: &str) -> (String, bool, String) {
 
 /// Waits until `dc` shows `want`; fails naming what it shows instead.
 fn wait_shows(dc: &Dovecot, want: &Scripts, what: &str) {
-    let deadline = Instant::now() + CONVERGE;
+    let start = Instant::now();
+    let deadline = start + CONVERGE;
     loop {
         let got = scripts(dc);
         if &got == want {
+            eprintln!(
+                "{what}: {} shows it after {:.1?}",
+                dc.options().name,
+                start.elapsed()
+            );
             return;
         }
         assert!(
