@@ -157,16 +157,7 @@ fn a_100_mb_mail_streams_to_the_peer_through_the_spool() {
         peak_a > 0 && peak_a < 64 * 1024,
         "the sending service peaked at {peak_a} kB for a {SIZE} byte mail"
     );
-    let text =
-        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
-    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
-    assert!(text_b.len() > SIZE * 9 / 10, "{} bytes on b", text_b.len());
-    assert!(
-        text_a == text_b,
-        "the mail differs: {} and {} bytes",
-        text_a.len(),
-        text_b.len()
-    );
+    assert_same_inbox(&pair, SIZE);
     let spool = pair.b.dir().join("tandem-state").join("spool");
     assert!(spool.is_dir(), "no spool directory at {}", spool.display());
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
@@ -374,17 +365,7 @@ fn a_50_mb_mail_delivered_over_lmtp_replicates_and_a_200_mb_one_over_b_limit_doe
     assert_eq!(s.mails.len(), 1);
     eprintln!("large-limit: 50 MB mail on b after {:?}", t.elapsed());
     pair.a.tandem_verify(USER).expect_identical(USER);
-    let text =
-        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
-    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
-    assert!(text_b.len() > SIZE * 9 / 10, "{} bytes on b", text_b.len());
-    assert!(
-        text_a == text_b,
-        "the mail differs: {} and {} bytes",
-        text_a.len(),
-        text_b.len()
-    );
-    drop((text_a, text_b));
+    assert_same_inbox(&pair, SIZE);
 
     // Over B's limit: A takes it (no limit there), B's Dovecot refuses it.
     let huge = message("a 200 MB mail over b's limit", TOO_BIG);
@@ -482,4 +463,18 @@ fn a_50_mb_mail_delivered_over_lmtp_replicates_and_a_200_mb_one_over_b_limit_doe
     }
     let spool = pair.b.dir().join("tandem-state").join("spool");
     assert_eq!(fs::read_dir(&spool).unwrap().count(), 0);
+}
+
+/// INBOX's text on B, about `size` bytes, is byte for byte A's (doveadm fetch on both).
+fn assert_same_inbox(pair: &Pair, size: usize) {
+    let text =
+        |dc: &common::Dovecot| dc.doveadm(&["fetch", "-u", USER, "text", "mailbox", "INBOX"]);
+    let (text_a, text_b) = (text(&pair.a), text(&pair.b));
+    assert!(text_b.len() > size * 9 / 10, "{} bytes on b", text_b.len());
+    assert!(
+        text_a == text_b,
+        "the mail differs: {} and {} bytes",
+        text_a.len(),
+        text_b.len()
+    );
 }
