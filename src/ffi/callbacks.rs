@@ -7,16 +7,18 @@
 //!   Dovecot's own deinit of the user has closed every mailbox;
 //! - per transaction: a `Box<TxnState>`, returned as notify's `txn` pointer and freed at
 //!   commit or rollback;
-//! - per mailbox delete: a `Box<DeleteState>`, freed at delete commit or rollback.
+//! - per mailbox delete: a `Box<DeleteState>` (super::mailboxes), freed at delete commit or
+//!   rollback.
 //!
 //! Transaction and delete states point at their user's `UserCapture`; that is sound because
 //! transactions and deletes end before their mailbox is freed, which is before the user's
 //! deinit (Dovecot asserts it).
 
 use super::cstr::{opt_string, string, string_list};
+use super::mailboxes::*;
 use super::{guard, raw};
 use crate::capture::{BoxInfo, Txn, UserCapture};
-use crate::event::{Change, CopySource, FlagSet, Guid128};
+use crate::event::{CopySource, FlagSet, Guid128};
 use crate::journal;
 use crate::settings::Settings;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -34,12 +36,6 @@ struct TxnState {
     txn: Txn,
 }
 
-/// One mailbox delete in progress: what was readable at its begin.
-struct DeleteState {
-    user: NonNull<UserCapture>,
-    info: BoxInfo,
-}
-
 /// A message as the shim read it.
 struct MailInfo {
     uid: u32,
@@ -53,7 +49,7 @@ struct MailInfo {
 /// # Safety
 ///
 /// `info` points to a `tandem_box_info` filled by the shim, valid for the call.
-unsafe fn box_info(info: *const raw::tandem_box_info) -> BoxInfo {
+pub(super) unsafe fn box_info(info: *const raw::tandem_box_info) -> BoxInfo {
     // SAFETY: valid and initialised per this function's contract.
     let info = unsafe { &*info };
     BoxInfo {
@@ -110,7 +106,7 @@ unsafe fn read_box_info(mailbox: *mut raw::mailbox) -> (BoxInfo, bool) {
 ///
 /// `p` is a live state from [`tandem_rs_user_created`], and no other reference to it exists
 /// while the returned one is used.
-unsafe fn user_mut<'a>(p: NonNull<UserCapture>) -> &'a mut UserCapture {
+pub(super) unsafe fn user_mut<'a>(p: NonNull<UserCapture>) -> &'a mut UserCapture {
     // SAFETY: per this function's contract.
     unsafe { &mut *p.as_ptr() }
 }
@@ -121,18 +117,18 @@ unsafe fn user_mut<'a>(p: NonNull<UserCapture>) -> &'a mut UserCapture {
 /// mailbox_delete_rollback, mailbox_rename, mailbox_set_subscribed, attribute_set. Without the
 /// feature the setting is ignored.
 #[cfg(feature = "test-hooks")]
-fn test_hook(user: &UserCapture, entry: &str) {
+pub(super) fn test_hook(user: &UserCapture, entry: &str) {
     if user.settings.test_panic.as_deref() == Some(entry) {
         panic!("tandem_test_panic = {entry}: panicking on purpose");
     }
 }
 
 #[cfg(not(feature = "test-hooks"))]
-fn test_hook(_user: &UserCapture, _entry: &str) {}
+pub(super) fn test_hook(_user: &UserCapture, _entry: &str) {}
 
 /// After a contained panic in a per-user entry point: the changes of that call were not
 /// journaled, so mark the user for a resync.
-fn after_panic(user: NonNull<UserCapture>, entry: &'static str) {
+pub(super) fn after_panic(user: NonNull<UserCapture>, entry: &'static str) {
     guard::guard(entry, (), || {
         // SAFETY: user is live (see the module docs) and the panicked body's borrow is over.
         let user = unsafe { user.as_ref() };
@@ -153,7 +149,7 @@ fn after_panic(user: NonNull<UserCapture>, entry: &'static str) {
 
 /// Runs the body of a per-user entry point under the panic guard; on a panic, marks the user
 /// for resync.
-fn per_user(user: NonNull<UserCapture>, entry: &'static str, body: impl FnOnce()) {
+pub(super) fn per_user(user: NonNull<UserCapture>, entry: &'static str, body: impl FnOnce()) {
     if guard::contain(entry, body).is_none() {
         after_panic(user, entry);
     }
@@ -536,168 +532,6 @@ pub unsafe extern "C" fn tandem_rs_txn_rollback(txn: *mut c_void) {
         test_hook(unsafe { state.user.as_ref() }, "rollback");
         drop(state);
     });
-}
-
-// ---- Mailboxes ----
-
-/// Journals one mailbox-level change for a user.
-///
-/// # Safety
-///
-/// `user_state` is a live state from [`tandem_rs_user_created`] (NULL is ignored).
-unsafe fn mailbox_change(
-    user_state: *mut c_void,
-    entry: &'static str,
-    make: impl FnOnce() -> (BoxInfo, Change),
-) {
-    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
-        return;
-    };
-    per_user(user, entry, || {
-        let (info, change) = make();
-        // SAFETY: user is live and no other reference to it exists during this call.
-        let user = unsafe { user_mut(user) };
-        test_hook(user, entry);
-        user.mailbox_change(&info, change);
-    });
-}
-
-/// # Safety
-///
-/// `user_state` is a live user state; `info` was filled by the shim for this call.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_create(
-    user_state: *mut c_void,
-    info: *const raw::tandem_box_info,
-) {
-    // SAFETY: per this function's contract.
-    let info = unsafe { box_info(info) };
-    // SAFETY: per this function's contract.
-    unsafe {
-        mailbox_change(user_state, "mailbox_create", || {
-            let uidvalidity = info.uidvalidity;
-            (info, Change::MailboxCreate { uidvalidity })
-        })
-    };
-}
-
-/// # Safety
-///
-/// `user_state` is a live user state; `info` was filled by the shim for this call.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_delete_begin(
-    user_state: *mut c_void,
-    info: *const raw::tandem_box_info,
-) -> *mut c_void {
-    let Some(user) = NonNull::new(user_state.cast::<UserCapture>()) else {
-        return ptr::null_mut();
-    };
-    // SAFETY: per this function's contract.
-    let info = unsafe { box_info(info) };
-    let state = guard::contain("mailbox_delete_begin", || {
-        // SAFETY: user is live and no other reference to it exists during this call.
-        let capture = unsafe { user_mut(user) };
-        test_hook(capture, "mailbox_delete_begin");
-        capture.delete_begin(info.guid);
-        Box::into_raw(Box::new(DeleteState { user, info })).cast::<c_void>()
-    });
-    state.unwrap_or_else(|| {
-        after_panic(user, "mailbox_delete_begin");
-        ptr::null_mut()
-    })
-}
-
-/// # Safety
-///
-/// `delete_state` comes from [`tandem_rs_mailbox_delete_begin`], given back exactly once.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_delete_commit(delete_state: *mut c_void) {
-    let Some(state) = NonNull::new(delete_state.cast::<DeleteState>()) else {
-        return;
-    };
-    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
-    let DeleteState { user, info } = *unsafe { Box::from_raw(state.as_ptr()) };
-    per_user(user, "mailbox_delete_commit", move || {
-        // SAFETY: user is live and no other reference to it exists during this call.
-        let capture = unsafe { user_mut(user) };
-        test_hook(capture, "mailbox_delete_commit");
-        capture.delete_end(&info.guid);
-        let (uidvalidity, uidnext) = (info.uidvalidity, info.uidnext);
-        capture.mailbox_change(
-            &info,
-            Change::MailboxDelete {
-                uidvalidity,
-                uidnext,
-            },
-        );
-    });
-}
-
-/// # Safety
-///
-/// `delete_state` comes from [`tandem_rs_mailbox_delete_begin`], given back exactly once.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_delete_rollback(delete_state: *mut c_void) {
-    let Some(state) = NonNull::new(delete_state.cast::<DeleteState>()) else {
-        return;
-    };
-    // SAFETY: ownership comes back from the shim exactly once (this function's contract).
-    let DeleteState { user, info } = *unsafe { Box::from_raw(state.as_ptr()) };
-    guard::guard("mailbox_delete_rollback", (), move || {
-        // SAFETY: user is live and no other reference to it exists during this call.
-        let capture = unsafe { user_mut(user) };
-        test_hook(capture, "mailbox_delete_rollback");
-        capture.delete_end(&info.guid);
-    });
-}
-
-/// # Safety
-///
-/// `user_state` is a live user state; `old_vname` and `dst` were filled by the shim for this
-/// call.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_rename(
-    user_state: *mut c_void,
-    old_vname: *const c_char,
-    dst: *const raw::tandem_box_info,
-) {
-    // SAFETY: per this function's contract.
-    let old_name = unsafe { string(old_vname) };
-    // SAFETY: per this function's contract.
-    let info = unsafe { box_info(dst) };
-    // SAFETY: per this function's contract.
-    unsafe {
-        mailbox_change(user_state, "mailbox_rename", || {
-            let uidvalidity = info.uidvalidity;
-            (
-                info,
-                Change::MailboxRename {
-                    old_name,
-                    uidvalidity,
-                },
-            )
-        })
-    };
-}
-
-/// # Safety
-///
-/// `user_state` is a live user state; `info` was filled by the shim for this call.
-#[no_mangle]
-pub unsafe extern "C" fn tandem_rs_mailbox_set_subscribed(
-    user_state: *mut c_void,
-    info: *const raw::tandem_box_info,
-    subscribed: bool,
-) {
-    // SAFETY: per this function's contract.
-    let info = unsafe { box_info(info) };
-    let change = if subscribed {
-        Change::Subscribe
-    } else {
-        Change::Unsubscribe
-    };
-    // SAFETY: per this function's contract.
-    unsafe { mailbox_change(user_state, "mailbox_set_subscribed", || (info, change)) };
 }
 
 /// Compile-time check that each callback matches its declaration in tandem-glue.h, as bindgen

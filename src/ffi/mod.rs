@@ -27,6 +27,8 @@ mod callbacks;
 pub(crate) mod cstr;
 pub(crate) mod guard;
 pub(crate) mod logger;
+#[cfg(feature = "plugin")]
+mod mailboxes;
 
 /// The bindgen output for dovecot-glue/tandem-glue.h.
 #[cfg(feature = "plugin")]
