@@ -552,6 +552,7 @@ same_signature! {
     tandem_rs_user_deinit(_);
     tandem_rs_txn_begin(_, _, _);
     tandem_rs_attribute_set(_, _, _, _);
+    tandem_rs_index_attribute(_, _, _, _, _);
     tandem_rs_mail_save(_, _);
     tandem_rs_mail_copy(_, _, _);
     tandem_rs_mail_expunge(_, _);
