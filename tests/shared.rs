@@ -110,6 +110,14 @@ fn mail(s: &[Mail], uid: u32) -> &Mail {
         .unwrap_or_else(|| panic!("no INBOX mail with UID {uid}: {s:#?}"))
 }
 
+/// `user` changes the flags of `uid` in `mailbox` over IMAP (`change`: `+FLAGS (...)`).
+fn store(dc: &Dovecot, user: &str, mailbox: &str, uid: &str, change: &str) {
+    let mut imap = dc.login(user);
+    imap.select(mailbox);
+    imap.uid_store(uid, change);
+    imap.logout();
+}
+
 /// The flags `user` sees over IMAP on `mailbox` for `uid`, sorted, without `\Recent`.
 fn imap_flags(dc: &Dovecot, user: &str, mailbox: &str, uid: u32) -> Vec<String> {
     let mut imap = dc.login(user);
@@ -173,10 +181,7 @@ fn changes_made_in_a_shared_mailbox_reach_its_owner_once() {
     pair.a.tandem_verify(READER).expect_identical(READER);
 
     // And the other way: bob's own change on B shows to alice through the namespace on A.
-    let mut imap = pair.b.login(OWNER);
-    imap.select("INBOX");
-    imap.uid_store("3", "+FLAGS (\\Answered)");
-    imap.logout();
+    store(&pair.b, OWNER, "INBOX", "3", "+FLAGS (\\Answered)");
     settle(&pair, OWNER, CONVERGE);
     assert_eq!(imap_flags(&pair.a, READER, SHARED_INBOX, 3), ["\\Answered"]);
     pair.a.assert_log_clean();
@@ -215,10 +220,7 @@ fn a_readers_private_seen_stays_hers_and_on_her_server() {
     assert_eq!(imap_flags(&pair.b, READER, SHARED_INBOX, 2), ["\\Flagged"]);
 
     // bob's own \Seen is a flag of his private namespace: replicated as any flag.
-    let mut imap = pair.b.login(OWNER);
-    imap.select("INBOX");
-    imap.uid_store("1", "+FLAGS (\\Seen)");
-    imap.logout();
+    store(&pair.b, OWNER, "INBOX", "1", "+FLAGS (\\Seen)");
     let bob = settle(&pair, OWNER, CONVERGE);
     assert_eq!(mail(&bob.mails, 1).flags, ["\\Seen"], "{bob:#?}");
     assert_eq!(
@@ -243,10 +245,7 @@ fn public_mailboxes_are_not_replicated() {
     imap.uid_store(&uid.to_string(), "+FLAGS (\\Flagged)");
     imap.logout();
     // Something of alice's own after it, to know her stream has gone past the public changes.
-    let mut imap = pair.a.login(READER);
-    imap.select("INBOX");
-    imap.uid_store("1", "+FLAGS (\\Answered)");
-    imap.logout();
+    store(&pair.a, READER, "INBOX", "1", "+FLAGS (\\Answered)");
 
     let alice = settle(&pair, READER, CONVERGE);
     assert_eq!(alice.mailboxes, alice_before.mailboxes, "{alice:#?}");
